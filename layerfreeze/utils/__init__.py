@@ -1,0 +1,1 @@
+"""Small shared helpers: rank-aware logging, distributed info, atomic writes, seeding."""

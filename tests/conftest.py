@@ -1,0 +1,36 @@
+"""Shared fixtures: paths to the real evaluation data beside the checkout, CPU-only settings."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import pytest
+
+os.environ.setdefault("DS_ACCELERATOR", "cpu")
+os.environ.setdefault("WANDB_MODE", "offline")
+os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+
+REPO_ROOT = Path(__file__).resolve().parents[1]
+
+
+def shared_data_dir() -> Path:
+    """``../shared/data`` beside the checkout, or ``$LAYERFREEZE_EVAL_DATA`` when set."""
+    env = os.environ.get("LAYERFREEZE_EVAL_DATA")
+    return Path(env) if env else REPO_ROOT.parent / "shared" / "data"
+
+
+@pytest.fixture(scope="session")
+def eval_data_dir() -> Path:
+    path = shared_data_dir()
+    if not (path / "ceval").is_dir() or not (path / "cmmlu").is_dir():
+        pytest.fail(
+            f"evaluation data not found at {path}: expected ceval/ and cmmlu/ there "
+            "(set LAYERFREEZE_EVAL_DATA to the folder holding them)."
+        )
+    return path
+
+
+@pytest.fixture(scope="session")
+def repo_root() -> Path:
+    return REPO_ROOT
