@@ -1,0 +1,3 @@
+"""Built-in policies; importing this package registers each (``freeze``, ``full``, ``lora``, ``prefix``)."""
+
+from layerfreeze.policies import freeze, full  # noqa: F401  (registration side effect)

@@ -1,0 +1,133 @@
+"""Seeded tiny random-weight decoder-only models for tests (no model hub needed).
+
+Usage::
+
+    from tests.helpers.tiny_models import TINY_FAMILIES, build_tiny_model, tiny_batch
+    model = build_tiny_model("llama", num_layers=4)           # eval mode, float32, seeded
+    ids = tiny_batch(model)                                    # (2, 8) token ids, seeded
+"""
+
+from __future__ import annotations
+
+import torch
+from transformers import (
+    AutoModelForCausalLM,
+    GPT2Config,
+    GPTNeoXConfig,
+    LlamaConfig,
+    MistralConfig,
+    PretrainedConfig,
+    Qwen2Config,
+)
+
+#: Every family the core is tested on. Llama / Qwen2 / Mistral use grouped-query attention.
+TINY_FAMILIES: list[str] = ["llama", "qwen2", "mistral", "gpt2", "gpt_neox"]
+
+#: Families whose tiny configs use GQA (num_key_value_heads < num_attention_heads).
+GQA_FAMILIES: list[str] = ["llama", "qwen2", "mistral"]
+
+
+def tiny_config(
+    family: str,
+    num_layers: int = 4,
+    hidden: int = 64,
+    num_heads: int = 4,
+    num_kv_heads: int | None = 2,
+    intermediate: int | None = None,
+    vocab_size: int = 128,
+    max_positions: int = 128,
+    attn_implementation: str = "eager",
+    tie_word_embeddings: bool | None = None,
+    initializer_range: float = 0.1,
+) -> PretrainedConfig:
+    """Config of a tiny model of ``family`` (one of :data:`TINY_FAMILIES`).
+
+    Args:
+        family: model family key.
+        num_layers: number of decoder blocks.
+        hidden: hidden size.
+        num_heads: attention heads.
+        num_kv_heads: key/value heads for GQA families (ignored by GPT-2 / GPT-NeoX).
+        intermediate: MLP width (default ``2 * hidden``; GPT-2 uses ``4 * hidden``).
+        vocab_size: vocabulary size.
+        max_positions: maximum sequence length.
+        attn_implementation: ``"eager"`` or ``"sdpa"``.
+        tie_word_embeddings: override the family's default tying (GPT-2 ties, the others not).
+        initializer_range: std of the random init (larger than HF's 0.02 so signals are not tiny).
+    """
+    inter = intermediate or 2 * hidden
+    kv = num_kv_heads or num_heads
+    common = dict(vocab_size=vocab_size, initializer_range=initializer_range)
+    if family == "llama":
+        cfg = LlamaConfig(
+            hidden_size=hidden, num_hidden_layers=num_layers, num_attention_heads=num_heads,
+            num_key_value_heads=kv, intermediate_size=inter, max_position_embeddings=max_positions,
+            **common,
+        )
+    elif family == "qwen2":
+        cfg = Qwen2Config(
+            hidden_size=hidden, num_hidden_layers=num_layers, num_attention_heads=num_heads,
+            num_key_value_heads=kv, intermediate_size=inter, max_position_embeddings=max_positions,
+            use_sliding_window=False, **common,
+        )
+    elif family == "mistral":
+        cfg = MistralConfig(
+            hidden_size=hidden, num_hidden_layers=num_layers, num_attention_heads=num_heads,
+            num_key_value_heads=kv, intermediate_size=inter, max_position_embeddings=max_positions,
+            sliding_window=None, **common,
+        )
+    elif family == "gpt2":
+        cfg = GPT2Config(
+            n_embd=hidden, n_layer=num_layers, n_head=num_heads, n_inner=intermediate,
+            n_positions=max_positions, bos_token_id=0, eos_token_id=0, **common,
+        )
+    elif family == "gpt_neox":
+        cfg = GPTNeoXConfig(
+            hidden_size=hidden, num_hidden_layers=num_layers, num_attention_heads=num_heads,
+            intermediate_size=inter, max_position_embeddings=max_positions,
+            bos_token_id=0, eos_token_id=0, **common,
+        )
+    else:
+        raise ValueError(f"family: unknown tiny family {family!r}. Valid: {', '.join(TINY_FAMILIES)}.")
+    if tie_word_embeddings is not None:
+        cfg.tie_word_embeddings = tie_word_embeddings
+    cfg._attn_implementation = attn_implementation
+    return cfg
+
+
+def build_tiny_model(
+    family: str,
+    num_layers: int = 4,
+    hidden: int = 64,
+    num_heads: int = 4,
+    num_kv_heads: int | None = 2,
+    vocab_size: int = 128,
+    attn_implementation: str = "eager",
+    seed: int = 0,
+    tie_word_embeddings: bool | None = None,
+    **config_kwargs,
+) -> torch.nn.Module:
+    """A seeded tiny random-weight causal LM of ``family`` in eval mode (float32, CPU).
+
+    The same arguments and seed always give bit-identical weights.
+    """
+    cfg = tiny_config(
+        family, num_layers=num_layers, hidden=hidden, num_heads=num_heads,
+        num_kv_heads=num_kv_heads, vocab_size=vocab_size,
+        attn_implementation=attn_implementation, tie_word_embeddings=tie_word_embeddings,
+        **config_kwargs,
+    )
+    state = torch.random.get_rng_state()
+    try:
+        torch.manual_seed(seed)
+        model = AutoModelForCausalLM.from_config(cfg, attn_implementation=attn_implementation)
+    finally:
+        torch.random.set_rng_state(state)
+    return model.float().eval()
+
+
+def tiny_batch(model_or_vocab: torch.nn.Module | int, batch: int = 2, seq: int = 8, seed: int = 1) -> torch.Tensor:
+    """Seeded random token ids of shape ``(batch, seq)`` for a model (or a vocabulary size)."""
+    vocab = model_or_vocab if isinstance(model_or_vocab, int) else model_or_vocab.config.vocab_size
+    g = torch.Generator().manual_seed(seed)
+    return torch.randint(0, vocab, (batch, seq), generator=g)
