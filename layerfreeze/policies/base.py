@@ -17,18 +17,51 @@ class PolicySpec:
     options: Any
 
     def describe(self) -> str:
-        """Compact form as used in plan strings, e.g. ``lora(r=16,target=mlp,gated)``."""
+        """Compact form as used in plan strings, e.g. ``lora(r=16,target=mlp,gated)``.
+
+        Only options that differ from the config's defaults are shown; a true bool is a bare
+        flag, a false one ``key=false``. ``LayerPlan.parse`` reads the form back exactly.
+        """
+        import dataclasses
+
         from layerfreeze.utils.schema import to_dict
 
-        opts = to_dict(self.options) if self.options is not None else {}
+        if self.options is None:
+            return self.name
+        defaults = {}
+        for f in dataclasses.fields(self.options):
+            if f.default is not dataclasses.MISSING:
+                defaults[f.name] = f.default
+            elif f.default_factory is not dataclasses.MISSING:  # type: ignore[misc]
+                defaults[f.name] = f.default_factory()  # type: ignore[misc]
         parts = []
-        for k, v in opts.items():
-            if isinstance(v, bool):
-                if v:
-                    parts.append(k)
-            elif v is not None:
-                parts.append(f"{k}={v}")
+        for k, v in to_dict(self.options).items():
+            if k in defaults and to_dict(defaults[k]) == v:
+                continue
+            parts.append(k if v is True else f"{k}={format_option_value(v)}")
         return f"{self.name}({','.join(parts)})" if parts else self.name
+
+
+def format_option_value(value: Any) -> str:
+    """Render one option value so that a YAML flow scalar parse gives it back."""
+    import json
+
+    import yaml
+
+    if value is None:
+        return "null"
+    if isinstance(value, bool):
+        return "true" if value else "false"
+    if isinstance(value, (list, tuple)):
+        return "[" + ",".join(format_option_value(v) for v in value) + "]"
+    if isinstance(value, (int, float)):
+        return repr(value)
+    text = str(value)
+    try:
+        same = yaml.safe_load(text) == text and not any(c in text for c in ",()[]=:")
+    except yaml.YAMLError:
+        same = False
+    return text if same else json.dumps(text)
 
 
 @runtime_checkable
