@@ -1,0 +1,586 @@
+"""The ``lora`` policy: low-rank adapters on a layer's linears, optionally with the HLPT token gate.
+
+For every targeted linear ``W`` (``nn.Linear``, transformers' GPT-2 ``Conv1D``, fused
+projections such as GPT-2 ``c_attn`` or GPT-NeoX ``query_key_value`` included) the layer computes
+
+    y = x W^T + b + g(h) * (alpha / r) * dropout(x) A^T B^T
+
+with ``A`` (r x in, Kaiming-uniform) and ``B`` (out x r, zeros), so at initialisation the model's
+outputs equal the base model's exactly. Without ``gated`` the gate is the constant 1. With
+``gated`` it is the HLPT input-dependent gate ``g(h) = sigmoid(w . h + b)``, one value per
+token, computed in fp32 from ``h`` = the input of the targeted sub-block (the attention input
+for attention targets, the FFN input for MLP targets) and shared by every adapter in that
+sub-block. ``w = 0, b = 0`` at init gives ``g = 0.5``: a zero gate times the zero ``B`` would
+give zero gradients to both forever (the dead start), a half-open gate does not.
+
+Installation keeps the base modules in place (their parameter names and classes do not
+change): the adapter is a child module ``lora_adapter`` of the base linear and a forward hook
+adds its update to the base output; the gate is a child module ``lora_gate`` of the sub-block
+whose forward pre-hook computes ``g`` for that forward pass. Which adapter class wraps which
+base module is decided by :data:`LORA_DISPATCHERS`, an ordered list where the first match wins
+and plain ``nn.Linear`` comes last (peft ``tuners/lora/model.py::_create_new_module``).
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable, Iterator, Sequence
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from layerfreeze.errors import ConfigError
+from layerfreeze.models import LayerInfo, ModelLayout
+from layerfreeze.policies.base import PolicySpec
+from layerfreeze.registry import register_policy
+
+__all__ = [
+    "LoRAConfig",
+    "LoRAAdapter",
+    "TokenGate",
+    "LoRAPolicy",
+    "LORA_DISPATCHERS",
+    "LoRADispatcher",
+    "register_lora_dispatcher",
+    "resolve_lora_targets",
+    "iter_lora_adapters",
+    "merge_lora",
+    "unmerge_lora",
+]
+
+_TARGET_KEYWORDS = ("mlp", "attn", "all")
+_ADAPTER_ATTR = "lora_adapter"
+_GATE_ATTR = "lora_gate"
+
+
+@dataclass(frozen=True)
+class LoRAConfig:
+    """Options of ``lora``."""
+
+    r: int = 8
+    """Rank of the update ``B A`` (>= 1)."""
+    alpha: float = 16.0
+    """Scale numerator: the update is multiplied by ``alpha / r``."""
+    dropout: float = 0.0
+    """Dropout probability on the adapter's input (0 <= dropout < 1); the base path is untouched."""
+    target: str | list[str] = "all"
+    """Which linears get an adapter: ``mlp``, ``attn``, ``all`` (both), or a list of module names
+    inside the block, each either a path (``self_attn.q_proj``) or a last name (``q_proj``)."""
+    gated: bool = False
+    """Add the HLPT gate ``sigmoid(w . h + b)`` per token on the update (h: the sub-block's input)."""
+    lr_scale: float = 1.0
+    """Multiplier on the run's learning rate for ``lora_a`` / ``lora_b``."""
+    weight_decay: float | None = None
+    """Weight decay for ``lora_a`` / ``lora_b`` (None: the run's default)."""
+    gate_lr_scale: float = 1.0
+    """Multiplier on the run's learning rate for the gate's ``w`` and ``b`` (never decayed)."""
+
+    def __post_init__(self):
+        problems = []
+        if isinstance(self.r, bool) or not isinstance(self.r, int) or self.r < 1:
+            problems.append(f"r: must be an integer >= 1, got {self.r!r}. Use e.g. r=16.")
+        if not self.alpha > 0:
+            problems.append(f"alpha: must be > 0, got {self.alpha!r}. Use e.g. alpha=2*r.")
+        if not 0.0 <= self.dropout < 1.0:
+            problems.append(f"dropout: must be in [0, 1), got {self.dropout!r}.")
+        target = self.target
+        if isinstance(target, str):
+            if target not in _TARGET_KEYWORDS:
+                problems.append(
+                    f"target: must be one of {', '.join(_TARGET_KEYWORDS)} or a list of module "
+                    f"names, got {target!r}. For one named module write a list, e.g. [q_proj]."
+                )
+        elif isinstance(target, (list, tuple)):
+            bad = [t for t in target if not isinstance(t, str) or not t or t.strip(".") != t]
+            if not target:
+                problems.append("target: the list of module names is empty. Name at least one.")
+            elif bad:
+                problems.append(f"target: module names must be non-empty dotted names, got {bad!r}.")
+            elif len(set(target)) != len(target):
+                problems.append(f"target: duplicate module names in {list(target)!r}.")
+            else:
+                object.__setattr__(self, "target", tuple(target))  # hashable, like the spec
+        else:
+            problems.append(f"target: expected a string or a list of names, got {target!r}.")
+        if not self.lr_scale > 0:
+            problems.append(f"lr_scale: must be > 0, got {self.lr_scale!r}. Use e.g. lr_scale=1.0.")
+        if self.weight_decay is not None and not self.weight_decay >= 0:
+            problems.append(f"weight_decay: must be >= 0, got {self.weight_decay!r}.")
+        if not self.gate_lr_scale > 0:
+            problems.append(f"gate_lr_scale: must be > 0, got {self.gate_lr_scale!r}.")
+        if problems:
+            raise ConfigError(problems)
+
+    @property
+    def scaling(self) -> float:
+        """The update's scale ``alpha / r``."""
+        return self.alpha / self.r
+
+
+# ---------------------------------------------------------------------------------------------
+# Modules
+
+
+class TokenGate(nn.Module):
+    """The HLPT input-dependent gate ``g = sigmoid(w . h + b)``, one value per token, in fp32.
+
+    Calling the gate with ``h`` of shape ``(..., hidden)`` computes ``g`` of shape ``(..., 1)``,
+    keeps it for the rest of the current forward pass of the owning sub-block (the adapters of
+    that sub-block read it with :meth:`current`) and returns it. The owner's forward hook
+    :meth:`clear` s it afterwards. Parameters are created in fp32 and the math runs in fp32 even
+    when the model is cast to bf16/fp16.
+
+    Args:
+        hidden_size: width of ``h``.
+        device: where to create the parameters.
+    """
+
+    def __init__(self, hidden_size: int, device: torch.device | str | None = None):
+        super().__init__()
+        self.weight = nn.Parameter(torch.zeros(hidden_size, device=device, dtype=torch.float32))
+        self.bias = nn.Parameter(torch.zeros(1, device=device, dtype=torch.float32))
+        self.value: torch.Tensor | None = None
+        self.where = ""
+
+    def forward(self, h: torch.Tensor) -> torch.Tensor:
+        """Compute, remember and return ``sigmoid(h . w + b)`` (fp32, trailing dim 1)."""
+        g = torch.sigmoid(F.linear(h.float(), self.weight.float().unsqueeze(0), self.bias.float()))
+        self.value = g
+        return g
+
+    def current(self, x: torch.Tensor) -> torch.Tensor:
+        """The gate of the running forward pass, checked against an adapter input ``x``."""
+        g = self.value
+        if g is None:
+            raise RuntimeError(
+                f"{self.where}: a gated adapter ran outside its sub-block's forward, so its gate "
+                "input h is unknown. Call the sub-block (attention / MLP) module, not the linear alone."
+            )
+        if g.shape[:-1] != x.shape[:-1]:
+            raise RuntimeError(
+                f"{self.where}: gate computed for tokens of shape {tuple(g.shape[:-1])} but the "
+                f"adapter's input has leading shape {tuple(x.shape[:-1])}; the HLPT gate needs "
+                "one value per token of the sub-block's input."
+            )
+        return g
+
+    def clear(self) -> None:
+        """Forget the gate of the finished forward pass (frees the activation)."""
+        self.value = None
+
+    def extra_repr(self) -> str:
+        return f"hidden_size={self.weight.shape[0]}"
+
+
+class LoRAAdapter(nn.Module):
+    """Low-rank update of one linear map ``in_features -> out_features``.
+
+    ``forward(x, base_out)`` returns ``base_out + g * (alpha / r) * dropout(x) A^T B^T``.
+    ``A`` is Kaiming-uniform (peft/torchtune), ``B`` is zero, so the update starts at exactly 0.
+
+    Args:
+        in_features: input width of the base map.
+        out_features: output width of the base map.
+        r: rank.
+        alpha: scale numerator (update scale ``alpha / r``).
+        dropout: dropout probability on the adapter input.
+        transposed: the base weight is stored ``(in, out)`` (GPT-2 ``Conv1D``) rather than
+            ``(out, in)`` (``nn.Linear``); only merging needs to know.
+        gate: the sub-block's :class:`TokenGate` when gated, else None.
+        device: device of ``A`` and ``B`` (the base weight's).
+        dtype: dtype of ``A`` and ``B`` (the base weight's).
+    """
+
+    def __init__(
+        self,
+        in_features: int,
+        out_features: int,
+        r: int,
+        alpha: float,
+        dropout: float = 0.0,
+        transposed: bool = False,
+        gate: TokenGate | None = None,
+        device: torch.device | str | None = None,
+        dtype: torch.dtype | None = None,
+    ):
+        super().__init__()
+        self.in_features, self.out_features = in_features, out_features
+        self.r, self.alpha, self.scaling = r, float(alpha), float(alpha) / r
+        self.transposed = transposed
+        self.lora_a = nn.Parameter(torch.empty(r, in_features, device=device, dtype=dtype))
+        self.lora_b = nn.Parameter(torch.zeros(out_features, r, device=device, dtype=dtype))
+        nn.init.kaiming_uniform_(self.lora_a, a=math.sqrt(5))
+        self.lora_dropout = nn.Dropout(dropout) if dropout > 0 else nn.Identity()
+        self.merged = False
+        # The gate is owned (registered) by the sub-block; keep a plain reference so its
+        # parameters are not registered twice. deepcopy of the whole model keeps the link.
+        self.__dict__["_gate"] = gate
+
+    @property
+    def gate(self) -> TokenGate | None:
+        """The sub-block's gate (None when ungated)."""
+        return self.__dict__["_gate"]
+
+    @property
+    def mergeable(self) -> bool:
+        """True when the update can be folded exactly into the base weight (ungated only)."""
+        return self.gate is None
+
+    def forward(self, x: torch.Tensor, base_out: torch.Tensor) -> torch.Tensor:
+        """Add the (gated) low-rank update of ``x`` to the base output."""
+        if self.merged:
+            return base_out
+        z = self.lora_dropout(x).to(self.lora_a.dtype)
+        delta = F.linear(F.linear(z, self.lora_a), self.lora_b)
+        if self.gate is None:
+            return base_out + (delta * self.scaling).to(base_out.dtype)
+        g = self.gate.current(x)
+        return base_out + (delta.float() * (g * self.scaling)).to(base_out.dtype)
+
+    def delta_weight(self) -> torch.Tensor:
+        """``(alpha / r) B A`` laid out like the base weight (transposed for ``Conv1D``)."""
+        d = (self.lora_b.float() @ self.lora_a.float()) * self.scaling
+        return d.t() if self.transposed else d
+
+    @torch.no_grad()
+    def merge(self, base: nn.Module) -> None:
+        """Fold the update into ``base.weight`` (idempotent).
+
+        Raises:
+            ValueError: the adapter is gated (input-dependent, cannot be folded exactly).
+        """
+        if not self.mergeable:
+            raise ValueError(
+                f"{self.gate.where}: a gated LoRA update depends on the input and cannot be merged "
+                "into the base weight; export keeps it in the sidecar instead."
+            )
+        if not self.merged:
+            w = base.weight
+            w.add_(self.delta_weight().to(device=w.device, dtype=w.dtype))
+            self.merged = True
+
+    @torch.no_grad()
+    def unmerge(self, base: nn.Module) -> None:
+        """Take a merged update back out of ``base.weight`` (idempotent)."""
+        if self.merged:
+            w = base.weight
+            w.sub_(self.delta_weight().to(device=w.device, dtype=w.dtype))
+            self.merged = False
+
+    def extra_repr(self) -> str:
+        return (
+            f"in={self.in_features}, out={self.out_features}, r={self.r}, alpha={self.alpha}, "
+            f"gated={self.gate is not None}, transposed={self.transposed}"
+        )
+
+
+# ---------------------------------------------------------------------------------------------
+# Dispatch: which adapter wraps which base module (first match wins, nn.Linear last)
+
+@dataclass(frozen=True)
+class LoRADispatcher:
+    """How to put a LoRA adapter on one kind of base module.
+
+    Attributes:
+        name: short label (for errors and docs).
+        matches: ``matches(base) -> bool``; True when this dispatcher handles ``base``.
+        build: ``build(base, *, r, alpha, dropout, gate) -> nn.Module`` returning the adapter
+            (a module with ``forward(x, base_out)``, ``merge(base)``, ``unmerge(base)``,
+            ``merged`` and ``mergeable``), created on the base weight's device and dtype.
+    """
+
+    name: str
+    matches: Callable[[nn.Module], bool]
+    build: Callable[..., nn.Module]
+
+
+def _shape(w: torch.Tensor) -> tuple[int, ...]:
+    # ZeRO-3 partitioned parameters keep their full shape in ds_shape.
+    return tuple(getattr(w, "ds_shape", w.shape))
+
+
+def _is_conv1d(base: nn.Module) -> bool:
+    from transformers.pytorch_utils import Conv1D
+
+    return isinstance(base, Conv1D)
+
+
+def _build_conv1d(base: nn.Module, **kwargs) -> LoRAAdapter:
+    fan_in, fan_out = _shape(base.weight)  # Conv1D stores (in, out): y = x W + b
+    return LoRAAdapter(fan_in, fan_out, transposed=True, device=base.weight.device,
+                       dtype=base.weight.dtype, **kwargs)
+
+
+def _build_linear(base: nn.Module, **kwargs) -> LoRAAdapter:
+    fan_out, fan_in = _shape(base.weight)
+    return LoRAAdapter(fan_in, fan_out, transposed=False, device=base.weight.device,
+                       dtype=base.weight.dtype, **kwargs)
+
+
+#: Ordered dispatchers; the first whose ``matches`` accepts the base module builds its adapter.
+#: Plain ``nn.Linear`` is last so subclasses with special layouts (tensor-parallel linears, ...)
+#: can be matched before it. A fused projection (GPT-2 ``c_attn``, GPT-NeoX
+#: ``query_key_value``) is one linear map to LoRA: one rank-r update over its whole output.
+LORA_DISPATCHERS: list[LoRADispatcher] = [
+    LoRADispatcher("transformers.Conv1D", _is_conv1d, _build_conv1d),
+    LoRADispatcher("nn.Linear", lambda m: isinstance(m, nn.Linear), _build_linear),
+]
+
+
+def register_lora_dispatcher(dispatcher: LoRADispatcher, *, index: int = 0) -> None:
+    """Insert ``dispatcher`` (by default first, before the built-ins) unless one of its name exists."""
+    if all(d.name != dispatcher.name for d in LORA_DISPATCHERS):
+        LORA_DISPATCHERS.insert(index, dispatcher)
+
+
+def _find_dispatcher(module: nn.Module) -> LoRADispatcher | None:
+    return next((d for d in LORA_DISPATCHERS if d.matches(module)), None)
+
+
+def _build_adapter(base: nn.Module, where: str, **kwargs) -> nn.Module:
+    dispatcher = _find_dispatcher(base)
+    if dispatcher is None:
+        raise ValueError(
+            f"{where}: no LoRA dispatcher handles {type(base).__name__}; supported: "
+            f"{', '.join(d.name for d in LORA_DISPATCHERS)} (add one with register_lora_dispatcher)."
+        )
+    return dispatcher.build(base, **kwargs)
+
+
+# ---------------------------------------------------------------------------------------------
+# Hooks (module-level functions, no closures: deepcopy / pickling of the model stay correct)
+
+
+def _lora_forward_hook(module: nn.Module, args: tuple, output: torch.Tensor) -> torch.Tensor:
+    return module._modules[_ADAPTER_ATTR](args[0], output)
+
+
+def _block_input(module: nn.Module, args: tuple, kwargs: dict, where: str) -> torch.Tensor:
+    """The hidden states a sub-block (attention / MLP) was called with."""
+    if "hidden_states" in kwargs:
+        return kwargs["hidden_states"]
+    if args and isinstance(args[0], torch.Tensor):
+        return args[0]
+    raise RuntimeError(
+        f"{where}: {type(module).__name__} was called without hidden states as its first "
+        "argument or as hidden_states=..., so the HLPT gate has no input h."
+    )
+
+
+def _gate_pre_hook(module: nn.Module, args: tuple, kwargs: dict) -> None:
+    gate = module._modules[_GATE_ATTR]
+    gate(_block_input(module, args, kwargs, gate.where))
+
+
+def _gate_post_hook(module: nn.Module, args: tuple, output) -> None:
+    module._modules[_GATE_ATTR].clear()
+
+
+def _has_hook(hooks: dict, fn: Callable) -> bool:
+    return any(h is fn for h in hooks.values())
+
+
+# ---------------------------------------------------------------------------------------------
+# Targets
+
+
+def _is_adapter_path(path: str) -> bool:
+    from layerfreeze.policies.full import is_adapter_param
+
+    return is_adapter_param(path)
+
+
+def _candidates(layer: LayerInfo, sub: str) -> list[tuple[str, nn.Module]]:
+    """Dispatchable base modules inside ``layer.module.<sub>``, as (path-in-block, module)."""
+    root = getattr(layer.module, sub)
+    out = []
+    for name, mod in root.named_modules():
+        path = f"{sub}.{name}" if name else sub
+        if name and not _is_adapter_path(path) and _find_dispatcher(mod) is not None:
+            out.append((path, mod))
+    return out
+
+
+def resolve_lora_targets(
+    layer: LayerInfo, target: str | Sequence[str]
+) -> tuple[list[tuple[str, str]], list[str]]:
+    """The linears ``target`` selects in ``layer``.
+
+    Args:
+        layer: the block.
+        target: ``mlp`` / ``attn`` / ``all`` or module names (paths inside the block or last names).
+
+    Returns:
+        ``(targets, problems)``: ``targets`` lists ``(path inside the block, sub-block name)``
+        where the sub-block is ``layer.attn_name`` or ``layer.mlp_name``; ``problems`` is empty
+        when every requested module was found and is supported.
+    """
+    where = f"layer {layer.index} ({layer.name})"
+    by_sub = {
+        layer.attn_name: _candidates(layer, layer.attn_name),
+        layer.mlp_name: _candidates(layer, layer.mlp_name),
+    }
+    problems: list[str] = []
+    if isinstance(target, str):
+        subs = {"attn": [layer.attn_name], "mlp": [layer.mlp_name]}.get(
+            target, [layer.attn_name, layer.mlp_name]
+        )
+        targets = [(p, s) for s in subs for p, _ in by_sub[s]]
+        if not targets:
+            problems.append(
+                f"{where}: lora target={target} found no nn.Linear / Conv1D inside "
+                f"{' or '.join(subs)}; use explicit module names or another policy."
+            )
+        return targets, problems
+    modules = dict(layer.module.named_modules())
+    available = [p for s in by_sub for p, _ in by_sub[s]]
+    targets = []
+    for name in target:
+        hits = [p for p in modules if p and (p == name or p.endswith("." + name))]
+        hits = [p for p in hits if not _is_adapter_path(p)]
+        if not hits:
+            problems.append(
+                f"{where}: lora target {name!r} matches no module in the block. "
+                f"Available linears: {', '.join(available) or 'none'}."
+            )
+            continue
+        for p in hits:
+            sub = p.split(".", 1)[0]
+            if sub not in by_sub:
+                problems.append(
+                    f"{where}: lora target {name!r} resolves to {p!r}, which is outside the "
+                    f"attention ({layer.attn_name}) and MLP ({layer.mlp_name}) submodules. "
+                    f"Available linears: {', '.join(available) or 'none'}."
+                )
+            elif _find_dispatcher(modules[p]) is None:
+                problems.append(
+                    f"{where}: lora target {name!r} resolves to {p!r} ({type(modules[p]).__name__}), "
+                    "which is not a linear LoRA can wrap (nn.Linear, transformers Conv1D). "
+                    f"Available linears: {', '.join(available) or 'none'}."
+                )
+            elif (p, sub) not in targets:
+                targets.append((p, sub))
+    return targets, problems
+
+
+def iter_lora_adapters(root: nn.Module) -> Iterator[tuple[str, nn.Module, nn.Module]]:
+    """Yield ``(qualified base-module name, base module, adapter)`` for every LoRA under ``root``."""
+    for name, mod in root.named_modules():
+        adapter = mod._modules.get(_ADAPTER_ATTR)
+        if isinstance(adapter, nn.Module) and hasattr(adapter, "merge"):
+            yield name, mod, adapter
+
+
+def merge_lora(root: nn.Module) -> list[str]:
+    """Fold every mergeable (ungated) LoRA update under ``root`` into its base weight.
+
+    Gated adapters cannot be folded (their update depends on the input): they stay active and
+    unmerged. Idempotent.
+
+    Returns:
+        Qualified names of the base modules whose weight now holds the update.
+    """
+    merged = []
+    for name, base, adapter in iter_lora_adapters(root):
+        if getattr(adapter, "mergeable", False):
+            adapter.merge(base)
+            merged.append(name)
+    return merged
+
+
+def unmerge_lora(root: nn.Module) -> list[str]:
+    """Undo :func:`merge_lora` (exact up to float rounding). Returns the unmerged names."""
+    out = []
+    for name, base, adapter in iter_lora_adapters(root):
+        if getattr(adapter, "merged", False):
+            adapter.unmerge(base)
+            out.append(name)
+    return out
+
+
+# ---------------------------------------------------------------------------------------------
+# The policy
+
+
+def _options(spec: PolicySpec) -> LoRAConfig:
+    return spec.options if spec.options is not None else LoRAConfig()
+
+
+def _same_adapter(adapter: nn.Module, opts: LoRAConfig) -> bool:
+    return (
+        getattr(adapter, "r", None) == opts.r
+        and getattr(adapter, "alpha", None) == float(opts.alpha)
+        and (getattr(adapter, "gate", None) is not None) == opts.gated
+        and float(getattr(adapter.lora_dropout, "p", 0.0)) == opts.dropout
+    )
+
+
+@register_policy("lora")
+class LoRAPolicy:
+    """Low-rank adapters (optionally HLPT-gated) on the targeted linears of a layer."""
+
+    config_cls = LoRAConfig
+    param_prefix = "lora_"
+
+    def check(self, layer: LayerInfo, spec: PolicySpec, layout: ModelLayout) -> list[str]:
+        """Problems: unknown / unsupported targets, or an adapter of other options already there."""
+        opts = _options(spec)
+        targets, problems = resolve_lora_targets(layer, opts.target)
+        where = f"layer {layer.index} ({layer.name})"
+        for path, _ in targets:
+            existing = layer.module.get_submodule(path)._modules.get(_ADAPTER_ATTR)
+            if existing is not None and not _same_adapter(existing, opts):
+                problems.append(
+                    f"{where}: {path} already carries a LoRA adapter ({existing.extra_repr()}) "
+                    f"that differs from {spec.describe()}; one layer holds one LoRA per linear, "
+                    "so use the same lora options in every plan that covers this layer."
+                )
+        return problems
+
+    def apply(self, layer: LayerInfo, spec: PolicySpec, layout: ModelLayout) -> set[str]:
+        """Install the adapters (and gates) once; return their parameter names in the block."""
+        opts = _options(spec)
+        targets, problems = resolve_lora_targets(layer, opts.target)
+        problems += [p for p in self.check(layer, spec, layout) if p not in problems]
+        if problems:
+            raise ValueError("\n".join(problems))
+        names: set[str] = set()
+        for path, sub in targets:
+            gate = self._gate(layer, sub, layout) if opts.gated else None
+            if gate is not None:
+                names.update(f"{sub}.{_GATE_ATTR}.{n}" for n, _ in gate.named_parameters())
+            base = layer.module.get_submodule(path)
+            adapter = base._modules.get(_ADAPTER_ATTR)
+            if adapter is None:
+                adapter = _build_adapter(
+                    base, f"layer {layer.index} ({layer.name}).{path}",
+                    r=opts.r, alpha=opts.alpha, dropout=opts.dropout, gate=gate,
+                )
+                base.add_module(_ADAPTER_ATTR, adapter)
+            if not _has_hook(base._forward_hooks, _lora_forward_hook):
+                base.register_forward_hook(_lora_forward_hook)
+            names.update(f"{path}.{_ADAPTER_ATTR}.{n}" for n, _ in adapter.named_parameters())
+        return names
+
+    @staticmethod
+    def _gate(layer: LayerInfo, sub: str, layout: ModelLayout) -> TokenGate:
+        module = getattr(layer.module, sub)
+        gate = module._modules.get(_GATE_ATTR)
+        if gate is None:
+            w = next(module.parameters())
+            gate = TokenGate(layout.hidden_size, device=w.device)
+            gate.where = f"layer {layer.index} ({layer.name}).{sub}"
+            module.add_module(_GATE_ATTR, gate)
+        if not _has_hook(module._forward_pre_hooks, _gate_pre_hook):
+            module.register_forward_pre_hook(_gate_pre_hook, with_kwargs=True)
+            module.register_forward_hook(_gate_post_hook)
+        return gate
+
+    def optim_options(self, param_name: str, spec: PolicySpec) -> dict[str, float | None]:
+        """Gate ``w``/``b``: ``gate_lr_scale`` and no decay; ``lora_a``/``lora_b``: lr_scale, decay."""
+        opts = _options(spec)
+        if _GATE_ATTR in param_name.split("."):
+            return {"lr_scale": opts.gate_lr_scale, "weight_decay": 0.0}
+        return {"lr_scale": opts.lr_scale, "weight_decay": opts.weight_decay}
