@@ -1,0 +1,34 @@
+#!/usr/bin/env bash
+# Launch `layerfreeze train` with the `deepspeed` launcher (single node, or multi-node with a hostfile).
+#
+#   bash launch/deepspeed.sh configs/tiny_llama/cpt_freeze_deep_deepspeed.yaml
+#   NUM_GPUS=8 bash launch/deepspeed.sh configs/llama3_8b/cpt_freeze_deep_deepspeed.yaml
+#   # multi-node: a hostfile with lines "node0 slots=8"; run on node0 only (ssh to the others)
+#   HOSTFILE=hostfile NUM_NODES=2 bash launch/deepspeed.sh configs/llama3_8b/cpt_freeze_deep_deepspeed.yaml
+#
+# Env: NUM_GPUS (default: GPUs on this node, else 2 CPU ranks), HOSTFILE, NUM_NODES,
+# MASTER_ADDR, MASTER_PORT (29500), PYTHON (python3). The launcher appends --local_rank=N,
+# which the layerfreeze CLI ignores (LOCAL_RANK carries the same).
+set -euo pipefail
+cd "$(dirname "${BASH_SOURCE[0]}")/.."
+if [ $# -lt 1 ]; then
+  echo "usage: bash launch/deepspeed.sh CONFIG.yaml [key.sub=value ...]" >&2
+  exit 2
+fi
+CONFIG=$1; shift
+PY=${PYTHON:-python3}
+GPUS=$("$PY" -c "import torch; print(torch.cuda.device_count())")
+if [ "$GPUS" = "0" ]; then
+  export DS_ACCELERATOR=${DS_ACCELERATOR:-cpu}
+  export OMP_NUM_THREADS=${OMP_NUM_THREADS:-1}
+  N=${NUM_GPUS:-2}
+else
+  N=${NUM_GPUS:-$GPUS}
+fi
+export WANDB_MODE=${WANDB_MODE:-offline}
+ARGS=(--num_gpus "$N" --master_port "${MASTER_PORT:-29500}")
+if [ -n "${HOSTFILE:-}" ]; then
+  ARGS+=(--hostfile "$HOSTFILE" --num_nodes "${NUM_NODES:-1}")
+  [ -n "${MASTER_ADDR:-}" ] && ARGS+=(--master_addr "$MASTER_ADDR")
+fi
+exec "$PY" -m deepspeed.launcher.runner "${ARGS[@]}" --module layerfreeze train --config "$CONFIG" "$@"

@@ -1,0 +1,349 @@
+"""The run configuration: ``RunConfig`` composed of section dataclasses, and ``load_config``.
+
+Flow (``layerfreeze train --config run.yaml train.steps=10``): ``yaml.safe_load`` -> dotted
+overrides checked against this schema -> strict :func:`~layerfreeze.utils.schema.from_dict` ->
+each section's ``__post_init__`` checks. Every problem is collected and raised once as a
+:class:`~layerfreeze.errors.ConfigError`. Checks that need the model (layer ranges) happen when
+the plan is resolved in :mod:`layerfreeze.train`. No torch import here.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Literal
+
+import yaml
+
+from layerfreeze.data.config import DataConfig, TokenizerConfig
+from layerfreeze.errors import ConfigError
+from layerfreeze.evaluation.config import EvalConfig
+from layerfreeze.utils.schema import apply_overrides, from_dict
+
+__all__ = [
+    "ModelConfig",
+    "PlanConfig",
+    "OptimConfig",
+    "TrainConfig",
+    "LoggingConfig",
+    "CheckpointConfig",
+    "RunConfig",
+    "load_config",
+    "load_deepspeed_config",
+]
+
+
+@dataclass
+class ModelConfig:
+    """Which model to train: a Hugging Face checkpoint, or an architecture built from scratch."""
+
+    path: str | None = None
+    """Directory of a Hugging Face checkpoint (``config.json`` + weights) loaded with
+    ``AutoModelForCausalLM.from_pretrained``. Set exactly one of ``path`` and ``architecture``."""
+    architecture: dict[str, Any] | None = None
+    """Architecture to build with random weights (seeded by ``train.seed``): a mapping with
+    ``model_type`` (e.g. ``llama``, ``qwen2``, ``gpt2``) plus that config class's fields
+    (``hidden_size``, ``num_hidden_layers``, ...). ``vocab_size`` defaults to the tokenizer's size."""
+    dtype: Literal["float32", "bfloat16", "float16"] = "float32"
+    """Dtype the weights are loaded or built in. Mixed precision itself is the DeepSpeed config's
+    ``bf16`` / ``fp16`` section."""
+    attn_implementation: Literal["eager", "sdpa", "flash_attention_2"] = "sdpa"
+    """Attention kernel passed to transformers (``flash_attention_2`` needs CUDA and flash-attn)."""
+    gradient_checkpointing: bool = False
+    """Recompute activations in the backward pass (less memory, about 30% more compute)."""
+
+    def __post_init__(self) -> None:
+        problems = []
+        if (self.path is None) == (self.architecture is None):
+            problems.append(
+                "model: set exactly one of model.path (a Hugging Face checkpoint directory) and "
+                f"model.architecture (a config mapping with model_type), got path={self.path!r} "
+                f"and architecture={self.architecture!r}."
+            )
+        if self.architecture is not None and not self.architecture.get("model_type"):
+            problems.append(
+                "model.architecture.model_type: required to build a model from scratch, got "
+                f"keys {sorted(self.architecture)}. Add e.g. model_type: llama."
+            )
+        if problems:
+            raise ConfigError(problems)
+
+
+@dataclass
+class PlanConfig:
+    """The layer plan: one plan for the whole run, or a schedule of phases."""
+
+    spec: str | dict[str, Any] | None = None
+    """A plan for the whole run, as accepted by ``LayerPlan.parse``: a preset name
+    (``freeze_deep``), a compact string, or a mapping. Set exactly one of ``spec`` and ``schedule``."""
+    schedule: list[dict[str, Any]] | None = None
+    """Phases, each ``{plan: <plan spec>, until_step: <int>}`` (the last phase has
+    ``until_step: null``): e.g. a short ``full`` warm phase, then ``freeze_deep``."""
+
+    def __post_init__(self) -> None:
+        if (self.spec is None) == (self.schedule is None):
+            raise ConfigError(
+                "plan: set exactly one of plan.spec (e.g. freeze_deep) and plan.schedule (a list of "
+                f"{{plan, until_step}} phases), got spec={self.spec!r} and schedule={self.schedule!r}."
+            )
+        # Syntax only; layer ranges are checked against the model in train.setup().
+        if self.spec is not None:
+            from layerfreeze.plan import LayerPlan
+
+            LayerPlan.parse(self.spec, path="plan.spec")
+        else:
+            from layerfreeze.schedule import PlanSchedule
+
+            PlanSchedule.parse(self.schedule, path="plan.schedule")
+
+
+@dataclass
+class OptimConfig:
+    """AdamW hyper-parameters and the learning-rate schedule (per-policy lr scales apply on top)."""
+
+    lr: float = 3e-4
+    """Peak learning rate; each parameter group gets ``lr * lr_scale`` from its layer's policy."""
+    weight_decay: float = 0.1
+    """Decoupled weight decay (not applied to norms, biases and gates)."""
+    betas: list[float] = field(default_factory=lambda: [0.9, 0.95])
+    """AdamW ``(beta1, beta2)``."""
+    eps: float = 1e-8
+    """AdamW epsilon."""
+    warmup_steps: int = 0
+    """Linear warm-up from 0 to ``lr`` over this many optimizer steps."""
+    schedule: Literal["constant", "linear", "cosine"] = "cosine"
+    """Decay after warm-up, down to ``lr * min_lr_ratio`` at ``train.steps``."""
+    min_lr_ratio: float = 0.1
+    """Final learning rate as a fraction of ``lr`` (``linear`` and ``cosine``)."""
+    max_grad_norm: float = 1.0
+    """Global gradient-norm clip (DeepSpeed ``gradient_clipping``); 0 disables clipping."""
+
+    def __post_init__(self) -> None:
+        problems = []
+        if not (math.isfinite(self.lr) and self.lr > 0):
+            problems.append(f"optim.lr: must be a finite number > 0, got {self.lr!r}.")
+        if not (math.isfinite(self.weight_decay) and self.weight_decay >= 0):
+            problems.append(f"optim.weight_decay: must be >= 0, got {self.weight_decay!r}.")
+        if len(self.betas) != 2 or not all(0 <= b < 1 for b in self.betas):
+            problems.append(f"optim.betas: must be two numbers in [0, 1), got {self.betas!r}.")
+        if self.eps <= 0:
+            problems.append(f"optim.eps: must be > 0, got {self.eps!r}.")
+        if self.warmup_steps < 0:
+            problems.append(f"optim.warmup_steps: must be >= 0, got {self.warmup_steps!r}.")
+        if not 0 <= self.min_lr_ratio <= 1:
+            problems.append(f"optim.min_lr_ratio: must be in [0, 1], got {self.min_lr_ratio!r}.")
+        if self.max_grad_norm < 0:
+            problems.append(f"optim.max_grad_norm: must be >= 0, got {self.max_grad_norm!r}.")
+        if problems:
+            raise ConfigError(problems)
+
+
+@dataclass
+class TrainConfig:
+    """Length of the run and how each optimizer step is batched."""
+
+    steps: int = 1000
+    """Number of optimizer steps (the run's length; schedules' ``until_step`` count these)."""
+    micro_batch_size: int = 1
+    """Sequences per rank per forward/backward pass."""
+    grad_accum_steps: int = 1
+    """Micro-batches accumulated per optimizer step. Global batch = micro_batch_size x
+    grad_accum_steps x data-parallel ranks."""
+    seed: int = 1234
+    """Seed for model initialisation, data order and every RNG (restored on resume)."""
+    nan_tolerance: int = 5
+    """A step whose loss is NaN/Inf on any rank is skipped (no update) and counted; after this
+    many consecutive bad steps the run stops and names the last checkpoint saved before them."""
+    num_threads: int | None = None
+    """``torch.set_num_threads`` per rank (CPU runs: cores / ranks); null leaves torch's default."""
+
+    def __post_init__(self) -> None:
+        problems = []
+        for name in ("steps", "micro_batch_size", "grad_accum_steps", "nan_tolerance"):
+            value = getattr(self, name)
+            if value < 1:
+                problems.append(f"train.{name}: must be >= 1, got {value!r}.")
+        if self.num_threads is not None and self.num_threads < 1:
+            problems.append(f"train.num_threads: must be >= 1 or null, got {self.num_threads!r}.")
+        if problems:
+            raise ConfigError(problems)
+
+
+@dataclass
+class LoggingConfig:
+    """Where the run writes its outputs and how it reports progress."""
+
+    out_dir: str = "runs/default"
+    """Output directory of the run: metrics, wandb files, checkpoints, evaluation, export."""
+    log_every: int = 1
+    """Write a metrics record (JSONL, wandb, progress bar) every this many optimizer steps."""
+    jsonl: str = "metrics.jsonl"
+    """Metrics file (one JSON object per line), relative to ``out_dir``; always written."""
+    progress: Literal["tqdm", "rich", "none"] = "tqdm"
+    """Console progress bar on rank 0 (tokens/s, loss, lr, ETA)."""
+    per_layer_every: int = 10
+    """Log per-layer-group gradient norms every this many steps (0 = never)."""
+    wandb_project: str | None = None
+    """Weights & Biases project; null disables wandb."""
+    wandb_mode: Literal["offline", "online", "disabled"] = "offline"
+    """wandb mode. ``offline`` writes under ``<out_dir>/wandb`` (sync later with ``wandb sync``);
+    ``online`` needs a login. The API key is never read or logged by layerfreeze."""
+    wandb_run_name: str | None = None
+    """wandb run name; null uses the out_dir's name."""
+
+    def __post_init__(self) -> None:
+        problems = []
+        if not self.out_dir:
+            problems.append("logging.out_dir: must be a directory path, got ''.")
+        if self.log_every < 1:
+            problems.append(f"logging.log_every: must be >= 1, got {self.log_every!r}.")
+        if self.per_layer_every < 0:
+            problems.append(f"logging.per_layer_every: must be >= 0, got {self.per_layer_every!r}.")
+        if os.path.isabs(self.jsonl) or not self.jsonl:
+            problems.append(
+                f"logging.jsonl: must be a file name relative to logging.out_dir, got {self.jsonl!r}."
+            )
+        if problems:
+            raise ConfigError(problems)
+
+
+@dataclass
+class CheckpointConfig:
+    """Periodic checkpoints, resuming and the final export."""
+
+    dir: str | None = None
+    """Checkpoint directory; null means ``<logging.out_dir>/checkpoints``."""
+    every_steps: int = 0
+    """Save every this many optimizer steps (0 = only at the end of the run)."""
+    keep_last: int = 3
+    """Keep the newest this many checkpoints; older ones are deleted after a successful save."""
+    trainable_only: bool = False
+    """Store only trainable parameters (plus optimizer state): smaller, but resuming needs the
+    same base model (``model.path`` or ``model.architecture`` + ``train.seed``)."""
+    resume: str = "auto"
+    """``auto``: resume from the newest checkpoint in ``dir`` if there is one; ``none``: start
+    fresh (error if ``dir`` already holds checkpoints); or a path to one checkpoint."""
+    save_final: bool = True
+    """Save a checkpoint after the last step."""
+    export_final: bool = True
+    """Export the final model as a standard Hugging Face checkpoint (adapters merged)."""
+    export_dir: str | None = None
+    """Export directory; null means ``<logging.out_dir>/export``."""
+
+    def __post_init__(self) -> None:
+        problems = []
+        if self.every_steps < 0:
+            problems.append(f"checkpoint.every_steps: must be >= 0, got {self.every_steps!r}.")
+        if self.keep_last < 1:
+            problems.append(f"checkpoint.keep_last: must be >= 1, got {self.keep_last!r}.")
+        if not self.resume:
+            problems.append("checkpoint.resume: must be auto, none or a checkpoint path, got ''.")
+        if problems:
+            raise ConfigError(problems)
+
+
+@dataclass
+class RunConfig:
+    """A continued pre-training run (``layerfreeze train --config FILE``)."""
+
+    model: ModelConfig = field(default_factory=ModelConfig)
+    """The model to train."""
+    tokenizer: TokenizerConfig = field(default_factory=TokenizerConfig)
+    """The tokenizer (a Hugging Face tokenizer directory, or a SentencePiece model to train/load)."""
+    data: DataConfig = field(default_factory=DataConfig)
+    """Training text, its token cache and packing."""
+    plan: PlanConfig = field(default_factory=PlanConfig)
+    """Per-layer training plan or plan schedule."""
+    deepspeed: dict[str, Any] | str = field(default_factory=dict)
+    """DeepSpeed config: an inline mapping or a path to a JSON file (e.g.
+    ``configs/deepspeed/zero2.json``). Passed to DeepSpeed as-is, except that the batch keys
+    (``train_micro_batch_size_per_gpu``, ``gradient_accumulation_steps``, ``train_batch_size``),
+    ``gradient_clipping`` and the optimizer's ``lr``/``betas``/``eps``/``weight_decay`` are
+    filled from ``train`` and ``optim`` (a conflicting value is an error)."""
+    optim: OptimConfig = field(default_factory=OptimConfig)
+    """Optimizer and learning-rate schedule."""
+    train: TrainConfig = field(default_factory=TrainConfig)
+    """Run length, batching, seed, NaN tolerance."""
+    logging: LoggingConfig = field(default_factory=LoggingConfig)
+    """Outputs, progress bar, metrics JSONL, wandb."""
+    checkpoint: CheckpointConfig = field(default_factory=CheckpointConfig)
+    """Checkpointing, resume and final export."""
+    eval: EvalConfig = field(default_factory=EvalConfig)
+    """C-Eval / CMMLU evaluation during training."""
+
+    def __post_init__(self) -> None:
+        if isinstance(self.deepspeed, str) and not self.deepspeed.endswith(".json"):
+            raise ConfigError(
+                f"deepspeed: expected an inline mapping or a path to a .json file, got "
+                f"{self.deepspeed!r}. Use e.g. deepspeed: configs/deepspeed/zero2.json."
+            )
+
+    @property
+    def checkpoint_dir(self) -> Path:
+        """``checkpoint.dir`` or ``<out_dir>/checkpoints``."""
+        return Path(self.checkpoint.dir or Path(self.logging.out_dir) / "checkpoints")
+
+    @property
+    def export_dir(self) -> Path:
+        """``checkpoint.export_dir`` or ``<out_dir>/export``."""
+        return Path(self.checkpoint.export_dir or Path(self.logging.out_dir) / "export")
+
+
+def load_config(path: str | os.PathLike | None, overrides: list[str] | tuple[str, ...] = ()) -> RunConfig:
+    """Read a YAML run config, apply ``key.sub=value`` overrides and validate strictly.
+
+    Args:
+        path: YAML file (``None`` starts from the defaults; overrides then carry everything).
+        overrides: dotted overrides such as ``train.steps=10`` (checked against the schema).
+
+    Returns:
+        The validated :class:`RunConfig`.
+
+    Raises:
+        ConfigError: unreadable file, invalid YAML, unknown keys (with a did-you-mean), type
+            mismatches and failed checks, all at once.
+    """
+    data: dict[str, Any] = {}
+    if path is not None:
+        p = Path(path)
+        if not p.is_file():
+            raise ConfigError(f"--config: file not found, got {str(path)!r}. Pass a YAML run config.")
+        try:
+            loaded = yaml.safe_load(p.read_text(encoding="utf-8"))
+        except yaml.YAMLError as e:
+            raise ConfigError(f"{path}: not valid YAML: {e}") from None
+        if loaded is not None and not isinstance(loaded, dict):
+            raise ConfigError(
+                f"{path}: expected a mapping of sections (model, data, plan, ...) at the top level, "
+                f"got {type(loaded).__name__}."
+            )
+        data = loaded or {}
+    apply_overrides(data, overrides, schema=RunConfig)
+    return from_dict(RunConfig, data)
+
+
+def load_deepspeed_config(spec: dict[str, Any] | str) -> dict[str, Any]:
+    """Return the DeepSpeed config as a fresh dict (reading the JSON file when ``spec`` is a path).
+
+    Raises:
+        ConfigError: the file is missing or is not a JSON object.
+    """
+    if isinstance(spec, dict):
+        return json.loads(json.dumps(spec))  # deep copy; also proves it is JSON-serialisable
+    p = Path(spec)
+    if not p.is_file():
+        raise ConfigError(
+            f"deepspeed: file not found, got {spec!r} (relative paths are resolved against the "
+            f"current directory {os.getcwd()!r}). Launch from the repository root or give an "
+            "absolute path."
+        )
+    try:
+        loaded = json.loads(p.read_text(encoding="utf-8"))
+    except json.JSONDecodeError as e:
+        raise ConfigError(f"deepspeed: {spec} is not valid JSON: {e}") from None
+    if not isinstance(loaded, dict):
+        raise ConfigError(f"deepspeed: {spec} must hold a JSON object, got {type(loaded).__name__}.")
+    return loaded

@@ -1,0 +1,220 @@
+"""Training metrics: the JSONL file (always), the rank-0 progress bar and wandb (offline by default).
+
+Only global rank 0 writes; other ranks get an object whose methods do nothing, so the recipe
+calls them unconditionally. Records are flat dicts; per-layer values use ``/`` in their keys
+(``grad_norm/layers.3``) so wandb groups them into panels.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import math
+import os
+import re
+import time
+from pathlib import Path
+from typing import Any
+
+from layerfreeze.config import LoggingConfig
+from layerfreeze.utils.io import atomic_write_text
+from layerfreeze.utils.logging import get_logger, log_rank0
+
+__all__ = ["MetricsLogger", "redact_secrets", "read_jsonl"]
+
+logger = get_logger(__name__)
+
+# Keys whose values must never reach a log, a metrics file or wandb's config panel.
+_SECRET_KEY = re.compile(r"(api[_-]?key|token|secret|password|passwd|credential)", re.IGNORECASE)
+
+
+def redact_secrets(obj: Any) -> Any:
+    """Copy of ``obj`` with the value of every secret-looking key replaced by ``"<redacted>"``."""
+    if isinstance(obj, dict):
+        return {
+            k: ("<redacted>" if isinstance(k, str) and _SECRET_KEY.search(k) else redact_secrets(v))
+            for k, v in obj.items()
+        }
+    if isinstance(obj, (list, tuple)):
+        return [redact_secrets(v) for v in obj]
+    return obj
+
+
+def read_jsonl(path: str | os.PathLike) -> list[dict[str, Any]]:
+    """Read a metrics file written by :class:`MetricsLogger` (one JSON object per line)."""
+    with open(path, encoding="utf-8") as f:
+        return [json.loads(line) for line in f if line.strip()]
+
+
+def _json_safe(value: Any) -> Any:
+    # JSON has no NaN/Inf; keep them readable as strings rather than writing invalid JSON.
+    if isinstance(value, float) and not math.isfinite(value):
+        return str(value)
+    return value
+
+
+class MetricsLogger:
+    """Rank-0 sink for training metrics.
+
+    Args:
+        cfg: the ``logging`` section.
+        total_steps: the run's last optimizer step (progress bar length, ETA).
+        start_step: optimizer steps already done (0, or the resumed checkpoint's step). Records
+            of later steps left in the JSONL by an interrupted run are dropped, so the file reads
+            as one uninterrupted run.
+        run_config: the resolved run config (logged to wandb with secrets redacted).
+        enabled: write anything at all (pass ``is_main_process()``).
+    """
+
+    def __init__(
+        self,
+        cfg: LoggingConfig,
+        total_steps: int,
+        start_step: int = 0,
+        run_config: dict[str, Any] | None = None,
+        enabled: bool = True,
+    ) -> None:
+        self.cfg = cfg
+        self.enabled = enabled
+        self.out_dir = Path(cfg.out_dir)
+        self.jsonl_path = self.out_dir / cfg.jsonl
+        self.total_steps = total_steps
+        self.start_step = start_step
+        self.wandb_dir: Path | None = None
+        self._wandb = None
+        self._bar = None
+        self._rich = None
+        self._t0 = time.perf_counter()
+        self._file = None
+        if not enabled:
+            return
+        self.out_dir.mkdir(parents=True, exist_ok=True)
+        self._truncate_after(start_step)
+        self._file = open(self.jsonl_path, "a", encoding="utf-8")
+        self._start_progress()
+        if cfg.wandb_project and cfg.wandb_mode != "disabled":
+            self._start_wandb(redact_secrets(run_config or {}))
+
+    # -- set-up -------------------------------------------------------------------------------
+
+    def _truncate_after(self, step: int) -> None:
+        if not self.jsonl_path.exists():
+            return
+        kept = [r for r in read_jsonl(self.jsonl_path) if int(r.get("step", 0)) <= step]
+        atomic_write_text(self.jsonl_path, "".join(json.dumps(r, ensure_ascii=False) + "\n" for r in kept))
+
+    def _start_progress(self) -> None:
+        if self.cfg.progress == "tqdm":
+            from tqdm.auto import tqdm
+
+            self._bar = tqdm(
+                total=self.total_steps, initial=self.start_step, desc="train", unit="step",
+                dynamic_ncols=True, mininterval=0.5,
+            )
+        elif self.cfg.progress == "rich":
+            from rich.progress import (
+                BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn,
+            )
+
+            self._rich = Progress(
+                TextColumn("train"), BarColumn(), MofNCompleteColumn(), TimeRemainingColumn(),
+                TextColumn("{task.fields[info]}"),
+            )
+            self._rich.start()
+            self._rich_task = self._rich.add_task(
+                "train", total=self.total_steps, completed=self.start_step, info=""
+            )
+
+    def _start_wandb(self, run_config: dict[str, Any]) -> None:
+        import wandb
+
+        self.wandb_dir = self.out_dir / "wandb"
+        self.wandb_dir.mkdir(parents=True, exist_ok=True)
+        # A stable id per out_dir makes a resumed run continue the same wandb run.
+        id_file = self.out_dir / ".wandb_run_id"
+        if id_file.exists():
+            run_id = id_file.read_text(encoding="utf-8").strip()
+        else:
+            run_id = wandb.util.generate_id()
+            atomic_write_text(id_file, run_id + "\n")
+        self._wandb = wandb.init(
+            project=self.cfg.wandb_project,
+            name=self.cfg.wandb_run_name or self.out_dir.name,
+            mode=self.cfg.wandb_mode,
+            dir=str(self.out_dir),
+            id=run_id,
+            resume="allow",
+            config=run_config,
+        )
+        log_rank0(logger, f"wandb ({self.cfg.wandb_mode}): {self.wandb_dir}")
+
+    # -- logging ------------------------------------------------------------------------------
+
+    def log(self, step: int, metrics: dict[str, Any], kind: str = "train") -> None:
+        """Write one record ``{"type": kind, "step": step, **metrics}`` to JSONL and wandb."""
+        if not self.enabled:
+            return
+        record = {"type": kind, "step": step, **{k: _json_safe(v) for k, v in metrics.items()}}
+        self._file.write(json.dumps(record, ensure_ascii=False) + "\n")
+        self._file.flush()
+        if self._wandb is not None:
+            numeric = {
+                (k if kind == "train" else f"{kind}/{k}"): v
+                for k, v in metrics.items()
+                if isinstance(v, (int, float)) and not isinstance(v, bool)
+            }
+            self._wandb.log(numeric, step=step)
+
+    def log_plan(self, rows: list[dict[str, Any]], phase: int = 0) -> None:
+        """Record the plan's per-layer accounting (trainable/total params per layer)."""
+        if not self.enabled:
+            return
+        record = {"type": "plan", "phase": phase, "step": self.start_step, "rows": rows}
+        self._file.write(json.dumps(record, ensure_ascii=False, default=str) + "\n")
+        self._file.flush()
+        if self._wandb is not None:
+            import wandb
+
+            columns = ["name", "index", "policy", "trainable_params", "total_params"]
+            table = wandb.Table(columns=columns, data=[[r.get(c) for c in columns] for r in rows])
+            self._wandb.log({f"plan/phase{phase}": table}, step=self.start_step)
+            for r in rows:
+                self._wandb.summary[f"trainable_params/{r['name']}/phase{phase}"] = r["trainable_params"]
+
+    def progress(self, step: int, loss: float, lr: float, tokens_per_s: float) -> None:
+        """Advance the progress bar to ``step`` and show loss, lr and tokens/s (ETA is the bar's)."""
+        if not self.enabled:
+            return
+        info = f"loss={loss:.4f} lr={lr:.2e} tok/s={tokens_per_s:,.0f}"
+        if self._bar is not None:
+            self._bar.update(step - self._bar.n)
+            self._bar.set_postfix_str(info, refresh=False)
+        elif self._rich is not None:
+            self._rich.update(self._rich_task, completed=step, info=info)
+        elif step % self.cfg.log_every == 0:
+            log_rank0(logger, f"step {step}/{self.total_steps} {info}")
+
+    def message(self, msg: str, level: int = logging.INFO) -> None:
+        """Log ``msg`` without breaking the progress bar's line."""
+        if not self.enabled:
+            return
+        if self._bar is not None:
+            self._bar.clear()
+        logger.log(level, msg)
+        if self._bar is not None:
+            self._bar.refresh()
+
+    def close(self) -> None:
+        """Close the progress bar, the JSONL file and the wandb run (idempotent)."""
+        if self._bar is not None:
+            self._bar.close()
+            self._bar = None
+        if self._rich is not None:
+            self._rich.stop()
+            self._rich = None
+        if self._file is not None:
+            self._file.close()
+            self._file = None
+        if self._wandb is not None:
+            self._wandb.finish()
+            self._wandb = None
