@@ -1,0 +1,56 @@
+"""`layerfreeze tokenizer train`: train a SentencePiece tokenizer that AutoTokenizer loads.
+
+Example::
+
+    layerfreeze tokenizer train --input @bundled --vocab-size 4000 --out runs/tok
+    layerfreeze tokenizer train --input corpus/ extra.jsonl --vocab-size 32000 --model-type bpe --out tok
+"""
+
+from __future__ import annotations
+
+import argparse
+
+from layerfreeze.utils.logging import get_logger
+
+logger = get_logger(__name__)
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    sub = parser.add_subparsers(dest="tokenizer_command", metavar="ACTION")
+    sub.required = True
+    tp = sub.add_parser("train", help="train a SentencePiece tokenizer and save it for AutoTokenizer")
+    tp.add_argument("--input", nargs="+", required=True, metavar="PATH",
+                    help=".txt/.jsonl files or directories (recursive); '@bundled' = the bundled corpus")
+    tp.add_argument("--vocab-size", type=int, required=True, help="number of pieces (> 260)")
+    tp.add_argument("--out", required=True, help="output directory (replaced atomically)")
+    tp.add_argument("--model-type", choices=["unigram", "bpe"], default="unigram")
+    tp.add_argument("--character-coverage", type=float, default=0.9995,
+                    help="fraction of characters covered by pieces; rarer ones become bytes")
+    tp.add_argument("--text-key", default="text", help="JSONL field with the text")
+    tp.add_argument("--txt-documents", choices=["paragraph", "line"], default="paragraph",
+                    help="documents in .txt files: blank-line separated paragraphs or single lines")
+    tp.add_argument("--input-sentence-size", type=int, default=0,
+                    help="train on a random sample of this many lines (0: all)")
+    tp.add_argument("--seed", type=int, default=0, help="seed of that sample")
+
+
+def run(args: argparse.Namespace) -> int:
+    from layerfreeze.data.tokenizer import load_tokenizer, train_tokenizer
+
+    out = train_tokenizer(
+        args.input,
+        args.out,
+        vocab_size=args.vocab_size,
+        model_type=args.model_type,
+        character_coverage=args.character_coverage,
+        text_key=args.text_key,
+        txt_documents=args.txt_documents,
+        input_sentence_size=args.input_sentence_size,
+        seed=args.seed,
+    )
+    tok = load_tokenizer(out)
+    logger.info(
+        "saved to %s: %d ids, bos=%s eos=%s pad=%s unk=%s; load with AutoTokenizer.from_pretrained(%r)",
+        out, len(tok), tok.bos_token_id, tok.eos_token_id, tok.pad_token_id, tok.unk_token_id, str(out),
+    )
+    return 0

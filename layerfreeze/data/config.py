@@ -1,0 +1,116 @@
+"""The ``tokenizer`` and ``data`` sections of the training config (schema only; no torch)."""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Literal
+
+from layerfreeze.errors import ConfigError
+
+__all__ = ["TokenizerConfig", "DataConfig"]
+
+
+@dataclass
+class TokenizerConfig:
+    """Which tokenizer the run uses, or how to train one when none is given."""
+
+    path: str | None = None
+    """HF tokenizer directory or SentencePiece ``.model`` file. Empty: train a SentencePiece
+    tokenizer on ``train_inputs`` (default: the data files) into the run's output directory
+    (reused when it is already there)."""
+
+    vocab_size: int = 2000
+    """Pieces of a tokenizer trained here (includes 4 special and 256 byte-fallback pieces).
+    2000 suits the bundled demo corpus (it supports at most ~2100); use 32000+ for real text."""
+
+    model_type: Literal["unigram", "bpe"] = "unigram"
+    """SentencePiece algorithm of a tokenizer trained here."""
+
+    character_coverage: float = 0.9995
+    """Fraction of characters a trained tokenizer covers with pieces; rarer ones become bytes."""
+
+    train_inputs: list[str] = field(default_factory=list)
+    """Files/directories to train on (``@bundled`` = the bundled corpus). Empty: ``data.paths``."""
+
+    text_key: str = "text"
+    """JSONL field holding the text of the training inputs."""
+
+    txt_documents: Literal["paragraph", "line"] = "paragraph"
+    """How ``.txt`` training inputs split into documents (blank-line paragraphs or lines)."""
+
+    def __post_init__(self) -> None:
+        problems = []
+        if self.path is not None and not str(self.path).strip():
+            problems.append("path: must be a path or null, got ''. Remove the key to train a tokenizer.")
+        if self.vocab_size <= 260:
+            problems.append(
+                f"vocab_size: must be above 260 (4 special + 256 byte pieces), got {self.vocab_size}. "
+                "Use e.g. 8000."
+            )
+        if not 0.0 < self.character_coverage <= 1.0:
+            problems.append(
+                f"character_coverage: must be in (0, 1], got {self.character_coverage}. "
+                "Use 0.9995 for Chinese, 1.0 for small alphabets."
+            )
+        if not self.text_key:
+            problems.append("text_key: must not be empty, got ''. Use the JSONL field with the text.")
+        if problems:
+            raise ConfigError([f"tokenizer.{p}" for p in problems])
+
+
+@dataclass
+class DataConfig:
+    """Training text: where it is, how it becomes packed token sequences, how it is ordered."""
+
+    paths: list[str] = field(default_factory=lambda: ["@bundled"])
+    """``.txt`` / ``.jsonl`` files or directories (recursive, sorted), in order; ``@bundled`` is
+    the small mixed Chinese/English demo corpus shipped with layerfreeze."""
+
+    text_key: str = "text"
+    """JSONL field holding a document's text."""
+
+    txt_documents: Literal["paragraph", "line"] = "paragraph"
+    """How ``.txt`` files split into documents: ``paragraph`` (separated by blank lines) or
+    ``line`` (one document per line)."""
+
+    seq_len: int = 256
+    """Tokens per training sequence (each packed window holds ``seq_len + 1`` tokens: inputs
+    and labels shifted by one)."""
+
+    add_bos: bool = True
+    """Start each document with BOS when the tokenizer has one (EOS always ends a document)."""
+
+    shuffle: bool = True
+    """Shuffle sequences each epoch (seeded by ``seed`` and the epoch number)."""
+
+    seed: int | None = None
+    """Shuffle seed. Null: the run's seed."""
+
+    cache_dir: str | None = None
+    """Where tokenized corpora are cached (one sub-directory per corpus + tokenizer + options).
+    Null: ``$LAYERFREEZE_CACHE`` or ``~/.cache/layerfreeze/tokens``."""
+
+    def __post_init__(self) -> None:
+        problems = []
+        if not self.paths:
+            problems.append(
+                "paths: no input given, got []. List .txt/.jsonl files or directories, or '@bundled'."
+            )
+        for i, p in enumerate(self.paths):
+            if not str(p).strip():
+                problems.append(f"paths[{i}]: empty path, got {p!r}. Remove it or give a file/directory.")
+        if not self.text_key:
+            problems.append("text_key: must not be empty, got ''. Use the JSONL field with the text.")
+        if self.seq_len < 1:
+            problems.append(f"seq_len: must be at least 1, got {self.seq_len}. Use e.g. 256.")
+        if problems:
+            raise ConfigError([f"data.{p}" for p in problems])
+
+    def resolved_cache_dir(self) -> Path:
+        """``cache_dir`` with its default applied and ``~`` expanded."""
+        if self.cache_dir:
+            return Path(self.cache_dir).expanduser()
+        env = os.environ.get("LAYERFREEZE_CACHE")
+        return Path(env).expanduser() if env else Path.home() / ".cache" / "layerfreeze" / "tokens"

@@ -1,0 +1,392 @@
+"""SentencePiece tokenizers: train one, save it so ``AutoTokenizer`` loads it, load either form.
+
+A trained tokenizer directory holds:
+
+- ``tokenizer.model``: the SentencePiece model itself (reference; ``load_tokenizer`` accepts it).
+- ``tokenizer.json`` + ``tokenizer_config.json``: the same model as a ``tokenizers`` pipeline,
+  written by ``transformers.TokenizersBackend.save_pretrained``; ``AutoTokenizer.from_pretrained``
+  loads it as a fast tokenizer that encodes exactly like the SentencePiece processor.
+- ``layerfreeze_tokenizer.json``: how it was trained (options, input files).
+
+The conversion builds the ``tokenizers`` pipeline from the SentencePiece proto: the Unigram
+(or BPE, with merges recovered from piece scores) model with byte fallback, a normalizer that
+reproduces SentencePiece's (optional precompiled NFKC map, optional whitespace cleanup, the
+dummy ``▁`` prefix, spaces to ``▁``), and a decoder that undoes it. ``load_tokenizer`` on a raw
+``.model`` file runs the same conversion in memory.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import re
+from collections.abc import Iterator, Sequence
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+from layerfreeze.errors import ConfigError
+from layerfreeze.utils.io import atomic_directory, atomic_write_json
+from layerfreeze.utils.logging import get_logger, log_rank0
+
+if TYPE_CHECKING:
+    from transformers import PreTrainedTokenizerBase
+
+    from layerfreeze.data.config import TokenizerConfig
+
+logger = get_logger(__name__)
+
+__all__ = [
+    "SPECIAL_TOKENS",
+    "train_tokenizer",
+    "sentencepiece_to_hf",
+    "load_tokenizer",
+    "prepare_tokenizer",
+    "tokenizer_fingerprint",
+]
+
+# id -> piece of the special tokens every trained tokenizer has (Llama's layout, plus a pad id).
+SPECIAL_TOKENS = {"unk": (0, "<unk>"), "bos": (1, "<s>"), "eos": (2, "</s>"), "pad": (3, "<pad>")}
+MODEL_TYPES = ("unigram", "bpe")
+_META_FILE = "layerfreeze_tokenizer.json"
+# SentencePiece skips training sentences longer than this many bytes; documents are fed line by line.
+_MAX_SENTENCE_BYTES = 1 << 16
+
+
+def _training_lines(files: Sequence[Path], text_key: str, txt_documents: str) -> Iterator[str]:
+    from layerfreeze.data.corpus import iter_documents
+
+    for path in files:
+        for doc in iter_documents(path, text_key=text_key, txt_documents=txt_documents):
+            for line in doc.splitlines():
+                if line.strip():
+                    yield line
+
+
+def train_tokenizer(
+    inputs: Sequence[str | Path],
+    out_dir: str | Path,
+    *,
+    vocab_size: int = 8000,
+    model_type: str = "unigram",
+    character_coverage: float = 0.9995,
+    text_key: str = "text",
+    txt_documents: str = "paragraph",
+    input_sentence_size: int = 0,
+    seed: int = 0,
+) -> Path:
+    """Train a SentencePiece tokenizer and save it in a form ``AutoTokenizer`` loads.
+
+    Byte fallback is on (any text encodes, nothing maps to ``<unk>``); special ids are
+    ``<unk>``=0, ``<s>``=1 (BOS), ``</s>``=2 (EOS), ``<pad>``=3. Normalization is the identity
+    (text is kept as written, full-width punctuation included), digits are split, and a dummy
+    ``▁`` prefix marks the start of the text (Llama's settings). The HF tokenizer adds BOS when
+    called with ``add_special_tokens=True`` (the default), never EOS.
+
+    Args:
+        inputs: ``.txt`` / ``.jsonl`` files or directories (searched recursively, sorted).
+        out_dir: directory to create (replaced atomically when it exists).
+        vocab_size: number of pieces, including the 4 special and 256 byte pieces.
+        model_type: ``unigram`` or ``bpe``.
+        character_coverage: fraction of characters covered by pieces (rarer ones go to bytes);
+            0.9995 suits Chinese, 1.0 small alphabets.
+        text_key: JSONL field holding the text.
+        txt_documents: ``paragraph`` (documents separated by blank lines) or ``line``.
+        input_sentence_size: sample at most this many lines for training (0: use all).
+        seed: seed of that sampling (SentencePiece's random seed).
+
+    Returns:
+        ``out_dir`` as a ``Path``.
+
+    Raises:
+        ValueError: bad option, missing or empty input, or a vocabulary size the text cannot
+            support (the message says which size would work).
+    """
+    import sentencepiece as spm
+
+    from layerfreeze.data.corpus import resolve_files
+
+    problems = []
+    if model_type not in MODEL_TYPES:
+        problems.append(f"model_type: must be one of {', '.join(MODEL_TYPES)}, got {model_type!r}.")
+    if not isinstance(vocab_size, int) or vocab_size <= 260:
+        problems.append(
+            f"vocab_size: must be an integer above 260 (4 special + 256 byte pieces), got {vocab_size!r}."
+        )
+    if not 0.0 < character_coverage <= 1.0:
+        problems.append(f"character_coverage: must be in (0, 1], got {character_coverage!r}.")
+    if problems:
+        raise ConfigError(problems)
+    files = resolve_files(inputs, key="input")
+    lines = _training_lines(files, text_key, txt_documents)
+    first = next(lines, None)
+    if first is None:
+        raise ValueError(
+            f"input: no text found in {', '.join(str(f) for f in files)}. "
+            "Give files with at least some non-empty documents."
+        )
+
+    def _all_lines() -> Iterator[str]:
+        yield first
+        yield from lines
+
+    out_dir = Path(out_dir)
+    with atomic_directory(out_dir) as tmp:
+        model_file = tmp / "tokenizer.model"
+        options: dict[str, Any] = dict(
+            model_type=model_type,
+            vocab_size=vocab_size,
+            character_coverage=character_coverage,
+            byte_fallback=True,
+            split_digits=True,
+            normalization_rule_name="identity",
+            remove_extra_whitespaces=False,
+            add_dummy_prefix=True,
+            allow_whitespace_only_pieces=True,
+            unk_id=SPECIAL_TOKENS["unk"][0],
+            bos_id=SPECIAL_TOKENS["bos"][0],
+            eos_id=SPECIAL_TOKENS["eos"][0],
+            pad_id=SPECIAL_TOKENS["pad"][0],
+            unk_piece=SPECIAL_TOKENS["unk"][1],
+            bos_piece=SPECIAL_TOKENS["bos"][1],
+            eos_piece=SPECIAL_TOKENS["eos"][1],
+            pad_piece=SPECIAL_TOKENS["pad"][1],
+            input_sentence_size=input_sentence_size,
+            shuffle_input_sentence=True,
+            max_sentence_length=_MAX_SENTENCE_BYTES,
+            minloglevel=2,
+        )
+        spm.set_random_generator_seed(seed)
+        with model_file.open("wb") as f:
+            try:
+                spm.SentencePieceTrainer.train(sentence_iterator=_all_lines(), model_writer=f, **options)
+            except RuntimeError as e:
+                raise _explain_training_error(e, vocab_size) from None
+        hf = sentencepiece_to_hf(model_file)
+        hf.save_pretrained(str(tmp))
+        atomic_write_json(
+            tmp / _META_FILE,
+            {
+                "trainer": "sentencepiece",
+                "options": {k: v for k, v in options.items() if k != "minloglevel"},
+                "text_key": text_key,
+                "txt_documents": txt_documents,
+                "inputs": [{"path": str(p), "bytes": p.stat().st_size} for p in files],
+            },
+        )
+    log_rank0(logger, "trained a %s tokenizer with %d pieces into %s", model_type, vocab_size, out_dir)
+    return out_dir
+
+
+def _explain_training_error(err: RuntimeError, vocab_size: int) -> ValueError:
+    msg = str(err)
+    high = re.search(r"Vocabulary size (?:is )?too high \((\d+)\)\. Please set it to a value <= (\d+)", msg)
+    if high:
+        return ValueError(
+            f"vocab_size: {vocab_size} is too large for this text (sentencepiece found room for at most "
+            f"{high.group(2)} pieces). Use --vocab-size {high.group(2)} or less, or train on more text."
+        )
+    low = re.search(r"Vocabulary size is smaller than required_chars\. (\d+) vs (\d+)", msg)
+    if low:
+        need = int(low.group(2))
+        return ValueError(
+            f"vocab_size: {vocab_size} is too small: the text needs {low.group(2)} pieces for its "
+            f"characters and the special/byte pieces. Use --vocab-size {need} or more, or lower "
+            "--character-coverage so rare characters fall back to bytes."
+        )
+    return ValueError(f"sentencepiece training failed: {msg}")
+
+
+def _load_proto(model_file: Path):
+    from sentencepiece import sentencepiece_model_pb2
+
+    proto = sentencepiece_model_pb2.ModelProto()
+    try:
+        proto.ParseFromString(model_file.read_bytes())
+    except Exception as e:  # protobuf raises its own DecodeError type
+        raise ValueError(f"{model_file}: not a SentencePiece model ({e}).") from None
+    if not proto.pieces:
+        raise ValueError(f"{model_file}: not a SentencePiece model (no pieces).")
+    return proto
+
+
+def sentencepiece_to_hf(model_file: str | Path) -> PreTrainedTokenizerBase:
+    """Convert a SentencePiece ``.model`` file to a fast HF tokenizer that encodes identically.
+
+    The result adds BOS (when the model defines one) for ``add_special_tokens=True``.
+
+    Raises:
+        ValueError: the file is not a SentencePiece model, or uses a model type other than
+            unigram / bpe.
+    """
+    from tokenizers import AddedToken, Regex, Tokenizer, decoders, normalizers
+    from tokenizers.models import BPE, Unigram
+    from transformers.tokenization_utils_base import generate_merges
+    from transformers.tokenization_utils_tokenizers import TokenizersBackend
+
+    model_file = Path(model_file)
+    proto = _load_proto(model_file)
+    spec, norm = proto.trainer_spec, proto.normalizer_spec
+    pieces = [(p.piece, p.score) for p in proto.pieces]
+    # piece types: 1 normal, 2 unknown, 3 control, 4 user defined, 5 unused, 6 byte
+    special_types = {2, 3, 6}
+    if spec.model_type == 1:
+        model = Unigram(pieces, unk_id=spec.unk_id, byte_fallback=spec.byte_fallback)
+    elif spec.model_type == 2:
+        vocab = {piece: i for i, (piece, _) in enumerate(pieces)}
+        skip = {p.piece for p in proto.pieces if p.type in special_types}
+        merges = generate_merges(vocab, dict(pieces), skip_tokens=skip)
+        model = BPE(
+            vocab, merges, unk_token=spec.unk_piece, fuse_unk=True,
+            byte_fallback=spec.byte_fallback, dropout=None,
+        )
+    else:
+        raise ValueError(
+            f"{model_file}: SentencePiece model type {spec.model_type} is not supported; "
+            "train it with model_type unigram or bpe."
+        )
+    tok = Tokenizer(model)
+    steps = []
+    if norm.precompiled_charsmap:
+        steps.append(normalizers.Precompiled(norm.precompiled_charsmap))
+    if norm.remove_extra_whitespaces:
+        steps += [normalizers.Strip(left=True, right=True), normalizers.Replace(Regex(" {2,}"), " ")]
+    if norm.add_dummy_prefix:
+        steps.append(normalizers.Prepend("▁"))
+    steps.append(normalizers.Replace(" ", "▁"))
+    tok.normalizer = normalizers.Sequence(steps)
+    tok.pre_tokenizer = None
+    dec = [decoders.Replace("▁", " "), decoders.ByteFallback(), decoders.Fuse()]
+    if norm.add_dummy_prefix:
+        dec.append(decoders.Strip(content=" ", left=1, right=0))
+    tok.decoder = decoders.Sequence(dec)
+    control = [AddedToken(p.piece, normalized=False, special=True) for p in proto.pieces if p.type == 3]
+    user = [AddedToken(p.piece, normalized=False, special=False) for p in proto.pieces if p.type == 4]
+    if control:
+        tok.add_special_tokens(control)
+    if user:
+        tok.add_tokens(user)
+
+    def piece(id_: int) -> str | None:
+        return proto.pieces[id_].piece if 0 <= id_ < len(proto.pieces) else None
+
+    bos = piece(spec.bos_id)
+    return TokenizersBackend(
+        tokenizer_object=tok,
+        unk_token=piece(spec.unk_id),
+        bos_token=bos,
+        eos_token=piece(spec.eos_id),
+        pad_token=piece(spec.pad_id),
+        add_bos_token=bos is not None,
+        add_eos_token=False,
+        clean_up_tokenization_spaces=False,
+    )
+
+
+def load_tokenizer(cfg: TokenizerConfig | str | Path) -> PreTrainedTokenizerBase:
+    """Load the tokenizer named by ``cfg.path``: an HF tokenizer directory or a ``.model`` file.
+
+    Args:
+        cfg: the ``tokenizer`` config section, or a path directly.
+
+    Raises:
+        ConfigError: no path given, the path does not exist, or it holds no tokenizer.
+    """
+    from transformers import AutoTokenizer
+
+    path_value = cfg if isinstance(cfg, (str, Path)) else cfg.path
+    if not path_value:
+        raise ConfigError(
+            "tokenizer.path: no tokenizer given, got None. Set it to an HF tokenizer directory or a "
+            "SentencePiece .model file, or train one with `layerfreeze tokenizer train`."
+        )
+    path = Path(path_value).expanduser()
+    if not path.exists():
+        raise ConfigError(
+            f"tokenizer.path: no such file or directory, got '{path_value}'. Give an HF tokenizer "
+            "directory or a SentencePiece .model file (`layerfreeze tokenizer train` makes one)."
+        )
+    if path.is_file():
+        try:
+            return sentencepiece_to_hf(path)
+        except ValueError as e:
+            raise ConfigError(f"tokenizer.path: {e} Give an HF tokenizer directory or a .model file.") from None
+    try:
+        return AutoTokenizer.from_pretrained(str(path))
+    except (OSError, ValueError) as e:
+        if (path / "tokenizer.model").is_file() and not (path / "tokenizer.json").is_file():
+            return sentencepiece_to_hf(path / "tokenizer.model")
+        raise ConfigError(
+            f"tokenizer.path: '{path_value}' holds no tokenizer AutoTokenizer can load ({e}). Give an HF "
+            "tokenizer directory (tokenizer.json + tokenizer_config.json) or a SentencePiece .model file."
+        ) from None
+
+
+def prepare_tokenizer(
+    cfg: TokenizerConfig, train_inputs: Sequence[str | Path], out_dir: str | Path
+) -> PreTrainedTokenizerBase:
+    """Load ``cfg.path``; without one, train a tokenizer on ``train_inputs`` into ``out_dir``.
+
+    Training happens once: an existing ``out_dir`` with a trained tokenizer is reused (so a
+    resumed run gets the same ids). Under ``torch.distributed`` only local rank 0 trains; the
+    other ranks wait and then load the result. A failure on the training rank is raised on
+    every rank (nobody hangs in a barrier).
+
+    Args:
+        cfg: the ``tokenizer`` section (``vocab_size``, ``model_type``, ``character_coverage``
+            and ``train_inputs`` drive training; ``train_inputs`` overrides the argument).
+        train_inputs: files/directories to train on when ``cfg.train_inputs`` is empty
+            (normally the data section's files).
+        out_dir: where to save a trained tokenizer.
+    """
+    from layerfreeze.utils.dist import get_local_rank
+
+    if cfg.path:
+        return load_tokenizer(cfg)
+    out_dir = Path(out_dir)
+    inputs = list(cfg.train_inputs) or list(train_inputs)
+
+    def build() -> None:
+        if not (out_dir / "tokenizer.json").is_file():
+            train_tokenizer(
+                inputs, out_dir, vocab_size=cfg.vocab_size, model_type=cfg.model_type,
+                character_coverage=cfg.character_coverage, text_key=cfg.text_key,
+                txt_documents=cfg.txt_documents,
+            )
+
+    run_on_local_rank0(build, get_local_rank() == 0)
+    return load_tokenizer(out_dir)
+
+
+def run_on_local_rank0(fn, is_builder: bool) -> None:
+    """Run ``fn`` where ``is_builder``; every rank then waits and re-raises a builder's failure."""
+    from layerfreeze.utils.dist import all_gather_objects, get_rank, is_dist
+
+    error: BaseException | None = None
+    if is_builder:
+        try:
+            fn()
+        except Exception as e:  # re-raised below on this rank, reported to the others
+            error = e
+    if is_dist():
+        statuses = all_gather_objects(None if error is None else f"{type(error).__name__}: {error}")
+        if error is None:
+            failed = [(r, s) for r, s in enumerate(statuses) if s is not None]
+            if failed:
+                rank, msg = failed[0]
+                raise RuntimeError(f"rank {rank} failed while preparing data for rank {get_rank()}: {msg}")
+    if error is not None:
+        raise error
+
+
+def tokenizer_fingerprint(tokenizer: PreTrainedTokenizerBase) -> str:
+    """A hash of everything that decides the ids a tokenizer produces (its full serialization)."""
+    h = hashlib.sha256()
+    h.update(type(tokenizer).__name__.encode())
+    backend = getattr(tokenizer, "backend_tokenizer", None)
+    if backend is not None:
+        h.update(backend.to_str().encode("utf-8"))
+    else:
+        h.update(json.dumps(sorted(tokenizer.get_vocab().items()), ensure_ascii=False).encode("utf-8"))
+    specials = {k: getattr(tokenizer, f"{k}_token_id", None) for k in ("bos", "eos", "unk", "pad")}
+    h.update(json.dumps(specials, sort_keys=True).encode())
+    return h.hexdigest()
