@@ -1,0 +1,94 @@
+"""Tiny tokenizers and models for the evaluation tests (and ``bench/eval_speed.py``).
+
+Tokenizers are SentencePiece BPE models trained here on generated text (never on the
+benchmark files), with byte fallback so every Chinese character encodes, saved as
+``tokenizer.model`` and loaded through ``transformers.LlamaTokenizer.from_pretrained`` (which
+converts it to a tokenizers backend), then saved/loaded again with ``AutoTokenizer`` so the
+real loading path is used.
+
+- ``letters="merged"``: the corpus has `` A`` … `` D`` as words, so ``" A"`` is one piece.
+- ``letters="split"``: the corpus has no Latin letters, so ``" A"`` becomes ``"▁" + <0x41>``:
+  a two-token continuation whose first token is shared by the four letters.
+"""
+
+from __future__ import annotations
+
+import random
+from pathlib import Path
+
+# Template words of the prompt formats (not benchmark content).
+_TEMPLATE = "以下是中国关于考试的单项选择题，请选出其中的正确答案。直接给出选项题目答案是："
+
+
+def _common_chars(n: int, seed: int) -> list[str]:
+    """``n`` frequent simplified characters: the GB2312 level-1 block (rows 16-55)."""
+    chars = []
+    for hi in range(0xB0, 0xD8):
+        for lo in range(0xA1, 0xFF):
+            try:
+                chars.append(bytes([hi, lo]).decode("gb2312"))
+            except UnicodeDecodeError:
+                continue
+    rng = random.Random(seed)
+    rng.shuffle(chars)
+    return chars[:n]
+
+
+def generate_corpus(path: Path, letters: str, num_lines: int = 3000, num_chars: int = 600,
+                    seed: int = 0) -> Path:
+    """Write generated training text for a tokenizer (random words, template, digits)."""
+    rng = random.Random(seed)
+    chars = _common_chars(num_chars, seed) + list(_TEMPLATE)
+    lines = []
+    for _ in range(num_lines):
+        words = []
+        for _ in range(rng.randint(3, 12)):
+            words.append("".join(rng.choice(chars) for _ in range(rng.randint(1, 4))))
+        if letters == "merged":
+            words.append(rng.choice(["A", "B", "C", "D"]))
+            words.append(f"{rng.choice('ABCD')}. {rng.randint(0, 99)}")
+        else:
+            words.append(str(rng.randint(0, 999)))
+        lines.append(" ".join(words) + rng.choice(["。", "，", "：", "？", ""]))
+    path.write_text("\n".join(lines), encoding="utf-8")
+    return path
+
+
+def build_tokenizer(directory: Path, letters: str = "merged", vocab_size: int = 1000,
+                    num_chars: int = 600):
+    """Train a byte-fallback SentencePiece model and return it as a transformers tokenizer.
+
+    The tokenizer is saved to ``directory/hf`` (``AutoTokenizer.from_pretrained`` loads it).
+    """
+    import sentencepiece as spm
+    from transformers import AutoTokenizer, LlamaTokenizer
+
+    if letters not in ("merged", "split"):
+        raise ValueError(f"letters: use 'merged' or 'split', got {letters!r}.")
+    directory = Path(directory)
+    (directory / "sp").mkdir(parents=True, exist_ok=True)
+    corpus = generate_corpus(directory / "corpus.txt", letters, num_chars=num_chars)
+    spm.SentencePieceTrainer.train(
+        input=str(corpus), model_prefix=str(directory / "sp" / "tokenizer"),
+        vocab_size=vocab_size, model_type="bpe", byte_fallback=True, character_coverage=1.0,
+        unk_id=0, bos_id=1, eos_id=2, pad_id=-1, minloglevel=2, num_threads=1,
+        split_digits=True, normalization_rule_name="identity",
+    )
+    tok = LlamaTokenizer.from_pretrained(
+        str(directory / "sp"), bos_token="<s>", eos_token="</s>", unk_token="<unk>",
+        add_bos_token=True,
+    )
+    tok.save_pretrained(str(directory / "hf"))
+    return AutoTokenizer.from_pretrained(str(directory / "hf"))
+
+
+def build_eval_model(vocab_size: int, num_layers: int = 2, hidden: int = 64, seed: int = 0,
+                     max_positions: int = 8192, attn_implementation: str = "sdpa"):
+    """A seeded tiny Llama sized for a tokenizer (long context: 5-shot prompts are long)."""
+    from tests.helpers.tiny_models import build_tiny_model
+
+    return build_tiny_model(
+        "llama", num_layers=num_layers, hidden=hidden, num_heads=4, num_kv_heads=2,
+        vocab_size=vocab_size, seed=seed, attn_implementation=attn_implementation,
+        max_positions=max_positions,
+    )
