@@ -104,7 +104,7 @@ class PlanSchedule:
             elif until <= last_end:
                 problems.append(
                     f"{ppath}.until_step: must be greater than {last_end} (the previous phase's "
-                    f"end{' ' if i else ', i.e. the first step'}), got {until}. Phases end at "
+                    f"end{'' if i else ', the first step'}), got {until}. Phases end at "
                     "strictly increasing steps."
                 )
             else:
