@@ -1,0 +1,202 @@
+"""Saving what a plan trained, and exporting a merged Hugging Face checkpoint.
+
+* ``save_trainable(applied, dir)`` writes ``adapter.safetensors`` (trainable parameters plus every
+  installed adapter parameter) and ``plan.json``; ``load_trainable(model, dir)`` re-applies the
+  plan on a fresh base model and loads them, reproducing the logits exactly.
+* ``export_merged(applied, dir)`` folds mergeable LoRA into the base weights and writes a
+  standard checkpoint with ``save_pretrained`` (loads with ``AutoModelForCausalLM.from_pretrained``)
+  plus a sidecar (``layerfreeze_sidecar.safetensors`` + ``plan.json``) holding what cannot be
+  merged (prefixes, gated LoRA, gates); ``load_trainable(model, dir)`` on the loaded checkpoint
+  restores them.
+
+Every directory is written atomically (a reader sees the old one or the new one, never half).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import os
+from pathlib import Path
+from typing import Any
+
+import torch
+from safetensors.torch import load_file, save_file
+from torch import nn
+
+from layerfreeze.apply import AppliedPlan, adapter_param_names, apply_plan, base_state_dict
+from layerfreeze.plan import LayerPlan, LayerRange, LayerRule
+from layerfreeze.policies.base import PolicySpec
+from layerfreeze.registry import get_policy
+from layerfreeze.utils.io import atomic_directory, atomic_write_json
+from layerfreeze.utils.logging import get_logger, log_rank0
+
+__all__ = [
+    "save_trainable",
+    "load_trainable",
+    "export_merged",
+    "ADAPTER_FILE",
+    "SIDECAR_FILE",
+    "PLAN_FILE",
+]
+
+logger = get_logger(__name__)
+
+ADAPTER_FILE = "adapter.safetensors"
+SIDECAR_FILE = "layerfreeze_sidecar.safetensors"
+PLAN_FILE = "plan.json"
+_FORMAT = "layerfreeze.trainable/1"
+
+
+def _plan_json(applied: AppliedPlan, plan: LayerPlan, install: list[LayerPlan], kind: str) -> dict[str, Any]:
+    return {
+        "format": _FORMAT,
+        "kind": kind,
+        "model_type": applied.layout.model_type,
+        "num_layers": applied.layout.num_layers,
+        "plan": plan.to_dict(),
+        "install": [p.to_dict() for p in install],
+    }
+
+
+def _tensors_for_file(sd: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    # safetensors refuses shared storage; every tensor is cloned to its own contiguous CPU copy.
+    return {k: v.detach().to("cpu").contiguous().clone() for k, v in sd.items()}
+
+
+def save_trainable(applied: AppliedPlan, directory: str | os.PathLike) -> Path:
+    """Write the trainable-only state and the plan to ``directory`` (atomically).
+
+    Args:
+        applied: the applied plan.
+        directory: output directory (replaced if it exists).
+
+    Returns:
+        The directory path.
+    """
+    directory = Path(directory)
+    install = [p for p, _ in applied.installed[1:]]
+    sd = _tensors_for_file(applied.trainable_state_dict())
+    with atomic_directory(directory) as tmp:
+        save_file(sd, str(tmp / ADAPTER_FILE), metadata={"format": _FORMAT})
+        atomic_write_json(tmp / PLAN_FILE, _plan_json(applied, applied.plan, install, "trainable"))
+    log_rank0(logger, "saved %d trainable tensors to %s", len(sd), directory)
+    return directory
+
+
+def load_trainable(model: nn.Module, directory: str | os.PathLike) -> AppliedPlan:
+    """Re-apply the saved plan to ``model`` and load the saved tensors into it.
+
+    Works on a directory written by :func:`save_trainable` (``adapter.safetensors``) and on one
+    written by :func:`export_merged` (``layerfreeze_sidecar.safetensors``, loaded onto the
+    merged checkpoint).
+
+    Raises:
+        FileNotFoundError: no ``plan.json`` or tensor file in ``directory``.
+        ValueError: the files do not match the model (layer count, names, shapes).
+    """
+    directory = Path(directory)
+    plan_path = directory / PLAN_FILE
+    if not plan_path.is_file():
+        raise FileNotFoundError(
+            f"{plan_path}: not found. Point load_trainable at a directory written by "
+            "save_trainable or export_merged."
+        )
+    meta = json.loads(plan_path.read_text(encoding="utf-8"))
+    if meta.get("format") != _FORMAT:
+        raise ValueError(f"{plan_path}: unknown format {meta.get('format')!r}, expected {_FORMAT!r}.")
+    tensor_path = next((directory / f for f in (ADAPTER_FILE, SIDECAR_FILE) if (directory / f).is_file()), None)
+    if tensor_path is None:
+        raise FileNotFoundError(f"{directory}: neither {ADAPTER_FILE} nor {SIDECAR_FILE} found.")
+    applied = apply_plan(model, meta["plan"], install=meta.get("install", []))
+    if applied.layout.num_layers != meta["num_layers"]:
+        raise ValueError(
+            f"{plan_path}: saved for a {meta['num_layers']}-layer model, got "
+            f"{applied.layout.num_layers} layers. Load onto the same base architecture."
+        )
+    try:
+        applied.load_trainable_state_dict(load_file(str(tensor_path)))
+    except ValueError as e:
+        raise ValueError(f"{tensor_path}: {e}") from None
+    return applied
+
+
+def _sidecar_plan(plan: LayerPlan, resolved, merged_layers: dict[int, set[str]]) -> LayerPlan:
+    """``plan`` with every fully merged adapter spec replaced by ``freeze`` (one rule per layer)."""
+    freeze = LayerPlan().default
+    rules = []
+    for i, spec in enumerate(resolved.layers):
+        if spec.name in merged_layers.get(i, set()):
+            spec = freeze
+        rules.append(LayerRule(LayerRange(i, i), spec))
+    return dataclasses.replace(plan, rules=tuple(rules), default=freeze)
+
+
+def export_merged(
+    applied: AppliedPlan, directory: str | os.PathLike, tokenizer: Any = None
+) -> Path:
+    """Write a standard HF checkpoint with mergeable LoRA folded in, plus the sidecar.
+
+    The applied model is left as it was (its base weights are restored bit-exactly).
+
+    Args:
+        applied: the applied plan (its model must have ``save_pretrained``).
+        directory: output directory (replaced if it exists).
+        tokenizer: optional tokenizer saved alongside (``save_pretrained``).
+
+    Returns:
+        The directory path.
+    """
+    directory = Path(directory)
+    model = applied.model
+    if not callable(getattr(model, "save_pretrained", None)):
+        raise TypeError(f"export_merged: {type(model).__name__} has no save_pretrained; use save_trainable.")
+    base = base_state_dict(model)
+    # Merging touches only base weights of layers carrying adapters: snapshot those to restore.
+    adapter_layers = tuple(
+        f"{layer.name}." for layer in applied.layout.layers
+        if any(get_policy(r.layers[layer.index].name).param_prefix for _p, r in applied.installed)
+    )
+    snapshot = {k: v.clone() for k, v in base.items() if adapter_layers and k.startswith(adapter_layers)}
+    merged_modules = applied.merge()
+    try:
+        merged_params = set(applied.merged_adapter_param_names())
+        sidecar = {
+            n: p for n, p in applied.trainable_state_dict().items()
+            if n in set(adapter_param_names(model)) and n not in merged_params
+        }
+        # Which (layer, policy) pairs are fully merged: every adapter parameter of that policy in
+        # the layer sits in the base weights now.
+        merged_layers: dict[int, set[str]] = {}
+        all_adapters = adapter_param_names(model)
+        for layer in applied.layout.layers:
+            for _plan, resolved in applied.installed:
+                spec: PolicySpec = resolved.layers[layer.index]
+                prefix = get_policy(spec.name).param_prefix
+                if not prefix:
+                    continue
+                mine = [
+                    n for n in all_adapters if n.startswith(layer.name + ".")
+                    and any(part.startswith(prefix) for part in n[len(layer.name) + 1:].split("."))
+                ]
+                if mine and all(n in merged_params for n in mine):
+                    merged_layers.setdefault(layer.index, set()).add(spec.name)
+        plan = _sidecar_plan(applied.plan, applied.resolved, merged_layers)
+        install = [_sidecar_plan(p, r, merged_layers) for p, r in applied.installed[1:]]
+        state = {k: v.detach() for k, v in base_state_dict(model).items()}
+        with atomic_directory(directory) as tmp:
+            model.save_pretrained(str(tmp), state_dict=state, safe_serialization=True)
+            if tokenizer is not None:
+                tokenizer.save_pretrained(str(tmp))
+            save_file(_tensors_for_file(sidecar), str(tmp / SIDECAR_FILE), metadata={"format": _FORMAT})
+            atomic_write_json(tmp / PLAN_FILE, _plan_json(applied, plan, install, "merged_sidecar"))
+    finally:
+        applied.unmerge()
+        with torch.no_grad():
+            for k, v in snapshot.items():
+                base[k].copy_(v)
+    log_rank0(
+        logger, "exported merged checkpoint to %s (%d modules merged, %d sidecar tensors)",
+        directory, len(merged_modules), len(sidecar),
+    )
+    return directory
