@@ -50,6 +50,7 @@ MODEL_TYPES = ("unigram", "bpe")
 _META_FILE = "layerfreeze_tokenizer.json"
 # SentencePiece skips training sentences longer than this many bytes; documents are fed line by line.
 _MAX_SENTENCE_BYTES = 1 << 16
+_REQUIRED_CHARS = "".join(chr(c) for c in range(33, 127))
 
 
 def _training_lines(files: Sequence[Path], text_key: str, txt_documents: str) -> Iterator[str]:
@@ -79,7 +80,8 @@ def train_tokenizer(
     Byte fallback is on (any text encodes, nothing maps to ``<unk>``); special ids are
     ``<unk>``=0, ``<s>``=1 (BOS), ``</s>``=2 (EOS), ``<pad>``=3. Normalization is the identity
     (text is kept as written, full-width punctuation included), digits are split, and a dummy
-    ``▁`` prefix marks the start of the text (Llama's settings). The HF tokenizer adds BOS when
+    ``▁`` prefix marks the start of the text (Llama's settings). Every printable ASCII
+    character is a piece regardless of ``character_coverage``. The HF tokenizer adds BOS when
     called with ``add_special_tokens=True`` (the default), never EOS.
 
     Args:
@@ -142,6 +144,10 @@ def train_tokenizer(
             remove_extra_whitespaces=False,
             add_dummy_prefix=True,
             allow_whitespace_only_pieces=True,
+            # Every printable ASCII character gets a piece, whatever the coverage: code and
+            # markup stay readable, and text such as "</s>" or "<0x41>" is always spelled with
+            # real pieces (never with the control/byte pieces, see sentencepiece_to_hf).
+            required_chars=_REQUIRED_CHARS,
             unk_id=SPECIAL_TOKENS["unk"][0],
             bos_id=SPECIAL_TOKENS["bos"][0],
             eos_id=SPECIAL_TOKENS["eos"][0],
@@ -228,9 +234,14 @@ def sentencepiece_to_hf(model_file: str | Path) -> PreTrainedTokenizerBase:
     spec, norm = proto.trainer_spec, proto.normalizer_spec
     pieces = [(p.piece, p.score) for p in proto.pieces]
     # piece types: 1 normal, 2 unknown, 3 control, 4 user defined, 5 unused, 6 byte
-    special_types = {2, 3, 6}
+    special_types = {2, 3, 5, 6}
     if spec.model_type == 1:
-        model = Unigram(pieces, unk_id=spec.unk_id, byte_fallback=spec.byte_fallback)
+        # SentencePiece never matches control, unknown, unused or byte pieces against text, but
+        # a tokenizers Unigram matches every vocab entry: "</s>" written in a document would
+        # become EOS. Scores far below any real piece make them unreachable the same way.
+        floor = min((p.score for p in proto.pieces if p.type == 1), default=0.0) - 1e4
+        scored = [(p.piece, p.score if p.type in (1, 4) else floor) for p in proto.pieces]
+        model = Unigram(scored, unk_id=spec.unk_id, byte_fallback=spec.byte_fallback)
     elif spec.model_type == 2:
         vocab = {piece: i for i, (piece, _) in enumerate(pieces)}
         skip = {p.piece for p in proto.pieces if p.type in special_types}
