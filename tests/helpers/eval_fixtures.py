@@ -92,3 +92,74 @@ def build_eval_model(vocab_size: int, num_layers: int = 2, hidden: int = 64, see
         vocab_size=vocab_size, seed=seed, attn_implementation=attn_implementation,
         max_positions=max_positions,
     )
+
+
+_TOKENIZERS: dict[str, object] = {}
+
+
+def cached_tokenizer(letters: str = "merged"):
+    """One trained tokenizer per process and ``letters`` kind (tests share it)."""
+    import tempfile
+
+    if letters not in _TOKENIZERS:
+        _TOKENIZERS[letters] = build_tokenizer(Path(tempfile.mkdtemp(prefix=f"lf-tok-{letters}-")),
+                                               letters)
+    return _TOKENIZERS[letters]
+
+
+# -- lm-evaluation-harness as the independent reference ---------------------------------------
+
+def lm_eval_task_dir() -> Path:
+    import lm_eval
+
+    return Path(lm_eval.__file__).parent / "tasks"
+
+
+def lm_eval_task_config(benchmark: str, subject: str, data_dir: Path, work: Path) -> dict:
+    """The installed lm-eval task config of one subject, pointed at local JSON copies of the CSVs.
+
+    The config (templates, description, splits, sampler) is read from the installed package's
+    YAML files (``ceval-valid_<s>.yaml`` + ``_default_ceval_yaml``, ``cmmlu_<s>.yaml`` +
+    ``_default_template_yaml``); only ``dataset_path``/``dataset_kwargs`` are replaced because
+    the hub is unreachable. The CSVs are converted with ``csv.DictReader`` (every cell a
+    string); C-Eval dev's ``explanation`` and CMMLU's unnamed index column are dropped (lm-eval
+    does not read them and ``datasets`` needs one schema across splits).
+    """
+    import csv
+    import json
+
+    import yaml
+
+    tasks = lm_eval_task_dir()
+    if benchmark == "ceval":
+        sub = yaml.safe_load((tasks / "ceval" / f"ceval-valid_{subject}.yaml").read_text("utf-8"))
+        base = yaml.safe_load((tasks / "ceval" / "_default_ceval_yaml").read_text("utf-8"))
+        files = {"val": f"val/{subject}_val.csv", "dev": f"dev/{subject}_dev.csv"}
+    else:
+        sub = yaml.safe_load((tasks / "cmmlu" / f"cmmlu_{subject}.yaml").read_text("utf-8"))
+        base = yaml.safe_load((tasks / "cmmlu" / "_default_template_yaml").read_text("utf-8"))
+        files = {"test": f"test/{subject}.csv", "dev": f"dev/{subject}.csv"}
+    cfg = {**base, **{k: v for k, v in sub.items() if k != "include"}}
+    work.mkdir(parents=True, exist_ok=True)
+    data_files = {}
+    for split, rel in files.items():
+        with open(Path(data_dir) / benchmark / rel, encoding="utf-8", newline="") as f:
+            rows = list(csv.DictReader(f))
+        out = work / f"{benchmark}_{subject}_{split}.jsonl"
+        with open(out, "w", encoding="utf-8") as f:
+            for r in rows:
+                r.pop("explanation", None)
+                r.pop("", None)
+                f.write(json.dumps(r, ensure_ascii=False) + "\n")
+        data_files[split] = str(out)
+    cfg["dataset_path"] = "json"
+    cfg.pop("dataset_name", None)
+    cfg["dataset_kwargs"] = {"data_files": data_files}
+    return cfg
+
+
+def lm_eval_task(benchmark: str, subject: str, data_dir: Path, work: Path):
+    """An lm-eval ``ConfigurableTask`` for one subject (see :func:`lm_eval_task_config`)."""
+    from lm_eval.api.task import ConfigurableTask
+
+    return ConfigurableTask(config=lm_eval_task_config(benchmark, subject, data_dir, work))
