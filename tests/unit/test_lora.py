@@ -1,0 +1,435 @@
+"""The ``lora`` policy on tiny Llama / Qwen2 / Mistral / GPT-2 / GPT-NeoX models (CPU)."""
+
+from __future__ import annotations
+
+import copy
+
+import pytest
+import torch
+import torch.nn.functional as F
+from transformers.pytorch_utils import Conv1D
+
+from layerfreeze.errors import ConfigError
+from layerfreeze.models import discover_layout
+from layerfreeze.policies.base import PolicySpec
+from layerfreeze.policies.lora import (
+    LORA_DISPATCHERS,
+    LoRAAdapter,
+    LoRAConfig,
+    LoRAPolicy,
+    TokenGate,
+    iter_lora_adapters,
+    merge_lora,
+    resolve_lora_targets,
+    unmerge_lora,
+)
+from layerfreeze.registry import get_policy
+from layerfreeze.utils.schema import from_dict
+from tests.helpers.tiny_models import TINY_FAMILIES, build_tiny_model, tiny_batch
+
+torch.set_num_threads(1)
+
+# Expected linears per family (paths inside a block), written out from the modeling files.
+ATTN_LINEARS = {
+    "llama": ["self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj", "self_attn.o_proj"],
+    "qwen2": ["self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj", "self_attn.o_proj"],
+    "mistral": ["self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj", "self_attn.o_proj"],
+    "gpt2": ["attn.c_attn", "attn.c_proj"],
+    "gpt_neox": ["attention.query_key_value", "attention.dense"],
+}
+MLP_LINEARS = {
+    "llama": ["mlp.gate_proj", "mlp.up_proj", "mlp.down_proj"],
+    "qwen2": ["mlp.gate_proj", "mlp.up_proj", "mlp.down_proj"],
+    "mistral": ["mlp.gate_proj", "mlp.up_proj", "mlp.down_proj"],
+    "gpt2": ["mlp.c_fc", "mlp.c_proj"],
+    "gpt_neox": ["mlp.dense_h_to_4h", "mlp.dense_4h_to_h"],
+}
+
+
+def lora_spec(**options) -> PolicySpec:
+    return PolicySpec("lora", LoRAConfig(**options))
+
+
+def install(model, spec: PolicySpec, layers=None) -> list[str]:
+    """Apply ``spec`` to ``layers`` (all by default); only the returned names train."""
+    policy = get_policy(spec.name)
+    layout = discover_layout(model)
+    names = []
+    for layer in layout.layers:
+        if layers is not None and layer.index not in layers:
+            continue
+        assert policy.check(layer, spec, layout) == []
+        names += [f"{layer.name}.{n}" for n in policy.apply(layer, spec, layout)]
+    wanted = set(names)
+    for n, p in model.named_parameters():
+        p.requires_grad_(n in wanted)
+    return sorted(names)
+
+
+def randomize_adapters(model, seed: int = 3) -> None:
+    """Give every adapter parameter (B and gate included) a non-zero random value."""
+    g = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for n, p in model.named_parameters():
+            if ".lora_" in n:
+                p.copy_(torch.randn(p.shape, generator=g) * 0.3)
+
+
+# ------------------------------------------------------------------------------------------------
+# Options
+
+
+def test_registered_with_prefix():
+    policy = get_policy("lora")
+    assert isinstance(policy, LoRAPolicy)
+    assert policy.param_prefix == "lora_" and policy.config_cls is LoRAConfig
+
+
+def test_config_defaults_and_list_target():
+    cfg = from_dict(LoRAConfig, {"r": 4, "alpha": 8, "target": ["q_proj", "mlp.up_proj"]})
+    assert cfg.target == ("q_proj", "mlp.up_proj") and cfg.scaling == 2.0
+    assert hash(PolicySpec("lora", cfg))  # a list target is stored as a tuple
+    assert LoRAConfig().target == "all" and LoRAConfig().gated is False
+
+
+@pytest.mark.parametrize(
+    "data, needle",
+    [
+        ({"r": 0}, "r: must be an integer >= 1, got 0"),
+        ({"alpha": 0}, "alpha: must be > 0"),
+        ({"dropout": 1.0}, "dropout: must be in [0, 1)"),
+        ({"target": "mlps"}, "target: must be one of mlp, attn, all"),
+        ({"target": []}, "target: the list of module names is empty"),
+        ({"target": ["q_proj", "q_proj"]}, "target: duplicate module names"),
+        ({"lr_scale": 0}, "lr_scale: must be > 0"),
+        ({"weight_decay": -1}, "weight_decay: must be >= 0"),
+        ({"gate_lr_scale": -2}, "gate_lr_scale: must be > 0"),
+        ({"rank": 4}, "rank: unknown key."),
+    ],
+)
+def test_config_errors(data, needle):
+    with pytest.raises(ConfigError) as e:
+        from_dict(LoRAConfig, data, "policy.rules[0]")
+    assert needle in str(e.value)
+
+
+def test_config_collects_every_problem():
+    with pytest.raises(ConfigError) as e:
+        LoRAConfig(r=0, alpha=-1, dropout=2.0)
+    assert len(e.value.problems) == 3
+
+
+# ------------------------------------------------------------------------------------------------
+# Targets
+
+
+@pytest.mark.parametrize("family", TINY_FAMILIES)
+def test_keyword_targets(family):
+    layer = discover_layout(build_tiny_model(family, num_layers=2)).layers[1]
+    for target, expected in (
+        ("attn", ATTN_LINEARS[family]),
+        ("mlp", MLP_LINEARS[family]),
+        ("all", ATTN_LINEARS[family] + MLP_LINEARS[family]),
+    ):
+        targets, problems = resolve_lora_targets(layer, target)
+        assert problems == []
+        assert sorted(p for p, _ in targets) == sorted(expected)
+
+
+def test_explicit_targets_and_errors():
+    layer = discover_layout(build_tiny_model("llama", num_layers=2)).layers[0]
+    targets, problems = resolve_lora_targets(layer, ("q_proj", "mlp.down_proj"))
+    assert problems == [] and targets == [("self_attn.q_proj", "self_attn"), ("mlp.down_proj", "mlp")]
+
+    _, problems = resolve_lora_targets(layer, ("qproj",))
+    assert len(problems) == 1
+    assert "layer 0 (model.layers.0): lora target 'qproj' matches no module" in problems[0]
+    assert "self_attn.q_proj" in problems[0]  # the available names are listed
+
+    _, problems = resolve_lora_targets(layer, ("self_attn",))
+    assert "is not a linear LoRA can wrap" in problems[0]
+
+    _, problems = resolve_lora_targets(layer, ("input_layernorm",))
+    assert "outside the attention (self_attn) and MLP (mlp) submodules" in problems[0]
+
+
+def test_apply_reports_unknown_target():
+    model = build_tiny_model("gpt2", num_layers=2)
+    layout = discover_layout(model)
+    policy, spec = get_policy("lora"), lora_spec(target=["q_proj"])
+    assert "matches no module" in policy.check(layout.layers[0], spec, layout)[0]
+    with pytest.raises(ValueError, match="attn.c_attn"):
+        policy.apply(layout.layers[0], spec, layout)
+
+
+# ------------------------------------------------------------------------------------------------
+# Identity at init
+
+
+@pytest.mark.parametrize("family", TINY_FAMILIES)
+@pytest.mark.parametrize("attn_implementation", ["eager", "sdpa"])
+@pytest.mark.parametrize("target", ["mlp", "attn", "all"])
+@pytest.mark.parametrize("gated", [False, True])
+def test_identity_at_init(family, attn_implementation, target, gated):
+    model = build_tiny_model(family, num_layers=2, attn_implementation=attn_implementation)
+    ids = tiny_batch(model)
+    with torch.no_grad():
+        before = model(ids).logits
+    names = install(model, lora_spec(r=4, target=target, gated=gated))
+    with torch.no_grad():
+        after = model(ids).logits
+    assert torch.equal(before, after)
+    expected = ATTN_LINEARS[family] * (target != "mlp") + MLP_LINEARS[family] * (target != "attn")
+    n_adapted = sum(1 for n in names if n.endswith("lora_a"))
+    assert n_adapted == 2 * len(expected)
+    assert all(".lora_" in n for n in names)
+
+
+def test_apply_is_idempotent_and_rejects_other_options():
+    model = build_tiny_model("llama", num_layers=2)
+    layout = discover_layout(model)
+    policy, spec = get_policy("lora"), lora_spec(r=4, target="all", gated=True)
+    layer = layout.layers[0]
+    first = policy.apply(layer, spec, layout)
+    n_params = sum(p.numel() for p in model.parameters())
+    second = policy.apply(layer, spec, layout)
+    assert first == second and sum(p.numel() for p in model.parameters()) == n_params
+    q = layer.module.self_attn.q_proj
+    assert len(q._forward_hooks) == 1 and len(layer.module.mlp._forward_pre_hooks) == 1
+    other = lora_spec(r=8, target="all", gated=True)
+    problems = policy.check(layer, other, layout)
+    assert problems and "already carries a LoRA adapter" in problems[0]
+    with pytest.raises(ValueError, match="use the same lora options"):
+        policy.apply(layer, other, layout)
+
+
+# ------------------------------------------------------------------------------------------------
+# Maths: an independent formula
+
+
+def _reference_linear(x, weight, bias, adapter, g, transposed):
+    """x W^T + b + g * (alpha / r) x A^T B^T, written out without the adapter's code."""
+    w = weight.t() if transposed else weight  # Conv1D stores (in, out)
+    base = x @ w.t() + (bias if bias is not None else 0.0)
+    update = (x @ adapter.lora_a.t()) @ adapter.lora_b.t() * (adapter.alpha / adapter.r)
+    return base + g * update
+
+
+@pytest.mark.parametrize("gated", [False, True])
+def test_llama_mlp_matches_formula(gated):
+    model = build_tiny_model("llama", num_layers=2)
+    install(model, lora_spec(r=4, alpha=12, target="mlp", gated=gated))
+    randomize_adapters(model)
+    mlp = model.model.layers[1].mlp
+    h = torch.randn(2, 5, 64, generator=torch.Generator().manual_seed(7))
+    if gated:
+        gate = mlp.lora_gate
+        g = torch.sigmoid(h @ gate.weight + gate.bias).unsqueeze(-1)
+    else:
+        g = 1.0
+    lin = {n: getattr(mlp, n) for n in ("gate_proj", "up_proj", "down_proj")}
+    ref = {n: (lambda x, m=m: _reference_linear(x, m.weight, m.bias, m.lora_adapter, g, False))
+           for n, m in lin.items()}
+    expected = ref["down_proj"](F.silu(ref["gate_proj"](h)) * ref["up_proj"](h))
+    with torch.no_grad():
+        actual = mlp(h)
+    torch.testing.assert_close(actual, expected, rtol=1e-5, atol=1e-5)
+    base = F.linear(F.silu(F.linear(h, lin["gate_proj"].weight)) * F.linear(h, lin["up_proj"].weight),
+                    lin["down_proj"].weight)
+    assert (actual - base).abs().max() > 1e-2  # the update is really there
+
+
+@pytest.mark.parametrize("gated", [False, True])
+def test_gpt2_conv1d_mlp_matches_formula(gated):
+    model = build_tiny_model("gpt2", num_layers=2)
+    install(model, lora_spec(r=4, alpha=4, target="mlp", gated=gated))
+    randomize_adapters(model)
+    mlp = model.transformer.h[0].mlp
+    assert isinstance(mlp.c_fc, Conv1D) and mlp.c_fc.lora_adapter.transposed
+    h = torch.randn(3, 4, 64, generator=torch.Generator().manual_seed(8))
+    g = torch.sigmoid(h @ mlp.lora_gate.weight + mlp.lora_gate.bias).unsqueeze(-1) if gated else 1.0
+    fc = _reference_linear(h, mlp.c_fc.weight, mlp.c_fc.bias, mlp.c_fc.lora_adapter, g, True)
+    expected = _reference_linear(
+        mlp.act(fc), mlp.c_proj.weight, mlp.c_proj.bias, mlp.c_proj.lora_adapter, g, True
+    )
+    with torch.no_grad():
+        actual = mlp(h)
+    torch.testing.assert_close(actual, expected, rtol=1e-5, atol=1e-5)
+
+
+def test_fused_qkv_projection_update():
+    """GPT-NeoX query_key_value: one rank-r update over the whole fused output."""
+    model = build_tiny_model("gpt_neox", num_layers=2)
+    install(model, lora_spec(r=2, alpha=2, target=["query_key_value"]))
+    randomize_adapters(model)
+    qkv = model.gpt_neox.layers[0].attention.query_key_value
+    assert qkv.lora_adapter.out_features == 3 * 64 and qkv.lora_adapter.in_features == 64
+    x = torch.randn(2, 3, 64)
+    expected = _reference_linear(x, qkv.weight, qkv.bias, qkv.lora_adapter, 1.0, False)
+    with torch.no_grad():
+        torch.testing.assert_close(qkv(x), expected, rtol=1e-5, atol=1e-5)
+
+
+def test_gate_starts_half_open_and_is_fp32():
+    gate = TokenGate(8)
+    h = torch.randn(2, 3, 8, dtype=torch.bfloat16)
+    g = gate(h)
+    assert g.dtype == torch.float32 and g.shape == (2, 3, 1)
+    assert torch.equal(g, torch.full((2, 3, 1), 0.5))  # w = 0, b = 0: no dead start
+    gate.clear()
+    with pytest.raises(RuntimeError, match="outside its sub-block's forward"):
+        gate.current(h)
+
+
+def test_bf16_model_keeps_gate_fp32():
+    model = build_tiny_model("qwen2", num_layers=2).to(torch.bfloat16)
+    ids = tiny_batch(model)
+    with torch.no_grad():
+        before = model(ids).logits
+    install(model, lora_spec(r=4, target="all", gated=True))
+    adapter = model.model.layers[0].mlp.up_proj.lora_adapter
+    assert adapter.lora_a.dtype == torch.bfloat16 and adapter.lora_b.dtype == torch.bfloat16
+    gate = model.model.layers[0].mlp.lora_gate
+    assert gate.weight.dtype == torch.float32 and gate.bias.dtype == torch.float32
+    seen = []
+    handle = gate.register_forward_hook(lambda m, a, out: seen.append(out.dtype))
+    with torch.no_grad():
+        after = model(ids).logits
+    handle.remove()
+    assert torch.equal(before, after) and seen == [torch.float32]
+
+
+# ------------------------------------------------------------------------------------------------
+# Training: gradients reach every adapter parameter, base weights stay bit-identical
+
+
+def _adamw_steps(model, names, ids, steps=2):
+    params = dict(model.named_parameters())
+    opt = torch.optim.AdamW([params[n] for n in names], lr=1e-2, weight_decay=0.0)
+    grads = []
+    model.train()
+    for _ in range(steps):
+        opt.zero_grad(set_to_none=False)
+        model(ids, labels=ids).loss.backward()
+        grads.append({n: params[n].grad.detach().clone() for n in names})
+        opt.step()
+    return grads
+
+
+@pytest.mark.parametrize("family", TINY_FAMILIES)
+@pytest.mark.parametrize("gated", [False, True])
+def test_every_adapter_param_trains_within_two_steps(family, gated):
+    model = build_tiny_model(family, num_layers=2)
+    names = install(model, lora_spec(r=4, target="all", gated=gated, dropout=0.0))
+    frozen = {n: p.detach().clone() for n, p in model.named_parameters() if n not in names}
+    ids = tiny_batch(model)
+    step1, step2 = _adamw_steps(model, names, ids)
+    for n in names:
+        assert step1[n].abs().sum() > 0 or step2[n].abs().sum() > 0, f"{n} never got a gradient"
+        if n.endswith("lora_b"):
+            assert step1[n].abs().sum() > 0  # B learns first (A and the gate are non-zero)
+        else:  # A and the gate only see gradient once B != 0
+            assert step1[n].abs().sum() == 0 and step2[n].abs().sum() > 0
+    for n, p in model.named_parameters():
+        if n in frozen:
+            assert p.grad is None and torch.equal(p, frozen[n]), n
+
+
+@pytest.mark.parametrize("reentrant", [False, True])
+def test_gradient_checkpointing_gives_same_grads(reentrant):
+    def grads(checkpointing):
+        model = build_tiny_model("llama", num_layers=2)
+        names = install(model, lora_spec(r=4, target="all", gated=True))
+        randomize_adapters(model)
+        model.train()
+        if checkpointing:
+            model.gradient_checkpointing_enable({"use_reentrant": reentrant})
+            if reentrant:  # frozen embeddings: the reentrant checkpoint needs an input with grad
+                model.enable_input_require_grads()
+        ids = tiny_batch(model)
+        model(ids, labels=ids).loss.backward()
+        params = dict(model.named_parameters())
+        return {n: params[n].grad for n in names}
+
+    plain, ckpt = grads(False), grads(True)
+    assert plain.keys() == ckpt.keys()
+    for n in plain:
+        assert plain[n].abs().sum() > 0
+        torch.testing.assert_close(ckpt[n], plain[n], rtol=1e-5, atol=1e-7)
+
+
+# ------------------------------------------------------------------------------------------------
+# Merge / unmerge, optimizer options, copies
+
+
+@pytest.mark.parametrize("family", ["llama", "gpt2", "gpt_neox"])
+def test_merge_unmerge_round_trip(family):
+    model = build_tiny_model(family, num_layers=2)
+    install(model, lora_spec(r=4, target="all"))
+    randomize_adapters(model)
+    ids = tiny_batch(model)
+    weights = {n: p.detach().clone() for n, p in model.named_parameters() if ".lora_" not in n}
+    with torch.no_grad():
+        adapted = model(ids).logits
+        merged_names = merge_lora(model)
+        assert len(merged_names) == 2 * (len(ATTN_LINEARS[family]) + len(MLP_LINEARS[family]))
+        assert merge_lora(model) == merged_names  # idempotent: merged once
+        merged = model(ids).logits
+        changed = [n for n, p in model.named_parameters() if n in weights and not torch.equal(p, weights[n])]
+        assert len(changed) == len(merged_names)
+        for name, base, adapter in iter_lora_adapters(model):
+            w = base.weight
+            expected = weights[f"{name}.weight"] + adapter.delta_weight()
+            torch.testing.assert_close(w, expected, rtol=0, atol=1e-6)
+        unmerge_lora(model)
+        restored = model(ids).logits
+    torch.testing.assert_close(merged, adapted, rtol=1e-4, atol=1e-5)
+    torch.testing.assert_close(restored, adapted, rtol=1e-4, atol=1e-5)
+    for n, p in model.named_parameters():
+        if n in weights:
+            torch.testing.assert_close(p, weights[n], rtol=0, atol=1e-6)
+
+
+def test_gated_lora_is_not_mergeable():
+    model = build_tiny_model("llama", num_layers=2)
+    install(model, lora_spec(r=4, target="mlp", gated=True))
+    randomize_adapters(model)
+    ids = tiny_batch(model)
+    with torch.no_grad():
+        before = model(ids).logits
+        assert merge_lora(model) == []  # gated updates stay active in the hooks
+        torch.testing.assert_close(model(ids).logits, before, rtol=0, atol=0)
+    _, base, adapter = next(iter_lora_adapters(model))
+    assert adapter.mergeable is False
+    with pytest.raises(ValueError, match="cannot be merged"):
+        adapter.merge(base)
+
+
+def test_optim_options():
+    policy = get_policy("lora")
+    spec = lora_spec(lr_scale=0.5, weight_decay=0.1, gate_lr_scale=4.0, gated=True)
+    assert policy.optim_options("mlp.lora_gate.weight", spec) == {"lr_scale": 4.0, "weight_decay": 0.0}
+    assert policy.optim_options("mlp.gate_proj.lora_adapter.lora_a", spec) == {
+        "lr_scale": 0.5, "weight_decay": 0.1,
+    }
+
+
+def test_deepcopy_keeps_gate_links():
+    model = build_tiny_model("mistral", num_layers=2)
+    install(model, lora_spec(r=4, target="all", gated=True))
+    randomize_adapters(model)
+    clone = copy.deepcopy(model)
+    ids = tiny_batch(model)
+    with torch.no_grad():
+        torch.testing.assert_close(clone(ids).logits, model(ids).logits, rtol=0, atol=0)
+    mlp = clone.model.layers[0].mlp
+    assert mlp.up_proj.lora_adapter.gate is mlp.lora_gate
+
+
+def test_dispatch_order_conv1d_before_linear():
+    assert [d.name for d in LORA_DISPATCHERS][-1] == "nn.Linear"
+    adapter = next(d for d in LORA_DISPATCHERS if d.matches(Conv1D(6, 4))).build(
+        Conv1D(6, 4), r=2, alpha=2.0, dropout=0.0, gate=None
+    )
+    assert isinstance(adapter, LoRAAdapter) and adapter.transposed
+    assert (adapter.in_features, adapter.out_features) == (4, 6)
