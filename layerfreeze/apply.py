@@ -24,7 +24,7 @@ from layerfreeze.errors import ConfigError
 from layerfreeze.models import LayerInfo, ModelLayout, discover_layout, is_norm_module, param_numel
 from layerfreeze.plan import NON_LAYER_PARTS, LayerPlan, ResolvedPlan
 from layerfreeze.policies.base import PolicySpec
-from layerfreeze.registry import POLICIES, get_policy
+from layerfreeze.registry import POLICIES, get_policy, load_builtin_policies
 from layerfreeze.utils.logging import get_logger, log_rank0
 from layerfreeze.utils.schema import to_dict
 
@@ -39,6 +39,7 @@ __all__ = [
 ]
 
 logger = get_logger(__name__)
+load_builtin_policies()  # adapter prefixes must be known before any name is classified
 
 #: AdamW keeps two fp32 moments (exp_avg, exp_avg_sq) per trainable parameter.
 ADAM_STATE_BYTES_PER_PARAM = 8

@@ -22,7 +22,14 @@ from typing import TYPE_CHECKING
 if TYPE_CHECKING:  # importing policies.base at runtime would import every policy (a cycle)
     from layerfreeze.policies.base import Policy
 
-__all__ = ["POLICIES", "register_policy", "get_policy", "unregister_policy", "registered_names"]
+__all__ = [
+    "POLICIES",
+    "register_policy",
+    "get_policy",
+    "unregister_policy",
+    "registered_names",
+    "load_builtin_policies",
+]
 
 #: name -> policy instance, in registration order.
 POLICIES: dict[str, "Policy"] = {}
@@ -31,9 +38,14 @@ _NAME = re.compile(r"^[a-z][a-z0-9_]*$")
 _REQUIRED_METHODS = ("check", "apply", "optim_options")
 
 
-def _ensure_builtin() -> None:
-    # Importing the package registers the built-in policies (no-op after the first time).
-    import layerfreeze.policies  # noqa: F401
+def load_builtin_policies() -> None:
+    """Register the built-in policies (imports their modules; a no-op after the first call)."""
+    from layerfreeze.policies import load_builtin_policies as _load
+
+    _load()
+
+
+_ensure_builtin = load_builtin_policies
 
 
 def register_policy(name: str):

@@ -1,3 +1,23 @@
-"""Built-in policies; importing this package registers each (``freeze``, ``full``, ``lora``, ``prefix``)."""
+"""Built-in policies (``freeze``, ``full``, ``lora``, ``prefix``), one module each.
 
-from layerfreeze.policies import freeze, full, lora, prefix  # noqa: F401  (registration side effect)
+Importing a policy module registers it. :func:`load_builtin_policies` imports them all; the
+registry calls it on first use, so ``import layerfreeze.policies.base`` (and thus
+``layerfreeze.plan``) stays free of torch until a policy is actually needed.
+"""
+
+from __future__ import annotations
+
+import importlib
+
+BUILTIN_POLICY_MODULES: tuple[str, ...] = (
+    "layerfreeze.policies.freeze",
+    "layerfreeze.policies.full",
+    "layerfreeze.policies.lora",
+    "layerfreeze.policies.prefix",
+)
+
+
+def load_builtin_policies() -> None:
+    """Import (and so register) every built-in policy; a no-op after the first call."""
+    for module in BUILTIN_POLICY_MODULES:
+        importlib.import_module(module)
