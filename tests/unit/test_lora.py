@@ -433,3 +433,13 @@ def test_dispatch_order_conv1d_before_linear():
     )
     assert isinstance(adapter, LoRAAdapter) and adapter.transposed
     assert (adapter.in_features, adapter.out_features) == (4, 6)
+
+
+def test_docs_example_runs(repo_root):
+    import re
+
+    text = (repo_root / "docs" / "policies.md").read_text()
+    section = text.split("## `lora`", 1)[1].split("## `prefix`", 1)[0]
+    blocks = re.findall(r"```python\n(.*?)```", section, re.S)
+    assert len(blocks) == 1
+    exec(compile(blocks[0], "docs/policies.md (lora)", "exec"), {})

@@ -389,3 +389,12 @@ def test_deepcopy_keeps_the_branch():
     ids = tiny_batch(model)
     with torch.no_grad():
         torch.testing.assert_close(clone(ids).logits, model(ids).logits, rtol=0, atol=0)
+
+
+def test_docs_example_runs(repo_root):
+    import re
+
+    section = (repo_root / "docs" / "policies.md").read_text().split("## `prefix`", 1)[1]
+    blocks = re.findall(r"```python\n(.*?)```", section, re.S)
+    assert len(blocks) == 1
+    exec(compile(blocks[0], "docs/policies.md (prefix)", "exec"), {})
