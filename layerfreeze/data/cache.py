@@ -284,8 +284,6 @@ def build_token_cache(
         ConfigError: missing/unsupported input paths (naming ``data.paths[i]``).
         ValueError: no EOS token, no text in the corpus, or unreadable input (naming the file).
     """
-    from layerfreeze.utils.dist import get_local_rank
-
     files = resolve_files(paths, key="data.paths")
     if tokenizer.eos_token_id is None:
         raise ValueError(
@@ -306,5 +304,5 @@ def build_token_cache(
             shutil.rmtree(final)
         _build(final, files, tokenizer, key, options)
 
-    run_on_local_rank0(build, get_local_rank() == 0)
+    run_on_local_rank0(build)
     return TokenCache.open(final)

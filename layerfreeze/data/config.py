@@ -34,12 +34,6 @@ class TokenizerConfig:
     train_inputs: list[str] = field(default_factory=list)
     """Files/directories to train on (``@bundled`` = the bundled corpus). Empty: ``data.paths``."""
 
-    text_key: str = "text"
-    """JSONL field holding the text of the training inputs."""
-
-    txt_documents: Literal["paragraph", "line"] = "paragraph"
-    """How ``.txt`` training inputs split into documents (blank-line paragraphs or lines)."""
-
     def __post_init__(self) -> None:
         problems = []
         if self.path is not None and not str(self.path).strip():
@@ -54,8 +48,6 @@ class TokenizerConfig:
                 f"character_coverage: must be in (0, 1], got {self.character_coverage}. "
                 "Use 0.9995 for Chinese, 1.0 for small alphabets."
             )
-        if not self.text_key:
-            problems.append("text_key: must not be empty, got ''. Use the JSONL field with the text.")
         if problems:
             raise ConfigError([f"tokenizer.{p}" for p in problems])
 

@@ -20,7 +20,7 @@ from __future__ import annotations
 import hashlib
 import json
 import re
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -333,7 +333,12 @@ def load_tokenizer(cfg: TokenizerConfig | str | Path) -> PreTrainedTokenizerBase
 
 
 def prepare_tokenizer(
-    cfg: TokenizerConfig, train_inputs: Sequence[str | Path], out_dir: str | Path
+    cfg: TokenizerConfig,
+    train_inputs: Sequence[str | Path],
+    out_dir: str | Path | None,
+    *,
+    text_key: str = "text",
+    txt_documents: str = "paragraph",
 ) -> PreTrainedTokenizerBase:
     """Load ``cfg.path``; without one, train a tokenizer on ``train_inputs`` into ``out_dir``.
 
@@ -347,12 +352,21 @@ def prepare_tokenizer(
             and ``train_inputs`` drive training; ``train_inputs`` overrides the argument).
         train_inputs: files/directories to train on when ``cfg.train_inputs`` is empty
             (normally the data section's files).
-        out_dir: where to save a trained tokenizer.
-    """
-    from layerfreeze.utils.dist import get_local_rank
+        out_dir: where to save a trained tokenizer (unused when ``cfg.path`` is set).
+        text_key: JSONL field of the training inputs (pass ``data.text_key``).
+        txt_documents: ``.txt`` document split of the training inputs (``data.txt_documents``).
 
+    Raises:
+        ConfigError: ``cfg.path`` is empty and so is ``out_dir``, or loading fails.
+        ValueError: training fails (see :func:`train_tokenizer`).
+    """
     if cfg.path:
         return load_tokenizer(cfg)
+    if out_dir is None:
+        raise ConfigError(
+            "tokenizer.path: no tokenizer given and nowhere to train one, got None. Set "
+            "tokenizer.path, or pass an output directory for the trained tokenizer."
+        )
     out_dir = Path(out_dir)
     inputs = list(cfg.train_inputs) or list(train_inputs)
 
@@ -360,20 +374,24 @@ def prepare_tokenizer(
         if not (out_dir / "tokenizer.json").is_file():
             train_tokenizer(
                 inputs, out_dir, vocab_size=cfg.vocab_size, model_type=cfg.model_type,
-                character_coverage=cfg.character_coverage, text_key=cfg.text_key,
-                txt_documents=cfg.txt_documents,
+                character_coverage=cfg.character_coverage, text_key=text_key,
+                txt_documents=txt_documents,
             )
 
-    run_on_local_rank0(build, get_local_rank() == 0)
+    run_on_local_rank0(build)
     return load_tokenizer(out_dir)
 
 
-def run_on_local_rank0(fn, is_builder: bool) -> None:
-    """Run ``fn`` where ``is_builder``; every rank then waits and re-raises a builder's failure."""
-    from layerfreeze.utils.dist import all_gather_objects, get_rank, is_dist
+def run_on_local_rank0(fn: Callable[[], None]) -> None:
+    """Run ``fn`` on local rank 0 (every process when not distributed); the other ranks wait.
+
+    All ranks meet in one collective afterwards, so a failure on a building rank is raised on
+    every rank instead of leaving the others in a barrier.
+    """
+    from layerfreeze.utils.dist import all_gather_objects, get_local_rank, get_rank, is_dist
 
     error: BaseException | None = None
-    if is_builder:
+    if get_local_rank() == 0 or not is_dist():
         try:
             fn()
         except Exception as e:  # re-raised below on this rank, reported to the others

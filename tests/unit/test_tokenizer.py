@@ -207,3 +207,18 @@ def test_tokenizer_config_validation():
     assert any(p.startswith("tokenizer.character_coverage: must be in (0, 1]") for p in err.value.problems)
     with pytest.raises(ConfigError, match="model_type: must be one of 'unigram', 'bpe'"):
         from_dict(TokenizerConfig, {"model_type": "word"})
+
+
+def test_fingerprint_is_stable_across_loads_and_separates_tokenizers(trained, small_corpus, tmp_path):
+    from layerfreeze.data import tokenizer_fingerprint
+
+    a = tokenizer_fingerprint(AutoTokenizer.from_pretrained(str(trained)))
+    b = tokenizer_fingerprint(load_tokenizer(str(trained)))
+    assert a == b
+    other = train_tokenizer([small_corpus / "en.txt"], tmp_path / "other", vocab_size=400)
+    assert tokenizer_fingerprint(load_tokenizer(str(other))) != a
+
+
+def test_prepare_tokenizer_needs_a_path_or_an_out_dir(small_corpus):
+    with pytest.raises(ConfigError, match="tokenizer.path: no tokenizer given and nowhere to train one"):
+        prepare_tokenizer(TokenizerConfig(), [small_corpus], None)
