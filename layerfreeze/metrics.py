@@ -13,6 +13,7 @@ import math
 import os
 import re
 import time
+import uuid
 from pathlib import Path
 from typing import Any
 
@@ -91,9 +92,9 @@ class MetricsLogger:
         self.out_dir.mkdir(parents=True, exist_ok=True)
         self._truncate_after(start_step)
         self._file = open(self.jsonl_path, "a", encoding="utf-8")
-        self._start_progress()
         if cfg.wandb_project and cfg.wandb_mode != "disabled":
             self._start_wandb(redact_secrets(run_config or {}))
+        self._start_progress()
 
     # -- set-up -------------------------------------------------------------------------------
 
@@ -135,7 +136,7 @@ class MetricsLogger:
         if id_file.exists():
             run_id = id_file.read_text(encoding="utf-8").strip()
         else:
-            run_id = wandb.util.generate_id()
+            run_id = uuid.uuid4().hex[:12]
             atomic_write_text(id_file, run_id + "\n")
         self._wandb = wandb.init(
             project=self.cfg.wandb_project,
@@ -159,7 +160,7 @@ class MetricsLogger:
         self._file.flush()
         if self._wandb is not None:
             numeric = {
-                (k if kind == "train" else f"{kind}/{k}"): v
+                (k if kind == "train" or k.startswith(f"{kind}/") else f"{kind}/{k}"): v
                 for k, v in metrics.items()
                 if isinstance(v, (int, float)) and not isinstance(v, bool)
             }
@@ -204,14 +205,18 @@ class MetricsLogger:
         if self._bar is not None:
             self._bar.refresh()
 
-    def close(self) -> None:
-        """Close the progress bar, the JSONL file and the wandb run (idempotent)."""
+    def close_progress(self) -> None:
+        """Finish the progress bar (before printing a summary below it)."""
         if self._bar is not None:
             self._bar.close()
             self._bar = None
         if self._rich is not None:
             self._rich.stop()
             self._rich = None
+
+    def close(self) -> None:
+        """Close the progress bar, the JSONL file and the wandb run (idempotent)."""
+        self.close_progress()
         if self._file is not None:
             self._file.close()
             self._file = None

@@ -1,0 +1,664 @@
+"""The continued pre-training recipe: ``setup() -> train() -> cleanup()``, read top to bottom.
+
+Run it through the CLI (one process, ``torchrun`` or the ``deepspeed`` launcher)::
+
+    layerfreeze train --config configs/tiny_llama/cpt_freeze_deep_deepspeed.yaml train.steps=20
+    torchrun --nproc_per_node 2 -m layerfreeze train --config CONFIG [key.sub=value ...]
+
+What a run does: validate everything that can be checked without training (config, plan
+against the model's layer count, data files, the checkpoint to resume from) before writing
+anything; train or load the tokenizer; tokenize the corpus once into a memory-mapped cache;
+build or load the model; install every phase's adapters and set ``requires_grad`` from the
+first plan; hand the model to DeepSpeed; then loop: micro-batches -> optimizer step (skipped
+when the loss is NaN/Inf on any rank) -> metrics -> phase switch -> checkpoint -> evaluation.
+At the end: final checkpoint, final evaluation, merged Hugging Face export, and a summary of
+where everything went.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import logging
+import math
+import shutil
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+import yaml
+
+from layerfreeze.checkpoint import checkpoint_tag, list_checkpoints
+from layerfreeze.config import ModelConfig, OptimConfig, RunConfig, load_deepspeed_config
+from layerfreeze.errors import ConfigError
+from layerfreeze.plan import LayerPlan
+from layerfreeze.schedule import PlanSchedule
+from layerfreeze.utils import dist
+from layerfreeze.utils.io import atomic_write_json, atomic_write_text
+from layerfreeze.utils.logging import get_logger, log_rank0
+from layerfreeze.utils.schema import describe_fields, to_dict
+from layerfreeze.utils.seed import get_rng_state, seed_everything, set_rng_state
+
+__all__ = [
+    "TrainingStopped",
+    "RunSummary",
+    "Recipe",
+    "run_training",
+    "build_schedule",
+    "model_num_layers",
+    "resolve_run_plans",
+    "build_model",
+    "lr_factor",
+    "build_deepspeed_config",
+    "describe_schema",
+]
+
+logger = get_logger(__name__)
+
+_DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+
+
+class TrainingStopped(RuntimeError):
+    """The run stopped early on purpose (too many consecutive NaN/Inf losses); the message says
+    which checkpoint to resume from."""
+
+
+# ---------------------------------------------------------------------------------------------
+# Pure helpers (no process group, no writes): also used by `layerfreeze validate`.
+# ---------------------------------------------------------------------------------------------
+
+
+def build_schedule(cfg: RunConfig) -> PlanSchedule:
+    """The run's plan schedule (a single open-ended phase when ``plan.spec`` is used)."""
+    if cfg.plan.schedule is not None:
+        return PlanSchedule.parse(cfg.plan.schedule, path="plan.schedule")
+    return PlanSchedule.single(LayerPlan.parse(cfg.plan.spec, path="plan.spec"))
+
+
+def _model_config(model_cfg: ModelConfig, vocab_size: int | None = None):
+    from transformers import AutoConfig
+
+    if model_cfg.path is not None:
+        path = Path(model_cfg.path)
+        if not (path / "config.json").is_file():
+            raise ConfigError(
+                f"model.path: no Hugging Face checkpoint (config.json) at {model_cfg.path!r}. "
+                "Give a directory saved with save_pretrained, or use model.architecture."
+            )
+        return AutoConfig.from_pretrained(str(path))
+    arch = dict(model_cfg.architecture or {})
+    model_type = arch.pop("model_type")
+    if vocab_size is not None:
+        arch.setdefault("vocab_size", vocab_size)
+    try:
+        return AutoConfig.for_model(model_type, **arch)
+    except ValueError as e:
+        raise ConfigError(f"model.architecture.model_type: {e}") from None
+
+
+def model_num_layers(model_cfg: ModelConfig) -> int:
+    """Decoder-layer count read from the model's config alone (no weights are loaded)."""
+    config = _model_config(model_cfg)
+    n = getattr(config, "num_hidden_layers", None)
+    if not isinstance(n, int) or n < 1:
+        raise ConfigError(
+            f"model: cannot tell the number of decoder layers from the {config.model_type} config "
+            f"(num_hidden_layers={n!r}). Set num_hidden_layers in model.architecture."
+        )
+    return n
+
+
+def resolve_run_plans(cfg: RunConfig) -> list[str]:
+    """Resolve every phase's plan against the model's layer count; return printable tables.
+
+    Raises:
+        ConfigError: a plan that does not fit the model (naming the phase and the layers).
+    """
+    schedule = build_schedule(cfg)
+    n = model_num_layers(cfg.model)
+    lines: list[str] = []
+    problems: list[str] = []
+    for i, phase in enumerate(schedule.phases):
+        path = "plan.spec" if cfg.plan.spec is not None else f"plan.schedule[{i}].plan"
+        try:
+            resolved = phase.plan.resolve(n, path=path)
+        except ConfigError as e:
+            problems.extend(e.problems)
+            continue
+        end = "end" if phase.until_step is None else f"step {phase.until_step}"
+        lines.append(f"phase {i} ({phase.plan}) until {end} on a {n}-layer model:")
+        lines.append(resolved.table())
+    if problems:
+        raise ConfigError(problems)
+    return lines
+
+
+def build_model(model_cfg: ModelConfig, vocab_size: int, seed: int) -> torch.nn.Module:
+    """Load ``model.path`` or build ``model.architecture`` with weights seeded by ``seed``.
+
+    Raises:
+        ConfigError: no checkpoint at the path, an unknown ``model_type``, or a tokenizer with
+            more ids than the checkpoint's vocabulary.
+    """
+    from transformers import AutoModelForCausalLM
+
+    dtype = _DTYPES[model_cfg.dtype]
+    config = _model_config(model_cfg, vocab_size=vocab_size)
+    if config.vocab_size < vocab_size:
+        raise ConfigError(
+            f"model: the model's vocab_size ({config.vocab_size}) is smaller than the tokenizer's "
+            f"({vocab_size}). Use the tokenizer that came with the checkpoint, or raise vocab_size."
+        )
+    if model_cfg.path is not None:
+        model = AutoModelForCausalLM.from_pretrained(
+            model_cfg.path, dtype=dtype, attn_implementation=model_cfg.attn_implementation
+        )
+    else:
+        torch.manual_seed(seed)
+        model = AutoModelForCausalLM.from_config(
+            config, dtype=dtype, attn_implementation=model_cfg.attn_implementation
+        )
+    model.config.use_cache = False
+    return model
+
+
+def lr_factor(optim: OptimConfig, total_steps: int, step: int) -> float:
+    """Multiplier of the peak lr at 0-based optimizer ``step``: linear warm-up from 0, then
+    constant / linear / cosine decay to ``min_lr_ratio`` at ``total_steps``."""
+    if step < optim.warmup_steps:
+        return step / optim.warmup_steps
+    if optim.schedule == "constant":
+        return 1.0
+    span = max(1, total_steps - optim.warmup_steps)
+    progress = min(1.0, (step - optim.warmup_steps) / span)
+    if optim.schedule == "linear":
+        decay = 1.0 - progress
+    else:
+        decay = 0.5 * (1.0 + math.cos(math.pi * progress))
+    return optim.min_lr_ratio + (1.0 - optim.min_lr_ratio) * decay
+
+
+class WarmupDecayLR(torch.optim.lr_scheduler.LRScheduler):
+    """``lr = base_lr * lr_factor(optim, total_steps, step)`` in closed form.
+
+    Closed form (``_get_closed_form_lr``) so the DeepSpeed runner can continue it on a rebuilt
+    optimizer at a plan-schedule phase switch; holds only plain numbers, so its state dict is
+    checkpointable. Per-policy lr scales are applied on top by the runner.
+    """
+
+    def __init__(self, optimizer: torch.optim.Optimizer, optim: OptimConfig, total_steps: int) -> None:
+        self.warmup_steps = optim.warmup_steps
+        self.schedule = optim.schedule
+        self.min_lr_ratio = optim.min_lr_ratio
+        self.total_steps = total_steps
+        super().__init__(optimizer)
+
+    def _factor(self) -> float:
+        cfg = OptimConfig(
+            lr=1.0, warmup_steps=self.warmup_steps, schedule=self.schedule,
+            min_lr_ratio=self.min_lr_ratio,
+        )
+        return lr_factor(cfg, self.total_steps, self.last_epoch)
+
+    def get_lr(self) -> list[float]:
+        """Scheduled lr of every group at ``last_epoch`` (the 0-based optimizer step)."""
+        return [base * self._factor() for base in self.base_lrs]
+
+    def _get_closed_form_lr(self) -> list[float]:
+        return self.get_lr()
+
+
+# DeepSpeed keys the recipe owns, and the run-config field each comes from.
+def build_deepspeed_config(cfg: RunConfig, world_size: int) -> dict[str, Any]:
+    """The DeepSpeed config handed to the engine: the user's (file or inline) plus batch size,
+    clipping and AdamW hyper-parameters filled from ``train`` / ``optim``.
+
+    Raises:
+        ConfigError: the file is missing, or a key set in the DeepSpeed config disagrees with
+            the run config (both values named); a ``scheduler`` section (the recipe owns the lr).
+    """
+    ds = load_deepspeed_config(cfg.deepspeed)
+    t, o = cfg.train, cfg.optim
+    owned = {
+        "train_micro_batch_size_per_gpu": ("train.micro_batch_size", t.micro_batch_size),
+        "gradient_accumulation_steps": ("train.grad_accum_steps", t.grad_accum_steps),
+        "train_batch_size": (
+            "train.micro_batch_size x train.grad_accum_steps x ranks",
+            t.micro_batch_size * t.grad_accum_steps * world_size,
+        ),
+        "gradient_clipping": ("optim.max_grad_norm", o.max_grad_norm),
+    }
+    problems: list[str] = []
+    for key, (source, value) in owned.items():
+        if key in ds and ds[key] != "auto" and ds[key] != value:
+            problems.append(
+                f"deepspeed.{key}: {ds[key]!r} disagrees with {source} = {value!r}. Remove it from "
+                "the DeepSpeed config (layerfreeze fills it from the run config)."
+            )
+        ds[key] = value
+    if "scheduler" in ds:
+        problems.append(
+            "deepspeed.scheduler: layerfreeze sets the learning rate itself (optim.schedule, "
+            "optim.warmup_steps, optim.min_lr_ratio) so per-policy lr scales hold; remove the "
+            f"scheduler section, got {ds['scheduler']!r}."
+        )
+    optimizer = ds.setdefault("optimizer", {"type": "AdamW", "params": {"torch_adam": True}})
+    params = optimizer.setdefault("params", {})
+    wanted = {"lr": o.lr, "betas": list(o.betas), "eps": o.eps, "weight_decay": o.weight_decay}
+    for key, value in wanted.items():
+        if key in params and params[key] != "auto" and params[key] != value:
+            problems.append(
+                f"deepspeed.optimizer.params.{key}: {params[key]!r} disagrees with optim.{key} = "
+                f"{value!r}. Set it in the optim section only."
+            )
+        params[key] = value
+    if problems:
+        raise ConfigError(problems)
+    return ds
+
+
+def describe_schema(cls: type) -> str:
+    """Every config field as ``path  type  default`` followed by its docstring (for ``validate``)."""
+    lines: list[str] = []
+    for path, tp, default, doc in describe_fields(cls):
+        if tp == "section":
+            lines.append(f"\n[{path}] {doc}")
+            continue
+        lines.append(f"  {path}: {tp} = {default!r}")
+        for doc_line in doc.splitlines():
+            lines.append(f"      {doc_line}")
+    return "\n".join(lines).lstrip("\n")
+
+
+# ---------------------------------------------------------------------------------------------
+# The recipe
+# ---------------------------------------------------------------------------------------------
+
+
+@dataclass
+class RunSummary:
+    """Where a finished (or stopped) run put everything; printed at the end."""
+
+    out_dir: str
+    steps_done: int
+    final_loss: float | None
+    skipped_steps: int
+    metrics_jsonl: str
+    config_file: str
+    tokenizer_dir: str | None = None
+    wandb_dir: str | None = None
+    checkpoint_dir: str | None = None
+    checkpoints: list[str] = field(default_factory=list)
+    eval_dir: str | None = None
+    eval_files: list[str] = field(default_factory=list)
+    export_dir: str | None = None
+    notes: list[str] = field(default_factory=list)
+
+    def render(self) -> str:
+        """Human-readable summary (one item per line)."""
+        rows = [
+            ("output directory", self.out_dir),
+            ("steps", f"{self.steps_done} (skipped NaN/Inf steps: {self.skipped_steps})"),
+            ("final loss", "n/a" if self.final_loss is None else f"{self.final_loss:.4f}"),
+            ("resolved config", self.config_file),
+            ("metrics (JSONL)", self.metrics_jsonl),
+            ("tokenizer", self.tokenizer_dir or "(from tokenizer.path)"),
+            ("wandb (offline)", self.wandb_dir or "disabled (set logging.wandb_project)"),
+            ("checkpoints", f"{self.checkpoint_dir} ({', '.join(self.checkpoints) or 'none'})"),
+            ("evaluation", self.eval_dir or "skipped"),
+            ("merged HF export", self.export_dir or "skipped (checkpoint.export_final=false)"),
+        ]
+        lines = ["run summary:"] + [f"  {k:<18} {v}" for k, v in rows]
+        lines += [f"  {f}" for f in self.eval_files]
+        lines += [f"  note: {n}" for n in self.notes]
+        return "\n".join(lines)
+
+
+class Recipe:
+    """One training run. Call :meth:`setup`, :meth:`train`, then :meth:`cleanup` (always).
+
+    Args:
+        cfg: the validated run config.
+    """
+
+    def __init__(self, cfg: RunConfig) -> None:
+        self.cfg = cfg
+        self.out_dir = Path(cfg.logging.out_dir)
+        self.ckpt_dir = cfg.checkpoint_dir
+        self.step = 0
+        self.skipped_steps = 0
+        self.bad_streak = 0
+        self.last_loss: float | None = None
+        self.saved: list[str] = []
+        self.notes: list[str] = []
+        self.metrics = None
+        self.eval_cb = None
+        self.runner = None
+        self._created_out_dir = False
+        self._setup_done = False
+
+    # -- setup --------------------------------------------------------------------------------
+
+    def setup(self) -> None:
+        """Validate, then build tokenizer, data, model, plan and engine; resume if asked."""
+        cfg = self.cfg
+        from layerfreeze.engines.deepspeed import init_distributed
+
+        init_distributed()
+        if cfg.train.num_threads:
+            torch.set_num_threads(cfg.train.num_threads)
+        self.rank, self.world_size = dist.get_rank(), dist.get_world_size()
+        seed_everything(cfg.train.seed)
+
+        # 1. Everything checkable without writing: DeepSpeed config, plans against the model's
+        #    layer count, data paths, the checkpoint to resume from.
+        self.ds_config = build_deepspeed_config(cfg, self.world_size)
+        self.schedule = build_schedule(cfg)
+        self.plan_tables = resolve_run_plans(cfg)
+        from layerfreeze.data.corpus import resolve_files
+
+        resolve_files(cfg.data.paths, key="data.paths")
+        self.resume_from = self._find_resume()
+
+        # From here on files may be written; a failure before training starts removes an
+        # output directory this run created, so a bad input leaves nothing behind.
+        self._created_out_dir = not self.out_dir.exists()
+        dist.barrier()
+        try:
+            self._build()
+        except BaseException:
+            self._remove_new_out_dir()
+            raise
+        self._setup_done = True
+
+    def _find_resume(self):
+        from layerfreeze.checkpoint import CheckpointError, resolve_checkpoint
+
+        mode = self.cfg.checkpoint.resume
+        if mode == "none":
+            if self.ckpt_dir.is_dir() and list_checkpoints(self.ckpt_dir):
+                raise ConfigError(
+                    f"checkpoint.resume: 'none' but {self.ckpt_dir} already holds checkpoints. "
+                    "Use resume=auto to continue, or choose a new logging.out_dir / checkpoint.dir."
+                )
+            return None
+        if mode == "auto":
+            if not self.ckpt_dir.is_dir() or not list_checkpoints(self.ckpt_dir):
+                return None
+            target = self.ckpt_dir
+        else:
+            target = Path(mode)
+        try:
+            return resolve_checkpoint(target)
+        except CheckpointError as e:
+            raise ConfigError(f"checkpoint.resume: {e}") from None
+
+    def _build(self) -> None:
+        cfg = self.cfg
+        from layerfreeze.apply import apply_plan, enable_gradient_checkpointing
+        from layerfreeze.data import build_token_cache, prepare_tokenizer
+        from layerfreeze.engines.deepspeed import DeepSpeedRunner
+
+        # 2. Tokenizer (trained once into <out_dir>/tokenizer when tokenizer.path is empty).
+        self.tokenizer_dir = None if cfg.tokenizer.path else self.out_dir / "tokenizer"
+        self.tokenizer = prepare_tokenizer(cfg.tokenizer, cfg.data.paths, self.tokenizer_dir)
+
+        # 3. Data: tokenize once (memory-mapped cache), pack, shard over data-parallel ranks.
+        cache = build_token_cache(
+            cfg.data.paths, self.tokenizer, cfg.data.resolved_cache_dir(),
+            text_key=cfg.data.text_key, txt_documents=cfg.data.txt_documents,
+            add_bos=cfg.data.add_bos,
+        )
+        self.loader = self._build_loader(cache)
+
+        # 4. Model and plan: every phase's adapters installed now (before DeepSpeed partitions
+        #    anything), requires_grad from phase 0; a resume switches to the saved phase.
+        model = build_model(cfg.model, len(self.tokenizer), cfg.train.seed)
+        plans = self.schedule.plans
+        applied = apply_plan(model, plans[0], install=plans[1:])
+        if cfg.model.gradient_checkpointing:
+            enable_gradient_checkpointing(model, applied.layout)
+
+        # 5. Engine: optimizer groups from the plan, lr schedule in closed form.
+        self.runner = DeepSpeedRunner(
+            model, self.ds_config, applied=applied, schedule=self.schedule,
+            lr=cfg.optim.lr, weight_decay=cfg.optim.weight_decay,
+            lr_scheduler=lambda opt: WarmupDecayLR(opt, cfg.optim, cfg.train.steps),
+        )
+
+        # 6. Resume: weights, optimizer, scheduler, phase, data position, RNG.
+        if self.resume_from is not None:
+            from layerfreeze.checkpoint import CheckpointError
+
+            try:
+                state = self.runner.load_checkpoint(self.resume_from.path)
+                self.loader.load_state_dict(state["data"])
+            except (CheckpointError, KeyError, ValueError) as e:
+                raise ConfigError(f"checkpoint.resume: cannot resume from {self.resume_from.path}: {e}") from None
+            self.step = self.runner.global_step
+            self.skipped_steps = self.runner.skipped_steps
+            set_rng_state(state["rng"])
+            log_rank0(logger, f"resumed from {self.resume_from.path} at step {self.step}")
+            self.saved = [self.resume_from.tag]
+        phase = self.runner.phase
+
+        # 7. Outputs: resolved config, metrics, evaluation.
+        from layerfreeze.metrics import MetricsLogger
+
+        run_config = to_dict(cfg)
+        if dist.is_main_process():
+            atomic_write_text(
+                self.out_dir / "config.yaml",
+                yaml.safe_dump(run_config, sort_keys=False, allow_unicode=True),
+            )
+        self.metrics = MetricsLogger(
+            cfg.logging, cfg.train.steps, self.step, run_config, enabled=dist.is_main_process()
+        )
+        self.metrics.log_plan(self.runner.applied.summary().rows, phase=phase)
+        for line in self.plan_tables:
+            log_rank0(logger, line)
+        self._build_eval()
+
+    def _build_loader(self, cache):
+        from layerfreeze.data import DistributedBatchIterator, PackedDataset
+
+        cfg = self.cfg
+        seed = cfg.data.seed if cfg.data.seed is not None else cfg.train.seed
+        try:
+            return DistributedBatchIterator(
+                PackedDataset(cache, cfg.data.seq_len), micro_batch_size=cfg.train.micro_batch_size,
+                seed=seed, shuffle=cfg.data.shuffle,
+            )
+        except ValueError as e:
+            raise ConfigError(str(e)) from None
+
+    def _build_eval(self) -> None:
+        cfg = self.cfg
+        self.eval_dir = None
+        if not cfg.eval.enabled:
+            return
+        data_dir = cfg.eval.data_dir
+        if data_dir is not None and not Path(data_dir).is_dir():
+            note = (
+                f"evaluation skipped: eval.data_dir {data_dir!r} does not exist. Point it at the "
+                "folder holding ceval/ and cmmlu/ (or set eval.data_dir=null to download when online)."
+            )
+            self.notes.append(note)
+            log_rank0(logger, note, level=logging.WARNING)
+            return
+        from layerfreeze.evaluation import EvalCallback
+
+        self.eval_dir = self.out_dir / "eval"
+        self.eval_cb = EvalCallback(cfg.eval, self.tokenizer, self.eval_dir)
+
+    # -- train --------------------------------------------------------------------------------
+
+    def train(self) -> None:
+        """Run optimizer steps until ``train.steps`` (or a NaN stop)."""
+        cfg = self.cfg
+        tokens_per_step = (
+            cfg.train.micro_batch_size * cfg.train.grad_accum_steps * cfg.data.seq_len * self.world_size
+        )
+        t_last = time.perf_counter()
+        while self.step < cfg.train.steps:
+            phase_before = self.runner.phase
+            next_step = self.step + 1
+            every = cfg.logging.per_layer_every
+            want_norms = bool(every) and next_step % every == 0
+            window = [self.loader.next_batch() for _ in range(cfg.train.grad_accum_steps)]
+            out = self.runner.train_step(window, grad_norms=want_norms)  # switches phase if due
+            self.step = out.step
+            now = time.perf_counter()
+            tok_s = tokens_per_step / max(now - t_last, 1e-9)
+            t_last = now
+            if out.phase != phase_before:
+                self.metrics.message(
+                    f"step {self.step}: plan-schedule phase {out.phase} ({self.schedule.plans[out.phase]})"
+                )
+                self.metrics.log_plan(self.runner.applied.summary().rows, phase=out.phase)
+
+            if out.skipped:
+                self.bad_streak += 1
+                self.skipped_steps += 1
+                self.metrics.message(
+                    f"step {self.step}: loss is NaN/Inf on some rank; update skipped "
+                    f"({self.bad_streak}/{cfg.train.nan_tolerance} in a row)", logging.WARNING,
+                )
+                self.metrics.log(self.step, {
+                    "loss": out.loss, "skipped": True, "skipped_steps": self.skipped_steps,
+                    "phase": out.phase,
+                })
+                if self.bad_streak >= cfg.train.nan_tolerance:
+                    self._stop_on_nan()
+                continue
+            self.bad_streak = 0
+            self.last_loss = out.loss
+            self.metrics.progress(self.step, out.loss, out.lr, tok_s)
+            if self.step % cfg.logging.log_every == 0 or self.step == cfg.train.steps or out.grad_norms:
+                record: dict[str, Any] = {
+                    "loss": out.loss, "lr": out.lr, "tokens_per_s": tok_s,
+                    "tokens": self.step * tokens_per_step, "phase": out.phase,
+                    "bad_micro_batches": out.bad_micro_batches, "skipped_steps": self.skipped_steps,
+                }
+                grad_norm = self.runner.engine.get_global_grad_norm()
+                if grad_norm is not None:
+                    record["grad_norm"] = float(grad_norm)
+                record.update({f"grad_norm/{k}": v for k, v in out.grad_norms.items()})
+                self.metrics.log(self.step, record)
+
+            every_ckpt = cfg.checkpoint.every_steps
+            at_ckpt = bool(every_ckpt) and self.step % every_ckpt == 0 and self.step < cfg.train.steps
+            if at_ckpt:
+                self._save()
+            self._maybe_eval(force=at_ckpt)
+            t_last = time.perf_counter()  # tokens/s measures training, not saving or evaluating
+
+    def _save(self) -> None:
+        state = {"data": self.loader.state_dict(), "rng": get_rng_state()}
+        path = self.runner.save_checkpoint(
+            self.ckpt_dir, self.step, state, keep_last=self.cfg.checkpoint.keep_last,
+            trainable_only=self.cfg.checkpoint.trainable_only,
+        )
+        self.saved.append(path.name)
+        self.metrics.message(f"step {self.step}: checkpoint {path}")
+
+    def _maybe_eval(self, force: bool) -> None:
+        if self.eval_cb is None:
+            return
+        result = self.eval_cb.maybe_run(self.step, self.runner.model, force=force)
+        if result:
+            self.metrics.log(self.step, result, kind="eval")
+
+    def _stop_on_nan(self) -> None:
+        cfg = self.cfg
+        found = list_checkpoints(self.ckpt_dir) if self.ckpt_dir.is_dir() else []
+        if found:
+            last = found[-1]
+            where = (
+                f"The last good checkpoint is {last.path} (step {last.step}); resume from it with "
+                f"a lower optim.lr: checkpoint.resume={last.path}"
+            )
+        else:
+            where = (
+                "No checkpoint was saved before the failure (set checkpoint.every_steps to keep "
+                "one); restart with a lower optim.lr."
+            )
+        raise TrainingStopped(
+            f"training stopped at step {self.step}: the loss was NaN/Inf for "
+            f"{self.bad_streak} consecutive steps (train.nan_tolerance={cfg.train.nan_tolerance}; "
+            f"{self.skipped_steps} skipped in total). {where}"
+        )
+
+    # -- finish / cleanup ---------------------------------------------------------------------
+
+    def finish(self) -> RunSummary:
+        """Final checkpoint, evaluation and export; return (and log) the run summary."""
+        cfg = self.cfg
+        if cfg.checkpoint.save_final and not (self.saved and self.saved[-1] == checkpoint_tag(self.step)):
+            self._save()
+        if self.eval_cb is not None and cfg.eval.at_end:
+            self._maybe_eval(force=True)
+        eval_files: list[str] = []
+        if self.eval_cb is not None:
+            self.eval_cb.finalize()
+            if self.eval_dir is not None and self.eval_dir.is_dir():
+                eval_files = sorted(str(p) for p in self.eval_dir.iterdir() if not p.name.startswith("."))
+        export_dir = None
+        if cfg.checkpoint.export_final:
+            from layerfreeze.export import export_merged
+
+            export_dir = cfg.export_dir
+            with self.runner.gathered_parameters():
+                if dist.is_main_process():
+                    export_merged(self.runner.applied, export_dir, tokenizer=self.tokenizer)
+            dist.barrier()
+            self.metrics.message(f"merged Hugging Face export: {export_dir}")
+        summary = RunSummary(
+            out_dir=str(self.out_dir),
+            steps_done=self.step,
+            final_loss=self.last_loss,
+            skipped_steps=self.skipped_steps,
+            metrics_jsonl=str(self.out_dir / cfg.logging.jsonl),
+            config_file=str(self.out_dir / "config.yaml"),
+            tokenizer_dir=str(self.tokenizer_dir) if self.tokenizer_dir else None,
+            wandb_dir=str(self.metrics.wandb_dir) if self.metrics.wandb_dir else None,
+            checkpoint_dir=str(self.ckpt_dir),
+            checkpoints=[c.tag for c in list_checkpoints(self.ckpt_dir)] if self.ckpt_dir.is_dir() else [],
+            eval_dir=str(self.eval_dir) if self.eval_dir else None,
+            eval_files=eval_files,
+            export_dir=str(export_dir) if export_dir else None,
+            notes=self.notes,
+        )
+        if dist.is_main_process():
+            atomic_write_json(self.out_dir / "summary.json", dataclasses.asdict(summary))
+        self.metrics.close_progress()
+        log_rank0(logger, summary.render())
+        return summary
+
+    def _remove_new_out_dir(self) -> None:
+        if self._created_out_dir and dist.is_main_process() and self.out_dir.exists():
+            shutil.rmtree(self.out_dir, ignore_errors=True)
+
+    def cleanup(self) -> None:
+        """Close metrics/wandb and release the engine (always called)."""
+        if self.metrics is not None:
+            self.metrics.close()
+        if self.runner is not None and self.runner.engine is not None:
+            self.runner.engine.destroy()
+
+
+def run_training(cfg: RunConfig) -> RunSummary:
+    """Run the whole recipe for ``cfg``; returns the summary.
+
+    Raises:
+        ConfigError: bad input (nothing is left in a newly created output directory).
+        TrainingStopped: too many consecutive NaN/Inf losses.
+    """
+    recipe = Recipe(cfg)
+    try:
+        recipe.setup()
+        recipe.train()
+        return recipe.finish()
+    finally:
+        recipe.cleanup()
