@@ -69,7 +69,7 @@ class LoRAConfig:
     """Which linears get an adapter: ``mlp``, ``attn``, ``all`` (both), or a list of module names
     inside the block, each either a path (``self_attn.q_proj``) or a last name (``q_proj``)."""
     gated: bool = False
-    """Add the HLPT gate ``sigmoid(w . h + b)`` per token on the update (h: the sub-block's input)."""
+    """Add the HLPT gate ``sigmoid(w . h + b)`` per token on the update (h: sub-block input)."""
     lr_scale: float = 1.0
     """Multiplier on the run's learning rate for ``lora_a`` / ``lora_b``."""
     weight_decay: float | None = None
@@ -97,7 +97,9 @@ class LoRAConfig:
             if not target:
                 problems.append("target: the list of module names is empty. Name at least one.")
             elif bad:
-                problems.append(f"target: module names must be non-empty dotted names, got {bad!r}.")
+                problems.append(
+                    f"target: module names must be non-empty dotted names, got {bad!r}."
+                )
             elif len(set(target)) != len(target):
                 problems.append(f"target: duplicate module names in {list(target)!r}.")
             else:
@@ -156,7 +158,8 @@ class TokenGate(nn.Module):
         if g is None:
             raise RuntimeError(
                 f"{self.where}: a gated adapter ran outside its sub-block's forward, so its gate "
-                "input h is unknown. Call the sub-block (attention / MLP) module, not the linear alone."
+                "input h is unknown. Call the sub-block (attention / MLP) module, not the "
+                "linear alone."
             )
         if g.shape[:-1] != x.shape[:-1]:
             raise RuntimeError(
@@ -330,7 +333,7 @@ LORA_DISPATCHERS: list[LoRADispatcher] = [
 
 
 def register_lora_dispatcher(dispatcher: LoRADispatcher, *, index: int = 0) -> None:
-    """Insert ``dispatcher`` (by default first, before the built-ins) unless one of its name exists."""
+    """Insert ``dispatcher`` (by default first, before the built-ins) unless its name exists."""
     if all(d.name != dispatcher.name for d in LORA_DISPATCHERS):
         LORA_DISPATCHERS.insert(index, dispatcher)
 
@@ -344,7 +347,8 @@ def _build_adapter(base: nn.Module, where: str, **kwargs) -> nn.Module:
     if dispatcher is None:
         raise ValueError(
             f"{where}: no LoRA dispatcher handles {type(base).__name__}; supported: "
-            f"{', '.join(d.name for d in LORA_DISPATCHERS)} (add one with register_lora_dispatcher)."
+            f"{', '.join(d.name for d in LORA_DISPATCHERS)} "
+            "(add one with register_lora_dispatcher)."
         )
     return dispatcher.build(base, **kwargs)
 
@@ -456,7 +460,8 @@ def resolve_lora_targets(
                 )
             elif _find_dispatcher(modules[p]) is None:
                 problems.append(
-                    f"{where}: lora target {name!r} resolves to {p!r} ({type(modules[p]).__name__}), "
+                    f"{where}: lora target {name!r} resolves to {p!r} "
+                    f"({type(modules[p]).__name__}), "
                     "which is not a linear LoRA can wrap (nn.Linear, transformers Conv1D). "
                     f"Available linears: {', '.join(available) or 'none'}."
                 )
@@ -466,7 +471,7 @@ def resolve_lora_targets(
 
 
 def iter_lora_adapters(root: nn.Module) -> Iterator[tuple[str, nn.Module, nn.Module]]:
-    """Yield ``(qualified base-module name, base module, adapter)`` for every LoRA under ``root``."""
+    """Yield ``(qualified base-module name, base module, adapter)`` for each LoRA under ``root``."""
     for name, mod in root.named_modules():
         adapter = mod._modules.get(_ADAPTER_ATTR)
         if isinstance(adapter, nn.Module) and hasattr(adapter, "merge"):
@@ -579,7 +584,7 @@ class LoRAPolicy:
         return gate
 
     def optim_options(self, param_name: str, spec: PolicySpec) -> dict[str, float | None]:
-        """Gate ``w``/``b``: ``gate_lr_scale`` and no decay; ``lora_a``/``lora_b``: lr_scale, decay."""
+        """Gate ``w``/``b``: ``gate_lr_scale``, no decay; ``lora_a``/``lora_b``: lr_scale, decay."""
         opts = _options(spec)
         if _GATE_ATTR in param_name.split("."):
             return {"lr_scale": opts.gate_lr_scale, "weight_decay": 0.0}

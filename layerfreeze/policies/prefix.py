@@ -1,4 +1,4 @@
-"""The ``prefix`` policy: a per-layer, zero-initialised attention branch over learned prefix keys/values.
+"""The ``prefix`` policy: a per-layer, zero-initialised attention branch over learned prefix K/V.
 
 In the spirit of LLaMA-Adapter (and litgpt ``adapter.py``), each covered layer's queries attend,
 with their own softmax, to ``tokens`` learned prefix key/value pairs; the result is scaled per
@@ -39,7 +39,6 @@ from collections.abc import Callable
 from dataclasses import dataclass
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 
 from layerfreeze.errors import ConfigError
@@ -73,23 +72,26 @@ class PrefixConfig:
     """Hidden width of the prefix-tuning reparameterisation MLP (embedding -> Linear -> tanh ->
     Linear -> keys/values); null learns the keys/values directly."""
     gated: bool = False
-    """Also scale the branch by the HLPT gate ``sigmoid(w . h + b)`` per token (h: attention input)."""
+    """Also scale the branch by the HLPT gate ``sigmoid(w . h + b)`` per token (h: attn input)."""
     lr_scale: float = 1.0
     """Multiplier on the run's learning rate for the prefix keys/values (or embedding and MLP)."""
     weight_decay: float | None = None
     """Weight decay for the prefix matrices (None: the run's default); biases and gates get none."""
     gate_lr_scale: float = 1.0
-    """Multiplier on the run's learning rate for the zero-init factor and the gate (never decayed)."""
+    """Multiplier on the run's learning rate for the zero-init factor and the gate (no decay)."""
 
     def __post_init__(self):
         problems = []
         if isinstance(self.tokens, bool) or not isinstance(self.tokens, int) or self.tokens < 1:
-            problems.append(f"tokens: must be an integer >= 1, got {self.tokens!r}. Use e.g. tokens=16.")
+            problems.append(
+                f"tokens: must be an integer >= 1, got {self.tokens!r}. Use e.g. tokens=16."
+            )
         if self.reparam is not None and (
             isinstance(self.reparam, bool) or not isinstance(self.reparam, int) or self.reparam < 1
         ):
             problems.append(
-                f"reparam: must be a hidden width >= 1 or null, got {self.reparam!r}. Use e.g. reparam=512."
+                f"reparam: must be a hidden width >= 1 or null, got {self.reparam!r}. "
+                "Use e.g. reparam=512."
             )
         if not self.lr_scale > 0:
             problems.append(f"lr_scale: must be > 0, got {self.lr_scale!r}. Use e.g. lr_scale=1.0.")
@@ -174,8 +176,9 @@ class PrefixAdapter(nn.Module):
         the factor (and gate); returned as ``(batch, q_len, num_heads, head_dim)`` in fp32."""
         if query.dim() != 4 or query.shape[1] != self.num_heads or query.shape[-1] != self.head_dim:
             raise RuntimeError(
-                f"{self.where}: prefix branch expected the query as (batch, {self.num_heads} heads, "
-                f"q_len, {self.head_dim}), got {tuple(query.shape)}; this attention module's layout "
+                f"{self.where}: prefix branch expected the query as (batch, {self.num_heads} "
+                f"heads, q_len, {self.head_dim}), got {tuple(query.shape)}; this attention "
+                "module's layout "
                 "is not supported by the prefix policy."
             )
         scaling = self.head_dim**-0.5 if scaling is None else scaling
@@ -336,7 +339,8 @@ class PrefixPolicy:
         if config is None or not isinstance(impl, str):
             problems.append(
                 f"{where}: prefix needs a transformers attention module with a config carrying "
-                f"_attn_implementation; found config={type(config).__name__ if config is not None else None}, "
+                f"_attn_implementation; found config="
+                f"{type(config).__name__ if config is not None else None}, "
                 f"_attn_implementation={impl!r}. Use lora or full on this layer."
             )
         if not _uses_attention_interface(attn):
@@ -356,7 +360,8 @@ class PrefixPolicy:
         if base_attn_implementation(impl) == "eager" and _module_eager(attn) is None:
             problems.append(
                 f"{where}: attn_implementation 'eager' but {type(attn).__module__} defines no "
-                "eager_attention_forward to delegate to; load the model with attn_implementation='sdpa'."
+                "eager_attention_forward to delegate to; load the model with "
+                "attn_implementation='sdpa'."
             )
         if layout.num_kv_heads < 1 or layout.num_heads % layout.num_kv_heads:
             problems.append(
@@ -396,11 +401,12 @@ class PrefixPolicy:
         if not _has_hook(attn._forward_pre_hooks, _prefix_pre_hook):
             attn.register_forward_pre_hook(_prefix_pre_hook, with_kwargs=True)
             attn.register_forward_hook(_prefix_post_hook)
-        attn.config._attn_implementation = wrapped_attn_implementation(attn.config._attn_implementation)
+        config = attn.config
+        config._attn_implementation = wrapped_attn_implementation(config._attn_implementation)
         return {f"{layer.attn_name}.{_ADAPTER_ATTR}.{n}" for n, _ in adapter.named_parameters()}
 
     def optim_options(self, param_name: str, spec: PolicySpec) -> dict[str, float | None]:
-        """Factor and gate: ``gate_lr_scale``, no decay; MLP biases: no decay; the rest: lr_scale."""
+        """Factor and gate: ``gate_lr_scale``, no decay; MLP biases: no decay; rest: lr_scale."""
         opts = _options(spec)
         parts = param_name.split(".")
         if "prefix_gate" in parts or parts[-1] == "prefix_gating_factor":
