@@ -113,6 +113,9 @@ def _rsplit_depth0(text: str, sep: str) -> tuple[str, str] | None:
             depth -= 1
         elif ch == sep and depth == 0:
             return text[:i], text[i + 1:]
+    if sep in text:  # unbalanced brackets: split plainly so the policy part reports the error
+        head, tail = text.rsplit(sep, 1) if depth == 0 else text.split(sep, 1)
+        return head, tail
     return None
 
 
@@ -199,10 +202,11 @@ class LayerRange:
                         f"layer {e} is out of range for a {n}-layer model "
                         f"(valid 0-{n - 1}, or -{n} to -1 counting from the end)"
                     )
+                    e = min(max(e, -n), n - 1)  # clipped, so overlaps are still reported
                 bounds.append(e + n if e < 0 else e)
-        if problems:
-            return range(0), problems
         start, end = bounds
+        if problems:
+            return range(start, max(start, end + 1)), problems
         if end < start and not (isinstance(self.start, Fraction) or isinstance(self.end, Fraction)):
             problems.append(f"covers no layers for a {n}-layer model (first {start} after last {end})")
             return range(0), problems
@@ -332,7 +336,7 @@ class ResolvedPlan:
     Attributes:
         num_layers: number of decoder layers.
         layers: policy of each layer, by 0-based global index.
-        sources: which rule (or ``default``) gave each layer its policy.
+        sources: which rule (or ``default``) gave each layer its policy (not compared).
         embeddings: policy of the embeddings (``freeze`` / ``full``).
         final_norm: policy of the final norm.
         lm_head: policy of the LM head.
@@ -340,7 +344,7 @@ class ResolvedPlan:
 
     num_layers: int
     layers: tuple[PolicySpec, ...]
-    sources: tuple[str, ...]
+    sources: tuple[str, ...] = field(compare=False)
     embeddings: PolicySpec
     final_norm: PolicySpec
     lm_head: PolicySpec

@@ -131,3 +131,55 @@ def tiny_batch(model_or_vocab: torch.nn.Module | int, batch: int = 2, seq: int =
     vocab = model_or_vocab if isinstance(model_or_vocab, int) else model_or_vocab.config.vocab_size
     g = torch.Generator().manual_seed(seed)
     return torch.randint(0, vocab, (batch, seq), generator=g)
+
+
+# ------------------------------------------------------------------ hand-computed parameter counts
+# Independent of the library: written from each architecture's definition.
+
+
+def _geometry(cfg: PretrainedConfig) -> tuple[int, int, int, int, int]:
+    h = cfg.hidden_size
+    heads = cfg.num_attention_heads
+    kv = getattr(cfg, "num_key_value_heads", None) or heads
+    hd = h // heads
+    inter = getattr(cfg, "intermediate_size", None) or getattr(cfg, "n_inner", None) or 4 * h
+    return h, heads, kv, hd, inter
+
+
+def hand_param_counts(family: str, cfg: PretrainedConfig) -> dict[str, int]:
+    """Parameters of one decoder layer, the embeddings, the final norm and the (untied) head."""
+    h, _heads, kv, hd, inter = _geometry(cfg)
+    v = cfg.vocab_size
+    if family in ("llama", "mistral", "qwen2"):
+        attn = 2 * h * h + 2 * h * kv * hd + (h + 2 * kv * hd if family == "qwen2" else 0)
+        layer = attn + 3 * h * inter + 2 * h
+        emb, norm = v * h, h
+    elif family == "gpt2":
+        layer = 2 * h + (h * 3 * h + 3 * h) + (h * h + h) + 2 * h + (h * inter + inter) + (inter * h + h)
+        emb, norm = v * h + cfg.n_positions * h, 2 * h
+    elif family == "gpt_neox":
+        layer = 4 * h + (h * 3 * h + 3 * h) + (h * h + h) + (h * inter + inter) + (inter * h + h)
+        emb, norm = v * h, 2 * h
+    else:
+        raise ValueError(family)
+    head = 0 if cfg.tie_word_embeddings else v * h
+    return {"layer": layer, "embeddings": emb, "final_norm": norm, "lm_head": head}
+
+
+def hand_lora_params(family: str, cfg: PretrainedConfig, r: int, target: str, gated: bool) -> int:
+    """LoRA parameters of one layer: r * (in + out) per adapted linear, + (h + 1) per gated sub-block."""
+    h, _heads, kv, hd, inter = _geometry(cfg)
+    if family in ("llama", "mistral", "qwen2"):
+        attn = [(h, h), (h, kv * hd), (h, kv * hd), (h, h)]
+        mlp = [(h, inter), (h, inter), (inter, h)]
+    else:  # gpt2 / gpt_neox: fused qkv + output projection; two MLP linears
+        attn = [(h, 3 * h), (h, h)]
+        mlp = [(h, inter), (inter, h)]
+    parts = {"attn": [attn], "mlp": [mlp], "all": [attn, mlp]}[target]
+    return sum(r * (i + o) for sub in parts for i, o in sub) + (h + 1) * len(parts) * int(gated)
+
+
+def hand_prefix_params(cfg: PretrainedConfig, tokens: int, gated: bool) -> int:
+    """Prefix parameters of one layer: keys + values per kv head, a factor per head, the gate."""
+    h, heads, kv, hd, _ = _geometry(cfg)
+    return 2 * kv * tokens * hd + heads + (h + 1) * int(gated)
