@@ -2,8 +2,9 @@
 
 Example::
 
-    layerfreeze tokenizer train --input @bundled --vocab-size 4000 --out runs/tok
-    layerfreeze tokenizer train --input corpus/ extra.jsonl --vocab-size 32000 --model-type bpe --out tok
+    layerfreeze tokenizer train --input @bundled --vocab-size 2000 --out runs/tok
+    layerfreeze tokenizer train --input corpus/ extra.jsonl --vocab-size 32000 --out tok
+    layerfreeze tokenizer train --input corpus/ --vocab-size 32000 --model-type bpe --out tok
 """
 
 from __future__ import annotations
@@ -20,7 +21,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     sub.required = True
     tp = sub.add_parser("train", help="train a SentencePiece tokenizer and save it for AutoTokenizer")
     tp.add_argument("--input", nargs="+", required=True, metavar="PATH",
-                    help=".txt/.jsonl files or directories (recursive); '@bundled' = the bundled corpus")
+                    help=".txt/.jsonl files or directories (recursive); "
+                    "'@bundled' = the bundled corpus")
     tp.add_argument("--vocab-size", type=int, required=True, help="number of pieces (> 260)")
     tp.add_argument("--out", required=True, help="output directory (replaced atomically)")
     tp.add_argument("--model-type", choices=["unigram", "bpe"], default="unigram")

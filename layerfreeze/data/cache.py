@@ -114,7 +114,8 @@ def _check_cache_dir(path: Path) -> str | None:
     except (OSError, json.JSONDecodeError, UnicodeDecodeError) as e:
         return f"unreadable index.json: {e}"
     if not isinstance(index, dict) or index.get("version") != FORMAT_VERSION:
-        return f"format version {index.get('version') if isinstance(index, dict) else None}, expected {FORMAT_VERSION}"
+        found = index.get("version") if isinstance(index, dict) else None
+        return f"format version {found}, expected {FORMAT_VERSION}"
     try:
         expected = int(index["num_tokens"]) * np.dtype(index["dtype"]).itemsize
         actual = (path / _TOKENS).stat().st_size
@@ -180,7 +181,9 @@ def _write_cache(
         for path in files:
             rec = _file_record(path)
             docs = tokens = 0
-            stream = iter_documents(path, text_key=options["text_key"], txt_documents=options["txt_documents"])
+            stream = iter_documents(
+                path, text_key=options["text_key"], txt_documents=options["txt_documents"]
+            )
             for batch in _batches(stream, _ENCODE_BATCH):
                 ids = _encode(tokenizer, batch)
                 flat = np.fromiter(

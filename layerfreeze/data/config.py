@@ -37,7 +37,9 @@ class TokenizerConfig:
     def __post_init__(self) -> None:
         problems = []
         if self.path is not None and not str(self.path).strip():
-            problems.append("path: must be a path or null, got ''. Remove the key to train a tokenizer.")
+            problems.append(
+                "path: must be a path or null, got ''. Remove the key to train a tokenizer."
+            )
         if self.vocab_size <= 260:
             problems.append(
                 f"vocab_size: must be above 260 (4 special + 256 byte pieces), got {self.vocab_size}. "
@@ -92,7 +94,9 @@ class DataConfig:
             )
         for i, p in enumerate(self.paths):
             if not str(p).strip():
-                problems.append(f"paths[{i}]: empty path, got {p!r}. Remove it or give a file/directory.")
+                problems.append(
+                    f"paths[{i}]: empty path, got {p!r}. Remove it or give a file/directory."
+                )
         if not self.text_key:
             problems.append("text_key: must not be empty, got ''. Use the JSONL field with the text.")
         if self.seq_len < 1:

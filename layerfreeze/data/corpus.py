@@ -107,7 +107,9 @@ def resolve_files(paths: Sequence[str | Path], key: str = "data.paths") -> list[
     return unique
 
 
-def iter_documents(path: str | Path, *, text_key: str = "text", txt_documents: str = "paragraph") -> Iterator[str]:
+def iter_documents(
+    path: str | Path, *, text_key: str = "text", txt_documents: str = "paragraph"
+) -> Iterator[str]:
     """Yield the non-empty documents of one ``.txt`` or ``.jsonl`` file, streaming.
 
     Raises:
@@ -124,7 +126,9 @@ def iter_documents(path: str | Path, *, text_key: str = "text", txt_documents: s
             )
         yield from _iter_txt(path, txt_documents)
     else:
-        raise ValueError(f"{path}: unsupported file type '{path.suffix}'. Use {' or '.join(SUFFIXES)} files.")
+        raise ValueError(
+            f"{path}: unsupported file type '{path.suffix}'. Use {' or '.join(SUFFIXES)} files."
+        )
 
 
 def _lines(path: Path) -> Iterator[tuple[int, str]]:
@@ -165,10 +169,13 @@ def _iter_jsonl(path: Path, text_key: str) -> Iterator[str]:
         try:
             obj = json.loads(line)
         except json.JSONDecodeError as e:
-            raise ValueError(f"{path}:{lineno}: not valid JSON ({e.msg}). Each line must be one JSON object.") from None
+            raise ValueError(
+                f"{path}:{lineno}: not valid JSON ({e.msg}). Each line must be one JSON object."
+            ) from None
         if not isinstance(obj, dict):
             raise ValueError(
-                f"{path}:{lineno}: expected a JSON object with a '{text_key}' field, got {type(obj).__name__}."
+                f"{path}:{lineno}: expected a JSON object with a '{text_key}' field, "
+                f"got {type(obj).__name__}."
             )
         if text_key not in obj:
             keys = ", ".join(sorted(map(str, obj))) or "none"
@@ -178,7 +185,9 @@ def _iter_jsonl(path: Path, text_key: str) -> Iterator[str]:
             )
         text = obj[text_key]
         if not isinstance(text, str):
-            raise ValueError(f"{path}:{lineno}: field '{text_key}' must be a string, got {type(text).__name__}.")
+            raise ValueError(
+                f"{path}:{lineno}: field '{text_key}' must be a string, got {type(text).__name__}."
+            )
         text = text.strip()
         if text:
             yield text

@@ -47,7 +47,9 @@ class PackedDataset:
         self.seq_len = seq_len
         n = int(self.tokens.shape[0])
         if n < seq_len + 1:
-            where = f" (cache {self.cache.path}, files: {', '.join(self.cache.files)})" if self.cache else ""
+            where = ""
+            if self.cache is not None:
+                where = f" (cache {self.cache.path}, files: {', '.join(self.cache.files)})"
             raise ValueError(
                 f"data.seq_len: the corpus has {n} tokens{where}, fewer than one sequence of "
                 f"seq_len + 1 = {seq_len + 1} tokens. Add more text or lower data.seq_len."

@@ -112,7 +112,8 @@ def train_tokenizer(
         problems.append(f"model_type: must be one of {', '.join(MODEL_TYPES)}, got {model_type!r}.")
     if not isinstance(vocab_size, int) or vocab_size <= 260:
         problems.append(
-            f"vocab_size: must be an integer above 260 (4 special + 256 byte pieces), got {vocab_size!r}."
+            "vocab_size: must be an integer above 260 (4 special + 256 byte pieces), "
+            f"got {vocab_size!r}."
         )
     if not 0.0 < character_coverage <= 1.0:
         problems.append(f"character_coverage: must be in (0, 1], got {character_coverage!r}.")
@@ -164,7 +165,9 @@ def train_tokenizer(
         spm.set_random_generator_seed(seed)
         with model_file.open("wb") as f:
             try:
-                spm.SentencePieceTrainer.train(sentence_iterator=_all_lines(), model_writer=f, **options)
+                spm.SentencePieceTrainer.train(
+                    sentence_iterator=_all_lines(), model_writer=f, **options
+                )
             except RuntimeError as e:
                 raise _explain_training_error(e, vocab_size) from None
         hf = sentencepiece_to_hf(model_file)
@@ -185,7 +188,9 @@ def train_tokenizer(
 
 def _explain_training_error(err: RuntimeError, vocab_size: int) -> ValueError:
     msg = str(err)
-    high = re.search(r"Vocabulary size (?:is )?too high \((\d+)\)\. Please set it to a value <= (\d+)", msg)
+    high = re.search(
+        r"Vocabulary size (?:is )?too high \((\d+)\)\. Please set it to a value <= (\d+)", msg
+    )
     if high:
         return ValueError(
             f"vocab_size: {vocab_size} is too large for this text (sentencepiece found room for at most "
@@ -320,15 +325,18 @@ def load_tokenizer(cfg: TokenizerConfig | str | Path) -> PreTrainedTokenizerBase
         try:
             return sentencepiece_to_hf(path)
         except ValueError as e:
-            raise ConfigError(f"tokenizer.path: {e} Give an HF tokenizer directory or a .model file.") from None
+            raise ConfigError(
+                f"tokenizer.path: {e} Give an HF tokenizer directory or a .model file."
+            ) from None
     try:
         return AutoTokenizer.from_pretrained(str(path))
     except (OSError, ValueError) as e:
         if (path / "tokenizer.model").is_file() and not (path / "tokenizer.json").is_file():
             return sentencepiece_to_hf(path / "tokenizer.model")
         raise ConfigError(
-            f"tokenizer.path: '{path_value}' holds no tokenizer AutoTokenizer can load ({e}). Give an HF "
-            "tokenizer directory (tokenizer.json + tokenizer_config.json) or a SentencePiece .model file."
+            f"tokenizer.path: '{path_value}' holds no tokenizer AutoTokenizer can load ({e}). "
+            "Give an HF tokenizer directory (tokenizer.json + tokenizer_config.json) or a "
+            "SentencePiece .model file."
         ) from None
 
 
@@ -402,7 +410,9 @@ def run_on_local_rank0(fn: Callable[[], None]) -> None:
             failed = [(r, s) for r, s in enumerate(statuses) if s is not None]
             if failed:
                 rank, msg = failed[0]
-                raise RuntimeError(f"rank {rank} failed while preparing data for rank {get_rank()}: {msg}")
+                raise RuntimeError(
+                    f"rank {rank} failed while preparing data for rank {get_rank()}: {msg}"
+                )
     if error is not None:
         raise error
 

@@ -157,3 +157,17 @@ def test_not_enough_sequences_for_one_global_batch():
         DistributedBatchIterator(ds, 0, 0, 1)
     with pytest.raises(ValueError, match="rank 2 is not in range for world size 2"):
         DistributedBatchIterator(ds, 1, 2, 2)
+
+
+def test_docs_example_runs(tmp_path, monkeypatch, repo_root):
+    import re
+
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.setenv("LAYERFREEZE_CACHE", str(tmp_path / "cache"))
+    text = (repo_root / "docs" / "data.md").read_text(encoding="utf-8")
+    code = re.findall(r"```python\n(.*?)```", text, re.S)[0]
+    scope: dict = {}
+    exec(compile(code, "docs/data.md", "exec"), scope)
+    assert scope["batch"]["input_ids"].shape == (4, 128)
+    assert scope["state"]["batch"] == 1 and scope["state"]["seq_len"] == 128
+    assert (tmp_path / "runs" / "demo" / "tokenizer" / "tokenizer.json").is_file()
