@@ -443,3 +443,34 @@ def test_docs_example_runs(repo_root):
     blocks = re.findall(r"```python\n(.*?)```", section, re.S)
     assert len(blocks) == 1
     exec(compile(blocks[0], "docs/policies.md (lora)", "exec"), {})
+
+
+class _TaggedLinear(torch.nn.Linear):
+    """A Linear subclass standing in for a special linear (e.g. a tensor-parallel one)."""
+
+
+def test_registered_dispatcher_wins_over_plain_linear():
+    from layerfreeze.policies.lora import LoRADispatcher, register_lora_dispatcher
+
+    built = []
+
+    def build(base, **kwargs):
+        adapter = LoRAAdapter(base.in_features, base.out_features, device=base.weight.device,
+                              dtype=base.weight.dtype, **kwargs)
+        built.append(adapter)
+        return adapter
+
+    dispatcher = LoRADispatcher("tagged", lambda m: isinstance(m, _TaggedLinear), build)
+    model = build_tiny_model("llama", num_layers=2)
+    old = model.model.layers[0].mlp.up_proj
+    tagged = _TaggedLinear(old.in_features, old.out_features, bias=False)
+    tagged.load_state_dict(old.state_dict())
+    model.model.layers[0].mlp.up_proj = tagged
+    register_lora_dispatcher(dispatcher)
+    try:
+        assert LORA_DISPATCHERS[0] is dispatcher
+        install(model, lora_spec(r=2, target="mlp"), layers={0})
+    finally:
+        LORA_DISPATCHERS.remove(dispatcher)
+    assert built == [tagged.lora_adapter]  # only the subclass went through the new dispatcher
+    assert isinstance(model.model.layers[0].mlp.down_proj.lora_adapter, LoRAAdapter)
