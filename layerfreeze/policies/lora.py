@@ -546,11 +546,11 @@ class LoRAPolicy:
 
     def apply(self, layer: LayerInfo, spec: PolicySpec, layout: ModelLayout) -> set[str]:
         """Install the adapters (and gates) once; return their parameter names in the block."""
-        opts = _options(spec)
-        targets, problems = resolve_lora_targets(layer, opts.target)
-        problems += [p for p in self.check(layer, spec, layout) if p not in problems]
+        problems = self.check(layer, spec, layout)
         if problems:
             raise ValueError("\n".join(problems))
+        opts = _options(spec)
+        targets, _ = resolve_lora_targets(layer, opts.target)
         names: set[str] = set()
         for path, sub in targets:
             gate = self._gate(layer, sub, layout) if opts.gated else None
