@@ -34,6 +34,9 @@ class TokenizerConfig:
     train_inputs: list[str] = field(default_factory=list)
     """Files/directories to train on (``@bundled`` = the bundled corpus). Empty: ``data.paths``."""
 
+    input_sentence_size: int = 0
+    """Train on a random sample of this many lines (0: all); e.g. 2000000 for large corpora."""
+
     def __post_init__(self) -> None:
         problems = []
         if self.path is not None and not str(self.path).strip():
@@ -44,6 +47,10 @@ class TokenizerConfig:
             problems.append(
                 f"vocab_size: must be above 260 (4 special + 256 byte pieces), got {self.vocab_size}. "
                 "Use e.g. 8000."
+            )
+        if self.input_sentence_size < 0:
+            problems.append(
+                f"input_sentence_size: must be 0 (all lines) or positive, got {self.input_sentence_size}."
             )
         if not 0.0 < self.character_coverage <= 1.0:
             problems.append(

@@ -379,15 +379,35 @@ def prepare_tokenizer(
     inputs = list(cfg.train_inputs) or list(train_inputs)
 
     def build() -> None:
-        if not (out_dir / "tokenizer.json").is_file():
-            train_tokenizer(
-                inputs, out_dir, vocab_size=cfg.vocab_size, model_type=cfg.model_type,
-                character_coverage=cfg.character_coverage, text_key=text_key,
-                txt_documents=txt_documents,
-            )
+        if (out_dir / "tokenizer.json").is_file():
+            _check_reused(out_dir, cfg)
+            log_rank0(logger, "reusing the tokenizer trained earlier in %s", out_dir)
+            return
+        train_tokenizer(
+            inputs, out_dir, vocab_size=cfg.vocab_size, model_type=cfg.model_type,
+            character_coverage=cfg.character_coverage, text_key=text_key,
+            txt_documents=txt_documents, input_sentence_size=cfg.input_sentence_size,
+        )
 
     run_on_local_rank0(build)
     return load_tokenizer(out_dir)
+
+
+def _check_reused(out_dir: Path, cfg: TokenizerConfig) -> None:
+    """A tokenizer trained earlier must match the config, or a resumed run would change ids."""
+    try:
+        options = json.loads((out_dir / _META_FILE).read_text(encoding="utf-8"))["options"]
+    except (OSError, ValueError, KeyError, TypeError):
+        return  # not trained by layerfreeze: nothing to compare, the user put it there
+    problems = [
+        f"tokenizer.{k}: {out_dir} holds a tokenizer trained with {k}={options.get(k)!r}, "
+        f"got {getattr(cfg, k)!r}. Use the same value, or delete {out_dir} to train a new one "
+        "(a run resumed from a checkpoint must keep its tokenizer)."
+        for k in ("vocab_size", "model_type", "character_coverage")
+        if options.get(k) != getattr(cfg, k)
+    ]
+    if problems:
+        raise ConfigError(problems)
 
 
 def run_on_local_rank0(fn: Callable[[], None]) -> None:

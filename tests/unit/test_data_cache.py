@@ -164,7 +164,7 @@ def test_failure_mid_build_leaves_nothing(tok, tmp_path):
 
 
 @pytest.mark.slow
-def test_killed_build_is_never_trusted(tok_dir, tmp_path):
+def test_killed_build_is_never_trusted(tok_dir, tmp_path, repo_root):
     """SIGKILL a real build mid-way: only a temp dir remains, and the next build ignores it."""
     big = tmp_path / "big.txt"
     text = "\n\n".join(d for f in default_corpus_files() for d in iter_documents(f))
@@ -176,7 +176,7 @@ def test_killed_build_is_never_trusted(tok_dir, tmp_path):
         build_token_cache([{str(big)!r}], load_tokenizer({str(tok_dir)!r}), {str(cache_dir)!r})
         """
     )
-    proc = subprocess.Popen([sys.executable, "-c", script])
+    proc = subprocess.Popen([sys.executable, "-c", script], cwd=repo_root)
     deadline = time.time() + 120
     try:
         while time.time() < deadline:

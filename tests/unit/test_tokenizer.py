@@ -2,14 +2,12 @@
 
 from __future__ import annotations
 
-import argparse
 import os
 
 import pytest
 import sentencepiece as spm
 from transformers import AutoTokenizer
 
-from layerfreeze.commands import tokenizer as tokenizer_cmd
 from layerfreeze.data import (
     TokenizerConfig,
     default_corpus_files,
@@ -107,14 +105,13 @@ def test_foreign_sentencepiece_model_with_nfkc_and_whitespace_cleanup(small_corp
 
 
 def test_cli_train_writes_an_autotokenizer_dir(small_corpus, tmp_path):
-    parser = argparse.ArgumentParser()
-    tokenizer_cmd.add_arguments(parser)
+    from layerfreeze.cli import main
+
     out = tmp_path / "cli_tok"
-    args = parser.parse_args(
-        ["train", "--input", str(small_corpus / "zh.txt"), str(small_corpus / "en.txt"),
-         "--vocab-size", "1000", "--out", str(out), "--model-type", "bpe", "--character-coverage", "0.99"]
-    )
-    assert tokenizer_cmd.run(args) == 0
+    argv = ["tokenizer", "train", "--input", str(small_corpus / "zh.txt"), str(small_corpus / "en.txt"),
+            "--vocab-size", "1000", "--out", str(out), "--model-type", "bpe",
+            "--character-coverage", "0.99"]
+    assert main(argv) == 0
     assert {"tokenizer.json", "tokenizer_config.json", "tokenizer.model"} <= set(os.listdir(out))
     hf = AutoTokenizer.from_pretrained(str(out))
     sp = spm.SentencePieceProcessor(model_file=str(out / "tokenizer.model"))
@@ -137,6 +134,8 @@ def test_prepare_tokenizer_trains_once_then_reuses(small_corpus, tmp_path):
     assert (out / "tokenizer.json").stat().st_mtime_ns == stamp
     assert again.encode("hello world") == tok.encode("hello world")
     assert len(tok) == 400
+    with pytest.raises(ConfigError, match=r"tokenizer.vocab_size: .* trained with vocab_size=400, got 500"):
+        prepare_tokenizer(TokenizerConfig(vocab_size=500), [small_corpus / "en.txt"], out)
 
 
 # ---- bad input -------------------------------------------------------------------------------
