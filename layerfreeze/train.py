@@ -343,16 +343,9 @@ class Recipe:
     def setup(self) -> None:
         """Validate, then build tokenizer, data, model, plan and engine; resume if asked."""
         cfg = self.cfg
-        from layerfreeze.engines.deepspeed import init_distributed
-
-        init_distributed()
-        if cfg.train.num_threads:
-            torch.set_num_threads(cfg.train.num_threads)
-        self.rank, self.world_size = dist.get_rank(), dist.get_world_size()
-        seed_everything(cfg.train.seed)
-
-        # 1. Everything checkable without writing: DeepSpeed config, plans against the model's
-        #    layer count, data paths, the checkpoint to resume from.
+        # 1. Everything checkable without a process group or a write: DeepSpeed config, plans
+        #    against the model's layer count, data paths, the checkpoint to resume from.
+        self.world_size = dist.get_world_size()  # WORLD_SIZE from the launcher before init
         self.ds_config = build_deepspeed_config(cfg, self.world_size)
         self.schedule = build_schedule(cfg)
         self.plan_tables = resolve_run_plans(cfg)
@@ -360,6 +353,14 @@ class Recipe:
 
         resolve_files(cfg.data.paths, key="data.paths")
         self.resume_from = self._find_resume()
+
+        from layerfreeze.engines.deepspeed import init_distributed
+
+        init_distributed()
+        if cfg.train.num_threads:
+            torch.set_num_threads(cfg.train.num_threads)
+        self.rank, self.world_size = dist.get_rank(), dist.get_world_size()
+        seed_everything(cfg.train.seed)
 
         # From here on files may be written; a failure before training starts removes an
         # output directory this run created, so a bad input leaves nothing behind.
@@ -400,16 +401,22 @@ class Recipe:
         from layerfreeze.data import build_token_cache, prepare_tokenizer
         from layerfreeze.engines.deepspeed import DeepSpeedRunner
 
-        # 2. Tokenizer (trained once into <out_dir>/tokenizer when tokenizer.path is empty).
+        # 2. Tokenizer (trained once into <out_dir>/tokenizer when tokenizer.path is empty) and
+        #    data: tokenize once (memory-mapped cache), pack, shard over data-parallel ranks.
         self.tokenizer_dir = None if cfg.tokenizer.path else self.out_dir / "tokenizer"
-        self.tokenizer = prepare_tokenizer(cfg.tokenizer, cfg.data.paths, self.tokenizer_dir)
-
-        # 3. Data: tokenize once (memory-mapped cache), pack, shard over data-parallel ranks.
-        cache = build_token_cache(
-            cfg.data.paths, self.tokenizer, cfg.data.resolved_cache_dir(),
-            text_key=cfg.data.text_key, txt_documents=cfg.data.txt_documents,
-            add_bos=cfg.data.add_bos,
-        )
+        #    The data modules raise ValueError for bad input (empty corpus, unreadable file,
+        #    too little text for one batch): report those like any other config problem.
+        try:
+            self.tokenizer = prepare_tokenizer(cfg.tokenizer, cfg.data.paths, self.tokenizer_dir)
+            cache = build_token_cache(
+                cfg.data.paths, self.tokenizer, cfg.data.resolved_cache_dir(),
+                text_key=cfg.data.text_key, txt_documents=cfg.data.txt_documents,
+                add_bos=cfg.data.add_bos,
+            )
+        except ConfigError:
+            raise
+        except ValueError as e:
+            raise ConfigError(str(e)) from None
         self.loader = self._build_loader(cache)
 
         # 4. Model and plan: every phase's adapters installed now (before DeepSpeed partitions
