@@ -94,7 +94,7 @@ def build_eval_model(vocab_size: int, num_layers: int = 2, hidden: int = 64, see
     )
 
 
-_TOKENIZERS: dict[str, object] = {}
+_TOKENIZERS: dict[str, tuple[object, Path]] = {}
 
 
 def cached_tokenizer(letters: str = "merged"):
@@ -102,9 +102,15 @@ def cached_tokenizer(letters: str = "merged"):
     import tempfile
 
     if letters not in _TOKENIZERS:
-        _TOKENIZERS[letters] = build_tokenizer(Path(tempfile.mkdtemp(prefix=f"lf-tok-{letters}-")),
-                                               letters)
-    return _TOKENIZERS[letters]
+        d = Path(tempfile.mkdtemp(prefix=f"lf-tok-{letters}-"))
+        _TOKENIZERS[letters] = (build_tokenizer(d, letters), d / "hf")
+    return _TOKENIZERS[letters][0]
+
+
+def cached_tokenizer_dir(letters: str = "merged") -> Path:
+    """The saved directory of :func:`cached_tokenizer` (``AutoTokenizer.from_pretrained`` it)."""
+    cached_tokenizer(letters)
+    return _TOKENIZERS[letters][1]
 
 
 # -- lm-evaluation-harness as the independent reference ---------------------------------------
