@@ -20,6 +20,7 @@ works through the plain path (no cache), e.g. a wrapped Megatron model.
 
 from __future__ import annotations
 
+import inspect
 import math
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
@@ -228,6 +229,11 @@ class Scorer:
                 f"{type(self.module).__name__}. Use use_cache=None/False for plain callables."
             )
         self.hf = hf
+        # HF causal LMs can skip the LM head on positions whose logits are not read: with a
+        # 150k vocabulary the full [B, T, V] logits would dominate time and memory.
+        self._keeps_logits = hf and "logits_to_keep" in inspect.signature(
+            type(self.module).forward
+        ).parameters
         self.use_cache = hf if use_cache is None else bool(use_cache)
         self.min_prefix = min_prefix
         self.device = _model_device(self.module)
@@ -287,13 +293,18 @@ class Scorer:
         ]
 
     # -- running ------------------------------------------------------------------------
-    def _forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None, past=None):
+    def _forward(
+        self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None, past=None,
+        keep: int = 0,
+    ):
         if self.hf:
+            kwargs = {"logits_to_keep": keep} if (keep and self._keeps_logits) else {}
             return self.module(
                 input_ids=input_ids,
                 attention_mask=attention_mask,
                 past_key_values=past,
                 use_cache=past is not None,
+                **kwargs,
             )
         return self.model(input_ids)
 
@@ -329,11 +340,14 @@ class Scorer:
             mask[j, len(step.prefix) : len(step.prefix) + len(r.tokens)] = 1
         ids, mask = ids.to(self.device), mask.to(self.device)
         past = self._expand_cache(kv, b) if kv is not None else None
-        logits = _logits_of(self._forward(ids, mask if self.hf else None, past))
+        keep = max(t - r.first for r in step.rows)  # the last `keep` positions hold every read
+        logits = _logits_of(self._forward(ids, mask if self.hf else None, past, keep=keep))
+        shift = logits.shape[1] - t  # -(t - keep) when the model kept only `keep` positions
         for j, r in enumerate(step.rows):
             req = requests[r.req]
             n = len(req.continuation_ids[r.letters[0]])
-            logp = F.log_softmax(logits[j, r.first : r.first + n].float(), dim=-1)
+            first = r.first + shift
+            logp = F.log_softmax(logits[j, first : first + n].float(), dim=-1)
             for li in r.letters:
                 cont = torch.tensor(req.continuation_ids[li], device=logp.device)
                 scores[r.req][li] = float(logp.gather(1, cont[:, None]).sum())
