@@ -465,7 +465,8 @@ class AppliedPlan:
                 for cname, child in mod._modules.items():
                     if child is None or not any(cname.startswith(p) for p in prefixes):
                         continue
-                    if merge and getattr(child, "mergeable", False) and callable(getattr(child, "merge", None)):
+                    if (merge and getattr(child, "mergeable", False) and not getattr(child, "merged", False)
+                            and callable(getattr(child, "merge", None))):
                         child.merge(mod)
                         done.append(f"{layer.name}.{name}" if name else layer.name)
                     elif not merge and getattr(child, "merged", False) and callable(getattr(child, "unmerge", None)):

@@ -39,6 +39,7 @@ def tiny_config(
     attn_implementation: str = "eager",
     tie_word_embeddings: bool | None = None,
     initializer_range: float = 0.1,
+    **extra,
 ) -> PretrainedConfig:
     """Config of a tiny model of ``family`` (one of :data:`TINY_FAMILIES`).
 
@@ -54,10 +55,11 @@ def tiny_config(
         attn_implementation: ``"eager"`` or ``"sdpa"``.
         tie_word_embeddings: override the family's default tying (GPT-2 ties, the others not).
         initializer_range: std of the random init (larger than HF's 0.02 so signals are not tiny).
+        **extra: further config fields (e.g. ``reorder_and_upcast_attn=True`` for GPT-2).
     """
     inter = intermediate or 2 * hidden
     kv = num_kv_heads or num_heads
-    common = dict(vocab_size=vocab_size, initializer_range=initializer_range)
+    common = dict(vocab_size=vocab_size, initializer_range=initializer_range, **extra)
     if family == "llama":
         cfg = LlamaConfig(
             hidden_size=hidden, num_hidden_layers=num_layers, num_attention_heads=num_heads,
