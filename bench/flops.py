@@ -27,14 +27,16 @@ What each part of a Llama-family model contributes:
 - Norms, activations, softmax, loss and the optimizer step are elementwise and are not counted.
 - LoRA of rank ``r`` on a ``d_in×d_out`` linear adds ``A`` (``d_in·r``, same stage as the
   linear) and ``B`` (``r·d_out``, half a stage later: ``B``'s input gradient is always needed to
-  reach ``A``), both trainable. The HLPT gate ``sigmoid(w·h + b)`` adds a trainable ``d_in``
-  matmul in the linear's stage.
-- Prefix of ``P`` virtual tokens on attention: every query also attends to ``P`` prefix
-  keys/values: a trainable ``2·P·d_attn`` op in the scores' stage (forward ``QK_pᵀ`` and
-  ``A·V_p``; its weight gradient is ``dK_p``, ``dV_p``). Projecting the prefix through the
-  layer's frozen ``k``/``v`` once per sequence costs ``P·(N_k + N_v)`` per sequence, i.e.
-  ``P·(N_k + N_v)/s`` per token (trainable: the gradient must reach the prefix parameters);
-  a gate adds a trainable ``hidden`` op.
+  reach ``A``), both trainable. The HLPT gate ``sigmoid(w·h + b)`` is one per gated sub-block
+  (attention / MLP), fed by the sub-block's input and shared by its adapters: a trainable
+  ``hidden`` matmul in the sub-block's first stage.
+- Prefix of ``P`` virtual tokens on attention (learned keys/values, layerfreeze's ``prefix``):
+  every query also attends to ``P`` prefix keys/values: a trainable ``2·P·d_attn`` op in the
+  scores' stage (forward ``QK_pᵀ`` and ``A·V_p``; its weight gradient is ``dK_p``, ``dV_p``).
+  The gate is a trainable ``hidden`` op on the attention input whose output only scales the
+  prefix branch, so it sits beside the scores (not upstream of them). With a
+  reparameterisation MLP of width ``m`` the ``P`` keys/values are computed once per step:
+  ``P·(hidden·m + m·2·d_kv)`` MACs, amortised over the step's ``batch·s`` tokens.
 
 Everything is pure arithmetic over dataclasses, so ``tests/unit/test_bench_flops.py`` can check
 it against hand computations.
@@ -174,6 +176,8 @@ class LlamaDims:
     vocab: int
     seq_len: int
     causal: bool = True
+    batch: int = 1
+    """Sequences per step (only amortises once-per-step costs such as a prefix reparam MLP)."""
 
     def linear_shape(self, name: str) -> tuple[int, int]:
         """``(d_in, d_out)`` of a block linear by its Llama attribute name."""
@@ -212,6 +216,7 @@ class PrefixCost:
 
     tokens: int
     gated: bool = False
+    reparam: int | None = None
 
 
 @dataclass(frozen=True)
@@ -250,8 +255,11 @@ def llama_block(dims: LlamaDims, layer: LayerCost, name: str = "layer") -> Block
             r = layer.lora.rank
             ops.append(Op(f"{name}.{lin}.lora_a", d_in * r, stage, True))
             ops.append(Op(f"{name}.{lin}.lora_b", r * d_out, stage + 0.5, True))
-            if layer.lora.gated:
-                ops.append(Op(f"{name}.{lin}.lora_gate", d_in, stage, True))
+    if layer.lora is not None and layer.lora.gated:
+        # one gate per sub-block, fed by the sub-block's input, shared by its adapters
+        for sub, linears, stage in (("attn", ATTN_LINEARS, STAGE_QKV), ("mlp", MLP_LINEARS, STAGE_GATE_UP)):
+            if set(layer.lora.targets) & set(linears):
+                ops.append(Op(f"{name}.{sub}.lora_gate", dims.hidden, stage, True))
     d_attn = dims.num_heads * dims.head_dim
     ops.append(
         Op(f"{name}.scores", 2 * dims.keys_per_query * d_attn, STAGE_SCORES, activation=True)
@@ -259,9 +267,14 @@ def llama_block(dims: LlamaDims, layer: LayerCost, name: str = "layer") -> Block
     if layer.prefix is not None:
         p = layer.prefix.tokens
         ops.append(Op(f"{name}.prefix_attn", 2 * p * d_attn, STAGE_SCORES, True))
-        n_kv = sum(dims.linear_shape(lin)[0] * dims.linear_shape(lin)[1] for lin in ("k_proj", "v_proj"))
-        ops.append(Op(f"{name}.prefix_kv", p * n_kv / dims.seq_len, STAGE_SCORES, True))
+        if layer.prefix.reparam is not None:
+            m, d_kv = layer.prefix.reparam, dims.num_kv_heads * dims.head_dim
+            per_step = p * (dims.hidden * m + m * 2 * d_kv)
+            ops.append(
+                Op(f"{name}.prefix_mlp", per_step / (dims.batch * dims.seq_len), STAGE_SCORES, True)
+            )
         if layer.prefix.gated:
+            # reads the attention input but only scales the prefix branch: parallel to the scores
             ops.append(Op(f"{name}.prefix_gate", dims.hidden, STAGE_SCORES, True))
     return Block(name, tuple(ops))
 

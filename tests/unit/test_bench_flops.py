@@ -92,25 +92,58 @@ def test_lora_on_mlp_of_bottom_layer():
     assert f.weight_grad == 2 * 30
 
 
-def test_gated_lora_adds_gate_matmuls():
+def test_gated_lora_adds_one_gate_per_sub_block():
     lora = flops.LayerCost(lora=flops.LoraCost(rank=1, targets=MLP, gated=True))
     f = flops.step_flops(net([lora, FROZEN]))
-    # gates: d_in of gate (4), up (4), down (6); only down's gate has a trainable op upstream
-    assert f.forward == 684 + 2 * 14
-    assert f.input_grad == 476 + 2 * 6
-    assert f.weight_grad == 60 + 2 * 14
-    assert f.total == 1288
+    # one MLP gate w·h (hidden 4) in the gate/up stage: nothing trainable upstream of it
+    assert f.forward == 684 + 2 * 4
+    assert f.input_grad == 476
+    assert f.weight_grad == 60 + 2 * 4
+    assert f.total == 1236
 
 
-def test_gated_prefix_on_top_layer():
+def test_gated_lora_on_attention_and_mlp_has_two_gates():
+    lora = flops.LayerCost(lora=flops.LoraCost(rank=1, targets=("o_proj", "down_proj"), gated=True))
+    f = flops.step_flops(net([lora, FROZEN]))
+    # A/B: o 4/4, down 6/4 -> 18; gates: attention (stage 0) and MLP (stage 3), 4 each
+    assert f.forward == 624 + 2 * (18 + 8)
+    # layer 0: attention gate trains in stage 0, so from the scores on every op passes gradients:
+    # scores 4·16, o 2·16 + its A 2·4 + its B 2·4, gate/up 2·48 + MLP gate 2·4, down 2·24 + A 2·6
+    # + B 2·4; then layer 1 (304) and the head (80)
+    assert f.input_grad == 64 + 32 + 8 + 8 + 96 + 8 + 48 + 12 + 8 + 304 + 80
+    assert f.weight_grad == 2 * (18 + 8)
+
+
+def test_prefix_on_top_layer():
+    prefix = flops.LayerCost(prefix=flops.PrefixCost(tokens=2))
+    f = flops.step_flops(net([FROZEN, prefix]))
+    # prefix attention 2·P·d_attn = 2·2·4 = 16
+    assert f.forward == 624 + 2 * 16
+    # the prefix trains in the scores' stage: input grads start at o_proj of layer 1
+    assert f.input_grad == 32 + 96 + 48 + 80
+    assert f.weight_grad == 2 * 16
+
+
+def test_gated_prefix_gate_is_not_upstream_of_the_scores():
     prefix = flops.LayerCost(prefix=flops.PrefixCost(tokens=2, gated=True))
     f = flops.step_flops(net([FROZEN, prefix]))
-    # prefix attention 2·P·d_attn = 16, k/v projection of P tokens per sequence (2·16)/3, gate 4
-    extra = 16 + 32 / 3 + 4
-    assert f.forward == pytest.approx(624 + 2 * extra)
-    # nothing trains before the prefix: input grads start at o_proj of layer 1
+    assert f.forward == 624 + 2 * (16 + 4)
+    # the gate only scales the prefix branch: the scores still need no gradient
     assert f.input_grad == 32 + 96 + 48 + 80
-    assert f.weight_grad == pytest.approx(2 * extra)
+    assert f.weight_grad == 2 * (16 + 4)
+
+
+def test_prefix_reparam_mlp_is_amortised_over_the_step():
+    dims = flops.LlamaDims(4, 6, 2, 1, 2, 10, 3, batch=2)
+    plain = flops.step_flops(flops.llama_network(
+        dims, [flops.LayerCost(prefix=flops.PrefixCost(tokens=2))],
+        embeddings_trainable=False, lm_head_trainable=False))
+    mlp = flops.step_flops(flops.llama_network(
+        dims, [flops.LayerCost(prefix=flops.PrefixCost(tokens=2, reparam=5))],
+        embeddings_trainable=False, lm_head_trainable=False))
+    # P·(hidden·m + m·2·d_kv) = 2·(4·5 + 5·2·2) = 80 MACs per step, over 2·3 tokens
+    assert mlp.forward - plain.forward == pytest.approx(2 * 80 / 6)
+    assert mlp.weight_grad - plain.weight_grad == pytest.approx(2 * 80 / 6)
 
 
 def test_tied_head_follows_embeddings():
