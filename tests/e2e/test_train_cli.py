@@ -1,0 +1,271 @@
+"""The real ``layerfreeze train`` CLI end to end on a tiny model (subprocesses, CPU, gloo).
+
+* 2 DeepSpeed ranks (torchrun, ZeRO-2, freeze_deep, gradient accumulation 2): train ->
+  checkpoints -> C-Eval/CMMLU evaluation at the checkpoint and the end -> offline wandb ->
+  merged HF export that ``AutoModelForCausalLM`` loads, with frozen layers bit-identical to the
+  seeded initial model; then a resume from the mid-run checkpoint reproduces the straight run's
+  losses.
+* NaN/Inf stop: a real non-finite loss (negative RMSNorm epsilon makes the norm's rsqrt NaN) is
+  skipped and counted; after ``train.nan_tolerance`` bad steps in a row the run exits 3 and
+  names the last good checkpoint.
+* Bad input: each a clear error (exit 2) naming the problem, and no output directory left.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import yaml
+
+pytestmark = pytest.mark.slow
+
+REPO = Path(__file__).resolve().parents[2]
+FAKE_SECRET = "lf-test-secret-0123456789abcdef"  # must never appear in any output file
+
+TINY_ARCH = {
+    "model_type": "llama", "hidden_size": 64, "intermediate_size": 128, "num_hidden_layers": 2,
+    "num_attention_heads": 4, "num_key_value_heads": 2, "max_position_embeddings": 512,
+    "tie_word_embeddings": False,
+}
+
+
+def _config(out_dir: Path, cache_dir: Path, **sections) -> dict:
+    cfg = {
+        "model": {"architecture": dict(TINY_ARCH), "attn_implementation": "eager"},
+        "tokenizer": {"vocab_size": 1000},
+        "data": {"paths": ["@bundled"], "seq_len": 32, "cache_dir": str(cache_dir)},
+        "plan": {"spec": "freeze_deep"},
+        "deepspeed": {
+            "zero_optimization": {"stage": 2},
+            "optimizer": {"type": "AdamW", "params": {"torch_adam": True}},
+            "steps_per_print": 1000000,
+        },
+        "optim": {"lr": 3e-3, "warmup_steps": 1, "schedule": "cosine"},
+        "train": {"steps": 6, "micro_batch_size": 2, "grad_accum_steps": 2, "seed": 7,
+                  "num_threads": 1},
+        "logging": {"out_dir": str(out_dir), "log_every": 1, "per_layer_every": 3,
+                    "progress": "none", "wandb_project": "lf-e2e", "wandb_mode": "offline"},
+        "checkpoint": {"every_steps": 3, "keep_last": 2},
+        "eval": {"every_steps": 0, "at_end": False},
+    }
+    for section, values in sections.items():
+        cfg.setdefault(section, {}).update(values)
+    return cfg
+
+
+def _write(path: Path, cfg: dict) -> Path:
+    path.write_text(yaml.safe_dump(cfg, sort_keys=False), encoding="utf-8")
+    return path
+
+
+def _env() -> dict:
+    env = dict(os.environ)
+    env.update({
+        "DS_ACCELERATOR": "cpu", "WANDB_MODE": "offline", "OMP_NUM_THREADS": "1",
+        "TOKENIZERS_PARALLELISM": "false", "PYTHONWARNINGS": "ignore",
+        "WANDB_API_KEY": FAKE_SECRET, "PYTHONPATH": str(REPO),
+    })
+    for k in ("RANK", "LOCAL_RANK", "WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT"):
+        env.pop(k, None)
+    return env
+
+
+def _train(config: Path, *overrides: str, nproc: int = 1, timeout: int = 300) -> subprocess.CompletedProcess:
+    if nproc > 1:
+        cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone",
+               "--nproc_per_node", str(nproc), "-m", "layerfreeze"]
+    else:
+        cmd = [sys.executable, "-m", "layerfreeze"]
+    cmd += ["train", "--config", str(config), *overrides]
+    return subprocess.run(cmd, cwd=REPO, env=_env(), capture_output=True, text=True, timeout=timeout)
+
+
+def _losses(out_dir: Path) -> dict[int, float]:
+    from layerfreeze.metrics import read_jsonl
+
+    return {r["step"]: r["loss"] for r in read_jsonl(out_dir / "metrics.jsonl") if r["type"] == "train"}
+
+
+def _assert_no_secret(root: Path) -> None:
+    for path in root.rglob("*"):
+        if path.is_file() and path.stat().st_size < 50_000_000:
+            assert FAKE_SECRET.encode() not in path.read_bytes(), f"secret leaked into {path}"
+
+
+# ---------------------------------------------------------------------------------------------
+# train -> checkpoint -> eval -> export (2 ranks), then resume == straight
+# ---------------------------------------------------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def straight_run(tmp_path_factory, eval_data_dir):
+    tmp = tmp_path_factory.mktemp("e2e_straight")
+    out = tmp / "run"
+    cfg = _config(
+        out, tmp / "cache",
+        eval={"benchmarks": ["ceval", "cmmlu"], "data_dir": str(eval_data_dir),
+              "subjects": {"ceval": ["computer_network"], "cmmlu": ["world_history"]},
+              "shots": 0, "max_questions": 4, "batch_size": 8, "at_end": True},
+    )
+    config = _write(tmp / "run.yaml", cfg)
+    proc = _train(config, nproc=2)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-6000:]
+    return tmp, out, config, proc
+
+
+def test_straight_run_writes_everything(straight_run):
+    tmp, out, config, proc = straight_run
+    losses = _losses(out)
+    assert sorted(losses) == [1, 2, 3, 4, 5, 6]
+    assert all(isinstance(v, float) for v in losses.values())
+    assert losses[6] < losses[1], losses  # it learns
+    records = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+    plan_rows = next(r for r in records if r["type"] == "plan")["rows"]
+    by_layer = {r["index"]: r for r in plan_rows if r["index"] is not None}
+    assert by_layer[0]["trainable_params"] == by_layer[0]["total_params"] > 0  # layer 0 full
+    assert by_layer[1]["trainable_params"] == 0  # layer 1 frozen
+    step3 = next(r for r in records if r["type"] == "train" and r["step"] == 3)
+    assert step3["grad_norm/layers.0"] > 0 and "grad_norm/layers.1" not in step3
+    evals = [r for r in records if r["type"] == "eval"]
+    assert [r["step"] for r in evals] == [3, 6]  # at the checkpoint and at the end
+    assert evals[0]["eval/ceval/num_questions"] == 4 and evals[0]["eval/cmmlu/num_questions"] == 4
+
+    ckpts = sorted(p.name for p in (out / "checkpoints").iterdir() if p.name.startswith("step_"))
+    assert ckpts == ["step_00000003", "step_00000006"]
+    assert (out / "checkpoints" / "latest").read_text().strip() == "step_00000006"
+    for name in ("step_00000003.json", "step_00000006.json", "summary.json", "accuracy.png"):
+        assert (out / "eval" / name).is_file(), name
+    assert list((out / "wandb").glob("offline-run-*")), "no offline wandb run"
+    summary = json.loads((out / "summary.json").read_text())
+    assert summary["steps_done"] == 6 and summary["export_dir"] == str(out / "export")
+    assert "run summary:" in proc.stderr and str(out / "metrics.jsonl") in proc.stderr
+    _assert_no_secret(out)
+
+
+def test_export_loads_and_frozen_layers_are_untouched(straight_run):
+    import torch
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from layerfreeze.config import load_config
+    from layerfreeze.train import build_model
+
+    tmp, out, config, _ = straight_run
+    exported = AutoModelForCausalLM.from_pretrained(str(out / "export"))
+    tok = AutoTokenizer.from_pretrained(str(out / "export"))
+    ids = torch.tensor([tok("你好 hello world")["input_ids"]])
+    assert torch.isfinite(exported(input_ids=ids).logits).all()
+
+    cfg = load_config(config)
+    initial = build_model(cfg.model, len(tok), cfg.train.seed)  # same seed -> the run's init
+    got, init = exported.state_dict(), initial.state_dict()
+    frozen = [k for k in init if k.startswith("model.layers.1.") or k.startswith("lm_head")
+              or k == "model.norm.weight"]
+    trained = [k for k in init if k.startswith("model.layers.0.") and k.endswith(".weight")]
+    assert frozen and trained
+    for k in frozen:
+        assert torch.equal(got[k], init[k]), f"frozen {k} changed"
+    for k in trained:
+        assert not torch.equal(got[k], init[k]), f"trained {k} did not change"
+
+
+def test_resume_reproduces_straight_losses(straight_run):
+    tmp, out, config, _ = straight_run
+    out_b = tmp / "resumed"
+    ckpt = out / "checkpoints" / "step_00000003"
+    proc = _train(config, f"logging.out_dir={out_b}", f"checkpoint.resume={ckpt}",
+                  "eval.at_end=false", "checkpoint.export_final=false", nproc=2)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-6000:]
+    straight, resumed = _losses(out), _losses(out_b)
+    assert sorted(resumed) == [4, 5, 6]
+    for step in (4, 5, 6):
+        assert resumed[step] == pytest.approx(straight[step], rel=1e-6, abs=1e-7), (step, straight, resumed)
+
+
+# ---------------------------------------------------------------------------------------------
+# NaN / Inf: skip, count, stop after K in a row, name the last good checkpoint
+# ---------------------------------------------------------------------------------------------
+
+
+def test_nan_losses_stop_the_run_and_name_last_good_checkpoint(tmp_path):
+    out = tmp_path / "run"
+    config = _write(tmp_path / "run.yaml", _config(out, tmp_path / "cache",
+                                                   train={"steps": 2, "nan_tolerance": 2},
+                                                   checkpoint={"every_steps": 0},
+                                                   logging={"wandb_project": None}))
+    first = _train(config, "checkpoint.export_final=false")
+    assert first.returncode == 0, first.stderr[-6000:]
+    good = out / "checkpoints" / "step_00000002"
+    assert good.is_dir()
+    # Continue the same run for 4 more steps with a model whose RMSNorm epsilon is negative:
+    # mean(x^2) + eps < 0, so rsqrt is NaN and so is every loss from step 3 on.
+    proc = _train(config, "train.steps=6", "model.architecture.rms_norm_eps=-1.0")
+    assert proc.returncode == 3, proc.stderr[-6000:]
+    err = proc.stderr
+    assert "training stopped at step 4" in err, err[-3000:]
+    assert "NaN/Inf for 2 consecutive steps (train.nan_tolerance=2" in err
+    assert f"The last good checkpoint is {good} (step 2)" in err
+    assert f"checkpoint.resume={good}" in err
+    from layerfreeze.checkpoint import list_checkpoints
+    from layerfreeze.metrics import read_jsonl
+
+    assert [c.step for c in list_checkpoints(out / "checkpoints")] == [2]  # none saved while bad
+    bad = [r for r in read_jsonl(out / "metrics.jsonl") if r.get("skipped")]
+    assert [r["step"] for r in bad] == [3, 4] and bad[-1]["skipped_steps"] == 2
+    assert all(r["loss"] == "nan" for r in bad)
+
+
+# ---------------------------------------------------------------------------------------------
+# bad input: clear error, exit 2, nothing left behind
+# ---------------------------------------------------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def tokenizer_dir(tmp_path_factory):
+    from layerfreeze.data import default_corpus_files, train_tokenizer
+
+    out = tmp_path_factory.mktemp("e2e_tok") / "tok"
+    train_tokenizer(default_corpus_files(), out, vocab_size=1000)
+    return out
+
+
+def test_bad_inputs_fail_cleanly(tmp_path, tokenizer_dir):
+    empty = tmp_path / "empty.txt"
+    empty.write_text("", encoding="utf-8")
+    short = tmp_path / "short.txt"
+    short.write_text("Hello world. 你好。\n", encoding="utf-8")
+    garbage_ckpt = tmp_path / "ckpt" / "step_00000003"
+    garbage_ckpt.mkdir(parents=True)
+    (garbage_ckpt / "manifest.json").write_text("{not json", encoding="utf-8")
+
+    cases = {
+        "missing corpus": ([f"data.paths=[{tmp_path / 'nope.txt'}]"], ["data.paths[0]", "nope.txt"]),
+        "empty corpus": ([f"data.paths=[{empty}]"], ["empty.txt"]),
+        "short corpus": ([f"data.paths=[{short}]"], ["fewer than one sequence", "data.seq_len"]),
+        "unknown key": (["train.stpes=3"], ["unknown key 'stpes'", "Did you mean 'steps'?"]),
+        "plan vs model": (["plan.spec=0-5:full"], ["2-layer model"]),
+        "unreadable checkpoint": ([f"checkpoint.resume={garbage_ckpt}"],
+                                  ["checkpoint.resume:", str(garbage_ckpt)]),
+    }
+    failures = []
+    for name, (overrides, needles) in cases.items():
+        out = tmp_path / name.replace(" ", "_")
+        config = _write(tmp_path / f"{out.name}.yaml",
+                        _config(out, tmp_path / "cache", tokenizer={"path": str(tokenizer_dir)},
+                                logging={"wandb_project": None}))
+        proc = _train(config, *overrides)
+        if proc.returncode != 2:
+            failures.append(f"{name}: exit {proc.returncode}\n{proc.stderr[-3000:]}")
+            continue
+        missing = [n for n in needles if n not in proc.stderr]
+        if missing:
+            failures.append(f"{name}: message lacks {missing}:\n{proc.stderr[-2000:]}")
+        if "Traceback" in proc.stderr:
+            failures.append(f"{name}: traceback instead of a clear message:\n{proc.stderr[-2000:]}")
+        if out.exists():
+            failures.append(f"{name}: left {sorted(p.name for p in out.rglob('*'))} in {out}")
+    assert not failures, "\n\n".join(failures)
