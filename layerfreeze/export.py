@@ -75,7 +75,8 @@ def save_trainable(applied: AppliedPlan, directory: str | os.PathLike) -> Path:
         The directory path.
     """
     directory = Path(directory)
-    install = [p for p, _ in applied.installed[1:]]
+    # Every installed plan (the schedule's phases), so reloading recreates every adapter.
+    install = [p for p, _ in applied.installed if p != applied.plan]
     sd = _tensors_for_file(applied.trainable_state_dict())
     with atomic_directory(directory) as tmp:
         save_file(sd, str(tmp / ADAPTER_FILE), metadata={"format": _FORMAT})
@@ -182,7 +183,7 @@ def export_merged(
                 if mine and all(n in merged_params for n in mine):
                     merged_layers.setdefault(layer.index, set()).add(spec.name)
         plan = _sidecar_plan(applied.plan, applied.resolved, merged_layers)
-        install = [_sidecar_plan(p, r, merged_layers) for p, r in applied.installed[1:]]
+        install = [_sidecar_plan(p, r, merged_layers) for p, r in applied.installed if p != applied.plan]
         state = {k: v.detach() for k, v in base_state_dict(model).items()}
         with atomic_directory(directory) as tmp:
             model.save_pretrained(str(tmp), state_dict=state, safe_serialization=True)
