@@ -310,7 +310,10 @@ class Scorer:
 
     def _prefix_cache(self, prefix: list[int]):
         ids = torch.tensor([prefix], device=self.device)
-        out = self.module(input_ids=ids, attention_mask=torch.ones_like(ids), use_cache=True)
+        kwargs = {"logits_to_keep": 1} if self._keeps_logits else {}  # logits unused here
+        out = self.module(
+            input_ids=ids, attention_mask=torch.ones_like(ids), use_cache=True, **kwargs
+        )
         cache = out.past_key_values
         layers = [tuple(t) for t in cache]
         if any(len(t) > 2 and t[2] is not None for t in layers):
