@@ -238,22 +238,36 @@ class AppliedPlan:
             )
         return self._names[key]
 
-    def _set_requires_grad(self) -> None:
+    def _trainable_set(self, resolved: ResolvedPlan) -> set[str]:
         trainable: set[str] = set()
-        for layer, spec in zip(self.layout.layers, self.resolved.layers):
+        for layer, spec in zip(self.layout.layers, resolved.layers):
             trainable.update(f"{layer.name}.{n}" for n in self._layer_names(layer, spec))
         parts = self._partition()
-        tied = self.layout.tied_embeddings
         for part in NON_LAYER_PARTS:
-            if self.resolved.non_layer(part).name == "full":
+            if resolved.non_layer(part).name == "full":
                 trainable.update(parts[part])
-        if tied and self.resolved.lm_head.name != self.resolved.embeddings.name:
-            log_rank0(
-                logger,
-                "plan: the LM head is tied to the token embeddings, so the shared weight follows "
-                f"embeddings ({self.resolved.embeddings.name}), not lm_head ({self.resolved.lm_head.name}).",
-                level=logging.WARNING,
-            )
+        return trainable
+
+    def _resolve_installed(self, plan: LayerPlan | str | Mapping) -> tuple[LayerPlan, ResolvedPlan]:
+        new = LayerPlan.parse(plan)
+        resolved = new.resolve(self.layout.num_layers)
+        for layer, spec in zip(self.layout.layers, resolved.layers):
+            key = (layer.index, _spec_key(spec))
+            if key not in self._names and not get_policy(spec.name).param_prefix:
+                # freeze / full install nothing: their names can be computed now.
+                self._names[key] = frozenset(get_policy(spec.name).apply(layer, spec, self.layout))
+            self._layer_names(layer, spec)
+        return new, resolved
+
+    def trainable_names_for(self, plan: LayerPlan | str | Mapping) -> list[str]:
+        """Names ``plan`` would train (its adapters must be installed), without changing
+        ``requires_grad``; in ``named_parameters()`` order."""
+        _new, resolved = self._resolve_installed(plan)
+        trainable = self._trainable_set(resolved)
+        return [n for n, _ in self.model.named_parameters() if n in trainable]
+
+    def _set_requires_grad(self) -> None:
+        trainable = self._trainable_set(self.resolved)
         names = []
         for name, p in self.model.named_parameters():
             want = name in trainable
@@ -275,17 +289,10 @@ class AppliedPlan:
             ConfigError: ``plan`` does not resolve, or needs adapters that were not installed
                 (the message names the layer).
         """
-        new = LayerPlan.parse(plan)
-        resolved = new.resolve(self.layout.num_layers)
-        for layer, spec in zip(self.layout.layers, resolved.layers):
-            key = (layer.index, _spec_key(spec))
-            if key not in self._names and not get_policy(spec.name).param_prefix:
-                # freeze / full install nothing: their names can be computed now.
-                self._names[key] = frozenset(get_policy(spec.name).apply(layer, spec, self.layout))
-            self._layer_names(layer, spec)
+        new, resolved = self._resolve_installed(plan)
         self.plan, self.resolved = new, resolved
         self._set_requires_grad()
-        log_rank0(logger, "plan switched: %s", str(new))
+        log_rank0(logger, "plan switched: %s", str(new), level=logging.DEBUG)
         return self
 
     # ------------------------------------------------------------------ queries
@@ -529,6 +536,15 @@ def apply_plan(
         resolved.append(r)
     if problems:
         raise ConfigError(problems)
+    for i, r in enumerate(resolved):
+        if layout.tied_embeddings and r.lm_head.name != r.embeddings.name:
+            log_rank0(
+                logger,
+                f"{'plan' if i == 0 else f'install[{i - 1}]'}: the LM head is tied to the token "
+                f"embeddings, so the shared weight follows embeddings ({r.embeddings.name}), not "
+                f"lm_head ({r.lm_head.name}).",
+                level=logging.WARNING,
+            )
     _record_base_tensors(model)
     applied = AppliedPlan(model, layout, plans[0], resolved[0])  # type: ignore[arg-type]
     # Install later phases first so that the trainable plan's apply() runs last.

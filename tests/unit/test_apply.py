@@ -337,10 +337,11 @@ def _grads(model, ids):
 
 
 @pytest.mark.parametrize("family", TINY_FAMILIES)
-def test_gradient_checkpointing_matches_and_recomputes_frozen_layers(family):
+@pytest.mark.parametrize("plan", ["freeze_deep", MIXED])
+def test_gradient_checkpointing_matches_and_recomputes_frozen_layers(family, plan):
     model = build_tiny_model(family, num_layers=4)
     model.train()
-    applied = apply_plan(model, "freeze_deep")
+    applied = apply_plan(model, _plan(plan))
     ckpt = copy.deepcopy(model)
     enable_gradient_checkpointing(ckpt)
     ids = tiny_batch(model)
@@ -398,3 +399,15 @@ def test_adapters_follow_base_dtype():
     a = model.model.layers[0].mlp.up_proj.lora_adapter.lora_a
     assert a.dtype == torch.bfloat16 and model.model.layers[0].mlp.lora_gate.weight.dtype == torch.float32
     assert isinstance(model.model.layers[1].self_attn.prefix_adapter, nn.Module)
+
+
+def test_trainable_names_for_does_not_switch():
+    model = build_tiny_model("llama")
+    applied = apply_plan(model, "0:lora(r=2)", install=["0-1:full"])
+    before = applied.trainable_names()
+    names = applied.trainable_names_for("0-1:full")
+    assert applied.trainable_names() == before and all("lora_" in n for n in before)
+    assert names and all(n.startswith(("model.layers.0.", "model.layers.1.")) and "lora_" not in n for n in names)
+    assert [n for n, p in model.named_parameters() if p.requires_grad] == before
+    with pytest.raises(ConfigError, match="were not installed"):
+        applied.trainable_names_for("2:lora(r=2)")
