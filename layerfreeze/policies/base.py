@@ -73,6 +73,11 @@ class Policy(Protocol):
         config_cls: dataclass holding the policy's options (validated strictly).
         param_prefix: unique prefix of every parameter the policy creates (``lora_``,
             ``prefix_``); empty for policies that create none.
+
+    Optional: ``merge(layer, spec, layout) -> list[str]`` / ``unmerge(...)`` to fold an adapter
+    into the base weights. Without them ``AppliedPlan.merge`` merges every adapter child module
+    (a child whose name starts with ``param_prefix``) that has ``mergeable``, ``merged``,
+    ``merge(base)`` and ``unmerge(base)`` into its parent module.
     """
 
     name: str
