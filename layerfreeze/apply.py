@@ -93,7 +93,9 @@ def check_plan(resolved: ResolvedPlan, layout: ModelLayout, path: str = "plan") 
         return problems
     for layer, spec in zip(layout.layers, resolved.layers):
         for p in get_policy(spec.name).check(layer, spec, layout):
-            problems.append(f"{path}: layer {layer.index} ({spec.describe()}): {p}")
+            # Policies usually name the layer themselves; add it only when they do not.
+            where = "" if p.startswith(f"layer {layer.index} ") else f"layer {layer.index}: "
+            problems.append(f"{path}: {where}{spec.describe()}: {p}")
     for part in NON_LAYER_PARTS:
         spec = resolved.non_layer(part)
         if spec.name != "freeze" and part != "embeddings" and getattr(layout, part) is None:
@@ -404,6 +406,9 @@ class AppliedPlan:
             state_dict: name -> tensor (e.g. from :meth:`trainable_state_dict`).
             strict: require every installed adapter parameter to be present.
 
+        Under ZeRO-3 call it inside the engine's gathered-parameters context (the copy needs
+        whole tensors).
+
         Raises:
             ValueError: unknown names, shape mismatches, or (strict) missing adapter parameters.
         """
@@ -417,8 +422,10 @@ class AppliedPlan:
             if missing:
                 problems.append(f"missing adapter parameters {missing[:5]}{' ...' if len(missing) > 5 else ''}")
         for n, t in state_dict.items():
-            if n in params and tuple(t.shape) != tuple(params[n].shape):
-                problems.append(f"{n}: shape {tuple(t.shape)} does not match the model's {tuple(params[n].shape)}")
+            if n in params:
+                want = tuple(getattr(params[n], "ds_shape", params[n].shape))
+                if tuple(t.shape) != want:
+                    problems.append(f"{n}: shape {tuple(t.shape)} does not match the model's {want}")
         if problems:
             raise ValueError(
                 "load_trainable_state_dict: " + "; ".join(problems)

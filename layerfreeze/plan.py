@@ -206,6 +206,7 @@ class LayerRange:
                 bounds.append(e + n if e < 0 else e)
         start, end = bounds
         if problems:
+            problems = list(dict.fromkeys(problems))  # a single index is both ends
             return range(start, max(start, end + 1)), problems
         if end < start and not (isinstance(self.start, Fraction) or isinstance(self.end, Fraction)):
             problems.append(f"covers no layers for a {n}-layer model (first {start} after last {end})")

@@ -80,7 +80,8 @@ def test_export_merged_loads_with_from_pretrained(family, tmp_path):
     assert type(plain) is type(model)
     sidecar = load_file(str(out / SIDECAR_FILE))
     # Ungated LoRA (layer 0) is merged; gated LoRA, its gate and the prefix stay in the sidecar.
-    assert sidecar and not any(".0." in n.split("lora_adapter")[0][-4:] for n in sidecar if "lora_adapter" in n)
+    layer0 = applied.layout.layers[0].name + "."
+    assert sidecar and not any(n.startswith(layer0) for n in sidecar)
     assert any("lora_gate" in n for n in sidecar) and any("prefix_key" in n for n in sidecar)
     assert all("lora_" in n or "prefix_" in n for n in sidecar)
     # Without the sidecar, layer 0's LoRA is already in the weights; the rest is missing.
@@ -130,12 +131,7 @@ def test_atomic_failure_leaves_nothing(tmp_path):
     with pytest.raises(RuntimeError, match="disk full"):
         export_merged(applied, tmp_path / "m", tokenizer=BrokenTokenizer())
     assert not (tmp_path / "m").exists() and list(tmp_path.iterdir()) == []
-    ids = tiny_batch(model)
-    fresh_ref = build_tiny_model("llama")
-    apply_plan(fresh_ref, PLAN)
     assert not any(getattr(m, "merged", False) for m in model.modules())  # unmerged after failure
-    with torch.no_grad():
-        model(ids)
 
 
 def test_load_errors(tmp_path):

@@ -207,6 +207,8 @@ def test_out_of_range_says_valid_range():
     assert "layer 40 is out of range for a 32-layer model (valid 0-31, or -32 to -1" in p
     (p,) = _problems(lambda: LayerPlan.parse("-9:-1:full").resolve(8))
     assert "layer -9 is out of range" in p
+    (p,) = _problems(lambda: LayerPlan.parse("9:full").resolve(4))  # reported once, not per end
+    assert "layer 9 is out of range for a 4-layer model (valid 0-3" in p
 
 
 def test_unknown_policy_lists_registered():
