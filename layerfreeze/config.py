@@ -46,7 +46,8 @@ class ModelConfig:
     architecture: dict[str, Any] | None = None
     """Architecture to build with random weights (seeded by ``train.seed``): a mapping with
     ``model_type`` (e.g. ``llama``, ``qwen2``, ``gpt2``) plus that config class's fields
-    (``hidden_size``, ``num_hidden_layers``, ...). ``vocab_size`` defaults to the tokenizer's size."""
+    (``hidden_size``, ``num_hidden_layers``, ...). ``vocab_size`` defaults to the tokenizer's
+    size."""
     dtype: Literal["float32", "bfloat16", "float16"] = "float32"
     """Dtype the weights are loaded or built in. Mixed precision itself is the DeepSpeed config's
     ``bf16`` / ``fp16`` section."""
@@ -78,7 +79,8 @@ class PlanConfig:
 
     spec: str | dict[str, Any] | None = None
     """A plan for the whole run, as accepted by ``LayerPlan.parse``: a preset name
-    (``freeze_deep``), a compact string, or a mapping. Set exactly one of ``spec`` and ``schedule``."""
+    (``freeze_deep``), a compact string, or a mapping. Set exactly one of ``spec`` and
+    ``schedule``."""
     schedule: list[dict[str, Any]] | None = None
     """Phases, each ``{plan: <plan spec>, until_step: <int>}`` (the last phase has
     ``until_step: null``): e.g. a short ``full`` warm phase, then ``freeze_deep``."""
@@ -86,8 +88,9 @@ class PlanConfig:
     def __post_init__(self) -> None:
         if (self.spec is None) == (self.schedule is None):
             raise ConfigError(
-                "plan: set exactly one of plan.spec (e.g. freeze_deep) and plan.schedule (a list of "
-                f"{{plan, until_step}} phases), got spec={self.spec!r} and schedule={self.schedule!r}."
+                "plan: set exactly one of plan.spec (e.g. freeze_deep) and plan.schedule (a list "
+                f"of {{plan, until_step}} phases), got spec={self.spec!r} and "
+                f"schedule={self.schedule!r}."
             )
         # Syntax only; layer ranges are checked against the model in train.setup().
         if self.spec is not None:
@@ -204,7 +207,8 @@ class LoggingConfig:
             problems.append(f"logging.per_layer_every: must be >= 0, got {self.per_layer_every!r}.")
         if os.path.isabs(self.jsonl) or not self.jsonl:
             problems.append(
-                f"logging.jsonl: must be a file name relative to logging.out_dir, got {self.jsonl!r}."
+                "logging.jsonl: must be a file name relative to logging.out_dir, got "
+                f"{self.jsonl!r}."
             )
         if problems:
             raise ConfigError(problems)
@@ -252,7 +256,7 @@ class RunConfig:
     model: ModelConfig = field(default_factory=ModelConfig)
     """The model to train."""
     tokenizer: TokenizerConfig = field(default_factory=TokenizerConfig)
-    """The tokenizer (a Hugging Face tokenizer directory, or a SentencePiece model to train/load)."""
+    """The tokenizer: a Hugging Face tokenizer directory, or a SentencePiece model to train/load."""
     data: DataConfig = field(default_factory=DataConfig)
     """Training text, its token cache and packing."""
     plan: PlanConfig = field(default_factory=PlanConfig)
@@ -292,7 +296,9 @@ class RunConfig:
         return Path(self.checkpoint.export_dir or Path(self.logging.out_dir) / "export")
 
 
-def load_config(path: str | os.PathLike | None, overrides: list[str] | tuple[str, ...] = ()) -> RunConfig:
+def load_config(
+    path: str | os.PathLike | None, overrides: list[str] | tuple[str, ...] = ()
+) -> RunConfig:
     """Read a YAML run config, apply ``key.sub=value`` overrides and validate strictly.
 
     Args:
@@ -310,14 +316,17 @@ def load_config(path: str | os.PathLike | None, overrides: list[str] | tuple[str
     if path is not None:
         p = Path(path)
         if not p.is_file():
-            raise ConfigError(f"--config: file not found, got {str(path)!r}. Pass a YAML run config.")
+            raise ConfigError(
+                f"--config: file not found, got {str(path)!r}. Pass a YAML run config."
+            )
         try:
             loaded = yaml.safe_load(p.read_text(encoding="utf-8"))
         except yaml.YAMLError as e:
             raise ConfigError(f"{path}: not valid YAML: {e}") from None
         if loaded is not None and not isinstance(loaded, dict):
             raise ConfigError(
-                f"{path}: expected a mapping of sections (model, data, plan, ...) at the top level, "
+                f"{path}: expected a mapping of sections (model, data, plan, ...) at the top "
+                "level, "
                 f"got {type(loaded).__name__}."
             )
         data = loaded or {}
@@ -345,5 +354,7 @@ def load_deepspeed_config(spec: dict[str, Any] | str) -> dict[str, Any]:
     except json.JSONDecodeError as e:
         raise ConfigError(f"deepspeed: {spec} is not valid JSON: {e}") from None
     if not isinstance(loaded, dict):
-        raise ConfigError(f"deepspeed: {spec} must hold a JSON object, got {type(loaded).__name__}.")
+        raise ConfigError(
+            f"deepspeed: {spec} must hold a JSON object, got {type(loaded).__name__}."
+        )
     return loaded

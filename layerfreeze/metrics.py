@@ -1,4 +1,4 @@
-"""Training metrics: the JSONL file (always), the rank-0 progress bar and wandb (offline by default).
+"""Training metrics: the JSONL file (always), the rank-0 progress bar, wandb (offline default).
 
 Only global rank 0 writes; other ranks get an object whose methods do nothing, so the recipe
 calls them unconditionally. Records are flat dicts; per-layer values use ``/`` in their keys
@@ -102,7 +102,8 @@ class MetricsLogger:
         if not self.jsonl_path.exists():
             return
         kept = [r for r in read_jsonl(self.jsonl_path) if int(r.get("step", 0)) <= step]
-        atomic_write_text(self.jsonl_path, "".join(json.dumps(r, ensure_ascii=False) + "\n" for r in kept))
+        text = "".join(json.dumps(r, ensure_ascii=False) + "\n" for r in kept)
+        atomic_write_text(self.jsonl_path, text)
 
     def _start_progress(self) -> None:
         if self.cfg.progress == "tqdm":
@@ -180,10 +181,11 @@ class MetricsLogger:
             table = wandb.Table(columns=columns, data=[[r.get(c) for c in columns] for r in rows])
             self._wandb.log({f"plan/phase{phase}": table}, step=self.start_step)
             for r in rows:
-                self._wandb.summary[f"trainable_params/{r['name']}/phase{phase}"] = r["trainable_params"]
+                key = f"trainable_params/{r['name']}/phase{phase}"
+                self._wandb.summary[key] = r["trainable_params"]
 
     def progress(self, step: int, loss: float, lr: float, tokens_per_s: float) -> None:
-        """Advance the progress bar to ``step`` and show loss, lr and tokens/s (ETA is the bar's)."""
+        """Advance the progress bar to ``step``; show loss, lr and tokens/s (the bar shows ETA)."""
         if not self.enabled:
             return
         info = f"loss={loss:.4f} lr={lr:.2e} tok/s={tokens_per_s:,.0f}"

@@ -187,7 +187,9 @@ class WarmupDecayLR(torch.optim.lr_scheduler.LRScheduler):
     checkpointable. Per-policy lr scales are applied on top by the runner.
     """
 
-    def __init__(self, optimizer: torch.optim.Optimizer, optim: OptimConfig, total_steps: int) -> None:
+    def __init__(
+        self, optimizer: torch.optim.Optimizer, optim: OptimConfig, total_steps: int
+    ) -> None:
         self.warmup_steps = optim.warmup_steps
         self.schedule = optim.schedule
         self.min_lr_ratio = optim.min_lr_ratio
@@ -259,7 +261,7 @@ def build_deepspeed_config(cfg: RunConfig, world_size: int) -> dict[str, Any]:
 
 
 def describe_schema(cls: type) -> str:
-    """Every config field as ``path  type  default`` followed by its docstring (for ``validate``)."""
+    """Every config field as ``path: type = default`` and its docstring (for ``validate``)."""
     lines: list[str] = []
     for path, tp, default, doc in describe_fields(cls):
         if tp == "section":
@@ -336,7 +338,6 @@ class Recipe:
         self.eval_cb = None
         self.runner = None
         self._created_out_dir = False
-        self._setup_done = False
 
     # -- setup --------------------------------------------------------------------------------
 
@@ -359,7 +360,7 @@ class Recipe:
         init_distributed()
         if cfg.train.num_threads:
             torch.set_num_threads(cfg.train.num_threads)
-        self.rank, self.world_size = dist.get_rank(), dist.get_world_size()
+        self.world_size = dist.get_world_size()
         seed_everything(cfg.train.seed)
 
         # From here on files may be written; a failure before training starts removes an
@@ -371,7 +372,6 @@ class Recipe:
         except BaseException:
             self._remove_new_out_dir()
             raise
-        self._setup_done = True
 
     def _find_resume(self):
         from layerfreeze.checkpoint import CheckpointError, resolve_checkpoint
@@ -419,7 +419,7 @@ class Recipe:
             raise ConfigError(str(e)) from None
         self.loader = self._build_loader(cache)
 
-        # 4. Model and plan: every phase's adapters installed now (before DeepSpeed partitions
+        # 3. Model and plan: every phase's adapters installed now (before DeepSpeed partitions
         #    anything), requires_grad from phase 0; a resume switches to the saved phase.
         model = build_model(cfg.model, len(self.tokenizer), cfg.train.seed)
         plans = self.schedule.plans
@@ -427,14 +427,14 @@ class Recipe:
         if cfg.model.gradient_checkpointing:
             enable_gradient_checkpointing(model, applied.layout)
 
-        # 5. Engine: optimizer groups from the plan, lr schedule in closed form.
+        # 4. Engine: optimizer groups from the plan, lr schedule in closed form.
         self.runner = DeepSpeedRunner(
             model, self.ds_config, applied=applied, schedule=self.schedule,
             lr=cfg.optim.lr, weight_decay=cfg.optim.weight_decay,
             lr_scheduler=lambda opt: WarmupDecayLR(opt, cfg.optim, cfg.train.steps),
         )
 
-        # 6. Resume: weights, optimizer, scheduler, phase, data position, RNG.
+        # 5. Resume: weights, optimizer, scheduler, phase, data position, RNG.
         if self.resume_from is not None:
             from layerfreeze.checkpoint import CheckpointError
 
@@ -442,7 +442,9 @@ class Recipe:
                 state = self.runner.load_checkpoint(self.resume_from.path)
                 self.loader.load_state_dict(state["data"])
             except (CheckpointError, KeyError, ValueError) as e:
-                raise ConfigError(f"checkpoint.resume: cannot resume from {self.resume_from.path}: {e}") from None
+                raise ConfigError(
+                    f"checkpoint.resume: cannot resume from {self.resume_from.path}: {e}"
+                ) from None
             self.step = self.runner.global_step
             self.skipped_steps = self.runner.skipped_steps
             set_rng_state(state["rng"])
@@ -450,7 +452,7 @@ class Recipe:
             self.saved = [self.resume_from.tag]
         phase = self.runner.phase
 
-        # 7. Outputs: resolved config, metrics, evaluation.
+        # 6. Outputs: resolved config, metrics, evaluation.
         from layerfreeze.metrics import MetricsLogger
 
         run_config = to_dict(cfg)
@@ -489,7 +491,8 @@ class Recipe:
         if data_dir is not None and not Path(data_dir).is_dir():
             note = (
                 f"evaluation skipped: eval.data_dir {data_dir!r} does not exist. Point it at the "
-                "folder holding ceval/ and cmmlu/ (or set eval.data_dir=null to download when online)."
+                "folder holding ceval/ and cmmlu/ (or set eval.data_dir=null to download when "
+                "online)."
             )
             self.notes.append(note)
             log_rank0(logger, note, level=logging.WARNING)
@@ -505,7 +508,8 @@ class Recipe:
         """Run optimizer steps until ``train.steps`` (or a NaN stop)."""
         cfg = self.cfg
         tokens_per_step = (
-            cfg.train.micro_batch_size * cfg.train.grad_accum_steps * cfg.data.seq_len * self.world_size
+            cfg.train.micro_batch_size * cfg.train.grad_accum_steps * cfg.data.seq_len
+            * self.world_size
         )
         t_last = time.perf_counter()
         while self.step < cfg.train.steps:
@@ -521,7 +525,8 @@ class Recipe:
             t_last = now
             if out.phase != phase_before:
                 self.metrics.message(
-                    f"step {self.step}: plan-schedule phase {out.phase} ({self.schedule.plans[out.phase]})"
+                    f"step {self.step}: plan-schedule phase {out.phase} "
+                    f"({self.schedule.plans[out.phase]})"
                 )
                 self.metrics.log_plan(self.runner.applied.summary().rows, phase=out.phase)
 
@@ -542,7 +547,8 @@ class Recipe:
             self.bad_streak = 0
             self.last_loss = out.loss
             self.metrics.progress(self.step, out.loss, out.lr, tok_s)
-            if self.step % cfg.logging.log_every == 0 or self.step == cfg.train.steps or out.grad_norms:
+            last = self.step == cfg.train.steps
+            if self.step % cfg.logging.log_every == 0 or last or out.grad_norms:
                 record: dict[str, Any] = {
                     "loss": out.loss, "lr": out.lr, "tokens_per_s": tok_s,
                     "tokens": self.step * tokens_per_step, "phase": out.phase,
@@ -555,7 +561,7 @@ class Recipe:
                 self.metrics.log(self.step, record)
 
             every_ckpt = cfg.checkpoint.every_steps
-            at_ckpt = bool(every_ckpt) and self.step % every_ckpt == 0 and self.step < cfg.train.steps
+            at_ckpt = bool(every_ckpt) and self.step % every_ckpt == 0 and not last
             if at_ckpt:
                 self._save()
             self._maybe_eval(force=at_ckpt)
@@ -602,7 +608,8 @@ class Recipe:
     def finish(self) -> RunSummary:
         """Final checkpoint, evaluation and export; return (and log) the run summary."""
         cfg = self.cfg
-        if cfg.checkpoint.save_final and not (self.saved and self.saved[-1] == checkpoint_tag(self.step)):
+        already = bool(self.saved) and self.saved[-1] == checkpoint_tag(self.step)
+        if cfg.checkpoint.save_final and not already:
             self._save()
         if self.eval_cb is not None and cfg.eval.at_end:
             self._maybe_eval(force=True)
@@ -610,7 +617,9 @@ class Recipe:
         if self.eval_cb is not None:
             self.eval_cb.finalize()
             if self.eval_dir is not None and self.eval_dir.is_dir():
-                eval_files = sorted(str(p) for p in self.eval_dir.iterdir() if not p.name.startswith("."))
+                eval_files = sorted(
+                    str(p) for p in self.eval_dir.iterdir() if not p.name.startswith(".")
+                )
         export_dir = None
         if cfg.checkpoint.export_final:
             from layerfreeze.export import export_merged
@@ -631,7 +640,8 @@ class Recipe:
             tokenizer_dir=str(self.tokenizer_dir) if self.tokenizer_dir else None,
             wandb_dir=str(self.metrics.wandb_dir) if self.metrics.wandb_dir else None,
             checkpoint_dir=str(self.ckpt_dir),
-            checkpoints=[c.tag for c in list_checkpoints(self.ckpt_dir)] if self.ckpt_dir.is_dir() else [],
+            checkpoints=[c.tag for c in list_checkpoints(self.ckpt_dir)]
+            if self.ckpt_dir.is_dir() else [],
             eval_dir=str(self.eval_dir) if self.eval_dir else None,
             eval_files=eval_files,
             export_dir=str(export_dir) if export_dir else None,
