@@ -1,0 +1,316 @@
+"""Engine-neutral checkpoint directories: atomic commit, ``latest`` pointer, keep-last-N, validation.
+
+Layout of a checkpoint root::
+
+    <root>/
+      latest                   text file naming the newest committed checkpoint (written atomically)
+      step_00000010/           one committed checkpoint (what the engine wrote + manifest.json)
+      step_00000020/
+      .staging.step_00000030/  a save in progress (never read; removed by the next save)
+
+A save writes everything into a staging directory, then :func:`commit_checkpoint` writes
+``manifest.json`` (every file with its size, plus the caller's metadata), fsyncs, renames the
+staging directory into place and only then rewrites ``latest``. A process killed at any point
+leaves the previous checkpoint and ``latest`` intact: a staging directory is never loadable and
+a directory without a valid manifest is never listed.
+
+This module does file work only (no torch, no process groups): engine adapters call it from
+global rank 0 between barriers.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import shutil
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from layerfreeze.utils.io import _fsync_dir, atomic_write_json, atomic_write_text
+
+__all__ = [
+    "CheckpointError",
+    "CheckpointInfo",
+    "LATEST_FILE",
+    "MANIFEST_FILE",
+    "checkpoint_tag",
+    "cleanup_staging",
+    "commit_checkpoint",
+    "list_checkpoints",
+    "prepare_staging",
+    "prune_checkpoints",
+    "read_latest",
+    "resolve_checkpoint",
+    "validate_checkpoint",
+]
+
+LATEST_FILE = "latest"
+MANIFEST_FILE = "manifest.json"
+MANIFEST_FORMAT = 1
+_TAG_RE = re.compile(r"^step_(\d{8,})$")
+_STAGING_PREFIX = ".staging."
+
+
+class CheckpointError(ValueError):
+    """A checkpoint (or checkpoint root) that cannot be used, with the reason and the fix."""
+
+
+@dataclass(frozen=True)
+class CheckpointInfo:
+    """One committed, validated checkpoint.
+
+    Attributes:
+        path: the checkpoint directory.
+        tag: its name (``step_00000010``).
+        step: the training step it was taken at.
+        meta: the metadata the engine stored in the manifest at commit time.
+        files: relative path -> size in bytes of every file the manifest lists.
+    """
+
+    path: Path
+    tag: str
+    step: int
+    meta: dict[str, Any] = field(default_factory=dict)
+    files: dict[str, int] = field(default_factory=dict)
+
+
+def checkpoint_tag(step: int) -> str:
+    """Directory name of the checkpoint taken at ``step`` (zero-padded so names sort by step)."""
+    if not isinstance(step, int) or isinstance(step, bool) or step < 0:
+        raise ValueError(f"checkpoint step: must be a non-negative int, got {step!r}.")
+    return f"step_{step:08d}"
+
+
+def _staging_path(root: Path, step: int) -> Path:
+    return root / f"{_STAGING_PREFIX}{checkpoint_tag(step)}"
+
+
+def cleanup_staging(root: str | os.PathLike) -> list[Path]:
+    """Remove staging directories left by interrupted saves; return what was removed."""
+    root = Path(root)
+    removed = []
+    if root.is_dir():
+        for entry in sorted(root.iterdir()):
+            if entry.name.startswith(_STAGING_PREFIX) or entry.name.startswith(".trash."):
+                shutil.rmtree(entry, ignore_errors=True)
+                removed.append(entry)
+    return removed
+
+
+def prepare_staging(root: str | os.PathLike, step: int) -> Path:
+    """Create an empty staging directory for the checkpoint of ``step`` (call on one rank only).
+
+    Stale staging directories of interrupted saves are removed first.
+    """
+    root = Path(root)
+    root.mkdir(parents=True, exist_ok=True)
+    cleanup_staging(root)
+    staging = _staging_path(root, step)
+    staging.mkdir()
+    return staging
+
+
+def _walk_files(directory: Path) -> dict[str, int]:
+    files = {}
+    for dirpath, _dirs, names in os.walk(directory):
+        for name in names:
+            full = Path(dirpath) / name
+            files[full.relative_to(directory).as_posix()] = full.stat().st_size
+    return dict(sorted(files.items()))
+
+
+def _fsync_tree(directory: Path) -> None:
+    for dirpath, _dirs, names in os.walk(directory):
+        for name in names:
+            with open(os.path.join(dirpath, name), "rb") as f:
+                os.fsync(f.fileno())
+        _fsync_dir(Path(dirpath))
+
+
+def commit_checkpoint(
+    root: str | os.PathLike,
+    staging: str | os.PathLike,
+    step: int,
+    meta: dict[str, Any] | None = None,
+    keep_last: int | None = None,
+) -> CheckpointInfo:
+    """Seal ``staging`` as the checkpoint of ``step``, point ``latest`` at it and prune old ones.
+
+    Order (each step atomic): manifest written and every file fsynced -> staging renamed to
+    ``step_XXXXXXXX`` (an existing checkpoint of the same step is moved aside first) ->
+    ``latest`` rewritten -> checkpoints beyond ``keep_last`` removed, oldest first.
+
+    Args:
+        root: the checkpoint root.
+        staging: directory returned by :func:`prepare_staging`, fully written.
+        step: training step of the checkpoint.
+        meta: JSON-serialisable metadata stored in the manifest (returned as ``CheckpointInfo.meta``).
+        keep_last: keep at most this many committed checkpoints (None keeps all).
+
+    Returns:
+        The committed checkpoint.
+    """
+    root, staging = Path(root), Path(staging)
+    if keep_last is not None and (not isinstance(keep_last, int) or keep_last < 1):
+        raise ValueError(f"keep_last: must be a positive int or None, got {keep_last!r}.")
+    if not staging.is_dir():
+        raise CheckpointError(f"{staging}: staging directory does not exist; nothing to commit.")
+    tag = checkpoint_tag(step)
+    files = _walk_files(staging)
+    files.pop(MANIFEST_FILE, None)
+    manifest = {"format": MANIFEST_FORMAT, "tag": tag, "step": step, "files": files,
+                "meta": meta or {}}
+    _fsync_tree(staging)
+    atomic_write_json(staging / MANIFEST_FILE, manifest)
+    final = root / tag
+    if final.exists():
+        trash = root / f".trash.{tag}.{os.getpid()}"
+        os.replace(final, trash)
+        os.replace(staging, final)
+        shutil.rmtree(trash, ignore_errors=True)
+    else:
+        os.replace(staging, final)
+    _fsync_dir(root)
+    atomic_write_text(root / LATEST_FILE, tag + "\n")
+    if keep_last is not None:
+        prune_checkpoints(root, keep_last)
+    return CheckpointInfo(path=final, tag=tag, step=step, meta=manifest["meta"], files=files)
+
+
+def validate_checkpoint(path: str | os.PathLike) -> CheckpointInfo:
+    """Check that ``path`` is a complete committed checkpoint and return its description.
+
+    Raises:
+        CheckpointError: the directory is missing, has no readable manifest, or a listed file is
+            missing or has the wrong size (the message names the file and what to do).
+    """
+    path = Path(path)
+    if not path.is_dir():
+        raise CheckpointError(f"{path}: checkpoint directory does not exist.")
+    manifest_path = path / MANIFEST_FILE
+    if not manifest_path.is_file():
+        raise CheckpointError(
+            f"{path}: not a complete checkpoint ({MANIFEST_FILE} is missing; the save that wrote "
+            "it was probably interrupted). Resume from an earlier checkpoint or delete this one."
+        )
+    try:
+        manifest = json.loads(manifest_path.read_text(encoding="utf-8"))
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
+        raise CheckpointError(
+            f"{manifest_path}: unreadable checkpoint manifest ({e}). The checkpoint is corrupt; "
+            "resume from an earlier checkpoint or delete this one."
+        ) from None
+    if (
+        not isinstance(manifest, dict)
+        or manifest.get("format") != MANIFEST_FORMAT
+        or not isinstance(manifest.get("files"), dict)
+        or not isinstance(manifest.get("step"), int)
+    ):
+        raise CheckpointError(
+            f"{manifest_path}: not a layerfreeze checkpoint manifest (format {MANIFEST_FORMAT} with "
+            "'step' and 'files' expected). Resume from an earlier checkpoint or delete this one."
+        )
+    problems = []
+    for rel, size in manifest["files"].items():
+        f = path / rel
+        if not f.is_file():
+            problems.append(f"{rel} is missing")
+        elif f.stat().st_size != size:
+            problems.append(f"{rel} has {f.stat().st_size} bytes, manifest says {size}")
+    if problems:
+        shown = "; ".join(problems[:5]) + (f"; and {len(problems) - 5} more" if len(problems) > 5 else "")
+        raise CheckpointError(
+            f"{path}: checkpoint is damaged: {shown}. Resume from an earlier checkpoint or delete this one."
+        )
+    return CheckpointInfo(
+        path=path,
+        tag=manifest.get("tag", path.name),
+        step=manifest["step"],
+        meta=manifest.get("meta") or {},
+        files=manifest["files"],
+    )
+
+
+def list_checkpoints(root: str | os.PathLike) -> list[CheckpointInfo]:
+    """Committed checkpoints under ``root`` that validate, oldest step first (damaged ones skipped)."""
+    root = Path(root)
+    if not root.is_dir():
+        return []
+    out = []
+    for entry in root.iterdir():
+        if entry.is_dir() and _TAG_RE.match(entry.name):
+            try:
+                out.append(validate_checkpoint(entry))
+            except CheckpointError:
+                continue
+    return sorted(out, key=lambda c: c.step)
+
+
+def read_latest(root: str | os.PathLike) -> str | None:
+    """The tag the ``latest`` pointer names, or None when there is no pointer."""
+    p = Path(root) / LATEST_FILE
+    if not p.is_file():
+        return None
+    tag = p.read_text(encoding="utf-8").strip()
+    return tag or None
+
+
+def resolve_checkpoint(path: str | os.PathLike, tag: str | None = None) -> CheckpointInfo:
+    """Find the checkpoint to load.
+
+    Args:
+        path: a checkpoint root (holding ``latest`` and ``step_*`` directories) or one checkpoint
+            directory (holding ``manifest.json``).
+        tag: a checkpoint name under the root (``step_00000010``); None follows ``latest``.
+
+    Returns:
+        The validated checkpoint.
+
+    Raises:
+        CheckpointError: nothing loadable at ``path``/``tag``; the message says what was found.
+    """
+    path = Path(path)
+    if tag is None and (path / MANIFEST_FILE).exists():
+        return validate_checkpoint(path)
+    if not path.is_dir():
+        raise CheckpointError(f"{path}: checkpoint directory does not exist.")
+    if tag is not None:
+        return validate_checkpoint(path / str(tag))
+    latest = read_latest(path)
+    if latest is not None:
+        return validate_checkpoint(path / latest)
+    found = list_checkpoints(path)
+    if not found:
+        raise CheckpointError(
+            f"{path}: no checkpoint found (no '{LATEST_FILE}' file and no complete step_* "
+            "directory). Pass the directory the training run saved into."
+        )
+    return found[-1]
+
+
+def prune_checkpoints(root: str | os.PathLike, keep_last: int) -> list[Path]:
+    """Delete committed checkpoints beyond the newest ``keep_last``; never the one ``latest`` names.
+
+    Returns:
+        The directories removed.
+    """
+    root = Path(root)
+    if not isinstance(keep_last, int) or keep_last < 1:
+        raise ValueError(f"keep_last: must be a positive int, got {keep_last!r}.")
+    latest = read_latest(root)
+    entries = sorted(
+        (e for e in root.iterdir() if e.is_dir() and _TAG_RE.match(e.name)),
+        key=lambda e: int(_TAG_RE.match(e.name).group(1)),
+    )
+    removed = []
+    for entry in entries[: max(0, len(entries) - keep_last)]:
+        if entry.name == latest:
+            continue
+        # rename first so a half-deleted directory never looks like a checkpoint
+        trash = root / f".trash.{entry.name}.{os.getpid()}"
+        os.replace(entry, trash)
+        shutil.rmtree(trash, ignore_errors=True)
+        removed.append(entry)
+    return removed

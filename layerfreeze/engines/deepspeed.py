@@ -1,0 +1,1057 @@
+"""DeepSpeed adapter: plan-aware ``initialize``, plan-schedule phase switches, atomic checkpoints.
+
+The only module in layerfreeze that imports ``deepspeed``. Two entry points:
+
+* :func:`initialize` -- a drop-in for ``deepspeed.initialize`` for users' own scripts: applies the
+  layer plan before DeepSpeed partitions anything, builds optimizer groups from it (per-policy
+  lr scale and weight decay; frozen parameters never reach the optimizer or the gradient
+  partitions) and returns the usual ``(engine, optimizer, dataloader, lr_scheduler)`` tuple.
+* :class:`DeepSpeedRunner` -- what the training recipe drives: ``train_step`` (forward/backward
+  over one accumulation window with a NaN/Inf guard, per-layer-group grad norms), plan-schedule
+  phase switches that rebuild the engine and carry the optimizer state over, and atomic
+  checkpoints (see :mod:`layerfreeze.checkpoint`).
+
+Per-policy learning rates: DeepSpeed schedulers overwrite every group's ``lr``. Every scheduler
+here therefore sees the *unscaled* base lr in every group, and :class:`ScaledLRScheduler` (which
+wraps it) multiplies each group by its ``lr_scale`` after every scheduler step, so the scales
+hold for the whole run, whatever the schedule.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import math
+import os
+from collections.abc import Callable, Iterator, Mapping, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import deepspeed
+import numpy as np
+import torch
+import torch.distributed as dist
+from deepspeed.utils import (
+    safe_get_full_fp32_param,
+    safe_get_full_grad,
+    safe_get_full_optimizer_state,
+    safe_set_full_fp32_param,
+    safe_set_full_optimizer_state,
+)
+from safetensors.torch import load_file, save_file
+from torch import nn
+
+from layerfreeze import checkpoint as ckpt
+from layerfreeze.utils.dist import barrier, get_rank, get_world_size, is_dist
+from layerfreeze.utils.io import atomic_write_json
+from layerfreeze.utils.logging import get_logger, log_rank0
+
+__all__ = [
+    "DeepSpeedRunner",
+    "ScaledLRScheduler",
+    "StepOutput",
+    "build_param_groups",
+    "init_distributed",
+    "initialize",
+    "load_config",
+]
+
+logger = get_logger(__name__)
+
+#: Optimizer-state tensors carried over at a phase switch (Adam / AdamW).
+_ADAM_STATE_KEYS = ("exp_avg", "exp_avg_sq")
+_DS_TAG = "ds"
+_META_KEY = "layerfreeze"
+_META_FORMAT = 1
+
+
+# --------------------------------------------------------------------------------------------
+# set-up helpers
+# --------------------------------------------------------------------------------------------
+
+
+def init_distributed(backend: str | None = None) -> None:
+    """Initialise the default process group the way DeepSpeed expects (no-op when already up).
+
+    Args:
+        backend: ``"gloo"`` / ``"nccl"``; default ``nccl`` with CUDA, ``gloo`` on CPU. Works under
+            ``torchrun``, the ``deepspeed`` launcher and a single plain process.
+    """
+    if is_dist():
+        return
+    if backend is None:
+        backend = "nccl" if torch.cuda.is_available() else "gloo"
+    if "RANK" not in os.environ:  # single plain process: make a world of one
+        os.environ.setdefault("MASTER_ADDR", "127.0.0.1")
+        os.environ.setdefault("MASTER_PORT", "29500")
+        os.environ.update({"RANK": "0", "LOCAL_RANK": "0", "WORLD_SIZE": "1"})
+    deepspeed.init_distributed(dist_backend=backend, verbose=False)
+
+
+def load_config(config: str | os.PathLike | Mapping[str, Any]) -> dict[str, Any]:
+    """Read a DeepSpeed config (JSON file path or dict) into a fresh dict.
+
+    Raises:
+        ValueError: the file is missing or not a JSON object.
+    """
+    if isinstance(config, Mapping):
+        return json.loads(json.dumps(dict(config)))
+    path = Path(config)
+    if not path.is_file():
+        raise ValueError(f"deepspeed config: file {path} does not exist. Pass a JSON file or a dict.")
+    try:
+        out = json.loads(path.read_text(encoding="utf-8"))
+    except json.JSONDecodeError as e:
+        raise ValueError(f"deepspeed config {path}: not valid JSON ({e}).") from None
+    if not isinstance(out, dict):
+        raise ValueError(f"deepspeed config {path}: must hold a JSON object, got {type(out).__name__}.")
+    return out
+
+
+def _zero_stage(config: Mapping[str, Any]) -> int:
+    return int((config.get("zero_optimization") or {}).get("stage", 0))
+
+
+def _check_config(config: dict[str, Any], lr: float | None) -> float:
+    """Validate the parts of the DeepSpeed config layerfreeze relies on; return the base lr."""
+    opt = config.get("optimizer")
+    if not isinstance(opt, Mapping) or "type" not in opt:
+        raise ValueError(
+            "deepspeed config.optimizer: missing; layerfreeze builds the optimizer groups itself and "
+            'needs e.g. {"type": "AdamW", "params": {"lr": 1e-4, "torch_adam": true}}.'
+        )
+    if str(opt["type"]).lower() not in ("adam", "adamw"):
+        raise ValueError(
+            f"deepspeed config.optimizer.type: {opt['type']!r} is not supported; use 'Adam' or "
+            "'AdamW' (plan-schedule phase switches carry Adam moments over)."
+        )
+    params = opt.setdefault("params", {})
+    if lr is None:
+        if "lr" not in params:
+            raise ValueError(
+                "deepspeed config.optimizer.params.lr: missing and no lr= given. Set one of them."
+            )
+        lr = float(params["lr"])
+    params["lr"] = lr
+    if bool(params.get("amsgrad", False)):
+        raise ValueError("deepspeed config.optimizer.params.amsgrad: not supported, got true. Remove it.")
+    if _zero_stage(config) not in (0, 1, 2, 3):
+        raise ValueError(
+            f"deepspeed config.zero_optimization.stage: must be 0, 1, 2 or 3, got {_zero_stage(config)}."
+        )
+    return lr
+
+
+def _state_tensors(ds_optimizer: Any) -> list[list[torch.Tensor]]:
+    """Per optimizer group, the tensors the torch optimizer keys its state on (this rank's).
+
+    ZeRO-1/2 and plain optimizers keep them in ``param_groups``; ZeRO-3 swaps its fp32 sub-group
+    partitions in only while stepping, so they are read from the stage-3 optimizer itself.
+    """
+    opt = _torch_optimizer(ds_optimizer)
+    flats = getattr(ds_optimizer, "fp32_partitioned_groups_flat", None)
+    owner = getattr(ds_optimizer, "sub_group_to_group_id", None)
+    if flats is not None and owner is not None:
+        out: list[list[torch.Tensor]] = [[] for _ in opt.param_groups]
+        for sub, flat in enumerate(flats):
+            out[owner[sub]].append(flat)
+        return out
+    return [list(g["params"]) for g in opt.param_groups]
+
+
+def _torch_optimizer(ds_optimizer: Any) -> torch.optim.Optimizer:
+    """The torch optimizer doing the actual update inside DeepSpeed's wrapper (or itself)."""
+    inner = getattr(ds_optimizer, "optimizer", None)
+    if isinstance(inner, torch.optim.Optimizer):
+        return inner
+    if isinstance(ds_optimizer, torch.optim.Optimizer):
+        return ds_optimizer
+    raise TypeError(f"cannot find the torch optimizer inside {type(ds_optimizer).__name__}")
+
+
+# --------------------------------------------------------------------------------------------
+# optimizer groups and the lr-scale-preserving scheduler
+# --------------------------------------------------------------------------------------------
+
+
+@dataclass
+class _GroupSpec:
+    """One optimizer group by parameter *names* (storable in a checkpoint)."""
+
+    name: str
+    lr_scale: float
+    weight_decay: float
+    params: list[str]
+    step: int = 0  # Adam steps already taken by these params (carried over at a phase switch)
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"name": self.name, "lr_scale": self.lr_scale, "weight_decay": self.weight_decay,
+                "params": list(self.params), "step": self.step}
+
+
+def _group_specs(applied: Any, weight_decay: float, steps: Mapping[str, int] | None = None) -> list[_GroupSpec]:
+    """Group specs from ``applied.param_groups``; with ``steps``, split each group by step count."""
+    names = {id(p): n for n, p in applied.model.named_parameters()}
+    specs: list[_GroupSpec] = []
+    for g in applied.param_groups(1.0, weight_decay):
+        pnames = [names[id(p)] for p in g["params"]]
+        by_step: dict[int, list[str]] = {}
+        for n in pnames:
+            by_step.setdefault(int((steps or {}).get(n, 0)), []).append(n)
+        for s in sorted(by_step):
+            suffix = f"@{s}" if s and len(by_step) > 1 else ""
+            specs.append(_GroupSpec(f"{g['name']}{suffix}", float(g.get("lr_scale", 1.0)),
+                                    float(g["weight_decay"]), by_step[s], s))
+    return specs
+
+
+def _torch_groups(model: nn.Module, specs: Sequence[_GroupSpec], lr: float) -> list[dict[str, Any]]:
+    params = dict(model.named_parameters())
+    return [
+        {"params": [params[n] for n in s.params], "lr": lr, "weight_decay": s.weight_decay,
+         "lr_scale": s.lr_scale, "name": s.name}
+        for s in specs
+    ]
+
+
+def build_param_groups(applied: Any, lr: float, weight_decay: float) -> list[dict[str, Any]]:
+    """Optimizer groups for DeepSpeed from an applied plan.
+
+    Every group's ``lr`` is the *unscaled* ``lr``; its ``lr_scale`` is applied by
+    :class:`ScaledLRScheduler` (so schedulers, which overwrite ``lr``, never erase it).
+
+    Args:
+        applied: an ``AppliedPlan`` (see :mod:`layerfreeze.apply`).
+        lr: base learning rate.
+        weight_decay: default weight decay (policies may override per parameter).
+
+    Returns:
+        torch optimizer groups with ``params``, ``lr``, ``weight_decay``, ``lr_scale``, ``name``.
+    """
+    return _torch_groups(applied.model, _group_specs(applied, weight_decay), lr)
+
+
+class ScaledLRScheduler:
+    """Wraps a learning-rate scheduler so each group's lr is ``scheduled lr * group['lr_scale']``.
+
+    The wrapped scheduler always sees unscaled values in ``group['lr']`` (restored before each of
+    its steps), so both closed-form (``WarmupLR``) and recursive (``ExponentialLR``) schedulers
+    compute the base schedule; the scale is applied after. With ``inner=None`` the lr is constant.
+    """
+
+    def __init__(self, optimizer: torch.optim.Optimizer, inner: Any | None):
+        self.optimizer = optimizer
+        self.inner = inner
+        self._unscaled = [float(g["lr"]) for g in optimizer.param_groups]
+        self._apply()
+
+    def _apply(self) -> None:
+        for g, base in zip(self.optimizer.param_groups, self._unscaled, strict=True):
+            g["lr"] = base * float(g.get("lr_scale", 1.0))
+
+    def step(self, *args: Any, **kwargs: Any) -> None:
+        """Advance the wrapped scheduler one step and re-apply the per-group scales."""
+        if self.inner is not None:
+            for g, base in zip(self.optimizer.param_groups, self._unscaled, strict=True):
+                g["lr"] = base
+            self.inner.step(*args, **kwargs)
+            self._unscaled = [float(g["lr"]) for g in self.optimizer.param_groups]
+        self._apply()
+
+    def get_last_lr(self) -> list[float]:
+        """Current (scaled) lr of every group."""
+        return [float(g["lr"]) for g in self.optimizer.param_groups]
+
+    def get_lr(self) -> list[float]:
+        """Same as :meth:`get_last_lr` (DeepSpeed's engine calls this name)."""
+        return self.get_last_lr()
+
+    @property
+    def base_lr(self) -> float:
+        """The unscaled scheduled lr (the lr of a group with ``lr_scale`` 1)."""
+        return self._unscaled[0] if self._unscaled else 0.0
+
+    def state_dict(self) -> dict[str, Any]:
+        return {"inner": None if self.inner is None else self.inner.state_dict(),
+                "unscaled": list(self._unscaled)}
+
+    def load_state_dict(self, state: Mapping[str, Any]) -> None:
+        if self.inner is not None and state.get("inner") is not None:
+            self.inner.load_state_dict(state["inner"])
+        unscaled = list(state["unscaled"])
+        if len(unscaled) != len(self.optimizer.param_groups):
+            raise ValueError(
+                f"lr scheduler state: {len(unscaled)} groups saved, optimizer has "
+                f"{len(self.optimizer.param_groups)}; the checkpoint belongs to another plan."
+            )
+        self._unscaled = unscaled
+        self._apply()
+
+    def carry_from(self, other: ScaledLRScheduler) -> None:
+        """Continue ``other``'s schedule on a rebuilt optimizer (different groups, same base lr)."""
+        if self.inner is not None and other.inner is not None:
+            sd = other.inner.state_dict()
+            if "last_batch_iteration" in sd:  # DeepSpeed schedulers: closed form in the iteration
+                self.inner.load_state_dict(sd)
+            else:  # torch LRScheduler: carry the counters, recompute in closed form
+                for k in ("last_epoch", "_step_count"):
+                    if k in sd:
+                        setattr(self.inner, k, sd[k])
+                if not hasattr(self.inner, "_get_closed_form_lr"):
+                    raise ValueError(
+                        f"lr_scheduler: {type(self.inner).__name__} has no closed form, so it cannot "
+                        "continue across a plan-schedule phase switch. Use a scheduler from the "
+                        "DeepSpeed config (WarmupLR, WarmupDecayLR, WarmupCosineLR) or a torch "
+                        "scheduler with a closed form (LambdaLR, StepLR, CosineAnnealingLR, ...)."
+                    )
+        self._unscaled = [other.base_lr] * len(self.optimizer.param_groups)
+        self._apply()
+
+
+def _wrap_scheduler(engine: Any) -> ScaledLRScheduler:
+    sched = ScaledLRScheduler(_torch_optimizer(engine.optimizer), engine.lr_scheduler)
+    engine.lr_scheduler = sched
+    return sched
+
+
+# --------------------------------------------------------------------------------------------
+# initialize (drop-in)
+# --------------------------------------------------------------------------------------------
+
+
+def _assert_requires_grad_final(model: nn.Module, specs: Sequence[_GroupSpec]) -> None:
+    trainable = {n for n, p in model.named_parameters() if p.requires_grad}
+    grouped = {n for s in specs for n in s.params}
+    if trainable != grouped:
+        extra, missing = sorted(trainable - grouped)[:5], sorted(grouped - trainable)[:5]
+        raise AssertionError(
+            f"requires_grad is not final before deepspeed.initialize: trainable but not in the "
+            f"optimizer groups {extra}; in the groups but frozen {missing}"
+        )
+
+
+def _apply_plan(model: nn.Module, plan: Any, schedule: Any) -> Any:
+    from layerfreeze.apply import apply_plan
+    from layerfreeze.plan import LayerPlan
+    from layerfreeze.schedule import PlanSchedule
+
+    if schedule is not None:
+        schedule = PlanSchedule.parse(schedule)
+        return apply_plan(model, schedule.plans[0], install=tuple(schedule.plans[1:]))
+    if plan is None:
+        raise ValueError("initialize: pass plan=, schedule= or applied= (got none of them).")
+    return apply_plan(model, LayerPlan.parse(plan))
+
+
+def _ds_initialize(
+    model: nn.Module,
+    config: dict[str, Any],
+    groups: list[dict[str, Any]],
+    *,
+    lr_scheduler: Any = None,
+    training_data: Any = None,
+    collate_fn: Any = None,
+    args: Any = None,
+    mpu: Any = None,
+):
+    engine, optimizer, loader, sched = deepspeed.initialize(
+        args=args, model=model, model_parameters=groups, config=config, lr_scheduler=lr_scheduler,
+        training_data=training_data, collate_fn=collate_fn, mpu=mpu,
+    )
+    torch_opt = _torch_optimizer(engine.optimizer)
+    if [g.get("name") for g in torch_opt.param_groups] != [g["name"] for g in groups]:
+        raise AssertionError("DeepSpeed reordered the optimizer groups; cannot map lr scales")
+    return engine, optimizer, loader, _wrap_scheduler(engine)
+
+
+def initialize(
+    model: nn.Module,
+    plan: Any = None,
+    config: str | os.PathLike | Mapping[str, Any] | None = None,
+    *,
+    applied: Any = None,
+    schedule: Any = None,
+    lr: float | None = None,
+    weight_decay: float | None = None,
+    lr_scheduler: Any = None,
+    training_data: Any = None,
+    collate_fn: Callable | None = None,
+    args: Any = None,
+    mpu: Any = None,
+):
+    """Drop-in for ``deepspeed.initialize`` that trains ``model`` under a layer plan.
+
+    The plan is applied (adapters installed, ``requires_grad`` set) *before* DeepSpeed sees the
+    model, so ZeRO-3 partitions adapter parameters and builds its partitions from trainable
+    parameters only. The optimizer (from ``config["optimizer"]``, Adam/AdamW) gets one group per
+    policy group with its lr scale and weight decay; the returned scheduler is a
+    :class:`ScaledLRScheduler` keeping the scales under any DeepSpeed or torch schedule.
+
+    For plan *schedules* (phases) use :class:`DeepSpeedRunner`, which rebuilds the engine at phase
+    boundaries; here ``schedule`` only installs all phases' adapters and applies phase 0.
+
+    Args:
+        model: the ``nn.Module`` to train (a Hugging Face causal LM or any model
+            :func:`layerfreeze.models.discover_layout` understands).
+        plan: a plan spec (``"freeze_deep"``, a dict, a ``LayerPlan``).
+        config: DeepSpeed config (dict or JSON path).
+        applied: an ``AppliedPlan`` already applied to ``model`` (then ``plan`` is not used).
+        schedule: a ``PlanSchedule`` spec (phase 0 is applied; all phases' adapters installed).
+        lr: base learning rate (default ``config.optimizer.params.lr``).
+        weight_decay: default weight decay (default ``config.optimizer.params.weight_decay`` or 0).
+        lr_scheduler: a callable ``optimizer -> scheduler`` (or leave the schedule to the config's
+            ``scheduler`` section).
+        training_data, collate_fn, args, mpu: passed to ``deepspeed.initialize`` unchanged.
+
+    Returns:
+        ``(engine, optimizer, dataloader, lr_scheduler)`` like ``deepspeed.initialize``; the
+        ``AppliedPlan`` is available as ``engine.layerfreeze_applied``.
+    """
+    if config is None:
+        raise ValueError("initialize: config= (DeepSpeed config dict or JSON path) is required.")
+    cfg = load_config(config)
+    lr = _check_config(cfg, lr)
+    if weight_decay is None:
+        weight_decay = float(cfg["optimizer"]["params"].get("weight_decay", 0.0))
+    if applied is None:
+        applied = _apply_plan(model, plan, schedule)
+    specs = _group_specs(applied, weight_decay)
+    _assert_requires_grad_final(model, specs)
+    groups = _torch_groups(model, specs, lr)
+    engine, optimizer, loader, sched = _ds_initialize(
+        model, cfg, groups, lr_scheduler=lr_scheduler, training_data=training_data,
+        collate_fn=collate_fn, args=args, mpu=mpu,
+    )
+    engine.layerfreeze_applied = applied
+    return engine, optimizer, loader, sched
+
+
+# --------------------------------------------------------------------------------------------
+# client-state encoding (no pickle: JSON + safetensors)
+# --------------------------------------------------------------------------------------------
+
+
+def _encode(obj: Any, tensors: dict[str, torch.Tensor], path: str) -> Any:
+    if isinstance(obj, torch.Tensor):
+        key = f"t{len(tensors)}"
+        tensors[key] = obj.detach().cpu().contiguous()
+        return {"__tensor__": key}
+    if isinstance(obj, np.ndarray):
+        kind = obj.dtype.kind
+        if kind not in "iubf":
+            raise TypeError(f"client_state{path}: numpy dtype {obj.dtype} cannot be stored.")
+        key = f"t{len(tensors)}"
+        tensors[key] = torch.from_numpy(np.ascontiguousarray(obj.astype(np.float64 if kind == "f" else np.int64)))
+        return {"__ndarray__": key, "dtype": obj.dtype.str}
+    if isinstance(obj, (np.integer, np.floating, np.bool_)):
+        return obj.item()
+    if obj is None or isinstance(obj, (bool, int, float, str)):
+        return obj
+    if isinstance(obj, tuple):
+        return {"__tuple__": [_encode(v, tensors, f"{path}[{i}]") for i, v in enumerate(obj)]}
+    if isinstance(obj, list):
+        return [_encode(v, tensors, f"{path}[{i}]") for i, v in enumerate(obj)]
+    if isinstance(obj, Mapping):
+        out = {}
+        for k, v in obj.items():
+            if not isinstance(k, str):
+                raise TypeError(f"client_state{path}: dict key {k!r} is not a str; use str keys.")
+            out[k] = _encode(v, tensors, f"{path}[{k!r}]")
+        return out
+    raise TypeError(
+        f"client_state{path}: cannot store a {type(obj).__name__}; use tensors, numpy arrays, "
+        "numbers, strings, None, lists, tuples and dicts with str keys."
+    )
+
+
+def _decode(obj: Any, tensors: Mapping[str, torch.Tensor]) -> Any:
+    if isinstance(obj, list):
+        return [_decode(v, tensors) for v in obj]
+    if isinstance(obj, dict):
+        if set(obj) == {"__tensor__"}:
+            return tensors[obj["__tensor__"]]
+        if set(obj) == {"__ndarray__", "dtype"}:
+            return tensors[obj["__ndarray__"]].numpy().astype(np.dtype(obj["dtype"]))
+        if set(obj) == {"__tuple__"}:
+            return tuple(_decode(v, tensors) for v in obj["__tuple__"])
+        return {k: _decode(v, tensors) for k, v in obj.items()}
+    return obj
+
+
+def _save_client_state(directory: Path, rank: int, state: Mapping[str, Any]) -> None:
+    tensors: dict[str, torch.Tensor] = {}
+    encoded = _encode(dict(state), tensors, "")
+    directory.mkdir(parents=True, exist_ok=True)
+    save_file(tensors, str(directory / f"rank_{rank:05d}.safetensors"))
+    atomic_write_json(directory / f"rank_{rank:05d}.json", encoded)
+
+
+def _load_client_state(directory: Path, rank: int) -> dict[str, Any]:
+    js = directory / f"rank_{rank:05d}.json"
+    try:
+        encoded = json.loads(js.read_text(encoding="utf-8"))
+        tensors = load_file(str(directory / f"rank_{rank:05d}.safetensors"))
+    except (OSError, ValueError) as e:  # JSONDecodeError and safetensors errors are ValueErrors
+        raise ckpt.CheckpointError(
+            f"{js}: unreadable client state ({e}). The checkpoint is damaged; resume from an earlier one."
+        ) from None
+    return _decode(encoded, tensors)
+
+
+# --------------------------------------------------------------------------------------------
+# the runner
+# --------------------------------------------------------------------------------------------
+
+
+@dataclass
+class StepOutput:
+    """Result of one optimizer step (one accumulation window), identical on every rank.
+
+    Attributes:
+        step: the global step this window advanced to (1-based count of optimizer steps).
+        loss: mean loss over the window's finite micro-batches and all data-parallel ranks
+            (NaN when every micro-batch was bad).
+        lr: the scheduled base lr used by this step (a group with ``lr_scale`` 1).
+        bad_micro_batches: micro-batches whose loss was NaN/Inf on some rank (their gradients
+            were not accumulated).
+        skipped: True when every micro-batch was bad: parameters did not move this step.
+        grad_norms: per layer group (``layers.<i>``, ``embeddings``, ...) L2 norm of the averaged
+            gradient, when requested; empty otherwise.
+        phase: plan-schedule phase this step ran in.
+    """
+
+    step: int
+    loss: float
+    lr: float
+    bad_micro_batches: int = 0
+    skipped: bool = False
+    grad_norms: dict[str, float] = field(default_factory=dict)
+    phase: int = 0
+
+
+class DeepSpeedRunner:
+    """Trains a model under a layer plan or plan schedule on DeepSpeed (what ``train.py`` drives).
+
+    Usage::
+
+        runner = DeepSpeedRunner(model, ds_config, schedule=schedule, lr=1e-4, weight_decay=0.1)
+        for step in range(runner.global_step, total_steps):
+            out = runner.train_step(next_window())        # list of GAS micro-batch dicts
+            if out.step % save_every == 0:
+                runner.save_checkpoint(ckpt_dir, client_state={"data": loader.state_dict()})
+
+    Phase switches happen inside :meth:`train_step` when the global step crosses a phase boundary.
+
+    Args:
+        model: the model (adapters of every phase are installed here unless ``applied`` is given).
+        config: DeepSpeed config (dict or JSON path); ``optimizer`` must be Adam/AdamW.
+        plan: a plan spec (single phase), or
+        schedule: a ``PlanSchedule`` spec (several phases), or
+        applied: an ``AppliedPlan`` already applied to ``model`` (with ``schedule`` when it was
+            applied with ``install=`` of the schedule's later phases).
+        lr: base lr (default ``config.optimizer.params.lr``).
+        weight_decay: default weight decay (default config's or 0).
+        lr_scheduler: callable ``optimizer -> scheduler``; default: the config's ``scheduler``.
+        loss_fn: ``(engine, micro_batch) -> loss tensor``; default calls ``engine(**micro_batch)``
+            and reads ``.loss`` (Hugging Face causal LMs with ``labels`` in the batch).
+    """
+
+    def __init__(
+        self,
+        model: nn.Module,
+        config: str | os.PathLike | Mapping[str, Any],
+        *,
+        plan: Any = None,
+        schedule: Any = None,
+        applied: Any = None,
+        lr: float | None = None,
+        weight_decay: float | None = None,
+        lr_scheduler: Callable | None = None,
+        loss_fn: Callable[[Any, Mapping[str, Any]], torch.Tensor] | None = None,
+    ):
+        from layerfreeze.schedule import PlanSchedule
+
+        self.config = load_config(config)
+        self.lr = _check_config(self.config, lr)
+        self.weight_decay = (
+            float(self.config["optimizer"]["params"].get("weight_decay", 0.0))
+            if weight_decay is None else float(weight_decay)
+        )
+        if schedule is None:
+            if plan is None and applied is None:
+                raise ValueError("DeepSpeedRunner: pass plan=, schedule= or applied=.")
+            schedule = PlanSchedule.single(plan if plan is not None else applied.plan)
+        self.schedule = PlanSchedule.parse(schedule)
+        if applied is None:
+            applied = _apply_plan(model, None, self.schedule)
+        self.applied = applied
+        self.model = model
+        self.zero_stage = _zero_stage(self.config)
+        self._lr_scheduler_fn = lr_scheduler
+        self._loss_fn = loss_fn or _default_loss
+        self.phase = 0
+        self.global_step = 0
+        self.bad_micro_batches = 0
+        self.skipped_steps = 0
+        self.engine: Any = None
+        self.lr_scheduler: ScaledLRScheduler | None = None
+        self._specs: list[_GroupSpec] = []
+        self._build_engine(_group_specs(self.applied, self.weight_decay))
+
+    # ---- engine construction ---------------------------------------------------------------
+
+    def _build_engine(self, specs: list[_GroupSpec]) -> None:
+        _assert_requires_grad_final(self.model, specs)
+        groups = _torch_groups(self.model, specs, self.lr)
+        engine, _opt, _loader, sched = _ds_initialize(
+            self.model, json.loads(json.dumps(self.config)), groups, lr_scheduler=self._lr_scheduler_fn
+        )
+        self.engine, self.lr_scheduler, self._specs = engine, sched, specs
+
+    @property
+    def gradient_accumulation_steps(self) -> int:
+        """Micro-batches per optimizer step (from the DeepSpeed config)."""
+        return int(self.engine.gradient_accumulation_steps())
+
+    @property
+    def rank(self) -> int:
+        """Global rank."""
+        return get_rank()
+
+    @property
+    def world_size(self) -> int:
+        """Number of data-parallel ranks."""
+        return get_world_size()
+
+    @property
+    def param_groups(self) -> list[dict[str, Any]]:
+        """The optimizer's groups (``name``, ``lr``, ``lr_scale``, ``weight_decay``, ...)."""
+        return _torch_optimizer(self.engine.optimizer).param_groups
+
+    def iter_layers(self) -> Iterator[tuple[int, nn.Module]]:
+        """``(global layer index, block module)`` pairs of the model."""
+        for layer in self.applied.layout.layers:
+            yield layer.index, layer.module
+
+    @staticmethod
+    def linear_kinds() -> tuple[type, ...]:
+        """Linear module types adapters wrap under this engine (plain ``nn.Linear``)."""
+        return (nn.Linear,)
+
+    # ---- optimizer state access (ZeRO-aware, collective under ZeRO) -------------------------
+
+    def _named_trainable(self) -> list[tuple[str, nn.Parameter]]:
+        params = dict(self.model.named_parameters())
+        return [(n, params[n]) for s in self._specs for n in s.params]
+
+    def _full_fp32(self, p: nn.Parameter) -> torch.Tensor:
+        v = safe_get_full_fp32_param(p)
+        return (p.detach() if v is None else v).float().cpu().clone()
+
+    def _full_state(self, p: nn.Parameter, key: str) -> torch.Tensor:
+        v = safe_get_full_optimizer_state(p, key)
+        if v is None:
+            v = _torch_optimizer(self.engine.optimizer).state[p][key]
+        return v.float().cpu().clone()
+
+    def optimizer_state_numel(self) -> dict[str, int]:
+        """Elements held in optimizer state across all ranks, per state key (and ``master``).
+
+        Counts the fp32 master partitions and Adam moments actually allocated in the torch
+        optimizer (summed over data-parallel ranks), i.e. what a frozen parameter must not add to.
+        """
+        opt = _torch_optimizer(self.engine.optimizer)
+        counts: dict[str, int] = {"master": 0}
+        for tensors in _state_tensors(self.engine.optimizer):
+            for p in tensors:
+                counts["master"] += p.numel()
+                for k, v in opt.state.get(p, {}).items():
+                    if isinstance(v, torch.Tensor) and v.dim() > 0:
+                        counts[k] = counts.get(k, 0) + v.numel()
+        if self.zero_stage >= 1 and is_dist():
+            t = torch.tensor([counts.get(k, 0) for k in sorted(counts)], dtype=torch.float64)
+            dist.all_reduce(t)
+            counts = {k: int(v) for k, v in zip(sorted(counts), t.tolist(), strict=True)}
+        return counts
+
+    def _step_of_groups(self) -> list[int]:
+        opt = _torch_optimizer(self.engine.optimizer)
+        out = []
+        for tensors in _state_tensors(self.engine.optimizer):
+            step = 0
+            for p in tensors:
+                st = opt.state.get(p, {})
+                if "step" in st:
+                    step = int(float(st["step"]))
+                    break
+            out.append(step)
+        if is_dist():  # a rank may hold no partition of a group; take the max
+            t = torch.tensor(out or [0], dtype=torch.float64)
+            dist.all_reduce(t, op=dist.ReduceOp.MAX)
+            out = [int(v) for v in t.tolist()][: len(out)]
+        return out
+
+    def _materialize_state(self, steps: Sequence[int]) -> None:
+        """Create Adam state (zeros, given step) for every group, as torch would on first step."""
+        opt = _torch_optimizer(self.engine.optimizer)
+        for tensors, step in zip(_state_tensors(self.engine.optimizer), steps, strict=True):
+            for p in tensors:
+                st = opt.state[p]
+                st["step"] = torch.tensor(float(step), dtype=torch.float32)
+                st["exp_avg"] = torch.zeros_like(p, memory_format=torch.preserve_format)
+                st["exp_avg_sq"] = torch.zeros_like(p, memory_format=torch.preserve_format)
+        link = getattr(self.engine.optimizer, "_lazy_init_hp_params_optimizer_state", None)
+        if link is not None:  # ZeRO-1/2 and bf16 optimizer: map params onto the new state
+            link()
+
+    # ---- plan-schedule phases ---------------------------------------------------------------
+
+    def maybe_switch_phase(self, global_step: int | None = None) -> bool:
+        """Switch to the phase ``global_step`` falls in (default: the current step), if different.
+
+        Returns:
+            True when a switch happened.
+        """
+        step = self.global_step if global_step is None else global_step
+        target = self.schedule.phase_at(step)
+        if target == self.phase:
+            return False
+        self._switch_phase(target, carry=True)
+        return True
+
+    def _switch_phase(self, target: int, carry: bool, specs: list[_GroupSpec] | None = None) -> None:
+        """Rebuild the engine for phase ``target``; carry master weights + Adam state when asked."""
+        old_plan = self.schedule.plans[self.phase]
+        new_plan = self.schedule.plans[target]
+        old_names = [n for n, _ in self._named_trainable()]
+        new_trainable = set(self.applied.switch_plan(new_plan).trainable_names())
+        self.applied = self.applied.switch_plan(old_plan)  # back, to read the old optimizer
+        carried: dict[str, dict[str, torch.Tensor]] = {}
+        steps: dict[str, int] = {}
+        if carry:
+            group_steps = self._step_of_groups()
+            params = dict(self.model.named_parameters())
+            for spec, gstep in zip(self._specs, group_steps, strict=True):
+                for n in spec.params:
+                    if n not in new_trainable:
+                        continue
+                    p = params[n]
+                    entry = {"master": self._full_fp32(p)}
+                    if gstep > 0:
+                        for key in _ADAM_STATE_KEYS:
+                            entry[key] = self._full_state(p, key)
+                    carried[n] = entry
+                    steps[n] = gstep
+        counters = {k: getattr(self.engine, k) for k in
+                    ("global_steps", "global_samples", "skipped_steps", "micro_steps")}
+        old_sched = self.lr_scheduler
+        self.engine.destroy()
+        self.applied = self.applied.switch_plan(new_plan)
+        self.phase = target
+        self._build_engine(specs if specs is not None else _group_specs(self.applied, self.weight_decay, steps))
+        for k, v in counters.items():
+            setattr(self.engine, k, v)
+        self.lr_scheduler.carry_from(old_sched)
+        if carry:
+            self._materialize_state([s.step for s in self._specs])
+            opt = _torch_optimizer(self.engine.optimizer)
+            for n, p in self._named_trainable():
+                entry = carried.get(n)
+                if entry is None:
+                    continue
+                if hasattr(p, "ds_id") or hasattr(p, "_hp_mapping"):
+                    safe_set_full_fp32_param(p, entry["master"].to(p.device))
+                    for key in _ADAM_STATE_KEYS:
+                        if key in entry:
+                            safe_set_full_optimizer_state(p, entry[key].to(p.device), key)
+                else:  # plain torch optimizer over the module parameters (ZeRO-0, fp32)
+                    with torch.no_grad():
+                        p.copy_(entry["master"].to(p.dtype))
+                        for key in _ADAM_STATE_KEYS:
+                            if key in entry:
+                                opt.state[p][key].copy_(entry[key])
+        log_rank0(logger, "plan-schedule phase %d: %s (%d trainable params)", target, new_plan,
+                  sum(p.numel() if not hasattr(p, "ds_numel") else p.ds_numel
+                      for _, p in self._named_trainable()))
+
+    # ---- training ---------------------------------------------------------------------------
+
+    def _agree(self, loss: torch.Tensor) -> tuple[bool, float]:
+        """All ranks agree whether this micro-batch is bad; return (bad, mean finite loss)."""
+        value = float(loss.detach().float())
+        finite = math.isfinite(value)
+        t = torch.tensor([value if finite else 0.0, 0.0 if finite else 1.0], dtype=torch.float64)
+        if is_dist():
+            t = t.to(loss.device)
+            dist.all_reduce(t)
+        bad = float(t[1]) > 0
+        return bad, float(t[0]) / max(1, get_world_size())
+
+    def _zero_backward(self, micro_batch: Mapping[str, Any]) -> None:
+        """Backward of an exact zero through the model (keeps DeepSpeed's per-micro-batch
+        communication intact while adding nothing to the accumulated gradients)."""
+        ids = micro_batch["input_ids"][:, :1]
+        out = self.engine(input_ids=ids)
+        logits = out.logits if hasattr(out, "logits") else out[0]
+        self.engine.backward(logits.float().sum() * 0.0)
+
+    def layer_grad_norms(self) -> dict[str, float]:
+        """L2 norm of the averaged gradient per layer group (call at an accumulation boundary,
+        after the last backward and before the step; collective under ZeRO)."""
+        params = dict(self.model.named_parameters())
+        out = {}
+        for group, names in self.applied.layer_groups().items():
+            sq = 0.0
+            for n in names:
+                g = safe_get_full_grad(params[n])
+                if g is not None:
+                    sq += float(g.detach().float().pow(2).sum())
+            if names:
+                out[group] = math.sqrt(sq)
+        return out
+
+    def train_step(self, micro_batches: Sequence[Mapping[str, Any]], grad_norms: bool = False) -> StepOutput:
+        """Run one optimizer step over ``gradient_accumulation_steps`` micro-batches.
+
+        Switches plan-schedule phase first when the step crosses a boundary. A micro-batch whose
+        loss is NaN/Inf on any rank is skipped on every rank (counted in ``bad_micro_batches``);
+        when all are bad the step runs with lr 0, so no parameter moves (counted in
+        ``skipped_steps``).
+
+        Args:
+            micro_batches: exactly ``gradient_accumulation_steps`` dicts for the model (e.g.
+                ``input_ids`` and ``labels`` tensors on this rank's device).
+            grad_norms: also return per-layer-group gradient norms (one all-gather per parameter).
+
+        Returns:
+            The :class:`StepOutput` of this step (same values on every rank).
+        """
+        gas = self.gradient_accumulation_steps
+        if len(micro_batches) != gas:
+            raise ValueError(
+                f"train_step: got {len(micro_batches)} micro-batches, the DeepSpeed config's "
+                f"gradient_accumulation_steps is {gas}. Pass exactly {gas}."
+            )
+        self.maybe_switch_phase()
+        self.engine.train()
+        losses, bad = [], 0
+        norms: dict[str, float] = {}
+        for i, mb in enumerate(micro_batches):
+            loss = self._loss_fn(self.engine, mb)
+            is_bad, mean_loss = self._agree(loss)
+            if is_bad:
+                bad += 1
+                del loss
+                self._zero_backward(mb)
+            else:
+                losses.append(mean_loss)
+                self.engine.backward(loss)
+            if i == gas - 1:
+                if grad_norms:
+                    norms = self.layer_grad_norms()
+                skipped = bad == gas
+                if skipped:
+                    for g in self.param_groups:
+                        g["lr"] = 0.0
+            lr = self.lr_scheduler.base_lr
+            self.engine.step()
+        self.global_step += 1
+        self.bad_micro_batches += bad
+        self.skipped_steps += int(skipped)
+        return StepOutput(
+            step=self.global_step, loss=float(np.mean(losses)) if losses else float("nan"),
+            lr=lr, bad_micro_batches=bad, skipped=skipped, grad_norms=norms, phase=self.phase,
+        )
+
+    @torch.no_grad()
+    def evaluate_loss(self, micro_batch: Mapping[str, Any]) -> float:
+        """Loss of one batch without training (mean over ranks)."""
+        self.engine.eval()
+        loss = self._loss_fn(self.engine, micro_batch)
+        self.engine.train()
+        return self._agree(loss)[1]
+
+    # ---- checkpoints ------------------------------------------------------------------------
+
+    def _meta(self, trainable_only: bool, trained_before: list[str]) -> dict[str, Any]:
+        return {
+            "format": _META_FORMAT,
+            "engine": "deepspeed",
+            "step": self.global_step,
+            "phase": self.phase,
+            "schedule": self.schedule.to_dict(),
+            "plan": self.schedule.plans[self.phase].to_dict(),
+            "zero_stage": self.zero_stage,
+            "world_size": get_world_size(),
+            "trainable_only": trainable_only,
+            "trained_frozen_params": trained_before,
+            "groups": [s.to_dict() for s in self._specs],
+            "bad_micro_batches": self.bad_micro_batches,
+            "skipped_steps": self.skipped_steps,
+        }
+
+    def _trained_but_frozen(self) -> list[str]:
+        """Parameters trained in an earlier phase that are frozen now (differ from the base)."""
+        now = {n for n, _ in self._named_trainable()}
+        earlier: set[str] = set()
+        for phase in range(self.phase):
+            earlier |= set(self.applied.switch_plan(self.schedule.plans[phase]).trainable_names())
+        self.applied = self.applied.switch_plan(self.schedule.plans[self.phase])
+        return sorted(earlier - now)
+
+    @contextlib.contextmanager
+    def gathered_parameters(self, names: Sequence[str] | None = None, modifier_rank: int | None = None):
+        """Context in which the named parameters (default: all) are whole on every rank.
+
+        Under ZeRO-3 this gathers the partitions (``deepspeed.zero.GatheredParameters``); on
+        exit, changes made on ``modifier_rank`` are re-partitioned. Other stages hold whole
+        parameters already. Use it for the final export::
+
+            with runner.gathered_parameters():
+                if runner.rank == 0:
+                    export_merged(runner.applied, out_dir)
+        """
+        params = dict(self.model.named_parameters())
+        selected = [params[n] for n in names] if names is not None else list(params.values())
+        if self.zero_stage == 3:
+            with deepspeed.zero.GatheredParameters(selected, modifier_rank=modifier_rank):
+                yield
+        else:
+            yield
+
+    def consolidated_state_dict(self) -> dict[str, torch.Tensor] | None:
+        """Whole model state dict (CPU, module dtype) on rank 0; None on other ranks."""
+        with self.gathered_parameters():
+            if get_rank() == 0:
+                return {k: v.detach().cpu().clone() for k, v in self.model.state_dict().items()}
+        return None
+
+    def save_checkpoint(
+        self,
+        ckpt_dir: str | os.PathLike,
+        step: int | None = None,
+        client_state: Mapping[str, Any] | None = None,
+        keep_last: int | None = None,
+        trainable_only: bool = False,
+    ) -> Path:
+        """Save an atomic checkpoint (all ranks must call it).
+
+        The DeepSpeed checkpoint (weights, optimizer, scheduler), this rank's ``client_state``
+        (e.g. data position and RNG; JSON + safetensors, no pickle) and the layerfreeze state
+        (plan, schedule, phase, optimizer groups) go into a staging directory that is renamed to
+        ``<ckpt_dir>/step_XXXXXXXX`` once complete; ``latest`` is updated after that.
+
+        Args:
+            ckpt_dir: checkpoint root.
+            step: step to name the checkpoint by (default ``global_step``).
+            client_state: per-rank picklable-free state (tensors, numpy arrays, numbers, strings,
+                lists, tuples, str-keyed dicts) returned by :meth:`load_checkpoint`.
+            keep_last: keep only this many newest checkpoints (None keeps all).
+            trainable_only: store only parameters that are or were trainable (frozen base
+                weights are excluded; loading needs the same base model).
+
+        Returns:
+            The committed checkpoint directory.
+        """
+        root = Path(ckpt_dir)
+        step = self.global_step if step is None else step
+        trained_before = self._trained_but_frozen() if trainable_only else []
+        staging = ckpt.prepare_staging(root, step) if get_rank() == 0 else None
+        staging = Path(_broadcast(str(staging) if staging else None))
+        self.engine.save_checkpoint(
+            str(staging), tag=_DS_TAG, client_state={_META_KEY: {"step": step, "phase": self.phase}},
+            save_latest=False, exclude_frozen_parameters=trainable_only,
+        )
+        if trained_before:
+            with self.gathered_parameters(trained_before):
+                if get_rank() == 0:
+                    params = dict(self.model.named_parameters())
+                    save_file({n: params[n].detach().cpu().contiguous() for n in trained_before},
+                              str(staging / "trained_frozen.safetensors"))
+        _save_client_state(staging / "client", get_rank(), client_state or {})
+        barrier()
+        committed = None
+        if get_rank() == 0:
+            info = ckpt.commit_checkpoint(root, staging, step, {_META_KEY: self._meta(trainable_only, trained_before)},
+                                          keep_last=keep_last)
+            committed = str(info.path)
+        committed = _broadcast(committed)
+        log_rank0(logger, "saved checkpoint %s", committed)
+        return Path(committed)
+
+    def load_checkpoint(self, ckpt_dir: str | os.PathLike, tag: str | None = None) -> dict[str, Any]:
+        """Resume from a checkpoint saved by :meth:`save_checkpoint` (all ranks must call it).
+
+        Lands in the saved plan-schedule phase with the saved optimizer groups, weights,
+        optimizer and scheduler state and counters.
+
+        Args:
+            ckpt_dir: checkpoint root (follows ``latest``) or one checkpoint directory.
+            tag: checkpoint name under the root (``step_00000010``); default ``latest``.
+
+        Returns:
+            This rank's ``client_state`` as given to :meth:`save_checkpoint`.
+
+        Raises:
+            CheckpointError: nothing loadable there, a damaged checkpoint, or one from another
+                plan/schedule, ZeRO stage or world size (the message says which).
+        """
+        info = ckpt.resolve_checkpoint(ckpt_dir, tag)
+        meta = info.meta.get(_META_KEY)
+        if not isinstance(meta, dict) or meta.get("format") != _META_FORMAT:
+            raise ckpt.CheckpointError(f"{info.path}: not a layerfreeze DeepSpeed checkpoint (no layerfreeze metadata).")
+        problems = []
+        if meta["schedule"] != self.schedule.to_dict():
+            problems.append(f"schedule {meta['schedule']} differs from this run's {self.schedule.to_dict()}")
+        if meta["world_size"] != get_world_size():
+            problems.append(f"saved with {meta['world_size']} ranks, this run has {get_world_size()}")
+        if meta["zero_stage"] != self.zero_stage:
+            problems.append(f"saved with ZeRO stage {meta['zero_stage']}, this run uses {self.zero_stage}")
+        if problems:
+            raise ckpt.CheckpointError(f"{info.path}: cannot resume this run from it: " + "; ".join(problems) + ".")
+        specs = [_GroupSpec(**g) for g in meta["groups"]]
+        if meta["phase"] != self.phase or [s.to_dict() for s in specs] != [s.to_dict() for s in self._specs]:
+            self._switch_phase(int(meta["phase"]), carry=False, specs=specs)
+        load_path, _ = self.engine.load_checkpoint(
+            str(info.path), tag=_DS_TAG, load_module_strict=not meta["trainable_only"],
+        )
+        if load_path is None:
+            raise ckpt.CheckpointError(f"{info.path}: DeepSpeed could not load the checkpoint in '{_DS_TAG}/'.")
+        if meta["trained_frozen_params"]:
+            tensors = load_file(str(info.path / "trained_frozen.safetensors"))
+            with self.gathered_parameters(meta["trained_frozen_params"], modifier_rank=0):
+                if get_rank() == 0:
+                    params = dict(self.model.named_parameters())
+                    with torch.no_grad():
+                        for n, t in tensors.items():
+                            params[n].copy_(t)
+        self.global_step = int(meta["step"])
+        self.bad_micro_batches = int(meta["bad_micro_batches"])
+        self.skipped_steps = int(meta["skipped_steps"])
+        client_dir = info.path / "client"
+        rank = get_rank()
+        if not (client_dir / f"rank_{rank:05d}.json").exists():
+            rank = 0
+        state = _load_client_state(client_dir, rank)
+        barrier()
+        log_rank0(logger, "resumed from %s (step %d, phase %d)", info.path, self.global_step, self.phase)
+        return state
+
+
+def _broadcast(obj: Any) -> Any:
+    if not is_dist():
+        return obj
+    box = [obj]
+    dist.broadcast_object_list(box, src=0)
+    return box[0]
+
+
+def _default_loss(engine: Any, micro_batch: Mapping[str, Any]) -> torch.Tensor:
+    out = engine(**micro_batch)
+    loss = getattr(out, "loss", None)
+    if loss is None:
+        raise ValueError(
+            "train_step: the model returned no .loss; put 'labels' in the micro-batch or pass loss_fn=."
+        )
+    return loss

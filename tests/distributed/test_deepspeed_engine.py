@@ -1,0 +1,382 @@
+"""DeepSpeed adapter on 2 gloo ranks (CPU): ZeRO 0-3 against a plain-torch reference, optimizer
+state holding exactly the trainable parameters, lr scales under a scheduler, NaN guard, gradient
+checkpointing, and plan-schedule phase switches with resume across the boundary.
+
+Expected values come from an independent single-process implementation (:func:`_reference`):
+plain ``torch.optim.AdamW`` over the plan's groups, gradients averaged over the same 2 ranks x
+``GAS`` micro-batches and clipped to global norm ``CLIP``, and at a phase switch a new optimizer that copies the per-parameter Adam
+state of parameters that stay trainable.
+"""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+
+from tests.helpers.dist import run_distributed
+
+pytestmark = pytest.mark.slow
+
+WORLD = 2
+GAS = 2
+LR = 1e-3
+WD = 0.1
+LAYERS = 4
+#: Adam eps above the float32 summation noise of near-zero gradient elements, so runs that reduce
+#: gradients in a different order (ZeRO stages, the reference) stay close.
+EPS = 1e-6
+CLIP = 1.0
+
+
+def _cfg(stage: int, gas: int = GAS, **extra) -> dict:
+    cfg = {
+        "train_micro_batch_size_per_gpu": 2,
+        "gradient_accumulation_steps": gas,
+        "optimizer": {"type": "AdamW", "params": {"lr": LR, "weight_decay": WD, "eps": EPS,
+                                                        "torch_adam": True}},
+        "zero_optimization": {"stage": stage},
+        "gradient_clipping": CLIP,
+        "steps_per_print": 10**6,
+    }
+    cfg.update(extra)
+    return cfg
+
+
+def _micro_batch(step: int, micro: int, rank: int) -> dict:
+    g = torch.Generator().manual_seed(100_000 + 1000 * step + 10 * micro + rank)
+    ids = torch.randint(0, 128, (2, 8), generator=g)
+    return {"input_ids": ids, "labels": ids.clone()}
+
+
+def _window(step: int, rank: int, gas: int = GAS) -> list[dict]:
+    return [_micro_batch(step, m, rank) for m in range(gas)]
+
+
+def _model():
+    from tests.helpers.tiny_models import build_tiny_model
+
+    return build_tiny_model("llama", num_layers=LAYERS)
+
+
+def _reference(schedule, steps: int, gas: int = GAS) -> dict:
+    """Single-process plain-torch run of what 2 DeepSpeed ranks should compute."""
+    from layerfreeze.apply import apply_plan
+    from layerfreeze.schedule import PlanSchedule
+
+    torch.manual_seed(0)
+    sched = PlanSchedule.parse(schedule)
+    model = _model().train()
+    applied = apply_plan(model, sched.plans[0], install=tuple(sched.plans[1:]))
+    params = dict(model.named_parameters())
+    opt = torch.optim.AdamW(applied.param_groups(LR, WD), lr=LR, weight_decay=WD, eps=EPS)
+    phase, losses, norms = 0, [], []
+    for step in range(steps):
+        target = sched.phase_at(step)
+        if target != phase:
+            old = {n: opt.state[params[n]] for n in applied.trainable_names() if params[n] in opt.state}
+            applied.switch_plan(sched.plans[target])
+            phase = target
+            opt = torch.optim.AdamW(applied.param_groups(LR, WD), lr=LR, weight_decay=WD, eps=EPS)
+            for n in applied.trainable_names():
+                if n in old:
+                    opt.state[params[n]] = {k: v.clone() for k, v in old[n].items()}
+        opt.zero_grad(set_to_none=True)
+        step_losses = []
+        for m in range(gas):
+            for r in range(WORLD):
+                loss = model(**_micro_batch(step, m, r)).loss
+                (loss / (gas * WORLD)).backward()
+                step_losses.append(loss.item())
+        norms.append({
+            grp: math.sqrt(sum(float(params[n].grad.pow(2).sum()) for n in names if params[n].grad is not None))
+            for grp, names in applied.layer_groups().items() if names
+        })
+        torch.nn.utils.clip_grad_norm_([p for p in model.parameters() if p.grad is not None], CLIP)
+        opt.step()
+        losses.append(sum(step_losses) / len(step_losses))
+    return {"losses": losses, "norms": norms, "state": {k: v.detach().clone() for k, v in model.state_dict().items()}}
+
+
+def _state_on_rank0(runner) -> dict | None:
+    """Whole state dict on rank 0 as numpy (tensors would travel through shared memory, which
+    dies with the worker before the parent reads it)."""
+    return _np(runner.consolidated_state_dict())
+
+
+def _np(state: dict | None) -> dict | None:
+    return None if state is None else {k: v.float().numpy() for k, v in state.items()}
+
+
+def _t(state: dict) -> dict:
+    return {k: torch.from_numpy(v) for k, v in state.items()}
+
+
+# ------------------------------------------------------------------------------------------
+# ZeRO 0/1/2/3 x freeze_deep / hlpt
+# ------------------------------------------------------------------------------------------
+
+_STAGE_PLANS = ["freeze_deep", "hlpt"]
+_STAGES = [0, 1, 2, 3]
+_STEPS = 4
+
+
+def _body_stages(rank: int, world: int) -> dict:
+    from layerfreeze.engines.deepspeed import DeepSpeedRunner
+
+    results = {}
+    for plan in _STAGE_PLANS:
+        for stage in _STAGES:
+            torch.manual_seed(0)
+            model = _model()
+            runner = DeepSpeedRunner(model, _cfg(stage), plan=plan)
+            trainable = runner.applied.trainable_names()
+            # full sizes (ZeRO-3 leaves empty tensors in the module, with the size in ds_numel)
+            numel = {n: getattr(p, "ds_numel", p.numel()) for n, p in model.named_parameters()}
+            expected_state = sum(numel[n] for n in trainable)
+            outs = [runner.train_step(_window(s, rank), grad_norms=(s == 0)) for s in range(_STEPS)]
+            counts = runner.optimizer_state_numel()
+            state = _state_on_rank0(runner)
+            results[(plan, stage)] = {
+                "losses": [o.loss for o in outs],
+                "norms": outs[0].grad_norms,
+                "trainable": trainable,
+                "expected_state": expected_state,
+                "frozen_numel": sum(v for n, v in numel.items() if n not in set(trainable)),
+                "counts": counts,
+                "n_trainable_tensors": len(trainable),
+                "n_groups": len(runner.param_groups),
+                "state": state,
+            }
+            runner.engine.destroy()
+    return results
+
+
+def test_zero_stages_match_reference_and_keep_frozen_params():
+    per_rank = run_distributed(_body_stages, world_size=WORLD, timeout=900)
+    res = per_rank[0]
+    from layerfreeze.apply import apply_plan
+
+    for plan in _STAGE_PLANS:
+        ref = _reference([{"plan": plan, "until_step": None}], _STEPS)
+        initial = _model()
+        apply_plan(initial, plan)  # same adapters (zero-init gates / B), initial values
+        init_state = initial.state_dict()
+        for stage in _STAGES:
+            r = res[(plan, stage)]
+            where = f"{plan} ZeRO-{stage}"
+            # the same loss trajectory as the plain-torch reference (and so across stages)
+            assert r["losses"] == pytest.approx(ref["losses"], rel=1e-5, abs=1e-6), where
+            assert per_rank[1][(plan, stage)]["losses"] == r["losses"], f"{where}: ranks disagree"
+            # ZeRO-aware per-layer-group gradient norms equal the reference's
+            assert set(r["norms"]) == set(ref["norms"][0]), where
+            for grp, v in ref["norms"][0].items():
+                assert r["norms"][grp] == pytest.approx(v, rel=1e-4, abs=1e-7), f"{where} {grp}"
+            # frozen parameters bit-identical, trainable ones changed
+            trainable = set(r["trainable"])
+            assert trainable and len(trainable) < len(init_state)
+            got_state = _t(r["state"])
+            for name, init in init_state.items():
+                after = got_state[name]
+                if name in trainable:
+                    assert not torch.equal(after, init), f"{where}: trainable {name} did not change"
+                else:
+                    assert torch.equal(after, init), f"{where}: frozen {name} changed"
+                assert torch.allclose(after, ref["state"][name], rtol=1e-4, atol=1e-5), f"{where}: {name}"
+            # optimizer state holds exactly the trainable parameters (padding aside, < 1 frozen tensor)
+            exp = r["expected_state"]
+            pad = WORLD * (r["n_trainable_tensors"] + r["n_groups"]) if stage >= 1 else 0
+            for key in ("master", "exp_avg", "exp_avg_sq"):
+                got = r["counts"][key]
+                assert exp <= got <= exp + pad, f"{where}: {key} holds {got} elements, trainable {exp}"
+                assert got - exp < r["frozen_numel"], where
+
+
+# ------------------------------------------------------------------------------------------
+# lr scales under a DeepSpeed scheduler, NaN guard, gradient checkpointing, bf16, offload
+# ------------------------------------------------------------------------------------------
+
+_SCALED_PLAN = {
+    "default": "freeze",
+    "rules": [{"layers": "0-1", "policy": "full", "lr_scale": 0.1}, {"layers": "2-3", "policy": "full"}],
+    "lm_head": {"policy": "full", "lr_scale": 0.5},
+}
+_WARMUP, _TOTAL, _MIN = 3, 8, 1e-4
+
+
+def _scheduled_lr(it: int) -> float:
+    """WarmupDecayLR (linear warmup) in closed form, after ``it`` scheduler steps."""
+    if it < _WARMUP:
+        gamma = it / _WARMUP
+    else:
+        gamma = max(0.0, (_TOTAL - it) / (_TOTAL - _WARMUP))
+    return _MIN + (LR - _MIN) * gamma
+
+
+class _NaNOnce:
+    """Forward hook on the real model that poisons the logits of chosen calls (a bad batch)."""
+
+    def __init__(self, bad_calls: set[int]):
+        self.calls, self.bad = 0, bad_calls
+
+    def __call__(self, module, args, output):
+        self.calls += 1
+        if self.calls in self.bad:
+            output.logits = output.logits * float("nan")
+        return output
+
+
+def _body_misc(rank: int, world: int) -> dict:
+    from layerfreeze.apply import enable_gradient_checkpointing
+    from layerfreeze.engines.deepspeed import DeepSpeedRunner
+
+    out: dict = {}
+    sched = {"type": "WarmupDecayLR", "params": {"warmup_min_lr": _MIN, "warmup_max_lr": LR,
+                                                 "warmup_num_steps": _WARMUP, "total_num_steps": _TOTAL,
+                                                 "warmup_type": "linear"}}
+    runner = DeepSpeedRunner(_model(), _cfg(2, scheduler=sched), plan=_SCALED_PLAN)
+    seen = []
+    for s in range(6):
+        lrs = {g["name"]: (g["lr"], g["lr_scale"]) for g in runner.param_groups}
+        seen.append((s, lrs))
+        runner.train_step(_window(s, rank))
+    out["lrs"] = seen
+    runner.engine.destroy()
+
+    # NaN guard: micro-batch 1 of step 1 bad on rank 1 only; both micro-batches of step 2 bad
+    model = _model()
+    runner = DeepSpeedRunner(model, _cfg(2), plan="freeze_deep")
+    calls_per_step = GAS
+    bad = {calls_per_step * 1 + 2, calls_per_step * 2 + 1, calls_per_step * 2 + 2} if rank == 1 else set()
+    hook = model.register_forward_hook(_NaNOnce(bad))
+    before = None
+    steps = []
+    for s in range(4):
+        if s == 2:
+            before = runner.consolidated_state_dict()
+        o = runner.train_step(_window(s, rank))
+        if s == 2:
+            after = runner.consolidated_state_dict()
+            if rank == 0:
+                out["skip_unchanged"] = all(torch.equal(before[k], after[k]) for k in before)
+        steps.append((o.loss, o.bad_micro_batches, o.skipped))
+    hook.remove()
+    out["nan_steps"] = steps
+    out["nan_counts"] = (runner.bad_micro_batches, runner.skipped_steps)
+    runner.engine.destroy()
+
+    # gradient checkpointing, ZeRO-3, 2 steps: same losses as without
+    for gc in (False, True):
+        model = _model()
+        from layerfreeze.apply import apply_plan
+
+        applied = apply_plan(model, "freeze_deep")
+        if gc:
+            enable_gradient_checkpointing(model)
+        runner = DeepSpeedRunner(model, _cfg(3), applied=applied)
+        out[f"gc{int(gc)}"] = [runner.train_step(_window(s, rank)).loss for s in range(2)]
+        runner.engine.destroy()
+
+    # bf16 and optimizer/parameter CPU offload run (ZeRO-3 offload, ZeRO-2 bf16)
+    runner = DeepSpeedRunner(_model(), _cfg(2, bf16={"enabled": True}), plan="freeze_deep")
+    out["bf16"] = [runner.train_step(_window(s, rank)).loss for s in range(2)]
+    runner.engine.destroy()
+    offload = {"stage": 3, "offload_optimizer": {"device": "cpu"}, "offload_param": {"device": "cpu"}}
+    cfg = _cfg(3, zero_force_ds_cpu_optimizer=False)
+    cfg["zero_optimization"] = offload
+    runner = DeepSpeedRunner(_model(), cfg, plan="freeze_deep")
+    out["offload"] = [runner.train_step(_window(s, rank)).loss for s in range(2)]
+    out["offload_counts"] = runner.optimizer_state_numel()
+    out["offload_trainable"] = runner.applied.num_trainable_params()
+    runner.engine.destroy()
+    return out
+
+
+def test_lr_scales_nan_guard_checkpointing_precision():
+    res = run_distributed(_body_misc, world_size=WORLD, timeout=900)[0]
+    # lr scales survive the scheduler: group lr == scheduled lr * scale at every step
+    scales_seen = set()
+    for step, lrs in res["lrs"]:
+        for name, (lr, scale) in lrs.items():
+            scales_seen.add(scale)
+            assert lr == pytest.approx(_scheduled_lr(step) * scale, rel=1e-9), (step, name)
+    assert {0.1, 0.5, 1.0} <= scales_seen
+
+    # NaN guard: ranks agree, bad micro-batches skipped and counted, all-bad step moves nothing
+    ref = _reference([{"plan": "freeze_deep", "until_step": None}], 2)
+    (l0, b0, s0), (l1, b1, s1), (l2, b2, s2), (l3, b3, s3) = res["nan_steps"]
+    assert l0 == pytest.approx(ref["losses"][0], rel=1e-5)
+    assert (b0, s0) == (0, False) and (b1, s1) == (1, False) and (b2, s2) == (2, True) and (b3, s3) == (0, False)
+    assert math.isfinite(l1) and math.isnan(l2) and math.isfinite(l3)
+    assert res["skip_unchanged"] is True
+    assert res["nan_counts"] == (3, 1)
+
+    # gradient checkpointing changes nothing numerically
+    assert res["gc1"] == pytest.approx(res["gc0"], rel=1e-6)
+    assert res["gc0"] == pytest.approx(ref["losses"], rel=1e-5)
+    # bf16 trains (loose: bf16 rounding) and offload matches fp32
+    assert all(math.isfinite(x) for x in res["bf16"])
+    assert res["bf16"] == pytest.approx(ref["losses"], rel=2e-2)
+    assert res["offload"] == pytest.approx(ref["losses"], rel=1e-5)
+    assert res["offload_counts"]["exp_avg"] < res["offload_trainable"] + 1000
+
+
+# ------------------------------------------------------------------------------------------
+# plan schedule: switch mid-run under ZeRO-2 / ZeRO-3, resume across the boundary
+# ------------------------------------------------------------------------------------------
+
+_SCHEDULE = [{"plan": "full", "until_step": 3}, {"plan": "freeze_deep", "until_step": None}]
+_SCHED_STEPS = 6
+
+
+def _body_schedule(rank: int, world: int, root: str) -> dict:
+    from pathlib import Path
+
+    from layerfreeze.engines.deepspeed import DeepSpeedRunner
+    from layerfreeze.utils.seed import get_rng_state
+
+    out = {}
+    for stage in (2, 3):
+        ckdir = Path(root) / f"zero{stage}"
+        torch.manual_seed(0)
+        runner = DeepSpeedRunner(_model(), _cfg(stage), schedule=_SCHEDULE)
+        straight, phases = [], []
+        for s in range(_SCHED_STEPS):
+            o = runner.train_step(_window(s, rank))
+            straight.append(o.loss)
+            phases.append(o.phase)
+            if o.step in (2, 4):  # before the boundary (phase 0) and after it (phase 1)
+                runner.save_checkpoint(ckdir, client_state={"next_step": o.step, "rng": get_rng_state(),
+                                                            "rank": rank}, keep_last=5,
+                                       trainable_only=(o.step == 4))
+        final = _state_on_rank0(runner)
+        runner.engine.destroy()
+        resumed = {}
+        for tag in ("step_00000002", "step_00000004"):
+            runner = DeepSpeedRunner(_model(), _cfg(stage), schedule=_SCHEDULE)
+            client = runner.load_checkpoint(ckdir, tag=tag)
+            assert client["rank"] == rank and runner.global_step == client["next_step"]
+            assert isinstance(client["rng"]["numpy"][1], __import__("numpy").ndarray)
+            losses = [runner.train_step(_window(s, rank)).loss for s in range(client["next_step"], _SCHED_STEPS)]
+            resumed[tag] = (losses, runner.phase, _state_on_rank0(runner))
+            runner.engine.destroy()
+        out[stage] = {"straight": straight, "phases": phases, "final": final, "resumed": resumed}
+    return out
+
+
+def test_schedule_switch_and_resume_across_boundary(tmp_path):
+    res = run_distributed(_body_schedule, world_size=WORLD, args=(str(tmp_path),), timeout=900)[0]
+    ref = _reference(_SCHEDULE, _SCHED_STEPS)
+    for stage in (2, 3):
+        r = res[stage]
+        assert r["phases"] == [0, 0, 0, 1, 1, 1]
+        # the switch carries master weights and Adam moments: equals the per-parameter reference
+        assert r["straight"] == pytest.approx(ref["losses"], rel=1e-5, abs=1e-6), f"ZeRO-{stage}"
+        for tag, start in (("step_00000002", 2), ("step_00000004", 4)):
+            losses, phase, final = r["resumed"][tag]
+            assert phase == 1
+            # resumed == straight (tight), across the boundary from step 2 and within phase 1 from step 4
+            assert losses == pytest.approx(r["straight"][start:], rel=1e-6, abs=1e-7), f"ZeRO-{stage} {tag}"
+            for k, v in _t(r["final"]).items():
+                assert torch.allclose(_t(final)[k], v, rtol=1e-5, atol=1e-6), f"ZeRO-{stage} {tag} {k}"
