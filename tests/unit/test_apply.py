@@ -409,3 +409,44 @@ def test_trainable_names_for_does_not_switch():
     assert [n for n, p in model.named_parameters() if p.requires_grad] == before
     with pytest.raises(ConfigError, match="were not installed"):
         applied.trainable_names_for("2:lora(r=2)")
+
+
+# Families beyond the five core ones, configured as a new user would (defaults + tiny sizes).
+OTHER_FAMILIES = [
+    ("gemma", dict(num_key_value_heads=1, head_dim=16)),
+    ("phi", {}),
+    ("falcon", {}),
+    ("bloom", dict(n_layer=4, n_head=4)),
+    ("mixtral", dict(num_key_value_heads=2, num_local_experts=2)),
+    ("qwen3", dict(num_key_value_heads=2, head_dim=16)),
+    ("gpt_bigcode", dict(n_embd=64, n_layer=4, n_head=4)),
+]
+
+
+@pytest.mark.parametrize("model_type,kw", OTHER_FAMILIES, ids=[f[0] for f in OTHER_FAMILIES])
+def test_other_families_train_or_fail_clearly(model_type, kw):
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    base = dict(hidden_size=64, num_hidden_layers=4, num_attention_heads=4, intermediate_size=128,
+                vocab_size=128, pad_token_id=0, bos_token_id=0, eos_token_id=0)
+    cfg = AutoConfig.for_model(model_type, **{**base, **kw})
+    ids = tiny_batch(128, seq=6)
+    for plan in ("freeze_deep", "lora_all(r=2)", "hlpt(r=2,tokens=2)"):
+        torch.manual_seed(0)
+        model = AutoModelForCausalLM.from_config(cfg, attn_implementation="eager").eval()
+        with torch.no_grad():
+            ref = model(ids).logits
+        try:
+            applied = apply_plan(model, plan)
+        except ConfigError as e:
+            # Only adapter policies may be refused, each problem naming the layer and a fix.
+            assert plan.startswith("hlpt"), (model_type, plan, e)
+            assert all(" layer " in p or ": layer " in p for p in e.problems)
+            assert not [n for n, _ in model.named_parameters() if "lora_" in n or "prefix_" in n]
+            continue
+        with torch.no_grad():
+            assert torch.equal(model(ids).logits, ref), (model_type, plan)
+        model.train()
+        model(ids, labels=ids).loss.backward()
+        grads = [n for n, p in model.named_parameters() if p.grad is not None]
+        assert set(grads) == set(applied.trainable_names()) and grads

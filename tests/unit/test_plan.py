@@ -285,3 +285,22 @@ def test_multiple_resolve_problems_in_one_error():
 def test_plan_module_imports_no_torch():
     code = "import sys, layerfreeze.plan, layerfreeze.schedule; assert 'torch' not in sys.modules"
     subprocess.run([sys.executable, "-c", code], check=True)
+
+
+def test_docs_examples_parse(repo_root):
+    import re
+
+    from layerfreeze.schedule import PlanSchedule
+
+    doc = (repo_root / "docs" / "plans.md").read_text(encoding="utf-8")
+    blocks = re.findall(r"```(\w*)\n(.*?)```", doc, flags=re.DOTALL)
+    yaml_blocks = [yaml.safe_load(b) for lang, b in blocks if lang == "yaml"]
+    plan = LayerPlan.parse(yaml_blocks[0])
+    r = plan.resolve(32)
+    assert _names(r)[:8] == ["full"] * 8 and _names(r)[24:30] == ["lora"] * 6 and _names(r)[30:] == ["prefix"] * 2
+    assert r.lm_head.options.lr_scale == 0.5
+    schedule = PlanSchedule.parse(yaml_blocks[1]["plan"]["schedule"])
+    assert schedule.phase_at(199) == 0 and schedule.phase_at(200) == 1
+    compact = next(b for lang, b in blocks if lang == "" and "0-7:full" in b)
+    for line in compact.split():
+        LayerPlan.parse(line).resolve(32)
