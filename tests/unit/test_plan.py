@@ -297,7 +297,7 @@ def test_docs_examples_parse(repo_root):
     yaml_blocks = [yaml.safe_load(b) for lang, b in blocks if lang == "yaml"]
     plan = LayerPlan.parse(yaml_blocks[0])
     r = plan.resolve(32)
-    assert _names(r)[:8] == ["full"] * 8 and _names(r)[24:30] == ["lora"] * 6 and _names(r)[30:] == ["prefix"] * 2
+    assert _names(r) == ["full"] * 8 + ["freeze"] * 8 + ["lora"] * 8 + ["freeze"] * 6 + ["prefix"] * 2
     assert r.lm_head.options.lr_scale == 0.5
     schedule = PlanSchedule.parse(yaml_blocks[1]["plan"]["schedule"])
     assert schedule.phase_at(199) == 0 and schedule.phase_at(200) == 1
