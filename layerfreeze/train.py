@@ -22,6 +22,7 @@ import logging
 import math
 import shutil
 import time
+import typing
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -260,6 +261,13 @@ def build_deepspeed_config(cfg: RunConfig, world_size: int) -> dict[str, Any]:
     return ds
 
 
+def _field_type(cls: type, path: str) -> Any:
+    tp: Any = cls
+    for part in path.split("."):
+        tp = typing.get_type_hints(tp)[part]
+    return tp
+
+
 def describe_schema(cls: type) -> str:
     """Every config field as ``path: type = default`` and its docstring (for ``validate``)."""
     lines: list[str] = []
@@ -267,6 +275,9 @@ def describe_schema(cls: type) -> str:
         if tp == "section":
             lines.append(f"\n[{path}] {doc}")
             continue
+        hint = _field_type(cls, path)
+        if typing.get_origin(hint) is typing.Literal:
+            tp = " | ".join(repr(a) for a in typing.get_args(hint))
         lines.append(f"  {path}: {tp} = {default!r}")
         for doc_line in doc.splitlines():
             lines.append(f"      {doc_line}")
@@ -517,7 +528,11 @@ class Recipe:
             next_step = self.step + 1
             every = cfg.logging.per_layer_every
             want_norms = bool(every) and next_step % every == 0
-            window = [self.loader.next_batch() for _ in range(cfg.train.grad_accum_steps)]
+            device = self.runner.engine.device
+            window = [
+                {k: v.to(device, non_blocking=True) for k, v in self.loader.next_batch().items()}
+                for _ in range(cfg.train.grad_accum_steps)
+            ]
             out = self.runner.train_step(window, grad_norms=want_norms)  # switches phase if due
             self.step = out.step
             now = time.perf_counter()

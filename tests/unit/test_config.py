@@ -236,3 +236,44 @@ def test_redact_secrets_hides_keys_and_tokens():
            "x": [{"hf_token": "SECRET2"}], "password": "SECRET3"}
     out = json.dumps(redact_secrets(cfg))
     assert "SECRET" not in out and out.count("<redacted>") == 3 and '"p"' in out
+
+
+def test_validate_command_prints_config_plan_and_schema(tmp_path, capsys):
+    from layerfreeze.cli import main
+
+    config = _write(tmp_path, _minimal())
+    assert main(["validate", "--config", str(config), "train.steps=9"]) == 0
+    out = capsys.readouterr().out
+    printed = yaml.safe_load(out.split("phase 0")[0])
+    assert printed["train"]["steps"] == 9 and printed["plan"]["spec"] == "freeze_deep"
+    assert "phase 0 (" in out and "4-layer model" in out and "freeze" in out
+    assert out.rstrip().endswith(f"OK: {config} is valid.")
+
+    assert main(["validate", "--schema"]) == 0
+    schema = capsys.readouterr().out
+    assert "  model.dtype: 'float32' | 'bfloat16' | 'float16' = 'float32'" in schema
+    assert "[eval]" in schema
+
+
+def test_validate_command_fails_with_exit_2_and_the_problem(tmp_path):
+    import logging
+
+    from layerfreeze.cli import main
+
+    messages: list[str] = []
+
+    class _Collect(logging.Handler):
+        def emit(self, record: logging.LogRecord) -> None:
+            messages.append(record.getMessage())
+
+    lf_logger = logging.getLogger("layerfreeze")
+    handler = _Collect(level=logging.ERROR)
+    lf_logger.addHandler(handler)
+    try:
+        config = _write(tmp_path, _minimal(plan={"spec": "0-9:full"}))
+        assert main(["validate", "--config", str(config)]) == 2
+        assert main(["validate", "--config", str(config), "optim.lrr=1"]) == 2
+    finally:
+        lf_logger.removeHandler(handler)
+    text = "\n".join(messages)
+    assert "4-layer model" in text and "Did you mean 'lr'?" in text
