@@ -450,3 +450,13 @@ def test_other_families_train_or_fail_clearly(model_type, kw):
         model(ids, labels=ids).loss.backward()
         grads = [n for n, p in model.named_parameters() if p.grad is not None]
         assert set(grads) == set(applied.trainable_names()) and grads
+
+
+@pytest.mark.parametrize("family", TINY_FAMILIES)
+def test_h2lpt_trains_half_of_hlpt(family):
+    # With 8 | N the split is exact: half the LoRA layers and half the prefix layers.
+    counts = {}
+    for preset in ("hlpt", "h2lpt"):
+        model = build_tiny_model(family, num_layers=8)
+        counts[preset] = apply_plan(model, LayerPlan.from_preset(preset, r=4, tokens=4)).num_trainable_params()
+    assert counts["h2lpt"] * 2 == counts["hlpt"] > 0
