@@ -23,7 +23,6 @@ accuracies are chance level.
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import platform
 import sys
@@ -154,7 +153,7 @@ def main() -> int:
     for r in records:
         lls = ref[(r["subject"], r["index"])]
         ours = [r["loglik"][k] for k in letters]
-        max_diff = max(max_diff, max(abs(a - b) for a, b in zip(ours, lls)))
+        max_diff = max(max_diff, max(abs(a - b) for a, b in zip(ours, lls, strict=True)))
         ref_pred = letters[lls.index(max(lls))]
         if ref_pred != r["pred"]:
             gap = abs(lls[letters.index(r["pred"])] - lls[letters.index(ref_pred)])

@@ -143,7 +143,7 @@ class EvalCallback:
                 pts = [(h["step"], h["metrics"][f"eval/{b}/{key}"]) for h in hist
                        if f"eval/{b}/{key}" in h["metrics"]]
                 if pts:
-                    xs, ys = zip(*pts)
+                    xs, ys = zip(*pts, strict=False)
                     ax.plot(xs, [100 * y for y in ys], style, label=f"{b} {key}")
         ax.set_xlabel("step")
         ax.set_ylabel("accuracy (%)")

@@ -51,7 +51,9 @@ def header(benchmark: str, subject: Subject, fmt: str) -> str:
 def format_question(benchmark: str, q: Question, fmt: str, with_answer: bool = False) -> str:
     """One question block; with ``with_answer`` the answer and the ``\\n\\n`` separator follow."""
     _check_format(fmt)
-    options = "".join(f"\n{letter}. {text}" for letter, text in zip(LETTERS, q.choices))
+    options = "".join(
+        f"\n{letter}. {text}" for letter, text in zip(LETTERS, q.choices, strict=True)
+    )
     if fmt == "lm-eval":
         text = f"{q.question.strip()}{options}\n答案："
         sep = " "

@@ -18,7 +18,7 @@ import torch
 from layerfreeze.evaluation.data import LETTERS, Benchmark
 from layerfreeze.evaluation.prompts import build_prefix, continuations, format_question
 from layerfreeze.evaluation.report import summarize
-from layerfreeze.evaluation.scoring import ScoreRequest, Scorer, encode_request
+from layerfreeze.evaluation.scoring import Scorer, ScoreRequest, encode_request
 from layerfreeze.utils import dist as dist_utils
 from layerfreeze.utils.logging import get_logger, log_rank0
 
@@ -73,7 +73,7 @@ def _record(benchmark: str, q: Any, scores: list[float]) -> dict[str, Any]:
         "pred": pred,
         "gold": q.answer,
         "correct": None if q.answer is None else pred == q.answer,
-        "loglik": dict(zip(LETTERS, scores)),
+        "loglik": dict(zip(LETTERS, scores, strict=True)),
     }
 
 
@@ -145,7 +145,7 @@ def evaluate(
             bar.close()
         if was_training and hasattr(model, "train"):
             model.train(True)
-    mine = [_record(benchmark.name, q, s) for (_, q), s in zip(items, scores)]
+    mine = [_record(benchmark.name, q, s) for (_, q), s in zip(items, scores, strict=True)]
     gathered = dist_utils.all_gather_objects(mine)
     order = {s.name: k for k, s in enumerate(benchmark.subjects)}
     records = sorted(

@@ -93,7 +93,7 @@ def is_hf_causal_lm(model: Any) -> bool:
 def _unwrap(model: Any) -> Any:
     """The module under a DeepSpeed engine / DDP wrapper (their ``.module``)."""
     inner = model
-    while hasattr(inner, "module") and isinstance(getattr(inner, "module"), torch.nn.Module):
+    while hasattr(inner, "module") and isinstance(inner.module, torch.nn.Module):
         inner = inner.module
     return inner
 

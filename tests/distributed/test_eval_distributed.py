@@ -48,7 +48,7 @@ def test_two_ranks_equal_single_process(eval_data_dir):
         assert [(x["subject"], x["index"]) for x in r["records"]] == [
             (x["subject"], x["index"]) for x in single["records"]
         ]
-    for got, ref in zip(ranks[0]["records"], single["records"]):
+    for got, ref in zip(ranks[0]["records"], single["records"], strict=True):
         for k in "ABCD":
             assert got["loglik"][k] == pytest.approx(ref["loglik"][k], abs=1e-4)
         if got["pred"] != ref["pred"]:

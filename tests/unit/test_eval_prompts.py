@@ -109,7 +109,7 @@ def test_lm_eval_parity_every_question(eval_data_dir, tmp_path, bench, subject):
     b = load_benchmark(bench, eval_data_dir, None, [subject])
     s = b.subjects[0]
     assert len(docs) == len(s.questions)
-    for doc, q in zip(docs, s.questions):
+    for doc, q in zip(docs, s.questions, strict=True):
         for k in (0, 5):
             ctx = task.fewshot_context(doc, k)
             assert build_context(bench, s, q, k, "lm-eval") == ctx

@@ -30,7 +30,8 @@ def _bench() -> Benchmark:
 
 def _records(bench, preds):
     return [{"subject": s.name, "index": q.index, "id": q.id, "pred": p, "gold": q.answer}
-            for s in bench.subjects for q, p in zip(s.questions, preds[s.name])]
+            for s in bench.subjects
+            for q, p in zip(s.questions, preds[s.name], strict=True)]
 
 
 def test_micro_and_macro_by_formula():
