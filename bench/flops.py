@@ -29,7 +29,7 @@ What each part of a Llama-family model contributes:
   linear) and ``B`` (``r·d_out``, half a stage later: ``B``'s input gradient is always needed to
   reach ``A``), both trainable. The HLPT gate ``sigmoid(w·h + b)`` is one per gated sub-block
   (attention / MLP), fed by the sub-block's input and shared by its adapters: a trainable
-  ``hidden`` matmul in the sub-block's first stage.
+  ``hidden`` matmul in the stage of the sub-block's earliest adapted linear.
 - Prefix of ``P`` virtual tokens on attention (learned keys/values, layerfreeze's ``prefix``):
   every query also attends to ``P`` prefix keys/values: a trainable ``2·P·d_attn`` op in the
   scores' stage (forward ``QK_pᵀ`` and ``A·V_p``; its weight gradient is ``dK_p``, ``dV_p``).
@@ -192,7 +192,9 @@ class LlamaDims:
             "down_proj": (self.intermediate, self.hidden),
         }
         if name not in shapes:
-            raise ValueError(f"linear {name!r} is not a Llama block linear; valid: {sorted(shapes)}.")
+            raise ValueError(
+                f"linear {name!r} is not a Llama block linear; valid: {sorted(shapes)}."
+            )
         return shapes[name]
 
     @property
@@ -256,10 +258,12 @@ def llama_block(dims: LlamaDims, layer: LayerCost, name: str = "layer") -> Block
             ops.append(Op(f"{name}.{lin}.lora_a", d_in * r, stage, True))
             ops.append(Op(f"{name}.{lin}.lora_b", r * d_out, stage + 0.5, True))
     if layer.lora is not None and layer.lora.gated:
-        # one gate per sub-block, fed by the sub-block's input, shared by its adapters
-        for sub, linears, stage in (("attn", ATTN_LINEARS, STAGE_QKV), ("mlp", MLP_LINEARS, STAGE_GATE_UP)):
-            if set(layer.lora.targets) & set(linears):
-                ops.append(Op(f"{name}.{sub}.lora_gate", dims.hidden, stage, True))
+        # One gate per sub-block, fed by the sub-block's input and scaling its adapters'
+        # updates: it is upstream of what follows its earliest adapted linear, so it sits there.
+        for sub, linears in (("attn", ATTN_LINEARS), ("mlp", MLP_LINEARS)):
+            stages = [_LLAMA_LINEAR_STAGES[t] for t in layer.lora.targets if t in linears]
+            if stages:
+                ops.append(Op(f"{name}.{sub}.lora_gate", dims.hidden, min(stages), True))
     d_attn = dims.num_heads * dims.head_dim
     ops.append(
         Op(f"{name}.scores", 2 * dims.keys_per_query * d_attn, STAGE_SCORES, activation=True)
@@ -305,4 +309,3 @@ def llama_network(
     blocks = [llama_block(dims, layer, f"layers.{i}") for i, layer in enumerate(layers)]
     blocks.append(lm_head_block(dims, head_trainable))
     return Network(tuple(blocks), embeddings_trainable)
-

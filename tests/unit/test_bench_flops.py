@@ -39,8 +39,14 @@ def test_block_matmul_sizes_match_hand_count():
     block = flops.llama_block(DIMS, FULL)
     sizes = {op.name.split(".")[-1]: op.n for op in block.ops}
     assert sizes == {
-        "q_proj": 16, "k_proj": 8, "v_proj": 8, "o_proj": 16,
-        "gate_proj": 24, "up_proj": 24, "down_proj": 24, "scores": 16,
+        "q_proj": 16,
+        "k_proj": 8,
+        "v_proj": 8,
+        "o_proj": 16,
+        "gate_proj": 24,
+        "up_proj": 24,
+        "down_proj": 24,
+        "scores": 16,
     }
 
 
@@ -105,12 +111,12 @@ def test_gated_lora_adds_one_gate_per_sub_block():
 def test_gated_lora_on_attention_and_mlp_has_two_gates():
     lora = flops.LayerCost(lora=flops.LoraCost(rank=1, targets=("o_proj", "down_proj"), gated=True))
     f = flops.step_flops(net([lora, FROZEN]))
-    # A/B: o 4/4, down 6/4 -> 18; gates: attention (stage 0) and MLP (stage 3), 4 each
+    # A/B: o 4/4, down 6/4 -> 18; gates (hidden 4 each) beside o (stage 2) and down (stage 4)
     assert f.forward == 624 + 2 * (18 + 8)
-    # layer 0: attention gate trains in stage 0, so from the scores on every op passes gradients:
-    # scores 4·16, o 2·16 + its A 2·4 + its B 2·4, gate/up 2·48 + MLP gate 2·4, down 2·24 + A 2·6
-    # + B 2·4; then layer 1 (304) and the head (80)
-    assert f.input_grad == 64 + 32 + 8 + 8 + 96 + 8 + 48 + 12 + 8 + 304 + 80
+    # layer 0: nothing before o trains, so o, its A and the gate pass no gradient; then o's B
+    # 2·4, gate/up 2·48, down 2·24 + its A 2·6 + the MLP gate 2·4, down's B 2·4; layer 1 304,
+    # head 80
+    assert f.input_grad == 8 + 96 + 48 + 12 + 8 + 8 + 304 + 80
     assert f.weight_grad == 2 * (18 + 8)
 
 
@@ -135,12 +141,22 @@ def test_gated_prefix_gate_is_not_upstream_of_the_scores():
 
 def test_prefix_reparam_mlp_is_amortised_over_the_step():
     dims = flops.LlamaDims(4, 6, 2, 1, 2, 10, 3, batch=2)
-    plain = flops.step_flops(flops.llama_network(
-        dims, [flops.LayerCost(prefix=flops.PrefixCost(tokens=2))],
-        embeddings_trainable=False, lm_head_trainable=False))
-    mlp = flops.step_flops(flops.llama_network(
-        dims, [flops.LayerCost(prefix=flops.PrefixCost(tokens=2, reparam=5))],
-        embeddings_trainable=False, lm_head_trainable=False))
+    plain = flops.step_flops(
+        flops.llama_network(
+            dims,
+            [flops.LayerCost(prefix=flops.PrefixCost(tokens=2))],
+            embeddings_trainable=False,
+            lm_head_trainable=False,
+        )
+    )
+    mlp = flops.step_flops(
+        flops.llama_network(
+            dims,
+            [flops.LayerCost(prefix=flops.PrefixCost(tokens=2, reparam=5))],
+            embeddings_trainable=False,
+            lm_head_trainable=False,
+        )
+    )
     # P·(hidden·m + m·2·d_kv) = 2·(4·5 + 5·2·2) = 80 MACs per step, over 2·3 tokens
     assert mlp.forward - plain.forward == pytest.approx(2 * 80 / 6)
     assert mlp.weight_grad - plain.weight_grad == pytest.approx(2 * 80 / 6)
