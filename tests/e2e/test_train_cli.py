@@ -22,6 +22,8 @@ from pathlib import Path
 import pytest
 import yaml
 
+from tests.helpers.dist import find_free_port
+
 pytestmark = pytest.mark.slow
 
 REPO = Path(__file__).resolve().parents[2]
@@ -75,14 +77,21 @@ def _env() -> dict:
     return env
 
 
-def _train(config: Path, *overrides: str, nproc: int = 1, timeout: int = 300) -> subprocess.CompletedProcess:
+def _train_cmd(config: Path, *overrides: str, nproc: int = 1) -> tuple[list[str], dict]:
     if nproc > 1:
         cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone",
                "--nproc_per_node", str(nproc), "-m", "layerfreeze"]
+        env = _env()
     else:
         cmd = [sys.executable, "-m", "layerfreeze"]
-    cmd += ["train", "--config", str(config), *overrides]
-    return subprocess.run(cmd, cwd=REPO, env=_env(), capture_output=True, text=True, timeout=timeout)
+        # a world of one still opens a rendezvous port: a free one, so parallel runs don't clash
+        env = {**_env(), "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(find_free_port())}
+    return cmd + ["train", "--config", str(config), *overrides], env
+
+
+def _train(config: Path, *overrides: str, nproc: int = 1, timeout: int = 300) -> subprocess.CompletedProcess:
+    cmd, env = _train_cmd(config, *overrides, nproc=nproc)
+    return subprocess.run(cmd, cwd=REPO, env=env, capture_output=True, text=True, timeout=timeout)
 
 
 def _losses(out_dir: Path) -> dict[int, float]:
@@ -251,21 +260,28 @@ def test_bad_inputs_fail_cleanly(tmp_path, tokenizer_dir):
         "unreadable checkpoint": ([f"checkpoint.resume={garbage_ckpt}"],
                                   ["checkpoint.resume:", str(garbage_ckpt)]),
     }
-    failures = []
-    for name, (overrides, needles) in cases.items():
+    # The cases are independent processes: run them side by side (most of each is imports).
+    procs = {}
+    for name, (overrides, _needles) in cases.items():
         out = tmp_path / name.replace(" ", "_")
         config = _write(tmp_path / f"{out.name}.yaml",
                         _config(out, tmp_path / "cache", tokenizer={"path": str(tokenizer_dir)},
                                 logging={"wandb_project": None}))
-        proc = _train(config, *overrides)
+        cmd, env = _train_cmd(config, *overrides)
+        procs[name] = (out, subprocess.Popen(cmd, cwd=REPO, env=env, text=True,
+                                             stdout=subprocess.PIPE, stderr=subprocess.PIPE))
+    failures = []
+    for name, (out, proc) in procs.items():
+        _stdout, stderr = proc.communicate(timeout=300)
+        needles = cases[name][1]
         if proc.returncode != 2:
-            failures.append(f"{name}: exit {proc.returncode}\n{proc.stderr[-3000:]}")
+            failures.append(f"{name}: exit {proc.returncode}\n{stderr[-3000:]}")
             continue
-        missing = [n for n in needles if n not in proc.stderr]
+        missing = [n for n in needles if n not in stderr]
         if missing:
-            failures.append(f"{name}: message lacks {missing}:\n{proc.stderr[-2000:]}")
-        if "Traceback" in proc.stderr:
-            failures.append(f"{name}: traceback instead of a clear message:\n{proc.stderr[-2000:]}")
+            failures.append(f"{name}: message lacks {missing}:\n{stderr[-2000:]}")
+        if "Traceback" in stderr:
+            failures.append(f"{name}: traceback instead of a clear message:\n{stderr[-2000:]}")
         if out.exists():
             failures.append(f"{name}: left {sorted(p.name for p in out.rglob('*'))} in {out}")
     assert not failures, "\n\n".join(failures)
