@@ -247,7 +247,8 @@ class Scorer:
         steps: list[_Step] = []
         for group, idx in by_group.items():
             fits = [i for i in idx if self._fits(requests[i])]
-            long = [i for i in idx if i not in set(fits)]
+            fit_set = set(fits)
+            long = [i for i in idx if i not in fit_set]
             shared = 0
             if self.use_cache and fits:
                 shared = _common_prefix_len([requests[i].context_ids for i in fits])
