@@ -66,17 +66,38 @@ def _init_distributed() -> None:
             torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", "0")))
 
 
-def run(args: argparse.Namespace) -> int:
-    from layerfreeze.evaluation.data import list_subjects, load_benchmark
+def _load(args: argparse.Namespace):
+    """Check the arguments and load the questions (user errors raise ValueError)."""
+    from layerfreeze.evaluation.data import load_benchmark
 
-    if args.list_subjects:
-        for name, (zh, cats) in sorted(list_subjects(args.benchmark, args.data_dir).items()):
-            logger.info("%-45s %-20s %s", name, zh, ", ".join(cats))
-        return 0
     if not args.model:
         raise ValueError("--model: required (a Hugging Face model directory), got none.")
+    if not Path(args.model).is_dir():
+        raise ValueError(f"--model: not a directory, got {args.model!r}. Pass a saved HF model.")
+    if args.batch_size < 1:
+        raise ValueError(f"--batch-size: must be >= 1, got {args.batch_size}.")
+    if args.limit is not None and args.limit < 1:
+        raise ValueError(f"--limit: must be >= 1, got {args.limit}.")
     subjects = [s.strip() for s in args.subjects.split(",") if s.strip()] if args.subjects else None
     bench = load_benchmark(args.benchmark, args.data_dir, args.split, subjects)
+    fewest = min(len(s.dev) for s in bench.subjects)
+    if not 0 <= args.shots <= fewest:
+        raise ValueError(f"--shots: must be 0-{fewest} (dev examples per subject), got {args.shots}.")
+    return bench
+
+
+def run(args: argparse.Namespace) -> int:
+    from layerfreeze.evaluation.data import list_subjects
+
+    try:
+        if args.list_subjects:
+            for name, (zh, cats) in sorted(list_subjects(args.benchmark, args.data_dir).items()):
+                logger.info("%-45s %-20s %s", name, zh, ", ".join(cats))
+            return 0
+        bench = _load(args)
+    except ValueError as e:
+        logger.error("%s", e)
+        return 2
 
     import torch
     from transformers import AutoModelForCausalLM, AutoTokenizer
@@ -92,8 +113,6 @@ def run(args: argparse.Namespace) -> int:
     from layerfreeze.utils.io import atomic_write_json
 
     _init_distributed()
-    if not Path(args.model).is_dir():
-        raise ValueError(f"--model: not a directory, got {args.model!r}. Pass a saved HF model.")
     tokenizer = AutoTokenizer.from_pretrained(args.tokenizer or args.model)
     dtype = "auto" if args.dtype == "auto" else getattr(torch, args.dtype)
     model = AutoModelForCausalLM.from_pretrained(args.model, dtype=dtype)

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import logging
 
 import pytest
 import torch
@@ -162,3 +163,28 @@ def test_eval_command_end_to_end(eval_data_dir, tmp_path):
     assert eval_cmd.run(args) == 0
     sub = json.loads((tmp_path / "sub.json").read_text("utf-8"))
     assert list(sub) == ["basic_medicine"] and list(sub["basic_medicine"]) == ["0", "1", "2"]
+
+
+def test_eval_command_user_errors(eval_data_dir, tmp_path, caplog):
+    from layerfreeze.commands import eval as eval_cmd
+
+    parser = argparse.ArgumentParser()
+    eval_cmd.add_arguments(parser)
+    (tmp_path / "m").mkdir()
+    cases = [
+        (["--benchmark", "ceval"], "--model: required"),
+        (["--benchmark", "ceval", "--model", str(tmp_path / "nope")], "--model: not a directory"),
+        (["--benchmark", "ceval", "--model", str(tmp_path / "m"), "--data-dir",
+          str(eval_data_dir), "--subjects", "lawx"], "Did you mean 'law'?"),
+        (["--benchmark", "cmmlu", "--model", str(tmp_path / "m"), "--data-dir",
+          str(eval_data_dir), "--subjects", "agronomy", "--shots", "6"], "--shots: must be 0-5"),
+    ]
+    lf_logger = logging.getLogger("layerfreeze")  # may not propagate (setup_logging)
+    lf_logger.addHandler(caplog.handler)
+    try:
+        for argv, msg in cases:
+            caplog.clear()
+            assert eval_cmd.run(parser.parse_args(argv)) == 2
+            assert msg in caplog.text, (argv, caplog.text)
+    finally:
+        lf_logger.removeHandler(caplog.handler)
