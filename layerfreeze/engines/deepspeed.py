@@ -33,6 +33,7 @@ import numpy as np
 import torch
 import torch.distributed as dist
 from deepspeed.utils import (
+    lazy_init_hp_params_optimizer_state,
     safe_get_full_fp32_param,
     safe_get_full_grad,
     safe_get_full_optimizer_state,
@@ -158,6 +159,26 @@ def _state_tensors(ds_optimizer: Any) -> list[list[torch.Tensor]]:
             out[owner[sub]].append(flat)
         return out
     return [list(g["params"]) for g in opt.param_groups]
+
+
+def _relink_optimizer_state(ds_optimizer: Any) -> None:
+    """Point every parameter's ``_hp_mapping`` at the current Adam state of its group.
+
+    ZeRO-1/2 and the bf16 optimizer link the state lazily from inside the step of the *first*
+    group only, so groups after it keep empty state fragments and ``safe_get_full_optimizer_state``
+    fails for them; re-linking all groups (DeepSpeed's own public helper) fixes that.
+    """
+    opt = _torch_optimizer(ds_optimizer)
+    for lp_name, hp_name in (("bit16_groups", "single_partition_of_fp32_groups"),
+                             ("bf16_groups", "fp32_groups_flat_partition")):
+        lp_groups, hp_groups = getattr(ds_optimizer, lp_name, None), getattr(ds_optimizer, hp_name, None)
+        if lp_groups is not None and hp_groups is not None:
+            for lp, hp in zip(lp_groups, hp_groups, strict=True):
+                if hp in opt.state:
+                    lazy_init_hp_params_optimizer_state(lp, hp, opt.state)
+            if hasattr(ds_optimizer, "_hp_optimizer_states_linked"):
+                ds_optimizer._hp_optimizer_states_linked = True
+            return
 
 
 def _torch_optimizer(ds_optimizer: Any) -> torch.optim.Optimizer:
@@ -701,9 +722,7 @@ class DeepSpeedRunner:
                 st["step"] = torch.tensor(float(step), dtype=torch.float32)
                 st["exp_avg"] = torch.zeros_like(p, memory_format=torch.preserve_format)
                 st["exp_avg_sq"] = torch.zeros_like(p, memory_format=torch.preserve_format)
-        link = getattr(self.engine.optimizer, "_lazy_init_hp_params_optimizer_state", None)
-        if link is not None:  # ZeRO-1/2 and bf16 optimizer: map params onto the new state
-            link()
+        _relink_optimizer_state(self.engine.optimizer)
 
     # ---- plan-schedule phases ---------------------------------------------------------------
 
@@ -730,6 +749,7 @@ class DeepSpeedRunner:
         carried: dict[str, dict[str, torch.Tensor]] = {}
         steps: dict[str, int] = {}
         if carry:
+            _relink_optimizer_state(self.engine.optimizer)
             group_steps = self._step_of_groups()
             params = dict(self.model.named_parameters())
             for spec, gstep in zip(self._specs, group_steps, strict=True):
@@ -1021,7 +1041,8 @@ class DeepSpeedRunner:
         if meta["trained_frozen_params"]:
             tensors = load_file(str(info.path / "trained_frozen.safetensors"))
             with self.gathered_parameters(meta["trained_frozen_params"], modifier_rank=0):
-                if get_rank() == 0:
+                # ZeRO-3 re-partitions rank 0's values on exit; other stages hold whole copies
+                if get_rank() == 0 or self.zero_stage != 3:
                     params = dict(self.model.named_parameters())
                     with torch.no_grad():
                         for n, t in tensors.items():

@@ -82,7 +82,7 @@ def _reference(schedule, steps: int, gas: int = GAS) -> dict:
             for n in applied.trainable_names():
                 if n in old:
                     opt.state[params[n]] = {k: v.clone() for k, v in old[n].items()}
-        opt.zero_grad(set_to_none=True)
+        model.zero_grad(set_to_none=True)  # also params frozen at a switch (not in the new opt)
         step_losses = []
         for m in range(gas):
             for r in range(WORLD):
