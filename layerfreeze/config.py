@@ -265,8 +265,9 @@ class RunConfig:
     """DeepSpeed config: an inline mapping or a path to a JSON file (e.g.
     ``configs/deepspeed/zero2.json``). Passed to DeepSpeed as-is, except that the batch keys
     (``train_micro_batch_size_per_gpu``, ``gradient_accumulation_steps``, ``train_batch_size``),
-    ``gradient_clipping`` and the optimizer's ``lr``/``betas``/``eps``/``weight_decay`` are
-    filled from ``train`` and ``optim`` (a conflicting value is an error)."""
+    ``gradient_clipping`` and the optimizer's ``lr``/``betas``/``eps``/``weight_decay`` come
+    from ``train`` and ``optim``, and a ``scheduler`` section is dropped (the lr follows
+    ``optim``); each replaced value is logged as a warning."""
     optim: OptimConfig = field(default_factory=OptimConfig)
     """Optimizer and learning-rate schedule."""
     train: TrainConfig = field(default_factory=TrainConfig)

@@ -213,52 +213,48 @@ class WarmupDecayLR(torch.optim.lr_scheduler.LRScheduler):
 
 
 # DeepSpeed keys the recipe owns, and the run-config field each comes from.
-def build_deepspeed_config(cfg: RunConfig, world_size: int) -> dict[str, Any]:
-    """The DeepSpeed config handed to the engine: the user's (file or inline) plus batch size,
-    clipping and AdamW hyper-parameters filled from ``train`` / ``optim``.
+def build_deepspeed_config(cfg: RunConfig, world_size: int) -> tuple[dict[str, Any], list[str]]:
+    """The DeepSpeed config handed to the engine: the user's (file or inline) with batch sizes,
+    clipping and AdamW hyper-parameters taken from ``train`` / ``optim``.
+
+    The run config is the single source of these values, so a shared DeepSpeed file (e.g.
+    ``configs/deepspeed/zero2.json``, which also serves users' own scripts) can be reused as-is:
+    a different value there is replaced, and a ``scheduler`` section is dropped (the recipe sets
+    the learning rate so per-policy lr scales hold). Each replacement is reported.
+
+    Returns:
+        ``(config, replaced)``: the config, and one line per value the run config replaced.
 
     Raises:
-        ConfigError: the file is missing, or a key set in the DeepSpeed config disagrees with
-            the run config (both values named); a ``scheduler`` section (the recipe owns the lr).
+        ConfigError: the file is missing or not a JSON object.
     """
     ds = load_deepspeed_config(cfg.deepspeed)
     t, o = cfg.train, cfg.optim
-    owned = {
-        "train_micro_batch_size_per_gpu": ("train.micro_batch_size", t.micro_batch_size),
-        "gradient_accumulation_steps": ("train.grad_accum_steps", t.grad_accum_steps),
-        "train_batch_size": (
-            "train.micro_batch_size x train.grad_accum_steps x ranks",
-            t.micro_batch_size * t.grad_accum_steps * world_size,
-        ),
-        "gradient_clipping": ("optim.max_grad_norm", o.max_grad_norm),
-    }
-    problems: list[str] = []
-    for key, (source, value) in owned.items():
-        if key in ds and ds[key] != "auto" and ds[key] != value:
-            problems.append(
-                f"deepspeed.{key}: {ds[key]!r} disagrees with {source} = {value!r}. Remove it from "
-                "the DeepSpeed config (layerfreeze fills it from the run config)."
-            )
-        ds[key] = value
-    if "scheduler" in ds:
-        problems.append(
-            "deepspeed.scheduler: layerfreeze sets the learning rate itself (optim.schedule, "
-            "optim.warmup_steps, optim.min_lr_ratio) so per-policy lr scales hold; remove the "
-            f"scheduler section, got {ds['scheduler']!r}."
-        )
+    replaced: list[str] = []
+
+    def take(section: dict[str, Any], prefix: str, key: str, source: str, value: Any) -> None:
+        old = section.get(key, "auto")
+        if old != "auto" and old != value:
+            replaced.append(f"deepspeed.{prefix}{key}: {old!r} replaced by {source} = {value!r}")
+        section[key] = value
+
+    take(ds, "", "train_micro_batch_size_per_gpu", "train.micro_batch_size", t.micro_batch_size)
+    take(ds, "", "gradient_accumulation_steps", "train.grad_accum_steps", t.grad_accum_steps)
+    take(ds, "", "train_batch_size", f"micro batch x accumulation x {world_size} ranks",
+         t.micro_batch_size * t.grad_accum_steps * world_size)
+    take(ds, "", "gradient_clipping", "optim.max_grad_norm", o.max_grad_norm)
     optimizer = ds.setdefault("optimizer", {"type": "AdamW", "params": {"torch_adam": True}})
     params = optimizer.setdefault("params", {})
-    wanted = {"lr": o.lr, "betas": list(o.betas), "eps": o.eps, "weight_decay": o.weight_decay}
-    for key, value in wanted.items():
-        if key in params and params[key] != "auto" and params[key] != value:
-            problems.append(
-                f"deepspeed.optimizer.params.{key}: {params[key]!r} disagrees with optim.{key} = "
-                f"{value!r}. Set it in the optim section only."
-            )
-        params[key] = value
-    if problems:
-        raise ConfigError(problems)
-    return ds
+    for key, value in (("lr", o.lr), ("betas", list(o.betas)), ("eps", o.eps),
+                       ("weight_decay", o.weight_decay)):
+        take(params, "optimizer.params.", key, f"optim.{key}", value)
+    if "scheduler" in ds:
+        replaced.append(
+            f"deepspeed.scheduler: {ds.pop('scheduler')!r} dropped; the learning rate follows "
+            f"optim.schedule={o.schedule!r}, optim.warmup_steps={o.warmup_steps}, "
+            f"optim.min_lr_ratio={o.min_lr_ratio}"
+        )
+    return ds, replaced
 
 
 def _field_type(cls: type, path: str) -> Any:
@@ -358,7 +354,9 @@ class Recipe:
         # 1. Everything checkable without a process group or a write: DeepSpeed config, plans
         #    against the model's layer count, data paths, the checkpoint to resume from.
         self.world_size = dist.get_world_size()  # WORLD_SIZE from the launcher before init
-        self.ds_config = build_deepspeed_config(cfg, self.world_size)
+        self.ds_config, replaced = build_deepspeed_config(cfg, self.world_size)
+        for line in replaced:
+            log_rank0(logger, line, level=logging.WARNING)
         self.schedule = build_schedule(cfg)
         self.plan_tables = resolve_run_plans(cfg)
         from layerfreeze.data.corpus import resolve_files

@@ -1,8 +1,9 @@
 """``layerfreeze validate [--config FILE] [key.sub=value ...] [--schema]``: check a run config.
 
 Prints the resolved config as YAML (every default filled in), resolves the plan against the
-model's layer count (read from its config only, no weights), and with ``--schema`` prints every
-field with its type, default and docstring. Exit code 2 on any problem.
+model's layer count (read from its config only, no weights), prints the DeepSpeed config the run
+would use (for ``WORLD_SIZE`` ranks, default 1), and with ``--schema`` prints every field with its
+type, default and docstring. Exit code 2 on any problem.
 """
 
 from __future__ import annotations
@@ -27,10 +28,13 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 def run(args: argparse.Namespace) -> int:
     """Validate and print; the command's output goes to stdout (it is the product here)."""
+    import json
+
     import yaml
 
     from layerfreeze.config import RunConfig, load_config
-    from layerfreeze.train import describe_schema, resolve_run_plans
+    from layerfreeze.train import build_deepspeed_config, describe_schema, resolve_run_plans
+    from layerfreeze.utils.dist import get_world_size
     from layerfreeze.utils.schema import to_dict
 
     out = sys.stdout
@@ -46,6 +50,10 @@ def run(args: argparse.Namespace) -> int:
         out.write(yaml.safe_dump(to_dict(cfg), sort_keys=False, allow_unicode=True))
         for line in resolve_run_plans(cfg):
             out.write(line + "\n")
+        ds, replaced = build_deepspeed_config(cfg, get_world_size())
+        out.write(f"DeepSpeed config for {get_world_size()} rank(s):\n{json.dumps(ds, indent=2)}\n")
+        for line in replaced:
+            out.write(f"note: {line}\n")
     except ConfigError as e:
         logger.error("%s", e)
         return 2

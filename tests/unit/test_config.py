@@ -156,24 +156,40 @@ def test_deepspeed_json_path_and_owned_keys(tmp_path):
     ds.write_text(json.dumps({"zero_optimization": {"stage": 2}, "train_micro_batch_size_per_gpu": 4}))
     cfg = load_config(_write(tmp_path, _minimal(deepspeed=str(ds))),
                       ["train.micro_batch_size=4", "train.grad_accum_steps=3", "optim.lr=0.01"])
-    out = build_deepspeed_config(cfg, world_size=2)
+    out, replaced = build_deepspeed_config(cfg, world_size=2)
+    assert replaced == []  # the file agrees with the run config
+    assert out["zero_optimization"] == {"stage": 2}
     assert out["train_batch_size"] == 4 * 3 * 2
     assert out["gradient_accumulation_steps"] == 3
-    assert out["optimizer"]["params"]["lr"] == 0.01
-    assert out["optimizer"]["params"]["betas"] == cfg.optim.betas
+    assert out["optimizer"] == {"type": "AdamW", "params": {
+        "torch_adam": True, "lr": 0.01, "betas": cfg.optim.betas, "eps": cfg.optim.eps,
+        "weight_decay": cfg.optim.weight_decay}}
     assert out["gradient_clipping"] == cfg.optim.max_grad_norm
-    # a conflicting value is an error naming both sides
-    cfg = load_config(_write(tmp_path, _minimal(deepspeed=str(ds))), ["train.micro_batch_size=2"])
-    with pytest.raises(ConfigError, match="train_micro_batch_size_per_gpu: 4 disagrees with train.micro_batch_size = 2"):
-        build_deepspeed_config(cfg, world_size=1)
-    cfg = load_config(_write(tmp_path, _minimal(deepspeed={"scheduler": {"type": "WarmupLR"}})))
-    with pytest.raises(ConfigError, match="deepspeed.scheduler"):
-        build_deepspeed_config(cfg, world_size=1)
-    cfg = load_config(_write(tmp_path, _minimal(deepspeed=str(tmp_path / "nope.json"))))
     with pytest.raises(ConfigError, match="deepspeed: file not found"):
-        build_deepspeed_config(cfg, world_size=1)
+        build_deepspeed_config(load_config(_write(tmp_path, _minimal(deepspeed=str(tmp_path / "no.json")))), 1)
     with pytest.raises(ConfigError, match="path to a .json file"):
         load_config(_write(tmp_path, _minimal(deepspeed="zero2")))
+
+
+def test_shared_deepspeed_file_values_are_replaced_and_reported(tmp_path):
+    from layerfreeze.train import build_deepspeed_config
+
+    shared = {
+        "train_micro_batch_size_per_gpu": 4, "gradient_accumulation_steps": 1, "gradient_clipping": 1.0,
+        "optimizer": {"type": "AdamW", "params": {"lr": 3e-4, "weight_decay": 0.1, "torch_adam": True}},
+        "scheduler": {"type": "WarmupDecayLR", "params": {"warmup_num_steps": 10}},
+        "zero_optimization": {"stage": 2},
+    }
+    cfg = load_config(_write(tmp_path, _minimal(deepspeed=shared)),
+                      ["train.micro_batch_size=2", "optim.lr=0.01", "optim.weight_decay=0.1"])
+    out, replaced = build_deepspeed_config(cfg, world_size=1)
+    assert "scheduler" not in out
+    assert out["train_micro_batch_size_per_gpu"] == 2 and out["optimizer"]["params"]["lr"] == 0.01
+    assert out["zero_optimization"] == {"stage": 2} and out["optimizer"]["params"]["torch_adam"]
+    assert len(replaced) == 3, replaced  # micro batch, lr, scheduler (weight decay agrees)
+    assert "deepspeed.train_micro_batch_size_per_gpu: 4 replaced by train.micro_batch_size = 2" in replaced
+    assert "deepspeed.optimizer.params.lr: 0.0003 replaced by optim.lr = 0.01" in replaced
+    assert any(r.startswith("deepspeed.scheduler:") and "dropped" in r for r in replaced)
 
 
 @pytest.mark.parametrize(

@@ -49,7 +49,7 @@ def test_shipped_config_resolves_on_fake_model(path, monkeypatch):
     )
 
     cfg = load_config(path)
-    ds = build_deepspeed_config(cfg, world_size=8)
+    ds, _replaced = build_deepspeed_config(cfg, world_size=8)
     assert ds["train_batch_size"] == cfg.train.micro_batch_size * cfg.train.grad_accum_steps * 8
 
     family, depth = _family_and_depth(cfg)
