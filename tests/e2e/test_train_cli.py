@@ -1,10 +1,10 @@
 """The real ``layerfreeze train`` CLI end to end on a tiny model (subprocesses, CPU, gloo).
 
-* 2 DeepSpeed ranks (torchrun, ZeRO-2, freeze_deep, gradient accumulation 2): train ->
-  checkpoints -> C-Eval/CMMLU evaluation at the checkpoint and the end -> offline wandb ->
-  merged HF export that ``AutoModelForCausalLM`` loads, with frozen layers bit-identical to the
-  seeded initial model; then a resume from the mid-run checkpoint reproduces the straight run's
-  losses.
+* 2 DeepSpeed ranks (torchrun, ZeRO-2, gradient accumulation 2, a two-phase plan schedule
+  switching after step 4): train -> checkpoints -> C-Eval/CMMLU evaluation at the checkpoint and
+  the end -> offline wandb -> merged HF export that ``AutoModelForCausalLM`` loads, with frozen
+  layers bit-identical to the seeded initial model; then a resume from the step-3 checkpoint
+  (phase 0) crosses the boundary and reproduces the straight run's losses.
 * NaN/Inf stop: a real non-finite loss (negative RMSNorm epsilon makes the norm's rsqrt NaN) is
   skipped and counted; after ``train.nan_tolerance`` bad steps in a row the run exits 3 and
   names the last good checkpoint.
@@ -115,8 +115,12 @@ def _assert_no_secret(root: Path) -> None:
 def straight_run(tmp_path_factory, eval_data_dir):
     tmp = tmp_path_factory.mktemp("e2e_straight")
     out = tmp / "run"
+    # Two phases: freeze_deep (layer 0 + embeddings train) for steps 1-4, then only layer 0
+    # (embeddings frozen): the engine is rebuilt at the boundary, Adam state carried over.
     cfg = _config(
         out, tmp / "cache",
+        plan={"spec": None, "schedule": [{"plan": "freeze_deep", "until_step": 4},
+                                         {"plan": "0:full", "until_step": None}]},
         eval={"benchmarks": ["ceval", "cmmlu"], "data_dir": str(eval_data_dir),
               "subjects": {"ceval": ["computer_network"], "cmmlu": ["world_history"]},
               "shots": 0, "max_questions": 4, "batch_size": 8, "at_end": True},
@@ -134,12 +138,21 @@ def test_straight_run_writes_everything(straight_run):
     assert all(isinstance(v, float) for v in losses.values())
     assert losses[6] < losses[1], losses  # it learns
     records = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
-    plan_rows = next(r for r in records if r["type"] == "plan")["rows"]
-    by_layer = {r["index"]: r for r in plan_rows if r["index"] is not None}
-    assert by_layer[0]["trainable_params"] == by_layer[0]["total_params"] > 0  # layer 0 full
-    assert by_layer[1]["trainable_params"] == 0  # layer 1 frozen
+    plans = [r for r in records if r["type"] == "plan"]
+    assert [p["phase"] for p in plans] == [0, 1]  # at the start and at the switch
+    for plan in plans:
+        rows = {r["name"]: r for r in plan["rows"]}
+        assert rows["layers.0"]["trainable_params"] == rows["layers.0"]["total_params"] > 0
+        assert rows["layers.1"]["trainable_params"] == 0
+    emb = [{r["name"]: r for r in p["rows"]}["embeddings"]["trainable_params"] for p in plans]
+    assert emb[0] > 0 and emb[1] == 0
+    phases = {r["step"]: r["phase"] for r in records if r["type"] == "train"}
+    assert phases == {1: 0, 2: 0, 3: 0, 4: 0, 5: 1, 6: 1}
     step3 = next(r for r in records if r["type"] == "train" and r["step"] == 3)
-    assert step3["grad_norm/layers.0"] > 0 and "grad_norm/layers.1" not in step3
+    assert step3["grad_norm/layers.0"] > 0 and step3["grad_norm/embeddings"] > 0
+    assert "grad_norm/layers.1" not in step3
+    step6 = next(r for r in records if r["type"] == "train" and r["step"] == 6)
+    assert step6["grad_norm/layers.0"] > 0 and "grad_norm/embeddings" not in step6
     evals = [r for r in records if r["type"] == "eval"]
     assert [r["step"] for r in evals] == [3, 6]  # at the checkpoint and at the end
     assert evals[0]["eval/ceval/num_questions"] == 4 and evals[0]["eval/cmmlu/num_questions"] == 4
@@ -174,7 +187,9 @@ def test_export_loads_and_frozen_layers_are_untouched(straight_run):
     got, init = exported.state_dict(), initial.state_dict()
     frozen = [k for k in init if k.startswith("model.layers.1.") or k.startswith("lm_head")
               or k == "model.norm.weight"]
+    # layer 0 trained in both phases, the embeddings in the first one only
     trained = [k for k in init if k.startswith("model.layers.0.") and k.endswith(".weight")]
+    trained.append("model.embed_tokens.weight")
     assert frozen and trained
     for k in frozen:
         assert torch.equal(got[k], init[k]), f"frozen {k} changed"
@@ -182,7 +197,7 @@ def test_export_loads_and_frozen_layers_are_untouched(straight_run):
         assert not torch.equal(got[k], init[k]), f"trained {k} did not change"
 
 
-def test_resume_reproduces_straight_losses(straight_run):
+def test_resume_reproduces_straight_losses_across_the_phase_boundary(straight_run):
     tmp, out, config, _ = straight_run
     out_b = tmp / "resumed"
     ckpt = out / "checkpoints" / "step_00000003"
