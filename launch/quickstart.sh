@@ -25,6 +25,8 @@ bash launch/setup_env.sh
 
 export DS_ACCELERATOR=cpu WANDB_MODE=${WANDB_MODE:-offline} TOKENIZERS_PARALLELISM=false
 export OMP_NUM_THREADS=${OMP_NUM_THREADS:-1}
+# torch.distributed deprecation notices from inside DeepSpeed are not actionable here
+export PYTHONWARNINGS=${PYTHONWARNINGS:-ignore::FutureWarning}
 
 EVAL_DATA=${LAYERFREEZE_EVAL_DATA:-$ROOT/../shared/data}
 EVAL_ARGS=()

@@ -186,7 +186,8 @@ class LoggingConfig:
     jsonl: str = "metrics.jsonl"
     """Metrics file (one JSON object per line), relative to ``out_dir``; always written."""
     progress: Literal["tqdm", "rich", "none"] = "tqdm"
-    """Console progress bar on rank 0 (tokens/s, loss, lr, ETA)."""
+    """Console progress on rank 0 (loss, lr, tokens/s, ETA): a ``tqdm`` or ``rich`` bar in a
+    terminal, log lines every ``log_every`` steps otherwise (batch jobs, CI); ``none``: silent."""
     per_layer_every: int = 10
     """Log per-layer-group gradient norms every this many steps (0 = never)."""
     wandb_project: str | None = None

@@ -12,6 +12,7 @@ import logging
 import math
 import os
 import re
+import sys
 import time
 import uuid
 from pathlib import Path
@@ -45,6 +46,13 @@ def read_jsonl(path: str | os.PathLike) -> list[dict[str, Any]]:
     """Read a metrics file written by :class:`MetricsLogger` (one JSON object per line)."""
     with open(path, encoding="utf-8") as f:
         return [json.loads(line) for line in f if line.strip()]
+
+
+def _fmt_seconds(seconds: float) -> str:
+    seconds = int(round(seconds))
+    h, rem = divmod(seconds, 3600)
+    m, sec = divmod(rem, 60)
+    return f"{h}:{m:02d}:{sec:02d}" if h else f"{m:02d}:{sec:02d}"
 
 
 def _json_safe(value: Any) -> Any:
@@ -106,6 +114,10 @@ class MetricsLogger:
         atomic_write_text(self.jsonl_path, text)
 
     def _start_progress(self) -> None:
+        # Bars redraw with carriage returns: in a log file (batch jobs, CI) they become one huge
+        # line, so without a terminal progress goes to log lines every log_every steps.
+        if not sys.stderr.isatty():
+            return
         if self.cfg.progress == "tqdm":
             from tqdm.auto import tqdm
 
@@ -194,8 +206,10 @@ class MetricsLogger:
             self._bar.set_postfix_str(info, refresh=False)
         elif self._rich is not None:
             self._rich.update(self._rich_task, completed=step, info=info)
-        elif step % self.cfg.log_every == 0:
-            log_rank0(logger, f"step {step}/{self.total_steps} {info}")
+        elif self.cfg.progress != "none" and step % self.cfg.log_every == 0:
+            done = step - self.start_step
+            eta = (time.perf_counter() - self._t0) / done * (self.total_steps - step) if done else 0
+            log_rank0(logger, f"step {step}/{self.total_steps} {info} eta={_fmt_seconds(eta)}")
 
     def message(self, msg: str, level: int = logging.INFO) -> None:
         """Log ``msg`` without breaking the progress bar's line."""

@@ -62,3 +62,32 @@ def test_disabled_logger_writes_nothing(tmp_path):
     m.message("hello")
     m.close()
     assert not (tmp_path / "run").exists()
+
+
+def test_without_a_terminal_progress_is_logged_with_eta(tmp_path):
+    import logging
+
+    lines: list[str] = []
+
+    class _Collect(logging.Handler):
+        def emit(self, record: logging.LogRecord) -> None:
+            lines.append(record.getMessage())
+
+    lf_logger = logging.getLogger("layerfreeze")
+    handler = _Collect()
+    lf_logger.addHandler(handler)
+    old_level = lf_logger.level
+    lf_logger.setLevel(logging.INFO)
+    try:
+        # pytest captures stderr, so this is the batch-job path: log lines every log_every steps
+        m = MetricsLogger(LoggingConfig(out_dir=str(tmp_path), log_every=2), total_steps=4)
+        for step in range(1, 5):
+            m.progress(step, loss=2.0, lr=1e-3, tokens_per_s=10.0)
+        m.close()
+    finally:
+        lf_logger.removeHandler(handler)
+        lf_logger.setLevel(old_level)
+    progress = [line for line in lines if line.startswith("step ")]
+    assert [line.split()[1] for line in progress] == ["2/4", "4/4"]
+    assert "loss=2.0000 lr=1.00e-03 tok/s=10" in progress[0] and "eta=" in progress[0]
+    assert progress[1].endswith("eta=00:00")
