@@ -167,7 +167,8 @@ def dims_of(args: argparse.Namespace) -> flops.LlamaDims:
 
 
 def preset_plan(name: str):
-    """The layerfreeze preset ``name`` with the fractions the issue names (0.5 for freezes)."""
+    """The layerfreeze preset ``name`` at its defaults (freeze fractions 0.5; hlpt: gated LoRA
+    r=16 on the FFN of the bottom 3/4, gated 16-token prefix on the top 1/4; lora_all: r=16)."""
     from layerfreeze.plan import LayerPlan
 
     return LayerPlan.from_preset(name)
@@ -181,7 +182,12 @@ def policy_options(spec) -> dict[str, Any]:
 
 
 def lora_linears(layer_module, spec) -> list[str]:
-    """Names (relative to the block) of the base linears a ``lora`` spec targets."""
+    """Names (relative to the block) of the base linears a ``lora`` spec targets.
+
+    Independent of layerfreeze's own target resolution (so the PEFT peer is built without it);
+    uses the Llama attribute names ``self_attn`` / ``mlp`` of the benchmark's model. The report
+    checks the result: equal LoRA A/B parameter counts for the layerfreeze plan and its peer.
+    """
     from torch import nn
 
     target = policy_options(spec)["target"]
