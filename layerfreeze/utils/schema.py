@@ -42,6 +42,8 @@ def suggest(name: str, candidates: typing.Iterable[str]) -> str:
 
 
 def _type_name(tp: Any) -> str:
+    if typing.get_origin(tp) is typing.Literal:
+        return " | ".join(repr(a) for a in typing.get_args(tp))
     return getattr(tp, "__name__", None) or str(tp).replace("typing.", "")
 
 
@@ -126,6 +128,15 @@ def _hints(cls: type) -> dict[str, Any]:
 
 
 def _from_dict(cls: type[T], data: dict, path: str, problems: list[str]) -> T:
+    """Build one (nested) section. Its problems go to ``problems``; a problem in one section
+    never stops sibling sections from being checked, so every problem is reported at once."""
+    own: list[str] = []
+    out = _from_dict_section(cls, data, path, own)
+    problems.extend(own)
+    return out
+
+
+def _from_dict_section(cls: type[T], data: dict, path: str, problems: list[str]) -> T:
     fields = {f.name: f for f in dataclasses.fields(cls) if f.init}
     hints = _hints(cls)
     kwargs: dict[str, Any] = {}
