@@ -19,6 +19,7 @@ __all__ = [
     "init_distributed",
     "initialize",
     "load_config",
+    "optimizer_state_numel",
 ]
 
 

@@ -56,6 +56,7 @@ __all__ = [
     "init_distributed",
     "initialize",
     "load_config",
+    "optimizer_state_numel",
 ]
 
 logger = get_logger(__name__)
@@ -334,6 +335,29 @@ def _wrap_scheduler(engine: Any) -> ScaledLRScheduler:
     sched = ScaledLRScheduler(_torch_optimizer(engine.optimizer), engine.lr_scheduler)
     engine.lr_scheduler = sched
     return sched
+
+
+def optimizer_state_numel(engine: Any) -> dict[str, int]:
+    """Elements held in optimizer state across all ranks, per state key (and ``master``).
+
+    Counts the fp32 master partitions and Adam moments actually allocated in the torch optimizer
+    (summed over data-parallel ranks; ZeRO pads partitions by a few elements), i.e. what a
+    frozen parameter must not add to. Collective under ZeRO: call it on every rank.
+    """
+    opt = _torch_optimizer(engine.optimizer)
+    counts: dict[str, int] = {"master": 0}
+    for tensors in _state_tensors(engine.optimizer):
+        for p in tensors:
+            counts["master"] += p.numel()
+            for k, v in opt.state.get(p, {}).items():
+                if isinstance(v, torch.Tensor) and v.dim() > 0:
+                    counts[k] = counts.get(k, 0) + v.numel()
+    if engine.zero_optimization_stage() >= 1 and is_dist():
+        keys = sorted(counts)
+        t = torch.tensor([counts[k] for k in keys], dtype=torch.float64)
+        dist.all_reduce(t)
+        counts = {k: int(v) for k, v in zip(keys, t.tolist(), strict=True)}
+    return counts
 
 
 # --------------------------------------------------------------------------------------------
@@ -677,24 +701,8 @@ class DeepSpeedRunner:
         return v.float().cpu().clone()
 
     def optimizer_state_numel(self) -> dict[str, int]:
-        """Elements held in optimizer state across all ranks, per state key (and ``master``).
-
-        Counts the fp32 master partitions and Adam moments actually allocated in the torch
-        optimizer (summed over data-parallel ranks), i.e. what a frozen parameter must not add to.
-        """
-        opt = _torch_optimizer(self.engine.optimizer)
-        counts: dict[str, int] = {"master": 0}
-        for tensors in _state_tensors(self.engine.optimizer):
-            for p in tensors:
-                counts["master"] += p.numel()
-                for k, v in opt.state.get(p, {}).items():
-                    if isinstance(v, torch.Tensor) and v.dim() > 0:
-                        counts[k] = counts.get(k, 0) + v.numel()
-        if self.zero_stage >= 1 and is_dist():
-            t = torch.tensor([counts.get(k, 0) for k in sorted(counts)], dtype=torch.float64)
-            dist.all_reduce(t)
-            counts = {k: int(v) for k, v in zip(sorted(counts), t.tolist(), strict=True)}
-        return counts
+        """See :func:`optimizer_state_numel` (collective under ZeRO)."""
+        return optimizer_state_numel(self.engine)
 
     def _step_of_groups(self) -> list[int]:
         opt = _torch_optimizer(self.engine.optimizer)

@@ -84,7 +84,7 @@ def _resume_body(rank: int, world: int, root: str) -> dict:
     except CheckpointError as e:
         errors["empty"] = str(e)
     # a damaged file in the DeepSpeed part: detected from the manifest before DeepSpeed reads it
-    ds_file = next((Path(root) / "step_00000001" / "ds" / "ds").glob("*model_states.pt"))
+    ds_file = next((Path(root) / "step_00000001" / "ds").glob("*model_states.pt"))
     ds_file.write_bytes(ds_file.read_bytes()[:100])
     try:
         other.load_checkpoint(root)

@@ -11,6 +11,7 @@ state of parameters that stay trainable.
 from __future__ import annotations
 
 import math
+from pathlib import Path
 
 import pytest
 import torch
@@ -19,6 +20,7 @@ from tests.helpers.dist import run_distributed
 
 pytestmark = pytest.mark.slow
 
+REPO = Path(__file__).resolve().parents[2]
 WORLD = 2
 GAS = 2
 LR = 1e-3
@@ -41,6 +43,19 @@ def _cfg(stage: int, gas: int = GAS, **extra) -> dict:
         "steps_per_print": 10**6,
     }
     cfg.update(extra)
+    return cfg
+
+
+def _shipped(name: str) -> dict:
+    """A config from ``configs/deepspeed`` with this test's batch, optimizer and no scheduler."""
+    from layerfreeze.engines.deepspeed import load_config
+
+    cfg = load_config(REPO / "configs" / "deepspeed" / name)
+    base = _cfg(cfg["zero_optimization"]["stage"])
+    for key in ("train_micro_batch_size_per_gpu", "gradient_accumulation_steps", "optimizer",
+                "gradient_clipping"):
+        cfg[key] = base[key]
+    cfg.pop("scheduler", None)
     return cfg
 
 
@@ -122,75 +137,74 @@ _STAGES = [0, 1, 2, 3]
 _STEPS = 4
 
 
-def _body_stages(rank: int, world: int) -> dict:
+def _body_stages(rank: int, world: int, plan: str) -> dict:
     from layerfreeze.engines.deepspeed import DeepSpeedRunner
 
     results = {}
-    for plan in _STAGE_PLANS:
-        for stage in _STAGES:
-            torch.manual_seed(0)
-            model = _model()
-            runner = DeepSpeedRunner(model, _cfg(stage), plan=plan)
-            trainable = runner.applied.trainable_names()
-            # full sizes (ZeRO-3 leaves empty tensors in the module, with the size in ds_numel)
-            numel = {n: getattr(p, "ds_numel", p.numel()) for n, p in model.named_parameters()}
-            expected_state = sum(numel[n] for n in trainable)
-            outs = [runner.train_step(_window(s, rank), grad_norms=(s == 0)) for s in range(_STEPS)]
-            counts = runner.optimizer_state_numel()
-            state = _state_on_rank0(runner)
-            results[(plan, stage)] = {
-                "losses": [o.loss for o in outs],
-                "norms": outs[0].grad_norms,
-                "trainable": trainable,
-                "expected_state": expected_state,
-                "frozen_numel": sum(v for n, v in numel.items() if n not in set(trainable)),
-                "counts": counts,
-                "n_trainable_tensors": len(trainable),
-                "n_groups": len(runner.param_groups),
-                "state": state,
-            }
-            runner.engine.destroy()
+    for stage in _STAGES:
+        torch.manual_seed(0)
+        model = _model()
+        runner = DeepSpeedRunner(model, _cfg(stage), plan=plan)
+        trainable = runner.applied.trainable_names()
+        # full sizes (ZeRO-3 leaves empty tensors in the module, with the size in ds_numel)
+        numel = {n: getattr(p, "ds_numel", p.numel()) for n, p in model.named_parameters()}
+        expected_state = sum(numel[n] for n in trainable)
+        outs = [runner.train_step(_window(s, rank), grad_norms=(s == 0)) for s in range(_STEPS)]
+        counts = runner.optimizer_state_numel()
+        state = _state_on_rank0(runner)
+        results[(plan, stage)] = {
+            "losses": [o.loss for o in outs],
+            "norms": outs[0].grad_norms,
+            "trainable": trainable,
+            "expected_state": expected_state,
+            "frozen_numel": sum(v for n, v in numel.items() if n not in set(trainable)),
+            "counts": counts,
+            "n_trainable_tensors": len(trainable),
+            "n_groups": len(runner.param_groups),
+            "state": state,
+        }
+        runner.engine.destroy()
     return results
 
 
-def test_zero_stages_match_reference_and_keep_frozen_params():
-    per_rank = run_distributed(_body_stages, world_size=WORLD, timeout=900)
+@pytest.mark.parametrize("plan", _STAGE_PLANS)
+def test_zero_stages_match_reference_and_keep_frozen_params(plan):
+    per_rank = run_distributed(_body_stages, world_size=WORLD, args=(plan,), timeout=900)
     res = per_rank[0]
     from layerfreeze.apply import apply_plan
 
-    for plan in _STAGE_PLANS:
-        ref = _reference([{"plan": plan, "until_step": None}], _STEPS)
-        initial = _model()
-        apply_plan(initial, plan)  # same adapters (zero-init gates / B), initial values
-        init_state = initial.state_dict()
-        for stage in _STAGES:
-            r = res[(plan, stage)]
-            where = f"{plan} ZeRO-{stage}"
-            # the same loss trajectory as the plain-torch reference (and so across stages)
-            assert r["losses"] == pytest.approx(ref["losses"], rel=1e-5, abs=1e-6), where
-            assert per_rank[1][(plan, stage)]["losses"] == r["losses"], f"{where}: ranks disagree"
-            # ZeRO-aware per-layer-group gradient norms equal the reference's
-            assert set(r["norms"]) == set(ref["norms"][0]), where
-            for grp, v in ref["norms"][0].items():
-                assert r["norms"][grp] == pytest.approx(v, rel=1e-4, abs=1e-7), f"{where} {grp}"
-            # frozen parameters bit-identical, trainable ones changed
-            trainable = set(r["trainable"])
-            assert trainable and len(trainable) < len(init_state)
-            got_state = _t(r["state"])
-            for name, init in init_state.items():
-                after = got_state[name]
-                if name in trainable:
-                    assert not torch.equal(after, init), f"{where}: trainable {name} did not change"
-                else:
-                    assert torch.equal(after, init), f"{where}: frozen {name} changed"
-                assert torch.allclose(after, ref["state"][name], rtol=1e-4, atol=1e-5), f"{where}: {name}"
-            # optimizer state holds exactly the trainable parameters (padding aside, < 1 frozen tensor)
-            exp = r["expected_state"]
-            pad = WORLD * (r["n_trainable_tensors"] + r["n_groups"]) if stage >= 1 else 0
-            for key in ("master", "exp_avg", "exp_avg_sq"):
-                got = r["counts"][key]
-                assert exp <= got <= exp + pad, f"{where}: {key} holds {got} elements, trainable {exp}"
-                assert got - exp < r["frozen_numel"], where
+    ref = _reference([{"plan": plan, "until_step": None}], _STEPS)
+    initial = _model()
+    apply_plan(initial, plan)  # same adapters (zero-init gates / B), initial values
+    init_state = initial.state_dict()
+    for stage in _STAGES:
+        r = res[(plan, stage)]
+        where = f"{plan} ZeRO-{stage}"
+        # the same loss trajectory as the plain-torch reference (and so across stages)
+        assert r["losses"] == pytest.approx(ref["losses"], rel=1e-5, abs=1e-6), where
+        assert per_rank[1][(plan, stage)]["losses"] == r["losses"], f"{where}: ranks disagree"
+        # ZeRO-aware per-layer-group gradient norms equal the reference's
+        assert set(r["norms"]) == set(ref["norms"][0]), where
+        for grp, v in ref["norms"][0].items():
+            assert r["norms"][grp] == pytest.approx(v, rel=1e-4, abs=1e-7), f"{where} {grp}"
+        # frozen parameters bit-identical, trainable ones changed
+        trainable = set(r["trainable"])
+        assert trainable and len(trainable) < len(init_state)
+        got_state = _t(r["state"])
+        for name, init in init_state.items():
+            after = got_state[name]
+            if name in trainable:
+                assert not torch.equal(after, init), f"{where}: trainable {name} did not change"
+            else:
+                assert torch.equal(after, init), f"{where}: frozen {name} changed"
+            assert torch.allclose(after, ref["state"][name], rtol=1e-4, atol=1e-5), f"{where}: {name}"
+        # optimizer state holds exactly the trainable parameters (padding aside, < 1 frozen tensor)
+        exp = r["expected_state"]
+        pad = WORLD * (r["n_trainable_tensors"] + r["n_groups"]) if stage >= 1 else 0
+        for key in ("master", "exp_avg", "exp_avg_sq"):
+            got = r["counts"][key]
+            assert exp <= got <= exp + pad, f"{where}: {key} holds {got} elements, trainable {exp}"
+            assert got - exp < r["frozen_numel"], where
 
 
 # ------------------------------------------------------------------------------------------
@@ -205,8 +219,13 @@ _SCALED_PLAN = {
 _WARMUP, _TOTAL, _MIN = 3, 8, 1e-4
 
 
-def _scheduled_lr(it: int) -> float:
-    """WarmupDecayLR (linear warmup) in closed form, after ``it`` scheduler steps."""
+def _scheduled_lr(step: int) -> float:
+    """WarmupDecayLR (linear warmup) in closed form for the optimizer step ``step`` (0-based).
+
+    DeepSpeed's schedulers start at iteration -1 (lr = warmup_min_lr) and advance after each
+    optimizer step, so step ``s`` runs at iteration ``s - 1``; iteration -1 and 0 both give min.
+    """
+    it = max(step - 1, 0)
     if it < _WARMUP:
         gamma = it / _WARMUP
     else:
@@ -214,17 +233,23 @@ def _scheduled_lr(it: int) -> float:
     return _MIN + (LR - _MIN) * gamma
 
 
-class _NaNOnce:
-    """Forward hook on the real model that poisons the logits of chosen calls (a bad batch)."""
+_POISON = 127
 
-    def __init__(self, bad_calls: set[int]):
-        self.calls, self.bad = 0, bad_calls
 
-    def __call__(self, module, args, output):
-        self.calls += 1
-        if self.calls in self.bad:
-            output.logits = output.logits * float("nan")
-        return output
+def _poison_hook(module, args, kwargs, output):
+    """Forward hook on the real model: a micro-batch whose first row is all ``_POISON`` tokens
+    gets NaN logits (a bad batch, as from overflowing activations)."""
+    ids = kwargs.get("input_ids", args[0] if args else None)
+    if ids is not None and ids.shape[1] > 1 and bool((ids[0] == _POISON).all()):
+        output.logits = output.logits * float("nan")
+        output.loss = output.loss * float("nan")  # computed inside forward from the logits
+    return output
+
+
+def _poisoned(batch: dict) -> dict:
+    ids = batch["input_ids"].clone()
+    ids[0] = _POISON
+    return {"input_ids": ids, "labels": ids.clone()}
 
 
 def _body_misc(rank: int, world: int) -> dict:
@@ -244,18 +269,42 @@ def _body_misc(rank: int, world: int) -> dict:
     out["lrs"] = seen
     runner.engine.destroy()
 
-    # NaN guard: micro-batch 1 of step 1 bad on rank 1 only; both micro-batches of step 2 bad
+    # the drop-in initialize(): usual tuple, plan applied, frozen params outside the optimizer
+    import layerfreeze.deepspeed as lfds
+
+    model = _model()
+    engine, optimizer, loader, scheduler = lfds.initialize(model=model, plan="freeze_deep", config=_cfg(1))
+    trainable = {n for n, p in model.named_parameters() if p.requires_grad}
+    losses = []
+    for s in range(2):
+        for m, mb in enumerate(_window(s, rank)):
+            loss = engine(**mb).loss
+            engine.backward(loss)
+            engine.step()
+            t = loss.detach().clone()
+            torch.distributed.all_reduce(t)
+            losses.append(float(t) / world)
+    out["initialize"] = {
+        "losses": [sum(losses[i:i + GAS]) / GAS for i in range(0, len(losses), GAS)],
+        "scheduler": type(scheduler).__name__, "loader": loader,
+        "trainable": sorted(trainable), "applied": sorted(engine.layerfreeze_applied.trainable_names()),
+        "numel": engine.layerfreeze_applied.num_trainable_params(),
+    }
+    out["initialize"]["counts"] = lfds.optimizer_state_numel(engine)
+    engine.destroy()
+
+    # NaN guard: micro-batch 1 of step 1 bad on rank 1 only; both micro-batches of step 2 bad there
     model = _model()
     runner = DeepSpeedRunner(model, _cfg(2), plan="freeze_deep")
-    calls_per_step = GAS
-    bad = {calls_per_step * 1 + 2, calls_per_step * 2 + 1, calls_per_step * 2 + 2} if rank == 1 else set()
-    hook = model.register_forward_hook(_NaNOnce(bad))
+    bad = {(1, 1), (2, 0), (2, 1)} if rank == 1 else set()
+    hook = model.register_forward_hook(_poison_hook, with_kwargs=True)
     before = None
     steps = []
     for s in range(4):
         if s == 2:
             before = runner.consolidated_state_dict()
-        o = runner.train_step(_window(s, rank))
+        window = [_poisoned(mb) if (s, m) in bad else mb for m, mb in enumerate(_window(s, rank))]
+        o = runner.train_step(window)
         if s == 2:
             after = runner.consolidated_state_dict()
             if rank == 0:
@@ -282,9 +331,7 @@ def _body_misc(rank: int, world: int) -> dict:
     runner = DeepSpeedRunner(_model(), _cfg(2, bf16={"enabled": True}), plan="freeze_deep")
     out["bf16"] = [runner.train_step(_window(s, rank)).loss for s in range(2)]
     runner.engine.destroy()
-    offload = {"stage": 3, "offload_optimizer": {"device": "cpu"}, "offload_param": {"device": "cpu"}}
-    cfg = _cfg(3, zero_force_ds_cpu_optimizer=False)
-    cfg["zero_optimization"] = offload
+    cfg = _shipped("zero3_offload.json")
     runner = DeepSpeedRunner(_model(), cfg, plan="freeze_deep")
     out["offload"] = [runner.train_step(_window(s, rank)).loss for s in range(2)]
     out["offload_counts"] = runner.optimizer_state_numel()
@@ -294,6 +341,14 @@ def _body_misc(rank: int, world: int) -> dict:
 
 
 def test_lr_scales_nan_guard_checkpointing_precision():
+    from layerfreeze.engines.deepspeed import _check_config, load_config
+
+    shipped = sorted((REPO / "configs" / "deepspeed").glob("*.json"))
+    assert {p.stem for p in shipped} >= {"zero0", "zero1", "zero2", "zero3", "zero3_offload"}
+    for path in shipped:  # every shipped config passes the adapter's checks
+        cfg = load_config(path)
+        assert _check_config(cfg, None) == cfg["optimizer"]["params"]["lr"]
+        assert cfg["zero_optimization"]["stage"] == int(path.stem[4])
     res = run_distributed(_body_misc, world_size=WORLD, timeout=900)[0]
     # lr scales survive the scheduler: group lr == scheduled lr * scale at every step
     scales_seen = set()
@@ -302,6 +357,14 @@ def test_lr_scales_nan_guard_checkpointing_precision():
             scales_seen.add(scale)
             assert lr == pytest.approx(_scheduled_lr(step) * scale, rel=1e-9), (step, name)
     assert {0.1, 0.5, 1.0} <= scales_seen
+
+    # drop-in initialize: same trajectory as the reference, optimizer state = trainable params
+    init = res["initialize"]
+    assert init["scheduler"] == "ScaledLRScheduler" and init["loader"] is None
+    assert init["trainable"] == init["applied"] and init["trainable"]
+    assert init["losses"] == pytest.approx(
+        _reference([{"plan": "freeze_deep", "until_step": None}], 2)["losses"], rel=1e-5)
+    assert init["numel"] <= init["counts"]["exp_avg"] <= init["numel"] + 1000
 
     # NaN guard: ranks agree, bad micro-batches skipped and counted, all-bad step moves nothing
     ref = _reference([{"plan": "freeze_deep", "until_step": None}], 2)
