@@ -311,23 +311,24 @@ class ScaledLRScheduler:
         self._apply()
 
     def carry_from(self, other: ScaledLRScheduler) -> None:
-        """Continue ``other``'s schedule on a rebuilt optimizer (different groups, same base lr)."""
+        """Continue ``other``'s schedule on a rebuilt optimizer (different groups, same base lr).
+
+        Every group of both optimizers follows the same unscaled schedule, so the position (the
+        wrapped scheduler's counters) and the current unscaled lr are all there is to carry;
+        since unscaled values are restored before each wrapped step, this holds for closed-form
+        and recursive schedulers alike.
+        """
         if self.inner is not None and other.inner is not None:
             sd = other.inner.state_dict()
-            if "last_batch_iteration" in sd:  # DeepSpeed schedulers: closed form in the iteration
+            if "last_batch_iteration" in sd:  # DeepSpeed schedulers
                 self.inner.load_state_dict(sd)
-            else:  # torch LRScheduler: carry the counters, recompute in closed form
+            else:  # torch LRScheduler: per-group lists (base_lrs) stay those of the new optimizer
                 for k in ("last_epoch", "_step_count"):
                     if k in sd:
                         setattr(self.inner, k, sd[k])
-                if not hasattr(self.inner, "_get_closed_form_lr"):
-                    raise ValueError(
-                        f"lr_scheduler: {type(self.inner).__name__} has no closed form, so it cannot "
-                        "continue across a plan-schedule phase switch. Use a scheduler from the "
-                        "DeepSpeed config (WarmupLR, WarmupDecayLR, WarmupCosineLR) or a torch "
-                        "scheduler with a closed form (LambdaLR, StepLR, CosineAnnealingLR, ...)."
-                    )
         self._unscaled = [other.base_lr] * len(self.optimizer.param_groups)
+        if self.inner is not None and hasattr(self.inner, "_last_lr"):
+            self.inner._last_lr = list(self._unscaled)
         self._apply()
 
 
@@ -400,6 +401,12 @@ def _ds_initialize(
     args: Any = None,
     mpu: Any = None,
 ):
+    if lr_scheduler is not None and not callable(lr_scheduler):
+        raise TypeError(
+            f"lr_scheduler: got a {type(lr_scheduler).__name__} instance; pass a callable "
+            "`optimizer -> scheduler` (layerfreeze builds the optimizer from the plan), e.g. "
+            "`lambda opt: torch.optim.lr_scheduler.LambdaLR(opt, f)`, or use the config's 'scheduler'."
+        )
     engine, optimizer, loader, sched = deepspeed.initialize(
         args=args, model=model, model_parameters=groups, config=config, lr_scheduler=lr_scheduler,
         training_data=training_data, collate_fn=collate_fn, mpu=mpu,
@@ -623,6 +630,9 @@ class DeepSpeedRunner:
             float(self.config["optimizer"]["params"].get("weight_decay", 0.0))
             if weight_decay is None else float(weight_decay)
         )
+        if plan is not None and schedule is not None:
+            raise ValueError("DeepSpeedRunner: pass plan= or schedule=, not both (a plan is a "
+                             "one-phase schedule).")
         if schedule is None:
             if plan is None and applied is None:
                 raise ValueError("DeepSpeedRunner: pass plan=, schedule= or applied=.")
@@ -630,6 +640,11 @@ class DeepSpeedRunner:
         self.schedule = PlanSchedule.parse(schedule)
         if applied is None:
             applied = _apply_plan(model, None, self.schedule)
+        elif applied.plan.to_dict() != self.schedule.plans[0].to_dict():
+            raise ValueError(
+                f"DeepSpeedRunner: applied= trains {applied.plan} but the schedule starts with "
+                f"{self.schedule.plans[0]}. Apply the schedule's first plan (install= the others)."
+            )
         self.applied = applied
         self.model = model
         self.zero_stage = _zero_stage(self.config)

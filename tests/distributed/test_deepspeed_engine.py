@@ -13,6 +13,7 @@ from __future__ import annotations
 import math
 from pathlib import Path
 
+import numpy as np
 import pytest
 import torch
 
@@ -75,8 +76,11 @@ def _model():
     return build_tiny_model("llama", num_layers=LAYERS)
 
 
-def _reference(schedule, steps: int, gas: int = GAS) -> dict:
-    """Single-process plain-torch run of what 2 DeepSpeed ranks should compute."""
+def _reference(schedule, steps: int, gas: int = GAS, lr_factor=None) -> dict:
+    """Single-process plain-torch run of what 2 DeepSpeed ranks should compute.
+
+    ``lr_factor(step)`` (optional): group lr at step ``step`` is ``LR * lr_factor(step) * lr_scale``.
+    """
     from layerfreeze.apply import apply_plan
     from layerfreeze.schedule import PlanSchedule
 
@@ -109,6 +113,9 @@ def _reference(schedule, steps: int, gas: int = GAS) -> dict:
             for grp, names in applied.layer_groups().items() if names
         })
         torch.nn.utils.clip_grad_norm_([p for p in model.parameters() if p.grad is not None], CLIP)
+        if lr_factor is not None:
+            for g in opt.param_groups:
+                g["lr"] = LR * lr_factor(step) * g["lr_scale"]
         opt.step()
         losses.append(sum(step_losses) / len(step_losses))
     return {"losses": losses, "norms": norms, "state": {k: v.detach().clone() for k, v in model.state_dict().items()}}
@@ -293,27 +300,28 @@ def _body_misc(rank: int, world: int) -> dict:
     out["initialize"]["counts"] = lfds.optimizer_state_numel(engine)
     engine.destroy()
 
-    # NaN guard: micro-batch 1 of step 1 bad on rank 1 only; both micro-batches of step 2 bad there
-    model = _model()
-    runner = DeepSpeedRunner(model, _cfg(2), plan="freeze_deep")
-    bad = {(1, 1), (2, 0), (2, 1)} if rank == 1 else set()
-    hook = model.register_forward_hook(_poison_hook, with_kwargs=True)
-    before = None
-    steps = []
-    for s in range(4):
-        if s == 2:
-            before = runner.consolidated_state_dict()
-        window = [_poisoned(mb) if (s, m) in bad else mb for m, mb in enumerate(_window(s, rank))]
-        o = runner.train_step(window)
-        if s == 2:
-            after = runner.consolidated_state_dict()
-            if rank == 0:
-                out["skip_unchanged"] = all(torch.equal(before[k], after[k]) for k in before)
-        steps.append((o.loss, o.bad_micro_batches, o.skipped))
-    hook.remove()
-    out["nan_steps"] = steps
-    out["nan_counts"] = (runner.bad_micro_batches, runner.skipped_steps)
-    runner.engine.destroy()
+    # NaN guard (ZeRO-2 and ZeRO-3): micro-batch 1 of step 1 bad on rank 1 only; both
+    # micro-batches of step 2 bad there
+    for stage in (2, 3):
+        model = _model()
+        runner = DeepSpeedRunner(model, _cfg(stage), plan="freeze_deep")
+        bad = {(1, 1), (2, 0), (2, 1)} if rank == 1 else set()
+        hook = model.register_forward_hook(_poison_hook, with_kwargs=True)
+        steps = []
+        for s in range(4):
+            if s == 2:
+                before = runner.consolidated_state_dict()
+            window = [_poisoned(mb) if (s, m) in bad else mb for m, mb in enumerate(_window(s, rank))]
+            o = runner.train_step(window)
+            if s == 2:
+                after = runner.consolidated_state_dict()
+                if rank == 0:
+                    out[f"skip_unchanged{stage}"] = all(torch.equal(before[k], after[k]) for k in before)
+            steps.append((o.loss, o.bad_micro_batches, o.skipped))
+        hook.remove()
+        out[f"nan_steps{stage}"] = steps
+        out[f"nan_counts{stage}"] = (runner.bad_micro_batches, runner.skipped_steps)
+        runner.engine.destroy()
 
     # gradient checkpointing, ZeRO-3, 2 steps: same losses as without
     for gc in (False, True):
@@ -368,12 +376,13 @@ def test_lr_scales_nan_guard_checkpointing_precision():
 
     # NaN guard: ranks agree, bad micro-batches skipped and counted, all-bad step moves nothing
     ref = _reference([{"plan": "freeze_deep", "until_step": None}], 2)
-    (l0, b0, s0), (l1, b1, s1), (l2, b2, s2), (l3, b3, s3) = res["nan_steps"]
-    assert l0 == pytest.approx(ref["losses"][0], rel=1e-5)
-    assert (b0, s0) == (0, False) and (b1, s1) == (1, False) and (b2, s2) == (2, True) and (b3, s3) == (0, False)
-    assert math.isfinite(l1) and math.isnan(l2) and math.isfinite(l3)
-    assert res["skip_unchanged"] is True
-    assert res["nan_counts"] == (3, 1)
+    for stage in (2, 3):
+        (l0, b0, s0), (l1, b1, s1), (l2, b2, s2), (l3, b3, s3) = res[f"nan_steps{stage}"]
+        assert l0 == pytest.approx(ref["losses"][0], rel=1e-5)
+        assert [(b0, s0), (b1, s1), (b2, s2), (b3, s3)] == [(0, False), (1, False), (2, True), (0, False)]
+        assert math.isfinite(l1) and math.isnan(l2) and math.isfinite(l3)
+        assert res[f"skip_unchanged{stage}"] is True
+        assert res[f"nan_counts{stage}"] == (3, 1)
 
     # gradient checkpointing changes nothing numerically
     assert res["gc1"] == pytest.approx(res["gc0"], rel=1e-6)
@@ -393,53 +402,79 @@ _SCHEDULE = [{"plan": "full", "until_step": 3}, {"plan": "freeze_deep", "until_s
 _SCHED_STEPS = 6
 
 
-def _body_schedule(rank: int, world: int, root: str) -> dict:
+_GROW = [{"plan": "freeze_deep", "until_step": 2}, {"plan": "full", "until_step": None}]
+_GROW_STEPS = 4
+
+
+def _lr_factor(step: int) -> float:
+    return 1.0 / (1.0 + 0.5 * step)
+
+
+def _body_schedule(rank: int, world: int, root: str, stage: int) -> dict:
     from pathlib import Path
 
     from layerfreeze.engines.deepspeed import DeepSpeedRunner
     from layerfreeze.utils.seed import get_rng_state
 
     out = {}
-    for stage in (2, 3):
-        ckdir = Path(root) / f"zero{stage}"
-        torch.manual_seed(0)
+    ckdir = Path(root) / f"zero{stage}"
+    torch.manual_seed(0)
+    runner = DeepSpeedRunner(_model(), _cfg(stage), schedule=_SCHEDULE)
+    straight, phases = [], []
+    for s in range(_SCHED_STEPS):
+        o = runner.train_step(_window(s, rank))
+        straight.append(o.loss)
+        phases.append(o.phase)
+        if o.step in (2, 4):  # before the boundary (phase 0) and after it (phase 1)
+            runner.save_checkpoint(ckdir, client_state={"next_step": o.step, "rng": get_rng_state(),
+                                                        "rank": rank}, keep_last=5,
+                                   trainable_only=(o.step == 4))
+    final = _state_on_rank0(runner)
+    runner.engine.destroy()
+    resumed = {}
+    for tag in ("step_00000002", "step_00000004"):
         runner = DeepSpeedRunner(_model(), _cfg(stage), schedule=_SCHEDULE)
-        straight, phases = [], []
-        for s in range(_SCHED_STEPS):
-            o = runner.train_step(_window(s, rank))
-            straight.append(o.loss)
-            phases.append(o.phase)
-            if o.step in (2, 4):  # before the boundary (phase 0) and after it (phase 1)
-                runner.save_checkpoint(ckdir, client_state={"next_step": o.step, "rng": get_rng_state(),
-                                                            "rank": rank}, keep_last=5,
-                                       trainable_only=(o.step == 4))
-        final = _state_on_rank0(runner)
+        client = runner.load_checkpoint(ckdir, tag=tag)
+        assert client["rank"] == rank and runner.global_step == client["next_step"]
+        assert isinstance(client["rng"]["numpy"][1], np.ndarray)
+        losses = [runner.train_step(_window(s, rank)).loss for s in range(client["next_step"], _SCHED_STEPS)]
+        resumed[tag] = (losses, runner.phase, _state_on_rank0(runner))
         runner.engine.destroy()
-        resumed = {}
-        for tag in ("step_00000002", "step_00000004"):
-            runner = DeepSpeedRunner(_model(), _cfg(stage), schedule=_SCHEDULE)
-            client = runner.load_checkpoint(ckdir, tag=tag)
-            assert client["rank"] == rank and runner.global_step == client["next_step"]
-            assert isinstance(client["rng"]["numpy"][1], __import__("numpy").ndarray)
-            losses = [runner.train_step(_window(s, rank)).loss for s in range(client["next_step"], _SCHED_STEPS)]
-            resumed[tag] = (losses, runner.phase, _state_on_rank0(runner))
-            runner.engine.destroy()
-        out[stage] = {"straight": straight, "phases": phases, "final": final, "resumed": resumed}
+    out[stage] = {"straight": straight, "phases": phases, "final": final, "resumed": resumed}
+
+    if stage != 3:
+        return out
+    # growing schedule (deep layers unfrozen at step 2) under ZeRO-3 with a torch scheduler:
+    # newly trainable parameters start a fresh Adam (step 0), carried ones keep theirs
+    runner = DeepSpeedRunner(_model(), _cfg(3), schedule=_GROW,
+                             lr_scheduler=lambda opt: torch.optim.lr_scheduler.LambdaLR(opt, _lr_factor))
+    out["grow"] = [runner.train_step(_window(s, rank)).loss for s in range(_GROW_STEPS)]
+    out["grow_lrs"] = sorted({(g["name"], g["lr"]) for g in runner.param_groups})
+    runner.engine.destroy()
     return out
 
 
-def test_schedule_switch_and_resume_across_boundary(tmp_path):
-    res = run_distributed(_body_schedule, world_size=WORLD, args=(str(tmp_path),), timeout=900)[0]
+@pytest.mark.parametrize("stage", [2, 3])
+def test_schedule_switch_and_resume_across_boundary(tmp_path, stage):
+    res = run_distributed(_body_schedule, world_size=WORLD, args=(str(tmp_path), stage), timeout=900)[0]
+    if stage == 3:
+        grow_ref = _reference(_GROW, _GROW_STEPS, lr_factor=_lr_factor)
+        assert res["grow"] == pytest.approx(grow_ref["losses"], rel=1e-5, abs=1e-6)
+        # after the switch: carried groups (Adam step 2) and fresh ones, all at the scheduled lr
+        names = [n for n, _ in res["grow_lrs"]]
+        assert any("@2" in n for n in names) and any("@" not in n for n in names), names
+        for _, lr in res["grow_lrs"]:
+            assert lr == pytest.approx(LR * _lr_factor(_GROW_STEPS), rel=1e-9)
     ref = _reference(_SCHEDULE, _SCHED_STEPS)
-    for stage in (2, 3):
-        r = res[stage]
-        assert r["phases"] == [0, 0, 0, 1, 1, 1]
-        # the switch carries master weights and Adam moments: equals the per-parameter reference
-        assert r["straight"] == pytest.approx(ref["losses"], rel=1e-5, abs=1e-6), f"ZeRO-{stage}"
-        for tag, start in (("step_00000002", 2), ("step_00000004", 4)):
-            losses, phase, final = r["resumed"][tag]
-            assert phase == 1
-            # resumed == straight (tight), across the boundary from step 2 and within phase 1 from step 4
-            assert losses == pytest.approx(r["straight"][start:], rel=1e-6, abs=1e-7), f"ZeRO-{stage} {tag}"
-            for k, v in _t(r["final"]).items():
-                assert torch.allclose(_t(final)[k], v, rtol=1e-5, atol=1e-6), f"ZeRO-{stage} {tag} {k}"
+    r = res[stage]
+    assert r["phases"] == [0, 0, 0, 1, 1, 1]
+    # the switch carries master weights and Adam moments: equals the per-parameter reference
+    assert r["straight"] == pytest.approx(ref["losses"], rel=1e-5, abs=1e-6), f"ZeRO-{stage}"
+    for tag, start in (("step_00000002", 2), ("step_00000004", 4)):
+        losses, phase, final = r["resumed"][tag]
+        assert phase == 1
+        # resumed == straight (tight), across the boundary from step 2 and within phase 1 from step 4
+        assert losses == pytest.approx(r["straight"][start:], rel=1e-6, abs=1e-7), f"ZeRO-{stage} {tag}"
+        for k, v in _t(r["final"]).items():
+            assert torch.allclose(_t(final)[k], v, rtol=1e-5, atol=1e-6), f"ZeRO-{stage} {tag} {k}"
+
