@@ -8,9 +8,10 @@ model; for lm-eval the timed call is ``lm_eval.evaluator.evaluate``). Reports th
 time ratio (target >= 3x) and per-question prediction agreement; every disagreement is listed
 with whether lm-eval's two letters tie within 1e-4.
 
-Run (about 3 minutes on 2 CPU cores with the defaults)::
+Run (about 3 minutes on 2 CPU cores with the defaults; ``--subjects all`` is the full val set,
+about 12 minutes)::
 
-    python bench/eval_speed.py                                   # 6 subjects, 4 layers x 256
+    python bench/eval_speed.py                                   # 4 subjects, 4 layers x 384
     python bench/eval_speed.py --subjects all --layers 8 --hidden 512 --device cuda
     python bench/eval_speed.py --data-dir /path/to/data --limit 10
 
@@ -201,7 +202,7 @@ def main() -> int:
         "# Evaluation speed: layerfreeze vs lm-evaluation-harness",
         "",
         f"C-Eval val, {args.shots}-shot, lm-eval `ceval-valid` format, {len(records)} questions "
-        f"from {len(names)} subjects ({', '.join(names)})"
+        f"from {len(names)} subjects ({'all' if args.subjects == 'all' else ', '.join(names)})"
         + (f", first {args.limit} per subject" if args.limit else "") + ".",
         f"Model: random Llama, {args.layers} layers x {args.hidden} hidden, {n_params:,} "
         f"parameters, vocab {args.vocab_size}, {args.dtype}, batch size {args.batch_size}, "
@@ -225,7 +226,8 @@ def main() -> int:
         lines += [f"| {d['subject']} | {d['index']} | {d['ours']} | {d['lm_eval']} | "
                   f"{d['lm_eval_gap']:.2e} | {d['tie']} |" for d in disagreements]
         lines.append("")
-    lines.append(f"Reproduce: `python bench/eval_speed.py --subjects {','.join(names)} "
+    subj_arg = "all" if args.subjects == "all" else ",".join(names)
+    lines.append(f"Reproduce: `python bench/eval_speed.py --subjects {subj_arg} "
                  f"--layers {args.layers} --hidden {args.hidden} --threads {args.threads}`")
     atomic_write_text(out_dir / "eval_speed.md", "\n".join(lines) + "\n")
     print("\n".join(lines))
