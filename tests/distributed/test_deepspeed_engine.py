@@ -478,3 +478,19 @@ def test_schedule_switch_and_resume_across_boundary(tmp_path, stage):
         for k, v in _t(r["final"]).items():
             assert torch.allclose(_t(final)[k], v, rtol=1e-5, atol=1e-6), f"ZeRO-{stage} {tag} {k}"
 
+
+
+def test_public_alias_is_lazy_and_get_engine_names_engines():
+    import subprocess
+    import sys
+
+    code = ("import sys, layerfreeze.deepspeed as d, layerfreeze.engines as e; "
+            "assert 'deepspeed' not in sys.modules; "
+            "assert d.initialize is e.get_engine('deepspeed').initialize; "
+            "assert 'deepspeed' in sys.modules")
+    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    from layerfreeze.engines import get_engine
+
+    with pytest.raises(ValueError, match=r"unknown engine 'megatrn'. Known engines: deepspeed"):
+        get_engine("megatrn")
