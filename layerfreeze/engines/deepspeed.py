@@ -182,6 +182,19 @@ def _relink_optimizer_state(ds_optimizer: Any) -> None:
             return
 
 
+def _plain_master(ds_optimizer: Any, param: nn.Parameter) -> torch.Tensor:
+    """The tensor the torch optimizer updates for a non-ZeRO ``param``: its fp32 copy under
+    DeepSpeed's ZeRO-0 mixed-precision optimizer (``fp16_groups`` -> ``fp32_groups``), else itself."""
+    lp_groups = getattr(ds_optimizer, "fp16_groups", None)
+    hp_groups = getattr(ds_optimizer, "fp32_groups", None)
+    if lp_groups is not None and hp_groups is not None:
+        for lg, hg in zip(lp_groups, hp_groups, strict=True):
+            for lp, hp in zip(lg, hg, strict=True):
+                if lp is param:
+                    return hp
+    return param
+
+
 def _torch_optimizer(ds_optimizer: Any) -> torch.optim.Optimizer:
     """The torch optimizer doing the actual update inside DeepSpeed's wrapper (or itself)."""
     inner = getattr(ds_optimizer, "optimizer", None)
@@ -707,12 +720,14 @@ class DeepSpeedRunner:
 
     def _full_fp32(self, p: nn.Parameter) -> torch.Tensor:
         v = safe_get_full_fp32_param(p)
-        return (p.detach() if v is None else v).float().cpu().clone()
+        if v is None:
+            v = _plain_master(self.engine.optimizer, p).detach()
+        return v.float().cpu().clone()
 
     def _full_state(self, p: nn.Parameter, key: str) -> torch.Tensor:
         v = safe_get_full_optimizer_state(p, key)
         if v is None:
-            v = _torch_optimizer(self.engine.optimizer).state[p][key]
+            v = _torch_optimizer(self.engine.optimizer).state[_plain_master(self.engine.optimizer, p)][key]
         return v.float().cpu().clone()
 
     def optimizer_state_numel(self) -> dict[str, int]:
@@ -808,12 +823,15 @@ class DeepSpeedRunner:
                     for key in _ADAM_STATE_KEYS:
                         if key in entry:
                             safe_set_full_optimizer_state(p, entry[key].to(p.device), key)
-                else:  # plain torch optimizer over the module parameters (ZeRO-0, fp32)
+                else:  # ZeRO-0: torch optimizer over the parameters or their fp32 copies
+                    master = _plain_master(self.engine.optimizer, p)
                     with torch.no_grad():
-                        p.copy_(entry["master"].to(p.dtype))
+                        master.copy_(entry["master"].to(master.dtype))
+                        if master is not p:
+                            p.copy_(entry["master"].to(p.dtype))
                         for key in _ADAM_STATE_KEYS:
                             if key in entry:
-                                opt.state[p][key].copy_(entry[key])
+                                opt.state[master][key].copy_(entry[key])
         log_rank0(logger, "plan-schedule phase %d: %s (%d trainable params)", target, new_plan,
                   sum(p.numel() if not hasattr(p, "ds_numel") else p.ds_numel
                       for _, p in self._named_trainable()))
