@@ -411,6 +411,9 @@ _SCHED_STEPS = 6
 
 _GROW = [{"plan": "freeze_deep", "until_step": 2}, {"plan": "full", "until_step": None}]
 _GROW_STEPS = 4
+_ADAPTERS = [{"plan": "freeze_deep", "until_step": 1}, {"plan": "hlpt", "until_step": 3},
+             {"plan": "full", "until_step": None}]
+_ADAPTERS_STEPS = 5
 
 
 def _lr_factor(step: int) -> float:
@@ -458,6 +461,12 @@ def _body_schedule(rank: int, world: int, root: str, stage: int) -> dict:
     out["grow"] = [runner.train_step(_window(s, rank)).loss for s in range(_GROW_STEPS)]
     out["grow_lrs"] = sorted({(g["name"], g["lr"]) for g in runner.param_groups})
     runner.engine.destroy()
+    # adapters installed up front (so ZeRO-3 partitions them), trained from a later phase on
+    torch.manual_seed(0)  # adapter init draws from the global RNG, as in the reference
+    runner = DeepSpeedRunner(_model(), _cfg(3), schedule=_ADAPTERS)
+    out["adapters"] = [runner.train_step(_window(s, rank)).loss for s in range(_ADAPTERS_STEPS)]
+    out["adapters_phases"] = runner.phase
+    runner.engine.destroy()
     return out
 
 
@@ -472,6 +481,10 @@ def test_schedule_switch_and_resume_across_boundary(tmp_path, stage):
         assert any("@2" in n for n in names) and any("@" not in n for n in names), names
         for _, lr in res["grow_lrs"]:
             assert lr == pytest.approx(LR * _lr_factor(_GROW_STEPS), rel=1e-9)
+        # freeze_deep -> hlpt (LoRA/prefix adapters start training) -> full
+        assert res["adapters_phases"] == 2
+        assert res["adapters"] == pytest.approx(_reference(_ADAPTERS, _ADAPTERS_STEPS)["losses"],
+                                                rel=1e-5, abs=1e-6)
     ref = _reference(_SCHEDULE, _SCHED_STEPS)
     r = res[stage]
     assert r["phases"] == [0, 0, 0, 1, 1, 1]
