@@ -160,8 +160,13 @@ def commit_checkpoint(
     tag = checkpoint_tag(step)
     files = _walk_files(staging)
     files.pop(MANIFEST_FILE, None)
-    manifest = {"format": MANIFEST_FORMAT, "tag": tag, "step": step, "files": files,
-                "meta": meta or {}}
+    manifest = {
+        "format": MANIFEST_FORMAT,
+        "tag": tag,
+        "step": step,
+        "files": files,
+        "meta": meta or {},
+    }
     _fsync_tree(staging)
     atomic_write_json(staging / MANIFEST_FILE, manifest)
     final = root / tag
@@ -220,7 +225,9 @@ def validate_checkpoint(path: str | os.PathLike) -> CheckpointInfo:
         elif f.stat().st_size != size:
             problems.append(f"{rel} has {f.stat().st_size} bytes, manifest says {size}")
     if problems:
-        shown = "; ".join(problems[:5]) + (f"; and {len(problems) - 5} more" if len(problems) > 5 else "")
+        shown = "; ".join(problems[:5]) + (
+            f"; and {len(problems) - 5} more" if len(problems) > 5 else ""
+        )
         raise CheckpointError(
             f"{path}: checkpoint is damaged: {shown}. Resume from an earlier checkpoint or delete this one."
         )

@@ -9,7 +9,19 @@ importing this module does not import DeepSpeed)::
 
 from __future__ import annotations
 
-from typing import Any
+from typing import TYPE_CHECKING, Any
+
+if TYPE_CHECKING:  # for type checkers and linters only: importing the adapter imports DeepSpeed
+    from layerfreeze.engines.deepspeed import (  # noqa: F401
+        DeepSpeedRunner,
+        ScaledLRScheduler,
+        StepOutput,
+        build_param_groups,
+        init_distributed,
+        initialize,
+        load_config,
+        optimizer_state_numel,
+    )
 
 __all__ = [
     "DeepSpeedRunner",

@@ -23,7 +23,9 @@ def get_engine(name: str) -> ModuleType:
         ImportError: the engine's package is not installed (with the pip command to fix it).
     """
     if name not in ENGINES:
-        raise ValueError(f"engine: unknown engine {name!r}. Known engines: {', '.join(sorted(ENGINES))}.")
+        raise ValueError(
+            f"engine: unknown engine {name!r}. Known engines: {', '.join(sorted(ENGINES))}."
+        )
     try:
         return importlib.import_module(ENGINES[name])
     except ModuleNotFoundError as e:

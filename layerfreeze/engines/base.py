@@ -60,7 +60,9 @@ class EngineAdapter(Protocol):
         """Linear module types that adapters (LoRA) wrap under this engine."""
         ...
 
-    def train_step(self, micro_batches: Sequence[Mapping[str, Any]], grad_norms: bool = False) -> Any:
+    def train_step(
+        self, micro_batches: Sequence[Mapping[str, Any]], grad_norms: bool = False
+    ) -> Any:
         """Forward/backward over one accumulation window and one optimizer step (``StepOutput``)."""
         ...
 
@@ -79,7 +81,9 @@ class EngineAdapter(Protocol):
         """Atomic checkpoint under ``ckpt_dir``; returns the committed directory."""
         ...
 
-    def load_checkpoint(self, ckpt_dir: str | os.PathLike, tag: str | None = None) -> dict[str, Any]:
+    def load_checkpoint(
+        self, ckpt_dir: str | os.PathLike, tag: str | None = None
+    ) -> dict[str, Any]:
         """Resume (phase, weights, optimizer, counters); returns this rank's client state."""
         ...
 

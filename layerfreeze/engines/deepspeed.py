@@ -101,13 +101,17 @@ def load_config(config: str | os.PathLike | Mapping[str, Any]) -> dict[str, Any]
         return json.loads(json.dumps(dict(config)))
     path = Path(config)
     if not path.is_file():
-        raise ValueError(f"deepspeed config: file {path} does not exist. Pass a JSON file or a dict.")
+        raise ValueError(
+            f"deepspeed config: file {path} does not exist. Pass a JSON file or a dict."
+        )
     try:
         out = json.loads(path.read_text(encoding="utf-8"))
     except json.JSONDecodeError as e:
         raise ValueError(f"deepspeed config {path}: not valid JSON ({e}).") from None
     if not isinstance(out, dict):
-        raise ValueError(f"deepspeed config {path}: must hold a JSON object, got {type(out).__name__}.")
+        raise ValueError(
+            f"deepspeed config {path}: must hold a JSON object, got {type(out).__name__}."
+        )
     return out
 
 
@@ -137,7 +141,9 @@ def _check_config(config: dict[str, Any], lr: float | None) -> float:
         lr = float(params["lr"])
     params["lr"] = lr
     if bool(params.get("amsgrad", False)):
-        raise ValueError("deepspeed config.optimizer.params.amsgrad: not supported, got true. Remove it.")
+        raise ValueError(
+            "deepspeed config.optimizer.params.amsgrad: not supported, got true. Remove it."
+        )
     if _zero_stage(config) not in (0, 1, 2, 3):
         raise ValueError(
             f"deepspeed config.zero_optimization.stage: must be 0, 1, 2 or 3, got {_zero_stage(config)}."
@@ -170,9 +176,14 @@ def _relink_optimizer_state(ds_optimizer: Any) -> None:
     fails for them; re-linking all groups (DeepSpeed's own public helper) fixes that.
     """
     opt = _torch_optimizer(ds_optimizer)
-    for lp_name, hp_name in (("bit16_groups", "single_partition_of_fp32_groups"),
-                             ("bf16_groups", "fp32_groups_flat_partition")):
-        lp_groups, hp_groups = getattr(ds_optimizer, lp_name, None), getattr(ds_optimizer, hp_name, None)
+    for lp_name, hp_name in (
+        ("bit16_groups", "single_partition_of_fp32_groups"),
+        ("bf16_groups", "fp32_groups_flat_partition"),
+    ):
+        lp_groups, hp_groups = (
+            getattr(ds_optimizer, lp_name, None),
+            getattr(ds_optimizer, hp_name, None),
+        )
         if lp_groups is not None and hp_groups is not None:
             for lp, hp in zip(lp_groups, hp_groups, strict=True):
                 if hp in opt.state:
@@ -221,11 +232,18 @@ class _GroupSpec:
     step: int = 0  # Adam steps already taken by these params (carried over at a phase switch)
 
     def to_dict(self) -> dict[str, Any]:
-        return {"name": self.name, "lr_scale": self.lr_scale, "weight_decay": self.weight_decay,
-                "params": list(self.params), "step": self.step}
+        return {
+            "name": self.name,
+            "lr_scale": self.lr_scale,
+            "weight_decay": self.weight_decay,
+            "params": list(self.params),
+            "step": self.step,
+        }
 
 
-def _group_specs(applied: Any, weight_decay: float, steps: Mapping[str, int] | None = None) -> list[_GroupSpec]:
+def _group_specs(
+    applied: Any, weight_decay: float, steps: Mapping[str, int] | None = None
+) -> list[_GroupSpec]:
     """Group specs from ``applied.param_groups``; with ``steps``, split each group by step count."""
     names = {id(p): n for n, p in applied.model.named_parameters()}
     specs: list[_GroupSpec] = []
@@ -236,16 +254,28 @@ def _group_specs(applied: Any, weight_decay: float, steps: Mapping[str, int] | N
             by_step.setdefault(int((steps or {}).get(n, 0)), []).append(n)
         for s in sorted(by_step):
             suffix = f"@{s}" if s and len(by_step) > 1 else ""
-            specs.append(_GroupSpec(f"{g['name']}{suffix}", float(g.get("lr_scale", 1.0)),
-                                    float(g["weight_decay"]), by_step[s], s))
+            specs.append(
+                _GroupSpec(
+                    f"{g['name']}{suffix}",
+                    float(g.get("lr_scale", 1.0)),
+                    float(g["weight_decay"]),
+                    by_step[s],
+                    s,
+                )
+            )
     return specs
 
 
 def _torch_groups(model: nn.Module, specs: Sequence[_GroupSpec], lr: float) -> list[dict[str, Any]]:
     params = dict(model.named_parameters())
     return [
-        {"params": [params[n] for n in s.params], "lr": lr, "weight_decay": s.weight_decay,
-         "lr_scale": s.lr_scale, "name": s.name}
+        {
+            "params": [params[n] for n in s.params],
+            "lr": lr,
+            "weight_decay": s.weight_decay,
+            "lr_scale": s.lr_scale,
+            "name": s.name,
+        }
         for s in specs
     ]
 
@@ -308,8 +338,10 @@ class ScaledLRScheduler:
         return self._unscaled[0] if self._unscaled else 0.0
 
     def state_dict(self) -> dict[str, Any]:
-        return {"inner": None if self.inner is None else self.inner.state_dict(),
-                "unscaled": list(self._unscaled)}
+        return {
+            "inner": None if self.inner is None else self.inner.state_dict(),
+            "unscaled": list(self._unscaled),
+        }
 
     def load_state_dict(self, state: Mapping[str, Any]) -> None:
         if self.inner is not None and state.get("inner") is not None:
@@ -421,8 +453,14 @@ def _ds_initialize(
             "`lambda opt: torch.optim.lr_scheduler.LambdaLR(opt, f)`, or use the config's 'scheduler'."
         )
     engine, optimizer, loader, sched = deepspeed.initialize(
-        args=args, model=model, model_parameters=groups, config=config, lr_scheduler=lr_scheduler,
-        training_data=training_data, collate_fn=collate_fn, mpu=mpu,
+        args=args,
+        model=model,
+        model_parameters=groups,
+        config=config,
+        lr_scheduler=lr_scheduler,
+        training_data=training_data,
+        collate_fn=collate_fn,
+        mpu=mpu,
     )
     torch_opt = _torch_optimizer(engine.optimizer)
     if [g.get("name") for g in torch_opt.param_groups] != [g["name"] for g in groups]:
@@ -485,8 +523,14 @@ def initialize(
     _assert_requires_grad_final(model, specs)
     groups = _torch_groups(model, specs, lr)
     engine, optimizer, loader, sched = _ds_initialize(
-        model, cfg, groups, lr_scheduler=lr_scheduler, training_data=training_data,
-        collate_fn=collate_fn, args=args, mpu=mpu,
+        model,
+        cfg,
+        groups,
+        lr_scheduler=lr_scheduler,
+        training_data=training_data,
+        collate_fn=collate_fn,
+        args=args,
+        mpu=mpu,
     )
     engine.layerfreeze_applied = applied
     return engine, optimizer, loader, sched
@@ -507,11 +551,13 @@ def _encode(obj: Any, tensors: dict[str, torch.Tensor], path: str) -> Any:
         if kind not in "iubf":
             raise TypeError(f"client_state{path}: numpy dtype {obj.dtype} cannot be stored.")
         key = f"t{len(tensors)}"
-        tensors[key] = torch.from_numpy(np.ascontiguousarray(obj.astype(np.float64 if kind == "f" else np.int64)))
+        tensors[key] = torch.from_numpy(
+            np.ascontiguousarray(obj.astype(np.float64 if kind == "f" else np.int64))
+        )
         return {"__ndarray__": key, "dtype": obj.dtype.str}
-    if isinstance(obj, (np.integer, np.floating, np.bool_)):
+    if isinstance(obj, np.integer | np.floating | np.bool_):
         return obj.item()
-    if obj is None or isinstance(obj, (bool, int, float, str)):
+    if obj is None or isinstance(obj, bool | int | float | str):
         return obj
     if isinstance(obj, tuple):
         return {"__tuple__": [_encode(v, tensors, f"{path}[{i}]") for i, v in enumerate(obj)]}
@@ -641,11 +687,14 @@ class DeepSpeedRunner:
         self.lr = _check_config(self.config, lr)
         self.weight_decay = (
             float(self.config["optimizer"]["params"].get("weight_decay", 0.0))
-            if weight_decay is None else float(weight_decay)
+            if weight_decay is None
+            else float(weight_decay)
         )
         if plan is not None and schedule is not None:
-            raise ValueError("DeepSpeedRunner: pass plan= or schedule=, not both (a plan is a "
-                             "one-phase schedule).")
+            raise ValueError(
+                "DeepSpeedRunner: pass plan= or schedule=, not both (a plan is a "
+                "one-phase schedule)."
+            )
         if schedule is None:
             if plan is None and applied is None:
                 raise ValueError("DeepSpeedRunner: pass plan=, schedule= or applied=.")
@@ -678,7 +727,10 @@ class DeepSpeedRunner:
         _assert_requires_grad_final(self.model, specs)
         groups = _torch_groups(self.model, specs, self.lr)
         engine, _opt, _loader, sched = _ds_initialize(
-            self.model, json.loads(json.dumps(self.config)), groups, lr_scheduler=self._lr_scheduler_fn
+            self.model,
+            json.loads(json.dumps(self.config)),
+            groups,
+            lr_scheduler=self._lr_scheduler_fn,
         )
         self.engine, self.lr_scheduler, self._specs = engine, sched, specs
 
@@ -727,7 +779,9 @@ class DeepSpeedRunner:
     def _full_state(self, p: nn.Parameter, key: str) -> torch.Tensor:
         v = safe_get_full_optimizer_state(p, key)
         if v is None:
-            v = _torch_optimizer(self.engine.optimizer).state[_plain_master(self.engine.optimizer, p)][key]
+            v = _torch_optimizer(self.engine.optimizer).state[
+                _plain_master(self.engine.optimizer, p)
+            ][key]
         return v.float().cpu().clone()
 
     def optimizer_state_numel(self) -> dict[str, int]:
@@ -777,11 +831,12 @@ class DeepSpeedRunner:
         self._switch_phase(target, carry=True)
         return True
 
-    def _switch_phase(self, target: int, carry: bool, specs: list[_GroupSpec] | None = None) -> None:
+    def _switch_phase(
+        self, target: int, carry: bool, specs: list[_GroupSpec] | None = None
+    ) -> None:
         """Rebuild the engine for phase ``target``; carry master weights + Adam state when asked."""
         old_plan = self.schedule.plans[self.phase]
         new_plan = self.schedule.plans[target]
-        old_names = [n for n, _ in self._named_trainable()]
         new_trainable = set(self.applied.switch_plan(new_plan).trainable_names())
         self.applied = self.applied.switch_plan(old_plan)  # back, to read the old optimizer
         carried: dict[str, dict[str, torch.Tensor]] = {}
@@ -801,13 +856,17 @@ class DeepSpeedRunner:
                             entry[key] = self._full_state(p, key)
                     carried[n] = entry
                     steps[n] = gstep
-        counters = {k: getattr(self.engine, k) for k in
-                    ("global_steps", "global_samples", "skipped_steps", "micro_steps")}
+        counters = {
+            k: getattr(self.engine, k)
+            for k in ("global_steps", "global_samples", "skipped_steps", "micro_steps")
+        }
         old_sched = self.lr_scheduler
         self.engine.destroy()
         self.applied = self.applied.switch_plan(new_plan)
         self.phase = target
-        self._build_engine(specs if specs is not None else _group_specs(self.applied, self.weight_decay, steps))
+        self._build_engine(
+            specs if specs is not None else _group_specs(self.applied, self.weight_decay, steps)
+        )
         for k, v in counters.items():
             setattr(self.engine, k, v)
         self.lr_scheduler.carry_from(old_sched)
@@ -832,9 +891,16 @@ class DeepSpeedRunner:
                         for key in _ADAM_STATE_KEYS:
                             if key in entry:
                                 opt.state[master][key].copy_(entry[key])
-        log_rank0(logger, "plan-schedule phase %d: %s (%d trainable params)", target, new_plan,
-                  sum(p.numel() if not hasattr(p, "ds_numel") else p.ds_numel
-                      for _, p in self._named_trainable()))
+        log_rank0(
+            logger,
+            "plan-schedule phase %d: %s (%d trainable params)",
+            target,
+            new_plan,
+            sum(
+                p.numel() if not hasattr(p, "ds_numel") else p.ds_numel
+                for _, p in self._named_trainable()
+            ),
+        )
 
     # ---- training ---------------------------------------------------------------------------
 
@@ -872,7 +938,9 @@ class DeepSpeedRunner:
                 out[group] = math.sqrt(sq)
         return out
 
-    def train_step(self, micro_batches: Sequence[Mapping[str, Any]], grad_norms: bool = False) -> StepOutput:
+    def train_step(
+        self, micro_batches: Sequence[Mapping[str, Any]], grad_norms: bool = False
+    ) -> StepOutput:
         """Run one optimizer step over ``gradient_accumulation_steps`` micro-batches.
 
         Switches plan-schedule phase first when the step crosses a boundary. A micro-batch whose
@@ -921,8 +989,13 @@ class DeepSpeedRunner:
         self.bad_micro_batches += bad
         self.skipped_steps += int(skipped)
         return StepOutput(
-            step=self.global_step, loss=float(np.mean(losses)) if losses else float("nan"),
-            lr=lr, bad_micro_batches=bad, skipped=skipped, grad_norms=norms, phase=self.phase,
+            step=self.global_step,
+            loss=float(np.mean(losses)) if losses else float("nan"),
+            lr=lr,
+            bad_micro_batches=bad,
+            skipped=skipped,
+            grad_norms=norms,
+            phase=self.phase,
         )
 
     @torch.no_grad()
@@ -962,7 +1035,9 @@ class DeepSpeedRunner:
         return sorted(earlier - now)
 
     @contextlib.contextmanager
-    def gathered_parameters(self, names: Sequence[str] | None = None, modifier_rank: int | None = None):
+    def gathered_parameters(
+        self, names: Sequence[str] | None = None, modifier_rank: int | None = None
+    ):
         """Context in which the named parameters (default: all) are whole on every rank.
 
         Under ZeRO-3 this gathers the partitions (``deepspeed.zero.GatheredParameters``); on
@@ -1021,27 +1096,39 @@ class DeepSpeedRunner:
         staging = ckpt.prepare_staging(root, step) if get_rank() == 0 else None
         staging = Path(_broadcast(str(staging) if staging else None))
         self.engine.save_checkpoint(
-            str(staging), tag=_DS_TAG, client_state={_META_KEY: {"step": step, "phase": self.phase}},
-            save_latest=False, exclude_frozen_parameters=trainable_only,
+            str(staging),
+            tag=_DS_TAG,
+            client_state={_META_KEY: {"step": step, "phase": self.phase}},
+            save_latest=False,
+            exclude_frozen_parameters=trainable_only,
         )
         if trained_before:
             with self.gathered_parameters(trained_before):
                 if get_rank() == 0:
                     params = dict(self.model.named_parameters())
-                    save_file({n: params[n].detach().cpu().contiguous() for n in trained_before},
-                              str(staging / "trained_frozen.safetensors"))
+                    save_file(
+                        {n: params[n].detach().cpu().contiguous() for n in trained_before},
+                        str(staging / "trained_frozen.safetensors"),
+                    )
         _save_client_state(staging / "client", get_rank(), client_state or {})
         barrier()
         committed = None
         if get_rank() == 0:
-            info = ckpt.commit_checkpoint(root, staging, step, {_META_KEY: self._meta(trainable_only, trained_before)},
-                                          keep_last=keep_last)
+            info = ckpt.commit_checkpoint(
+                root,
+                staging,
+                step,
+                {_META_KEY: self._meta(trainable_only, trained_before)},
+                keep_last=keep_last,
+            )
             committed = str(info.path)
         committed = _broadcast(committed)
         log_rank0(logger, "saved checkpoint %s", committed)
         return Path(committed)
 
-    def load_checkpoint(self, ckpt_dir: str | os.PathLike, tag: str | None = None) -> dict[str, Any]:
+    def load_checkpoint(
+        self, ckpt_dir: str | os.PathLike, tag: str | None = None
+    ) -> dict[str, Any]:
         """Resume from a checkpoint saved by :meth:`save_checkpoint` (all ranks must call it).
 
         Lands in the saved plan-schedule phase with the saved optimizer groups, weights,
@@ -1061,24 +1148,40 @@ class DeepSpeedRunner:
         info = ckpt.resolve_checkpoint(ckpt_dir, tag)
         meta = info.meta.get(_META_KEY)
         if not isinstance(meta, dict) or meta.get("format") != _META_FORMAT:
-            raise ckpt.CheckpointError(f"{info.path}: not a layerfreeze DeepSpeed checkpoint (no layerfreeze metadata).")
+            raise ckpt.CheckpointError(
+                f"{info.path}: not a layerfreeze DeepSpeed checkpoint (no layerfreeze metadata)."
+            )
         problems = []
         if meta["schedule"] != self.schedule.to_dict():
-            problems.append(f"schedule {meta['schedule']} differs from this run's {self.schedule.to_dict()}")
+            problems.append(
+                f"schedule {meta['schedule']} differs from this run's {self.schedule.to_dict()}"
+            )
         if meta["world_size"] != get_world_size():
-            problems.append(f"saved with {meta['world_size']} ranks, this run has {get_world_size()}")
+            problems.append(
+                f"saved with {meta['world_size']} ranks, this run has {get_world_size()}"
+            )
         if meta["zero_stage"] != self.zero_stage:
-            problems.append(f"saved with ZeRO stage {meta['zero_stage']}, this run uses {self.zero_stage}")
+            problems.append(
+                f"saved with ZeRO stage {meta['zero_stage']}, this run uses {self.zero_stage}"
+            )
         if problems:
-            raise ckpt.CheckpointError(f"{info.path}: cannot resume this run from it: " + "; ".join(problems) + ".")
+            raise ckpt.CheckpointError(
+                f"{info.path}: cannot resume this run from it: " + "; ".join(problems) + "."
+            )
         specs = [_GroupSpec(**g) for g in meta["groups"]]
-        if meta["phase"] != self.phase or [s.to_dict() for s in specs] != [s.to_dict() for s in self._specs]:
+        if meta["phase"] != self.phase or [s.to_dict() for s in specs] != [
+            s.to_dict() for s in self._specs
+        ]:
             self._switch_phase(int(meta["phase"]), carry=False, specs=specs)
         load_path, _ = self.engine.load_checkpoint(
-            str(info.path), tag=_DS_TAG, load_module_strict=not meta["trainable_only"],
+            str(info.path),
+            tag=_DS_TAG,
+            load_module_strict=not meta["trainable_only"],
         )
         if load_path is None:
-            raise ckpt.CheckpointError(f"{info.path}: DeepSpeed could not load the checkpoint in '{_DS_TAG}/'.")
+            raise ckpt.CheckpointError(
+                f"{info.path}: DeepSpeed could not load the checkpoint in '{_DS_TAG}/'."
+            )
         if meta["trained_frozen_params"]:
             tensors = load_file(str(info.path / "trained_frozen.safetensors"))
             with self.gathered_parameters(meta["trained_frozen_params"], modifier_rank=0):
@@ -1097,7 +1200,9 @@ class DeepSpeedRunner:
             rank = 0
         state = _load_client_state(client_dir, rank)
         barrier()
-        log_rank0(logger, "resumed from %s (step %d, phase %d)", info.path, self.global_step, self.phase)
+        log_rank0(
+            logger, "resumed from %s (step %d, phase %d)", info.path, self.global_step, self.phase
+        )
         return state
 
 

@@ -95,11 +95,23 @@ def _resume_body(rank: int, world: int, root: str) -> dict:
 
 def test_kill_during_save_keeps_previous_checkpoint_and_resume_matches(tmp_path):
     root = tmp_path / "ckpt"
-    env = dict(os.environ, MASTER_ADDR="127.0.0.1", MASTER_PORT=str(find_free_port()), RANK="0",
-               LOCAL_RANK="0", WORLD_SIZE="1", DS_ACCELERATOR="cpu")
+    env = dict(
+        os.environ,
+        MASTER_ADDR="127.0.0.1",
+        MASTER_PORT=str(find_free_port()),
+        RANK="0",
+        LOCAL_RANK="0",
+        WORLD_SIZE="1",
+        DS_ACCELERATOR="cpu",
+    )
     repo = str(Path(__file__).resolve().parents[2])
-    proc = subprocess.run([sys.executable, "-c", _CHILD, str(root), json.dumps(_CFG), repo],
-                          capture_output=True, text=True, env=env, timeout=300)
+    proc = subprocess.run(
+        [sys.executable, "-c", _CHILD, str(root), json.dumps(_CFG), repo],
+        capture_output=True,
+        text=True,
+        env=env,
+        timeout=300,
+    )
     assert proc.returncode == -signal.SIGKILL, proc.stderr[-3000:]
     staging = [p.name for p in root.iterdir() if p.name.startswith(".staging.")]
     assert staging == ["step_00000002".join([".staging.", ""])], "the kill hit the step-2 save"
@@ -109,6 +121,11 @@ def test_kill_during_save_keeps_previous_checkpoint_and_resume_matches(tmp_path)
     res = run_distributed(_resume_body, world_size=1, args=(str(root),), timeout=300)[0]
     assert res["client"] == {"next": 1} and res["step"] == 2
     assert res["loss"] == pytest.approx(killed_loss, rel=1e-6)  # resumed == the run that was killed
-    assert "schedule" in res["errors"]["plan"] and "differs from this run's" in res["errors"]["plan"]
+    assert (
+        "schedule" in res["errors"]["plan"] and "differs from this run's" in res["errors"]["plan"]
+    )
     assert "no checkpoint found" in res["errors"]["empty"]
-    assert "checkpoint is damaged" in res["errors"]["damaged"] and "model_states.pt" in res["errors"]["damaged"]
+    assert (
+        "checkpoint is damaged" in res["errors"]["damaged"]
+        and "model_states.pt" in res["errors"]["damaged"]
+    )

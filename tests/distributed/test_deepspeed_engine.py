@@ -4,8 +4,8 @@ checkpointing, and plan-schedule phase switches with resume across the boundary.
 
 Expected values come from an independent single-process implementation (:func:`_reference`):
 plain ``torch.optim.AdamW`` over the plan's groups, gradients averaged over the same 2 ranks x
-``GAS`` micro-batches and clipped to global norm ``CLIP``, and at a phase switch a new optimizer that copies the per-parameter Adam
-state of parameters that stay trainable.
+``GAS`` micro-batches and clipped to global norm ``CLIP``, and at a phase switch a new optimizer
+that copies the per-parameter Adam state of parameters that stay trainable.
 """
 
 from __future__ import annotations
@@ -37,8 +37,10 @@ def _cfg(stage: int, gas: int = GAS, **extra) -> dict:
     cfg = {
         "train_micro_batch_size_per_gpu": 2,
         "gradient_accumulation_steps": gas,
-        "optimizer": {"type": "AdamW", "params": {"lr": LR, "weight_decay": WD, "eps": EPS,
-                                                        "torch_adam": True}},
+        "optimizer": {
+            "type": "AdamW",
+            "params": {"lr": LR, "weight_decay": WD, "eps": EPS, "torch_adam": True},
+        },
         "zero_optimization": {"stage": stage},
         "gradient_clipping": CLIP,
         "steps_per_print": 10**6,
@@ -53,8 +55,12 @@ def _shipped(name: str) -> dict:
 
     cfg = load_config(REPO / "configs" / "deepspeed" / name)
     base = _cfg(cfg["zero_optimization"]["stage"])
-    for key in ("train_micro_batch_size_per_gpu", "gradient_accumulation_steps", "optimizer",
-                "gradient_clipping"):
+    for key in (
+        "train_micro_batch_size_per_gpu",
+        "gradient_accumulation_steps",
+        "optimizer",
+        "gradient_clipping",
+    ):
         cfg[key] = base[key]
     cfg.pop("scheduler", None)
     return cfg
@@ -94,7 +100,9 @@ def _reference(schedule, steps: int, gas: int = GAS, lr_factor=None) -> dict:
     for step in range(steps):
         target = sched.phase_at(step)
         if target != phase:
-            old = {n: opt.state[params[n]] for n in applied.trainable_names() if params[n] in opt.state}
+            old = {
+                n: opt.state[params[n]] for n in applied.trainable_names() if params[n] in opt.state
+            }
             applied.switch_plan(sched.plans[target])
             phase = target
             opt = torch.optim.AdamW(applied.param_groups(LR, WD), lr=LR, weight_decay=WD, eps=EPS)
@@ -108,17 +116,30 @@ def _reference(schedule, steps: int, gas: int = GAS, lr_factor=None) -> dict:
                 loss = model(**_micro_batch(step, m, r)).loss
                 (loss / (gas * WORLD)).backward()
                 step_losses.append(loss.item())
-        norms.append({
-            grp: math.sqrt(sum(float(params[n].grad.pow(2).sum()) for n in names if params[n].grad is not None))
-            for grp, names in applied.layer_groups().items() if names
-        })
+        norms.append(
+            {
+                grp: math.sqrt(
+                    sum(
+                        float(params[n].grad.pow(2).sum())
+                        for n in names
+                        if params[n].grad is not None
+                    )
+                )
+                for grp, names in applied.layer_groups().items()
+                if names
+            }
+        )
         torch.nn.utils.clip_grad_norm_([p for p in model.parameters() if p.grad is not None], CLIP)
         if lr_factor is not None:
             for g in opt.param_groups:
                 g["lr"] = LR * lr_factor(step) * g["lr_scale"]
         opt.step()
         losses.append(sum(step_losses) / len(step_losses))
-    return {"losses": losses, "norms": norms, "state": {k: v.detach().clone() for k, v in model.state_dict().items()}}
+    return {
+        "losses": losses,
+        "norms": norms,
+        "state": {k: v.detach().clone() for k, v in model.state_dict().items()},
+    }
 
 
 def _state_on_rank0(runner) -> dict | None:
@@ -204,7 +225,9 @@ def test_zero_stages_match_reference_and_keep_frozen_params(plan):
                 assert not torch.equal(after, init), f"{where}: trainable {name} did not change"
             else:
                 assert torch.equal(after, init), f"{where}: frozen {name} changed"
-            assert torch.allclose(after, ref["state"][name], rtol=1e-4, atol=1e-5), f"{where}: {name}"
+            assert torch.allclose(
+                after, ref["state"][name], rtol=1e-4, atol=1e-5
+            ), f"{where}: {name}"
         # optimizer state holds exactly the trainable parameters (padding aside, < 1 frozen tensor)
         exp = r["expected_state"]
         pad = WORLD * (r["n_trainable_tensors"] + r["n_groups"]) if stage >= 1 else 0
@@ -220,7 +243,10 @@ def test_zero_stages_match_reference_and_keep_frozen_params(plan):
 
 _SCALED_PLAN = {
     "default": "freeze",
-    "rules": [{"layers": "0-1", "policy": "full", "lr_scale": 0.1}, {"layers": "2-3", "policy": "full"}],
+    "rules": [
+        {"layers": "0-1", "policy": "full", "lr_scale": 0.1},
+        {"layers": "2-3", "policy": "full"},
+    ],
     "lm_head": {"policy": "full", "lr_scale": 0.5},
 }
 _WARMUP, _TOTAL, _MIN = 3, 8, 1e-4
@@ -264,9 +290,16 @@ def _body_misc(rank: int, world: int) -> dict:
     from layerfreeze.engines.deepspeed import DeepSpeedRunner
 
     out: dict = {}
-    sched = {"type": "WarmupDecayLR", "params": {"warmup_min_lr": _MIN, "warmup_max_lr": LR,
-                                                 "warmup_num_steps": _WARMUP, "total_num_steps": _TOTAL,
-                                                 "warmup_type": "linear"}}
+    sched = {
+        "type": "WarmupDecayLR",
+        "params": {
+            "warmup_min_lr": _MIN,
+            "warmup_max_lr": LR,
+            "warmup_num_steps": _WARMUP,
+            "total_num_steps": _TOTAL,
+            "warmup_type": "linear",
+        },
+    }
     runner = DeepSpeedRunner(_model(), _cfg(2, scheduler=sched), plan=_SCALED_PLAN)
     seen = []
     for s in range(6):
@@ -280,11 +313,13 @@ def _body_misc(rank: int, world: int) -> dict:
     import layerfreeze.deepspeed as lfds
 
     model = _model()
-    engine, optimizer, loader, scheduler = lfds.initialize(model=model, plan="freeze_deep", config=_cfg(1))
+    engine, optimizer, loader, scheduler = lfds.initialize(
+        model=model, plan="freeze_deep", config=_cfg(1)
+    )
     trainable = {n for n, p in model.named_parameters() if p.requires_grad}
     losses = []
     for s in range(2):
-        for m, mb in enumerate(_window(s, rank)):
+        for mb in _window(s, rank):
             loss = engine(**mb).loss
             engine.backward(loss)
             engine.step()
@@ -292,9 +327,11 @@ def _body_misc(rank: int, world: int) -> dict:
             torch.distributed.all_reduce(t)
             losses.append(float(t) / world)
     out["initialize"] = {
-        "losses": [sum(losses[i:i + GAS]) / GAS for i in range(0, len(losses), GAS)],
-        "scheduler": type(scheduler).__name__, "loader": loader,
-        "trainable": sorted(trainable), "applied": sorted(engine.layerfreeze_applied.trainable_names()),
+        "losses": [sum(losses[i : i + GAS]) / GAS for i in range(0, len(losses), GAS)],
+        "scheduler": type(scheduler).__name__,
+        "loader": loader,
+        "trainable": sorted(trainable),
+        "applied": sorted(engine.layerfreeze_applied.trainable_names()),
         "numel": engine.layerfreeze_applied.num_trainable_params(),
     }
     out["initialize"]["counts"] = lfds.optimizer_state_numel(engine)
@@ -311,12 +348,16 @@ def _body_misc(rank: int, world: int) -> dict:
         for s in range(4):
             if s == 2:
                 before = runner.consolidated_state_dict()
-            window = [_poisoned(mb) if (s, m) in bad else mb for m, mb in enumerate(_window(s, rank))]
+            window = [
+                _poisoned(mb) if (s, m) in bad else mb for m, mb in enumerate(_window(s, rank))
+            ]
             o = runner.train_step(window)
             if s == 2:
                 after = runner.consolidated_state_dict()
                 if rank == 0:
-                    out[f"skip_unchanged{stage}"] = all(torch.equal(before[k], after[k]) for k in before)
+                    out[f"skip_unchanged{stage}"] = all(
+                        torch.equal(before[k], after[k]) for k in before
+                    )
             steps.append((o.loss, o.bad_micro_batches, o.skipped))
         hook.remove()
         out[f"nan_steps{stage}"] = steps
@@ -338,7 +379,9 @@ def _body_misc(rank: int, world: int) -> dict:
     # bf16 (ZeRO-0's mixed-precision optimizer and ZeRO-2), through a growing plan schedule
     for stage in (0, 2):
         runner = DeepSpeedRunner(_model(), _cfg(stage, bf16={"enabled": True}), schedule=_GROW)
-        out[f"bf16_{stage}"] = [runner.train_step(_window(s, rank)).loss for s in range(_GROW_STEPS)]
+        out[f"bf16_{stage}"] = [
+            runner.train_step(_window(s, rank)).loss for s in range(_GROW_STEPS)
+        ]
         out[f"bf16_{stage}_counts"] = runner.optimizer_state_numel()
         runner.engine.destroy()
     # optimizer + parameter CPU offload (the shipped ZeRO-3 offload config)
@@ -374,7 +417,8 @@ def test_lr_scales_nan_guard_checkpointing_precision():
     assert init["scheduler"] == "ScaledLRScheduler" and init["loader"] is None
     assert init["trainable"] == init["applied"] and init["trainable"]
     assert init["losses"] == pytest.approx(
-        _reference([{"plan": "freeze_deep", "until_step": None}], 2)["losses"], rel=1e-5)
+        _reference([{"plan": "freeze_deep", "until_step": None}], 2)["losses"], rel=1e-5
+    )
     assert init["numel"] <= init["counts"]["exp_avg"] <= init["numel"] + 1000
 
     # NaN guard: ranks agree, bad micro-batches skipped and counted, all-bad step moves nothing
@@ -382,7 +426,12 @@ def test_lr_scales_nan_guard_checkpointing_precision():
     for stage in (2, 3):
         (l0, b0, s0), (l1, b1, s1), (l2, b2, s2), (l3, b3, s3) = res[f"nan_steps{stage}"]
         assert l0 == pytest.approx(ref["losses"][0], rel=1e-5)
-        assert [(b0, s0), (b1, s1), (b2, s2), (b3, s3)] == [(0, False), (1, False), (2, True), (0, False)]
+        assert [(b0, s0), (b1, s1), (b2, s2), (b3, s3)] == [
+            (0, False),
+            (1, False),
+            (2, True),
+            (0, False),
+        ]
         assert math.isfinite(l1) and math.isnan(l2) and math.isfinite(l3)
         assert res[f"skip_unchanged{stage}"] is True
         assert res[f"nan_counts{stage}"] == (3, 1)
@@ -394,7 +443,9 @@ def test_lr_scales_nan_guard_checkpointing_precision():
     grow_ref = _reference(_GROW, _GROW_STEPS)
     full_numel = sum(p.numel() for p in _model().parameters())
     for stage in (0, 2):
-        assert res[f"bf16_{stage}"] == pytest.approx(grow_ref["losses"], rel=5e-3), f"bf16 ZeRO-{stage}"
+        assert res[f"bf16_{stage}"] == pytest.approx(
+            grow_ref["losses"], rel=5e-3
+        ), f"bf16 ZeRO-{stage}"
         # after the switch to `full` every parameter has fp32 master + moments (plus ZeRO padding)
         assert full_numel <= res[f"bf16_{stage}_counts"]["exp_avg"] <= full_numel + 1000
     assert res["offload"] == pytest.approx(ref["losses"], rel=1e-5)
@@ -411,8 +462,11 @@ _SCHED_STEPS = 6
 
 _GROW = [{"plan": "freeze_deep", "until_step": 2}, {"plan": "full", "until_step": None}]
 _GROW_STEPS = 4
-_ADAPTERS = [{"plan": "freeze_deep", "until_step": 1}, {"plan": "hlpt", "until_step": 3},
-             {"plan": "full", "until_step": None}]
+_ADAPTERS = [
+    {"plan": "freeze_deep", "until_step": 1},
+    {"plan": "hlpt", "until_step": 3},
+    {"plan": "full", "until_step": None},
+]
 _ADAPTERS_STEPS = 5
 
 
@@ -436,9 +490,12 @@ def _body_schedule(rank: int, world: int, root: str, stage: int) -> dict:
         straight.append(o.loss)
         phases.append(o.phase)
         if o.step in (2, 4):  # before the boundary (phase 0) and after it (phase 1)
-            runner.save_checkpoint(ckdir, client_state={"next_step": o.step, "rng": get_rng_state(),
-                                                        "rank": rank}, keep_last=5,
-                                   trainable_only=(o.step == 4))
+            runner.save_checkpoint(
+                ckdir,
+                client_state={"next_step": o.step, "rng": get_rng_state(), "rank": rank},
+                keep_last=5,
+                trainable_only=(o.step == 4),
+            )
     final = _state_on_rank0(runner)
     runner.engine.destroy()
     resumed = {}
@@ -447,7 +504,10 @@ def _body_schedule(rank: int, world: int, root: str, stage: int) -> dict:
         client = runner.load_checkpoint(ckdir, tag=tag)
         assert client["rank"] == rank and runner.global_step == client["next_step"]
         assert isinstance(client["rng"]["numpy"][1], np.ndarray)
-        losses = [runner.train_step(_window(s, rank)).loss for s in range(client["next_step"], _SCHED_STEPS)]
+        losses = [
+            runner.train_step(_window(s, rank)).loss
+            for s in range(client["next_step"], _SCHED_STEPS)
+        ]
         resumed[tag] = (losses, runner.phase, _state_on_rank0(runner))
         runner.engine.destroy()
     out[stage] = {"straight": straight, "phases": phases, "final": final, "resumed": resumed}
@@ -456,8 +516,12 @@ def _body_schedule(rank: int, world: int, root: str, stage: int) -> dict:
         return out
     # growing schedule (deep layers unfrozen at step 2) under ZeRO-3 with a torch scheduler:
     # newly trainable parameters start a fresh Adam (step 0), carried ones keep theirs
-    runner = DeepSpeedRunner(_model(), _cfg(3), schedule=_GROW,
-                             lr_scheduler=lambda opt: torch.optim.lr_scheduler.LambdaLR(opt, _lr_factor))
+    runner = DeepSpeedRunner(
+        _model(),
+        _cfg(3),
+        schedule=_GROW,
+        lr_scheduler=lambda opt: torch.optim.lr_scheduler.LambdaLR(opt, _lr_factor),
+    )
     out["grow"] = [runner.train_step(_window(s, rank)).loss for s in range(_GROW_STEPS)]
     out["grow_lrs"] = sorted({(g["name"], g["lr"]) for g in runner.param_groups})
     runner.engine.destroy()
@@ -472,7 +536,9 @@ def _body_schedule(rank: int, world: int, root: str, stage: int) -> dict:
 
 @pytest.mark.parametrize("stage", [2, 3])
 def test_schedule_switch_and_resume_across_boundary(tmp_path, stage):
-    res = run_distributed(_body_schedule, world_size=WORLD, args=(str(tmp_path), stage), timeout=900)[0]
+    res = run_distributed(
+        _body_schedule, world_size=WORLD, args=(str(tmp_path), stage), timeout=900
+    )[0]
     if stage == 3:
         grow_ref = _reference(_GROW, _GROW_STEPS, lr_factor=_lr_factor)
         assert res["grow"] == pytest.approx(grow_ref["losses"], rel=1e-5, abs=1e-6)
@@ -483,8 +549,9 @@ def test_schedule_switch_and_resume_across_boundary(tmp_path, stage):
             assert lr == pytest.approx(LR * _lr_factor(_GROW_STEPS), rel=1e-9)
         # freeze_deep -> hlpt (LoRA/prefix adapters start training) -> full
         assert res["adapters_phases"] == 2
-        assert res["adapters"] == pytest.approx(_reference(_ADAPTERS, _ADAPTERS_STEPS)["losses"],
-                                                rel=1e-5, abs=1e-6)
+        assert res["adapters"] == pytest.approx(
+            _reference(_ADAPTERS, _ADAPTERS_STEPS)["losses"], rel=1e-5, abs=1e-6
+        )
     ref = _reference(_SCHEDULE, _SCHED_STEPS)
     r = res[stage]
     assert r["phases"] == [0, 0, 0, 1, 1, 1]
@@ -494,20 +561,23 @@ def test_schedule_switch_and_resume_across_boundary(tmp_path, stage):
         losses, phase, final = r["resumed"][tag]
         assert phase == 1
         # resumed == straight (tight), across the boundary from step 2 and within phase 1 from step 4
-        assert losses == pytest.approx(r["straight"][start:], rel=1e-6, abs=1e-7), f"ZeRO-{stage} {tag}"
+        assert losses == pytest.approx(
+            r["straight"][start:], rel=1e-6, abs=1e-7
+        ), f"ZeRO-{stage} {tag}"
         for k, v in _t(r["final"]).items():
             assert torch.allclose(_t(final)[k], v, rtol=1e-5, atol=1e-6), f"ZeRO-{stage} {tag} {k}"
-
 
 
 def test_public_alias_is_lazy_and_get_engine_names_engines():
     import subprocess
     import sys
 
-    code = ("import sys, layerfreeze.deepspeed as d, layerfreeze.engines as e; "
-            "assert 'deepspeed' not in sys.modules; "
-            "assert d.initialize is e.get_engine('deepspeed').initialize; "
-            "assert 'deepspeed' in sys.modules")
+    code = (
+        "import sys, layerfreeze.deepspeed as d, layerfreeze.engines as e; "
+        "assert 'deepspeed' not in sys.modules; "
+        "assert d.initialize is e.get_engine('deepspeed').initialize; "
+        "assert 'deepspeed' in sys.modules"
+    )
     proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
     assert proc.returncode == 0, proc.stderr[-2000:]
     from layerfreeze.engines import get_engine

@@ -16,7 +16,9 @@ import pytest
 from layerfreeze import checkpoint as ckpt
 
 
-def _save(root: Path, step: int, payload: bytes = b"weights", keep_last: int | None = None, meta=None):
+def _save(
+    root: Path, step: int, payload: bytes = b"weights", keep_last: int | None = None, meta=None
+):
     staging = ckpt.prepare_staging(root, step)
     (staging / "ds").mkdir()
     (staging / "ds" / "model.bin").write_bytes(payload * 10)
@@ -41,7 +43,11 @@ def test_keep_last_prunes_oldest_and_latest_follows(tmp_path):
     for step in (1, 2, 3, 4):
         _save(tmp_path, step, keep_last=2)
     assert [c.step for c in ckpt.list_checkpoints(tmp_path)] == [3, 4]
-    assert sorted(p.name for p in tmp_path.iterdir()) == ["latest", "step_00000003", "step_00000004"]
+    assert sorted(p.name for p in tmp_path.iterdir()) == [
+        "latest",
+        "step_00000003",
+        "step_00000004",
+    ]
     assert ckpt.resolve_checkpoint(tmp_path).step == 4
     assert ckpt.resolve_checkpoint(tmp_path, tag="step_00000003").step == 3
 
@@ -56,7 +62,9 @@ def test_resave_same_step_replaces(tmp_path):
 def test_unreadable_checkpoints_give_clear_errors(tmp_path):
     info = _save(tmp_path, 7)
     (info.path / "ds" / "model.bin").write_bytes(b"x")  # truncated
-    with pytest.raises(ckpt.CheckpointError, match=r"damaged: ds/model.bin has 1 bytes, manifest says 70"):
+    with pytest.raises(
+        ckpt.CheckpointError, match=r"damaged: ds/model.bin has 1 bytes, manifest says 70"
+    ):
         ckpt.resolve_checkpoint(tmp_path)
     (info.path / "ds" / "model.bin").unlink()
     with pytest.raises(ckpt.CheckpointError, match=r"ds/model.bin is missing"):
@@ -65,7 +73,10 @@ def test_unreadable_checkpoints_give_clear_errors(tmp_path):
     with pytest.raises(ckpt.CheckpointError, match=r"unreadable checkpoint manifest"):
         ckpt.validate_checkpoint(info.path)
     (info.path / "manifest.json").unlink()
-    with pytest.raises(ckpt.CheckpointError, match=r"manifest.json is missing; the save that wrote it was probably interrupted"):
+    with pytest.raises(
+        ckpt.CheckpointError,
+        match=r"manifest.json is missing; the save that wrote it was probably interrupted",
+    ):
         ckpt.resolve_checkpoint(tmp_path)
     assert ckpt.list_checkpoints(tmp_path) == []
     (tmp_path / "empty").mkdir()
@@ -111,8 +122,13 @@ _KILLED_SAVE = textwrap.dedent(
 @pytest.mark.parametrize("when", ["staging", "before_latest"])
 def test_process_killed_during_save_keeps_previous(tmp_path, when):
     _save(tmp_path, 1, payload=b"old")
-    proc = subprocess.run([sys.executable, "-c", _KILLED_SAVE, str(tmp_path), when],
-                          capture_output=True, text=True, env=dict(os.environ), timeout=60)
+    proc = subprocess.run(
+        [sys.executable, "-c", _KILLED_SAVE, str(tmp_path), when],
+        capture_output=True,
+        text=True,
+        env=dict(os.environ),
+        timeout=60,
+    )
     assert proc.returncode == -signal.SIGKILL, proc.stderr
     assert (tmp_path / "latest").read_text().strip() == "step_00000001"
     info = ckpt.resolve_checkpoint(tmp_path)
