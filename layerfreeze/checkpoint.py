@@ -139,7 +139,7 @@ def commit_checkpoint(
     """Seal ``staging`` as the checkpoint of ``step``, point ``latest`` at it and prune old ones.
 
     Order (each step atomic): manifest written and every file fsynced -> staging renamed to
-    ``step_XXXXXXXX`` (an existing checkpoint of the same step is moved aside first) ->
+    ``step_<8-digit step>`` (an existing checkpoint of the same step is moved aside first) ->
     ``latest`` rewritten -> checkpoints beyond ``keep_last`` removed, oldest first.
 
     Args:

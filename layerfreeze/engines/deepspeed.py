@@ -1076,7 +1076,7 @@ class DeepSpeedRunner:
         The DeepSpeed checkpoint (weights, optimizer, scheduler), this rank's ``client_state``
         (e.g. data position and RNG; JSON + safetensors, no pickle) and the layerfreeze state
         (plan, schedule, phase, optimizer groups) go into a staging directory that is renamed to
-        ``<ckpt_dir>/step_XXXXXXXX`` once complete; ``latest`` is updated after that.
+        ``<ckpt_dir>/step_<8-digit step>`` once complete; ``latest`` is updated after that.
 
         Args:
             ckpt_dir: checkpoint root.
