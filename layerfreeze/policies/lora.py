@@ -232,15 +232,37 @@ class LoRAAdapter(nn.Module):
         return self.gate is None
 
     def forward(self, x: torch.Tensor, base_out: torch.Tensor) -> torch.Tensor:
-        """Add the (gated) low-rank update of ``x`` to the base output."""
+        """Return ``base_out + g * (alpha / r) * dropout(x) A^T B^T`` (a new tensor).
+
+        Every elementwise step runs on the rank-r intermediate ``h = dropout(x) A^T``, never on
+        a full-size ``(tokens, out_features)`` tensor: the scale ``alpha / r`` is the ``alpha``
+        of one ``addmm`` that adds ``h B^T`` to the base output (no separate full-size multiply
+        and add, forward or backward), and the gate multiplies ``h`` per token in fp32 (no
+        full-size fp32 upcast, and only ``h`` is kept for the gate's gradient). ``B`` is zero at
+        init, so ``base_out + 0`` keeps the base model's outputs bit-exact.
+        """
         if self.merged:
             return base_out
-        z = self.lora_dropout(x).to(self.lora_a.dtype)
-        delta = F.linear(F.linear(z, self.lora_a), self.lora_b)
-        if self.gate is None:
-            return base_out + (delta * self.scaling).to(base_out.dtype)
-        g = self.gate.current(x)
-        return base_out + (delta.float() * (g * self.scaling)).to(base_out.dtype)
+        if isinstance(self.lora_dropout, nn.Dropout):  # p = 0 is nn.Identity: skip the call
+            x = self.lora_dropout(x)
+        if x.dtype != self.lora_a.dtype:
+            x = x.to(self.lora_a.dtype)
+        h = F.linear(x, self.lora_a)
+        scale = self.scaling
+        gate = self.gate
+        if gate is not None:
+            g = gate.current(x)  # (..., 1) fp32: gate maths in fp32 on the rank-r tensor only
+            h = (h.float() * (g * scale)).to(h.dtype)
+            scale = 1.0
+        if h.dtype != base_out.dtype:  # adapter kept in another dtype than the base output
+            return base_out + (F.linear(h, self.lora_b) * scale).to(base_out.dtype)
+        out2d = torch.addmm(
+            base_out.reshape(-1, base_out.shape[-1]),
+            h.reshape(-1, h.shape[-1]),
+            self.lora_b.t(),
+            alpha=scale,
+        )
+        return out2d.view(base_out.shape)
 
     def delta_weight(self) -> torch.Tensor:
         """``(alpha / r) B A`` laid out like the base weight (transposed for ``Conv1D``)."""
