@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import copy
+import math
 
 import pytest
 import torch
@@ -297,6 +298,79 @@ def test_bf16_model_keeps_gate_fp32():
         after = model(ids).logits
     handle.remove()
     assert torch.equal(before, after) and seen == [torch.float32]
+
+
+def _standalone_adapter(gated, *, dtype=torch.float32, dropout=0.0, n_in=24, n_out=40, r=3):
+    """A LoRAAdapter on a frozen nn.Linear with random A, B (and gate), outside any model."""
+    gen = torch.Generator().manual_seed(11)
+    base = torch.nn.Linear(n_in, n_out).to(dtype).requires_grad_(False)
+    gate = TokenGate(n_in) if gated else None
+    adapter = LoRAAdapter(n_in, n_out, r, alpha=2.5 * r, dropout=dropout, gate=gate, dtype=dtype)
+    with torch.no_grad():
+        for p in list(adapter.parameters()) + (list(gate.parameters()) if gated else []):
+            p.copy_(torch.randn(p.shape, generator=gen) * 0.3)
+    return base, adapter, gate
+
+
+@pytest.mark.parametrize("gated", [False, True])
+def test_adapter_gradients_match_formula(gated):
+    """Gradients of x, A, B and the gate equal autograd through the written-out formula."""
+    base, adapter, gate = _standalone_adapter(gated)
+    x = torch.randn(2, 5, 24, generator=torch.Generator().manual_seed(12), requires_grad=True)
+    w_out = torch.randn(2, 5, 40, generator=torch.Generator().manual_seed(13))
+    params = [x, adapter.lora_a, adapter.lora_b] + (list(gate.parameters()) if gated else [])
+
+    g = gate(x) if gated else 1.0
+    actual = torch.autograd.grad((adapter(x, base(x)) * w_out).sum(), params)
+    if gated:
+        g = torch.sigmoid(x @ gate.weight + gate.bias).unsqueeze(-1)
+    expected_out = _reference_linear(x, base.weight, base.bias, adapter, g, False)
+    expected = torch.autograd.grad((expected_out * w_out).sum(), params)
+    for a, e in zip(actual, expected, strict=True):
+        torch.testing.assert_close(a, e, rtol=1e-5, atol=1e-5)
+
+
+def test_dropout_applies_to_the_update_input_only():
+    base, adapter, _ = _standalone_adapter(False, dropout=0.5)
+    x = torch.randn(4, 24, generator=torch.Generator().manual_seed(14))
+    torch.manual_seed(5)
+    actual = adapter(x, base(x))
+    torch.manual_seed(5)
+    z = F.dropout(x, p=0.5, training=True)  # the same draw of the dropout mask
+    expected = base(x) + (z @ adapter.lora_a.t()) @ adapter.lora_b.t() * adapter.scaling
+    torch.testing.assert_close(actual, expected, rtol=1e-5, atol=1e-5)
+    assert not torch.allclose(z, x)  # the mask really dropped something
+    adapter.eval()  # no dropout in eval mode
+    plain = base(x) + (x @ adapter.lora_a.t()) @ adapter.lora_b.t() * adapter.scaling
+    torch.testing.assert_close(adapter(x, base(x)), plain, rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("gated", [False, True])
+def test_adapter_keeps_only_rank_r_activations(gated, dtype):
+    """Backward needs x and the rank-r h only: no (tokens, out_features) tensor is saved.
+
+    The scale and the fp32 gate act on h (tokens x r); an update scaled or gated after B would
+    keep a full-size (fp32, when gated) copy of the output for the gate's gradient.
+    """
+    n_tokens, n_out = 30, 40
+    base, adapter, gate = _standalone_adapter(gated, dtype=dtype, n_out=n_out)
+    x = torch.randn(n_tokens, 24, dtype=dtype, requires_grad=True)
+    saved = []
+
+    def pack(t):
+        saved.append((tuple(t.shape), t.dtype))
+        return t
+
+    base_out = base(x)
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+        if gated:
+            gate(x)
+        out = adapter(x, base_out)
+    assert out.dtype == dtype and out.shape == base_out.shape
+    assert saved  # the hook saw the adapter's graph
+    full_size = [s for s in saved if math.prod(s[0]) >= n_tokens * n_out]
+    assert full_size == [], f"full-size tensors kept for backward: {full_size}"
 
 
 # ------------------------------------------------------------------------------------------------
