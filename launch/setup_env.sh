@@ -10,7 +10,12 @@ if ! "$PY" -c "import torch" >/dev/null 2>&1; then
   echo "[setup] installing ${TORCH_SPEC:-torch==2.13.0} (no torch found)"
   "$PY" -m pip install -q "${TORCH_SPEC:-torch==2.13.0}"
 fi
-if ! "$PY" -c "import layerfreeze, deepspeed, peft, lm_eval, wandb, sentencepiece, pytest_timeout" >/dev/null 2>&1; then
+# Checked from outside the checkout, so "installed" means installed from THIS checkout.
+HERE=$(pwd)
+if ! (cd / && "$PY" -c "
+import os, sys, layerfreeze, deepspeed, peft, lm_eval, wandb, sentencepiece, pytest_timeout
+sys.exit(os.path.dirname(os.path.dirname(os.path.realpath(layerfreeze.__file__))) != os.path.realpath('$HERE'))
+") >/dev/null 2>&1; then
   echo "[setup] installing layerfreeze[${LAYERFREEZE_EXTRAS:-dev}]"
   "$PY" -m pip install -q -e ".[${LAYERFREEZE_EXTRAS:-dev}]"
 fi
