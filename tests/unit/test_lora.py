@@ -26,6 +26,7 @@ from layerfreeze.policies.lora import (
 )
 from layerfreeze.registry import get_policy
 from layerfreeze.utils.schema import from_dict
+from tests.helpers.policies import install
 from tests.helpers.tiny_models import TINY_FAMILIES, build_tiny_model, tiny_batch
 
 torch.set_num_threads(1)
@@ -49,22 +50,6 @@ MLP_LINEARS = {
 
 def lora_spec(**options) -> PolicySpec:
     return PolicySpec("lora", LoRAConfig(**options))
-
-
-def install(model, spec: PolicySpec, layers=None) -> list[str]:
-    """Apply ``spec`` to ``layers`` (all by default); only the returned names train."""
-    policy = get_policy(spec.name)
-    layout = discover_layout(model)
-    names = []
-    for layer in layout.layers:
-        if layers is not None and layer.index not in layers:
-            continue
-        assert policy.check(layer, spec, layout) == []
-        names += [f"{layer.name}.{n}" for n in policy.apply(layer, spec, layout)]
-    wanted = set(names)
-    for n, p in model.named_parameters():
-        p.requires_grad_(n in wanted)
-    return sorted(names)
 
 
 def randomize_adapters(model, seed: int = 3) -> None:
