@@ -83,6 +83,11 @@ def base_state_dict(model: nn.Module) -> dict[str, torch.Tensor]:
     return {k: v.detach() for k, v in model.__dict__[_BASE_ATTR].items()}
 
 
+def _layer_specs(layout: ModelLayout, resolved: ResolvedPlan) -> list[tuple[LayerInfo, PolicySpec]]:
+    """``(layer, its policy)`` for the layers this module holds, by *global* index."""
+    return [(layer, resolved.layers[layer.index]) for layer in layout.layers]
+
+
 def check_plan(resolved: ResolvedPlan, layout: ModelLayout, path: str = "plan") -> list[str]:
     """Every problem stopping ``resolved`` from applying to the model (``policy.check``)."""
     problems = []
@@ -91,7 +96,7 @@ def check_plan(resolved: ResolvedPlan, layout: ModelLayout, path: str = "plan") 
             f"{path}: resolved for {resolved.num_layers} layers but the model has {layout.num_layers}."
         )
         return problems
-    for layer, spec in zip(layout.layers, resolved.layers):
+    for layer, spec in _layer_specs(layout, resolved):
         for p in get_policy(spec.name).check(layer, spec, layout):
             # Policies usually name the layer themselves; add it only when they do not.
             where = "" if p.startswith(f"layer {layer.index} ") else f"layer {layer.index}: "
@@ -242,7 +247,7 @@ class AppliedPlan:
 
     def _trainable_set(self, resolved: ResolvedPlan) -> set[str]:
         trainable: set[str] = set()
-        for layer, spec in zip(self.layout.layers, resolved.layers):
+        for layer, spec in _layer_specs(self.layout, resolved):
             trainable.update(f"{layer.name}.{n}" for n in self._layer_names(layer, spec))
         parts = self._partition()
         for part in NON_LAYER_PARTS:
@@ -253,7 +258,7 @@ class AppliedPlan:
     def _resolve_installed(self, plan: LayerPlan | str | Mapping) -> tuple[LayerPlan, ResolvedPlan]:
         new = LayerPlan.parse(plan)
         resolved = new.resolve(self.layout.num_layers)
-        for layer, spec in zip(self.layout.layers, resolved.layers):
+        for layer, spec in _layer_specs(self.layout, resolved):
             key = (layer.index, _spec_key(spec))
             if key not in self._names and not get_policy(spec.name).param_prefix:
                 # freeze / full install nothing: their names can be computed now.
@@ -361,7 +366,7 @@ class AppliedPlan:
         params = dict(self.model.named_parameters())
         owner: dict[str, tuple[str, PolicySpec, str]] = {}
         parts = self._partition()
-        for layer, spec in zip(self.layout.layers, self.resolved.layers):
+        for layer, spec in _layer_specs(self.layout, self.resolved):
             for n in parts[f"layers.{layer.index}"]:
                 owner[n] = ("layers", spec, n[len(layer.name) + 1:])
         for part in NON_LAYER_PARTS:
@@ -439,7 +444,7 @@ class AppliedPlan:
     def _installed_layer_specs(self) -> list[tuple[LayerInfo, PolicySpec]]:
         seen, out = set(), []
         for _plan, resolved in self.installed:
-            for layer, spec in zip(self.layout.layers, resolved.layers):
+            for layer, spec in _layer_specs(self.layout, resolved):
                 key = (layer.index, _spec_key(spec))
                 if key not in seen:
                     seen.add(key)
@@ -558,7 +563,7 @@ def apply_plan(
     for p, r in reversed(list(zip(plans, resolved))):
         assert r is not None
         applied.installed.insert(0, (p, r))
-        for layer, spec in zip(layout.layers, r.layers):
+        for layer, spec in _layer_specs(layout, r):
             names = get_policy(spec.name).apply(layer, spec, layout)
             applied._names[(layer.index, _spec_key(spec))] = frozenset(names)
     applied._set_requires_grad()

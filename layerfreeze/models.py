@@ -10,6 +10,7 @@ Works on meta-device models (only shapes are read).
 from __future__ import annotations
 
 import re
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 
 import torch
@@ -86,6 +87,8 @@ class ModelLayout:
         lm_head: qualified name of the output projection, or None.
         tied_embeddings: True when the LM head's weight is the token embedding's weight.
         blocks_name: qualified name of the ``ModuleList`` holding the blocks.
+        total_layers: decoder layers of the whole model. A pipeline stage holds a slice of them
+            (``layers`` then carries their *global* indices); None means ``len(layers)``.
     """
 
     layers: list[LayerInfo]
@@ -99,10 +102,16 @@ class ModelLayout:
     lm_head: str | None = None
     tied_embeddings: bool = False
     blocks_name: str = ""
+    total_layers: int | None = None
 
     @property
     def num_layers(self) -> int:
-        """Number of decoder blocks."""
+        """Decoder layers of the whole model (plans resolve against this count)."""
+        return len(self.layers) if self.total_layers is None else self.total_layers
+
+    @property
+    def num_local_layers(self) -> int:
+        """Decoder blocks held by this module (a pipeline stage holds a slice)."""
         return len(self.layers)
 
 
@@ -176,12 +185,20 @@ def _name_of(model: nn.Module, target: nn.Module | None) -> str | None:
     return None
 
 
-def discover_layout(model: nn.Module) -> ModelLayout:
+def discover_layout(
+    model: nn.Module,
+    layer_indices: Sequence[int] | None = None,
+    total_layers: int | None = None,
+) -> ModelLayout:
     """Find the decoder blocks, their attention / MLP, embeddings, final norm and LM head.
 
     Args:
         model: a decoder-only causal LM (``transformers`` ``*ForCausalLM`` or similar), on any
             device including ``meta``.
+        layer_indices: global 0-based index of each local block, from the engine (a pipeline
+            stage holds a slice); default ``0..n-1``.
+        total_layers: decoder layers of the whole model when this module holds a slice
+            (default: the config's layer count, or the number of local blocks).
 
     Returns:
         The model's :class:`ModelLayout`.
@@ -195,7 +212,20 @@ def discover_layout(model: nn.Module) -> ModelLayout:
     if config is not None and hasattr(config, "get_text_config"):
         config = config.get_text_config()
     n_cfg = _config_int(config, "num_hidden_layers", "n_layer", "num_layers") if config else None
-    if n_cfg is not None and n_cfg != len(blocks):
+    if layer_indices is not None:
+        layer_indices = [int(i) for i in layer_indices]
+        if len(layer_indices) != len(blocks):
+            raise ValueError(
+                f"{type(model).__name__}: {len(layer_indices)} global layer indices given for "
+                f"{len(blocks)} blocks in {blocks_name!r}."
+            )
+        total = total_layers if total_layers is not None else n_cfg
+        if total is None or not all(0 <= i < total for i in layer_indices):
+            raise ValueError(
+                f"{type(model).__name__}: global layer indices {layer_indices} do not fit a "
+                f"{total}-layer model."
+            )
+    elif n_cfg is not None and n_cfg != len(blocks):
         raise ValueError(
             f"{type(model).__name__}: the largest block list {blocks_name!r} has {len(blocks)} "
             f"entries but config.num_hidden_layers is {n_cfg}; could not identify the decoder blocks."
@@ -203,7 +233,8 @@ def discover_layout(model: nn.Module) -> ModelLayout:
     layers = []
     for i, block in enumerate(blocks):
         attn_name, mlp_name = _find_attn_mlp(block, f"{blocks_name}.{i}")
-        layers.append(LayerInfo(i, f"{blocks_name}.{i}", block, attn_name, mlp_name))
+        index = i if layer_indices is None else layer_indices[i]
+        layers.append(LayerInfo(index, f"{blocks_name}.{i}", block, attn_name, mlp_name))
 
     hidden = _config_int(config, "hidden_size", "n_embd", "d_model") if config else None
     heads = _config_int(config, "num_attention_heads", "n_head", "num_heads") if config else None
@@ -255,4 +286,6 @@ def discover_layout(model: nn.Module) -> ModelLayout:
         layers=layers, model_type=model_type, hidden_size=hidden, num_heads=heads,
         num_kv_heads=kv, head_dim=head_dim, embeddings=embeddings, final_norm=final_norm,
         lm_head=head_name, tied_embeddings=tied, blocks_name=blocks_name,
+        total_layers=(total_layers if total_layers is not None else n_cfg)
+        if layer_indices is not None else None,
     )

@@ -219,7 +219,9 @@ def test_llama_mlp_matches_formula(gated):
     expected = ref["down_proj"](F.silu(ref["gate_proj"](h)) * ref["up_proj"](h))
     with torch.no_grad():
         actual = mlp(h)
-    torch.testing.assert_close(actual, expected, rtol=1e-5, atol=1e-5)
+    # Three chained fp32 linears, summed in another order than the reference: 1e-4 is fp32
+    # round-off here (seen up to 3.5e-5 on some BLAS builds); the update itself is > 1e-2.
+    torch.testing.assert_close(actual, expected, rtol=1e-4, atol=1e-4)
     base = F.linear(F.silu(F.linear(h, lin["gate_proj"].weight)) * F.linear(h, lin["up_proj"].weight),
                     lin["down_proj"].weight)
     assert (actual - base).abs().max() > 1e-2  # the update is really there
@@ -442,8 +444,9 @@ def test_merge_unmerge_round_trip(family):
             torch.testing.assert_close(w, expected, rtol=0, atol=1e-6)
         unmerge_lora(model)
         restored = model(ids).logits
-    torch.testing.assert_close(merged, adapted, rtol=1e-4, atol=1e-5)
-    torch.testing.assert_close(restored, adapted, rtol=1e-4, atol=1e-5)
+    # merge/unmerge round W + dW - dW in fp32; on some BLAS builds logits move by ~2e-5
+    torch.testing.assert_close(merged, adapted, rtol=1e-4, atol=1e-4)
+    torch.testing.assert_close(restored, adapted, rtol=1e-4, atol=1e-4)
     for n, p in model.named_parameters():
         if n in weights:
             torch.testing.assert_close(p, weights[n], rtol=0, atol=1e-6)
