@@ -50,7 +50,10 @@ class LayerInfo:
         name: qualified module name inside the model (``model.layers.3``).
         module: the block itself.
         attn_name: attribute name of the attention submodule inside the block (``self_attn``).
-        mlp_name: attribute name of the MLP submodule inside the block (``mlp``).
+        mlp_name: attribute name of the MLP submodule inside the block (``mlp``), or ``""`` when
+            the MLP's linears sit directly on the block (OPT's ``fc1`` / ``fc2``).
+        mlp_linears: with ``mlp_name == ""``, the names of those direct children in the order
+            the block registers them (the first one takes the FFN input); empty otherwise.
     """
 
     index: int
@@ -58,6 +61,7 @@ class LayerInfo:
     module: nn.Module
     attn_name: str
     mlp_name: str
+    mlp_linears: tuple[str, ...] = ()
 
     @property
     def attn(self) -> nn.Module:
@@ -65,9 +69,22 @@ class LayerInfo:
         return getattr(self.module, self.attn_name)
 
     @property
+    def has_mlp_module(self) -> bool:
+        """True when the MLP is one submodule (``mlp_name``), False when its linears are direct
+        children of the block (``mlp_linears``)."""
+        return bool(self.mlp_name)
+
+    @property
     def mlp(self) -> nn.Module:
-        """The block's MLP submodule."""
-        return getattr(self.module, self.mlp_name)
+        """The module that owns the MLP's parameters: the MLP submodule, or the block itself
+        when the MLP's linears are direct children (then see :attr:`mlp_linears`)."""
+        return getattr(self.module, self.mlp_name) if self.mlp_name else self.module
+
+    def mlp_modules(self) -> list[tuple[str, nn.Module]]:
+        """``(path inside the block, module)`` of the MLP: the submodule, or each direct linear."""
+        if self.mlp_name:
+            return [(self.mlp_name, self.mlp)]
+        return [(n, getattr(self.module, n)) for n in self.mlp_linears]
 
 
 @dataclass
@@ -150,7 +167,15 @@ def _children_with_params(block: nn.Module) -> list[tuple[str, nn.Module]]:
     return [(n, m) for n, m in block.named_children() if any(True for _ in m.parameters())]
 
 
-def _find_attn_mlp(block: nn.Module, block_name: str) -> tuple[str, str]:
+def _is_leaf_with_params(module: nn.Module) -> bool:
+    """A parameter-owning module with no parameter-owning children (a linear, not a container)."""
+    return any(True for _ in module.parameters(recurse=False)) and not any(
+        any(True for _ in c.parameters()) for c in module.children()
+    )
+
+
+def _find_attn_mlp(block: nn.Module, block_name: str) -> tuple[str, str, tuple[str, ...]]:
+    """``(attn_name, mlp_name, mlp_linears)`` of one block (see :class:`LayerInfo`)."""
     children = _children_with_params(block)
     non_norm = [(n, m) for n, m in children if not is_norm_module(m)]
     attn = [n for n, m in non_norm if _ATTN_NAME.search(n) or "attention" in type(m).__name__.lower()]
@@ -158,22 +183,32 @@ def _find_attn_mlp(block: nn.Module, block_name: str) -> tuple[str, str]:
         n for n, m in non_norm
         if n not in attn and (_MLP_NAME.search(n) or _MLP_NAME.search(type(m).__name__))
     ]
+    linears: tuple[str, ...] = ()
     if not attn and not mlp and len(non_norm) == 2:
         # Structural fallback: every decoder block runs attention before its MLP.
         attn, mlp = [non_norm[0][0]], [non_norm[1][0]]
+    elif len(attn) == 1 and not mlp:
+        # No MLP submodule: the FFN's linears may sit on the block itself (OPT fc1 / fc2).
+        rest = [(n, m) for n, m in non_norm if n not in attn]
+        if rest and all(_is_leaf_with_params(m) for _, m in rest):
+            linears = tuple(n for n, _ in rest)
     names = ", ".join(f"{n} ({type(m).__name__})" for n, m in block.named_children()) or "none"
     problems = []
     if len(attn) != 1:
         problems.append(f"the attention submodule ({'ambiguous: ' + ', '.join(attn) if attn else 'none found'})")
-    if len(mlp) != 1:
-        problems.append(f"the MLP submodule ({'ambiguous: ' + ', '.join(mlp) if mlp else 'none found'})")
+    if len(mlp) != 1 and not linears:
+        problems.append(
+            "the MLP ("
+            + ("ambiguous: " + ", ".join(mlp) if mlp else "no MLP submodule and no linears on the block")
+            + ")"
+        )
     if problems:
         raise ValueError(
             f"{block_name} ({type(block).__name__}): could not identify {' and '.join(problems)}; "
-            f"the block's children are: {names}. layerfreeze needs one attention child and one "
-            "MLP child per decoder block."
+            f"the block's children are: {names}. layerfreeze needs one attention child and "
+            "either one MLP child or the MLP's linears as direct children of each decoder block."
         )
-    return attn[0], mlp[0]
+    return attn[0], (mlp[0] if not linears else ""), linears
 
 
 def _name_of(model: nn.Module, target: nn.Module | None) -> str | None:
@@ -232,9 +267,10 @@ def discover_layout(
         )
     layers = []
     for i, block in enumerate(blocks):
-        attn_name, mlp_name = _find_attn_mlp(block, f"{blocks_name}.{i}")
+        attn_name, mlp_name, mlp_linears = _find_attn_mlp(block, f"{blocks_name}.{i}")
         index = i if layer_indices is None else layer_indices[i]
-        layers.append(LayerInfo(index, f"{blocks_name}.{i}", block, attn_name, mlp_name))
+        name = f"{blocks_name}.{i}"
+        layers.append(LayerInfo(index, name, block, attn_name, mlp_name, mlp_linears))
 
     hidden = _config_int(config, "hidden_size", "n_embd", "d_model") if config else None
     heads = _config_int(config, "num_attention_heads", "n_head", "num_heads") if config else None
@@ -246,7 +282,9 @@ def discover_layout(
             "layerfreeze reads the head geometry from a transformers-style config."
         )
     kv = _config_int(config, "num_key_value_heads", "num_kv_heads") or heads
-    if getattr(config, "multi_query", False) is True:
+    if getattr(config, "multi_query", False) is True and not getattr(
+        config, "new_decoder_architecture", False
+    ):  # Falcon's new decoder architecture ignores multi_query and uses num_kv_heads
         kv = 1
     head_dim = _config_int(config, "head_dim") or hidden // heads
 

@@ -50,9 +50,11 @@ __all__ = [
     "unmerge_lora",
 ]
 
-_TARGET_KEYWORDS = ("mlp", "attn", "all")
+_TARGET_KEYWORDS = ("mlp", "attn", "all", "down")
 _ADAPTER_ATTR = "lora_adapter"
 _GATE_ATTR = "lora_gate"
+# On the first MLP linear of a block whose MLP has no submodule: a plain reference to the gate.
+_ENTRY_GATE_KEY = "_lora_entry_gate"
 
 
 @dataclass(frozen=True)
@@ -66,8 +68,10 @@ class LoRAConfig:
     dropout: float = 0.0
     """Dropout probability on the adapter's input (0 <= dropout < 1); the base path is untouched."""
     target: str | list[str] = "all"
-    """Which linears get an adapter: ``mlp``, ``attn``, ``all`` (both), or a list of module names
-    inside the block, each either a path (``self_attn.q_proj``) or a last name (``q_proj``)."""
+    """Which linears get an adapter: ``mlp``, ``attn``, ``all`` (both), ``down`` (the MLP's
+    output projection only: its linears that map another width back to the model width, e.g.
+    ``down_proj``, ``fc2``, ``c_proj``), or a list of module names inside the block, each either a
+    path (``self_attn.q_proj``) or a last name (``q_proj``)."""
     gated: bool = False
     """Add the HLPT gate ``sigmoid(w . h + b)`` per token on the update (h: sub-block input)."""
     lr_scale: float = 1.0
@@ -404,6 +408,13 @@ def _gate_post_hook(module: nn.Module, args: tuple, output) -> None:
     module._modules[_GATE_ATTR].clear()
 
 
+def _entry_gate_pre_hook(module: nn.Module, args: tuple, kwargs: dict) -> None:
+    # The MLP's first linear when the MLP has no submodule: its input is the FFN input h. The
+    # gate is owned by the block, whose forward hook clears it after the block's forward.
+    gate = module.__dict__[_ENTRY_GATE_KEY]
+    gate(_block_input(module, args, kwargs, gate.where))
+
+
 def _has_hook(hooks: dict, fn: Callable) -> bool:
     return any(h is fn for h in hooks.values())
 
@@ -418,50 +429,107 @@ def _is_adapter_path(path: str) -> bool:
     return is_adapter_param(path)
 
 
-def _candidates(layer: LayerInfo, sub: str) -> list[tuple[str, nn.Module]]:
-    """Dispatchable base modules inside ``layer.module.<sub>``, as (path-in-block, module)."""
-    root = getattr(layer.module, sub)
+def _candidates(layer: LayerInfo, root: str) -> list[tuple[str, nn.Module]]:
+    """Dispatchable base modules at or inside ``layer.module.<root>``: (path-in-block, module)."""
     out = []
-    for name, mod in root.named_modules():
-        path = f"{sub}.{name}" if name else sub
-        if name and not _is_adapter_path(path) and _find_dispatcher(mod) is not None:
+    for name, mod in layer.module.get_submodule(root).named_modules():
+        path = f"{root}.{name}" if name else root
+        if not _is_adapter_path(path) and _find_dispatcher(mod) is not None:
             out.append((path, mod))
     return out
 
 
+def _in_out(base: nn.Module) -> tuple[int, int] | None:
+    """``(in, out)`` widths of a linear LoRA can wrap (None when unknown)."""
+    w = getattr(base, "weight", None)
+    if _is_conv1d(base) and w is not None:
+        return _shape(w)[0], _shape(w)[1]
+    if isinstance(base, nn.Linear):
+        return _shape(w)[1], _shape(w)[0]
+    i, o = getattr(base, "in_features", None), getattr(base, "out_features", None)
+    return (i, o) if isinstance(i, int) and isinstance(o, int) else None
+
+
+def _fused_expert_params(layer: LayerInfo) -> list[str]:
+    """MLP parameters of 3 or more dimensions (MoE experts stored as one fused tensor)."""
+    out = []
+    for root, mod in layer.mlp_modules():
+        for n, p in mod.named_parameters():
+            path = f"{root}.{n}"
+            if len(_shape(p)) >= 3 and not _is_adapter_path(path):
+                out.append(path)
+    return out
+
+
 def resolve_lora_targets(
-    layer: LayerInfo, target: str | Sequence[str]
+    layer: LayerInfo, target: str | Sequence[str], hidden_size: int | None = None
 ) -> tuple[list[tuple[str, str]], list[str]]:
     """The linears ``target`` selects in ``layer``.
 
     Args:
         layer: the block.
-        target: ``mlp`` / ``attn`` / ``all`` or module names (paths inside the block or last names).
+        target: ``mlp`` / ``attn`` / ``all`` / ``down`` or module names (paths inside the block
+            or last names).
+        hidden_size: the model width, for ``down`` (default: the input width of the MLP's
+            first linear, which takes the FFN input).
 
     Returns:
         ``(targets, problems)``: ``targets`` lists ``(path inside the block, sub-block name)``
-        where the sub-block is ``layer.attn_name`` or ``layer.mlp_name``; ``problems`` is empty
-        when every requested module was found and is supported.
+        where the sub-block is ``layer.attn_name`` or ``layer.mlp_name`` (``""`` when the MLP's
+        linears sit directly on the block); ``problems`` is empty when every requested module
+        was found and is supported. MLP keywords on an MoE block whose experts are fused 3-D
+        tensors (Mixtral, Qwen2-MoE, DeepSeek-V3 in transformers 5) are a problem: LoRA wraps
+        linears only, and adapting the router or shared expert alone would silently leave the
+        experts untouched.
     """
     where = f"layer {layer.index} ({layer.name})"
-    by_sub = {
-        layer.attn_name: _candidates(layer, layer.attn_name),
-        layer.mlp_name: _candidates(layer, layer.mlp_name),
-    }
+    mlp_roots = [p for p, _ in layer.mlp_modules()]
+    sub_of = {layer.attn_name: layer.attn_name, **{r: layer.mlp_name for r in mlp_roots}}
+    attn_c = _candidates(layer, layer.attn_name)
+    mlp_c = [c for r in mlp_roots for c in _candidates(layer, r)]
+    mlp_label = layer.mlp_name or f"the MLP linears {', '.join(mlp_roots)} on the block"
     problems: list[str] = []
     if isinstance(target, str):
-        subs = {"attn": [layer.attn_name], "mlp": [layer.mlp_name]}.get(
-            target, [layer.attn_name, layer.mlp_name]
-        )
-        targets = [(p, s) for s in subs for p, _ in by_sub[s]]
+        chosen: list[tuple[str, nn.Module]] = []
+        if target in ("attn", "all"):
+            chosen += attn_c
+        if target in ("mlp", "all", "down"):
+            fused = _fused_expert_params(layer)
+            if fused:
+                problems.append(
+                    f"{where}: lora target={target} cannot adapt the MoE experts of "
+                    f"{type(layer.mlp).__name__}: they are fused 3-D parameters "
+                    f"({', '.join(fused)}), and LoRA wraps nn.Linear / Conv1D modules "
+                    "only. Use target=attn, name the linears to adapt (e.g. a shared expert), "
+                    "or train this layer with full / prefix."
+                )
+                return [], problems
+            if target == "down":
+                widths = [(p, m, _in_out(m)) for p, m in mlp_c]
+                hidden = hidden_size or next((io[0] for _, _, io in widths if io), None)
+                chosen += [(p, m) for p, m, io in widths if io and io[1] == hidden != io[0]]
+                if not chosen:
+                    shapes = ", ".join(f"{p} {io[0]}->{io[1]}" for p, _, io in widths if io)
+                    problems.append(
+                        f"{where}: lora target=down found no MLP linear mapping another width "
+                        f"back to the model width {hidden} (MLP linears: {shapes or 'none'}); "
+                        "name the down projection explicitly, e.g. target=[down_proj]."
+                    )
+                    return [], problems
+            else:
+                chosen += mlp_c
+        targets = [(p, sub_of[p.split(".", 1)[0]]) for p, _ in chosen]
         if not targets:
+            subs = {"attn": layer.attn_name, "mlp": mlp_label}.get(
+                target, f"{layer.attn_name} or {mlp_label}"
+            )
             problems.append(
                 f"{where}: lora target={target} found no nn.Linear / Conv1D inside "
-                f"{' or '.join(subs)}; use explicit module names or another policy."
+                f"{subs}; use explicit module names or another policy."
             )
         return targets, problems
     modules = dict(layer.module.named_modules())
-    available = [p for s in by_sub for p, _ in by_sub[s]]
+    available = [p for p, _ in attn_c + mlp_c]
     targets = []
     for name in target:
         hits = [p for p in modules if p and (p == name or p.endswith("." + name))]
@@ -473,11 +541,11 @@ def resolve_lora_targets(
             )
             continue
         for p in hits:
-            sub = p.split(".", 1)[0]
-            if sub not in by_sub:
+            root = p.split(".", 1)[0]
+            if root not in sub_of:
                 problems.append(
                     f"{where}: lora target {name!r} resolves to {p!r}, which is outside the "
-                    f"attention ({layer.attn_name}) and MLP ({layer.mlp_name}) submodules. "
+                    f"attention ({layer.attn_name}) and MLP ({mlp_label}) submodules. "
                     f"Available linears: {', '.join(available) or 'none'}."
                 )
             elif _find_dispatcher(modules[p]) is None:
@@ -487,8 +555,8 @@ def resolve_lora_targets(
                     "which is not a linear LoRA can wrap (nn.Linear, transformers Conv1D). "
                     f"Available linears: {', '.join(available) or 'none'}."
                 )
-            elif (p, sub) not in targets:
-                targets.append((p, sub))
+            elif (p, sub_of[root]) not in targets:
+                targets.append((p, sub_of[root]))
     return targets, problems
 
 
@@ -554,7 +622,7 @@ class LoRAPolicy:
     def check(self, layer: LayerInfo, spec: PolicySpec, layout: ModelLayout) -> list[str]:
         """Problems: unknown / unsupported targets, or an adapter of other options already there."""
         opts = _options(spec)
-        targets, problems = resolve_lora_targets(layer, opts.target)
+        targets, problems = resolve_lora_targets(layer, opts.target, layout.hidden_size)
         where = f"layer {layer.index} ({layer.name})"
         for path, _ in targets:
             existing = layer.module.get_submodule(path)._modules.get(_ADAPTER_ATTR)
@@ -572,12 +640,13 @@ class LoRAPolicy:
         if problems:
             raise ValueError("\n".join(problems))
         opts = _options(spec)
-        targets, _ = resolve_lora_targets(layer, opts.target)
+        targets, _ = resolve_lora_targets(layer, opts.target, layout.hidden_size)
         names: set[str] = set()
         for path, sub in targets:
             gate = self._gate(layer, sub, layout) if opts.gated else None
             if gate is not None:
-                names.update(f"{sub}.{_GATE_ATTR}.{n}" for n, _ in gate.named_parameters())
+                owner = f"{sub}." if sub else ""
+                names.update(f"{owner}{_GATE_ATTR}.{n}" for n, _ in gate.named_parameters())
             base = layer.module.get_submodule(path)
             adapter = base._modules.get(_ADAPTER_ATTR)
             if adapter is None:
@@ -593,15 +662,24 @@ class LoRAPolicy:
 
     @staticmethod
     def _gate(layer: LayerInfo, sub: str, layout: ModelLayout) -> TokenGate:
-        module = getattr(layer.module, sub)
+        """The sub-block's gate, installed once: a child ``lora_gate`` of the sub-block whose
+        pre-hook reads its input. When the MLP's linears sit on the block (``sub == ""``), the
+        gate is a child of the block, computed from the input of the MLP's first linear (the
+        FFN input) and cleared when the block's forward ends."""
+        module = getattr(layer.module, sub) if sub else layer.module
         gate = module._modules.get(_GATE_ATTR)
         if gate is None:
             w = next(module.parameters())
             gate = TokenGate(layout.hidden_size, device=w.device)
-            gate.where = f"layer {layer.index} ({layer.name}).{sub}"
+            gate.where = f"layer {layer.index} ({layer.name}).{sub or 'mlp'}"
             module.add_module(_GATE_ATTR, gate)
-        if not _has_hook(module._forward_pre_hooks, _gate_pre_hook):
-            module.register_forward_pre_hook(_gate_pre_hook, with_kwargs=True)
+        entry = layer.module.get_submodule(layer.mlp_linears[0]) if not sub else module
+        pre_hook = _gate_pre_hook if sub else _entry_gate_pre_hook
+        if not sub:
+            entry.__dict__[_ENTRY_GATE_KEY] = gate
+        if not _has_hook(entry._forward_pre_hooks, pre_hook):
+            entry.register_forward_pre_hook(pre_hook, with_kwargs=True)
+        if not _has_hook(module._forward_hooks, _gate_post_hook):
             module.register_forward_hook(_gate_post_hook)
         return gate
 

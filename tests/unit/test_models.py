@@ -77,12 +77,30 @@ def test_discover_other_families_generically(model_type, kw, expect):
     assert layout.num_kv_heads == kv and layout.final_norm == norm
 
 
-def test_unsupported_block_names_what_is_missing():
+def test_mlp_linears_directly_on_the_block():
+    # OPT's decoder layer holds fc1 / fc2 itself (modeling_opt.OPTDecoderLayer), no MLP child.
     model = _meta("opt", ffn_dim=128, word_embed_proj_dim=64)
+    layer = discover_layout(model).layers[1]
+    assert (layer.attn_name, layer.mlp_name, layer.mlp_linears) == ("self_attn", "", ("fc1", "fc2"))
+    assert not layer.has_mlp_module and layer.mlp is layer.module
+    assert layer.mlp_modules() == [("fc1", layer.module.fc1), ("fc2", layer.module.fc2)]
+
+
+class _AttnOnlyBlock(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.norm = nn.LayerNorm(8)
+        self.self_attn = nn.MultiheadAttention(8, 2)
+        self.extra = nn.Sequential(nn.Linear(8, 8), nn.GELU(), nn.Linear(8, 8), nn.Linear(8, 8))
+        self.other = nn.Sequential(nn.Linear(8, 8))
+
+
+def test_unsupported_block_names_what_is_missing():
     with pytest.raises(ValueError) as e:
-        discover_layout(model)
+        discover_layout(nn.ModuleDict({"blocks": nn.ModuleList([_AttnOnlyBlock()])}))
     msg = str(e.value)
-    assert "model.decoder.layers.0" in msg and "MLP submodule" in msg and "fc1" in msg
+    assert "blocks.0 (_AttnOnlyBlock)" in msg and "the MLP (no MLP submodule" in msg
+    assert "extra (Sequential)" in msg  # the block's children are listed
 
 
 class _NoBlocks(nn.Module):
