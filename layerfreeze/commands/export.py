@@ -1,0 +1,93 @@
+"""``layerfreeze export``: write what a plan trained as a PEFT adapter or a merged HF checkpoint.
+
+Examples::
+
+    layerfreeze export --model base/ --adapter-dir runs/x/adapter --format peft --out peft_adapter/
+    layerfreeze export --model base/ --adapter-dir runs/x/adapter --format peft --vllm \\
+        --max-lora-rank 16 --out vllm_adapter/
+    layerfreeze export --model base/ --adapter-dir runs/x/adapter --format merged --out merged/
+
+``--adapter-dir`` is a directory written by ``layerfreeze.export.save_trainable`` (``plan.json``
++ ``adapter.safetensors``); ``--model`` the base checkpoint it was trained from. ``peft`` writes
+``adapter_config.json`` + ``adapter_model.safetensors`` (plain LoRA plans only; anything else is
+refused with the reasons); ``merged`` folds mergeable LoRA into the weights and keeps the rest
+in a sidecar. The output path goes to stdout; exit code 2 on any user error, and nothing is
+left behind (the output directory is written atomically).
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+
+from layerfreeze.errors import ConfigError
+from layerfreeze.utils.logging import get_logger
+
+logger = get_logger("layerfreeze.export")
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    """Register ``--model``, ``--adapter-dir``, ``--format``, ``--out`` and the vLLM options."""
+    parser.add_argument("--model", required=True, help="base Hugging Face checkpoint directory")
+    parser.add_argument(
+        "--adapter-dir",
+        required=True,
+        help="directory written by save_trainable (plan.json + adapter.safetensors)",
+    )
+    parser.add_argument(
+        "--format",
+        required=True,
+        choices=["peft", "merged"],
+        help="peft: PEFT LoRA adapter; merged: HF checkpoint (+ sidecar)",
+    )
+    parser.add_argument("--out", required=True, help="output directory (replaced if it exists)")
+    parser.add_argument(
+        "--base-name", help="peft: base_model_name_or_path to record (default: --model)"
+    )
+    parser.add_argument(
+        "--vllm",
+        action="store_true",
+        help="peft: refuse unless vLLM's LoRA loader accepts the adapter",
+    )
+    parser.add_argument(
+        "--max-lora-rank", type=int, help="peft --vllm: the vLLM server's --max-lora-rank"
+    )
+
+
+def run(args: argparse.Namespace) -> int:
+    """Load the base model and the trained state, then export; 2 on user errors."""
+    from pathlib import Path
+
+    if args.format == "merged" and (args.vllm or args.max_lora_rank or args.base_name):
+        logger.error("--vllm, --max-lora-rank and --base-name apply to --format peft only.")
+        return 2
+    model_dir = Path(args.model)
+    if not (model_dir / "config.json").is_file():
+        logger.error(
+            "--model %s: no config.json there; pass a Hugging Face checkpoint directory.", model_dir
+        )
+        return 2
+    try:
+        from transformers import AutoModelForCausalLM
+
+        from layerfreeze.export import export_merged, load_trainable
+
+        model = AutoModelForCausalLM.from_pretrained(str(model_dir), dtype="auto")
+        applied = load_trainable(model, args.adapter_dir)
+        if args.format == "peft":
+            from layerfreeze.interop.peft import export_peft
+
+            out = export_peft(
+                applied,
+                args.out,
+                base_model_name_or_path=args.base_name or str(model_dir),
+                vllm=args.vllm,
+                max_lora_rank=args.max_lora_rank,
+            )
+        else:
+            out = export_merged(applied, args.out)
+    except (ConfigError, ValueError, FileNotFoundError) as e:
+        logger.error("%s", e)
+        return 2
+    sys.stdout.write(f"{out}\n")
+    return 0
