@@ -477,3 +477,13 @@ def test_cli_export_user_errors_exit_2(tmp_path, capsys):
         == 2
     )
     assert "plan.json: not found" in capsys.readouterr().err
+
+
+def test_docs_example_runs(repo_root):
+    import re
+
+    blocks = re.findall(
+        r"```python\n(.*?)```", (repo_root / "docs" / "interop.md").read_text(), re.S
+    )
+    assert len(blocks) == 1
+    exec(compile(blocks[0], "docs/interop.md", "exec"), {})
