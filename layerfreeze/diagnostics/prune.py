@@ -1,0 +1,597 @@
+"""Layer pruning (Gromov et al., "The Unreasonable Ineffectiveness of the Deeper Layers").
+
+Choose the block of ``n`` consecutive layers ``[l, l + n)`` whose removal changes the residual
+stream least, measured by the angular distance ``d(l, n)`` between the input of layer ``l`` and
+the input of layer ``l + n`` on a probe set (``l + n = L`` is the input of the final norm), or
+take the paper's baseline, the deepest ``n`` layers before the last one. Then remove it, fix the
+config and save a standard Hugging Face checkpoint. Healing is a short ``layerfreeze train`` run
+with a LoRA plan on the pruned checkpoint (docs/diagnostics-prune.md).
+
+This module also holds the layer surgery that :mod:`layerfreeze.diagnostics.compose` reuses:
+:func:`restack_layers` (a new list of blocks, renumbered) and :func:`relayer_config` (per-layer
+config entries follow their layers).
+
+Run::
+
+    layerfreeze prune --model ckpt/ --num-layers 8 --probe ceval --data-dir data/ --out pruned/
+
+    from layerfreeze.diagnostics.prune import choose_block, remove_layers
+    choice = choose_block(num_layers=32, n=8, strategy="angular", distances=trace_angular(m, b))
+    remove_layers(model, choice.start, choice.n)
+"""
+
+from __future__ import annotations
+
+import copy
+import json
+import time
+from collections.abc import Sequence
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+
+from layerfreeze.diagnostics.angular import AngularDistances, trace_angular
+from layerfreeze.models import ModelLayout, discover_layout
+from layerfreeze.utils.logging import get_logger, log_rank0
+
+__all__ = [
+    "STRATEGIES",
+    "BlockChoice",
+    "PruneReport",
+    "check_structure",
+    "choose_block",
+    "load_causal_lm",
+    "probe_batches",
+    "prune_checkpoint",
+    "read_probe_texts",
+    "relayer_config",
+    "remove_layers",
+    "restack_layers",
+    "save_checkpoint",
+]
+
+logger = get_logger("layerfreeze.prune")
+
+STRATEGIES = ("angular", "deepest")
+
+#: Config entries holding one value per layer (they follow their layers).
+PER_LAYER_KEYS = ("layer_types", "no_rope_layers")
+#: Config entries holding a list of layer indices (remapped to the new indices).
+LAYER_INDEX_KEYS = ("mlp_only_layers",)
+#: Config entries describing a periodic per-layer pattern; moving layers can break the pattern.
+#: ``layer_types`` supersedes the attention ones in current transformers; the shape check in
+#: :func:`check_structure` catches an MLP pattern that no longer matches the weights.
+PATTERN_KEYS = (
+    "sliding_window_pattern",
+    "first_k_dense_replace",
+    "decoder_sparse_step",
+    "moe_layer_freq",
+    "interleave_moe_layer_step",
+    "global_attn_every_n_layers",
+)
+
+
+def num_layers_of(config: Any) -> int:
+    """Decoder layers of a transformers config (``num_hidden_layers`` / ``n_layer``)."""
+    for key in ("num_hidden_layers", "n_layer", "num_layers"):
+        v = getattr(config, key, None)
+        if isinstance(v, int) and not isinstance(v, bool):
+            return v
+    raise ValueError(
+        f"{type(config).__name__}: no num_hidden_layers / n_layer in the config; layerfreeze "
+        "prunes and composes transformers decoder-only models."
+    )
+
+
+# ------------------------------------------------------------------------------ choosing
+
+
+@dataclass
+class BlockChoice:
+    """The block to remove: layers ``start .. start + n - 1``.
+
+    Attributes:
+        start: first removed layer.
+        n: number of removed layers.
+        strategy: ``angular`` or ``deepest``.
+        distance: ``d(start, n)`` on the probe set, or None without one.
+        scores: ``d(l, n)`` for every ``l`` (index = ``l``), or empty without a probe.
+    """
+
+    start: int
+    n: int
+    strategy: str
+    distance: float | None
+    scores: list[float] = field(default_factory=list)
+
+    @property
+    def end(self) -> int:
+        """One past the last removed layer: the layer whose input replaces ``start``'s."""
+        return self.start + self.n
+
+
+def check_num_layers(n: int, num_layers: int, strategy: str) -> None:
+    """Raise ``ValueError`` unless ``n`` layers can be removed under ``strategy``."""
+    if strategy not in STRATEGIES:
+        raise ValueError(
+            f"--strategy: unknown strategy {strategy!r}. Valid: {', '.join(STRATEGIES)}."
+        )
+    top = num_layers - 1
+    if not 1 <= n <= top:
+        raise ValueError(
+            f"--num-layers: cannot remove {n} of the model's {num_layers} layers; at least one "
+            f"layer must stay (valid 1-{top})."
+        )
+
+
+def choose_block(
+    num_layers: int,
+    n: int,
+    strategy: str = "angular",
+    distances: AngularDistances | None = None,
+    last_token: bool = True,
+) -> BlockChoice:
+    """Pick the ``n``-layer block to remove.
+
+    ``angular``: the ``l`` minimising ``d(l, n)`` over ``0 <= l <= L - n`` (ties: the shallowest).
+    ``deepest``: Gromov et al.'s baseline, layers ``L - 1 - n .. L - 2`` (the deepest ``n``
+    before the last layer, which stays).
+
+    Args:
+        num_layers: ``L``, the model's decoder layers.
+        n: layers to remove (``1 .. L - 1``).
+        strategy: ``angular`` or ``deepest``.
+        distances: angular distances on the probe set; required for ``angular``, optional
+            for ``deepest`` (then the chosen block's distance is reported too).
+        last_token: score with the last token of each sequence, as Gromov et al. do (else the
+            mean over all tokens).
+
+    Raises:
+        ValueError: bad ``n`` or strategy, or ``angular`` without distances.
+    """
+    check_num_layers(n, num_layers, strategy)
+    scores: list[float] = []
+    if distances is not None:
+        if distances.num_points != num_layers + 1:
+            raise ValueError(
+                f"distances cover {distances.num_points} points, expected {num_layers + 1} "
+                "(every layer input plus the final-norm input)."
+            )
+        scores = distances.block_scores(n, last_token=last_token)
+    if strategy == "angular":
+        if distances is None:
+            raise ValueError("strategy 'angular' needs angular distances measured on a probe set.")
+        start, dist = distances.best_block(n, last_token=last_token)
+        return BlockChoice(start, n, strategy, dist, scores)
+    start = num_layers - 1 - n
+    return BlockChoice(start, n, strategy, scores[start] if scores else None, scores)
+
+
+# ------------------------------------------------------------------------------ layer surgery
+
+
+def relayer_config(config: Any, origins: Sequence[tuple[Any, int]]) -> list[str]:
+    """Rewrite ``config`` in place for a new stack of layers; return the keys it changed.
+
+    Layer ``j`` of the new stack is layer ``origins[j][1]`` of a model with config
+    ``origins[j][0]``. ``num_hidden_layers`` becomes ``len(origins)``; per-layer lists
+    (``layer_types`` ...) take each layer's own entry; layer-index lists (``mlp_only_layers``)
+    are remapped; Qwen2's ``max_window_layers`` (the first layers use full attention) becomes
+    the number of leading new layers that used full attention where they came from.
+    """
+    changed = ["num_hidden_layers"]
+    for key in ("num_hidden_layers", "n_layer", "num_layers"):
+        if hasattr(config, key) and isinstance(getattr(config, key), int):
+            setattr(config, key, len(origins))
+            break
+    for key in PER_LAYER_KEYS:
+        if isinstance(getattr(config, key, None), (list, tuple)):
+            setattr(config, key, [getattr(src, key)[i] for src, i in origins])
+            changed.append(key)
+    for key in LAYER_INDEX_KEYS:
+        if isinstance(getattr(config, key, None), (list, tuple)):
+            setattr(
+                config, key, [j for j, (src, i) in enumerate(origins) if i in getattr(src, key)]
+            )
+            changed.append(key)
+    if isinstance(getattr(config, "max_window_layers", None), int):
+        full = 0
+        for src, i in origins:
+            if i >= src.max_window_layers:
+                break
+            full += 1
+        config.max_window_layers = full
+        changed.append("max_window_layers")
+    for key in PATTERN_KEYS:
+        if getattr(config, key, None) not in (None, 0, 1) and not isinstance(
+            getattr(config, "layer_types", None), list
+        ):
+            log_rank0(
+                logger,
+                f"config.{key}={getattr(config, key)!r} describes a per-layer pattern that the new "
+                "layer order may not follow; check the saved model.",
+                level=30,
+            )
+    return changed
+
+
+def restack_layers(
+    model: nn.Module, blocks: Sequence[nn.Module], layout: ModelLayout | None = None
+) -> None:
+    """Make ``blocks`` the model's decoder layers, in order, and renumber them.
+
+    Every submodule's integer ``layer_idx`` (what the KV cache indexes by on Llama, Qwen2,
+    GPT-2 ...) becomes its block's new position, and submodules holding a transformers config
+    point at the model's own. The config itself is :func:`relayer_config`'s job.
+    """
+    layout = layout or discover_layout(model)
+    container = model.get_submodule(layout.blocks_name)
+    new = nn.ModuleList(blocks)
+    parent_name, _, attr = layout.blocks_name.rpartition(".")
+    parent = model.get_submodule(parent_name) if parent_name else model
+    assert getattr(parent, attr) is container
+    setattr(parent, attr, new)
+    config = getattr(model, "config", None)
+    for j, block in enumerate(new):
+        for mod in block.modules():
+            if isinstance(getattr(mod, "layer_idx", None), int):
+                mod.layer_idx = j
+            if config is not None and hasattr(mod, "config") and type(mod.config) is type(config):
+                mod.config = config
+
+
+def remove_layers(model: nn.Module, start: int, n: int) -> list[int]:
+    """Remove decoder layers ``start .. start + n - 1`` in place; return the kept old indices.
+
+    Raises:
+        ValueError: the block does not fit, or nothing would be left.
+    """
+    layout = discover_layout(model)
+    total = layout.num_layers
+    if n < 1 or start < 0 or start + n > total or n >= total:
+        raise ValueError(
+            f"remove_layers: cannot remove layers {start}-{start + n - 1} of a {total}-layer model "
+            f"(need 0 <= start, start + n <= {total}, and n < {total})."
+        )
+    kept = [i for i in range(total) if not start <= i < start + n]
+    config = model.config
+    old = copy.deepcopy(config)
+    restack_layers(model, [layout.layers[i].module for i in kept], layout)
+    relayer_config(config, [(old, i) for i in kept])
+    return kept
+
+
+def check_structure(model: nn.Module) -> None:
+    """Check that ``model.config`` builds a model with exactly the live model's parameter shapes.
+
+    This is what ``from_pretrained`` will build from the saved config, so a mismatch here is a
+    checkpoint that would not load.
+
+    Raises:
+        ValueError: names the first parameter whose name or shape differs.
+    """
+    from transformers import AutoModelForCausalLM
+
+    with torch.device("meta"):
+        ref = AutoModelForCausalLM.from_config(copy.deepcopy(model.config))
+    want = {k: tuple(v.shape) for k, v in ref.state_dict().items()}
+    have = {k: tuple(v.shape) for k, v in model.state_dict().items()}
+    missing = sorted(set(want) - set(have))
+    extra = sorted(set(have) - set(want))
+    bad = sorted(k for k in set(want) & set(have) if want[k] != have[k])
+    if missing or extra or bad:
+        what = (
+            f"{bad[0]} has shape {have[bad[0]]} but the config gives {want[bad[0]]}"
+            if bad
+            else f"{missing[0]} is expected by the config but missing"
+            if missing
+            else f"{extra[0]} is not in a model built from the config"
+        )
+        raise ValueError(
+            f"the rebuilt model does not match its config: {what}. The layer order breaks a "
+            "per-layer pattern of this architecture."
+        )
+
+
+# ------------------------------------------------------------------------------ I/O
+
+
+def load_causal_lm(path: str | Path, what: str = "--model") -> nn.Module:
+    """``AutoModelForCausalLM.from_pretrained(path)`` in its saved dtype, eval mode, on CPU.
+
+    Raises:
+        FileNotFoundError: no checkpoint directory with a config.json at ``path``.
+        ValueError: transformers cannot load it (the message says why).
+    """
+    from transformers import AutoModelForCausalLM
+
+    path = Path(path)
+    if not (path / "config.json").is_file():
+        raise FileNotFoundError(
+            f"{what} {path}: not a Hugging Face checkpoint directory (no config.json)."
+        )
+    try:
+        model = AutoModelForCausalLM.from_pretrained(str(path), dtype="auto")
+    except (OSError, ValueError, KeyError) as e:
+        first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+        raise ValueError(f"{what} {path}: could not load the checkpoint ({first}).") from None
+    return model.eval()
+
+
+def has_tokenizer(path: str | Path) -> bool:
+    """True when ``path`` holds tokenizer files."""
+    path = Path(path)
+    return any(
+        (path / f).is_file() for f in ("tokenizer.json", "tokenizer_config.json", "tokenizer.model")
+    )
+
+
+def save_checkpoint(
+    model: nn.Module,
+    out: str | Path,
+    tokenizer_from: str | Path | None = None,
+    reports: dict[str, Any] | None = None,
+    overwrite: bool = False,
+) -> Path:
+    """Save ``model`` as a standard HF checkpoint, atomically (staging directory + rename).
+
+    Args:
+        model: the model to save (its config is checked against its weights first).
+        out: the checkpoint directory.
+        tokenizer_from: a checkpoint directory whose tokenizer is saved alongside, if it has one.
+        reports: ``{file name: JSON-able object}`` written into the directory too.
+        overwrite: replace an existing ``out``.
+
+    Raises:
+        FileExistsError: ``out`` exists and ``overwrite`` is False.
+        ValueError: the config does not describe the weights (see :func:`check_structure`).
+    """
+    from layerfreeze.data.tokenizer import load_tokenizer
+    from layerfreeze.utils.io import atomic_directory
+
+    out = Path(out)
+    if out.exists() and not overwrite:
+        raise FileExistsError(
+            f"--out {out}: already exists. Choose a new directory or pass --overwrite."
+        )
+    check_structure(model)
+    tokenizer = None
+    if tokenizer_from is not None and has_tokenizer(tokenizer_from):
+        tokenizer = load_tokenizer(str(tokenizer_from))
+    with atomic_directory(out, overwrite=overwrite) as tmp:
+        model.save_pretrained(str(tmp))
+        if tokenizer is not None:
+            tokenizer.save_pretrained(str(tmp))
+        for name, obj in (reports or {}).items():
+            (tmp / name).write_text(
+                json.dumps(obj, indent=2, ensure_ascii=False) + "\n", encoding="utf-8"
+            )
+    return out
+
+
+# ------------------------------------------------------------------------------ probe
+
+
+def read_probe_texts(
+    probe: Sequence[str],
+    data_dir: str | Path | None = None,
+    subjects: list[str] | None = None,
+    split: str | None = None,
+) -> list[str]:
+    """Probe texts: documents of ``.txt`` / ``.jsonl`` files, or C-Eval / CMMLU prompts.
+
+    ``probe`` is ``["ceval"]`` / ``["cmmlu"]`` (zero-shot prompts of the scored split in the
+    lm-eval format, ending at ``答案：`` so the last token is where the answer is decided) or a
+    list of files and directories (``@bundled`` is the bundled corpus).
+
+    Raises:
+        ValueError: the probe yields no text, or a benchmark without ``data_dir``.
+        FileNotFoundError: a probe file does not exist.
+    """
+    probe = list(probe)
+    if len(probe) == 1 and probe[0] in ("ceval", "cmmlu"):
+        from layerfreeze.evaluation.data import load_benchmark
+        from layerfreeze.evaluation.prompts import build_context
+
+        if data_dir is None:
+            raise ValueError(
+                f"--probe {probe[0]}: needs --data-dir (the released {probe[0]} folder)."
+            )
+        bench = load_benchmark(probe[0], data_dir, split=split, subjects=subjects)
+        texts = [
+            build_context(probe[0], s, q, 0, "lm-eval") for s in bench.subjects for q in s.questions
+        ]
+    else:
+        from layerfreeze.data.corpus import iter_documents, resolve_files
+
+        files = resolve_files(probe, key="--probe")
+        texts = [doc for f in files for doc in iter_documents(f)]
+    if not texts:
+        raise ValueError(f"--probe {' '.join(probe)}: the probe set is empty (no text found).")
+    return texts
+
+
+def probe_batches(
+    tokenizer: Any,
+    texts: Sequence[str],
+    seq_len: int = 256,
+    max_tokens: int = 16384,
+    batch_size: int = 4,
+) -> list[dict[str, torch.Tensor]]:
+    """Tokenize ``texts`` (each cut to ``seq_len``) into right-padded batches, ``max_tokens`` in all.
+
+    Raises:
+        ValueError: no text gives a token.
+    """
+    seqs: list[list[int]] = []
+    total = 0
+    for text in texts:
+        ids = tokenizer(text, add_special_tokens=True)["input_ids"][:seq_len]
+        if not ids:
+            continue
+        ids = ids[: max_tokens - total]
+        seqs.append(ids)
+        total += len(ids)
+        if total >= max_tokens:
+            break
+    if not seqs:
+        raise ValueError("probe: the probe texts give no tokens.")
+    pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
+    out = []
+    for b in range(0, len(seqs), batch_size):
+        chunk = seqs[b : b + batch_size]
+        width = max(len(s) for s in chunk)
+        ids = torch.full((len(chunk), width), pad, dtype=torch.long)
+        mask = torch.zeros((len(chunk), width), dtype=torch.long)
+        for r, s in enumerate(chunk):
+            ids[r, : len(s)] = torch.tensor(s)
+            mask[r, : len(s)] = 1
+        out.append({"input_ids": ids, "attention_mask": mask})
+    return out
+
+
+# ------------------------------------------------------------------------------ the job
+
+
+@dataclass
+class PruneReport:
+    """What ``layerfreeze prune`` did (``prune.json``)."""
+
+    model: str
+    out: str
+    strategy: str
+    score: str
+    num_layers_before: int
+    num_layers_after: int
+    removed: list[int]
+    distance: float | None
+    scores: list[float]
+    kept: list[int]
+    probe: dict[str, Any]
+    config_changed: list[str]
+    seconds: float
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+    def table(self) -> str:
+        """Console table: one row per candidate block, the chosen one marked."""
+        n = len(self.removed)
+        lines = [
+            f"model: {self.model} ({self.num_layers_before} layers) -> {self.out} "
+            f"({self.num_layers_after} layers)",
+            f"strategy: {self.strategy}, score: d(l, {n}) by {self.score}",
+        ]
+        if self.scores:
+            lines.append(f"{'block':>9}  {'d(l,n)':>8}")
+            for l0, s in enumerate(self.scores):
+                mark = "  <- removed" if l0 == self.removed[0] else ""
+                lines.append(f"{f'{l0}-{l0 + n - 1}':>9}  {s:8.4f}{mark}")
+        dist = "n/a (no probe)" if self.distance is None else f"{self.distance:.4f}"
+        lines.append(f"removed layers {self.removed[0]}-{self.removed[-1]}, distance {dist}")
+        return "\n".join(lines)
+
+
+def prune_checkpoint(
+    model_path: str | Path,
+    num_layers: int,
+    out: str | Path,
+    strategy: str = "angular",
+    probe: Sequence[str] | None = None,
+    data_dir: str | Path | None = None,
+    subjects: list[str] | None = None,
+    split: str | None = None,
+    seq_len: int = 256,
+    max_tokens: int = 16384,
+    batch_size: int = 4,
+    last_token: bool = True,
+    overwrite: bool = False,
+) -> PruneReport:
+    """Choose, remove and save: the whole ``layerfreeze prune`` job.
+
+    The angular strategy needs a probe; without one it reads the bundled corpus. Every input is
+    checked before weights are loaded, and nothing is written unless the job succeeds.
+
+    Raises:
+        ValueError, FileNotFoundError, FileExistsError: bad input (the message names it).
+    """
+    from transformers import AutoConfig
+
+    from layerfreeze.data.tokenizer import load_tokenizer
+
+    t0 = time.perf_counter()
+    model_path = Path(model_path)
+    if not (model_path / "config.json").is_file():
+        raise FileNotFoundError(
+            f"--model {model_path}: not a Hugging Face checkpoint directory (no config.json)."
+        )
+    out = Path(out)
+    if out.exists() and not overwrite:
+        raise FileExistsError(
+            f"--out {out}: already exists. Choose a new directory or pass --overwrite."
+        )
+    config = AutoConfig.from_pretrained(str(model_path))
+    total = num_layers_of(config)
+    max_pos = getattr(config, "max_position_embeddings", None) or getattr(
+        config, "n_positions", None
+    )
+    if isinstance(max_pos, int) and seq_len > max_pos:
+        seq_len = max_pos  # a probe sequence must fit the model's positions
+    check_num_layers(num_layers, total, strategy)
+    if strategy == "angular" and not probe:
+        probe = ["@bundled"]
+        log_rank0(logger, "no --probe given: measuring on the bundled corpus")
+    batches: list[dict[str, torch.Tensor]] | None = None
+    probe_info: dict[str, Any] = {"source": list(probe) if probe else None}
+    if probe:
+        texts = read_probe_texts(probe, data_dir, subjects, split)
+        if not has_tokenizer(model_path):
+            raise ValueError(
+                f"--model {model_path}: a probe needs the model's tokenizer; none in this directory."
+            )
+        batches = probe_batches(
+            load_tokenizer(str(model_path)), texts, seq_len, max_tokens, batch_size
+        )
+        probe_info.update(
+            texts=len(texts),
+            sequences=sum(len(b["input_ids"]) for b in batches),
+            tokens=int(sum(int(b["attention_mask"].sum()) for b in batches)),
+            seq_len=seq_len,
+        )
+    model = load_causal_lm(model_path)
+    before = model.config.to_dict()
+    distances = None
+    if batches is not None:
+        log_rank0(logger, f"measuring angular distances on {probe_info['tokens']} probe tokens")
+        distances = trace_angular(model, batches)
+    choice = choose_block(total, num_layers, strategy, distances, last_token=last_token)
+    kept = remove_layers(model, choice.start, choice.n)
+    after = model.config.to_dict()
+    changed = sorted(k for k in set(before) | set(after) if before.get(k) != after.get(k))
+    report = PruneReport(
+        model=str(model_path),
+        out=str(out),
+        strategy=strategy,
+        score="last_token" if last_token else "token_mean",
+        num_layers_before=total,
+        num_layers_after=len(kept),
+        removed=list(range(choice.start, choice.end)),
+        distance=choice.distance,
+        scores=choice.scores,
+        kept=kept,
+        probe=probe_info,
+        config_changed=changed,
+        seconds=0.0,
+    )
+    report.seconds = round(time.perf_counter() - t0, 3)
+    save_checkpoint(
+        model,
+        out,
+        tokenizer_from=model_path,
+        reports={"prune.json": report.to_dict()},
+        overwrite=overwrite,
+    )
+    return report
