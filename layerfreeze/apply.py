@@ -101,9 +101,12 @@ def check_plan(resolved: ResolvedPlan, layout: ModelLayout, path: str = "plan") 
             # Policies usually name the layer themselves; add it only when they do not.
             where = "" if p.startswith(f"layer {layer.index} ") else f"layer {layer.index}: "
             problems.append(f"{path}: {where}{spec.describe()}: {p}")
+    # A pipeline stage holds a slice of the layers; its missing parts live on other stages.
+    is_stage = layout.num_local_layers < layout.num_layers
     for part in NON_LAYER_PARTS:
         spec = resolved.non_layer(part)
-        if spec.name != "freeze" and part != "embeddings" and getattr(layout, part) is None:
+        missing = getattr(layout, part) is None and not is_stage
+        if spec.name != "freeze" and part != "embeddings" and missing:
             problems.append(
                 f"{path}.{part}: the model has no {part.replace('_', ' ')}, got policy {spec.name!r}. "
                 "Set it to freeze."

@@ -29,6 +29,18 @@ it; the wrapper runs the original implementation and adds the branch for modules
 ``prefix_adapter``. The name is not serialised by ``save_pretrained`` (transformers drops
 ``_attn_implementation_internal``), so saved configs keep the original. A forward hook checks
 that the branch really ran and fails loudly otherwise (e.g. after ``set_attn_implementation``).
+
+Attention modules that compute attention inline instead (Falcon, BLOOM) take the projection
+route (:class:`QueryRoute`): a forward hook on the module's own query projection rebuilds the
+query exactly as its forward does (rotary included), and a pre-hook on its output projection
+adds the branch to the merged heads. Which route applies is decided from the class (a route
+in :data:`QUERY_ROUTES`) or from the compiled forward loading the registry, never from source
+text; a module with neither is refused with the reason.
+
+Other attention modules (e.g. megatron-core's ``SelfAttention``) get the same branch through a
+:class:`PrefixInstaller` registered with :func:`register_prefix_installer` by their engine
+package; the first installer whose ``matches`` accepts the attention module is used, and
+transformers attention is the built-in fallback (the LoRA dispatcher list works the same way).
 """
 
 from __future__ import annotations
@@ -39,6 +51,7 @@ from collections.abc import Callable
 from dataclasses import dataclass
 
 import torch
+import torch.nn.functional as F
 from torch import nn
 
 from layerfreeze.errors import ConfigError
@@ -55,6 +68,11 @@ __all__ = [
     "wrapped_attn_implementation",
     "base_attn_implementation",
     "remove_prefix_adapters",
+    "QueryRoute",
+    "QUERY_ROUTES",
+    "PrefixInstaller",
+    "PREFIX_INSTALLERS",
+    "register_prefix_installer",
 ]
 
 #: Name prefix of the wrapper attention implementations this module registers.
@@ -106,8 +124,9 @@ class PrefixConfig:
 class PrefixAdapter(nn.Module):
     """Learned prefix keys/values of one attention layer and its zero-initialised output scale.
 
-    Parameters (all names start with ``prefix_``): ``prefix_key`` / ``prefix_value``
-    ``(num_kv_heads, tokens, head_dim)`` ~ N(0, 1), or with ``reparam`` ``prefix_embedding``
+    Parameters (all names start with ``prefix_``): ``prefix_key`` ``(num_kv_heads, tokens,
+    head_dim)`` / ``prefix_value`` ``(num_kv_heads, tokens, value_dim)`` ~ N(0, 1), or with
+    ``reparam`` ``prefix_embedding``
     ``(tokens, hidden)`` ~ N(0, 1) and ``prefix_mlp`` (default ``nn.Linear`` init);
     ``prefix_gating_factor`` ``(num_heads,)`` zeros, fp32; with ``gated`` a ``prefix_gate``
     (:class:`~layerfreeze.policies.lora.TokenGate`, ``w = 0, b = 0`` -> 0.5), fp32. Prefix
@@ -116,13 +135,15 @@ class PrefixAdapter(nn.Module):
     Args:
         num_heads: query heads of the layer.
         num_kv_heads: key/value heads (< ``num_heads`` under grouped-query attention).
-        head_dim: per-head width.
+        head_dim: per-head width of the queries and keys.
         hidden_size: model width (input of the gate and of the reparameterisation).
         tokens: number of prefix tokens.
         reparam: reparameterisation MLP width, or None.
         gated: add the input-dependent gate.
         device: parameter device.
         dtype: dtype of the prefix matrices (factor and gate stay fp32).
+        value_dim: per-head width of the values (default ``head_dim``; differs under
+            DeepSeek's multi-head latent attention).
     """
 
     def __init__(
@@ -136,20 +157,24 @@ class PrefixAdapter(nn.Module):
         gated: bool = False,
         device: torch.device | str | None = None,
         dtype: torch.dtype | None = None,
+        value_dim: int | None = None,
     ):
         super().__init__()
         self.num_heads, self.num_kv_heads, self.head_dim = num_heads, num_kv_heads, head_dim
+        self.value_dim = head_dim if value_dim is None else value_dim
         self.tokens, self.reparam = tokens, reparam
         kw = dict(device=device, dtype=dtype)
         if reparam is None:
             self.prefix_key = nn.Parameter(torch.randn(num_kv_heads, tokens, head_dim, **kw))
-            self.prefix_value = nn.Parameter(torch.randn(num_kv_heads, tokens, head_dim, **kw))
+            self.prefix_value = nn.Parameter(
+                torch.randn(num_kv_heads, tokens, self.value_dim, **kw)
+            )
         else:
             self.prefix_embedding = nn.Parameter(torch.randn(tokens, hidden_size, **kw))
             self.prefix_mlp = nn.Sequential(
                 nn.Linear(hidden_size, reparam, **kw),
                 nn.Tanh(),
-                nn.Linear(reparam, 2 * num_kv_heads * head_dim, **kw),
+                nn.Linear(reparam, num_kv_heads * (head_dim + self.value_dim), **kw),
             )
         self.prefix_gating_factor = nn.Parameter(
             torch.zeros(num_heads, device=device, dtype=torch.float32)
@@ -157,6 +182,11 @@ class PrefixAdapter(nn.Module):
         self.prefix_gate = TokenGate(hidden_size, device=device) if gated else None
         self.where = ""
         self.pending = False
+        # Projection route only (see QueryRoute): its name, and the running call's arguments
+        # and query, kept from the attention's pre-hook to its output projection.
+        self.route: str | None = None
+        self.call: dict | None = None
+        self.query: torch.Tensor | None = None
 
     @property
     def gated(self) -> bool:
@@ -164,16 +194,20 @@ class PrefixAdapter(nn.Module):
         return self.prefix_gate is not None
 
     def keys_values(self) -> tuple[torch.Tensor, torch.Tensor]:
-        """Prefix keys and values, each ``(num_kv_heads, tokens, head_dim)``."""
+        """Prefix keys ``(num_kv_heads, tokens, head_dim)`` and values ``(..., value_dim)``."""
         if self.reparam is None:
             return self.prefix_key, self.prefix_value
-        kv = self.prefix_mlp(self.prefix_embedding)  # (tokens, 2 * kv_heads * head_dim)
-        kv = kv.view(self.tokens, 2, self.num_kv_heads, self.head_dim).permute(1, 2, 0, 3)
-        return kv[0], kv[1]
+        kv = self.prefix_mlp(self.prefix_embedding)  # (tokens, kv_heads * (head_dim + value_dim))
+        if self.value_dim == self.head_dim:
+            kv = kv.view(self.tokens, 2, self.num_kv_heads, self.head_dim).permute(1, 2, 0, 3)
+            return kv[0], kv[1]
+        k, v = kv.split([self.num_kv_heads * self.head_dim, self.num_kv_heads * self.value_dim], -1)
+        k = k.reshape(self.tokens, self.num_kv_heads, self.head_dim).transpose(0, 1)
+        return k, v.reshape(self.tokens, self.num_kv_heads, self.value_dim).transpose(0, 1)
 
     def forward(self, query: torch.Tensor, scaling: float | None = None) -> torch.Tensor:
         """The branch for ``query`` ``(batch, num_heads, q_len, head_dim)``, already scaled by
-        the factor (and gate); returned as ``(batch, q_len, num_heads, head_dim)`` in fp32."""
+        the factor (and gate); returned as ``(batch, q_len, num_heads, value_dim)`` in fp32."""
         if query.dim() != 4 or query.shape[1] != self.num_heads or query.shape[-1] != self.head_dim:
             raise RuntimeError(
                 f"{self.where}: prefix branch expected the query as (batch, {self.num_heads} "
@@ -197,7 +231,8 @@ class PrefixAdapter(nn.Module):
     def extra_repr(self) -> str:
         return (
             f"heads={self.num_heads}, kv_heads={self.num_kv_heads}, head_dim={self.head_dim}, "
-            f"tokens={self.tokens}, reparam={self.reparam}"
+            + (f"value_dim={self.value_dim}, " if self.value_dim != self.head_dim else "")
+            + f"tokens={self.tokens}, reparam={self.reparam}"
         )
 
 
@@ -249,7 +284,12 @@ def _make_wrapper(base: str) -> Callable:
         out, weights = fn(module, query, key, value, attention_mask, **kwargs)
         adapter = module._modules.get(_ADAPTER_ATTR)
         if adapter is not None:
-            out = out + adapter(query, kwargs.get("scaling")).to(out.dtype)
+            branch = adapter(query, kwargs.get("scaling")).to(out.dtype)
+            if branch.shape[-1] < out.shape[-1]:
+                # MLA under flash attention pads the values to the query width and slices the
+                # output back afterwards: pad the branch alike (the padding is dropped).
+                branch = F.pad(branch, (0, out.shape[-1] - branch.shape[-1]))
+            out = out + branch
             adapter.pending = False
         return out, weights
 
@@ -268,8 +308,16 @@ def _prefix_post_hook(module: nn.Module, args: tuple, output) -> None:
     adapter = module._modules[_ADAPTER_ATTR]
     if adapter.prefix_gate is not None:
         adapter.prefix_gate.clear()
+    adapter.call = adapter.query = None
     if adapter.pending:
         adapter.pending = False
+        route = _ROUTES.get(adapter.route)
+        if route is not None:
+            raise RuntimeError(
+                f"{adapter.where}: the prefix branch did not run: {type(module).__name__} did not "
+                f"call its output projection {route.out_proj!r} as a module after its query "
+                f"projection {route.query_proj!r}, so the branch had no place to be added."
+            )
         impl = getattr(getattr(module, "config", None), "_attn_implementation", None)
         raise RuntimeError(
             f"{adapter.where}: the prefix branch did not run: the attention implementation "
@@ -277,6 +325,140 @@ def _prefix_post_hook(module: nn.Module, args: tuple, output) -> None:
             "apply_plan, or does this module skip ALL_ATTENTION_FUNCTIONS?). Re-apply the plan "
             "after choosing the attention implementation."
         )
+
+
+# ---------------------------------------------------------------------------------------------
+# The projection route: attention modules that compute attention themselves
+
+
+@dataclass(frozen=True)
+class QueryRoute:
+    """How to add the branch to a transformers attention module that does not dispatch through
+    ``ALL_ATTENTION_FUNCTIONS`` (it computes attention inline): the query is rebuilt from the
+    output of the module's own query projection, exactly as its forward builds it, and the
+    branch is added to the input of its output projection.
+
+    Attributes:
+        name: short label (the key in :data:`QUERY_ROUTES`).
+        matches: ``matches(attn) -> bool``.
+        query_proj: attribute of ``attn`` whose output holds the query (a fused QKV is fine).
+        out_proj: attribute of ``attn`` whose input is the merged heads ``(b, t, heads * v)``.
+        query: ``query(attn, proj_out, call) -> (batch, heads, q_len, head_dim)``; ``call`` maps
+            the names of ``attn.forward``'s parameters to this call's arguments.
+        check: ``check(attn) -> list[str]``: configurations the route cannot serve.
+        scaling: ``scaling(attn) -> float``: the softmax scale the module uses.
+    """
+
+    name: str
+    matches: Callable[[nn.Module], bool]
+    query_proj: str
+    out_proj: str
+    query: Callable[[nn.Module, torch.Tensor, dict], torch.Tensor]
+    check: Callable[[nn.Module], list[str]]
+    scaling: Callable[[nn.Module], float]
+
+
+def _instance_of(module_name: str, class_name: str) -> Callable[[nn.Module], bool]:
+    # A class that was never imported has no instances: no import needed to test for one.
+    def matches(attn: nn.Module) -> bool:
+        cls = getattr(sys.modules.get(module_name), class_name, None)
+        return cls is not None and isinstance(attn, cls)
+
+    return matches
+
+
+def _falcon_query(attn: nn.Module, fused: torch.Tensor, call: dict) -> torch.Tensor:
+    query, _, _ = attn._split_heads(fused)  # (b, t, heads, head_dim), every Falcon layout
+    b, t = query.shape[:2]
+    query = query.transpose(1, 2).reshape(b, attn.num_heads, t, attn.head_dim)
+    if call.get("alibi") is None:  # rotary positions, as FalconAttention.forward applies them
+        cos, sin = call["position_embeddings"]
+        rotary = sys.modules[type(attn).__module__].apply_rotary_pos_emb
+        query, _ = rotary(query, query, cos, sin)
+    return query
+
+
+def _bloom_query(attn: nn.Module, fused: torch.Tensor, call: dict) -> torch.Tensor:
+    return attn._reshape(fused)[0]  # (b, heads, t, head_dim); ALiBi adds no query position
+
+
+def _bloom_check(attn: nn.Module) -> list[str]:
+    if getattr(attn, "pretraining_tp", 1) > 1 and getattr(attn, "slow_but_exact", False):
+        return [
+            "pretraining_tp > 1 with slow_but_exact=True applies the output projection slice "
+            "by slice (F.linear on dense.weight), never calling it as a module; set "
+            "config.slow_but_exact=False."
+        ]
+    return []
+
+
+#: Built-in routes for transformers attention that computes attention inline.
+QUERY_ROUTES: list[QueryRoute] = [
+    QueryRoute(
+        "falcon", _instance_of("transformers.models.falcon.modeling_falcon", "FalconAttention"),
+        "query_key_value", "dense", _falcon_query, lambda attn: [],
+        lambda attn: attn.inv_norm_factor,
+    ),
+    QueryRoute(
+        "bloom", _instance_of("transformers.models.bloom.modeling_bloom", "BloomAttention"),
+        "query_key_value", "dense", _bloom_query, _bloom_check,
+        lambda attn: attn.inv_norm_factor,
+    ),
+]
+_ROUTES = {r.name: r for r in QUERY_ROUTES}
+_OWNER_KEY = "_layerfreeze_prefix_attn"  # plain reference from the projections to the attention
+
+
+def _find_route(attn: nn.Module) -> QueryRoute | None:
+    return next((r for r in QUERY_ROUTES if r.matches(attn)), None)
+
+
+def _projection_pre_hook(module: nn.Module, args: tuple, kwargs: dict) -> None:
+    adapter = module._modules[_ADAPTER_ATTR]
+    route = _ROUTES[adapter.route]
+    adapter.pending = True
+    adapter.query = None
+    bound = inspect.signature(type(module).forward).bind_partial(module, *args, **kwargs)
+    adapter.call = bound.arguments
+    if adapter.prefix_gate is not None:
+        adapter.prefix_gate(_block_input(module, args, kwargs, adapter.where))
+    # The query hook must see the projection's final output, after any hook registered later
+    # (a LoRA on the same projection installed by another plan phase): keep it last.
+    hooks = getattr(module, route.query_proj)._forward_hooks
+    key = next(k for k, h in hooks.items() if h is _projection_query_hook)
+    if next(reversed(hooks)) != key:
+        hooks.move_to_end(key)
+
+
+def _projection_query_hook(module: nn.Module, args: tuple, output: torch.Tensor) -> None:
+    attn = module.__dict__[_OWNER_KEY]
+    adapter = attn._modules[_ADAPTER_ATTR]
+    if adapter.pending and adapter.call is not None:
+        adapter.query = _ROUTES[adapter.route].query(attn, output, adapter.call)
+
+
+def _projection_out_pre_hook(module: nn.Module, args: tuple):
+    attn = module.__dict__[_OWNER_KEY]
+    adapter = attn._modules[_ADAPTER_ATTR]
+    if not adapter.pending or adapter.query is None:
+        return None
+    x = args[0]
+    branch = adapter(adapter.query, _ROUTES[adapter.route].scaling(attn))  # (b, t, heads, v)
+    adapter.pending, adapter.query = False, None
+    return (x + branch.reshape(x.shape).to(x.dtype), *args[1:])
+
+
+def _install_projection_route(attn: nn.Module, adapter: PrefixAdapter, route: QueryRoute) -> None:
+    adapter.route = route.name
+    if _has_hook(attn._forward_pre_hooks, _projection_pre_hook):
+        return
+    qproj, oproj = getattr(attn, route.query_proj), getattr(attn, route.out_proj)
+    qproj.__dict__[_OWNER_KEY] = attn
+    oproj.__dict__[_OWNER_KEY] = attn
+    qproj.register_forward_hook(_projection_query_hook)
+    oproj.register_forward_pre_hook(_projection_out_pre_hook)
+    attn.register_forward_pre_hook(_projection_pre_hook, with_kwargs=True)
+    attn.register_forward_hook(_prefix_post_hook)
 
 
 def remove_prefix_adapters(root: nn.Module) -> int:
@@ -290,19 +472,64 @@ def remove_prefix_adapters(root: nn.Module) -> int:
     for mod in list(root.modules()):
         if _ADAPTER_ATTR not in mod._modules:
             continue
+        route = _ROUTES.get(mod._modules[_ADAPTER_ATTR].route)
         del mod._modules[_ADAPTER_ATTR]
         count += 1
-        for key in [k for k, h in mod._forward_pre_hooks.items() if h is _prefix_pre_hook]:
-            del mod._forward_pre_hooks[key]
-            mod._forward_pre_hooks_with_kwargs.pop(key, None)
-        for key in [k for k, h in mod._forward_hooks.items() if h is _prefix_post_hook]:
-            del mod._forward_hooks[key]
+        owned = [mod]
+        if route is not None:
+            owned += [getattr(mod, route.query_proj), getattr(mod, route.out_proj)]
+        for m in owned:
+            m.__dict__.pop(_OWNER_KEY, None)
+            for key in [k for k, h in m._forward_pre_hooks.items() if h in _HOOKS]:
+                del m._forward_pre_hooks[key]
+                m._forward_pre_hooks_with_kwargs.pop(key, None)
+            for key in [k for k, h in m._forward_hooks.items() if h in _HOOKS]:
+                del m._forward_hooks[key]
+        if route is not None:
+            continue  # the projection route never touched the config
         config = getattr(mod, "config", None)
         if config is not None and all(config is not c for c in configs):
             configs.append(config)
     for config in configs:
         config._attn_implementation = base_attn_implementation(config._attn_implementation)
     return count
+
+
+# ---------------------------------------------------------------------------------------------
+# Installers for attention modules other than transformers' (registered by engine packages)
+
+
+@dataclass(frozen=True)
+class PrefixInstaller:
+    """How to put the prefix branch on one kind of attention module.
+
+    Attributes:
+        name: short label (for errors and docs).
+        matches: ``matches(attn) -> bool``; True when this installer handles ``attn``.
+        check: ``check(layer, spec, layout) -> list[str]``: problems (empty when it applies).
+        install: ``install(layer, spec, layout) -> nn.Module``: add (once) and return the
+            adapter, a child ``prefix_adapter`` of ``layer.attn`` whose parameters all start
+            with ``prefix_``, with the hooks that run the branch.
+    """
+
+    name: str
+    matches: Callable[[nn.Module], bool]
+    check: Callable[[LayerInfo, PolicySpec, ModelLayout], list[str]]
+    install: Callable[[LayerInfo, PolicySpec, ModelLayout], nn.Module]
+
+
+#: Ordered installers; the first whose ``matches`` accepts the attention module is used.
+PREFIX_INSTALLERS: list[PrefixInstaller] = []
+
+
+def register_prefix_installer(installer: PrefixInstaller, *, index: int = 0) -> None:
+    """Insert ``installer`` (by default first) unless one of the same name exists."""
+    if all(i.name != installer.name for i in PREFIX_INSTALLERS):
+        PREFIX_INSTALLERS.insert(index, installer)
+
+
+def _find_installer(attn: nn.Module) -> PrefixInstaller | None:
+    return next((i for i in PREFIX_INSTALLERS if i.matches(attn)), None)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -313,12 +540,40 @@ def _options(spec: PolicySpec) -> PrefixConfig:
     return spec.options if spec.options is not None else PrefixConfig()
 
 
-def _uses_attention_interface(attn: nn.Module) -> bool:
-    try:
-        src = inspect.getsource(type(attn).forward)
-    except (OSError, TypeError):
-        return False
-    return "ALL_ATTENTION_FUNCTIONS" in src
+_HOOKS = (
+    _prefix_pre_hook, _prefix_post_hook, _projection_pre_hook, _projection_query_hook,
+    _projection_out_pre_hook,
+)
+
+
+def _dispatches_through_registry(attn: nn.Module) -> bool:
+    """True when ``type(attn).forward`` loads transformers' ``ALL_ATTENTION_FUNCTIONS`` global.
+
+    Read from the compiled code (the names it loads, resolved in its module's globals to the
+    registry object itself), not from source text: comments, strings and look-alike names do
+    not count, and no source file is needed. A forward that loads the registry on a path it may
+    skip (GPT-2's ``reorder_and_upcast_attn``) is checked separately, and the forward hook still
+    fails loudly if the branch did not run.
+    """
+    from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS
+
+    fn = inspect.unwrap(type(attn).forward)
+    code = getattr(fn, "__code__", None)
+    return (
+        code is not None
+        and "ALL_ATTENTION_FUNCTIONS" in code.co_names
+        and getattr(fn, "__globals__", {}).get("ALL_ATTENTION_FUNCTIONS") is ALL_ATTENTION_FUNCTIONS
+    )
+
+
+def _attn_dims(attn: nn.Module, layout: ModelLayout) -> tuple[int, int]:
+    """Per-head widths ``(query/key, value)``: the module's own (MLA's ``qk_head_dim`` /
+    ``v_head_dim``, else ``head_dim``), falling back to the layout's."""
+    qk = getattr(attn, "qk_head_dim", None)
+    qk = qk if isinstance(qk, int) else getattr(attn, "head_dim", None)
+    qk = qk if isinstance(qk, int) else layout.head_dim
+    v = getattr(attn, "v_head_dim", None)
+    return qk, (v if isinstance(v, int) else qk)
 
 
 @register_policy("prefix")
@@ -330,39 +585,15 @@ class PrefixPolicy:
 
     def check(self, layer: LayerInfo, spec: PolicySpec, layout: ModelLayout) -> list[str]:
         """Problems that stop the branch from being added to ``layer``'s attention."""
+        installer = _find_installer(layer.attn)
+        if installer is not None:
+            return installer.check(layer, spec, layout)
         opts = _options(spec)
         attn = layer.attn
         where = f"layer {layer.index} ({layer.name}.{layer.attn_name}, {type(attn).__name__})"
         problems = []
-        config = getattr(attn, "config", None)
-        impl = getattr(config, "_attn_implementation", None)
-        if config is None or not isinstance(impl, str):
-            problems.append(
-                f"{where}: prefix needs a transformers attention module with a config carrying "
-                f"_attn_implementation; found config="
-                f"{type(config).__name__ if config is not None else None}, "
-                f"_attn_implementation={impl!r}. Use lora or full on this layer."
-            )
-        if not _uses_attention_interface(attn):
-            problems.append(
-                f"{where}: prefix needs an attention module whose forward dispatches through "
-                "transformers' ALL_ATTENTION_FUNCTIONS (the rotary query is taken there); this "
-                "one does not. Use lora or full on this layer."
-            )
         if getattr(attn, "is_cross_attention", False):
             problems.append(f"{where}: prefix supports self-attention only, not cross-attention.")
-        if getattr(attn, "reorder_and_upcast_attn", False):
-            problems.append(
-                f"{where}: reorder_and_upcast_attn=True computes eager attention outside "
-                "ALL_ATTENTION_FUNCTIONS, so the prefix branch cannot run; set "
-                "config.reorder_and_upcast_attn=False."
-            )
-        if base_attn_implementation(impl) == "eager" and _module_eager(attn) is None:
-            problems.append(
-                f"{where}: attn_implementation 'eager' but {type(attn).__module__} defines no "
-                "eager_attention_forward to delegate to; load the model with "
-                "attn_implementation='sdpa'."
-            )
         if layout.num_kv_heads < 1 or layout.num_heads % layout.num_kv_heads:
             problems.append(
                 f"{where}: {layout.num_heads} query heads are not a multiple of "
@@ -377,6 +608,38 @@ class PrefixPolicy:
                 f"gated={existing.gated}) that differs from {spec.describe()}; use the same "
                 "prefix options in every plan that covers this layer."
             )
+        route = _find_route(attn)
+        if route is not None:  # computes attention inline: the projection route
+            return problems + [f"{where}: {p}" for p in route.check(attn)]
+        config = getattr(attn, "config", None)
+        impl = getattr(config, "_attn_implementation", None)
+        if config is None or not isinstance(impl, str):
+            problems.append(
+                f"{where}: prefix needs a transformers attention module with a config carrying "
+                f"_attn_implementation; found config="
+                f"{type(config).__name__ if config is not None else None}, "
+                f"_attn_implementation={impl!r}. Use lora or full on this layer."
+            )
+        if not _dispatches_through_registry(attn):
+            routes = ", ".join(r.name for r in QUERY_ROUTES)
+            problems.append(
+                f"{where}: prefix needs an attention module whose forward dispatches through "
+                "transformers' ALL_ATTENTION_FUNCTIONS (the rotary query is taken there), or one "
+                f"with a query route (built in: {routes}; add one to QUERY_ROUTES); this one has "
+                "neither. Use lora or full on this layer."
+            )
+        if getattr(attn, "reorder_and_upcast_attn", False):
+            problems.append(
+                f"{where}: reorder_and_upcast_attn=True computes eager attention outside "
+                "ALL_ATTENTION_FUNCTIONS, so the prefix branch cannot run; set "
+                "config.reorder_and_upcast_attn=False."
+            )
+        if base_attn_implementation(impl) == "eager" and _module_eager(attn) is None:
+            problems.append(
+                f"{where}: attn_implementation 'eager' but {type(attn).__module__} defines no "
+                "eager_attention_forward to delegate to; load the model with "
+                "attn_implementation='sdpa'."
+            )
         return problems
 
     def apply(self, layer: LayerInfo, spec: PolicySpec, layout: ModelLayout) -> set[str]:
@@ -384,20 +647,29 @@ class PrefixPolicy:
         problems = self.check(layer, spec, layout)
         if problems:
             raise ValueError("\n".join(problems))
+        installer = _find_installer(layer.attn)
+        if installer is not None:
+            adapter = installer.install(layer, spec, layout)
+            return {f"{layer.attn_name}.{_ADAPTER_ATTR}.{n}" for n, _ in adapter.named_parameters()}
         opts = _options(spec)
         attn = layer.attn
         adapter = attn._modules.get(_ADAPTER_ATTR)
         if adapter is None:
             w = next(attn.parameters())
+            head_dim, value_dim = _attn_dims(attn, layout)
             adapter = PrefixAdapter(
-                layout.num_heads, layout.num_kv_heads, layout.head_dim, layout.hidden_size,
+                layout.num_heads, layout.num_kv_heads, head_dim, layout.hidden_size,
                 tokens=opts.tokens, reparam=opts.reparam, gated=opts.gated,
-                device=w.device, dtype=w.dtype,
+                device=w.device, dtype=w.dtype, value_dim=value_dim,
             )
             adapter.where = f"layer {layer.index} ({layer.name}.{layer.attn_name})"
             if adapter.prefix_gate is not None:
                 adapter.prefix_gate.where = adapter.where
             attn.add_module(_ADAPTER_ATTR, adapter)
+        route = _find_route(attn)
+        if route is not None:
+            _install_projection_route(attn, adapter, route)
+            return {f"{layer.attn_name}.{_ADAPTER_ATTR}.{n}" for n, _ in adapter.named_parameters()}
         if not _has_hook(attn._forward_pre_hooks, _prefix_pre_hook):
             attn.register_forward_pre_hook(_prefix_pre_hook, with_kwargs=True)
             attn.register_forward_hook(_prefix_post_hook)

@@ -1,0 +1,49 @@
+"""Megatron-core engine: layer plans on megatron-core ``GPTModel`` s (tensor and pipeline parallel).
+
+This package is the only place besides ``engines/deepspeed.py`` that imports ``megatron``; its
+modules import it lazily, so ``import layerfreeze.engines.megatron`` works without megatron-core
+installed. Modules:
+
+* ``layout``   ``megatron_layout(model_or_chunks)``: the :class:`~layerfreeze.models.ModelLayout`
+  of a stage (layers by global index), so ``apply_plan(model, plan, layout=...)`` works on it;
+* ``lora``     tensor-parallel LoRA on ``ColumnParallelLinear`` / ``RowParallelLinear``
+  (registered as a LoRA dispatcher);
+* ``prefix``   the prefix branch on megatron ``SelfAttention`` (registered as a prefix installer).
+
+``register_megatron_policies()`` registers both (``megatron_layout`` calls it).
+
+Example::
+
+    from layerfreeze import apply_plan
+    from layerfreeze.engines.megatron import megatron_layout
+
+    layout = megatron_layout(model)                 # GPTModel of this rank's stage
+    applied = apply_plan(model, "freeze_deep", layout=layout)   # before DDP / the optimizer
+"""
+
+from __future__ import annotations
+
+import importlib
+from typing import Any
+
+__all__ = [
+    "megatron_layout",
+    "chunks_module",
+    "register_megatron_policies",
+    "ParallelLoRAAdapter",
+    "MegatronPrefix",
+]
+
+_LAZY = {
+    "megatron_layout": "layerfreeze.engines.megatron.layout",
+    "chunks_module": "layerfreeze.engines.megatron.layout",
+    "register_megatron_policies": "layerfreeze.engines.megatron.layout",
+    "ParallelLoRAAdapter": "layerfreeze.engines.megatron.lora",
+    "MegatronPrefix": "layerfreeze.engines.megatron.prefix",
+}
+
+
+def __getattr__(name: str) -> Any:
+    if name in _LAZY:
+        return getattr(importlib.import_module(_LAZY[name]), name)
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")

@@ -1,0 +1,280 @@
+"""Tensor-parallel LoRA on megatron-core ``ColumnParallelLinear`` / ``RowParallelLinear``.
+
+The ``lora`` policy (``layerfreeze/policies/lora.py``) installs adapters through its dispatcher
+list; :func:`register` puts the two dispatchers here before the built-ins. The maths per TP rank
+(``t`` of ``T``; ``x`` the linear's input, ``g`` the optional HLPT gate, ``s = alpha / r``):
+
+* column-parallel (``linear_fc1``, ``linear_qkv``; weight split by output rows): ``A`` (r x in)
+  is replicated, ``B_t`` holds this rank's output rows of ``B``::
+
+      h = copy_to_tp(g * s * dropout(x) A^T)        # identity forward, all-reduce backward
+      y_t = base_t(x) + h B_t^T
+
+  The all-reduce in backward sums the rank-r gradient over the output shards, so ``A`` and the
+  gate get the full gradient, identical on every rank.
+* row-parallel (``linear_fc2``, ``linear_proj``; weight split by input columns): ``A_t`` holds
+  this rank's input columns of ``A``, ``B`` (out x r) is replicated::
+
+      h = g * s * reduce_from_tp(dropout(x_t) A_t^T)   # all-reduce forward, identity backward
+      y = base(x) + h B^T                               # base output is already all-reduced
+
+The rank ``r`` is never split, so every TP size works with every rank; ``B`` shards follow the
+base weight's ``partition_stride`` (SwiGLU ``linear_fc1`` interleaves gate and up rows per rank).
+Adapter parameters carry megatron's ``tensor_model_parallel`` / ``partition_dim`` /
+``partition_stride`` attributes, so gradient-norm clipping and checkpoint code treat them like
+the base weights. ``A`` is drawn full-size from the default torch generator (in step on every TP
+rank, as megatron's CPU initialisation needs) and sliced, so a TP=T model starts with the TP=1
+adapter's shards. The gate reads the sub-block input (the normed hidden states, replicated across
+TP without sequence parallelism), so it is identical on every rank.
+
+Sequence parallelism is refused (the gate would see each rank's sequence shard while the
+column-parallel input is gathered); so are column-parallel linears with ``gather_output``,
+row-parallel linears without ``input_is_parallel`` and expert (MoE) linears.
+"""
+
+from __future__ import annotations
+
+import functools
+import math
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from layerfreeze.policies.lora import LoRADispatcher, TokenGate, register_lora_dispatcher
+
+__all__ = ["ParallelLoRAAdapter", "register", "parallel_lora_problem"]
+
+
+def _tp(base: nn.Module) -> tuple[object, int, int]:
+    """``(group, rank, size)`` of the base linear's tensor-parallel group."""
+    group = getattr(base, "tp_group", None)
+    if group is None:
+        from megatron.core import parallel_state
+
+        group = parallel_state.get_tensor_model_parallel_group()
+    return group, group.rank(), group.size()
+
+
+def _set_tp_attrs(p: nn.Parameter, is_parallel: bool, dim: int, stride: int) -> None:
+    from megatron.core.tensor_parallel.layers import set_tensor_model_parallel_attributes
+
+    set_tensor_model_parallel_attributes(p, is_parallel=is_parallel, dim=dim, stride=stride)
+
+
+def _local_slice(full: torch.Tensor, dim: int, local: int, stride: int, rank: int, size: int):
+    """This rank's part of ``full`` the way megatron splits weights (``stride`` chunks of
+    ``local / stride`` dealt round-robin to the ranks)."""
+    chunks = torch.split(full, local // stride, dim=dim)
+    return torch.cat(chunks[rank::size], dim=dim)
+
+
+class ParallelLoRAAdapter(nn.Module):
+    """LoRA update of one megatron tensor-parallel linear (see the module docstring).
+
+    Same interface as :class:`~layerfreeze.policies.lora.LoRAAdapter`: ``forward(x, base_out)``
+    (``base_out`` is megatron's ``(output, bias)`` tuple and a tuple is returned),
+    ``merge(base)`` / ``unmerge(base)`` on this rank's weight shard, ``merged``, ``mergeable``,
+    ``gate``; parameters ``lora_a`` / ``lora_b``.
+
+    Args:
+        base: the ``ColumnParallelLinear`` or ``RowParallelLinear``.
+        parallel: ``"column"`` or ``"row"``.
+        r: rank.
+        alpha: scale numerator (update scale ``alpha / r``).
+        dropout: dropout probability on the adapter input.
+        gate: the sub-block's :class:`TokenGate` when gated, else None.
+    """
+
+    def __init__(
+        self,
+        base: nn.Module,
+        parallel: str,
+        r: int,
+        alpha: float,
+        dropout: float = 0.0,
+        gate: TokenGate | None = None,
+    ):
+        super().__init__()
+        if parallel not in ("column", "row"):
+            raise ValueError(f"parallel must be 'column' or 'row', got {parallel!r}")
+        w = base.weight
+        group, rank, size = _tp(base)
+        stride = int(getattr(w, "partition_stride", 1))
+        out_local, in_local = w.shape
+        self.parallel, self.tp_size = parallel, size
+        self.__dict__["_tp_group"] = group  # not a module / parameter: keep it out of state
+        self.in_features, self.out_features = in_local, out_local  # this rank's weight shape
+        self.r, self.alpha, self.scaling = r, float(alpha), float(alpha) / r
+        in_full = in_local * size if parallel == "row" else in_local
+        a_full = torch.empty(r, in_full, dtype=torch.float32)
+        nn.init.kaiming_uniform_(a_full, a=math.sqrt(5))  # fan_in = the full input width
+        if parallel == "row":
+            a_full = _local_slice(a_full, 1, in_local, stride, rank, size)
+        kw = dict(device=w.device, dtype=w.dtype)
+        self.lora_a = nn.Parameter(a_full.to(**kw))
+        self.lora_b = nn.Parameter(torch.zeros(out_local, r, **kw))
+        if parallel == "column":
+            _set_tp_attrs(self.lora_a, False, -1, 1)
+            _set_tp_attrs(self.lora_b, True, 0, stride)
+        else:
+            _set_tp_attrs(self.lora_a, True, 1, stride)
+            _set_tp_attrs(self.lora_b, False, -1, 1)
+        self.lora_dropout = nn.Dropout(dropout) if dropout > 0 else nn.Identity()
+        self.merged = False
+        self.__dict__["_gate"] = gate  # owned by the sub-block (see LoRAAdapter)
+
+    @property
+    def gate(self) -> TokenGate | None:
+        """The sub-block's gate (None when ungated)."""
+        return self.__dict__["_gate"]
+
+    @property
+    def mergeable(self) -> bool:
+        """True when the update can be folded exactly into the weight shard (ungated only)."""
+        return self.gate is None
+
+    def _update(self, x: torch.Tensor, out: torch.Tensor) -> torch.Tensor:
+        from megatron.core.tensor_parallel.mappings import (
+            copy_to_tensor_model_parallel_region,
+            reduce_from_tensor_model_parallel_region,
+        )
+
+        group = self.__dict__["_tp_group"]
+        if isinstance(self.lora_dropout, nn.Dropout):
+            x = self.lora_dropout(x)
+        if x.dtype != self.lora_a.dtype:
+            x = x.to(self.lora_a.dtype)
+        h = F.linear(x, self.lora_a)  # [s, b, r]: partial sums on row-parallel ranks
+        if self.parallel == "row" and self.tp_size > 1:
+            h = reduce_from_tensor_model_parallel_region(h, group=group)
+        gate = self.gate
+        if gate is not None:  # gate maths in fp32 on the rank-r tensor only
+            h = (h.float() * (gate.current(x) * self.scaling)).to(h.dtype)
+        else:
+            h = h * self.scaling
+        if self.parallel == "column" and self.tp_size > 1:
+            h = copy_to_tensor_model_parallel_region(h, group=group)
+        if h.dtype != out.dtype:
+            return out + F.linear(h, self.lora_b).to(out.dtype)
+        out2d = torch.addmm(
+            out.reshape(-1, out.shape[-1]), h.reshape(-1, h.shape[-1]), self.lora_b.t()
+        )
+        return out2d.view(out.shape)
+
+    def forward(self, x: torch.Tensor, base_out):
+        """``base_out`` (megatron's ``(output, bias)``) with the update added to ``output``."""
+        if self.merged:
+            return base_out
+        if isinstance(base_out, tuple):
+            out, *rest = base_out
+            return (self._update(x, out), *rest)
+        return self._update(x, base_out)
+
+    def delta_weight(self) -> torch.Tensor:
+        """``(alpha / r) B A`` shaped like this rank's weight shard."""
+        return (self.lora_b.float() @ self.lora_a.float()) * self.scaling
+
+    @torch.no_grad()
+    def merge(self, base: nn.Module) -> None:
+        """Fold the update into this rank's ``base.weight`` shard (idempotent).
+
+        Raises:
+            ValueError: the adapter is gated (input-dependent, cannot be folded exactly).
+        """
+        if not self.mergeable:
+            raise ValueError(
+                f"{self.gate.where}: a gated LoRA update depends on the input and cannot be merged "
+                "into the base weight; export keeps it in the sidecar instead."
+            )
+        if not self.merged:
+            base.weight.add_(self.delta_weight().to(base.weight.dtype))
+            self.merged = True
+
+    @torch.no_grad()
+    def unmerge(self, base: nn.Module) -> None:
+        """Take a merged update back out of ``base.weight`` (idempotent)."""
+        if self.merged:
+            base.weight.sub_(self.delta_weight().to(base.weight.dtype))
+            self.merged = False
+
+    def extra_repr(self) -> str:
+        return (
+            f"{self.parallel}-parallel, in={self.in_features}, out={self.out_features}, "
+            f"r={self.r}, alpha={self.alpha}, tp={self.tp_size}, gated={self.gate is not None}"
+        )
+
+
+# ---------------------------------------------------------------------------------------------
+# Dispatchers
+
+
+@functools.cache
+def _classes() -> tuple[type, type] | None:
+    try:
+        from megatron.core.tensor_parallel.layers import ColumnParallelLinear, RowParallelLinear
+    except ImportError:  # megatron-core not installed: nothing here can match
+        return None
+    return ColumnParallelLinear, RowParallelLinear
+
+
+def _kind(base: nn.Module) -> str | None:
+    classes = _classes()
+    if classes is None:
+        return None
+    if isinstance(base, classes[0]):
+        return "column"
+    if isinstance(base, classes[1]):
+        return "row"
+    return None
+
+
+def parallel_lora_problem(base: nn.Module) -> str | None:
+    """Why LoRA cannot wrap this megatron linear (None when it can)."""
+    kind = _kind(base)
+    name = type(base).__name__
+    if getattr(base, "weight", None) is None:
+        return f"{name} has no weight of its own (skip_weight_param_allocation)"
+    if getattr(base, "sequence_parallel", False):
+        return (
+            f"{name} runs with sequence parallelism, which layerfreeze's tensor-parallel LoRA "
+            "does not support (the gate and the adapter input would be sequence shards); set "
+            "sequence_parallel=False or use freeze/full on this layer"
+        )
+    if getattr(base, "is_expert", False):
+        return f"{name} is an expert (MoE) linear; LoRA on experts is not supported"
+    if kind == "column" and getattr(base, "gather_output", False):
+        return f"{name} has gather_output=True; only split outputs are supported"
+    if kind == "row" and not getattr(base, "input_is_parallel", True):
+        return f"{name} has input_is_parallel=False; only split inputs are supported"
+    return None
+
+
+def _build(parallel: str):
+    def build(
+        base: nn.Module,
+        *,
+        r: int,
+        alpha: float,
+        dropout: float = 0.0,
+        gate: TokenGate | None = None,
+    ) -> ParallelLoRAAdapter:
+        problem = parallel_lora_problem(base)
+        if problem is not None:
+            where = gate.where if gate is not None else type(base).__name__
+            raise ValueError(f"{where}: {problem}.")
+        return ParallelLoRAAdapter(base, parallel, r=r, alpha=alpha, dropout=dropout, gate=gate)
+
+    return build
+
+
+COLUMN = LoRADispatcher(
+    "megatron.ColumnParallelLinear", lambda m: _kind(m) == "column", _build("column")
+)
+ROW = LoRADispatcher("megatron.RowParallelLinear", lambda m: _kind(m) == "row", _build("row"))
+
+
+def register() -> None:
+    """Put the column- and row-parallel dispatchers first in the LoRA dispatcher list."""
+    register_lora_dispatcher(ROW)
+    register_lora_dispatcher(COLUMN)

@@ -1,0 +1,314 @@
+"""The ``prefix`` policy's branch on megatron-core ``SelfAttention``, per tensor-parallel rank.
+
+Same maths as on Hugging Face models (``layerfreeze/policies/prefix.py``)::
+
+    out = Attn(q, K, V) + f_head * g(h) * softmax(q P_k^T * scaling) P_v
+
+Megatron's ``SelfAttention`` calls its ``core_attention`` with the rotary-embedded query
+``[s, b, heads_local, head_dim]`` and gets ``[s, b, heads_local * head_dim]`` back, which goes
+into the row-parallel ``linear_proj``. A forward hook on ``core_attention`` adds the branch
+there, so each TP rank computes it for its own heads: rank ``t`` holds the prefix keys/values
+of its query groups ``[groups_local, tokens, head_dim]`` and the factors of its heads
+(megatron gives rank ``t`` the contiguous heads ``t*np .. (t+1)*np - 1`` and groups
+``t*ng ..``; query head ``i`` reads group ``i // (np / ng)``, as ``repeat_interleave`` in
+megatron's ``DotProductAttention``). ``linear_proj`` then sums the heads over the ranks.
+
+The gate ``g`` is computed in fp32 from the attention input (the normed hidden states,
+replicated over TP without sequence parallelism) and passed through
+``copy_to_tensor_model_parallel_region`` (identity forward, all-reduce backward): each rank's
+heads contribute to its gradient, so the gate's parameters get the full gradient on every rank.
+Prefix keys/values are drawn full-size from the default torch generator (in step on every TP
+rank) and sliced, so a TP=T model starts with the TP=1 prefix's shards.
+
+Refused with a clear error: TP sizes that do not divide the heads / query groups,
+``reparam`` with TP > 1, sequence parallelism, context parallelism, attention other than
+megatron's ``SelfAttention`` with a ``core_attention`` child.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+from layerfreeze.models import LayerInfo, ModelLayout
+from layerfreeze.policies.base import PolicySpec
+from layerfreeze.policies.lora import _block_input, _has_hook
+from layerfreeze.policies.prefix import (
+    PrefixAdapter,
+    PrefixConfig,
+    PrefixInstaller,
+    register_prefix_installer,
+)
+
+__all__ = ["MegatronPrefix", "register", "split_heads"]
+
+_ADAPTER_ATTR = "prefix_adapter"
+_REF = "_layerfreeze_prefix"  # plain reference from core_attention to the adapter
+
+
+def split_heads(heads: int, groups: int, tp: int, where: str) -> tuple[int, int]:
+    """``(heads, groups)`` per tensor-parallel rank.
+
+    Raises:
+        ValueError: ``tp`` does not divide ``heads`` or ``groups`` (the message names ``where``).
+    """
+    bad = [f"{n} {k}" for n, k in ((heads, "attention heads"), (groups, "query groups")) if n % tp]
+    if tp < 1 or bad:
+        raise ValueError(
+            f"{where}: prefix splits its keys/values by attention head and query group across "
+            f"the {tp} tensor-parallel ranks, but {tp} does not divide {' and '.join(bad)}. "
+            "Use a tensor-parallel size that divides both."
+        )
+    return heads // tp, groups // tp
+
+
+class MegatronPrefix(PrefixAdapter):
+    """:class:`~layerfreeze.policies.prefix.PrefixAdapter` holding one TP rank's heads.
+
+    ``prefix_key`` / ``prefix_value`` are ``(groups_local, tokens, head_dim)``,
+    ``prefix_gating_factor`` ``(heads_local,)``; they carry megatron's tensor-parallel
+    attributes (split along dim 0). :meth:`branch` takes megatron's query layout.
+
+    Args:
+        heads: attention heads of the whole layer.
+        groups: query groups (key/value heads) of the whole layer.
+        head_dim: per-head width.
+        hidden_size: model width (gate input).
+        tokens: prefix tokens.
+        gated: add the input-dependent gate.
+        tp_group: the tensor-parallel process group (None: TP size 1).
+        reparam: reparameterisation width (TP size 1 only).
+        where: layer description for errors.
+        device: parameter device.
+        dtype: dtype of the prefix matrices (factor and gate stay fp32).
+    """
+
+    def __init__(
+        self,
+        heads: int,
+        groups: int,
+        head_dim: int,
+        hidden_size: int,
+        tokens: int,
+        gated: bool = False,
+        tp_group=None,
+        reparam: int | None = None,
+        where: str = "",
+        device: torch.device | str | None = None,
+        dtype: torch.dtype | None = None,
+    ):
+        tp = tp_group.size() if tp_group is not None else 1
+        rank = tp_group.rank() if tp_group is not None else 0
+        np_, ng = split_heads(heads, groups, tp, where)
+        if reparam is not None and tp > 1:
+            raise ValueError(
+                f"{where}: prefix reparam={reparam} is not supported with tensor parallelism "
+                f"(TP={tp}); use reparam=null (the default) or TP=1."
+            )
+        state = torch.get_rng_state()
+        super().__init__(
+            np_,
+            ng,
+            head_dim,
+            hidden_size,
+            tokens,
+            reparam=reparam,
+            gated=gated,
+            device=device,
+            dtype=dtype,
+        )
+        self.__dict__["_tp_group"] = tp_group
+        self.tp_size = tp
+        self.where = where
+        if self.prefix_gate is not None:
+            self.prefix_gate.where = where
+        if reparam is None:
+            # Redraw full-size (same draws as an unsplit adapter) and keep this rank's groups.
+            torch.set_rng_state(state)
+            full_k = torch.randn(groups, tokens, head_dim, dtype=torch.float32)
+            full_v = torch.randn(groups, tokens, head_dim, dtype=torch.float32)
+            with torch.no_grad():
+                self.prefix_key.copy_(full_k[rank * ng : (rank + 1) * ng])
+                self.prefix_value.copy_(full_v[rank * ng : (rank + 1) * ng])
+        from megatron.core.tensor_parallel.layers import set_tensor_model_parallel_attributes
+
+        split = [self.prefix_gating_factor]
+        if reparam is None:
+            split += [self.prefix_key, self.prefix_value]
+        for p in split:
+            set_tensor_model_parallel_attributes(p, is_parallel=True, dim=0, stride=1)
+
+    def branch(self, query: torch.Tensor, scaling: float) -> torch.Tensor:
+        """The scaled branch for megatron's query ``[s, b, heads_local, head_dim]``, returned as
+        ``[s, b, heads_local * head_dim]`` in fp32."""
+        if query.dim() != 4 or query.shape[2] != self.num_heads or query.shape[3] != self.head_dim:
+            raise RuntimeError(
+                f"{self.where}: prefix branch expected megatron's query as [s, b, "
+                f"{self.num_heads} heads, {self.head_dim}], got {tuple(query.shape)}."
+            )
+        k, v = self.keys_values()
+        groups = self.num_heads // self.num_kv_heads
+        k = k.float().repeat_interleave(groups, dim=0)  # (heads_local, tokens, head_dim)
+        v = v.float().repeat_interleave(groups, dim=0)
+        scores = torch.einsum("sbhd,hpd->sbhp", query.float(), k) * scaling
+        out = torch.einsum("sbhp,hpd->sbhd", torch.softmax(scores, dim=-1), v)
+        scale = self.prefix_gating_factor.float().view(1, 1, -1, 1)
+        if self.prefix_gate is not None:
+            g = self.prefix_gate.current(query[:, :, 0, :1])  # (s, b, 1), fp32
+            if self.tp_size > 1:
+                from megatron.core.tensor_parallel.mappings import (
+                    copy_to_tensor_model_parallel_region,
+                )
+
+                g = copy_to_tensor_model_parallel_region(g, group=self.__dict__["_tp_group"])
+            scale = scale * g.unsqueeze(-1)
+        out = out * scale
+        return out.reshape(out.shape[0], out.shape[1], -1)
+
+
+# ---------------------------------------------------------------------------------------------
+# Hooks (module-level functions: deepcopy / pickling of the model stay correct)
+
+
+def _attn_pre_hook(module: nn.Module, args: tuple, kwargs: dict) -> None:
+    adapter = module._modules.get(_ADAPTER_ATTR)
+    if adapter is None:
+        return
+    adapter.pending = True
+    if adapter.prefix_gate is not None:
+        adapter.prefix_gate(_block_input(module, args, kwargs, adapter.where))
+
+
+def _attn_post_hook(module: nn.Module, args: tuple, output) -> None:
+    adapter = module._modules.get(_ADAPTER_ATTR)
+    if adapter is None:
+        return
+    if adapter.prefix_gate is not None:
+        adapter.prefix_gate.clear()
+    if adapter.pending:
+        adapter.pending = False
+        raise RuntimeError(
+            f"{adapter.where}: the prefix branch did not run: this SelfAttention forward did not "
+            "call its core_attention module (dynamic-batching inference or flash decoding "
+            "bypass it); run the model through the static core_attention path."
+        )
+
+
+def _core_attention_hook(module: nn.Module, args: tuple, kwargs: dict, output):
+    adapter = module.__dict__.get(_REF)
+    if adapter is None or not adapter.pending:
+        return output
+    query = args[0] if args else kwargs["query"]
+    adapter.pending = False
+    branch = adapter.branch(query, module.__dict__["_layerfreeze_prefix_scaling"])
+    if isinstance(output, tuple):  # keep any extra outputs as they are
+        return (output[0] + branch.to(output[0].dtype), *output[1:])
+    return output + branch.to(output.dtype)
+
+
+# ---------------------------------------------------------------------------------------------
+# The installer
+
+
+def _is_megatron_attention(attn: nn.Module) -> bool:
+    try:
+        from megatron.core.transformer.attention import SelfAttention
+    except ImportError:
+        return False
+    return isinstance(attn, SelfAttention)
+
+
+def _where(layer: LayerInfo) -> str:
+    return f"layer {layer.index} ({layer.name}.{layer.attn_name})"
+
+
+def _tp_group(attn: nn.Module):
+    pgs = getattr(attn, "pg_collection", None)
+    group = getattr(pgs, "tp", None)
+    if group is None:
+        from megatron.core import parallel_state
+
+        group = parallel_state.get_tensor_model_parallel_group()
+    return group
+
+
+def _check(layer: LayerInfo, spec: PolicySpec, layout: ModelLayout) -> list[str]:
+    opts: PrefixConfig = spec.options if spec.options is not None else PrefixConfig()
+    attn, where = layer.attn, _where(layer)
+    config = attn.config
+    problems = []
+    core = getattr(attn, "core_attention", None)
+    if not isinstance(core, nn.Module):
+        problems.append(f"{where}: megatron attention without a core_attention module.")
+    tp = _tp_group(attn).size()
+    groups = config.num_query_groups or config.num_attention_heads
+    try:
+        split_heads(config.num_attention_heads, groups, tp, where)
+    except ValueError as e:
+        problems.append(str(e))
+    if opts.reparam is not None and tp > 1:
+        problems.append(
+            f"{where}: prefix reparam={opts.reparam} is not supported with tensor parallelism "
+            f"(TP={tp}); use reparam=null (the default) or TP=1."
+        )
+    if getattr(config, "sequence_parallel", False) and tp > 1:
+        problems.append(
+            f"{where}: prefix does not support sequence parallelism (the gate and the branch "
+            "would see sequence shards); set sequence_parallel=False or use freeze/full here."
+        )
+    if getattr(config, "context_parallel_size", 1) > 1:
+        problems.append(f"{where}: prefix does not support context parallelism.")
+    existing = attn._modules.get(_ADAPTER_ATTR)
+    if existing is not None and (existing.tokens, existing.reparam, existing.gated) != (
+        opts.tokens,
+        opts.reparam,
+        opts.gated,
+    ):
+        problems.append(
+            f"{where}: already carries a prefix adapter ({existing.extra_repr()}, "
+            f"gated={existing.gated}) that differs from {spec.describe()}; use the same "
+            "prefix options in every plan that covers this layer."
+        )
+    return problems
+
+
+def _install(layer: LayerInfo, spec: PolicySpec, layout: ModelLayout) -> nn.Module:
+    opts: PrefixConfig = spec.options if spec.options is not None else PrefixConfig()
+    attn = layer.attn
+    adapter = attn._modules.get(_ADAPTER_ATTR)
+    if adapter is None:
+        config = attn.config
+        w = attn.linear_qkv.weight
+        adapter = MegatronPrefix(
+            config.num_attention_heads,
+            config.num_query_groups or config.num_attention_heads,
+            config.kv_channels,
+            config.hidden_size,
+            tokens=opts.tokens,
+            gated=opts.gated,
+            tp_group=_tp_group(attn),
+            reparam=opts.reparam,
+            where=_where(layer),
+            device=w.device,
+            dtype=w.dtype,
+        )
+        attn.add_module(_ADAPTER_ATTR, adapter)
+    core = attn.core_attention
+    core.__dict__[_REF] = adapter
+    core.__dict__["_layerfreeze_prefix_scaling"] = (
+        attn.config.softmax_scale or attn.config.kv_channels**-0.5
+    )
+    if not _has_hook(core._forward_hooks, _core_attention_hook):
+        core.register_forward_hook(_core_attention_hook, with_kwargs=True)
+    if not _has_hook(attn._forward_pre_hooks, _attn_pre_hook):
+        attn.register_forward_pre_hook(_attn_pre_hook, with_kwargs=True)
+        attn.register_forward_hook(_attn_post_hook)
+    return adapter
+
+
+INSTALLER = PrefixInstaller("megatron.SelfAttention", _is_megatron_attention, _check, _install)
+
+
+def register() -> None:
+    """Register the megatron ``SelfAttention`` prefix installer (idempotent)."""
+    register_prefix_installer(INSTALLER)

@@ -1,0 +1,153 @@
+"""megatron_layout on a real one-process megatron-core GPTModel (TP=1, PP=1, CPU shim)."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from torch import nn
+
+from layerfreeze import apply_plan
+from layerfreeze.errors import ConfigError
+from layerfreeze.policies.lora import resolve_lora_targets
+from tests.helpers.megatron import (
+    build_tiny_gpt,
+    destroy_model_parallel,
+    forward_logits,
+    init_model_parallel,
+    megatron_cpu,  # noqa: F401  (fixture)
+    tiny_tokens,
+)
+
+
+@pytest.fixture
+def mp(megatron_cpu):  # noqa: F811
+    init_model_parallel(tp=1, pp=1)
+    yield
+    destroy_model_parallel()
+
+
+def test_layout_of_untied_model(mp):
+    from layerfreeze.engines.megatron import megatron_layout
+
+    model = build_tiny_gpt(num_layers=4, hidden=64, heads=4, query_groups=2)
+    layout = megatron_layout(model)
+    assert [x.index for x in layout.layers] == [0, 1, 2, 3]
+    assert [x.name for x in layout.layers] == [f"decoder.layers.{i}" for i in range(4)]
+    assert all(x.module is model.decoder.layers[i] for i, x in enumerate(layout.layers))
+    assert {(x.attn_name, x.mlp_name) for x in layout.layers} == {("self_attention", "mlp")}
+    assert layout.embeddings == ["embedding.word_embeddings"]
+    assert layout.final_norm == "decoder.final_layernorm"
+    assert layout.lm_head == "output_layer"
+    assert not layout.tied_embeddings
+    assert (layout.hidden_size, layout.num_heads, layout.num_kv_heads, layout.head_dim) == (
+        64,
+        4,
+        2,
+        16,
+    )
+    assert layout.num_layers == layout.num_local_layers == 4
+
+
+def test_layout_of_tied_model_with_learned_positions(mp):
+    from layerfreeze.engines.megatron import megatron_layout
+
+    model = build_tiny_gpt(num_layers=2, tied=True, query_groups=None)
+    layout = megatron_layout(model)
+    assert layout.tied_embeddings
+    assert layout.num_kv_heads == layout.num_heads == 4
+    assert model.output_layer.weight is None  # single stage: the head reads the embedding
+    assert layout.embeddings == ["embedding.word_embeddings"]
+
+    from megatron.core.models.gpt import GPTModel
+    from megatron.core.models.gpt.gpt_layer_specs import get_gpt_layer_local_spec
+
+    from tests.helpers.megatron import tiny_config
+
+    learned = GPTModel(
+        tiny_config(num_layers=2),
+        get_gpt_layer_local_spec(),
+        vocab_size=128,
+        max_sequence_length=32,
+        position_embedding_type="learned_absolute",
+    )
+    assert megatron_layout(learned).embeddings == [
+        "embedding.word_embeddings",
+        "embedding.position_embeddings",
+    ]
+
+
+def test_apply_plan_freeze_deep_and_full(mp):
+    from layerfreeze.engines.megatron import megatron_layout
+
+    model = build_tiny_gpt(num_layers=4)
+    applied = apply_plan(model, "freeze_deep", layout=megatron_layout(model))
+    names = [n for n, _ in model.named_parameters()]
+    expected = [
+        n for n in names if n.startswith(("decoder.layers.0.", "decoder.layers.1.", "embedding."))
+    ]
+    assert applied.trainable_names() == expected
+    assert [n for n, p in model.named_parameters() if p.requires_grad] == expected
+    applied.switch_plan("full")
+    assert all(p.requires_grad for p in model.parameters())
+
+
+def test_chunks_list_and_wrappers(mp):
+    from layerfreeze.engines.megatron import chunks_module, megatron_layout
+
+    model = build_tiny_gpt(num_layers=2)
+    layout = megatron_layout([model])
+    assert [x.name for x in layout.layers] == ["0.decoder.layers.0", "0.decoder.layers.1"]
+    assert layout.final_norm == "0.decoder.final_layernorm"
+    applied = apply_plan(chunks_module([model]), "0:full,1:freeze", layout=layout)
+    assert applied.trainable_names() == [
+        n
+        for n, _ in chunks_module([model]).named_parameters()
+        if n.startswith("0.decoder.layers.0.")
+    ]
+
+    class Wrapper(nn.Module):  # the shape of megatron's DDP / Float16Module wrappers
+        def __init__(self, module):
+            super().__init__()
+            self.module = module
+
+    wrapped = megatron_layout(Wrapper(model))
+    assert [x.name for x in wrapped.layers] == [
+        "module.decoder.layers.0",
+        "module.decoder.layers.1",
+    ]
+    assert wrapped.lm_head == "module.output_layer"
+
+
+def test_lora_targets_and_identity_at_init(mp):
+    from layerfreeze.engines.megatron import megatron_layout
+
+    model = build_tiny_gpt(num_layers=2)
+    layout = megatron_layout(model)
+    layer = layout.layers[0]
+    mlp, problems = resolve_lora_targets(layer, "mlp", layout.hidden_size)
+    assert not problems and sorted(mlp) == [("mlp.linear_fc1", "mlp"), ("mlp.linear_fc2", "mlp")]
+    attn, problems = resolve_lora_targets(layer, "attn", layout.hidden_size)
+    assert not problems and sorted(attn) == [
+        ("self_attention.linear_proj", "self_attention"),
+        ("self_attention.linear_qkv", "self_attention"),
+    ]
+    tokens = tiny_tokens()
+    before = forward_logits(model, tokens)
+    applied = apply_plan(
+        model, "0:lora(r=4,target=all,gated),1:prefix(tokens=3,gated)", layout=layout
+    )
+    torch.testing.assert_close(forward_logits(model, tokens), before, rtol=0, atol=0)
+    assert all(
+        n.split(".")[-1].startswith(("lora_", "prefix_", "weight", "bias"))
+        for n in applied.trainable_names()
+    )
+
+
+def test_not_a_megatron_model_and_bad_plan(mp):
+    from layerfreeze.engines.megatron import megatron_layout
+
+    with pytest.raises(ValueError, match="not a megatron-core GPTModel"):
+        megatron_layout(nn.Linear(2, 2))
+    model = build_tiny_gpt(num_layers=2)
+    with pytest.raises(ConfigError, match="layer 5"):
+        apply_plan(model, "5:full", layout=megatron_layout(model))
