@@ -78,6 +78,18 @@ def _cpu_get_tensor(self, tensor_shape, dtype, name, mem_alloc_context=None):
     return torch.empty(tuple(tensor_shape), dtype=dtype, device="cpu", requires_grad=False)
 
 
+_TENSOR_TYPE = torch.Tensor.type
+
+
+def _cuda_type_name(self, dtype=None, non_blocking=False, **kwargs):
+    """``Tensor.type()`` naming a CPU tensor as its CUDA twin (``torch.cuda.FloatTensor``), the
+    strings megatron's optimizers compare against; conversions (``dtype`` given) unchanged."""
+    if dtype is None and not kwargs:
+        name = _TENSOR_TYPE(self)
+        return name.replace("torch.", "torch.cuda.", 1) if self.device.type == "cpu" else name
+    return _TENSOR_TYPE(self, dtype, non_blocking, **kwargs)
+
+
 def _null_fork(self, name: str = "model-parallel-rng"):
     return contextlib.nullcontext()
 
@@ -112,6 +124,15 @@ def megatron_cpu_shim() -> Iterator[None]:
         patch(torch.cuda, "synchronize", lambda *a, **k: None)
         for mod in (schedules, p2p_communication, tutils):
             patch(mod, "torch", _CpuTorch(torch))
+        # Optimizers, gradient clipping and DDP buffers: ``device="cuda"`` scalars and
+        # ``tensor.type() == "torch.cuda.FloatTensor"`` dtype checks (the CPU type string differs).
+        from megatron.core.distributed import param_and_grad_buffer
+        from megatron.core.optimizer import clip_grads, distrib_optimizer
+        from megatron.core.optimizer import optimizer as moptimizer
+
+        for mod in (moptimizer, clip_grads, distrib_optimizer, param_and_grad_buffer, mutils):
+            patch(mod, "torch", _CpuTorch(torch))
+        patch(torch.Tensor, "type", _cuda_type_name)
         yield
     finally:
         for obj, name, value in reversed(saved):

@@ -1,0 +1,187 @@
+"""Hooks for existing Megatron-LM scripts: a plan-applying model provider and optimizer overrides.
+
+Two lines change in a ``pretrain_gpt.py``-style script (see ``docs/megatron.md``)::
+
+    from layerfreeze.megatron import optimizer_overrides, plan_model_provider
+
+    model_provider = plan_model_provider(model_provider, "freeze_deep")   # 1. before pretrain()
+    ...
+    optimizer = get_megatron_optimizer(                                    # 2. where it is built
+        opt_config, model, config_overrides=optimizer_overrides(model, opt_config))
+
+:func:`plan_model_provider` wraps the provider ``get_model`` calls once per virtual-pipeline
+chunk: it passes through whatever it is given (old ``(pre_process, post_process)`` and new
+``(pre_process, post_process, vp_stage, config, pg_collection)`` styles), then applies the plan
+to the returned ``GPTModel`` by *global* layer index (:func:`megatron_layout`), before
+Megatron wraps it in DDP and builds the optimizer. :func:`optimizer_overrides` turns the plan's
+optimizer groups (per-policy lr scale, weight decay, no decay on norms / biases / gates) into
+``get_megatron_optimizer``'s ``config_overrides``.
+"""
+
+from __future__ import annotations
+
+import functools
+from collections.abc import Callable, Mapping, Sequence
+from typing import Any
+
+from torch import nn
+
+__all__ = ["apply_megatron_plan", "optimizer_overrides", "plan_model_provider"]
+
+#: attribute of a provider-built model holding its ``AppliedPlan``
+APPLIED_ATTR = "layerfreeze_applied"
+
+
+def _unwrap(module: nn.Module) -> nn.Module:
+    while not hasattr(module, "decoder") and isinstance(getattr(module, "module", None), nn.Module):
+        module = module.module
+    return module
+
+
+def apply_megatron_plan(
+    model: nn.Module | Sequence[nn.Module], plan: Any, *, install: Sequence[Any] = ()
+) -> Any:
+    """Apply ``plan`` (and install the adapters of ``install``) to a megatron ``GPTModel`` stage
+    or the list of its virtual-pipeline chunks, addressing layers by global index.
+
+    Args:
+        model: a ``GPTModel`` (not yet DDP-wrapped), a list of chunks, or
+            ``chunks_module(chunks)``.
+        plan: any plan spec ``LayerPlan.parse`` accepts.
+        install: further plans whose adapters must exist (later schedule phases).
+
+    Returns:
+        The ``AppliedPlan`` (its ``model`` is the GPTModel, or a ``ModuleList`` of the chunks).
+    """
+    from layerfreeze.apply import apply_plan
+    from layerfreeze.engines.megatron.layout import chunks_module, megatron_layout
+
+    if isinstance(model, (list, tuple)):
+        model = chunks_module(model) if len(model) > 1 else model[0]
+    chunks = list(model) if isinstance(model, nn.ModuleList) else model
+    return apply_plan(model, plan, install=tuple(install), layout=megatron_layout(chunks))
+
+
+def plan_model_provider(
+    model_provider: Callable[..., nn.Module], plan: Any
+) -> Callable[..., nn.Module]:
+    """Wrap a Megatron-LM model provider so every model it builds trains under ``plan``.
+
+    Args:
+        model_provider: the script's provider, any signature (``(pre_process=True,
+            post_process=True)``, ``(pre_process, post_process, vp_stage=None, config=None,
+            pg_collection=None)``, ...). Arguments are passed through unchanged.
+        plan: a plan spec (``"freeze_deep"``, a dict, a ``LayerPlan``) or a ``PlanSchedule``
+            spec. For a schedule, phase 0 is applied and every phase's adapters are installed;
+            phase switches need :class:`~layerfreeze.engines.megatron.runner.MegatronRunner`
+            (Megatron-LM's ``pretrain`` builds DDP and the optimizer once).
+
+    Returns:
+        A provider with the same call signature; the model it returns carries its
+        ``AppliedPlan`` as ``model.layerfreeze_applied`` (read by :func:`optimizer_overrides`).
+    """
+    from layerfreeze.schedule import PlanSchedule
+
+    is_schedule = (
+        isinstance(plan, Sequence)
+        and not isinstance(plan, (str, Mapping))
+        and all(isinstance(p, Mapping) and "plan" in p for p in plan)
+    )
+    if isinstance(plan, PlanSchedule) or is_schedule:
+        schedule = PlanSchedule.parse(plan)
+        first, rest = schedule.plans[0], tuple(schedule.plans[1:])
+    else:
+        first, rest = plan, ()
+
+    @functools.wraps(model_provider)
+    def provider(*args: Any, **kwargs: Any) -> nn.Module:
+        model = model_provider(*args, **kwargs)
+        applied = apply_megatron_plan(_unwrap(model), first, install=rest)
+        _unwrap(model).__dict__[APPLIED_ATTR] = applied
+        return model
+
+    return provider
+
+
+def _applied_plans(model: Any) -> list[Any]:
+    if hasattr(model, "param_groups") and hasattr(model, "layout"):  # an AppliedPlan
+        return [model]
+    items = list(model) if isinstance(model, (list, tuple, nn.ModuleList)) else [model]
+    out = []
+    for item in items:
+        if hasattr(item, "param_groups") and hasattr(item, "layout"):
+            out.append(item)
+            continue
+        applied = _unwrap(item).__dict__.get(APPLIED_ATTR)
+        if applied is None:
+            raise ValueError(
+                f"optimizer_overrides: {type(item).__name__} carries no layer plan. Build the "
+                "model with plan_model_provider(model_provider, plan), or pass the AppliedPlan."
+            )
+        out.append(applied)
+    return out
+
+
+def optimizer_overrides(
+    model_or_applied: Any,
+    config: Any = None,
+    *,
+    lr: float | None = None,
+    min_lr: float | None = None,
+    weight_decay: float | None = None,
+) -> dict[Any, dict[str, float]]:
+    """``config_overrides`` for ``get_megatron_optimizer`` from the plan's optimizer groups.
+
+    One ``ParamKey`` per group (matching its parameters by identity, so DDP's ``module.`` name
+    prefix does not matter) -> ``ParamGroupOverride`` with ``lr_mult`` (the policy's lr scale),
+    ``max_lr`` / ``min_lr`` (scaled, what megatron-core 0.16's ``OptimizerParamScheduler``
+    reads) and ``wd_mult`` (or ``start_wd`` / ``end_wd`` when the base weight decay is 0).
+    Norms, biases, 1-D tensors and gates get no decay, as on every engine. Passing overrides
+    replaces Megatron's default ones; every trainable parameter is covered here.
+
+    Args:
+        model_or_applied: model chunks built by :func:`plan_model_provider` (DDP-wrapped or
+            not), one such model, an ``AppliedPlan`` or a list of them.
+        config: the ``OptimizerConfig`` (its ``lr``, ``min_lr``, ``weight_decay`` are the
+            defaults of the next three arguments).
+        lr: base learning rate.
+        min_lr: base minimum learning rate (default 0).
+        weight_decay: default weight decay (default 0).
+
+    Returns:
+        ``{ParamKey: ParamGroupOverride}``.
+
+    Raises:
+        ValueError: no lr given, or a model without a plan.
+    """
+    from megatron.core.optimizer import ParamKey, ParamPredicate
+
+    lr = lr if lr is not None else getattr(config, "lr", None)
+    if lr is None:
+        raise ValueError("optimizer_overrides: pass config= (an OptimizerConfig) or lr=.")
+    min_lr = min_lr if min_lr is not None else (getattr(config, "min_lr", None) or 0.0)
+    weight_decay = (
+        weight_decay if weight_decay is not None else float(getattr(config, "weight_decay", 0.0))
+    )
+    groups: dict[tuple[str, float, float], set[int]] = {}
+    for applied in _applied_plans(model_or_applied):
+        for g in applied.param_groups(1.0, weight_decay):
+            key = (str(g["name"]), float(g.get("lr_scale", 1.0)), float(g["weight_decay"]))
+            groups.setdefault(key, set()).update(id(p) for p in g["params"])
+    out: dict[Any, dict[str, float]] = {}
+    for (name, scale, wd), ids in groups.items():
+        frozen_ids = frozenset(ids)
+        override: dict[str, float] = {
+            "lr_mult": scale,
+            "max_lr": float(lr) * scale,
+            "min_lr": float(min_lr) * scale,
+        }
+        if weight_decay > 0:
+            override["wd_mult"] = wd / weight_decay
+        else:
+            override.update({"wd_mult": 1.0, "start_wd": wd, "end_wd": wd})
+        predicate = ParamPredicate(
+            name=f"layerfreeze:{name}", fn=lambda p, ids=frozen_ids: id(p) in ids
+        )
+        out[ParamKey(predicate=predicate)] = override
+    return out

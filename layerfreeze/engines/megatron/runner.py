@@ -1,0 +1,1215 @@
+"""Megatron-core runner: a layer plan trained with megatron-core's DDP, optimizer and pipeline schedule.
+
+:class:`MegatronRunner` satisfies the ``EngineAdapter`` Protocol (:mod:`layerfreeze.engines.base`)
+the training recipe drives, the way ``DeepSpeedRunner`` does for DeepSpeed:
+
+* the plan is applied (adapters installed, ``requires_grad`` set) *before*
+  ``megatron.core.distributed.DistributedDataParallel`` wraps the model, so gradient buffers and
+  the (distributed) optimizer hold exactly the trainable parameters;
+* the optimizer comes from ``get_megatron_optimizer(OptimizerConfig(...), chunks,
+  config_overrides=optimizer_overrides(applied, ...))``: per-policy lr scale and no-decay rules;
+* forward/backward runs through ``get_forward_backward_func()`` (1F1B when pipeline-parallel),
+  one accumulation window of micro-batch dicts (``input_ids``, ``labels``) per optimizer step,
+  with a NaN/Inf guard agreed across data-parallel ranks;
+* plan-schedule phase switches rebuild DDP and the optimizer and carry the fp32 master weights
+  and Adam moments of parameters that stay trainable;
+* checkpoints are atomic (:mod:`layerfreeze.checkpoint`). Weights are stored by *global* key
+  ``<part>.<owner>.<path>`` (``layers.3.lora.mlp.linear_fc1.lora_a.weight``,
+  ``layers.3.base.self_attention.linear_qkv.weight``, ``embeddings.base.embedding.word_embeddings.weight``;
+  ``owner`` is the adapter's policy or ``base``), tensor-parallel shards gathered into whole
+  tensors, so a trainable-only checkpoint loads into any TP/PP layout
+  (:meth:`MegatronRunner.load_trainable_weights`). Optimizer state is stored per rank; full
+  resume (:meth:`MegatronRunner.load_checkpoint`) needs the same layout.
+
+The caller initialises megatron's model-parallel state (``parallel_state.initialize_model_parallel``)
+and builds the model for this rank's stage; :meth:`MegatronRunner.close` tears it down.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import math
+import os
+from collections.abc import Callable, Iterator, Mapping, Sequence
+from pathlib import Path
+from typing import Any
+
+import torch
+import torch.distributed as dist
+from megatron.core import parallel_state as ps
+from megatron.core.distributed import DistributedDataParallel, DistributedDataParallelConfig
+from megatron.core.distributed.finalize_model_grads import finalize_model_grads
+from megatron.core.optimizer import OptimizerConfig, get_megatron_optimizer
+from megatron.core.pipeline_parallel import get_forward_backward_func
+from megatron.core.tensor_parallel import ColumnParallelLinear, RowParallelLinear
+from safetensors import safe_open
+from safetensors.torch import save_file
+from torch import nn
+
+from layerfreeze import checkpoint as ckpt
+from layerfreeze.client_state import load_client_state, save_client_state
+from layerfreeze.engines.base import StepOutput
+from layerfreeze.engines.common import trained_then_frozen
+from layerfreeze.engines.megatron.provider import apply_megatron_plan, optimizer_overrides
+from layerfreeze.registry import POLICIES
+from layerfreeze.utils.logging import get_logger, log_rank0
+
+__all__ = ["MegatronRunner", "optimizer_state_numel"]
+
+logger = get_logger(__name__)
+
+_ADAM_KEYS = ("exp_avg", "exp_avg_sq")
+_META_KEY = "layerfreeze"
+_META_FORMAT = 1
+_IGNORE_INDEX = -100
+
+
+# --------------------------------------------------------------------------------------------
+# small helpers
+# --------------------------------------------------------------------------------------------
+
+
+def _unwrap(module: nn.Module) -> nn.Module:
+    while hasattr(module, "module") and isinstance(module.module, nn.Module):
+        module = module.module
+    return module
+
+
+def _inner_optimizers(optimizer: Any) -> list[Any]:
+    """The per-buffer Megatron optimizers inside a ``ChainedOptimizer`` (or itself)."""
+    return list(getattr(optimizer, "chained_optimizers", [optimizer]))
+
+
+def _split_full(full: torch.Tensor, param: torch.Tensor, rank: int, world: int) -> torch.Tensor:
+    """This TP rank's shard of a whole tensor (megatron's ``partition_dim`` / ``partition_stride``:
+    the whole tensor is cut into ``world * stride`` chunks dealt round-robin to the ranks)."""
+    if world == 1 or not getattr(param, "tensor_model_parallel", False):
+        return full
+    dim, stride = int(param.partition_dim), int(getattr(param, "partition_stride", 1))
+    chunk = full.shape[dim] // (world * stride)
+    pieces = torch.split(full, chunk, dim=dim)
+    return torch.cat(pieces[rank::world], dim=dim)
+
+
+def _gather_tp(param: torch.Tensor, group: Any, world: int) -> torch.Tensor:
+    """The whole tensor of a TP-split parameter (collective over the TP group); others as is."""
+    local = param.detach()
+    if world == 1 or not getattr(param, "tensor_model_parallel", False):
+        return local.clone()
+    dim, stride = int(param.partition_dim), int(getattr(param, "partition_stride", 1))
+    shards = [torch.empty_like(local) for _ in range(world)]
+    dist.all_gather(shards, local.contiguous(), group=group)
+    chunk = local.shape[dim] // stride
+    split = [torch.split(s, chunk, dim=dim) for s in shards]  # split[r][j] = chunk j*world + r
+    return torch.cat([split[r][j] for j in range(stride) for r in range(world)], dim=dim)
+
+
+# --------------------------------------------------------------------------------------------
+# the runner
+# --------------------------------------------------------------------------------------------
+
+
+class MegatronRunner:
+    """Trains a megatron-core model under a layer plan or plan schedule (what ``train.py`` drives).
+
+    Usage (after ``parallel_state.initialize_model_parallel(tp, pp)`` and building this rank's
+    ``GPTModel``; see ``launch/megatron_example.py``)::
+
+        runner = MegatronRunner(model, schedule=schedule, lr=1e-4, weight_decay=0.1,
+                                gradient_accumulation_steps=4)
+        for step in range(runner.global_step, total_steps):
+            out = runner.train_step(next_window())   # list of GAS {"input_ids", "labels"} dicts
+            if out.step % save_every == 0:
+                runner.save_checkpoint(ckpt_dir, client_state={"data": loader.state_dict()})
+        runner.close()
+
+    Every rank of a data-parallel replica (its TP and PP ranks) passes the same micro-batches;
+    replicas differ by :attr:`data_parallel_rank`.
+
+    Args:
+        model: this rank's ``GPTModel`` (a pipeline stage), or the list of its virtual-pipeline
+            chunks; not yet wrapped in DDP. Adapters of every schedule phase are installed here
+            unless ``applied`` is given.
+        plan: a plan spec (single phase), or
+        schedule: a ``PlanSchedule`` spec (several phases), or
+        applied: an ``AppliedPlan`` already applied to the model (with ``schedule`` when it was
+            applied with ``install=`` of the schedule's later phases).
+        lr: peak (base) learning rate.
+        weight_decay: default weight decay (policies may override per parameter).
+        min_lr: the ``min_lr`` of the Megatron ``OptimizerConfig`` (scaled per group like ``lr``).
+        gradient_accumulation_steps: micro-batches per optimizer step (the pipeline's
+            ``num_microbatches``).
+        clip_grad: global gradient-norm clip (0 disables).
+        adam_beta1, adam_beta2, adam_eps: AdamW hyper-parameters.
+        use_distributed_optimizer: shard optimizer state over data-parallel ranks (Megatron's
+            distributed optimizer; DDP then reduce-scatters gradients).
+        lr_scheduler: callable ``optimizer -> torch lr scheduler``. It drives the *unscaled*
+            base lr (the optimizer it gets holds one group with lr ``lr``); each Megatron
+            parameter group then gets ``base lr * its lr scale``. None keeps ``lr`` constant.
+        loss_fn: ``(token_losses [b, s], loss_mask [b, s]) -> scalar`` on the last pipeline
+            stage; default: mean over unmasked tokens (Hugging Face causal-LM loss).
+        optimizer_config: extra ``OptimizerConfig`` fields (e.g. ``{"bf16": True}``).
+        ddp_config: extra ``DistributedDataParallelConfig`` fields.
+    """
+
+    def __init__(
+        self,
+        model: nn.Module | Sequence[nn.Module],
+        *,
+        plan: Any = None,
+        schedule: Any = None,
+        applied: Any = None,
+        lr: float,
+        weight_decay: float = 0.0,
+        min_lr: float = 0.0,
+        gradient_accumulation_steps: int = 1,
+        clip_grad: float = 1.0,
+        adam_beta1: float = 0.9,
+        adam_beta2: float = 0.999,
+        adam_eps: float = 1e-8,
+        use_distributed_optimizer: bool = False,
+        lr_scheduler: Callable[[torch.optim.Optimizer], Any] | None = None,
+        loss_fn: Callable[[torch.Tensor, torch.Tensor], torch.Tensor] | None = None,
+        optimizer_config: Mapping[str, Any] | None = None,
+        ddp_config: Mapping[str, Any] | None = None,
+    ):
+        from layerfreeze.schedule import PlanSchedule
+
+        if not ps.model_parallel_is_initialized():
+            raise RuntimeError(
+                "MegatronRunner: megatron's model-parallel state is not initialised. Call "
+                "megatron.core.parallel_state.initialize_model_parallel(tp, pp) and build the "
+                "model for this rank before creating the runner."
+            )
+        if int(gradient_accumulation_steps) < 1:
+            raise ValueError(
+                f"gradient_accumulation_steps: must be >= 1, got {gradient_accumulation_steps}."
+            )
+        if plan is not None and schedule is not None:
+            raise ValueError(
+                "MegatronRunner: pass plan= or schedule=, not both (a plan is a one-phase schedule)."
+            )
+        chunks = list(model) if isinstance(model, (list, tuple, nn.ModuleList)) else [model]
+        if any(isinstance(c, DistributedDataParallel) for c in chunks):
+            raise ValueError(
+                "MegatronRunner: the model is already wrapped in DistributedDataParallel. Pass the "
+                "bare model: the plan must set requires_grad before DDP builds its gradient buffers."
+            )
+        self.chunks: list[nn.Module] = chunks
+        self._root: nn.Module = chunks[0] if len(chunks) == 1 else nn.ModuleList(chunks)
+        if schedule is None:
+            if plan is None and applied is None:
+                raise ValueError("MegatronRunner: pass plan=, schedule= or applied=.")
+            schedule = PlanSchedule.single(plan if plan is not None else applied.plan)
+        self.schedule = PlanSchedule.parse(schedule)
+        if applied is None:
+            applied = apply_megatron_plan(
+                self._root, self.schedule.plans[0], install=tuple(self.schedule.plans[1:])
+            )
+        elif applied.plan.to_dict() != self.schedule.plans[0].to_dict():
+            raise ValueError(
+                f"MegatronRunner: applied= trains {applied.plan} but the schedule starts with "
+                f"{self.schedule.plans[0]}. Apply the schedule's first plan (install= the others)."
+            )
+        self.applied = applied
+        self.lr = float(lr)
+        self.min_lr = float(min_lr)
+        self.weight_decay = float(weight_decay)
+        self._gas = int(gradient_accumulation_steps)
+        self._loss_fn = loss_fn or _masked_mean
+        self._opt_kwargs = dict(
+            optimizer="adam",
+            lr=self.lr,
+            min_lr=self.min_lr,
+            weight_decay=self.weight_decay,
+            adam_beta1=float(adam_beta1),
+            adam_beta2=float(adam_beta2),
+            adam_eps=float(adam_eps),
+            clip_grad=float(clip_grad),
+            use_distributed_optimizer=bool(use_distributed_optimizer),
+        )
+        self._opt_kwargs.update(dict(optimizer_config or {}))
+        cfg0 = self.chunks[0].config
+        self._opt_kwargs.setdefault("params_dtype", cfg0.params_dtype)
+        self._opt_kwargs.setdefault("bf16", cfg0.params_dtype == torch.bfloat16)
+        self._opt_kwargs.setdefault("fp16", cfg0.params_dtype == torch.float16)
+        self._ddp_kwargs = dict(
+            grad_reduce_in_fp32=True,
+            overlap_grad_reduce=False,
+            use_distributed_optimizer=bool(self._opt_kwargs["use_distributed_optimizer"]),
+        )
+        self._ddp_kwargs.update(dict(ddp_config or {}))
+        # The base-lr schedule lives on a one-group tracker so it survives optimizer rebuilds and
+        # ranks without trainable parameters; every Megatron group gets base lr * its lr scale.
+        self._tracker = torch.optim.SGD([nn.Parameter(torch.zeros(1))], lr=self.lr)
+        self.lr_scheduler = lr_scheduler(self._tracker) if lr_scheduler is not None else None
+        self.phase = 0
+        self.global_step = 0
+        self.bad_micro_batches = 0
+        self.skipped_steps = 0
+        self.ddp_chunks: list[DistributedDataParallel] = []
+        self.optimizer: Any = None
+        self._build()
+
+    # ---- construction ----------------------------------------------------------------------
+
+    def _build(self) -> None:
+        """Wrap the chunks in DDP and build the optimizer from the current ``requires_grad``."""
+        trainable = {n for n, p in self._root.named_parameters() if p.requires_grad}
+        expected = set(self.applied.trainable_names())
+        if trainable != expected:
+            raise AssertionError(
+                "requires_grad is not final before Megatron DDP: trainable but not in the plan "
+                f"{sorted(trainable - expected)[:5]}; in the plan but frozen "
+                f"{sorted(expected - trainable)[:5]}"
+            )
+        self.ddp_chunks = []
+        for i, chunk in enumerate(self.chunks):
+            ddp_cfg = DistributedDataParallelConfig(**self._ddp_kwargs)
+            self.ddp_chunks.append(
+                DistributedDataParallel(
+                    config=chunk.config, ddp_config=ddp_cfg, module=chunk, disable_bucketing=i > 0
+                )
+            )
+        config = self.chunks[0].config
+        config.finalize_model_grads_func = finalize_model_grads
+        no_sync = [c.no_sync for c in self.ddp_chunks]
+        config.no_sync_func = no_sync[0] if len(no_sync) == 1 else no_sync
+        config.grad_sync_func = None
+        config.param_sync_func = None
+        opt_cfg = OptimizerConfig(**self._opt_kwargs)
+        self.optimizer = get_megatron_optimizer(
+            opt_cfg,
+            self.ddp_chunks,
+            config_overrides=optimizer_overrides(
+                self.applied, lr=self.lr, min_lr=self.min_lr, weight_decay=self.weight_decay
+            ),
+        )
+        self._apply_lr()
+
+    def _teardown(self) -> None:
+        """Detach the current DDP wrappers: their gradient hooks stay registered on the
+        parameters' accumulators, so they are emptied (no bucket lookups, no buffers kept)."""
+        for c in self.ddp_chunks:
+            c.param_to_bucket_group = {}
+            c.buffers, c.bucket_groups = [], []
+            c.expert_parallel_buffers, c.expert_parallel_bucket_groups = [], []
+        for _, p in self._root.named_parameters():
+            for attr in ("main_grad", "grad_added_to_main_grad"):
+                if hasattr(p, attr):
+                    delattr(p, attr)
+            p.grad = None
+        self.ddp_chunks = []
+        self.optimizer = None
+
+    # ---- Protocol: facts -------------------------------------------------------------------
+
+    @property
+    def model(self) -> nn.Module:
+        """This rank's unwrapped module (a ``ModuleList`` of chunks under virtual pipelining)."""
+        return self._root
+
+    @property
+    def rank(self) -> int:
+        """Global rank."""
+        return dist.get_rank() if dist.is_initialized() else 0
+
+    @property
+    def world_size(self) -> int:
+        """Data-parallel size (each replica reads its own micro-batches)."""
+        return ps.get_data_parallel_world_size()
+
+    @property
+    def data_parallel_rank(self) -> int:
+        """This rank's data-parallel rank (which data shard it reads)."""
+        return ps.get_data_parallel_rank()
+
+    @property
+    def device(self) -> torch.device:
+        """Where micro-batches go (the model's device)."""
+        for p in self._root.parameters():
+            return p.device
+        return torch.device("cpu")
+
+    @property
+    def gradient_accumulation_steps(self) -> int:
+        """Micro-batches per optimizer step."""
+        return self._gas
+
+    @property
+    def param_groups(self) -> list[dict[str, Any]]:
+        """The Megatron optimizer's parameter groups (``lr``, ``lr_mult``, ``weight_decay``, ...)."""
+        return list(self.optimizer.param_groups)
+
+    def iter_layers(self) -> Iterator[tuple[int, nn.Module]]:
+        """``(global layer index, TransformerLayer)`` of the layers this rank holds."""
+        for layer in self.applied.layout.layers:
+            yield layer.index, layer.module
+
+    @staticmethod
+    def linear_kinds() -> tuple[type, ...]:
+        """Linear module types adapters wrap under Megatron (tensor-parallel linears)."""
+        return (ColumnParallelLinear, RowParallelLinear)
+
+    # ---- learning rate ---------------------------------------------------------------------
+
+    @property
+    def base_lr(self) -> float:
+        """The scheduled, unscaled lr (a group with lr scale 1 uses it)."""
+        return float(self._tracker.param_groups[0]["lr"])
+
+    def _apply_lr(self) -> None:
+        base = self.base_lr
+        for g in self.optimizer.param_groups:
+            g["lr"] = base * float(g.get("lr_mult", 1.0))
+            g["weight_decay"] = float(g.get("start_wd", self.weight_decay)) * float(
+                g.get("wd_mult", 1.0)
+            )
+
+    # ---- optimizer state access --------------------------------------------------------------
+
+    def _owner(self, param: nn.Parameter) -> Any:
+        for opt in _inner_optimizers(self.optimizer):
+            if hasattr(opt, "model_param_group_index_map"):  # distributed optimizer
+                if param in getattr(opt, "model_param_gbuf_map", {}):
+                    return opt
+            elif getattr(opt, "optimizer", None) is not None:
+                if any(param is q for g in _float16_pairs(opt) for q in g[0]) or any(
+                    param is q for g in opt.optimizer.param_groups for q in g["params"]
+                ):
+                    return opt
+        return None
+
+    def _local_state(self, param: nn.Parameter) -> tuple[dict[str, torch.Tensor], slice | None]:
+        """This rank's (master, Adam moments, step) of ``param`` and the flat range it covers
+        (None: the whole parameter; an empty dict: this rank holds none of it)."""
+        opt = self._owner(param)
+        if opt is None:
+            return {}, None
+        if hasattr(opt, "model_param_group_index_map"):
+            if param not in opt.model_param_group_index_map:
+                return {}, slice(0, 0)
+            rng = opt._get_model_param_range_map(param)["param"]
+            gi, go = opt.model_param_group_index_map[param]
+            main = opt.optimizer.param_groups[gi]["params"][go]
+            state = opt.optimizer.state.get(main, {})
+            return {"master": main, **state}, slice(rng.start, rng.end)
+        main = param
+        for lp_group, hp_group in _float16_pairs(opt):
+            for lp, hp in zip(lp_group, hp_group, strict=True):
+                if lp is param:
+                    main = hp
+        return {"master": main, **opt.optimizer.state.get(main, {})}, None
+
+    def _full_state(self, param: nn.Parameter) -> dict[str, torch.Tensor]:
+        """Whole fp32 master, Adam moments and step of ``param`` on this rank (collective over the
+        data-parallel group under the distributed optimizer)."""
+        local, rng = self._local_state(param)
+        if not self._opt_kwargs["use_distributed_optimizer"]:
+            out = {k: v.detach().float().clone() for k, v in local.items()}
+            if "step" in out:
+                out["step"] = out["step"].reshape(())
+            return out
+        n = param.numel()
+        flat = torch.zeros(3, n, dtype=torch.float32, device=param.device)
+        step = torch.zeros(1, dtype=torch.float64, device=param.device)
+        if local and rng is not None and rng.stop > rng.start:
+            for row, key in enumerate(("master", *_ADAM_KEYS)):
+                if key in local:
+                    flat[row, rng] = local[key].detach().float().view(-1)
+            if "step" in local:
+                step[0] = float(local["step"])
+        group = ps.get_data_parallel_group()
+        dist.all_reduce(flat, group=group)
+        dist.all_reduce(step, op=dist.ReduceOp.MAX, group=group)
+        out = {"master": flat[0].view_as(param)}
+        if step[0] > 0:
+            out.update({k: flat[i + 1].view_as(param) for i, k in enumerate(_ADAM_KEYS)})
+            out["step"] = torch.tensor(float(step[0]))
+        return out
+
+    def _set_state(self, param: nn.Parameter, full: Mapping[str, torch.Tensor]) -> None:
+        """Write whole master / moments / step into this rank's optimizer (its range of them)."""
+        local, rng = self._local_state(param)
+        if not local or (rng is not None and rng.stop <= rng.start):
+            return
+        opt = self._owner(param)
+        main = local["master"]
+
+        def piece(t: torch.Tensor) -> torch.Tensor:
+            t = t.to(device=main.device, dtype=torch.float32)
+            return t.reshape(-1)[rng].view_as(main) if rng is not None else t.view_as(main)
+
+        with torch.no_grad():
+            main.copy_(piece(full["master"]).to(main.dtype))
+            if main is not param and rng is None:
+                param.copy_(full["master"].to(device=param.device, dtype=param.dtype))
+            if "step" in full:
+                st = opt.optimizer.state[main]
+                st["step"] = torch.tensor(float(full["step"]), dtype=torch.float32)
+                for k in _ADAM_KEYS:
+                    st[k] = piece(full[k]).clone().to(main.dtype)
+
+    def optimizer_state_numel(self) -> dict[str, int]:
+        """See :func:`optimizer_state_numel` (collective)."""
+        return optimizer_state_numel(self.optimizer)
+
+    def grad_buffer_numel(self) -> int:
+        """Elements in this rank's DDP gradient buffers (padding excluded): the trainable
+        parameters it holds, never a frozen one."""
+        total = 0
+        for c in self.ddp_chunks:
+            for buf in c.buffers + c.expert_parallel_buffers:
+                total += sum(p.numel() for p in buf.params)
+        return total
+
+    # ---- plan-schedule phases ---------------------------------------------------------------
+
+    def maybe_switch_phase(self, global_step: int | None = None) -> bool:
+        """Switch to the phase ``global_step`` falls in (default: the current step), if different.
+
+        Returns:
+            True when a switch happened.
+        """
+        step = self.global_step if global_step is None else global_step
+        target = self.schedule.phase_at(step)
+        if target == self.phase:
+            return False
+        self._switch_phase(target, carry=True)
+        return True
+
+    def _switch_phase(self, target: int, carry: bool) -> None:
+        new_plan = self.schedule.plans[target]
+        params = dict(self._root.named_parameters())
+        stay = set(self.applied.trainable_names()) & set(self.applied.trainable_names_for(new_plan))
+        carried: dict[str, dict[str, torch.Tensor]] = {}
+        if carry:
+            for n in self.applied.trainable_names():  # same order on every rank
+                if n in stay:
+                    carried[n] = self._full_state(params[n])
+        self._teardown()
+        self.applied = self.applied.switch_plan(new_plan)
+        self.phase = target
+        self._build()
+        for n, state in carried.items():
+            self._set_state(params[n], state)
+        log_rank0(
+            logger,
+            "plan-schedule phase %d: %s (%d trainable params on this rank, %d carried)",
+            target,
+            new_plan,
+            sum(params[n].numel() for n in self.applied.trainable_names()),
+            len(carried),
+        )
+
+    # ---- forward / backward ------------------------------------------------------------------
+
+    def _batch(
+        self, mb: Mapping[str, Any]
+    ) -> tuple[torch.Tensor, torch.Tensor | None, torch.Tensor | None]:
+        """(input_ids, shifted labels, loss mask) on the model's device."""
+        ids = mb["input_ids"].to(self.device)
+        mask = mb.get("attention_mask")
+        if mask is not None and not bool(torch.all(mask != 0)):
+            raise ValueError(
+                "micro-batch attention_mask: padding (zeros) is not supported by the Megatron "
+                "runner; pack sequences to full length (the recipe's PackedDataset does) or drop "
+                "the mask."
+            )
+        labels = mb.get("labels")
+        if labels is None:
+            return ids, None, None
+        labels = labels.to(self.device)
+        # Hugging Face labels are the inputs (the model shifts); Megatron wants the next token.
+        shifted = torch.full_like(labels, _IGNORE_INDEX)
+        shifted[:, :-1] = labels[:, 1:]
+        loss_mask = (shifted != _IGNORE_INDEX).float()
+        return ids, shifted.clamp(min=0), loss_mask
+
+    def _run(
+        self,
+        micro_batches: Sequence[Mapping[str, Any]],
+        forward_only: bool,
+        loss_func: Callable[..., Any],
+    ) -> list[Any]:
+        """One pass of megatron's schedule over ``micro_batches``; returns the last stage's
+        per-micro-batch ``loss_func`` outputs (empty on other stages)."""
+        shapes = {tuple(mb["input_ids"].shape) for mb in micro_batches}
+        if len(shapes) != 1:
+            raise ValueError(
+                f"micro-batches: every input_ids of one window must have one shape, got {sorted(shapes)}."
+            )
+        b, t = next(iter(shapes))
+
+        def forward_step(data_iterator, model):
+            mb = next(data_iterator)
+            ids, labels, loss_mask = self._batch(mb)
+            pos = torch.arange(t, device=ids.device).unsqueeze(0).expand(b, t)
+            out = model(ids, pos, None, labels=labels)
+            return out, lambda output: loss_func(output, loss_mask)
+
+        iters: Any = [iter(micro_batches) for _ in self.ddp_chunks]
+        fb = get_forward_backward_func()
+        return fb(
+            forward_step_func=forward_step,
+            data_iterator=iters if len(iters) > 1 else iters[0],
+            model=self.ddp_chunks if len(self.ddp_chunks) > 1 else self.ddp_chunks[0],
+            num_microbatches=len(micro_batches),
+            seq_length=t,
+            micro_batch_size=b,
+            forward_only=forward_only,
+        )
+
+    def _from_last_stage(self, t: torch.Tensor) -> torch.Tensor:
+        """``t`` as held by this pipeline's last stage, on every rank of the pipeline group."""
+        if ps.get_pipeline_model_parallel_world_size() == 1:
+            return t
+        dist.broadcast(
+            t,
+            src=ps.get_pipeline_model_parallel_last_rank(),
+            group=ps.get_pipeline_model_parallel_group(),
+        )
+        return t
+
+    def train_step(
+        self, micro_batches: Sequence[Mapping[str, Any]], grad_norms: bool = False
+    ) -> StepOutput:
+        """Run one optimizer step over ``gradient_accumulation_steps`` micro-batches.
+
+        Switches plan-schedule phase first when the step crosses a boundary. A micro-batch whose
+        loss is NaN/Inf on any data-parallel rank contributes an exact zero gradient on every
+        rank (counted in ``bad_micro_batches``); when all are bad, or the reduced gradient is
+        not finite, no parameter moves (counted in ``skipped_steps``).
+
+        Args:
+            micro_batches: exactly ``gradient_accumulation_steps`` dicts with ``input_ids`` (and
+                ``labels``, Hugging Face convention: the model shifts) of one shape.
+            grad_norms: also return per-layer-group gradient norms (``layers.<global i>``, ...).
+
+        Returns:
+            The :class:`StepOutput` of this step (same values on every rank).
+        """
+        gas = self._gas
+        if len(micro_batches) != gas:
+            raise ValueError(
+                f"train_step: got {len(micro_batches)} micro-batches, gradient_accumulation_steps "
+                f"is {gas}. Pass exactly {gas}."
+            )
+        if any(mb.get("labels") is None for mb in micro_batches):
+            raise ValueError(
+                "train_step: every micro-batch needs 'labels' (Hugging Face convention)."
+            )
+        self.maybe_switch_phase()
+        for c in self.ddp_chunks:
+            c.train()
+            c.zero_grad_buffer()
+        self.optimizer.zero_grad()
+        dp_group = ps.get_data_parallel_group()
+        dp_size = ps.get_data_parallel_world_size()
+        flags: list[float] = []
+        losses: list[float] = []
+
+        def loss_func(output: torch.Tensor, loss_mask: torch.Tensor):
+            loss = self._loss_fn(output.float(), loss_mask)
+            value = float(loss.detach())
+            finite = math.isfinite(value)
+            agree = torch.tensor(
+                [value if finite else 0.0, 0.0 if finite else 1.0], dtype=torch.float64
+            )
+            dist.all_reduce(agree, group=dp_group)  # every last-stage rank runs this in step
+            bad = float(agree[1]) > 0
+            flags.append(1.0 if bad else 0.0)
+            if bad:
+                loss = output.sum() * 0.0  # d/d(output) is exactly 0: nothing accumulates
+            else:
+                losses.append(float(agree[0]) / dp_size)
+            return loss, {"loss": loss.detach()}
+
+        self._run(micro_batches, forward_only=False, loss_func=loss_func)
+        summary = torch.zeros(gas + 2, dtype=torch.float64)
+        if flags:
+            summary[:gas] = torch.tensor(flags, dtype=torch.float64)
+            summary[gas] = sum(losses)
+            summary[gas + 1] = len(losses)
+        summary = self._from_last_stage(summary)
+        bad = int(summary[:gas].sum())
+        mean_loss = float(summary[gas] / summary[gas + 1]) if summary[gas + 1] > 0 else float("nan")
+        finite_grads = self._grads_finite()
+        skipped = bad == gas or not finite_grads
+        norms = self.layer_grad_norms() if grad_norms and finite_grads else {}
+        lr = self.base_lr
+        self._apply_lr()
+        grad_norm = None
+        if skipped:
+            for c in self.ddp_chunks:
+                c.zero_grad_buffer()
+            self.optimizer.zero_grad()
+        else:
+            ok, gnorm, _ = self.optimizer.step()
+            if not ok:
+                skipped = True
+            grad_norm = None if gnorm is None else float(gnorm)
+        if self.lr_scheduler is not None:
+            self.lr_scheduler.step()
+        self.global_step += 1
+        self.bad_micro_batches += bad
+        self.skipped_steps += int(skipped)
+        return StepOutput(
+            step=self.global_step,
+            loss=mean_loss,
+            lr=lr,
+            bad_micro_batches=bad,
+            skipped=skipped,
+            grad_norms=norms,
+            phase=self.phase,
+            grad_norm=grad_norm,
+        )
+
+    def _grads_finite(self) -> bool:
+        """Whether every reduced gradient is finite on every rank (collective over the world)."""
+        local = 0.0
+        for c in self.ddp_chunks:
+            for buf in c.buffers + c.expert_parallel_buffers:
+                if not bool(torch.isfinite(buf.grad_data).all()):
+                    local = 1.0
+        t = torch.tensor([local], dtype=torch.float64)
+        if dist.is_initialized():
+            dist.all_reduce(t, op=dist.ReduceOp.MAX)
+        return float(t[0]) == 0.0
+
+    def _group_index(self) -> tuple[list[str], dict[str, int]]:
+        keys = [f"layers.{i}" for i in range(self.applied.layout.num_layers)]
+        keys += ["embeddings", "final_norm", "lm_head", "other"]
+        return keys, {k: i for i, k in enumerate(keys)}
+
+    def layer_grad_norms(self) -> dict[str, float]:
+        """L2 norm of the reduced gradient per layer group (``layers.<global i>``, ``embeddings``,
+        ``final_norm``, ``lm_head``) over the whole model; groups with no trainable parameter on
+        any rank are left out. Collective over all ranks (a stage with every layer frozen joins
+        with zeros). Call after the backward pass, before the optimizer step."""
+        keys, index = self._group_index()
+        sq = torch.zeros(len(keys), dtype=torch.float64)
+        has = torch.zeros(len(keys), dtype=torch.float64)
+        params = dict(self._root.named_parameters())
+        tp_rank = ps.get_tensor_model_parallel_rank()
+        dp_rank = ps.get_data_parallel_rank()
+        use_do = self._opt_kwargs["use_distributed_optimizer"]
+        for group, names in self.applied.layer_groups().items():
+            for n in names:
+                p = params[n]
+                if _is_tied_copy(n, p):
+                    continue
+                has[index[group]] = 1.0
+                if not getattr(p, "tensor_model_parallel", False) and tp_rank != 0:
+                    continue  # replicated across TP: count once
+                g = getattr(p, "main_grad", None)
+                if g is None:
+                    continue
+                g = g.detach().float().reshape(-1)
+                if use_do:
+                    opt = self._owner(p)
+                    if opt is None or p not in opt.model_param_group_index_map:
+                        continue
+                    rng = opt._get_model_param_range_map(p)["param"]
+                    g = g[rng.start : rng.end]
+                elif dp_rank != 0:
+                    continue
+                sq[index[group]] += float(g.pow(2).sum())
+        if dist.is_initialized():
+            dist.all_reduce(sq)
+            dist.all_reduce(has, op=dist.ReduceOp.MAX)
+        return {k: math.sqrt(float(sq[i])) for i, k in enumerate(keys) if has[i] > 0}
+
+    # ---- evaluation ---------------------------------------------------------------------------
+
+    @torch.no_grad()
+    def evaluate_loss(self, micro_batch: Mapping[str, Any]) -> float:
+        """Loss of one batch without training: mean over data-parallel ranks, on every rank
+        (collective)."""
+        out: list[float] = []
+
+        def loss_func(output: torch.Tensor, loss_mask: torch.Tensor):
+            loss = self._loss_fn(output.float(), loss_mask)
+            out.append(float(loss))
+            return loss, {"loss": loss.detach()}
+
+        for c in self.ddp_chunks:
+            c.eval()
+        try:
+            self._run([micro_batch], forward_only=True, loss_func=loss_func)
+        finally:
+            for c in self.ddp_chunks:
+                c.train()
+        t = torch.tensor([out[0] if out else 0.0], dtype=torch.float64)
+        t = self._from_last_stage(t)
+        dist.all_reduce(t, group=ps.get_data_parallel_group())
+        return float(t[0]) / ps.get_data_parallel_world_size()
+
+    def eval_model(self) -> Callable[[torch.Tensor], torch.Tensor]:
+        """A callable ``input_ids [B, T] -> logits [B, T, V]`` (float32, CPU) for the scorer and
+        diagnostics. Every rank of the model-parallel group must call it in lockstep with the
+        same ``input_ids``; each gets the whole logits (gathered across TP, run through the
+        pipeline with ``forward_only`` and broadcast from the last stage)."""
+        from megatron.core.tensor_parallel.mappings import gather_from_tensor_model_parallel_region
+
+        vocab = int(_unwrap(self.chunks[-1]).vocab_size)
+
+        @torch.no_grad()
+        def logits_of(input_ids: torch.Tensor) -> torch.Tensor:
+            got: list[torch.Tensor] = []
+
+            def loss_func(output: torch.Tensor, loss_mask: Any):
+                whole = gather_from_tensor_model_parallel_region(output)
+                got.append(whole.float())
+                return output.sum() * 0.0, {}
+
+            ids = input_ids.to(self.device)
+            for c in self.ddp_chunks:
+                c.eval()
+            try:
+                self._run([{"input_ids": ids}], forward_only=True, loss_func=loss_func)
+            finally:
+                for c in self.ddp_chunks:
+                    c.train()
+            b, t = ids.shape
+            out = (
+                got[0][..., :vocab].contiguous()
+                if got
+                else torch.empty(b, t, vocab, dtype=torch.float32, device=ids.device)
+            )
+            return self._from_last_stage(out).cpu()
+
+        return logits_of
+
+    # ---- weights by global key ------------------------------------------------------------------
+
+    def _global_keys(self) -> dict[str, str]:
+        """Local parameter name -> global key ``<part>.<owner>.<path>`` (see module docstring)."""
+        prefixes = {p.param_prefix: name for name, p in POLICIES.items() if p.param_prefix}
+        layers = {f"layers.{x.index}": x for x in self.applied.layout.layers}
+        chunk_prefix = len(self.chunks) > 1
+        out = {}
+        for part, names in self.applied._partition().items():
+            for n in names:
+                if part in layers:
+                    rel = n[len(layers[part].name) + 1 :]
+                else:
+                    rel = n.split(".", 1)[1] if chunk_prefix else n
+                owner = "base"
+                for piece in rel.split("."):
+                    hit = next(
+                        (pol for pre, pol in prefixes.items() if piece.startswith(pre)), None
+                    )
+                    if hit:
+                        owner = hit
+                        break
+                out[n] = f"{part}.{owner}.{rel}"
+        return out
+
+    def _stage_tensors(self, names: Sequence[str] | None) -> dict[str, torch.Tensor]:
+        """Whole (TP-gathered) tensors of this rank's ``names`` (all parameters when None), by
+        global key; collective over the TP group. Tied output copies are left out."""
+        keys = self._global_keys()
+        params = dict(self._root.named_parameters())
+        group, world = (
+            ps.get_tensor_model_parallel_group(),
+            ps.get_tensor_model_parallel_world_size(),
+        )
+        wanted = list(params) if names is None else [n for n in params if n in set(names)]
+        out = {}
+        for n in wanted:
+            if _is_tied_copy(n, params[n]):
+                continue
+            out[keys[n]] = _gather_tp(params[n], group, world).cpu().contiguous()
+        return out
+
+    def _write_weights(self, directory: Path, names: Sequence[str] | None) -> None:
+        tensors = self._stage_tensors(names)
+        if ps.get_tensor_model_parallel_rank() == 0 and ps.get_data_parallel_rank() == 0:
+            directory.mkdir(parents=True, exist_ok=True)
+            pp = ps.get_pipeline_model_parallel_rank()
+            save_file(tensors, str(directory / f"stage_{pp:03d}.safetensors"))
+
+    @torch.no_grad()
+    def _read_weights(self, directory: Path, required: Sequence[str]) -> list[str]:
+        """Copy every tensor this rank holds from ``directory`` (any TP/PP layout); returns the
+        local names that were loaded. Raises when a name in ``required`` has no tensor."""
+        files = sorted(directory.glob("stage_*.safetensors"))
+        if not files:
+            raise ckpt.CheckpointError(f"{directory}: no weight files (stage_*.safetensors).")
+        keys = self._global_keys()
+        params = dict(self._root.named_parameters())
+        rank, world = ps.get_tensor_model_parallel_rank(), ps.get_tensor_model_parallel_world_size()
+        found: dict[str, tuple[Path, str]] = {}
+        for f in files:
+            with safe_open(str(f), framework="pt") as h:
+                for k in h.keys():
+                    found[k] = (f, k)
+        loaded = []
+        for n, p in params.items():
+            key = keys[n]
+            if _is_tied_copy(n, p):  # the last stage's copy of tied embeddings
+                key = next(
+                    (k for k in found if k.endswith(".embedding.word_embeddings.weight")), key
+                )
+            if key not in found:
+                continue
+            f, k = found[key]
+            with safe_open(str(f), framework="pt") as h:
+                full = h.get_tensor(k)
+            shard = _split_full(full, p, rank, world)
+            if tuple(shard.shape) != tuple(p.shape):
+                raise ckpt.CheckpointError(
+                    f"{f}: {key} has shape {tuple(full.shape)}, which does not fit {n} "
+                    f"{tuple(p.shape)} at tensor-parallel size {world}. The checkpoint belongs to "
+                    "another model."
+                )
+            p.copy_(shard.to(device=p.device, dtype=p.dtype))
+            loaded.append(n)
+        missing = sorted(set(required) - set(loaded))
+        if missing:
+            raise ckpt.CheckpointError(
+                f"{directory}: no tensor for {[keys[n] for n in missing][:5]}"
+                f"{' ...' if len(missing) > 5 else ''}. The checkpoint was saved for another plan."
+            )
+        return loaded
+
+    # ---- checkpoints ------------------------------------------------------------------------------
+
+    def _layout_meta(self) -> dict[str, Any]:
+        return {
+            "tensor_parallel": ps.get_tensor_model_parallel_world_size(),
+            "pipeline_parallel": ps.get_pipeline_model_parallel_world_size(),
+            "virtual_chunks": len(self.chunks),
+            "data_parallel": ps.get_data_parallel_world_size(),
+            "world_size": dist.get_world_size() if dist.is_initialized() else 1,
+            "distributed_optimizer": bool(self._opt_kwargs["use_distributed_optimizer"]),
+        }
+
+    def save_checkpoint(
+        self,
+        ckpt_dir: str | os.PathLike,
+        step: int | None = None,
+        client_state: Mapping[str, Any] | None = None,
+        keep_last: int | None = None,
+        trainable_only: bool = False,
+    ) -> Path:
+        """Save an atomic checkpoint (every rank must call it, also stages with no trainable
+        parameter).
+
+        Layout: ``weights/stage_<pp>.safetensors`` (whole tensors by global key, written by TP
+        rank 0 of data-parallel replica 0 of each stage), ``optim/rank_<r>.*`` (this rank's
+        master weights, Adam moments and steps), ``client/rank_<r>.*`` (``client_state``), and
+        the layerfreeze metadata (plan, schedule, phase, layout, counters) in the manifest.
+
+        Args:
+            ckpt_dir: checkpoint root.
+            step: step to name the checkpoint by (default ``global_step``).
+            client_state: per-rank state (tensors, numpy arrays, numbers, strings, lists, tuples,
+                str-keyed dicts), returned by :meth:`load_checkpoint`.
+            keep_last: keep only this many newest checkpoints (None keeps all).
+            trainable_only: store only parameters that are, or were in an earlier phase,
+                trainable, plus every adapter (frozen base weights come from the base model).
+
+        Returns:
+            The committed checkpoint directory.
+        """
+        root = Path(ckpt_dir)
+        step = self.global_step if step is None else step
+        staging = ckpt.prepare_staging(root, step) if self.rank == 0 else None
+        staging = Path(_broadcast(str(staging) if staging else None))
+        trained_before = trained_then_frozen(self.applied, self.schedule, self.phase)
+        names = None
+        if trainable_only:
+            from layerfreeze.apply import adapter_param_names
+
+            names = sorted(
+                set(self.applied.trainable_names())
+                | set(adapter_param_names(self._root))
+                | set(trained_before)
+            )
+        self._write_weights(staging / "weights", names)
+        keys = self._global_keys()
+        params = dict(self._root.named_parameters())
+        optim: dict[str, torch.Tensor] = {}
+        for n in self.applied.trainable_names():
+            local, _ = self._local_state(params[n])
+            for k, v in local.items():
+                optim[f"{keys[n]}::{k}"] = v.detach().reshape(v.shape).cpu().contiguous().clone()
+        (staging / "optim").mkdir(parents=True, exist_ok=True)
+        save_file(optim, str(staging / "optim" / f"rank_{self.rank:05d}.safetensors"))
+        save_client_state(
+            staging / "runner",
+            self.rank,
+            {
+                "scheduler": self.lr_scheduler.state_dict()
+                if self.lr_scheduler is not None
+                else {},
+                "base_lr": self.base_lr,
+            },
+        )
+        save_client_state(staging / "client", self.rank, client_state or {})
+        dist.barrier()
+        committed = None
+        if self.rank == 0:
+            meta = {
+                "format": _META_FORMAT,
+                "engine": "megatron",
+                "step": step,
+                "phase": self.phase,
+                "schedule": self.schedule.to_dict(),
+                "plan": self.schedule.plans[self.phase].to_dict(),
+                "layout": self._layout_meta(),
+                "num_layers": self.applied.layout.num_layers,
+                "trainable_only": trainable_only,
+                "bad_micro_batches": self.bad_micro_batches,
+                "skipped_steps": self.skipped_steps,
+                "global_step": self.global_step,
+            }
+            info = ckpt.commit_checkpoint(
+                root, staging, step, {_META_KEY: meta}, keep_last=keep_last
+            )
+            committed = str(info.path)
+        committed = _broadcast(committed)
+        log_rank0(logger, "saved checkpoint %s", committed)
+        return Path(committed)
+
+    def _resolve(self, ckpt_dir: str | os.PathLike, tag: str | None) -> tuple[Any, dict[str, Any]]:
+        info = ckpt.resolve_checkpoint(ckpt_dir, tag)
+        meta = info.meta.get(_META_KEY)
+        if (
+            not isinstance(meta, dict)
+            or meta.get("engine") != "megatron"
+            or meta.get("format") != _META_FORMAT
+        ):
+            raise ckpt.CheckpointError(
+                f"{info.path}: not a layerfreeze Megatron checkpoint (no layerfreeze megatron metadata)."
+            )
+        if meta["num_layers"] != self.applied.layout.num_layers:
+            raise ckpt.CheckpointError(
+                f"{info.path}: saved for a {meta['num_layers']}-layer model, this model has "
+                f"{self.applied.layout.num_layers} layers."
+            )
+        return info, meta
+
+    def load_trainable_weights(
+        self, ckpt_dir: str | os.PathLike, tag: str | None = None, strict: bool = True
+    ) -> list[str]:
+        """Load the weights of a checkpoint saved under *any* TP/PP layout (e.g. adapters trained
+        at TP=2, PP=1 into a TP=1, PP=2 model): every tensor whose global key this rank holds is
+        copied (its TP shard). Optimizer state and counters are not touched; the optimizer's
+        master copies are refreshed from the new weights. Collective-free except the final sync.
+
+        Args:
+            ckpt_dir: checkpoint root (follows ``latest``) or one checkpoint directory.
+            tag: checkpoint name under the root; default ``latest``.
+            strict: require a tensor for every adapter parameter of this rank.
+
+        Returns:
+            Local names of the parameters that were loaded.
+        """
+        from layerfreeze.apply import adapter_param_names
+
+        info, _meta = self._resolve(ckpt_dir, tag)
+        required = adapter_param_names(self._root) if strict else []
+        loaded = self._read_weights(info.path / "weights", required)
+        self.optimizer.reload_model_params()
+        dist.barrier()
+        return loaded
+
+    def load_checkpoint(
+        self, ckpt_dir: str | os.PathLike, tag: str | None = None
+    ) -> dict[str, Any]:
+        """Resume from a checkpoint saved by :meth:`save_checkpoint` on the same layout (every
+        rank must call it): phase, weights, optimizer state, lr schedule and counters.
+
+        Args:
+            ckpt_dir: checkpoint root (follows ``latest``) or one checkpoint directory.
+            tag: checkpoint name under the root (``step_00000010``); default ``latest``.
+
+        Returns:
+            This rank's ``client_state`` as given to :meth:`save_checkpoint`.
+
+        Raises:
+            CheckpointError: nothing loadable, a damaged checkpoint, another schedule, or another
+                parallel layout (then use :meth:`load_trainable_weights`).
+        """
+        info, meta = self._resolve(ckpt_dir, tag)
+        problems = []
+        if meta["schedule"] != self.schedule.to_dict():
+            problems.append(
+                f"schedule {meta['schedule']} differs from this run's {self.schedule.to_dict()}"
+            )
+        if meta["layout"] != self._layout_meta():
+            problems.append(
+                f"saved with layout {meta['layout']}, this run has {self._layout_meta()} (to move "
+                "trained weights to another layout use load_trainable_weights)"
+            )
+        if problems:
+            raise ckpt.CheckpointError(
+                f"{info.path}: cannot resume this run from it: " + "; ".join(problems) + "."
+            )
+        if int(meta["phase"]) != self.phase:
+            self._switch_phase(int(meta["phase"]), carry=False)
+        required = [] if meta["trainable_only"] else list(dict(self._root.named_parameters()))
+        self._read_weights(info.path / "weights", required)
+        self.optimizer.reload_model_params()
+        keys = self._global_keys()
+        params = dict(self._root.named_parameters())
+        path = info.path / "optim" / f"rank_{self.rank:05d}.safetensors"
+        if not path.exists():
+            raise ckpt.CheckpointError(f"{path}: missing; the checkpoint is incomplete.")
+        with safe_open(str(path), framework="pt") as h:
+            saved = {k: h.get_tensor(k) for k in h.keys()}
+        with torch.no_grad():
+            for n in self.applied.trainable_names():
+                local, _ = self._local_state(params[n])
+                if not local:
+                    continue
+                opt = self._owner(params[n])
+                main = local["master"]
+                src = saved.get(f"{keys[n]}::master")
+                if src is None:
+                    raise ckpt.CheckpointError(f"{path}: no optimizer state for {keys[n]}.")
+                main.copy_(src.to(main.dtype))
+                if f"{keys[n]}::step" in saved:
+                    st = opt.optimizer.state[main]
+                    st["step"] = saved[f"{keys[n]}::step"].clone()
+                    for k in _ADAM_KEYS:
+                        st[k] = saved[f"{keys[n]}::{k}"].to(device=main.device, dtype=main.dtype)
+            for opt in _inner_optimizers(self.optimizer):  # master -> model params
+                if hasattr(opt, "_copy_main_params_to_model_params"):
+                    opt._copy_main_params_to_model_params()
+        runner_state = load_client_state(info.path / "runner", self.rank)
+        if self.lr_scheduler is not None and runner_state.get("scheduler"):
+            self.lr_scheduler.load_state_dict(runner_state["scheduler"])
+        self._tracker.param_groups[0]["lr"] = float(runner_state["base_lr"])
+        self._apply_lr()
+        self.global_step = int(meta["global_step"])
+        self.bad_micro_batches = int(meta["bad_micro_batches"])
+        self.skipped_steps = int(meta["skipped_steps"])
+        rank = self.rank
+        if not (info.path / "client" / f"rank_{rank:05d}.json").exists():
+            rank = 0
+        state = load_client_state(info.path / "client", rank)
+        dist.barrier()
+        log_rank0(
+            logger, "resumed from %s (step %d, phase %d)", info.path, self.global_step, self.phase
+        )
+        return state
+
+    # ---- whole parameters, export, teardown ---------------------------------------------------
+
+    @contextlib.contextmanager
+    def gathered_parameters(
+        self, names: Sequence[str] | None = None, modifier_rank: int | None = None
+    ) -> Iterator[None]:
+        """Protocol context for whole parameters. Megatron parameters stay TP-sharded and
+        PP-split in place, so this context changes nothing; use :meth:`consolidated_state_dict`
+        or :meth:`export_merged` for whole tensors."""
+        yield
+
+    def consolidated_state_dict(self) -> dict[str, torch.Tensor] | None:
+        """The whole model by global key (TP gathered, every stage) on rank 0; None elsewhere.
+        Collective over all ranks."""
+        tensors = self._stage_tensors(None)
+        writer = ps.get_tensor_model_parallel_rank() == 0 and ps.get_data_parallel_rank() == 0
+        parts = [None] * dist.get_world_size()
+        dist.gather_object(tensors if writer else {}, parts if self.rank == 0 else None, dst=0)
+        if self.rank != 0:
+            return None
+        out: dict[str, torch.Tensor] = {}
+        for p in parts:
+            out.update(p or {})
+        return out
+
+    def export_merged(self, out_dir: str | os.PathLike, tokenizer: Any = None) -> Path | None:
+        """Write the merged Hugging Face checkpoint (LoRA folded in) through
+        :mod:`layerfreeze.engines.megatron.convert` (collective); the directory on rank 0."""
+        try:
+            from layerfreeze.engines.megatron import convert
+        except ImportError as e:
+            raise NotImplementedError(
+                "export_merged: layerfreeze.engines.megatron.convert (Megatron -> Hugging Face "
+                f"weights) is not available ({e})."
+            ) from None
+        fn = getattr(convert, "export_runner_to_hf", None)
+        if fn is None:
+            raise NotImplementedError(
+                "export_merged: layerfreeze.engines.megatron.convert has no export_runner_to_hf; "
+                "Megatron -> Hugging Face export is not wired yet."
+            )
+        merged = self.applied.merge()
+        try:
+            return fn(self, out_dir, tokenizer=tokenizer)
+        finally:
+            if merged:
+                self.applied.unmerge()
+
+    def close(self, destroy_model_parallel: bool = True) -> None:
+        """Release DDP buffers and the optimizer; tear down megatron's model-parallel state
+        unless ``destroy_model_parallel`` is False. The runner is unusable after."""
+        self._teardown()
+        if destroy_model_parallel and ps.model_parallel_is_initialized():
+            ps.destroy_model_parallel()
+
+
+# --------------------------------------------------------------------------------------------
+# module functions
+# --------------------------------------------------------------------------------------------
+
+
+def _float16_pairs(opt: Any) -> list[tuple[list[torch.Tensor], list[torch.Tensor]]]:
+    lp, hp = getattr(opt, "float16_groups", None), getattr(opt, "fp32_from_float16_groups", None)
+    if lp is None or hp is None:
+        return []
+    return list(zip(lp, hp, strict=True))
+
+
+def _is_tied_copy(name: str, param: torch.Tensor) -> bool:
+    """The last pipeline stage's copy of tied word embeddings (kept in sync by Megatron)."""
+    return bool(getattr(param, "shared_embedding", False)) and name.endswith("output_layer.weight")
+
+
+def _masked_mean(token_losses: torch.Tensor, loss_mask: torch.Tensor) -> torch.Tensor:
+    """Mean per-token loss over unmasked tokens (the Hugging Face causal-LM loss)."""
+    mask = loss_mask.to(token_losses.dtype)
+    return (token_losses * mask).sum() / mask.sum().clamp(min=1.0)
+
+
+def _broadcast(obj: Any) -> Any:
+    if not dist.is_initialized():
+        return obj
+    box = [obj]
+    dist.broadcast_object_list(box, src=0)
+    return box[0]
+
+
+def optimizer_state_numel(optimizer: Any) -> dict[str, int]:
+    """Elements held in optimizer state summed over all ranks, per key (``master`` counts the
+    tensors the torch optimizer updates; Adam moments once materialised). Collective.
+
+    A frozen parameter adds nothing: gradient buffers, master copies and moments exist only
+    for parameters with ``requires_grad`` when Megatron built them.
+    """
+    counts = {"master": 0, "exp_avg": 0, "exp_avg_sq": 0}
+    for opt in _inner_optimizers(optimizer):
+        torch_opt = getattr(opt, "optimizer", None)
+        if torch_opt is None:
+            continue
+        for g in torch_opt.param_groups:
+            for p in g["params"]:
+                counts["master"] += p.numel()
+                for k in _ADAM_KEYS:
+                    v = torch_opt.state.get(p, {}).get(k)
+                    if isinstance(v, torch.Tensor):
+                        counts[k] += v.numel()
+    keys = sorted(counts)
+    t = torch.tensor([counts[k] for k in keys], dtype=torch.float64)
+    if dist.is_initialized():
+        # replicas hold identical copies without the distributed optimizer: count one replica
+        if not any(hasattr(o, "model_param_group_index_map") for o in _inner_optimizers(optimizer)):
+            if ps.get_data_parallel_rank() != 0:
+                t.zero_()
+        dist.all_reduce(t)
+    return {k: int(v) for k, v in zip(keys, t.tolist(), strict=True)}
