@@ -318,11 +318,15 @@ class LoRADispatcher:
         build: ``build(base, *, r, alpha, dropout, gate) -> nn.Module`` returning the adapter
             (a module with ``forward(x, base_out)``, ``merge(base)``, ``unmerge(base)``,
             ``merged`` and ``mergeable``), created on the base weight's device and dtype.
+        check: optional ``check(base) -> str | None``: why this matched module cannot carry an
+            adapter (e.g. an unsupported parallel mode); the policy's ``check`` reports it with
+            the layer and module named. None when it can.
     """
 
     name: str
     matches: Callable[[nn.Module], bool]
     build: Callable[..., nn.Module]
+    check: Callable[[nn.Module], str | None] | None = None
 
 
 def _shape(w: torch.Tensor) -> tuple[int, ...]:
@@ -625,7 +629,12 @@ class LoRAPolicy:
         targets, problems = resolve_lora_targets(layer, opts.target, layout.hidden_size)
         where = f"layer {layer.index} ({layer.name})"
         for path, _ in targets:
-            existing = layer.module.get_submodule(path)._modules.get(_ADAPTER_ATTR)
+            base = layer.module.get_submodule(path)
+            dispatcher = _find_dispatcher(base)
+            reason = dispatcher.check(base) if dispatcher and dispatcher.check else None
+            if reason:
+                problems.append(f"{where}: lora cannot wrap {path}: {reason}.")
+            existing = base._modules.get(_ADAPTER_ATTR)
             if existing is not None and not _same_adapter(existing, opts):
                 problems.append(
                     f"{where}: {path} already carries a LoRA adapter ({existing.extra_repr()}) "

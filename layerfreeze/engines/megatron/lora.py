@@ -269,9 +269,17 @@ def _build(parallel: str):
 
 
 COLUMN = LoRADispatcher(
-    "megatron.ColumnParallelLinear", lambda m: _kind(m) == "column", _build("column")
+    "megatron.ColumnParallelLinear",
+    lambda m: _kind(m) == "column",
+    _build("column"),
+    check=parallel_lora_problem,
 )
-ROW = LoRADispatcher("megatron.RowParallelLinear", lambda m: _kind(m) == "row", _build("row"))
+ROW = LoRADispatcher(
+    "megatron.RowParallelLinear",
+    lambda m: _kind(m) == "row",
+    _build("row"),
+    check=parallel_lora_problem,
+)
 
 
 def register() -> None:
