@@ -19,6 +19,7 @@ COMMANDS: dict[str, tuple[str, str]] = {
     "validate": ("layerfreeze.commands.validate", "check a training config and print the schema"),
     "tokenizer": ("layerfreeze.commands.tokenizer", "train a SentencePiece tokenizer for AutoTokenizer"),
     "prune": ("layerfreeze.commands.prune", "remove the layers that change the residual stream least"),
+    "compose": ("layerfreeze.commands.compose", "a hybrid model from the layers of several checkpoints"),
     "export": ("layerfreeze.commands.export", "export a trained plan as a PEFT adapter or merged checkpoint"),
 }
 
