@@ -1,0 +1,235 @@
+"""``layerfreeze trace``: per-layer diagnostics of a model on a probe set (and a plan from them).
+
+Examples::
+
+    layerfreeze trace --model runs/x/export --probe corpus.txt --max-tokens 8192 --out trace/
+    layerfreeze trace --model M --probe ceval --data-dir data --subjects law,physician --out t/
+    layerfreeze trace --model M --probe en.txt zh.txt --measures angular,logit_lens --out t/ \\
+        --recommend --budget 0.25 --family freeze
+
+Writes ``trace.json``, CSV files and PNG plots into ``--out`` (built in a staging directory
+and renamed into place, so a failed run leaves nothing), prints the per-layer summary table on
+stdout and a progress bar on stderr. Exit code 2 on bad input (one clear line, nothing written).
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from pathlib import Path
+
+from layerfreeze.errors import ConfigError
+from layerfreeze.utils.logging import get_logger
+
+logger = get_logger("layerfreeze.trace")
+
+_BENCHMARKS = ("ceval", "cmmlu")
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    """Register the trace options."""
+    from layerfreeze.diagnostics.trace import MEASURES
+
+    parser.add_argument("--model", required=True, help="Hugging Face model directory")
+    parser.add_argument("--tokenizer", help="tokenizer directory (default: --model)")
+    parser.add_argument(
+        "--probe",
+        required=True,
+        nargs="+",
+        metavar="FILE|ceval|cmmlu",
+        help="text files (.txt, or .jsonl with a 'text' field), or ceval / cmmlu",
+    )
+    parser.add_argument("--data-dir", help="C-Eval/CMMLU released data folder (or its parent)")
+    parser.add_argument("--subjects", help="comma-separated subject keys (default: all)")
+    parser.add_argument("--split", help="benchmark split (default: ceval val, cmmlu test)")
+    parser.add_argument("--shots", type=int, default=0, help="few-shot examples per prompt")
+    parser.add_argument(
+        "--prompt",
+        choices=["lm-eval", "official"],
+        default="lm-eval",
+        help="prompt format of the benchmark probes",
+    )
+    parser.add_argument(
+        "--max-tokens",
+        type=int,
+        default=16384,
+        help="token budget of the probe set (default 16384)",
+    )
+    parser.add_argument("--seq-len", type=int, default=256, help="text probe sequence length")
+    parser.add_argument("--batch-size", type=int, default=8, help="sequences per forward")
+    parser.add_argument(
+        "--measures",
+        default=",".join(MEASURES),
+        help=f"comma-separated subset of: {', '.join(MEASURES)} (default: all)",
+    )
+    parser.add_argument(
+        "--noise-scales",
+        default="0.01,0.05,0.1",
+        help="relative weight-noise scales (comma-separated)",
+    )
+    parser.add_argument("--seed", type=int, default=0, help="seed of the noise draws")
+    parser.add_argument("--stability-steps", type=int, default=4, help="AdamW steps (stability)")
+    parser.add_argument("--stability-lr", type=float, default=1e-4, help="their learning rate")
+    parser.add_argument(
+        "--tolerance",
+        type=float,
+        default=0.05,
+        help="decodable/converged tolerance (see docs/diagnostics.md)",
+    )
+    parser.add_argument(
+        "--dtype",
+        choices=["auto", "float32", "bfloat16", "float16"],
+        default="auto",
+        help="model dtype (auto: as saved)",
+    )
+    parser.add_argument("--device", help="torch device (default: cuda when available, else cpu)")
+    parser.add_argument("--out", required=True, help="output directory (created)")
+    parser.add_argument("--overwrite", action="store_true", help="replace an existing --out")
+    parser.add_argument(
+        "--recommend",
+        action="store_true",
+        help="also write a plan for --budget and --family (plan.yaml)",
+    )
+    parser.add_argument("--budget", type=float, help="trainable-parameter fraction (0, 1]")
+    parser.add_argument(
+        "--family", choices=["freeze", "hlpt"], default="freeze", help="plan family for --recommend"
+    )
+
+
+def _check(args: argparse.Namespace):
+    """Every user-input check that needs no model weights; returns (settings, scales)."""
+    from layerfreeze.diagnostics.trace import TraceSettings
+
+    model = Path(args.model)
+    if not model.is_dir() or not (model / "config.json").is_file():
+        raise ValueError(
+            f"--model: not a Hugging Face model directory (no config.json), got {args.model!r}."
+        )
+    out = Path(args.out)
+    if out.exists() and not args.overwrite:
+        raise ValueError(
+            f"--out: {args.out!r} already exists. Choose a new directory or pass --overwrite."
+        )
+    if out.exists() and not out.is_dir():
+        raise ValueError(f"--out: {args.out!r} exists and is not a directory.")
+    try:
+        scales = tuple(float(s) for s in args.noise_scales.split(",") if s.strip())
+    except ValueError:
+        raise ValueError(
+            f"--noise-scales: expected comma-separated numbers, got {args.noise_scales!r}."
+        ) from None
+    settings = TraceSettings(
+        measures=tuple(args.measures.split(",")),
+        noise_scales=scales,
+        seed=args.seed,
+        stability_steps=args.stability_steps,
+        stability_lr=args.stability_lr,
+        tolerance=args.tolerance,
+    )
+    if args.recommend:
+        if args.budget is None:
+            raise ValueError("--budget: required with --recommend (a fraction such as 0.25).")
+        if not 0 < args.budget <= 1:
+            raise ValueError(f"--budget: must be a fraction in (0, 1], got {args.budget}.")
+    elif args.budget is not None:
+        raise ValueError("--budget: only used with --recommend; add --recommend.")
+    is_bench = len(args.probe) == 1 and args.probe[0] in _BENCHMARKS
+    if not is_bench and any(p in _BENCHMARKS for p in args.probe):
+        raise ValueError(
+            f"--probe: {'/'.join(_BENCHMARKS)} cannot be mixed with files, got {args.probe}."
+        )
+    if args.shots < 0:
+        raise ValueError(f"--shots: must be >= 0, got {args.shots}.")
+    return settings, is_bench
+
+
+def _build_probe(args: argparse.Namespace, tokenizer, is_bench: bool, max_length: int | None):
+    from layerfreeze.diagnostics.probe import build_choice_probe, build_text_probe
+
+    if is_bench:
+        subjects = (
+            [s.strip() for s in args.subjects.split(",") if s.strip()] if args.subjects else None
+        )
+        return build_choice_probe(
+            args.probe[0],
+            tokenizer,
+            args.data_dir,
+            subjects,
+            args.split,
+            args.shots,
+            args.prompt,
+            args.max_tokens,
+            args.batch_size,
+            max_length,
+        )
+    if args.subjects or args.split or args.data_dir:
+        raise ValueError("--subjects/--split/--data-dir: only used with --probe ceval or cmmlu.")
+    return build_text_probe(args.probe, tokenizer, args.max_tokens, args.seq_len, args.batch_size)
+
+
+def run(args: argparse.Namespace) -> int:
+    """Check the input, load the model, trace, write the outputs atomically."""
+    try:
+        settings, is_bench = _check(args)
+    except (ValueError, ConfigError) as e:
+        logger.error("%s", e)
+        return 2
+
+    import torch
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from layerfreeze.diagnostics.recommend import recommend, write_recommendation
+    from layerfreeze.diagnostics.report import summary_table, write_trace
+    from layerfreeze.diagnostics.trace import run_trace
+    from layerfreeze.evaluation.scoring import default_max_length
+    from layerfreeze.utils.io import atomic_directory
+
+    try:
+        tokenizer = AutoTokenizer.from_pretrained(args.tokenizer or args.model)
+    except (OSError, ValueError) as e:
+        logger.error(
+            "--tokenizer: cannot load a tokenizer from %r (%s).",
+            args.tokenizer or args.model,
+            str(e).splitlines()[0],
+        )
+        return 2
+    dtype = "auto" if args.dtype == "auto" else getattr(torch, args.dtype)
+    try:
+        model = AutoModelForCausalLM.from_pretrained(args.model, dtype=dtype)
+    except (OSError, ValueError) as e:
+        logger.error("--model: cannot load %r (%s).", args.model, str(e).splitlines()[0])
+        return 2
+    device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
+    model.to(device).eval()
+    try:
+        probe = _build_probe(args, tokenizer, is_bench, default_max_length(model))
+        if args.recommend:  # a budget too small for the family fails before the long run
+            n = model.config.get_text_config().num_hidden_layers
+            recommend({"layers": [{}] * n}, model, args.budget, args.family)
+    except (ValueError, ConfigError) as e:
+        logger.error("%s", e)
+        return 2
+    logger.info(
+        "probe: %s, %d sequences, %d tokens", probe.kind, probe.num_sequences, probe.num_tokens
+    )
+    result = run_trace(model, probe, settings, progress=True)
+    result["model"]["path"] = str(Path(args.model).resolve())
+    rec = None
+    if args.recommend:
+        try:
+            rec = recommend(result, model, args.budget, args.family)
+        except (ValueError, ConfigError) as e:
+            logger.error("%s", e)
+            return 2
+        result["recommendation"] = rec.to_dict()
+    with atomic_directory(args.out, overwrite=True) as staging:
+        files = write_trace(result, staging)
+        if rec is not None:
+            files += write_recommendation(rec, staging)
+    out = sys.stdout
+    out.write(summary_table(result) + "\n")
+    if rec is not None:
+        out.write(f"\nrecommended plan ({rec.family}, budget {rec.budget:g}): {rec.plan}\n")
+        out.write("".join(f"  - {line}\n" for line in rec.rationale))
+    out.write(f"\nwrote {', '.join(files)} to {args.out}\n")
+    return 0
