@@ -405,8 +405,8 @@ def skip_sensitivity(
     return out
 
 
-def _noise_seed(seed: int, layer: int, scale_index: int, param_index: int) -> int:
-    return (((seed * 1_000_003 + layer) * 1_009 + scale_index) * 1_013 + param_index) % (2**63)
+def _noise_seed(seed: int, layer: int, param_index: int) -> int:
+    return ((seed * 1_000_003 + layer) * 1_013 + param_index) % (2**63)
 
 
 def _noise_targets(block: nn.Module) -> list[tuple[str, torch.nn.Parameter]]:
@@ -427,8 +427,9 @@ def noise_sensitivity(
 
     Every parameter ``W`` of the block with two or more dimensions gets
     ``W + s * rms(W) * e`` with ``e ~ N(0, 1)`` drawn on the CPU from a generator seeded by
-    ``(seed, layer, scale index, parameter index)``, so ``||noise||_F ~= s * ||W||_F`` and the
-    numbers do not depend on the device. The layer's weights are copied first and restored bit
+    ``(seed, layer, parameter index)``, so ``||noise||_F ~= s * ||W||_F``, every scale uses the
+    same direction ``e`` (the curves over scales are comparable) and the numbers do not depend
+    on the device. The layer's weights are copied first and restored bit
     for bit afterwards (also after an exception).
 
     Returns:
@@ -436,7 +437,7 @@ def noise_sensitivity(
     """
     base = probe_loss(model, probe) if base is None else base
     out: dict[str, list[float]] = {}
-    for si, scale in enumerate(scales):
+    for scale in scales:
         if not (scale >= 0 and math.isfinite(scale)):
             raise ValueError(f"--noise-scales: each scale must be finite and >= 0, got {scale}.")
         row = []
@@ -445,7 +446,7 @@ def noise_sensitivity(
             saved = [p.detach().clone() for _, p in targets]
             try:
                 for pi, (_, p) in enumerate(targets):
-                    g = torch.Generator().manual_seed(_noise_seed(seed, info.index, si, pi))
+                    g = torch.Generator().manual_seed(_noise_seed(seed, info.index, pi))
                     e = torch.randn(p.shape, generator=g, dtype=torch.float32)
                     rms = p.detach().float().pow(2).mean().sqrt()
                     p.add_((scale * rms * e.to(p.device)).to(p.dtype))
