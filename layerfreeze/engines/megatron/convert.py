@@ -339,6 +339,14 @@ def build_gpt_from_hf_config(
     kwargs = megatron_config_kwargs(hf_config, seq_length=seq_length)
     for key, value in _parallel_sizes().items():
         overrides.setdefault(key, value)
+    if (overrides.get("pipeline_model_parallel_size") or 1) > 1:
+        # the dtype of the activations stages exchange: the parameters' unless told otherwise
+        dtype = (
+            torch.bfloat16
+            if overrides.get("bf16")
+            else (torch.float16 if overrides.get("fp16") else torch.float32)
+        )
+        overrides.setdefault("pipeline_dtype", overrides.get("params_dtype", dtype))
     kwargs.update(overrides)
     config = TransformerConfig(**kwargs)
     model_kwargs = gpt_model_kwargs(
