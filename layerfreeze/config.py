@@ -30,6 +30,7 @@ __all__ = [
     "TrainConfig",
     "LoggingConfig",
     "CheckpointConfig",
+    "MegatronConfig",
     "RunConfig",
     "load_config",
     "load_deepspeed_config",
@@ -251,6 +252,44 @@ class CheckpointConfig:
 
 
 @dataclass
+class MegatronConfig:
+    """Megatron-core parallel layout (used when ``engine: megatron``)."""
+
+    tensor_model_parallel_size: int = 1
+    """Tensor-parallel ranks per model replica (must divide the attention heads, query groups
+    and the LoRA ranks / prefix heads the plan splits)."""
+    pipeline_model_parallel_size: int = 1
+    """Pipeline stages; each holds a slice of the layers (plans address global layer indices)."""
+    virtual_pipeline_model_parallel_size: int | None = None
+    """Model chunks per pipeline stage (interleaved schedule); null for one chunk."""
+    sequence_parallel: bool = False
+    """Megatron sequence parallelism (needs tensor_model_parallel_size > 1)."""
+    use_distributed_optimizer: bool = False
+    """Shard optimizer state over data-parallel ranks (Megatron's distributed optimizer)."""
+
+    def __post_init__(self) -> None:
+        problems = []
+        for key in ("tensor_model_parallel_size", "pipeline_model_parallel_size"):
+            v = getattr(self, key)
+            if not isinstance(v, int) or v < 1:
+                problems.append(f"megatron.{key}: must be an integer >= 1, got {v!r}.")
+        vp = self.virtual_pipeline_model_parallel_size
+        if vp is not None and (vp < 1 or self.pipeline_model_parallel_size < 2):
+            problems.append(
+                f"megatron.virtual_pipeline_model_parallel_size: needs >= 1 and "
+                f"pipeline_model_parallel_size >= 2, got {vp!r} with "
+                f"{self.pipeline_model_parallel_size} stages. Set it to null."
+            )
+        if self.sequence_parallel and self.tensor_model_parallel_size < 2:
+            problems.append(
+                "megatron.sequence_parallel: needs tensor_model_parallel_size >= 2, got "
+                f"{self.tensor_model_parallel_size}. Set sequence_parallel: false."
+            )
+        if problems:
+            raise ConfigError(problems)
+
+
+@dataclass
 class RunConfig:
     """A continued pre-training run (``layerfreeze train --config FILE``)."""
 
@@ -262,6 +301,11 @@ class RunConfig:
     """Training text, its token cache and packing."""
     plan: PlanConfig = field(default_factory=PlanConfig)
     """Per-layer training plan or plan schedule."""
+    engine: Literal["deepspeed", "megatron"] = "deepspeed"
+    """Training engine: DeepSpeed (ZeRO 0-3, Hugging Face models) or Megatron-core (tensor and
+    pipeline parallel; Llama-style Hugging Face checkpoints are converted in and out)."""
+    megatron: MegatronConfig = field(default_factory=MegatronConfig)
+    """Megatron-core parallel layout (``engine: megatron`` only)."""
     deepspeed: dict[str, Any] | str = field(default_factory=dict)
     """DeepSpeed config: an inline mapping or a path to a JSON file (e.g.
     ``configs/deepspeed/zero2.json``). Passed to DeepSpeed as-is, except that the batch keys

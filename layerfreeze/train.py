@@ -8,18 +8,21 @@ Run it through the CLI (one process, ``torchrun`` or the ``deepspeed`` launcher)
 What a run does: validate everything that can be checked without training (config, plan
 against the model's layer count, data files, the checkpoint to resume from) before writing
 anything; train or load the tokenizer; tokenize the corpus once into a memory-mapped cache;
-build or load the model; install every phase's adapters and set ``requires_grad`` from the
-first plan; hand the model to DeepSpeed; then loop: micro-batches -> optimizer step (skipped
-when the loss is NaN/Inf on any rank) -> metrics -> phase switch -> checkpoint -> evaluation.
-At the end: final checkpoint, final evaluation, merged Hugging Face export, and a summary of
-where everything went.
+have the engine chosen by ``engine:`` (DeepSpeed or Megatron-core) build or load the model,
+install every phase's adapters and set ``requires_grad`` from the first plan; then loop:
+micro-batches -> optimizer step (skipped when the loss is NaN/Inf on any rank) -> metrics ->
+phase switch -> checkpoint -> evaluation. At the end: final checkpoint, final evaluation, merged
+Hugging Face export, and a summary of where everything went.
+
+The recipe talks to the engine only through the ``EngineAdapter`` Protocol
+(:mod:`layerfreeze.engines.base`); each engine module also provides ``check_run_config``,
+``init_distributed`` and ``runner_from_run_config`` for the recipe.
 """
 
 from __future__ import annotations
 
 import dataclasses
 import logging
-import math
 import shutil
 import time
 import typing
@@ -31,8 +34,11 @@ import torch
 import yaml
 
 from layerfreeze.checkpoint import checkpoint_tag, list_checkpoints
-from layerfreeze.config import ModelConfig, OptimConfig, RunConfig, load_deepspeed_config
+from layerfreeze.config import RunConfig
+from layerfreeze.engines.deepspeed_config import build_deepspeed_config
 from layerfreeze.errors import ConfigError
+from layerfreeze.modeling import build_model, model_num_layers
+from layerfreeze.optim import WarmupDecayLR, lr_factor
 from layerfreeze.plan import LayerPlan
 from layerfreeze.schedule import PlanSchedule
 from layerfreeze.utils import dist
@@ -57,9 +63,6 @@ __all__ = [
 
 logger = get_logger(__name__)
 
-_DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
-
-
 class TrainingStopped(RuntimeError):
     """The run stopped early on purpose (too many consecutive NaN/Inf losses); the message says
     which checkpoint to resume from."""
@@ -75,39 +78,6 @@ def build_schedule(cfg: RunConfig) -> PlanSchedule:
     if cfg.plan.schedule is not None:
         return PlanSchedule.parse(cfg.plan.schedule, path="plan.schedule")
     return PlanSchedule.single(LayerPlan.parse(cfg.plan.spec, path="plan.spec"))
-
-
-def _model_config(model_cfg: ModelConfig, vocab_size: int | None = None):
-    from transformers import AutoConfig
-
-    if model_cfg.path is not None:
-        path = Path(model_cfg.path)
-        if not (path / "config.json").is_file():
-            raise ConfigError(
-                f"model.path: no Hugging Face checkpoint (config.json) at {model_cfg.path!r}. "
-                "Give a directory saved with save_pretrained, or use model.architecture."
-            )
-        return AutoConfig.from_pretrained(str(path))
-    arch = dict(model_cfg.architecture or {})
-    model_type = arch.pop("model_type")
-    if vocab_size is not None:
-        arch.setdefault("vocab_size", vocab_size)
-    try:
-        return AutoConfig.for_model(model_type, **arch)
-    except ValueError as e:
-        raise ConfigError(f"model.architecture.model_type: {e}") from None
-
-
-def model_num_layers(model_cfg: ModelConfig) -> int:
-    """Decoder-layer count read from the model's config alone (no weights are loaded)."""
-    config = _model_config(model_cfg)
-    n = getattr(config, "num_hidden_layers", None)
-    if not isinstance(n, int) or n < 1:
-        raise ConfigError(
-            f"model: cannot tell the number of decoder layers from the {config.model_type} config "
-            f"(num_hidden_layers={n!r}). Set num_hidden_layers in model.architecture."
-        )
-    return n
 
 
 def resolve_run_plans(cfg: RunConfig) -> list[str]:
@@ -133,128 +103,6 @@ def resolve_run_plans(cfg: RunConfig) -> list[str]:
     if problems:
         raise ConfigError(problems)
     return lines
-
-
-def build_model(model_cfg: ModelConfig, vocab_size: int, seed: int) -> torch.nn.Module:
-    """Load ``model.path`` or build ``model.architecture`` with weights seeded by ``seed``.
-
-    Raises:
-        ConfigError: no checkpoint at the path, an unknown ``model_type``, or a tokenizer with
-            more ids than the checkpoint's vocabulary.
-    """
-    from transformers import AutoModelForCausalLM
-
-    dtype = _DTYPES[model_cfg.dtype]
-    config = _model_config(model_cfg, vocab_size=vocab_size)
-    if config.vocab_size < vocab_size:
-        raise ConfigError(
-            f"model: the model's vocab_size ({config.vocab_size}) is smaller than the tokenizer's "
-            f"({vocab_size}). Use the tokenizer that came with the checkpoint, or raise vocab_size."
-        )
-    if model_cfg.path is not None:
-        model = AutoModelForCausalLM.from_pretrained(
-            model_cfg.path, dtype=dtype, attn_implementation=model_cfg.attn_implementation
-        )
-    else:
-        torch.manual_seed(seed)
-        model = AutoModelForCausalLM.from_config(
-            config, dtype=dtype, attn_implementation=model_cfg.attn_implementation
-        )
-    model.config.use_cache = False
-    return model
-
-
-def lr_factor(optim: OptimConfig, total_steps: int, step: int) -> float:
-    """Multiplier of the peak lr at 0-based optimizer ``step``: linear warm-up from 0, then
-    constant / linear / cosine decay to ``min_lr_ratio`` at ``total_steps``."""
-    if step < optim.warmup_steps:
-        return step / optim.warmup_steps
-    if optim.schedule == "constant":
-        return 1.0
-    span = max(1, total_steps - optim.warmup_steps)
-    progress = min(1.0, (step - optim.warmup_steps) / span)
-    if optim.schedule == "linear":
-        decay = 1.0 - progress
-    else:
-        decay = 0.5 * (1.0 + math.cos(math.pi * progress))
-    return optim.min_lr_ratio + (1.0 - optim.min_lr_ratio) * decay
-
-
-class WarmupDecayLR(torch.optim.lr_scheduler.LRScheduler):
-    """``lr = base_lr * lr_factor(optim, total_steps, step)`` in closed form.
-
-    Closed form (``_get_closed_form_lr``) so the DeepSpeed runner can continue it on a rebuilt
-    optimizer at a plan-schedule phase switch; holds only plain numbers, so its state dict is
-    checkpointable. Per-policy lr scales are applied on top by the runner.
-    """
-
-    def __init__(
-        self, optimizer: torch.optim.Optimizer, optim: OptimConfig, total_steps: int
-    ) -> None:
-        self.warmup_steps = optim.warmup_steps
-        self.schedule = optim.schedule
-        self.min_lr_ratio = optim.min_lr_ratio
-        self.total_steps = total_steps
-        super().__init__(optimizer)
-
-    def _factor(self) -> float:
-        cfg = OptimConfig(
-            lr=1.0, warmup_steps=self.warmup_steps, schedule=self.schedule,
-            min_lr_ratio=self.min_lr_ratio,
-        )
-        return lr_factor(cfg, self.total_steps, self.last_epoch)
-
-    def get_lr(self) -> list[float]:
-        """Scheduled lr of every group at ``last_epoch`` (the 0-based optimizer step)."""
-        return [base * self._factor() for base in self.base_lrs]
-
-    def _get_closed_form_lr(self) -> list[float]:
-        return self.get_lr()
-
-
-# DeepSpeed keys the recipe owns, and the run-config field each comes from.
-def build_deepspeed_config(cfg: RunConfig, world_size: int) -> tuple[dict[str, Any], list[str]]:
-    """The DeepSpeed config handed to the engine: the user's (file or inline) with batch sizes,
-    clipping and AdamW hyper-parameters taken from ``train`` / ``optim``.
-
-    The run config is the single source of these values, so a shared DeepSpeed file (e.g.
-    ``configs/deepspeed/zero2.json``, which also serves users' own scripts) can be reused as-is:
-    a different value there is replaced, and a ``scheduler`` section is dropped (the recipe sets
-    the learning rate so per-policy lr scales hold). Each replacement is reported.
-
-    Returns:
-        ``(config, replaced)``: the config, and one line per value the run config replaced.
-
-    Raises:
-        ConfigError: the file is missing or not a JSON object.
-    """
-    ds = load_deepspeed_config(cfg.deepspeed)
-    t, o = cfg.train, cfg.optim
-    replaced: list[str] = []
-
-    def take(section: dict[str, Any], prefix: str, key: str, source: str, value: Any) -> None:
-        old = section.get(key, "auto")
-        if old != "auto" and old != value:
-            replaced.append(f"deepspeed.{prefix}{key}: {old!r} replaced by {source} = {value!r}")
-        section[key] = value
-
-    take(ds, "", "train_micro_batch_size_per_gpu", "train.micro_batch_size", t.micro_batch_size)
-    take(ds, "", "gradient_accumulation_steps", "train.grad_accum_steps", t.grad_accum_steps)
-    take(ds, "", "train_batch_size", f"micro batch x accumulation x {world_size} ranks",
-         t.micro_batch_size * t.grad_accum_steps * world_size)
-    take(ds, "", "gradient_clipping", "optim.max_grad_norm", o.max_grad_norm)
-    optimizer = ds.setdefault("optimizer", {"type": "AdamW", "params": {"torch_adam": True}})
-    params = optimizer.setdefault("params", {})
-    for key, value in (("lr", o.lr), ("betas", list(o.betas)), ("eps", o.eps),
-                       ("weight_decay", o.weight_decay)):
-        take(params, "optimizer.params.", key, f"optim.{key}", value)
-    if "scheduler" in ds:
-        replaced.append(
-            f"deepspeed.scheduler: {ds.pop('scheduler')!r} dropped; the learning rate follows "
-            f"optim.schedule={o.schedule!r}, optim.warmup_steps={o.warmup_steps}, "
-            f"optim.min_lr_ratio={o.min_lr_ratio}"
-        )
-    return ds, replaced
 
 
 def _field_type(cls: type, path: str) -> Any:
@@ -353,9 +201,9 @@ class Recipe:
         cfg = self.cfg
         # 1. Everything checkable without a process group or a write: DeepSpeed config, plans
         #    against the model's layer count, data paths, the checkpoint to resume from.
-        self.world_size = dist.get_world_size()  # WORLD_SIZE from the launcher before init
-        self.ds_config, replaced = build_deepspeed_config(cfg, self.world_size)
-        for line in replaced:
+        self.engine = _load_engine(cfg.engine)
+        # WORLD_SIZE from the launcher before init
+        for line in self.engine.check_run_config(cfg, dist.get_world_size()):
             log_rank0(logger, line, level=logging.WARNING)
         self.schedule = build_schedule(cfg)
         self.plan_tables = resolve_run_plans(cfg)
@@ -364,12 +212,9 @@ class Recipe:
         resolve_files(cfg.data.paths, key="data.paths")
         self.resume_from = self._find_resume()
 
-        from layerfreeze.engines.deepspeed import init_distributed
-
-        init_distributed()
+        self.engine.init_distributed()
         if cfg.train.num_threads:
             torch.set_num_threads(cfg.train.num_threads)
-        self.world_size = dist.get_world_size()
         seed_everything(cfg.train.seed)
 
         # From here on files may be written; a failure before training starts removes an
@@ -406,9 +251,7 @@ class Recipe:
 
     def _build(self) -> None:
         cfg = self.cfg
-        from layerfreeze.apply import apply_plan, enable_gradient_checkpointing
         from layerfreeze.data import build_token_cache, prepare_tokenizer
-        from layerfreeze.engines.deepspeed import DeepSpeedRunner
 
         # 2. Tokenizer (trained once into <out_dir>/tokenizer when tokenizer.path is empty) and
         #    data: tokenize once (memory-mapped cache), pack, shard over data-parallel ranks.
@@ -426,22 +269,17 @@ class Recipe:
             raise
         except ValueError as e:
             raise ConfigError(str(e)) from None
-        self.loader = self._build_loader(cache)
 
-        # 3. Model and plan: every phase's adapters installed now (before DeepSpeed partitions
-        #    anything), requires_grad from phase 0; a resume switches to the saved phase.
-        model = build_model(cfg.model, len(self.tokenizer), cfg.train.seed)
-        plans = self.schedule.plans
-        applied = apply_plan(model, plans[0], install=plans[1:])
-        if cfg.model.gradient_checkpointing:
-            enable_gradient_checkpointing(model, applied.layout)
-
-        # 4. Engine: optimizer groups from the plan, lr schedule in closed form.
-        self.runner = DeepSpeedRunner(
-            model, self.ds_config, applied=applied, schedule=self.schedule,
-            lr=cfg.optim.lr, weight_decay=cfg.optim.weight_decay,
+        # 3. Model, plan and engine: the engine builds (or loads) the model, installs every
+        #    phase's adapters before it partitions anything, sets requires_grad from phase 0,
+        #    and builds optimizer groups from the plan with the lr schedule in closed form.
+        self.runner = self.engine.runner_from_run_config(
+            cfg, schedule=self.schedule, vocab_size=len(self.tokenizer),
             lr_scheduler=lambda opt: WarmupDecayLR(opt, cfg.optim, cfg.train.steps),
         )
+        # 4. Data, sharded over data-parallel ranks (the ranks of one model replica read alike).
+        self.world_size = self.runner.world_size
+        self.loader = self._build_loader(cache)
 
         # 5. Resume: weights, optimizer, scheduler, phase, data position, RNG.
         if self.resume_from is not None:
@@ -486,6 +324,7 @@ class Recipe:
         try:
             return DistributedBatchIterator(
                 PackedDataset(cache, cfg.data.seq_len), micro_batch_size=cfg.train.micro_batch_size,
+                rank=self.runner.data_parallel_rank, world_size=self.runner.world_size,
                 seed=seed, shuffle=cfg.data.shuffle,
             )
         except ValueError as e:
@@ -526,7 +365,7 @@ class Recipe:
             next_step = self.step + 1
             every = cfg.logging.per_layer_every
             want_norms = bool(every) and next_step % every == 0
-            device = self.runner.engine.device
+            device = self.runner.device
             window = [
                 {k: v.to(device, non_blocking=True) for k, v in self.loader.next_batch().items()}
                 for _ in range(cfg.train.grad_accum_steps)
@@ -567,9 +406,8 @@ class Recipe:
                     "tokens": self.step * tokens_per_step, "phase": out.phase,
                     "bad_micro_batches": out.bad_micro_batches, "skipped_steps": self.skipped_steps,
                 }
-                grad_norm = self.runner.engine.get_global_grad_norm()
-                if grad_norm is not None:
-                    record["grad_norm"] = float(grad_norm)
+                if out.grad_norm is not None:
+                    record["grad_norm"] = out.grad_norm
                 record.update({f"grad_norm/{k}": v for k, v in out.grad_norms.items()})
                 self.metrics.log(self.step, record)
 
@@ -592,7 +430,10 @@ class Recipe:
     def _maybe_eval(self, force: bool) -> None:
         if self.eval_cb is None:
             return
-        result = self.eval_cb.maybe_run(self.step, self.runner.model, force=force)
+        shard = (self.runner.data_parallel_rank, self.runner.world_size)
+        result = self.eval_cb.maybe_run(
+            self.step, self.runner.eval_model(), force=force, shard=shard
+        )
         if result:
             self.metrics.log(self.step, result, kind="eval")
 
@@ -635,13 +476,8 @@ class Recipe:
                 )
         export_dir = None
         if cfg.checkpoint.export_final:
-            from layerfreeze.export import export_merged
-
             export_dir = cfg.export_dir
-            with self.runner.gathered_parameters():
-                if dist.is_main_process():
-                    export_merged(self.runner.applied, export_dir, tokenizer=self.tokenizer)
-            dist.barrier()
+            self.runner.export_merged(export_dir, tokenizer=self.tokenizer)
             self.metrics.message(f"merged Hugging Face export: {export_dir}")
         summary = RunSummary(
             out_dir=str(self.out_dir),
@@ -674,8 +510,18 @@ class Recipe:
         """Close metrics/wandb and release the engine (always called)."""
         if self.metrics is not None:
             self.metrics.close()
-        if self.runner is not None and self.runner.engine is not None:
-            self.runner.engine.destroy()
+        if self.runner is not None:
+            self.runner.close()
+
+
+def _load_engine(name: str):
+    """The adapter module of engine ``name`` (imports the engine package)."""
+    from layerfreeze.engines import get_engine
+
+    try:
+        return get_engine(name)
+    except (ImportError, ValueError) as e:
+        raise ConfigError(f"engine: {e}") from None
 
 
 def run_training(cfg: RunConfig) -> RunSummary:

@@ -24,7 +24,6 @@ import json
 import math
 import os
 from collections.abc import Callable, Iterator, Mapping, Sequence
-from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -44,12 +43,29 @@ from safetensors.torch import load_file, save_file
 from torch import nn
 
 from layerfreeze import checkpoint as ckpt
+from layerfreeze.client_state import load_client_state, save_client_state
+from layerfreeze.engines.base import StepOutput
+from layerfreeze.engines.common import (
+    agree_finite,
+    broadcast_object,
+    default_loss,
+    trained_then_frozen,
+)
+from layerfreeze.optim import (
+    GroupSpec,
+    ScaledLRScheduler,
+    assert_requires_grad_final,
+    build_param_groups,
+    group_specs,
+    torch_groups,
+)
 from layerfreeze.utils.dist import barrier, get_rank, get_world_size, is_dist
-from layerfreeze.utils.io import atomic_write_json
 from layerfreeze.utils.logging import get_logger, log_rank0
 
 __all__ = [
     "DeepSpeedRunner",
+    "check_run_config",
+    "runner_from_run_config",
     "ScaledLRScheduler",
     "StepOutput",
     "build_param_groups",
@@ -95,24 +111,11 @@ def load_config(config: str | os.PathLike | Mapping[str, Any]) -> dict[str, Any]
     """Read a DeepSpeed config (JSON file path or dict) into a fresh dict.
 
     Raises:
-        ValueError: the file is missing or not a JSON object.
+        ValueError: the file is missing or not a JSON object (a ``ConfigError``).
     """
-    if isinstance(config, Mapping):
-        return json.loads(json.dumps(dict(config)))
-    path = Path(config)
-    if not path.is_file():
-        raise ValueError(
-            f"deepspeed config: file {path} does not exist. Pass a JSON file or a dict."
-        )
-    try:
-        out = json.loads(path.read_text(encoding="utf-8"))
-    except json.JSONDecodeError as e:
-        raise ValueError(f"deepspeed config {path}: not valid JSON ({e}).") from None
-    if not isinstance(out, dict):
-        raise ValueError(
-            f"deepspeed config {path}: must hold a JSON object, got {type(out).__name__}."
-        )
-    return out
+    from layerfreeze.config import load_deepspeed_config
+
+    return load_deepspeed_config(dict(config) if isinstance(config, Mapping) else str(config))
 
 
 def _zero_stage(config: Mapping[str, Any]) -> int:
@@ -216,167 +219,6 @@ def _torch_optimizer(ds_optimizer: Any) -> torch.optim.Optimizer:
     raise TypeError(f"cannot find the torch optimizer inside {type(ds_optimizer).__name__}")
 
 
-# --------------------------------------------------------------------------------------------
-# optimizer groups and the lr-scale-preserving scheduler
-# --------------------------------------------------------------------------------------------
-
-
-@dataclass
-class _GroupSpec:
-    """One optimizer group by parameter *names* (storable in a checkpoint)."""
-
-    name: str
-    lr_scale: float
-    weight_decay: float
-    params: list[str]
-    step: int = 0  # Adam steps already taken by these params (carried over at a phase switch)
-
-    def to_dict(self) -> dict[str, Any]:
-        return {
-            "name": self.name,
-            "lr_scale": self.lr_scale,
-            "weight_decay": self.weight_decay,
-            "params": list(self.params),
-            "step": self.step,
-        }
-
-
-def _group_specs(
-    applied: Any, weight_decay: float, steps: Mapping[str, int] | None = None
-) -> list[_GroupSpec]:
-    """Group specs from ``applied.param_groups``; with ``steps``, split each group by step count."""
-    names = {id(p): n for n, p in applied.model.named_parameters()}
-    specs: list[_GroupSpec] = []
-    for g in applied.param_groups(1.0, weight_decay):
-        pnames = [names[id(p)] for p in g["params"]]
-        by_step: dict[int, list[str]] = {}
-        for n in pnames:
-            by_step.setdefault(int((steps or {}).get(n, 0)), []).append(n)
-        for s in sorted(by_step):
-            suffix = f"@{s}" if s and len(by_step) > 1 else ""
-            specs.append(
-                _GroupSpec(
-                    f"{g['name']}{suffix}",
-                    float(g.get("lr_scale", 1.0)),
-                    float(g["weight_decay"]),
-                    by_step[s],
-                    s,
-                )
-            )
-    return specs
-
-
-def _torch_groups(model: nn.Module, specs: Sequence[_GroupSpec], lr: float) -> list[dict[str, Any]]:
-    params = dict(model.named_parameters())
-    return [
-        {
-            "params": [params[n] for n in s.params],
-            "lr": lr,
-            "weight_decay": s.weight_decay,
-            "lr_scale": s.lr_scale,
-            "name": s.name,
-        }
-        for s in specs
-    ]
-
-
-def build_param_groups(applied: Any, lr: float, weight_decay: float) -> list[dict[str, Any]]:
-    """Optimizer groups for DeepSpeed from an applied plan.
-
-    Every group's ``lr`` is the *unscaled* ``lr``; its ``lr_scale`` is applied by
-    :class:`ScaledLRScheduler` (so schedulers, which overwrite ``lr``, never erase it).
-
-    Args:
-        applied: an ``AppliedPlan`` (see :mod:`layerfreeze.apply`).
-        lr: base learning rate.
-        weight_decay: default weight decay (policies may override per parameter).
-
-    Returns:
-        torch optimizer groups with ``params``, ``lr``, ``weight_decay``, ``lr_scale``, ``name``.
-    """
-    return _torch_groups(applied.model, _group_specs(applied, weight_decay), lr)
-
-
-class ScaledLRScheduler:
-    """Wraps a learning-rate scheduler so each group's lr is ``scheduled lr * group['lr_scale']``.
-
-    The wrapped scheduler always sees unscaled values in ``group['lr']`` (restored before each of
-    its steps), so both closed-form (``WarmupLR``) and recursive (``ExponentialLR``) schedulers
-    compute the base schedule; the scale is applied after. With ``inner=None`` the lr is constant.
-    """
-
-    def __init__(self, optimizer: torch.optim.Optimizer, inner: Any | None):
-        self.optimizer = optimizer
-        self.inner = inner
-        self._unscaled = [float(g["lr"]) for g in optimizer.param_groups]
-        self._apply()
-
-    def _apply(self) -> None:
-        for g, base in zip(self.optimizer.param_groups, self._unscaled, strict=True):
-            g["lr"] = base * float(g.get("lr_scale", 1.0))
-
-    def step(self, *args: Any, **kwargs: Any) -> None:
-        """Advance the wrapped scheduler one step and re-apply the per-group scales."""
-        if self.inner is not None:
-            for g, base in zip(self.optimizer.param_groups, self._unscaled, strict=True):
-                g["lr"] = base
-            self.inner.step(*args, **kwargs)
-            self._unscaled = [float(g["lr"]) for g in self.optimizer.param_groups]
-        self._apply()
-
-    def get_last_lr(self) -> list[float]:
-        """Current (scaled) lr of every group."""
-        return [float(g["lr"]) for g in self.optimizer.param_groups]
-
-    def get_lr(self) -> list[float]:
-        """Same as :meth:`get_last_lr` (DeepSpeed's engine calls this name)."""
-        return self.get_last_lr()
-
-    @property
-    def base_lr(self) -> float:
-        """The unscaled scheduled lr (the lr of a group with ``lr_scale`` 1)."""
-        return self._unscaled[0] if self._unscaled else 0.0
-
-    def state_dict(self) -> dict[str, Any]:
-        return {
-            "inner": None if self.inner is None else self.inner.state_dict(),
-            "unscaled": list(self._unscaled),
-        }
-
-    def load_state_dict(self, state: Mapping[str, Any]) -> None:
-        if self.inner is not None and state.get("inner") is not None:
-            self.inner.load_state_dict(state["inner"])
-        unscaled = list(state["unscaled"])
-        if len(unscaled) != len(self.optimizer.param_groups):
-            raise ValueError(
-                f"lr scheduler state: {len(unscaled)} groups saved, optimizer has "
-                f"{len(self.optimizer.param_groups)}; the checkpoint belongs to another plan."
-            )
-        self._unscaled = unscaled
-        self._apply()
-
-    def carry_from(self, other: ScaledLRScheduler) -> None:
-        """Continue ``other``'s schedule on a rebuilt optimizer (different groups, same base lr).
-
-        Every group of both optimizers follows the same unscaled schedule, so the position (the
-        wrapped scheduler's counters) and the current unscaled lr are all there is to carry;
-        since unscaled values are restored before each wrapped step, this holds for closed-form
-        and recursive schedulers alike.
-        """
-        if self.inner is not None and other.inner is not None:
-            sd = other.inner.state_dict()
-            if "last_batch_iteration" in sd:  # DeepSpeed schedulers
-                self.inner.load_state_dict(sd)
-            else:  # torch LRScheduler: per-group lists (base_lrs) stay those of the new optimizer
-                for k in ("last_epoch", "_step_count"):
-                    if k in sd:
-                        setattr(self.inner, k, sd[k])
-        self._unscaled = [other.base_lr] * len(self.optimizer.param_groups)
-        if self.inner is not None and hasattr(self.inner, "_last_lr"):
-            self.inner._last_lr = list(self._unscaled)
-        self._apply()
-
-
 def _wrap_scheduler(engine: Any) -> ScaledLRScheduler:
     sched = ScaledLRScheduler(_torch_optimizer(engine.optimizer), engine.lr_scheduler)
     engine.lr_scheduler = sched
@@ -409,17 +251,6 @@ def optimizer_state_numel(engine: Any) -> dict[str, int]:
 # --------------------------------------------------------------------------------------------
 # initialize (drop-in)
 # --------------------------------------------------------------------------------------------
-
-
-def _assert_requires_grad_final(model: nn.Module, specs: Sequence[_GroupSpec]) -> None:
-    trainable = {n for n, p in model.named_parameters() if p.requires_grad}
-    grouped = {n for s in specs for n in s.params}
-    if trainable != grouped:
-        extra, missing = sorted(trainable - grouped)[:5], sorted(grouped - trainable)[:5]
-        raise AssertionError(
-            f"requires_grad is not final before deepspeed.initialize: trainable but not in the "
-            f"optimizer groups {extra}; in the groups but frozen {missing}"
-        )
 
 
 def _apply_plan(model: nn.Module, plan: Any, schedule: Any) -> Any:
@@ -519,9 +350,9 @@ def initialize(
         weight_decay = float(cfg["optimizer"]["params"].get("weight_decay", 0.0))
     if applied is None:
         applied = _apply_plan(model, plan, schedule)
-    specs = _group_specs(applied, weight_decay)
-    _assert_requires_grad_final(model, specs)
-    groups = _torch_groups(model, specs, lr)
+    specs = group_specs(applied, weight_decay)
+    assert_requires_grad_final(model, specs, "deepspeed.initialize")
+    groups = torch_groups(model, specs, lr)
     engine, optimizer, loader, sched = _ds_initialize(
         model,
         cfg,
@@ -537,108 +368,55 @@ def initialize(
 
 
 # --------------------------------------------------------------------------------------------
-# client-state encoding (no pickle: JSON + safetensors)
+# the recipe's entry points (layerfreeze train)
 # --------------------------------------------------------------------------------------------
 
 
-def _encode(obj: Any, tensors: dict[str, torch.Tensor], path: str) -> Any:
-    if isinstance(obj, torch.Tensor):
-        key = f"t{len(tensors)}"
-        tensors[key] = obj.detach().cpu().contiguous()
-        return {"__tensor__": key}
-    if isinstance(obj, np.ndarray):
-        kind = obj.dtype.kind
-        if kind not in "iubf":
-            raise TypeError(f"client_state{path}: numpy dtype {obj.dtype} cannot be stored.")
-        key = f"t{len(tensors)}"
-        tensors[key] = torch.from_numpy(
-            np.ascontiguousarray(obj.astype(np.float64 if kind == "f" else np.int64))
-        )
-        return {"__ndarray__": key, "dtype": obj.dtype.str}
-    if isinstance(obj, np.integer | np.floating | np.bool_):
-        return obj.item()
-    if obj is None or isinstance(obj, bool | int | float | str):
-        return obj
-    if isinstance(obj, tuple):
-        return {"__tuple__": [_encode(v, tensors, f"{path}[{i}]") for i, v in enumerate(obj)]}
-    if isinstance(obj, list):
-        return [_encode(v, tensors, f"{path}[{i}]") for i, v in enumerate(obj)]
-    if isinstance(obj, Mapping):
-        out = {}
-        for k, v in obj.items():
-            if not isinstance(k, str):
-                raise TypeError(f"client_state{path}: dict key {k!r} is not a str; use str keys.")
-            out[k] = _encode(v, tensors, f"{path}[{k!r}]")
-        return out
-    raise TypeError(
-        f"client_state{path}: cannot store a {type(obj).__name__}; use tensors, numpy arrays, "
-        "numbers, strings, None, lists, tuples and dicts with str keys."
+def check_run_config(cfg: Any, world_size: int) -> list[str]:
+    """Validate the run config's DeepSpeed side before anything is written.
+
+    Returns:
+        One warning line per DeepSpeed value the run config replaces.
+
+    Raises:
+        ConfigError: a missing or malformed DeepSpeed JSON file.
+    """
+    from layerfreeze.engines.deepspeed_config import build_deepspeed_config
+
+    return build_deepspeed_config(cfg, world_size)[1]
+
+
+def runner_from_run_config(
+    cfg: Any, *, schedule: Any, vocab_size: int, lr_scheduler: Callable | None = None
+) -> DeepSpeedRunner:
+    """Build the Hugging Face model of ``cfg.model``, apply every phase of ``schedule`` and
+    return the :class:`DeepSpeedRunner` that trains it (what ``layerfreeze train`` calls).
+
+    Args:
+        cfg: the validated ``RunConfig``.
+        schedule: the run's ``PlanSchedule`` (adapters of every phase installed up front).
+        vocab_size: the tokenizer's size (a built model gets at least this vocabulary).
+        lr_scheduler: callable ``optimizer -> scheduler``.
+    """
+    from layerfreeze.apply import apply_plan, enable_gradient_checkpointing
+    from layerfreeze.engines.deepspeed_config import build_deepspeed_config
+    from layerfreeze.modeling import build_model
+
+    ds_config, _ = build_deepspeed_config(cfg, get_world_size())
+    model = build_model(cfg.model, vocab_size, cfg.train.seed)
+    plans = schedule.plans
+    applied = apply_plan(model, plans[0], install=plans[1:])
+    if cfg.model.gradient_checkpointing:
+        enable_gradient_checkpointing(model, applied.layout)
+    return DeepSpeedRunner(
+        model, ds_config, applied=applied, schedule=schedule, lr=cfg.optim.lr,
+        weight_decay=cfg.optim.weight_decay, lr_scheduler=lr_scheduler,
     )
-
-
-def _decode(obj: Any, tensors: Mapping[str, torch.Tensor]) -> Any:
-    if isinstance(obj, list):
-        return [_decode(v, tensors) for v in obj]
-    if isinstance(obj, dict):
-        if set(obj) == {"__tensor__"}:
-            return tensors[obj["__tensor__"]]
-        if set(obj) == {"__ndarray__", "dtype"}:
-            return tensors[obj["__ndarray__"]].numpy().astype(np.dtype(obj["dtype"]))
-        if set(obj) == {"__tuple__"}:
-            return tuple(_decode(v, tensors) for v in obj["__tuple__"])
-        return {k: _decode(v, tensors) for k, v in obj.items()}
-    return obj
-
-
-def _save_client_state(directory: Path, rank: int, state: Mapping[str, Any]) -> None:
-    tensors: dict[str, torch.Tensor] = {}
-    encoded = _encode(dict(state), tensors, "")
-    directory.mkdir(parents=True, exist_ok=True)
-    save_file(tensors, str(directory / f"rank_{rank:05d}.safetensors"))
-    atomic_write_json(directory / f"rank_{rank:05d}.json", encoded)
-
-
-def _load_client_state(directory: Path, rank: int) -> dict[str, Any]:
-    js = directory / f"rank_{rank:05d}.json"
-    try:
-        encoded = json.loads(js.read_text(encoding="utf-8"))
-        tensors = load_file(str(directory / f"rank_{rank:05d}.safetensors"))
-    except (OSError, ValueError) as e:  # JSONDecodeError and safetensors errors are ValueErrors
-        raise ckpt.CheckpointError(
-            f"{js}: unreadable client state ({e}). The checkpoint is damaged; resume from an earlier one."
-        ) from None
-    return _decode(encoded, tensors)
 
 
 # --------------------------------------------------------------------------------------------
 # the runner
 # --------------------------------------------------------------------------------------------
-
-
-@dataclass
-class StepOutput:
-    """Result of one optimizer step (one accumulation window), identical on every rank.
-
-    Attributes:
-        step: the global step this window advanced to (1-based count of optimizer steps).
-        loss: mean loss over the window's finite micro-batches and all data-parallel ranks
-            (NaN when every micro-batch was bad).
-        lr: the scheduled base lr used by this step (a group with ``lr_scale`` 1).
-        bad_micro_batches: micro-batches whose loss was NaN/Inf on some rank (their gradients
-            were not accumulated).
-        skipped: True when every micro-batch was bad: parameters did not move this step.
-        grad_norms: per layer group (``layers.<i>``, ``embeddings``, ...) L2 norm of the averaged
-            gradient, when requested; empty otherwise.
-        phase: plan-schedule phase this step ran in.
-    """
-
-    step: int
-    loss: float
-    lr: float
-    bad_micro_batches: int = 0
-    skipped: bool = False
-    grad_norms: dict[str, float] = field(default_factory=dict)
-    phase: int = 0
 
 
 class DeepSpeedRunner:
@@ -711,21 +489,21 @@ class DeepSpeedRunner:
         self.model = model
         self.zero_stage = _zero_stage(self.config)
         self._lr_scheduler_fn = lr_scheduler
-        self._loss_fn = loss_fn or _default_loss
+        self._loss_fn = loss_fn or default_loss
         self.phase = 0
         self.global_step = 0
         self.bad_micro_batches = 0
         self.skipped_steps = 0
         self.engine: Any = None
         self.lr_scheduler: ScaledLRScheduler | None = None
-        self._specs: list[_GroupSpec] = []
-        self._build_engine(_group_specs(self.applied, self.weight_decay))
+        self._specs: list[GroupSpec] = []
+        self._build_engine(group_specs(self.applied, self.weight_decay))
 
     # ---- engine construction ---------------------------------------------------------------
 
-    def _build_engine(self, specs: list[_GroupSpec]) -> None:
-        _assert_requires_grad_final(self.model, specs)
-        groups = _torch_groups(self.model, specs, self.lr)
+    def _build_engine(self, specs: list[GroupSpec]) -> None:
+        assert_requires_grad_final(self.model, specs, "deepspeed.initialize")
+        groups = torch_groups(self.model, specs, self.lr)
         engine, _opt, _loader, sched = _ds_initialize(
             self.model,
             json.loads(json.dumps(self.config)),
@@ -748,6 +526,43 @@ class DeepSpeedRunner:
     def world_size(self) -> int:
         """Number of data-parallel ranks."""
         return get_world_size()
+
+    @property
+    def data_parallel_rank(self) -> int:
+        """Data-parallel rank (every rank is a data-parallel rank under DeepSpeed ZeRO)."""
+        return get_rank()
+
+    @property
+    def device(self) -> torch.device:
+        """Where micro-batches go (the engine's device)."""
+        return self.engine.device
+
+    def eval_model(self) -> nn.Module:
+        """The model for scoring and diagnostics: the Hugging Face module itself (under ZeRO-3
+        DeepSpeed's hooks gather each layer's parameters inside its forward, so every rank must
+        run the same number of forwards)."""
+        return self.model
+
+    def export_merged(self, out_dir: str | os.PathLike, tokenizer: Any = None) -> Path | None:
+        """Merged Hugging Face checkpoint from the whole parameters (collective).
+
+        Returns:
+            The export directory on rank 0, None on other ranks.
+        """
+        from layerfreeze.export import export_merged
+
+        out = None
+        with self.gathered_parameters():
+            if get_rank() == 0:
+                out = Path(export_merged(self.applied, out_dir, tokenizer=tokenizer))
+        barrier()
+        return out
+
+    def close(self) -> None:
+        """Destroy the DeepSpeed engine (idempotent)."""
+        if self.engine is not None:
+            self.engine.destroy()
+            self.engine = None
 
     @property
     def param_groups(self) -> list[dict[str, Any]]:
@@ -832,13 +647,11 @@ class DeepSpeedRunner:
         return True
 
     def _switch_phase(
-        self, target: int, carry: bool, specs: list[_GroupSpec] | None = None
+        self, target: int, carry: bool, specs: list[GroupSpec] | None = None
     ) -> None:
         """Rebuild the engine for phase ``target``; carry master weights + Adam state when asked."""
-        old_plan = self.schedule.plans[self.phase]
         new_plan = self.schedule.plans[target]
-        new_trainable = set(self.applied.switch_plan(new_plan).trainable_names())
-        self.applied = self.applied.switch_plan(old_plan)  # back, to read the old optimizer
+        new_trainable = set(self.applied.trainable_names_for(new_plan))
         carried: dict[str, dict[str, torch.Tensor]] = {}
         steps: dict[str, int] = {}
         if carry:
@@ -865,7 +678,7 @@ class DeepSpeedRunner:
         self.applied = self.applied.switch_plan(new_plan)
         self.phase = target
         self._build_engine(
-            specs if specs is not None else _group_specs(self.applied, self.weight_decay, steps)
+            specs if specs is not None else group_specs(self.applied, self.weight_decay, steps)
         )
         for k, v in counters.items():
             setattr(self.engine, k, v)
@@ -905,15 +718,7 @@ class DeepSpeedRunner:
     # ---- training ---------------------------------------------------------------------------
 
     def _agree(self, loss: torch.Tensor) -> tuple[bool, float]:
-        """All ranks agree whether this micro-batch is bad; return (bad, mean finite loss)."""
-        value = float(loss.detach().float())
-        finite = math.isfinite(value)
-        t = torch.tensor([value if finite else 0.0, 0.0 if finite else 1.0], dtype=torch.float64)
-        if is_dist():
-            t = t.to(loss.device)
-            dist.all_reduce(t)
-        bad = float(t[1]) > 0
-        return bad, float(t[0]) / max(1, get_world_size())
+        return agree_finite(loss)
 
     def _zero_backward(self, micro_batch: Mapping[str, Any]) -> None:
         """Backward of an exact zero through the model (keeps DeepSpeed's per-micro-batch
@@ -985,6 +790,7 @@ class DeepSpeedRunner:
                         g["lr"] = 0.0
             lr = self.lr_scheduler.base_lr
             self.engine.step()
+        grad_norm = self.engine.get_global_grad_norm()
         self.global_step += 1
         self.bad_micro_batches += bad
         self.skipped_steps += int(skipped)
@@ -996,6 +802,7 @@ class DeepSpeedRunner:
             skipped=skipped,
             grad_norms=norms,
             phase=self.phase,
+            grad_norm=None if grad_norm is None or skipped else float(grad_norm),
         )
 
     @torch.no_grad()
@@ -1026,13 +833,7 @@ class DeepSpeedRunner:
         }
 
     def _trained_but_frozen(self) -> list[str]:
-        """Parameters trained in an earlier phase that are frozen now (differ from the base)."""
-        now = {n for n, _ in self._named_trainable()}
-        earlier: set[str] = set()
-        for phase in range(self.phase):
-            earlier |= set(self.applied.switch_plan(self.schedule.plans[phase]).trainable_names())
-        self.applied = self.applied.switch_plan(self.schedule.plans[self.phase])
-        return sorted(earlier - now)
+        return trained_then_frozen(self.applied, self.schedule, self.phase)
 
     @contextlib.contextmanager
     def gathered_parameters(
@@ -1094,7 +895,7 @@ class DeepSpeedRunner:
         step = self.global_step if step is None else step
         trained_before = self._trained_but_frozen() if trainable_only else []
         staging = ckpt.prepare_staging(root, step) if get_rank() == 0 else None
-        staging = Path(_broadcast(str(staging) if staging else None))
+        staging = Path(broadcast_object(str(staging) if staging else None))
         self.engine.save_checkpoint(
             str(staging),
             tag=_DS_TAG,
@@ -1110,7 +911,7 @@ class DeepSpeedRunner:
                         {n: params[n].detach().cpu().contiguous() for n in trained_before},
                         str(staging / "trained_frozen.safetensors"),
                     )
-        _save_client_state(staging / "client", get_rank(), client_state or {})
+        save_client_state(staging / "client", get_rank(), client_state or {})
         barrier()
         committed = None
         if get_rank() == 0:
@@ -1122,7 +923,7 @@ class DeepSpeedRunner:
                 keep_last=keep_last,
             )
             committed = str(info.path)
-        committed = _broadcast(committed)
+        committed = broadcast_object(committed)
         log_rank0(logger, "saved checkpoint %s", committed)
         return Path(committed)
 
@@ -1168,7 +969,7 @@ class DeepSpeedRunner:
             raise ckpt.CheckpointError(
                 f"{info.path}: cannot resume this run from it: " + "; ".join(problems) + "."
             )
-        specs = [_GroupSpec(**g) for g in meta["groups"]]
+        specs = [GroupSpec(**g) for g in meta["groups"]]
         if meta["phase"] != self.phase or [s.to_dict() for s in specs] != [
             s.to_dict() for s in self._specs
         ]:
@@ -1198,27 +999,9 @@ class DeepSpeedRunner:
         rank = get_rank()
         if not (client_dir / f"rank_{rank:05d}.json").exists():
             rank = 0
-        state = _load_client_state(client_dir, rank)
+        state = load_client_state(client_dir, rank)
         barrier()
         log_rank0(
             logger, "resumed from %s (step %d, phase %d)", info.path, self.global_step, self.phase
         )
         return state
-
-
-def _broadcast(obj: Any) -> Any:
-    if not is_dist():
-        return obj
-    box = [obj]
-    dist.broadcast_object_list(box, src=0)
-    return box[0]
-
-
-def _default_loss(engine: Any, micro_batch: Mapping[str, Any]) -> torch.Tensor:
-    out = engine(**micro_batch)
-    loss = getattr(out, "loss", None)
-    if loss is None:
-        raise ValueError(
-            "train_step: the model returned no .loss; put 'labels' in the micro-batch or pass loss_fn=."
-        )
-    return loss

@@ -63,8 +63,14 @@ class EvalCallback:
             return False
         return self.cfg.every_steps > 0 and step > 0 and step % self.cfg.every_steps == 0
 
-    def maybe_run(self, step: int, model: Any, force: bool = False) -> dict[str, float] | None:
+    def maybe_run(
+        self, step: int, model: Any, force: bool = False, shard: tuple[int, int] | None = None
+    ) -> dict[str, float] | None:
         """Evaluate at ``step`` if due (or ``force``); call on every rank.
+
+        ``shard`` is ``(data-parallel rank, data-parallel size)`` under model parallelism (see
+        :func:`~layerfreeze.evaluation.runner.evaluate`); ``model`` is what the engine's
+        ``eval_model()`` returns.
 
         The model is put in eval mode and restored to its previous mode; scoring runs under
         ``torch.no_grad``.
@@ -85,7 +91,7 @@ class EvalCallback:
             result, _ = evaluate(
                 model, self.tokenizer, bench, shots=self.cfg.shots, prompt=self.cfg.prompt,
                 batch_size=self.cfg.batch_size, max_questions=self.cfg.max_questions,
-                max_length=self.cfg.max_length,
+                max_length=self.cfg.max_length, shard=shard,
             )
             results[name] = result
             metrics.update(flat_metrics(result))

@@ -88,6 +88,7 @@ def evaluate(
     max_length: int | None = None,
     use_cache: bool | None = None,
     progress: bool = False,
+    shard: tuple[int, int] | None = None,
 ) -> tuple[dict[str, Any], list[dict[str, Any]]]:
     """Score a benchmark split; call it on every rank of a data-parallel job.
 
@@ -103,6 +104,9 @@ def evaluate(
         max_length: Context length (default: the model's).
         use_cache: See :class:`~layerfreeze.evaluation.scoring.Scorer`.
         progress: Show a progress bar on rank 0.
+        shard: ``(data-parallel rank, data-parallel size)`` when they differ from the global
+            rank and world size (tensor / pipeline parallelism: the ranks of one model replica
+            score the same questions in lockstep, and each question is kept once).
 
     Returns:
         ``(result, records)``: the aggregated result (see
@@ -113,6 +117,8 @@ def evaluate(
     rank, world = dist_utils.get_rank(), dist_utils.get_world_size()
     if not dist_utils.is_dist():
         rank, world = 0, 1
+    elif shard is not None:
+        rank, world = shard
     t0 = time.perf_counter()
     items, requests = build_requests(
         tokenizer, benchmark, shots, prompt, max_questions, rank=rank, world_size=world
@@ -131,7 +137,7 @@ def evaluate(
     update = None
     if bar is not None:
 
-        def update(n: int) -> None:  # rank 0 reports for all ranks (they progress alike)
+        def update(n: int) -> None:  # rank 0 reports for all shards (they progress alike)
             bar.update(min(n * world, bar.total - bar.n))
 
     was_training = getattr(model, "training", False)
@@ -148,9 +154,8 @@ def evaluate(
     mine = [_record(benchmark.name, q, s) for (_, q), s in zip(items, scores, strict=True)]
     gathered = dist_utils.all_gather_objects(mine)
     order = {s.name: k for k, s in enumerate(benchmark.subjects)}
-    records = sorted(
-        (r for part in gathered for r in part), key=lambda r: (order[r["subject"]], r["index"])
-    )
+    unique = {(r["subject"], r["index"]): r for part in gathered for r in part}
+    records = sorted(unique.values(), key=lambda r: (order[r["subject"]], r["index"]))
     result = summarize(benchmark, records, shots, prompt)
     result["seconds"] = time.perf_counter() - t0
     result["world_size"] = world

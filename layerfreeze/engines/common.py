@@ -1,0 +1,75 @@
+"""Engine-neutral pieces every runner shares: NaN/Inf agreement, object broadcast, default loss,
+and which parameters an earlier plan-schedule phase trained.
+
+No engine imports here (torch and torch.distributed only), so the DeepSpeed and Megatron
+adapters stay thin and agree on semantics: a micro-batch is bad on every rank when its loss is
+NaN/Inf on any rank of ``group``.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Mapping
+from typing import Any
+
+import torch
+import torch.distributed as dist
+
+from layerfreeze.utils.dist import is_dist
+
+__all__ = ["agree_finite", "broadcast_object", "default_loss", "trained_then_frozen"]
+
+
+def agree_finite(loss: torch.Tensor, group: Any = None) -> tuple[bool, float]:
+    """Whether the micro-batch is bad (NaN/Inf loss on some rank of ``group``), and the mean
+    finite loss over the group's ranks (collective when distributed).
+
+    Args:
+        loss: this rank's scalar loss.
+        group: process group to agree over (default: the world, i.e. all data-parallel ranks).
+
+    Returns:
+        ``(bad, mean_loss)``, identical on every rank of ``group``.
+    """
+    value = float(loss.detach().float())
+    finite = math.isfinite(value)
+    t = torch.tensor([value if finite else 0.0, 0.0 if finite else 1.0], dtype=torch.float64)
+    size = 1
+    if is_dist():
+        t = t.to(loss.device)
+        dist.all_reduce(t, group=group)
+        size = dist.get_world_size(group)
+    return float(t[1]) > 0, float(t[0]) / max(1, size)
+
+
+def broadcast_object(obj: Any, src: int = 0, group: Any = None) -> Any:
+    """``obj`` from global rank ``src`` on every rank (identity without a process group)."""
+    if not is_dist():
+        return obj
+    box = [obj]
+    dist.broadcast_object_list(box, src=src, group=group)
+    return box[0]
+
+
+def default_loss(model: Any, micro_batch: Mapping[str, Any]) -> torch.Tensor:
+    """``model(**micro_batch).loss`` (Hugging Face causal LMs with ``labels`` in the batch)."""
+    out = model(**micro_batch)
+    loss = getattr(out, "loss", None)
+    if loss is None:
+        raise ValueError(
+            "train_step: the model returned no .loss; put 'labels' in the micro-batch or pass loss_fn=."
+        )
+    return loss
+
+
+def trained_then_frozen(applied: Any, schedule: Any, phase: int) -> list[str]:
+    """Parameters an earlier phase of ``schedule`` trained that ``phase`` freezes (they differ
+    from the base checkpoint, so a trainable-only checkpoint must keep them).
+
+    Side-effect free: reads the plans' trainable names without touching ``requires_grad``.
+    """
+    now = set(applied.trainable_names_for(schedule.plans[phase]))
+    earlier: set[str] = set()
+    for p in range(phase):
+        earlier |= set(applied.trainable_names_for(schedule.plans[p]))
+    return sorted(earlier - now)
