@@ -58,6 +58,7 @@ from layerfreeze.errors import ConfigError
 from layerfreeze.models import LayerInfo, ModelLayout
 from layerfreeze.policies.base import PolicySpec
 from layerfreeze.policies.lora import TokenGate, _block_input, _has_hook
+from layerfreeze.policies.prefix_paper import configure_adapter, form_mismatch
 from layerfreeze.registry import register_policy
 
 __all__ = [
@@ -97,9 +98,20 @@ class PrefixConfig:
     """Weight decay for the prefix matrices (None: the run's default); biases and gates get none."""
     gate_lr_scale: float = 1.0
     """Multiplier on the run's learning rate for the zero-init factor and the gate (no decay)."""
+    form: str = "branch"
+    """``branch``: a separate zero-initialised attention branch over the prefix (identity at
+    init); ``paper``: HLPT's form, the prefix prepended to the layer's own keys/values (one
+    softmax), the gate scaling the prefix's attention weights (see ``prefix_paper.py``)."""
+    gate_bias: float = 0.0
+    """Initial bias ``b`` of the gate (``w = 0``): ``g = sigmoid(b)`` at init. With form=paper a
+    very negative value (e.g. -30) starts the gate closed, i.e. the base model."""
 
     def __post_init__(self):
         problems = []
+        if self.form not in ("branch", "paper"):
+            problems.append(f"form: must be branch or paper, got {self.form!r}.")
+        if isinstance(self.gate_bias, bool) or not isinstance(self.gate_bias, (int, float)):
+            problems.append(f"gate_bias: must be a number, got {self.gate_bias!r}.")
         if isinstance(self.tokens, bool) or not isinstance(self.tokens, int) or self.tokens < 1:
             problems.append(
                 f"tokens: must be an integer >= 1, got {self.tokens!r}. Use e.g. tokens=16."
@@ -281,6 +293,14 @@ def _make_wrapper(base: str) -> Callable:
                 )
         else:
             fn = ALL_ATTENTION_FUNCTIONS.get_interface(base, _module_eager(module))
+        paper = module._modules.get(_ADAPTER_ATTR)
+        if getattr(paper, "form", "branch") == "paper":  # one softmax: see prefix_paper.py
+            from layerfreeze.policies.prefix_paper import paper_attention
+
+            paper.pending = False
+            return paper_attention(
+                fn, base, module, paper, query, key, value, attention_mask, **kwargs
+            )
         out, weights = fn(module, query, key, value, attention_mask, **kwargs)
         adapter = module._modules.get(_ADAPTER_ATTR)
         if adapter is not None:
@@ -585,6 +605,12 @@ class PrefixPolicy:
 
     def check(self, layer: LayerInfo, spec: PolicySpec, layout: ModelLayout) -> list[str]:
         """Problems that stop the branch from being added to ``layer``'s attention."""
+        if _options(spec).form == "paper":
+            from layerfreeze.policies.prefix_paper import paper_form_problems
+
+            return paper_form_problems(self, layer, spec, layout)
+        if form_mismatch(layer, "branch"):
+            return form_mismatch(layer, "branch")
         installer = _find_installer(layer.attn)
         if installer is not None:
             return installer.check(layer, spec, layout)
@@ -665,6 +691,7 @@ class PrefixPolicy:
             adapter.where = f"layer {layer.index} ({layer.name}.{layer.attn_name})"
             if adapter.prefix_gate is not None:
                 adapter.prefix_gate.where = adapter.where
+            configure_adapter(adapter, opts.form, opts.gate_bias)
             attn.add_module(_ADAPTER_ATTR, adapter)
         route = _find_route(attn)
         if route is not None:
