@@ -63,8 +63,12 @@ def _model(tp: int, pp: int, full: dict | None = None, seed: int = 3):
 
 
 def _reference_weights(seed: int = 3) -> dict:
-    from tests.helpers.megatron import build_tiny_gpt, destroy_model_parallel, full_state_dict
-    from tests.helpers.megatron import init_model_parallel
+    from tests.helpers.megatron import (
+        build_tiny_gpt,
+        destroy_model_parallel,
+        full_state_dict,
+        init_model_parallel,
+    )
 
     init_model_parallel(tp=1, pp=1)
     full = full_state_dict(build_tiny_gpt(tp=1, seed=seed))
@@ -107,11 +111,14 @@ def _exact_body(rank, world_size):
         trainable = {n for n, p in params.items() if p.requires_grad}
         # the plan: layers 0-1 and the embeddings train (freeze_deep, fraction 0.5)
         want = {
-            n for n in params
+            n
+            for n in params
             if n.startswith(("decoder.layers.0.", "decoder.layers.1.", "embedding."))
         }
         opt_params = [
-            p for opt in runner.optimizer.chained_optimizers for g in opt.optimizer.param_groups
+            p
+            for opt in runner.optimizer.chained_optimizers
+            for g in opt.optimizer.param_groups
             for p in g["params"]
         ]
         buf_params = [p for c in runner.ddp_chunks for b in c.buffers for p in b.params]
@@ -120,14 +127,18 @@ def _exact_body(rank, world_size):
         numel = runner.optimizer_state_numel()
         # whole-model trainable elements: TP-split tensors are summed over ranks, replicated once
         local = sum(
-            p.numel() if getattr(p, "tensor_model_parallel", False) or
-            ps.get_tensor_model_parallel_rank() == 0 else 0
-            for n, p in params.items() if n in want
+            p.numel()
+            if getattr(p, "tensor_model_parallel", False)
+            or ps.get_tensor_model_parallel_rank() == 0
+            else 0
+            for n, p in params.items()
+            if n in want
         )
         whole = torch.tensor([float(local)])
         torch.distributed.all_reduce(whole)
         replicated = sum(
-            p.numel() for n, p in params.items()
+            p.numel()
+            for n, p in params.items()
             if n in want and not getattr(p, "tensor_model_parallel", False)
         )
         out = {
@@ -188,7 +199,9 @@ def _tp_body(rank, world_size):
             )
             out[f"weights{tp}"] = _np(runner.consolidated_state_dict())
             out[f"before{tp}"] = _np(before)
-            out[f"trainable{tp}"] = sorted(runner._global_keys()[n] for n in runner.applied.trainable_names())
+            out[f"trainable{tp}"] = sorted(
+                runner._global_keys()[n] for n in runner.applied.trainable_names()
+            )
             runner.close()
     return out
 
@@ -244,9 +257,9 @@ def _pp_body(rank, world_size):
             "norms": sorted(res.grad_norms),
             "eval_loss": runner.evaluate_loss(_window(5)[0]),
             "logits": _np(runner.eval_model()(_window(5)[0]["input_ids"])),
-            "unchanged": all(
-                torch.equal(p, frozen[n]) for n, p in runner.model.named_parameters()
-            ) if stage == 1 else None,
+            "unchanged": all(torch.equal(p, frozen[n]) for n, p in runner.model.named_parameters())
+            if stage == 1
+            else None,
         }
         import tempfile
 
@@ -280,3 +293,166 @@ def test_pp2_matches_pp1_and_a_frozen_stage_takes_part():
     assert f0["eval_loss"] == f1["eval_loss"] and math.isfinite(f0["eval_loss"])
     assert f0["logits"].shape == (2, 8, 128) and (f0["logits"] == f1["logits"]).all()
     assert f0["saved"] == f1["saved"] == "step_00000001"
+
+
+# ------------------------------------------------------------------------------------------
+# plan-schedule phase switch (optimizer state carried) and exact resume across it (TP=2)
+
+SCHEDULE = [{"plan": "freeze_deep", "until_step": 2}, {"plan": "full", "until_step": None}]
+
+
+def _sched(opt):
+    return torch.optim.lr_scheduler.LambdaLR(opt, lambda s: 1.0 / (1.0 + 0.5 * s))
+
+
+def _shared_tmp():
+    import tempfile
+
+    box = [tempfile.mkdtemp(prefix="lf_megatron_") if torch.distributed.get_rank() == 0 else None]
+    torch.distributed.broadcast_object_list(box, src=0)
+    return box[0]
+
+
+def _resume_body(rank, world_size):
+    from tests.helpers.megatron import megatron_cpu_shim
+
+    with megatron_cpu_shim():
+        tmp = _shared_tmp()
+        straight = _runner(_model(tp=2, pp=1), schedule=SCHEDULE, lr_scheduler=_sched)
+        losses = _train(straight, 4)
+        final = _np(straight.consolidated_state_dict())
+        straight.close()
+
+        runner = _runner(_model(tp=2, pp=1), schedule=SCHEDULE, lr_scheduler=_sched)
+        first = _train(runner, 2)
+        params = dict(runner.model.named_parameters())
+        stay = list(runner.applied.trainable_names())
+        before = {n: runner._full_state(params[n]) for n in stay}
+        switched = runner.maybe_switch_phase()
+        after = {n: runner._full_state(params[n]) for n in stay}
+        new = [n for n in runner.applied.trainable_names() if n not in before]
+        carried = all(
+            set(before[n]) == set(after[n])
+            and all(torch.equal(before[n][k], after[n][k]) for k in before[n])
+            for n in stay
+        )
+        fresh = all(set(runner._full_state(params[n])) == {"master"} for n in new)
+        third = _train(runner, 1, start=2)
+        steps = {
+            "stay": {int(runner._full_state(params[n])["step"]) for n in stay},
+            "new": {int(runner._full_state(params[n])["step"]) for n in new},
+        }
+        runner.save_checkpoint(tmp, client_state={"cursor": torch.tensor([3, rank])})
+        runner.close()
+
+        resumed = _runner(_model(tp=2, pp=1), schedule=SCHEDULE, lr_scheduler=_sched)
+        client = resumed.load_checkpoint(tmp)
+        phase, step, lr = resumed.phase, resumed.global_step, resumed.base_lr
+        fourth = _train(resumed, 1, start=3)
+        resumed_final = _np(resumed.consolidated_state_dict())
+        resumed.close()
+    return {
+        "losses": losses,
+        "resumed_losses": first + third + fourth,
+        "switched": switched,
+        "carried": carried,
+        "fresh": fresh,
+        "n_stay": len(stay),
+        "n_new": len(new),
+        "steps": steps,
+        "phase": phase,
+        "step": step,
+        "lr": lr,
+        "client": client["cursor"].tolist(),
+        "final": final,
+        "resumed_final": resumed_final,
+    }
+
+
+def test_phase_switch_carries_optimizer_state_and_resume_is_exact():
+    res = run_distributed(_resume_body, world_size=2)
+    for rank, r in enumerate(res):
+        assert r["switched"] and r["carried"] and r["fresh"]
+        assert r["n_stay"] > 0 and r["n_new"] > 0
+        # Adam steps continue for parameters trained since step 0; new ones start at 1
+        assert r["steps"] == {"stay": {3}, "new": {1}}
+        assert (r["phase"], r["step"]) == (1, 3)
+        assert r["lr"] == pytest.approx(LR / (1.0 + 0.5 * 3))
+        assert r["client"] == [3, rank]
+        assert r["resumed_losses"] == r["losses"]  # exact
+    f, g = _t(res[0]["final"]), _t(res[0]["resumed_final"])
+    assert sorted(f) == sorted(g) and all(torch.equal(f[k], g[k]) for k in f)
+
+
+# ------------------------------------------------------------------------------------------
+# trainable-only checkpoints move between layouts: TP=2,PP=1 -> TP=1,PP=2 -> TP=2,PP=1
+
+
+def _layouts_body(rank, world_size):
+    import os
+
+    from tests.helpers.megatron import megatron_cpu_shim
+
+    with megatron_cpu_shim():
+        tmp = _shared_tmp()
+        full = _reference_weights()
+        out = {}
+        runner = _runner(_model(tp=2, pp=1, full=full), plan="freeze_deep")
+        _train(runner, 2)
+        runner.save_checkpoint(os.path.join(tmp, "a"), trainable_only=True)
+        out["a"] = _np(runner.consolidated_state_dict())
+        runner.close()
+
+        runner = _runner(_model(tp=1, pp=2, full=full), plan="freeze_deep")
+        out["loaded_pp"] = len(runner.load_trainable_weights(os.path.join(tmp, "a")))
+        out["a_at_pp2"] = _np(runner.consolidated_state_dict())
+        _train(runner, 1, start=2)
+        runner.save_checkpoint(os.path.join(tmp, "b"), trainable_only=True)
+        out["b"] = _np(runner.consolidated_state_dict())
+        runner.close()
+
+        runner = _runner(_model(tp=2, pp=1, full=full), plan="freeze_deep")
+        runner.load_trainable_weights(os.path.join(tmp, "b"))
+        out["b_at_tp2"] = _np(runner.consolidated_state_dict())
+        try:  # full resume needs the same layout, and says what to do instead
+            runner.load_checkpoint(os.path.join(tmp, "b"))
+            out["resume_error"] = None
+        except ValueError as e:
+            out["resume_error"] = str(e)
+        runner.close()
+        out["files"] = sorted(os.listdir(os.path.join(tmp, "a", "step_00000002", "weights")))
+    out["base"] = _np(_t_full(full))
+    return out
+
+
+def _t_full(full):
+    """Reference weights keyed like the runner's global keys (layers.<i>.base.<path>, ...)."""
+    out = {}
+    for k, v in full.items():
+        parts = k.split(".")
+        if parts[:2] == ["decoder", "layers"]:
+            out[f"layers.{parts[2]}.base.{'.'.join(parts[3:])}"] = v
+        elif k.startswith("embedding."):
+            out[f"embeddings.base.{k}"] = v
+        elif k.startswith("decoder.final_layernorm"):
+            out[f"final_norm.base.{k}"] = v
+        else:
+            out[f"lm_head.base.{k}"] = v
+    return out
+
+
+def test_trainable_checkpoint_moves_between_tp_and_pp_layouts():
+    res = run_distributed(_layouts_body, world_size=2)
+    r = res[0]
+    a, a2, b, b2, base = (_t(r[k]) for k in ("a", "a_at_pp2", "b", "b_at_tp2", "base"))
+    assert sorted(a) == sorted(base) == sorted(a2) == sorted(b) == sorted(b2)
+    trained = {k for k in a if not torch.equal(a[k], base[k])}
+    assert trained and all(k.startswith(("layers.0.", "layers.1.", "embeddings.")) for k in trained)
+    for k in a:
+        assert torch.equal(a2[k], a[k]), k  # TP=2,PP=1 -> TP=1,PP=2: bit-exact
+        assert torch.equal(b2[k], b[k]), k  # TP=1,PP=2 -> TP=2,PP=1: bit-exact
+    assert any(not torch.equal(b[k], a[k]) for k in trained)  # the PP=2 step trained further
+    assert r["files"] == ["stage_000.safetensors"]
+    # stage 0 (layers 0-1, embeddings) receives the trained tensors; stage 1 holds none of them
+    assert r["loaded_pp"] > 0 and res[1]["loaded_pp"] == 0
+    assert "load_trainable_weights" in r["resume_error"]
