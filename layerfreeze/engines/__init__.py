@@ -12,7 +12,10 @@ from types import ModuleType
 __all__ = ["ENGINES", "get_engine"]
 
 #: engine name -> adapter module
-ENGINES: dict[str, str] = {"deepspeed": "layerfreeze.engines.deepspeed"}
+ENGINES: dict[str, str] = {
+    "deepspeed": "layerfreeze.engines.deepspeed",
+    "megatron": "layerfreeze.engines.megatron.runner",
+}
 
 
 def get_engine(name: str) -> ModuleType:
