@@ -99,7 +99,8 @@ class ModelLayout:
         num_kv_heads: key/value heads (== ``num_heads`` without GQA).
         head_dim: per-head width.
         embeddings: qualified names of the parameter-owning embedding modules (token, and
-            learned positions when present), outside the blocks.
+            learned positions when present, and a norm applied to the embeddings such as
+            BLOOM's ``word_embeddings_layernorm``), outside the blocks.
         final_norm: qualified name of the norm after the last block, or None.
         lm_head: qualified name of the output projection, or None.
         tied_embeddings: True when the LM head's weight is the token embedding's weight.
@@ -318,7 +319,10 @@ def discover_layout(
         if id(mod) in block_ids or not name:
             continue
         if is_norm_module(mod) and any(True for _ in mod.parameters(recurse=False)):
-            final_norm = name  # the last such module in registration order follows the blocks
+            if "emb" in name.rsplit(".", 1)[-1].lower():
+                embeddings.append(name)  # a norm on the embeddings (BLOOM)
+            else:
+                final_norm = name  # the last such module in registration order follows the blocks
     model_type = getattr(config, "model_type", None) or type(model).__name__
     return ModelLayout(
         layers=layers, model_type=model_type, hidden_size=hidden, num_heads=heads,

@@ -185,3 +185,73 @@ def hand_prefix_params(cfg: PretrainedConfig, tokens: int, gated: bool) -> int:
     """Prefix parameters of one layer: keys + values per kv head, a factor per head, the gate."""
     h, heads, kv, hd, _ = _geometry(cfg)
     return 2 * kv * tokens * hd + heads + (h + 1) * int(gated)
+
+
+# ------------------------------------------------------------------ the family matrix
+# Every decoder-only family of transformers 5.23 with a small config that builds on CPU:
+# key -> (config.model_type, config fields). Tiny: 4 layers (so hlpt has LoRA and prefix
+# layers), hidden 32, 4 heads (2 key/value heads where the family has GQA), vocabulary 128.
+
+_M = dict(hidden_size=32, num_hidden_layers=4, num_attention_heads=4, intermediate_size=64)
+_GQA = dict(_M, num_key_value_heads=2)
+_GPT = dict(n_embd=32, n_layer=4, n_head=4)
+MATRIX_FAMILIES: dict[str, tuple[str, dict]] = {
+    "llama": ("llama", _GQA),
+    "mistral": ("mistral", dict(_GQA, sliding_window=None)),
+    "mixtral": ("mixtral", dict(_GQA, num_local_experts=4, num_experts_per_tok=2)),
+    "qwen2": ("qwen2", dict(_GQA, use_sliding_window=False)),
+    "qwen2_moe": ("qwen2_moe", dict(
+        _GQA, num_experts=4, num_experts_per_tok=2, moe_intermediate_size=16,
+        shared_expert_intermediate_size=16,
+    )),
+    "qwen3": ("qwen3", dict(_GQA, head_dim=8)),
+    "gemma": ("gemma", dict(_GQA, head_dim=8)),
+    "gemma2": ("gemma2", dict(_GQA, head_dim=8, query_pre_attn_scalar=8)),
+    "gemma3_text": ("gemma3_text", dict(_GQA, head_dim=8, query_pre_attn_scalar=8)),
+    "phi": ("phi", dict(_M, partial_rotary_factor=0.5)),
+    "phi3": ("phi3", _GQA),
+    "gpt2": ("gpt2", _GPT),
+    "gptj": ("gptj", dict(_GPT, rotary_dim=4)),
+    "gpt_neox": ("gpt_neox", _M),
+    "codegen": ("codegen", dict(_GPT, rotary_dim=4)),
+    "falcon": ("falcon", dict(_M)),  # Falcon-7B style: multi-query, parallel attention, rotary
+    "bloom": ("bloom", dict(hidden_size=32, n_layer=4, n_head=4)),
+    "opt": ("opt", dict(_M, ffn_dim=64, word_embed_proj_dim=32)),
+    "stablelm": ("stablelm", _GQA),
+    "starcoder2": ("starcoder2", dict(_GQA, sliding_window=None)),
+    "gpt_bigcode": ("gpt_bigcode", _GPT),
+    "olmo2": ("olmo2", _GQA),
+    "cohere": ("cohere", _GQA),
+    "glm": ("glm", dict(_GQA, head_dim=8)),
+    # Multi-head latent attention; layers 0-2 dense, layer 3 MoE.
+    "deepseek_v3": ("deepseek_v3", dict(
+        _M, num_key_value_heads=4, q_lora_rank=16, kv_lora_rank=16, qk_rope_head_dim=4,
+        qk_nope_head_dim=8, v_head_dim=8, n_routed_experts=4, num_experts_per_tok=2,
+        moe_intermediate_size=16, n_shared_experts=1, first_k_dense_replace=3, n_group=1,
+        topk_group=1,
+    )),
+}
+
+
+def matrix_config(family: str) -> PretrainedConfig:
+    """The tiny config of a :data:`MATRIX_FAMILIES` family (eager attention, seeded-init std)."""
+    from transformers import AutoConfig
+
+    model_type, fields = MATRIX_FAMILIES[family]
+    cfg = AutoConfig.for_model(
+        model_type, vocab_size=128, max_position_embeddings=64, pad_token_id=0, bos_token_id=0,
+        eos_token_id=0, initializer_range=0.1, **fields,
+    )
+    cfg._attn_implementation = "eager"
+    return cfg
+
+
+def build_matrix_model(family: str, seed: int = 0) -> torch.nn.Module:
+    """A seeded tiny random-weight model of a :data:`MATRIX_FAMILIES` family (eval, float32)."""
+    state = torch.random.get_rng_state()
+    try:
+        torch.manual_seed(seed)
+        model = AutoModelForCausalLM.from_config(matrix_config(family), attn_implementation="eager")
+    finally:
+        torch.random.set_rng_state(state)
+    return model.float().eval()
