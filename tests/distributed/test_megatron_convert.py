@@ -288,6 +288,21 @@ def test_features_the_mapping_cannot_express_are_refused():
         )
 
 
+def test_loading_into_a_model_of_another_architecture_names_the_difference(tp1):
+    llama = C.build_gpt_from_hf_config(_hf("llama").config, config_overrides=CPU)
+    qwen = _hf("qwen2")
+    with pytest.raises(ValueError, match=r"not in the model \['decoder.layers.0.self_attention"):
+        C.load_hf_weights(llama, qwen.state_dict(), qwen.config)
+
+
+def test_backend_choice_without_megatron_bridge():
+    assert not C.bridge_available()  # not installed on these machines
+    with pytest.raises(ImportError, match="megatron.bridge .* not installed"):
+        C.build_gpt_from_hf_config(tiny_config("llama"), backend="bridge", hf_path="/x")
+    with pytest.raises(ValueError, match="backend: got 'te'"):
+        C.build_gpt_from_hf_config(tiny_config("llama"), backend="te")
+
+
 def test_plain_qwen2_and_llama_configs_map_to_expected_fields():
     kw = C.megatron_config_kwargs(tiny_config("qwen2", num_kv_heads=2, rope_theta=1e6))
     assert kw["num_query_groups"] == 2 and kw["kv_channels"] == 16

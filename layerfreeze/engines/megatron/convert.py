@@ -29,14 +29,23 @@ Layouts (megatron-core 0.16.1, ``transformer/attention.py::SelfAttention``):
 * Layers are numbered globally in HF (``model.layers.{i}``) and per stage in megatron
   (``decoder.layers.{j}``, with ``layer_number = i + 1`` global).
 
-When Megatron-Bridge (``megatron.bridge``) is importable, ``backend="auto"`` hands building,
-loading and exporting to its ``AutoBridge`` (its own, Transformer-Engine specs and mappings);
-otherwise, or with ``backend="layerfreeze"``, the code here does it. The Bridge path is not
-exercised on CPU machines (Bridge needs Transformer Engine and CUDA).
+When Megatron-Bridge (``megatron.bridge``) is importable and the HF directory is known
+(``build_gpt_from_hf_config(..., hf_path=DIR)``), ``backend="auto"`` hands building, loading and
+exporting to its ``AutoBridge`` (its own Transformer-Engine specs and mappings; the model
+remembers which backend built it). Otherwise, or with ``backend="layerfreeze"``, the code here
+does it. The Bridge path is not exercised on CPU machines (Bridge needs Transformer Engine and
+CUDA), so it is kept to Bridge's documented calls: ``AutoBridge.from_hf_pretrained``,
+``to_megatron_provider(load_weights=False)``, ``provide``, ``load_hf_weights`` and
+``save_hf_pretrained``.
+
+Vocabulary padding changes the training loss slightly (the zero rows add ``exp(0)`` terms to the
+softmax, as in Megatron-LM); pass ``make_vocab_size_divisible_by=1`` (pads only to a multiple of
+the TP size) when the loss must equal the HF model's exactly.
 """
 
 from __future__ import annotations
 
+import copy
 import importlib.util
 import json
 import os
@@ -75,6 +84,13 @@ SUPPORTED_MODEL_TYPES: tuple[str, ...] = ("llama", "mistral", "qwen2")
 
 Backend = Literal["auto", "bridge", "layerfreeze"]
 _BACKEND_ATTR = "_layerfreeze_hf_backend"
+_HF_PATH_ATTR = "_layerfreeze_hf_path"
+#: HF model class written into ``config.json`` when the config does not name one.
+_ARCHITECTURES = {
+    "llama": "LlamaForCausalLM",
+    "mistral": "MistralForCausalLM",
+    "qwen2": "Qwen2ForCausalLM",
+}
 
 
 # ---------------------------------------------------------------------------------------------
@@ -89,7 +105,8 @@ def bridge_available() -> bool:
         return False
 
 
-def _resolve_backend(backend: Backend) -> str:
+def _resolve_backend(backend: Backend, hf_path: Any = None) -> str:
+    """Resolve "auto": Megatron-Bridge when it is importable and an HF directory is known."""
     if backend not in ("auto", "bridge", "layerfreeze"):
         raise ValueError(f"backend: got {backend!r}; valid: 'auto', 'bridge', 'layerfreeze'.")
     if backend == "bridge" and not bridge_available():
@@ -97,8 +114,10 @@ def _resolve_backend(backend: Backend) -> str:
             "backend='bridge': megatron.bridge (Megatron-Bridge) is not installed; install it "
             "or use backend='layerfreeze'."
         )
+    if backend == "bridge" and hf_path is None:
+        raise ValueError("backend='bridge': pass hf_path (the Hugging Face checkpoint directory).")
     if backend == "auto":
-        return "bridge" if bridge_available() else "layerfreeze"
+        return "bridge" if bridge_available() and hf_path is not None else "layerfreeze"
     return backend
 
 
@@ -316,20 +335,21 @@ def build_gpt_from_hf_config(
         parallel_output: keep logits split by vocabulary across TP ranks (training); False
             gathers them.
         pg_collection: megatron process groups, passed through to ``GPTModel``.
-        backend: "auto" (Megatron-Bridge when importable, else this module), "bridge", or
-            "layerfreeze".
-        hf_path: the HF checkpoint directory (the Bridge backend builds from it; optional
-            otherwise).
+        backend: "auto" (Megatron-Bridge when it is importable and ``hf_path`` is given, else
+            this module), "bridge", or "layerfreeze".
+        hf_path: the HF checkpoint directory (the Bridge backend builds from it and exports
+            against it; optional for this module's backend).
 
     Returns:
         The ``GPTModel``; it remembers which backend built it, so :func:`load_hf_weights` and
         :func:`export_hf_checkpoint` use the matching converter.
     """
-    resolved = _resolve_backend(backend)
+    resolved = _resolve_backend(backend, hf_path)
     overrides = dict(config_overrides or {})
     if resolved == "bridge":  # pragma: no cover - needs Megatron-Bridge (CUDA machines)
-        model = _bridge_build(hf_config, hf_path, pre_process, post_process, vp_stage, overrides)
+        model = _bridge_build(hf_path, pre_process, post_process, vp_stage, overrides)
         setattr(model, _BACKEND_ATTR, "bridge")
+        setattr(model, _HF_PATH_ATTR, str(hf_path))
         return model
 
     from megatron.core.models.gpt import GPTModel
@@ -370,20 +390,15 @@ def build_gpt_from_hf_config(
     return model
 
 
-def _bridge_build(
-    hf_config, hf_path, pre_process, post_process, vp_stage, overrides
-):  # pragma: no cover
+def _bridge_build(hf_path, pre_process, post_process, vp_stage, overrides):  # pragma: no cover
+    """Megatron-Bridge's own model for ``hf_path`` (its provider holds the TransformerConfig)."""
     from megatron.bridge import AutoBridge
 
-    bridge = (
-        AutoBridge.from_hf_pretrained(str(hf_path))
-        if hf_path
-        else AutoBridge.from_hf_config(hf_config)
-    )
-    provider = bridge.to_megatron_provider(load_weights=False)
+    provider = AutoBridge.from_hf_pretrained(str(hf_path)).to_megatron_provider(load_weights=False)
     for key, value in overrides.items():
         setattr(provider, key, value)
-    provider.finalize()
+    if callable(getattr(provider, "finalize", None)):
+        provider.finalize()
     return provider.provide(pre_process=pre_process, post_process=post_process, vp_stage=vp_stage)
 
 
@@ -578,6 +593,21 @@ def hf_to_megatron(
     return out
 
 
+def _megatron_layer_names(hf_config: Any) -> list[str]:
+    """Parameter names of one megatron (local spec) layer, relative to ``decoder.layers.{j}.``."""
+    names = [
+        "input_layernorm.weight",
+        "pre_mlp_layernorm.weight",
+        "self_attention.linear_qkv.weight",
+        "self_attention.linear_proj.weight",
+        "mlp.linear_fc1.weight",
+        "mlp.linear_fc2.weight",
+    ]
+    if hf_config.model_type == "qwen2":
+        names.append("self_attention.linear_qkv.bias")
+    return names
+
+
 def _megatron_layer_to_hf(
     shards: Sequence[Mapping[str, torch.Tensor]], hf_config: Any, local: int, i: int
 ) -> dict[str, torch.Tensor]:
@@ -746,9 +776,9 @@ def _tp() -> tuple[int, int]:
     return ps.get_tensor_model_parallel_rank(), ps.get_tensor_model_parallel_world_size()
 
 
-def _backend_of(chunks: Sequence[torch.nn.Module], backend: Backend) -> str:
+def _backend_of(chunks: Sequence[torch.nn.Module], backend: Backend, hf_path: Any = None) -> str:
     if backend != "auto":
-        return _resolve_backend(backend)
+        return _resolve_backend(backend, hf_path or getattr(chunks[0], _HF_PATH_ATTR, None))
     return getattr(chunks[0], _BACKEND_ATTR, "layerfreeze")
 
 
@@ -781,7 +811,8 @@ def load_hf_weights(
         from transformers import AutoConfig
 
         hf_config = AutoConfig.from_pretrained(str(source))
-    if _backend_of(chunks, backend) == "bridge":  # pragma: no cover - needs Megatron-Bridge
+    hf_dir = None if isinstance(source, Mapping) else source
+    if _backend_of(chunks, backend, hf_dir) == "bridge":  # pragma: no cover - needs Bridge
         if isinstance(source, Mapping):
             raise ValueError("backend='bridge' loads from an HF directory, got a state dict.")
         from megatron.bridge import AutoBridge
@@ -969,7 +1000,10 @@ def gather_hf_state_dict(
             sd, layers = find(lambda ls, _pre, _post: i in ls)
             local = layers.index(i)
             prefix = f"decoder.layers.{local}."
-            names = [k for k in sd if k.startswith(prefix) and not k.endswith("_extra_state")]
+            names = [prefix + n for n in _megatron_layer_names(hf_config)]
+            absent = [n for n in names if n not in sd]
+            if absent:
+                raise KeyError(f"megatron state dict has no {absent} (global layer {i}).")
             return _megatron_layer_to_hf(tp_gather(sd, names), hf_config, local, i)
 
         deliver(owner[i], layer)
@@ -1026,10 +1060,9 @@ def save_hf_checkpoint(
             size = 0
         shards[-1][k] = sd[k]
         size += nbytes
+    hf_config = copy.deepcopy(hf_config)
     if not getattr(hf_config, "architectures", None):
-        from transformers import AutoModelForCausalLM
-
-        hf_config.architectures = [AutoModelForCausalLM._model_mapping[type(hf_config)].__name__]
+        hf_config.architectures = [_ARCHITECTURES[hf_config.model_type]]
     with atomic_directory(directory) as tmp:
         hf_config.save_pretrained(str(tmp))
         if len(shards) == 1:
@@ -1070,7 +1103,9 @@ def export_hf_checkpoint(
         directory: output directory.
         tokenizer: optional tokenizer saved alongside.
         state_dict: per-chunk megatron state dicts to export instead of the model's.
-        backend: as in :func:`load_hf_weights`.
+        backend: as in :func:`load_hf_weights`. A model built by Megatron-Bridge is exported by
+            its ``save_hf_pretrained`` against the HF directory it was built from (Bridge writes
+            in place, not through a staging directory).
 
     Returns:
         The directory.
@@ -1081,7 +1116,10 @@ def export_hf_checkpoint(
     if _backend_of(chunks, backend) == "bridge":  # pragma: no cover - needs Megatron-Bridge
         from megatron.bridge import AutoBridge
 
-        AutoBridge.from_hf_config(hf_config).save_hf_pretrained(chunks, str(directory))
+        hf_path = getattr(chunks[0], _HF_PATH_ATTR, None)
+        if hf_path is None:
+            raise ValueError("backend='bridge': the model was not built by Megatron-Bridge.")
+        AutoBridge.from_hf_pretrained(hf_path).save_hf_pretrained(chunks, str(directory))
         return Path(directory)
     sd = gather_hf_state_dict(chunks, hf_config, state_dict=state_dict)
     if sd is not None:
