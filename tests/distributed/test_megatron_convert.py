@@ -425,3 +425,71 @@ def test_pp2_stages_give_hf_logits_and_export(tmp_path):
     sd = _sd_without_tied_head(hf)
     assert all(torch.equal(loaded.state_dict()[k], v) for k, v in sd.items())
     torch.testing.assert_close(_hf_logits(loaded, ids), ref, rtol=0, atol=0)
+
+
+def _vp_body(rank, world_size, hf_dir, out_dir):
+    import torch.distributed as dist
+    from megatron.core import parallel_state as ps
+
+    from tests.helpers.megatron import (
+        destroy_model_parallel,
+        init_model_parallel,
+        megatron_cpu_shim,
+        position_ids,
+    )
+
+    hf_config = AutoModelForCausalLM.from_pretrained(hf_dir).config
+    ids = tiny_batch(VOCAB)
+    pos = position_ids(ids)
+    shape = (ids.shape[1], ids.shape[0], hf_config.hidden_size)
+    with megatron_cpu_shim():
+        init_model_parallel(tp=1, pp=2, virtual_pipeline_model_parallel_size=2)
+        try:
+            chunks = [
+                C.build_gpt_from_hf_config(
+                    hf_config,
+                    ps.is_pipeline_first_stage(ignore_virtual=False, vp_stage=v),
+                    ps.is_pipeline_last_stage(ignore_virtual=False, vp_stage=v),
+                    vp_stage=v,
+                    config_overrides=CPU,
+                ).eval()
+                for v in range(2)
+            ]
+            C.load_hf_weights(chunks, hf_dir)
+            layers = [[layer.layer_number for layer in c.decoder.layers] for c in chunks]
+            logits = None
+            # interleaved order: (stage 0, chunk 0) -> (1, 0) -> (0, 1) -> (1, 1)
+            with torch.no_grad():
+                hidden = torch.empty(shape)
+                for v in range(2):
+                    for stage in range(2):
+                        if rank != stage:
+                            continue
+                        if (v, stage) != (0, 0):
+                            dist.recv(hidden, src=1 - stage)
+                            chunks[v].set_input_tensor(hidden)
+                        out = chunks[v](ids, pos, None)
+                        if (v, stage) == (1, 1):
+                            logits = out
+                        else:
+                            dist.send(out.contiguous(), dst=1 - stage)
+            C.export_hf_checkpoint(chunks, hf_config, out_dir)
+        finally:
+            destroy_model_parallel()
+    return {"logits": logits, "layers": layers}
+
+
+@pytest.mark.slow
+def test_virtual_pipeline_chunks_give_hf_logits_and_export(tmp_path):
+    """PP=2 x VP=2: each stage holds two one-layer chunks, interleaved across the stages."""
+    hf = _hf("llama")
+    hf.save_pretrained(str(tmp_path / "hf"), safe_serialization=True)
+    ids = tiny_batch(hf)
+    ref = _hf_logits(hf, ids)
+    first, last = run_distributed(
+        _vp_body, world_size=2, args=(str(tmp_path / "hf"), str(tmp_path / "exported"))
+    )
+    assert first["layers"] == [[1], [3]] and last["layers"] == [[2], [4]]
+    torch.testing.assert_close(last["logits"][..., :VOCAB], ref, rtol=0, atol=ATOL)
+    loaded = _load(tmp_path / "exported")
+    assert all(torch.equal(loaded.state_dict()[k], v) for k, v in hf.state_dict().items())
