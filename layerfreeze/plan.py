@@ -677,6 +677,17 @@ def _check_fraction(name: str, value: float, problems: list[str], allow_zero: bo
         problems.append(f"{name}: must be a fraction in {rng}, got {value}.")
 
 
+_LORA_TARGETS = ("mlp", "attn", "down", "all")
+
+
+def _check_lora_target(value: str, problems: list[str]) -> None:
+    if value not in _LORA_TARGETS:
+        problems.append(
+            f"lora_target: must be one of {', '.join(_LORA_TARGETS)}, got {value!r}. For named "
+            "modules use lora={target: [...]}."
+        )
+
+
 def _part_default(value: str | None, follow: str) -> str:
     return follow if value is None else value
 
@@ -722,10 +733,19 @@ class HLPTArgs:
     """LoRA rank."""
     tokens: int = 16
     """Prefix virtual tokens per layer."""
+    gated: bool = True
+    """HLPT's input-dependent gate on the LoRA and the prefix layers; false is the paper's
+    no-gate ablation (plain LoRA; prefix scaled by its zero-initialised per-head factor only)."""
+    lora_target: str = "mlp"
+    """What the LoRA layers adapt: ``mlp`` (HLPT: the FFN), ``attn`` (ablation: attention
+    instead of the FFN), ``down`` (ablation: the FFN's down projection only) or ``all``."""
+    reverse: bool = False
+    """Mirror the layout (ablation): prefix on the bottom ``1 - lora_fraction`` of the layers,
+    LoRA on the top ``lora_fraction``."""
     lora: dict = field(default_factory=dict)
-    """Extra LoRA options (alpha, dropout, ...), merged over ``{r, target: mlp, gated: true}``."""
+    """Extra LoRA options (alpha, dropout, ...), merged over ``{r, target, gated}``."""
     prefix: dict = field(default_factory=dict)
-    """Extra prefix options, merged over ``{tokens, gated: true}``."""
+    """Extra prefix options, merged over ``{tokens, gated}``."""
     embeddings: str = "freeze"
     """Policy of the embeddings."""
     final_norm: str = "freeze"
@@ -736,6 +756,7 @@ class HLPTArgs:
     def __post_init__(self):
         problems: list[str] = []
         _check_fraction("lora_fraction", self.lora_fraction, problems, allow_zero=True)
+        _check_lora_target(self.lora_target, problems)
         if problems:
             raise ConfigError(problems)
 
@@ -752,10 +773,14 @@ class H2LPTArgs:
     """LoRA rank."""
     tokens: int = 16
     """Prefix virtual tokens per layer."""
+    gated: bool = True
+    """HLPT's input-dependent gate on the LoRA and the prefix layers (false: no gates)."""
+    lora_target: str = "mlp"
+    """What the LoRA layers adapt: ``mlp`` (the FFN), ``attn``, ``down`` or ``all``."""
     lora: dict = field(default_factory=dict)
-    """Extra LoRA options, merged over ``{r, target: mlp, gated: true}``."""
+    """Extra LoRA options, merged over ``{r, target, gated}``."""
     prefix: dict = field(default_factory=dict)
-    """Extra prefix options, merged over ``{tokens, gated: true}``."""
+    """Extra prefix options, merged over ``{tokens, gated}``."""
     embeddings: str = "freeze"
     """Policy of the embeddings."""
     final_norm: str = "freeze"
@@ -767,6 +792,7 @@ class H2LPTArgs:
         problems: list[str] = []
         _check_fraction("lora_fraction", self.lora_fraction, problems, allow_zero=True)
         _check_fraction("prefix_fraction", self.prefix_fraction, problems, allow_zero=True)
+        _check_lora_target(self.lora_target, problems)
         if not problems and self.lora_fraction + self.prefix_fraction > 1:
             problems.append(
                 f"lora_fraction + prefix_fraction: must be at most 1, got "
@@ -823,14 +849,21 @@ def _preset_freeze_shallow(args: FreezeShallowArgs) -> dict:
 
 
 def _lora_rule(layers: str, args) -> dict:
-    return {"layers": layers, "policy": "lora", "r": args.r, "target": "mlp", "gated": True, **args.lora}
+    return {
+        "layers": layers, "policy": "lora", "r": args.r, "target": args.lora_target,
+        "gated": args.gated, **args.lora,
+    }
 
 
 def _prefix_rule(layers: str, args) -> dict:
-    return {"layers": layers, "policy": "prefix", "tokens": args.tokens, "gated": True, **args.prefix}
+    return {"layers": layers, "policy": "prefix", "tokens": args.tokens, "gated": args.gated, **args.prefix}
 
 
 def _preset_hlpt(args: HLPTArgs) -> dict:
+    if args.reverse:  # prefix bottom, LoRA top
+        split = _fmt_percent(Fraction(1) - Fraction(str(args.lora_fraction)))
+        rules = [_prefix_rule(f"0%-{split}", args), _lora_rule(f"{split}-100%", args)]
+        return {"rules": rules, **_parts(args)}
     split = _pct(args.lora_fraction)
     return {"rules": [_lora_rule(f"0%-{split}", args), _prefix_rule(f"{split}-100%", args)], **_parts(args)}
 

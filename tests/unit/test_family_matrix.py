@@ -219,9 +219,13 @@ def expected_trainable(family: str, cfg, plan: LayerPlan) -> int:
         if spec.name == "full":
             total += layer.total()
         elif spec.name == "lora":
-            subs = {"attn": [layer.attn], "mlp": [layer.mlp], "all": [layer.attn, layer.mlp]}[
-                o.target
-            ]
+            down = [(i_, o_, b) for i_, o_, b in layer.mlp if o_ == h != i_]
+            subs = {
+                "attn": [layer.attn],
+                "mlp": [layer.mlp],
+                "all": [layer.attn, layer.mlp],
+                "down": [down],
+            }[o.target]
             total += sum(o.r * (i_ + o_) for sub in subs for i_, o_, _ in sub)
             total += (h + 1) * len(subs) * int(o.gated)
         elif spec.name == "prefix":
@@ -591,3 +595,73 @@ def test_cli_plan_hlpt_on_falcon(tmp_path, capsys):
     assert [r["policy"].split("(")[0] for r in data["layers"]] == ["lora"] * 3 + ["prefix"]
     plan = LayerPlan.from_preset("hlpt", r=2, tokens=2)
     assert data["trainable_params"] == expected_trainable("falcon", matrix_config("falcon"), plan)
+
+
+# ------------------------------------------------------------------------------------------------
+# The HLPT paper's ablations (docs/plans.md, "HLPT ablations") on a tiny Llama
+
+ABLATIONS = {
+    # preset string -> per-layer policy names and options of interest, N = 8
+    "hlpt(r=2,tokens=2)": ["lora"] * 6 + ["prefix"] * 2,
+    "hlpt(r=2,tokens=2,gated=false)": ["lora"] * 6 + ["prefix"] * 2,
+    "hlpt(r=2,tokens=2,lora_target=attn)": ["lora"] * 6 + ["prefix"] * 2,
+    "hlpt(r=2,tokens=2,reverse=true)": ["prefix"] * 2 + ["lora"] * 6,
+    "hlpt(r=2,tokens=2,lora_target=down)": ["lora"] * 6 + ["prefix"] * 2,
+    "hlpt(r=2,tokens=2,lora_fraction=0.5)": ["lora"] * 4 + ["prefix"] * 4,
+    "hlpt(r=2,tokens=2,lora_fraction=0.875)": ["lora"] * 7 + ["prefix"] * 1,
+}
+
+
+@pytest.mark.parametrize("preset", list(ABLATIONS))
+def test_hlpt_ablations_resolve_and_apply(preset):
+    from tests.helpers.tiny_models import build_tiny_model
+
+    model = build_tiny_model("llama", num_layers=8, hidden=32)
+    ids = tiny_batch(model, seq=6)
+    with torch.no_grad():
+        base = model(ids).logits
+    plan = LayerPlan.parse(preset)
+    resolved = plan.resolve(8)
+    assert [s.name for s in resolved.layers] == ABLATIONS[preset]
+    gated = "gated=false" not in preset
+    target = "attn" if "attn" in preset else "down" if "down" in preset else "mlp"
+    for spec in resolved.layers:
+        assert spec.options.gated is gated
+        if spec.name == "lora":
+            assert spec.options.target == target
+    applied = apply_plan(model, plan)
+    with torch.no_grad():
+        assert torch.equal(model(ids).logits, base)
+    assert applied.num_trainable_params() == expected_trainable("llama", model.config, plan)
+    names = applied.trainable_names()
+    if target == "down":
+        assert {n.split(".")[-3] for n in names if ".lora_adapter." in n} == {"down_proj"}
+    if target == "attn":
+        assert all(".self_attn." in n for n in names)
+    model.train()
+    model(ids, labels=ids).loss.backward()
+    assert all(model.get_parameter(n).grad is not None for n in names)
+
+
+@pytest.mark.parametrize(
+    "family,down",
+    [
+        ("llama", ["mlp.down_proj"]),
+        ("opt", ["fc2"]),
+        ("gpt2", ["mlp.c_proj"]),
+        ("falcon", ["mlp.dense_4h_to_h"]),
+        ("phi3", ["mlp.down_proj"]),
+        ("qwen2_moe", None),
+        ("deepseek_v3", ["mlp.down_proj"]),
+    ],
+)
+def test_lora_target_down_is_the_ffn_output_projection(family, down):
+    from layerfreeze.policies.lora import resolve_lora_targets
+
+    model = build_matrix_model(family)
+    layout = discover_layout(model)
+    targets, problems = resolve_lora_targets(layout.layers[0], "down", layout.hidden_size)
+    if down is None:  # fused experts: refused, not a silent shared-expert-only adapter
+        assert targets == [] and "fused 3-D parameters" in problems[0]
+        return
+    assert problems == [] and [p for p, _ in targets] == down
