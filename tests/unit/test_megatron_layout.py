@@ -151,3 +151,61 @@ def test_not_a_megatron_model_and_bad_plan(mp):
     model = build_tiny_gpt(num_layers=2)
     with pytest.raises(ConfigError, match="layer 5"):
         apply_plan(model, "5:full", layout=megatron_layout(model))
+
+
+@pytest.fixture
+def cpu_checkpoint_rng(monkeypatch):
+    """megatron's recompute checkpoint saves CUDA RNG states; on CPU there are none."""
+    from megatron.core.tensor_parallel import random as mrandom
+
+    monkeypatch.setattr(mrandom, "_get_cuda_rng_state", lambda *a, **k: None)
+    monkeypatch.setattr(mrandom, "_set_cuda_rng_state", lambda *a, **k: None)
+
+
+def _adapter_grads(model, tokens):
+    from tests.helpers.megatron import position_ids
+
+    model.train()
+    loss = model(tokens, position_ids(tokens), None, labels=tokens.roll(-1, 1)).mean()
+    loss.backward()
+    return {n: p.grad for n, p in model.named_parameters() if p.requires_grad}
+
+
+@pytest.mark.parametrize("plan", ["0:lora(r=2,target=mlp,gated),1:freeze", "0:prefix(tokens=2)"])
+def test_full_recompute_gets_adapter_gradients(mp, cpu_checkpoint_rng, plan):
+    from layerfreeze.engines.megatron import megatron_layout
+    from layerfreeze.engines.megatron.recompute import prepare_recompute
+
+    def build(**kw):
+        model = build_tiny_gpt(num_layers=2, **kw)
+        apply_plan(model, plan, layout=megatron_layout(model))
+        with torch.no_grad():
+            for p in model.parameters():
+                if p.requires_grad:
+                    p.copy_(torch.randn(p.shape, generator=torch.Generator().manual_seed(1)))
+        return model
+
+    tokens = tiny_tokens()
+    reference = _adapter_grads(build(), tokens)
+    assert all(g is not None and g.abs().max() > 0 for g in reference.values())
+    recompute = dict(
+        recompute_granularity="full", recompute_method="uniform", recompute_num_layers=1
+    )
+    broken = build(**recompute)
+    with pytest.raises(RuntimeError, match="does not require grad"):
+        _adapter_grads(broken, tokens)  # megatron's reentrant checkpoint, frozen inputs
+    fixed = build(**recompute)
+    assert prepare_recompute(fixed) == 1 and prepare_recompute(fixed) == 1
+    assert prepare_recompute(build()) == 0  # nothing to do without recomputation
+    grads = _adapter_grads(fixed, tokens)
+    assert set(grads) == set(reference)
+    for n, g in reference.items():
+        torch.testing.assert_close(grads[n], g, rtol=1e-5, atol=1e-6, msg=n)
+
+
+def test_prefix_refused_under_selective_core_attention_recompute(mp):
+    from layerfreeze.engines.megatron import megatron_layout
+
+    model = build_tiny_gpt(num_layers=2, recompute_granularity="selective")
+    with pytest.raises(ConfigError, match="selective recomputation of core attention"):
+        apply_plan(model, "1:prefix(tokens=2)", layout=megatron_layout(model))

@@ -8,7 +8,9 @@ installed. Modules:
   of a stage (layers by global index), so ``apply_plan(model, plan, layout=...)`` works on it;
 * ``lora``     tensor-parallel LoRA on ``ColumnParallelLinear`` / ``RowParallelLinear``
   (registered as a LoRA dispatcher);
-* ``prefix``   the prefix branch on megatron ``SelfAttention`` (registered as a prefix installer).
+* ``prefix``   the prefix branch on megatron ``SelfAttention`` (registered as a prefix installer);
+* ``recompute`` ``prepare_recompute(model)``: with activation recomputation, let gradients reach
+  adapters in layers above frozen embeddings (call it after ``apply_plan``).
 
 ``register_megatron_policies()`` registers both (``megatron_layout`` calls it).
 
@@ -32,6 +34,10 @@ __all__ = [
     "register_megatron_policies",
     "ParallelLoRAAdapter",
     "MegatronPrefix",
+    "prepare_recompute",
+    "check_run_config",
+    "init_distributed",
+    "runner_from_run_config",
 ]
 
 _LAZY = {
@@ -40,6 +46,11 @@ _LAZY = {
     "register_megatron_policies": "layerfreeze.engines.megatron.layout",
     "ParallelLoRAAdapter": "layerfreeze.engines.megatron.lora",
     "MegatronPrefix": "layerfreeze.engines.megatron.prefix",
+    "prepare_recompute": "layerfreeze.engines.megatron.recompute",
+    # the recipe's entry points (layerfreeze train engine=megatron)
+    "check_run_config": "layerfreeze.engines.megatron.recipe",
+    "init_distributed": "layerfreeze.engines.megatron.recipe",
+    "runner_from_run_config": "layerfreeze.engines.megatron.recipe",
 }
 
 

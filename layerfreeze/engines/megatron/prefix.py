@@ -21,8 +21,9 @@ Prefix keys/values are drawn full-size from the default torch generator (in step
 rank) and sliced, so a TP=T model starts with the TP=1 prefix's shards.
 
 Refused with a clear error: TP sizes that do not divide the heads / query groups,
-``reparam`` with TP > 1, sequence parallelism, context parallelism, attention other than
-megatron's ``SelfAttention`` with a ``core_attention`` child.
+``reparam`` with TP > 1, sequence parallelism, context parallelism, selective recomputation of
+``core_attn`` (its reentrant checkpoint gives the prefix no gradient when the inputs need none),
+``form`` other than ``branch``, a ``SelfAttention`` without a ``core_attention`` child.
 """
 
 from __future__ import annotations
@@ -43,7 +44,7 @@ from layerfreeze.policies.prefix import (
 __all__ = ["MegatronPrefix", "register", "split_heads"]
 
 _ADAPTER_ATTR = "prefix_adapter"
-_REF = "_layerfreeze_prefix"  # plain reference from core_attention to the adapter
+_REF = "_layerfreeze_prefix_attn"  # plain reference from core_attention to its attention
 
 
 def split_heads(heads: int, groups: int, tp: int, where: str) -> tuple[int, int]:
@@ -195,8 +196,9 @@ def _attn_post_hook(module: nn.Module, args: tuple, output) -> None:
 
 
 def _core_attention_hook(module: nn.Module, args: tuple, kwargs: dict, output):
-    adapter = module.__dict__.get(_REF)
-    if adapter is None or not adapter.pending:
+    attn = module.__dict__.get(_REF)
+    adapter = attn._modules.get(_ADAPTER_ATTR) if attn is not None else None
+    if adapter is None:
         return output
     query = args[0] if args else kwargs["query"]
     adapter.pending = False
@@ -256,6 +258,20 @@ def _check(layer: LayerInfo, spec: PolicySpec, layout: ModelLayout) -> list[str]
             f"{where}: prefix does not support sequence parallelism (the gate and the branch "
             "would see sequence shards); set sequence_parallel=False or use freeze/full here."
         )
+    if getattr(attn, "checkpoint_core_attention", False):
+        problems.append(
+            f"{where}: prefix cannot run under selective recomputation of core attention "
+            "(recompute_granularity=selective with core_attn in recompute_modules): megatron's "
+            "checkpoint sees only the query/key/value inputs, so the prefix parameters inside "
+            "it get no gradient when those inputs need none (frozen layers below). Use full "
+            "recomputation or drop core_attn from recompute_modules."
+        )
+    form = getattr(opts, "form", "branch")
+    if form != "branch":
+        problems.append(
+            f"{where}: prefix form={form} is not supported on megatron attention; use "
+            "form=branch (the default zero-initialised branch)."
+        )
     if getattr(config, "context_parallel_size", 1) > 1:
         problems.append(f"{where}: prefix does not support context parallelism.")
     existing = attn._modules.get(_ADAPTER_ATTR)
@@ -292,9 +308,13 @@ def _install(layer: LayerInfo, spec: PolicySpec, layout: ModelLayout) -> nn.Modu
             device=w.device,
             dtype=w.dtype,
         )
+        gate_bias = getattr(opts, "gate_bias", 0.0)  # g = sigmoid(gate_bias) at init
+        if adapter.prefix_gate is not None and gate_bias:
+            with torch.no_grad():
+                adapter.prefix_gate.bias.fill_(float(gate_bias))
         attn.add_module(_ADAPTER_ATTR, adapter)
     core = attn.core_attention
-    core.__dict__[_REF] = adapter
+    core.__dict__[_REF] = attn  # plain reference: the hook reads the attention's adapter
     core.__dict__["_layerfreeze_prefix_scaling"] = (
         attn.config.softmax_scale or attn.config.kv_channels**-0.5
     )
