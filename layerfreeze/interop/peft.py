@@ -261,6 +261,18 @@ def vllm_compatibility(applied: AppliedPlan, max_lora_rank: int | None = None) -
 # Export
 
 
+def _check_whole(entries: list[_Entry], what: str) -> None:
+    """Refuse ZeRO-3 partitioned LoRA weights (their local tensor is an empty shard)."""
+    for e in entries:
+        for p in (e.adapter.lora_a, e.adapter.lora_b):
+            if tuple(p.shape) != tuple(getattr(p, "ds_shape", p.shape)):
+                raise ValueError(
+                    f"{what}: {e.name} is partitioned by ZeRO-3 (local shape {tuple(p.shape)}, "
+                    f"full {tuple(p.ds_shape)}); call it inside "
+                    "deepspeed.zero.GatheredParameters over the LoRA parameters."
+                )
+
+
 def _peft_matches(name: str, targets: list[str], layers: set[int] | None, pattern: str) -> bool:
     """PEFT 0.21's ``check_target_module_exists`` for a list of target names."""
     if name in targets:
@@ -372,6 +384,7 @@ def export_peft(
             _refusal(problems, f"export_peft: this plan cannot be exported for {what}")
         )
     entries = _entries(applied)
+    _check_whole(entries, "export_peft")
     if base_model_name_or_path is None:
         config = getattr(applied.model, "config", None)
         base_model_name_or_path = getattr(config, "_name_or_path", None) or None
@@ -597,7 +610,9 @@ def load_peft_adapter(
             adapter, or with ``strict`` a plan adapter the file lacks); every mismatch is listed.
     """
     _cfg, modules = _read_peft(directory)
-    ours = {e.name: e for e in _entries(applied)}
+    entries = _entries(applied)
+    _check_whole(entries, "load_peft_adapter")
+    ours = {e.name: e for e in entries}
     problems = []
     for name, mod in sorted(modules.items()):
         e = ours.get(name)

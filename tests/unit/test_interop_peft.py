@@ -487,3 +487,36 @@ def test_docs_example_runs(repo_root):
     )
     assert len(blocks) == 1
     exec(compile(blocks[0], "docs/interop.md", "exec"), {})
+
+
+def test_zero3_partitioned_weights_are_refused(tmp_path):
+    """A ZeRO-3 shard (empty local tensor, full shape in ds_shape) is named, not exported."""
+    model = build_tiny_model("llama", num_layers=2)
+    applied = apply_plan(model, "all:lora(r=4,target=[q_proj])")
+    a = model.model.layers[0].self_attn.q_proj.lora_adapter.lora_a
+    a.ds_shape = a.shape
+    a.data = torch.empty(0)
+    with pytest.raises(
+        ValueError,
+        match=r"export_peft: model.layers.0.self_attn.q_proj is "
+        r"partitioned by ZeRO-3 .*GatheredParameters",
+    ):
+        export_peft(applied, tmp_path / "a")
+    assert not (tmp_path / "a").exists()
+
+
+def test_cli_export_rejects_vllm_options_for_merged(tmp_path, capsys):
+    args = [
+        "export",
+        "--model",
+        str(tmp_path),
+        "--adapter-dir",
+        str(tmp_path),
+        "--format",
+        "merged",
+        "--vllm",
+        "--out",
+        str(tmp_path / "o"),
+    ]
+    assert cli_main(args) == 2
+    assert "apply to --format peft only" in capsys.readouterr().err

@@ -323,3 +323,28 @@ def test_paper_form_refuses_flash_attention_and_mixed_forms():
     ):
         apply_plan(model, "0:prefix")
     apply_plan(model, "0:prefix(form=paper)")  # the same form again is fine
+
+
+@pytest.mark.parametrize("reentrant", [False, True])
+def test_paper_form_gradient_checkpointing_gives_same_grads(reentrant):
+    def grads(checkpointing):
+        model = build_tiny_model("llama", num_layers=3)
+        applied = apply_plan(
+            model, "0:prefix(tokens=4,form=paper,gated,reparam=8),2:prefix(form=paper)"
+        )
+        randomize(model)
+        model.train()
+        if checkpointing:
+            model.gradient_checkpointing_enable({"use_reentrant": reentrant})
+            if reentrant:
+                model.enable_input_require_grads()
+        ids = tiny_batch(model)
+        model(ids, labels=ids).loss.backward()
+        params = dict(model.named_parameters())
+        return {n: params[n].grad for n in applied.trainable_names()}
+
+    plain, ckpt = grads(False), grads(True)
+    assert plain.keys() == ckpt.keys() and any("prefix_mlp" in n for n in plain)
+    for n in plain:
+        assert plain[n].abs().sum() > 0, n
+        torch.testing.assert_close(ckpt[n], plain[n], rtol=1e-5, atol=1e-7)
