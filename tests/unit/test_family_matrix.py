@@ -665,3 +665,74 @@ def test_lora_target_down_is_the_ffn_output_projection(family, down):
         assert targets == [] and "fused 3-D parameters" in problems[0]
         return
     assert problems == [] and [p for p, _ in targets] == down
+
+
+# ------------------------------------------------------------------------------------------------
+# The new paths under generation, gradient checkpointing and save / load
+
+
+def _randomize_adapters(model, seed=7):
+    g = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for n, p in model.named_parameters():
+            if "lora_" in n or "prefix_" in n:
+                p.copy_(torch.randn(p.shape, generator=g) * (0.3 if "gate" in n else 1.0))
+
+
+@pytest.mark.parametrize("family", ["falcon", "bloom", "opt"])
+def test_kv_cache_generation_matches_full_recomputation(family):
+    model = build_matrix_model(family)
+    apply_plan(model, "hlpt(r=2,tokens=2)")
+    _randomize_adapters(model)
+    prompt = tiny_batch(128, batch=2, seq=4)
+    kwargs = dict(max_new_tokens=6, do_sample=False, pad_token_id=0, eos_token_id=None)
+    with torch.no_grad():
+        cached = model.generate(prompt, use_cache=True, **kwargs)
+        full = model.generate(prompt, use_cache=False, **kwargs)
+        stepwise = torch.stack(
+            model.generate(
+                prompt, use_cache=True, output_scores=True, return_dict_in_generate=True, **kwargs
+            ).scores,
+            dim=1,
+        )
+        one_pass = model(cached).logits[:, prompt.shape[1] - 1 : -1]
+    assert torch.equal(cached, full)
+    torch.testing.assert_close(stepwise, one_pass, rtol=1e-4, atol=1e-4)
+
+
+@pytest.mark.parametrize("family", ["falcon", "opt"])
+def test_gradient_checkpointing_gives_the_same_gradients(family):
+    def grads(checkpointing):
+        model = build_matrix_model(family)
+        applied = apply_plan(model, "hlpt(r=2,tokens=2)")
+        _randomize_adapters(model)
+        model.train()
+        if checkpointing:
+            model.gradient_checkpointing_enable({"use_reentrant": False})
+        ids = tiny_batch(128, batch=2, seq=6)
+        torch.manual_seed(0)  # same dropout masks
+        model(ids, labels=ids).loss.backward()
+        return {n: model.get_parameter(n).grad for n in applied.trainable_names()}
+
+    plain, ckpt = grads(False), grads(True)
+    assert plain.keys() == ckpt.keys()
+    for n in plain:
+        assert plain[n].abs().sum() > 0, n
+        torch.testing.assert_close(ckpt[n], plain[n], rtol=1e-5, atol=1e-7)
+
+
+@pytest.mark.parametrize("family", ["falcon", "bloom", "opt", "deepseek_v3"])
+def test_save_and_load_trainable_reproduce_the_logits(family, tmp_path):
+    from layerfreeze.export import load_trainable, save_trainable
+
+    model = build_matrix_model(family)
+    applied = apply_plan(model, "hlpt(r=2,tokens=2)")
+    _randomize_adapters(model)
+    ids = tiny_batch(128, batch=2, seq=5)
+    with torch.no_grad():
+        want = model(ids).logits
+    save_trainable(applied, tmp_path)
+    fresh = build_matrix_model(family)
+    load_trainable(fresh, tmp_path)
+    with torch.no_grad():
+        torch.testing.assert_close(fresh(ids).logits, want, rtol=0, atol=0)
