@@ -64,8 +64,8 @@ _KEY = re.compile(
     r"^base_model\.model\.(?P<module>.+)\.(?P<kind>lora_A|lora_B)(?:\.[^.]+)?\.weight$"
 )
 
-#: Values vLLM accepts for ``max_lora_rank`` (vLLM >= 0.6 ``LoRAConfig``; older releases
-#: accepted only 8-64). An adapter's largest rank must not exceed the server's setting.
+#: Values vLLM accepts for ``max_lora_rank`` (current ``LoRAConfig``; older releases accepted
+#: 8-64, later 8-256). An adapter's largest rank must not exceed the server's setting.
 VLLM_MAX_LORA_RANKS: tuple[int, ...] = (8, 16, 32, 64, 128, 256, 320, 512)
 
 _LLAMA_LIKE = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
