@@ -125,6 +125,16 @@ def _tp_body(rank, world_size):
             out["split"] = sorted(
                 n for n in trainable if getattr(named[n], "tensor_model_parallel", False)
             )
+            # merging the ungated LoRA into this rank's weight shards keeps the outputs
+            before = gather_tp_logits(forward_logits(model, tokens))
+            out["merged"] = sorted(applied.merge())
+            out["merge_err"] = (
+                (gather_tp_logits(forward_logits(model, tokens)) - before).abs().max().item()
+            )
+            applied.unmerge()
+            out["unmerge_err"] = (
+                (gather_tp_logits(forward_logits(model, tokens)) - before).abs().max().item()
+            )
         finally:
             destroy_model_parallel()
     return out
@@ -153,6 +163,12 @@ def test_tp2_lora_and_prefix_match_tp1():
     assert "decoder.layers.0.mlp.linear_fc1.lora_adapter.lora_a" in r0["replicated"]
     assert "decoder.layers.0.mlp.lora_gate.weight" in r0["replicated"]
     assert "decoder.layers.2.self_attention.prefix_adapter.prefix_gate.bias" in r0["replicated"]
+    for r in (r0, r1):
+        assert r["merged"] == [
+            "decoder.layers.1.mlp.linear_fc1",
+            "decoder.layers.1.mlp.linear_fc2",
+        ]  # gated adapters (layer 0) stay unmerged
+        assert r["merge_err"] < 1e-4 and r["unmerge_err"] < 1e-4
     for n, v in r0["replicated"].items():
         assert torch.equal(v, r1["replicated"][n]), n
 

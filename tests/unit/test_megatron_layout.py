@@ -209,3 +209,45 @@ def test_prefix_refused_under_selective_core_attention_recompute(mp):
     model = build_tiny_gpt(num_layers=2, recompute_granularity="selective")
     with pytest.raises(ConfigError, match="selective recomputation of core attention"):
         apply_plan(model, "1:prefix(tokens=2)", layout=megatron_layout(model))
+
+
+def test_tp1_adapters_match_the_written_formulas(mp):
+    """TP=1: megatron LoRA = base + g * s * x A^T B^T, megatron prefix branch = the HF
+    PrefixAdapter's (an independent implementation) on the same parameters."""
+    from layerfreeze.engines.megatron import megatron_layout
+    from layerfreeze.policies.prefix import PrefixAdapter
+
+    model = build_tiny_gpt(num_layers=2)
+    apply_plan(
+        model,
+        "0:lora(r=4,target=mlp,gated,alpha=8),1:prefix(tokens=3,gated)",
+        layout=megatron_layout(model),
+    )
+    g = torch.Generator().manual_seed(3)
+    with torch.no_grad():
+        for p in model.parameters():
+            if p.requires_grad:
+                p.copy_(torch.randn(p.shape, generator=g) * 0.5)
+    mlp = model.decoder.layers[0].mlp
+    x = torch.randn(5, 2, 64, generator=g)  # [s, b, h]
+    fc1 = mlp.linear_fc1
+    gate = torch.sigmoid(x @ mlp.lora_gate.weight + mlp.lora_gate.bias)[..., None]
+    a, b = fc1.lora_adapter.lora_a, fc1.lora_adapter.lora_b
+    expected = x @ fc1.weight.t() + gate * (8 / 4) * (x @ a.t() @ b.t())
+    mlp.lora_gate(x)  # what the MLP's pre-hook does
+    got, bias = fc1(x)
+    mlp.lora_gate.clear()
+    assert bias is None
+    torch.testing.assert_close(got, expected, rtol=1e-5, atol=1e-6)
+
+    attn = model.decoder.layers[1].self_attention
+    mp_prefix = attn.prefix_adapter
+    hf = PrefixAdapter(4, 2, 16, 64, tokens=3, gated=True)
+    hf.load_state_dict(mp_prefix.state_dict())
+    h = torch.randn(5, 2, 64, generator=g)  # attention input [s, b, h]
+    q = torch.randn(5, 2, 4, 16, generator=g)  # megatron query [s, b, heads, head_dim]
+    mp_prefix.prefix_gate(h)
+    hf.prefix_gate(h.transpose(0, 1))  # HF layout [b, s, h]
+    got = mp_prefix.branch(q, 16**-0.5)
+    ref = hf(q.permute(1, 2, 0, 3), 16**-0.5)  # (b, s, heads, head_dim)
+    torch.testing.assert_close(got, ref.permute(1, 0, 2, 3).reshape(5, 2, 64))
