@@ -336,11 +336,18 @@ def _tp2_body(rank, world_size, hf_dir, out_dir):
             local = _megatron_logits(model, ids)
             logits = gather_tp_logits(local)
             qkv_rows = model.decoder.layers[0].self_attention.linear_qkv.weight.shape[0]
+            gathered = C.gather_hf_state_dict(model, hf_config)  # on rank 0 only
             C.export_hf_checkpoint(model, hf_config, out_dir)
             tp = ps.get_tensor_model_parallel_world_size()
         finally:
             destroy_model_parallel()
-    return {"logits": logits, "local_vocab": local.shape[-1], "qkv_rows": qkv_rows, "tp": tp}
+    return {
+        "logits": logits,
+        "local_vocab": local.shape[-1],
+        "qkv_rows": qkv_rows,
+        "tp": tp,
+        "gathered": None if gathered is None else sorted(gathered),
+    }
 
 
 @pytest.mark.slow
@@ -357,6 +364,7 @@ def test_tp2_shards_give_hf_logits_and_export(tmp_path, family):
         assert r["tp"] == 2 and r["local_vocab"] == 128  # 100 -> 256 padded, 128 per rank
         assert r["qkv_rows"] == (4 + 2 * 2) * 16 // 2  # one query group of 2 q + k + v per rank
         torch.testing.assert_close(r["logits"][..., :VOCAB], ref, rtol=0, atol=ATOL)
+    assert out[0]["gathered"] == sorted(hf.state_dict()) and out[1]["gathered"] is None
     loaded = _load(tmp_path / "exported")
     sd = hf.state_dict()
     assert set(loaded.state_dict()) == set(sd)

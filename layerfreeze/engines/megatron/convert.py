@@ -884,9 +884,10 @@ def gather_hf_state_dict(
     """Collect the full HF state dict of a TP/PP-distributed model on global rank 0.
 
     A collective: every rank of the job calls it. Only data-parallel (and context-parallel)
-    rank 0 replicas take part; the TP ranks of a stage all-gather one tensor group at a time,
-    the stage's TP rank 0 converts it and sends it to rank 0, layer by layer, so no rank holds
-    more than one layer of another stage at a time (rank 0 accumulates the result, on the CPU).
+    rank 0 replicas take part; the TP ranks of a stage gather one layer's shards on their TP
+    rank 0, which converts them and sends the HF tensors to rank 0, layer by layer, so no rank
+    holds more than one layer of another stage at a time (rank 0 accumulates the result, on
+    the CPU).
 
     Args:
         model: this rank's ``GPTModel`` (possibly wrapped) or its virtual-pipeline chunks.
@@ -931,6 +932,7 @@ def gather_hf_state_dict(
     is_sender = tp_rank == 0
     dst = pp_ranks[0]
     is_dst = is_sender and my_stage == 0
+    tp_root = dist.get_global_rank(tp_group, 0)
 
     # Which stage holds each global layer / the embeddings / the head: every rank of the
     # pipeline group learns it once (the TP ranks of a stage hold the same layers).
@@ -951,17 +953,17 @@ def gather_hf_state_dict(
     def tp_gather(
         sd: Mapping[str, torch.Tensor], names: Sequence[str]
     ) -> list[dict[str, torch.Tensor]]:
-        """Every TP rank's tensors ``names`` (only meaningful on TP rank 0)."""
+        """Every TP rank's tensors ``names``, gathered on TP rank 0 (empty list elsewhere)."""
         if tp_size == 1:
             return [{n: sd[n] for n in names}]
         shards: list[dict[str, torch.Tensor]] = [{} for _ in range(tp_size)]
         for n in names:
             t = sd[n].detach().contiguous()
-            bufs = [torch.empty_like(t) for _ in range(tp_size)]
-            dist.all_gather(bufs, t, group=tp_group)
-            for r in range(tp_size):
+            bufs = [torch.empty_like(t) for _ in range(tp_size)] if is_sender else None
+            dist.gather(t, bufs, dst=tp_root, group=tp_group)
+            for r in range(tp_size if is_sender else 0):
                 shards[r][n] = bufs[r]
-        return shards
+        return shards if is_sender else []
 
     result: dict[str, torch.Tensor] = {}
 
@@ -987,6 +989,8 @@ def gather_hf_state_dict(
     def embed() -> dict[str, torch.Tensor]:
         sd, _ = find(lambda _l, pre, _p: pre)
         shards = tp_gather(sd, ["embedding.word_embeddings.weight"])
+        if not is_sender:
+            return {}
         return {
             "model.embed_tokens.weight": _vocab_cat(
                 shards, "embedding.word_embeddings.weight", hf_config.vocab_size
@@ -1004,7 +1008,8 @@ def gather_hf_state_dict(
             absent = [n for n in names if n not in sd]
             if absent:
                 raise KeyError(f"megatron state dict has no {absent} (global layer {i}).")
-            return _megatron_layer_to_hf(tp_gather(sd, names), hf_config, local, i)
+            shards = tp_gather(sd, names)
+            return _megatron_layer_to_hf(shards, hf_config, local, i) if is_sender else {}
 
         deliver(owner[i], layer)
 
@@ -1013,6 +1018,8 @@ def gather_hf_state_dict(
         piece = {"model.norm.weight": sd["decoder.final_layernorm.weight"]}
         if not getattr(hf_config, "tie_word_embeddings", False):
             shards = tp_gather(sd, ["output_layer.weight"])
+            if not is_sender:
+                return {}
             piece["lm_head.weight"] = _vocab_cat(
                 shards, "output_layer.weight", hf_config.vocab_size
             )
