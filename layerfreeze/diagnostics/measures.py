@@ -25,9 +25,11 @@ Measures here (the formulas are in docs/diagnostics.md):
 
 from __future__ import annotations
 
+import contextlib
 import copy
 import math
 from collections.abc import Callable, Iterable, Mapping, Sequence
+from contextlib import AbstractContextManager
 from typing import Any
 
 import torch
@@ -40,7 +42,7 @@ from layerfreeze.diagnostics.angular import (
     angular_distance,
 )
 from layerfreeze.diagnostics.probe import ProbeBatch, ProbeSet
-from layerfreeze.models import ModelLayout
+from layerfreeze.models import ModelLayout, param_numel
 
 __all__ = [
     "CKAAccumulator",
@@ -62,6 +64,25 @@ __all__ = [
 ]
 
 Tick = Callable[[int], Any]
+#: ``gather(names, modifier_rank=None)``: a context in which the named parameters are whole on
+#: every rank (``EngineAdapter.gathered_parameters``; changes made on ``modifier_rank`` persist).
+Gather = Callable[..., AbstractContextManager]
+
+
+def no_gather(names: Sequence[str] | None = None, modifier_rank: int | None = None):
+    """The :data:`Gather` of a model whose parameters are whole already."""
+    return contextlib.nullcontext()
+
+
+def is_partitioned(model: nn.Module) -> bool:
+    """True when some parameter is a ZeRO-3 partition (its local tensor is not the whole)."""
+    return any(param_numel(p) != p.numel() for p in model.parameters())
+
+
+def param_names(model: nn.Module, module: nn.Module) -> list[str]:
+    """Names in ``model.named_parameters()`` of ``module``'s parameters (tied ones included)."""
+    by_id = {id(p): n for n, p in model.named_parameters()}
+    return [by_id[id(p)] for p in module.parameters() if id(p) in by_id]
 
 
 def _noop(_n: int = 1) -> None:
@@ -252,8 +273,20 @@ class LensAccumulator:
         layout: ModelLayout,
         states: Sequence[torch.Tensor],
         batch: ProbeBatch,
+        gather: Gather = no_gather,
     ) -> None:
-        """Add one batch (``states`` from :class:`LayerInputRecorder`, ``batch`` on its device)."""
+        """Add one batch (``states`` from :class:`LayerInputRecorder`, ``batch`` on its device).
+
+        ``gather`` makes the final norm and output head whole around the lens (ZeRO-3).
+        """
+        names = []
+        for part in (layout.final_norm, layout.lm_head):
+            if part is not None:
+                names += param_names(model, model.get_submodule(part))
+        with gather(names):
+            self._update(model, layout, states, batch)
+
+    def _update(self, model, layout, states, batch) -> None:
         rows = torch.arange(batch.input_ids.shape[0], device=batch.input_ids.device)
         for p, s in enumerate(states):
             if self.kind == "text":
@@ -299,6 +332,7 @@ class StreamStats:
         kind: probe kind (``text`` / ``choice``).
         measures: subset of ``("angular", "cka", "logit_lens")``.
         cka_device: where the CKA moment matrices live.
+        gather: makes parameters whole for the lens (ZeRO-3; see :data:`Gather`).
     """
 
     def __init__(
@@ -308,8 +342,9 @@ class StreamStats:
         kind: str,
         measures: Iterable[str],
         cka_device: torch.device | str = "cpu",
+        gather: Gather = no_gather,
     ) -> None:
-        self.model, self.layout, self.kind = model, layout, kind
+        self.model, self.layout, self.kind, self.gather = model, layout, kind, gather
         self.measures = set(measures)
         self.num_points = layout.num_local_layers + int(layout.final_norm is not None)
         p = self.num_points
@@ -339,7 +374,7 @@ class StreamStats:
         if self.cka is not None:
             self.cka.update(states, batch.attention_mask)
         if self.lens is not None:
-            self.lens.update(self.model, self.layout, states, batch)
+            self.lens.update(self.model, self.layout, states, batch, self.gather)
 
     def accumulator_bytes(self) -> int:
         """Bytes of the persistent sums (constant in the number of tokens streamed)."""
@@ -410,7 +445,9 @@ def _noise_seed(seed: int, layer: int, param_index: int) -> int:
 
 
 def _noise_targets(block: nn.Module) -> list[tuple[str, torch.nn.Parameter]]:
-    return [(n, p) for n, p in block.named_parameters() if p.dim() >= 2]
+    return [
+        (n, p) for n, p in block.named_parameters() if len(getattr(p, "ds_shape", p.shape)) >= 2
+    ]
 
 
 @torch.no_grad()
@@ -422,6 +459,7 @@ def noise_sensitivity(
     seed: int = 0,
     base: float | None = None,
     tick: Tick = _noop,
+    gather: Gather = no_gather,
 ) -> dict[str, list[float]]:
     """Per scale and layer: loss increase with relative Gaussian noise on the layer's matrices.
 
@@ -429,13 +467,15 @@ def noise_sensitivity(
     ``W + s * rms(W) * e`` with ``e ~ N(0, 1)`` drawn on the CPU from a generator seeded by
     ``(seed, layer, parameter index)``, so ``||noise||_F ~= s * ||W||_F``, every scale uses the
     same direction ``e`` (the curves over scales are comparable) and the numbers do not depend
-    on the device. The layer's weights are copied first and restored bit
-    for bit afterwards (also after an exception).
+    on the device. The layer's weights are copied first and restored bit for bit afterwards
+    (also after an exception). Under ZeRO-3 (``gather``) one layer at a time is gathered to
+    read, perturb and restore it (``modifier_rank=0``: every rank draws the same noise).
 
     Returns:
         ``{str(scale): [increase per layer]}``.
     """
     base = probe_loss(model, probe) if base is None else base
+    by_id = {id(p): n for n, p in model.named_parameters()}
     out: dict[str, list[float]] = {}
     for scale in scales:
         if not (scale >= 0 and math.isfinite(scale)):
@@ -443,17 +483,21 @@ def noise_sensitivity(
         row = []
         for info in layout.layers:
             targets = _noise_targets(info.module)
-            saved = [p.detach().clone() for _, p in targets]
+            names = [by_id[id(p)] for _, p in targets]
+            with gather(names, modifier_rank=0):
+                saved = [p.detach().clone() for _, p in targets]
             try:
-                for pi, (_, p) in enumerate(targets):
-                    g = torch.Generator().manual_seed(_noise_seed(seed, info.index, pi))
-                    e = torch.randn(p.shape, generator=g, dtype=torch.float32)
-                    rms = p.detach().float().pow(2).mean().sqrt()
-                    p.add_((scale * rms * e.to(p.device)).to(p.dtype))
+                with gather(names, modifier_rank=0):
+                    for pi, (_, p) in enumerate(targets):
+                        g = torch.Generator().manual_seed(_noise_seed(seed, info.index, pi))
+                        e = torch.randn(p.shape, generator=g, dtype=torch.float32)
+                        rms = p.detach().float().pow(2).mean().sqrt()
+                        p.add_((scale * rms * e.to(p.device)).to(p.dtype))
                 row.append(probe_loss(model, probe, tick) - base)
             finally:
-                for (_, p), s in zip(targets, saved, strict=True):
-                    p.copy_(s)
+                with gather(names, modifier_rank=0):
+                    for (_, p), s in zip(targets, saved, strict=True):
+                        p.copy_(s)
         out[f"{scale:g}"] = row
     return out
 

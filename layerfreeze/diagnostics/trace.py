@@ -37,7 +37,7 @@ from torch import nn
 
 from layerfreeze.diagnostics import measures as M
 from layerfreeze.diagnostics.probe import ProbeSet
-from layerfreeze.models import ModelLayout, discover_layout
+from layerfreeze.models import ModelLayout, discover_layout, param_numel
 
 __all__ = [
     "MEASURES",
@@ -219,7 +219,7 @@ def model_identity(model: nn.Module, layout: ModelLayout) -> dict[str, Any]:
         "num_layers": layout.num_layers,
         "hidden_size": layout.hidden_size,
         "vocab_size": getattr(cfg, "vocab_size", None),
-        "num_params": sum(p.numel() for p in {id(p): p for p in params}.values()),
+        "num_params": sum(param_numel(p) for p in {id(p): p for p in params}.values()),
         "dtype": str(params[0].dtype).replace("torch.", ""),
         "tied_embeddings": layout.tied_embeddings,
         "final_norm": layout.final_norm,
@@ -251,6 +251,7 @@ def run_trace(
     settings: TraceSettings | None = None,
     layout: ModelLayout | None = None,
     progress: bool = False,
+    gather: M.Gather | None = None,
 ) -> dict[str, Any]:
     """Compute the diagnostics of ``settings.measures`` on ``probe``.
 
@@ -262,6 +263,11 @@ def run_trace(
         settings: measures and their options (default: all).
         layout: the model's layout (default: :func:`discover_layout`).
         progress: show a tqdm bar on stderr.
+        gather: for a model whose parameters are partitioned (DeepSpeed ZeRO-3): the engine's
+            ``gathered_parameters(names, modifier_rank)``. Every rank then runs the whole
+            probe set in lockstep (the model's forward gathers one layer at a time; the lens
+            gathers the final norm and head, noise one layer) and gets the same numbers.
+            ``gradient`` and ``stability`` need whole parameters and are refused.
 
     Returns:
         A JSON-ready dict: ``model``, ``probe``, ``settings``, ``memory``, the measures'
@@ -276,6 +282,18 @@ def run_trace(
     if not probe.batches or probe.num_tokens == 0:
         raise ValueError("probe: empty probe set (no tokens). Pass files with text or questions.")
     m = settings.measures
+    if M.is_partitioned(model):
+        refused = [x for x in ("gradient", "stability") if x in m]
+        if gather is None or refused:
+            raise ValueError(
+                "measures: the model's parameters are partitioned (ZeRO-3); "
+                + (
+                    f"{', '.join(refused)} need whole parameters, drop them from --measures."
+                    if refused
+                    else "pass gather=<engine>.gathered_parameters."
+                )
+            )
+    gather = gather or M.no_gather
     n_layers = layout.num_local_layers
     nb = len(probe.batches)
     bar = None
@@ -307,7 +325,7 @@ def run_trace(
     }
     seq = max(int(b.input_ids.shape[1]) for b in probe.batches)
     bsz = max(int(b.input_ids.shape[0]) for b in probe.batches)
-    layer_params = sum(p.numel() for info in layout.layers for p in info.module.parameters())
+    layer_params = sum(param_numel(p) for info in layout.layers for p in info.module.parameters())
     ident = result["model"]
     result["memory"] = {
         "formula": "see docs/diagnostics.md#memory",
@@ -329,7 +347,7 @@ def run_trace(
     try:
         if any(x in m for x in _STREAM):
             ts = time.perf_counter()
-            stats = M.StreamStats(model, layout, probe.kind, m, settings.cka_device)
+            stats = M.StreamStats(model, layout, probe.kind, m, settings.cka_device, gather)
             stats.run(probe.batches, tick)
             rep: dict[str, Any] = {}
             if stats.angular is not None:
@@ -353,7 +371,7 @@ def run_trace(
                 sens["skip"] = M.skip_sensitivity(model, layout, probe, base, tick)
             if "noise" in m:
                 sens["noise"] = M.noise_sensitivity(
-                    model, layout, probe, settings.noise_scales, settings.seed, base, tick
+                    model, layout, probe, settings.noise_scales, settings.seed, base, tick, gather
                 )
             timings["sensitivity"] = time.perf_counter() - ts
         if "gradient" in m:
