@@ -134,6 +134,38 @@ def test_megatron_weights_export_to_hf_logits(tp1, tmp_path):
     torch.testing.assert_close(_hf_logits(loaded, ids), meg, rtol=0, atol=ATOL)
 
 
+def test_runner_export_merges_lora_into_the_hf_checkpoint(tp1, tmp_path):
+    """``MegatronRunner.export_merged`` -> :func:`C.export_runner_to_hf`: LoRA folded in."""
+    from layerfreeze.engines.megatron.runner import MegatronRunner
+
+    hf = _hf("qwen2")
+    ids = tiny_batch(hf)
+    model = C.build_gpt_from_hf_config(hf.config, config_overrides=CPU).eval()
+    C.load_hf_weights(model, hf.state_dict(), hf.config)
+    plan = {"rules": [{"layers": "all", "policy": "lora", "r": 4, "target": "mlp"}]}
+    runner = MegatronRunner(model, plan=plan, lr=1e-3)
+    runner.hf_config = hf.config
+    try:
+        g = torch.Generator().manual_seed(0)
+        with torch.no_grad():  # trained-looking adapters (B starts at 0, which merges to nothing)
+            for name, p in model.named_parameters():
+                if ".lora_adapter." in name:
+                    p.add_(0.1 * torch.randn(p.shape, generator=g))
+        meg = _megatron_logits(model, ids)[..., :VOCAB]
+        assert (meg - _hf_logits(hf, ids)).abs().max() > 0.1  # the adapters change the output
+        out = runner.export_merged(tmp_path / "merged")
+        assert out == tmp_path / "merged"
+        loaded = _load(out)
+        assert not any("lora" in k for k in loaded.state_dict())
+        torch.testing.assert_close(_hf_logits(loaded, ids), meg, rtol=0, atol=ATOL)
+        # the live model is unmerged again
+        torch.testing.assert_close(
+            _megatron_logits(model, ids)[..., :VOCAB], meg, rtol=0, atol=ATOL
+        )
+    finally:
+        runner.close(destroy_model_parallel=False)
+
+
 def test_saved_checkpoint_loads_with_from_pretrained(tmp_path):
     for family, tied in (("llama", False), ("mistral", True)):
         hf = _hf(family, tied)

@@ -75,6 +75,7 @@ __all__ = [
     "gather_hf_state_dict",
     "save_hf_checkpoint",
     "export_hf_checkpoint",
+    "export_runner_to_hf",
 ]
 
 logger = get_logger(__name__)
@@ -1134,3 +1135,38 @@ def export_hf_checkpoint(
     if dist.is_initialized():
         dist.barrier()
     return Path(directory)
+
+
+def export_runner_to_hf(
+    runner: Any,
+    directory: str | os.PathLike,
+    *,
+    tokenizer: Any = None,
+    hf_config: Any = None,
+) -> Path | None:
+    """Write a ``MegatronRunner``'s model as an HF checkpoint (collective; every rank calls it).
+
+    The runner merges its mergeable LoRA into the base weights before calling this (see
+    ``MegatronRunner.export_merged``). Adapters are hooked onto the base linears, so the base
+    parameters keep their megatron names and only those are exported; adapter tensors that
+    were not merged (gated LoRA, prefixes) are not part of a Hugging Face checkpoint.
+
+    Args:
+        runner: the runner (its ``chunks``; ``hf_config`` as set by the training recipe).
+        directory: output directory (written atomically on rank 0).
+        tokenizer: optional tokenizer saved alongside.
+        hf_config: the HF config; default ``runner.hf_config``.
+
+    Returns:
+        The directory on global rank 0, None on the other ranks.
+    """
+    import torch.distributed as dist
+
+    hf_config = hf_config if hf_config is not None else getattr(runner, "hf_config", None)
+    if hf_config is None:
+        raise ValueError(
+            "export_runner_to_hf: the runner has no hf_config; pass hf_config= (the Hugging Face "
+            "config the model was built from)."
+        )
+    out = export_hf_checkpoint(runner.chunks, hf_config, directory, tokenizer=tokenizer)
+    return out if not dist.is_initialized() or dist.get_rank() == 0 else None
