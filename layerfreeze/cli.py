@@ -18,6 +18,7 @@ COMMANDS: dict[str, tuple[str, str]] = {
     "plan": ("layerfreeze.commands.plan", "resolve a layer plan against a model and print it"),
     "validate": ("layerfreeze.commands.validate", "check a training config and print the schema"),
     "tokenizer": ("layerfreeze.commands.tokenizer", "train a SentencePiece tokenizer for AutoTokenizer"),
+    "launch": ("layerfreeze.commands.launch", "render a Slurm / Kubernetes job for a config, or run it locally"),
     "trace": ("layerfreeze.commands.trace", "per-layer diagnostics on a probe set (and a plan from them)"),
     "prune": ("layerfreeze.commands.prune", "remove the layers that change the residual stream least"),
     "compose": ("layerfreeze.commands.compose", "a hybrid model from the layers of several checkpoints"),
