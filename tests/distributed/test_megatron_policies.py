@@ -252,6 +252,21 @@ def _pp_body(rank, world_size, pp, full):
             out["full_plan"] = len(
                 apply_plan(fresh, "full", layout=megatron_layout(fresh)).trainable_names()
             ) == sum(1 for _ in fresh.parameters())
+            # tied embeddings: the last stage's copy of the shared weight follows `embeddings`
+            # GPTModel syncs the two copies with `weight.data.cuda()` + all-reduce at build time
+            cuda = torch.Tensor.cuda
+            torch.Tensor.cuda = lambda self, *a, **k: self
+            try:
+                tied = build_tiny_gpt(pp=pp, seed=4, tied=True)
+            finally:
+                torch.Tensor.cuda = cuda
+            tied_layout = megatron_layout(tied)
+            out["tied_embeddings"] = tied_layout.embeddings
+            out["tied_trainable"] = [
+                n
+                for n in apply_plan(tied, "freeze_deep", layout=tied_layout).trainable_names()
+                if not n.startswith("decoder.")
+            ]
         finally:
             destroy_model_parallel()
     return out
@@ -280,6 +295,10 @@ def test_pp2_plan_boundary_inside_a_stage():
     # freeze_deep: the first stage trains everything it holds, the last stage nothing
     assert first["freeze_deep"] and not last["freeze_deep_any"]
     assert first["full_plan"] and last["full_plan"]
+    assert ref["tied_embeddings"] == first["tied_embeddings"] == ["embedding.word_embeddings"]
+    assert last["tied_embeddings"] == ["output_layer"]  # holds a copy of the shared weight
+    assert ref["tied_trainable"] == first["tied_trainable"] == ["embedding.word_embeddings.weight"]
+    assert last["tied_trainable"] == ["output_layer.weight"]  # freeze_deep trains embeddings
 
 
 def _bad_body(rank, world_size):
