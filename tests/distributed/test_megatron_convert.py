@@ -313,6 +313,13 @@ def test_features_the_mapping_cannot_express_are_refused():
         C.megatron_config_kwargs(scaled)
     with pytest.raises(ValueError, match="does not divide num_attention_heads=4"):
         C.hf_to_megatron({}, tiny_config("llama"), tp_rank=0, tp_size=3)
+    # megatron-core's local attention needs whole query groups per TP rank (2 kv heads, TP 4)
+    with pytest.raises(ValueError, match="size 4 does not divide num_key_value_heads=2"):
+        C.build_gpt_from_hf_config(
+            tiny_config("llama", num_heads=4, num_kv_heads=2),
+            config_overrides={"tensor_model_parallel_size": 4},
+            backend="layerfreeze",
+        )
     with pytest.raises(KeyError, match="model.layers.0.input_layernorm.weight"):
         C.hf_to_megatron(
             {"model.embed_tokens.weight": torch.zeros(VOCAB, 64)},

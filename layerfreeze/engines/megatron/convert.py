@@ -369,6 +369,8 @@ def build_gpt_from_hf_config(
         )
         overrides.setdefault("pipeline_dtype", overrides.get("params_dtype", dtype))
     kwargs.update(overrides)
+    tp = int(kwargs.get("tensor_model_parallel_size") or 1)
+    _check_tp(hf_config, 0, tp, whole_groups=True)
     config = TransformerConfig(**kwargs)
     model_kwargs = gpt_model_kwargs(
         hf_config,
@@ -413,14 +415,17 @@ def _geometry(hf_config: Any) -> tuple[int, int, int]:
     return heads, groups, _head_dim(hf_config)
 
 
-def _check_tp(hf_config: Any, tp_rank: int, tp_size: int) -> None:
+def _check_tp(hf_config: Any, tp_rank: int, tp_size: int, whole_groups: bool = False) -> None:
+    """TP must split heads and MLP evenly. The weight layout also allows more TP ranks than
+    key/value heads (a group spread over ranks); megatron-core's local attention
+    (``DotProductAttention``) does not, hence ``whole_groups`` when building its model."""
     if not 0 <= tp_rank < tp_size:
         raise ValueError(f"tp_rank: got {tp_rank} for tp_size={tp_size} (valid 0-{tp_size - 1}).")
     heads, groups, _ = _geometry(hf_config)
     problems = []
     if heads % tp_size:
         problems.append(f"num_attention_heads={heads}")
-    if groups % tp_size and tp_size % groups:
+    if groups % tp_size and (whole_groups or tp_size % groups):
         problems.append(f"num_key_value_heads={groups}")
     if hf_config.intermediate_size % tp_size:
         problems.append(f"intermediate_size={hf_config.intermediate_size}")
