@@ -26,8 +26,11 @@ Per layer (global index ``i``), keys ``diag/<measure>/layers.<i>``:
 
 Plus ``diag/probe_loss``. Under data parallelism (an initialised process group) every rank
 passes its own probe batch; the gradients and the angular/drift sums are all-reduced, so every
-rank returns the numbers of the union of the batches. ZeRO-3 partitioned parameters are not
-supported (the call raises); gather them first.
+rank returns the numbers of the union of the batches. Under ZeRO-3 pass
+``gather=<engine>.gathered_parameters`` to :meth:`SensitivityHooks.compute`: the forward gathers
+one layer at a time by itself and ``update_ratio`` gathers one layer's trainable parameters at a
+time; ``grad_norm`` is refused there (it needs whole parameters: log the engine's per-layer
+gradient norms from ``train_step(grad_norms=True)`` instead).
 
 Memory: the step-0 outputs of every layer on the probe batch (``L * B * T * H`` elements), a
 CPU float32 copy of the trainable layer parameters (``update_ratio``), and during a call one
@@ -44,7 +47,7 @@ import torch
 from torch import nn
 
 from layerfreeze.diagnostics.angular import AngularAccumulator, LayerInputRecorder, angular_distance
-from layerfreeze.diagnostics.measures import batch_loss, model_logits
+from layerfreeze.diagnostics.measures import batch_loss, is_partitioned, model_logits, no_gather
 from layerfreeze.diagnostics.probe import ProbeBatch
 from layerfreeze.models import ModelLayout
 
@@ -129,38 +132,42 @@ class SensitivityHooks:
         self._previous: dict[str, torch.Tensor] | None = None  # trainable weights, last call
 
     # ------------------------------------------------------------------ helpers
-    def _check_whole(self) -> None:
-        for info in self.layout.layers:
-            for n, p in info.module.named_parameters():
-                if hasattr(p, "ds_id") and p.numel() != getattr(p, "ds_numel", p.numel()):
-                    raise RuntimeError(
-                        f"SensitivityHooks: {info.name}.{n} is ZeRO-3 partitioned; compute the "
-                        "diagnostics inside a gather of the parameters (not supported yet)."
-                    )
-
-    def _trainable(self) -> dict[str, torch.Tensor]:
-        return {
-            f"{info.name}.{n}": p
-            for info in self.layout.layers
-            for n, p in info.module.named_parameters()
-            if p.requires_grad
-        }
+    def _check_partitioned(self, model: nn.Module, gather: Any) -> None:
+        if not is_partitioned(model):
+            return
+        if "grad_norm" in self.measures:
+            raise RuntimeError(
+                "SensitivityHooks: grad_norm needs whole parameters and the model is ZeRO-3 "
+                "partitioned; drop it from the measures and log the engine's per-layer "
+                "gradient norms (train_step(grad_norms=True)) instead."
+            )
+        if gather is None and "update_ratio" in self.measures:
+            raise RuntimeError(
+                "SensitivityHooks: the model is ZeRO-3 partitioned; pass "
+                "gather=<engine>.gathered_parameters to compute(), or drop update_ratio."
+            )
 
     # ------------------------------------------------------------------ main
-    def compute(self, model: nn.Module, step: int) -> dict[str, float]:
+    def compute(self, model: nn.Module, step: int, gather: Any = None) -> dict[str, float]:
         """Run the probe batch once and return the flat per-layer series for ``step``.
 
         Args:
             model: the module whose blocks ``layout`` describes (an engine's unwrapped module).
             step: the training step (only used in messages; keys carry no step).
+            gather: for ZeRO-3 partitioned parameters, the engine's
+                ``gathered_parameters(names, modifier_rank)``: ``update_ratio`` gathers one
+                layer's trainable parameters at a time; the forward gathers by itself. Every
+                rank must call ``compute`` (it is collective then).
 
         Returns:
             ``{"diag/<measure>/layers.<i>": value, ..., "diag/probe_loss": loss}``.
 
         Raises:
-            RuntimeError: ZeRO-3 partitioned layer parameters.
+            RuntimeError: ZeRO-3 partitioned parameters with ``grad_norm`` in the measures
+                (use the engine's per-layer gradient norms), or without ``gather`` for
+                ``update_ratio``.
         """
-        self._check_whole()
+        self._check_partitioned(model, gather)
         device = next(model.parameters()).device
         batch = self.batch.to(device)
         want = set(self.measures)
@@ -199,7 +206,7 @@ class SensitivityHooks:
             if "drift" in want:
                 out.update(self._drift(states[1:], batch))
             if "update_ratio" in want:
-                out.update(self._update_ratio())
+                out.update(self._update_ratio(model, gather or no_gather))
         finally:
             model.train(was_training)
         return out
@@ -262,8 +269,17 @@ class SensitivityHooks:
         }
 
     @torch.no_grad()
-    def _update_ratio(self) -> dict[str, float]:
-        now = {n: p.detach().float().cpu().clone() for n, p in self._trainable().items()}
+    def _update_ratio(self, model: nn.Module, gather: Any) -> dict[str, float]:
+        by_id = {id(p): n for n, p in model.named_parameters()}
+        now: dict[str, torch.Tensor] = {}
+        for info in self.layout.layers:  # one layer's trainable parameters whole at a time
+            mine = [
+                (f"{info.name}.{n}", p)
+                for n, p in info.module.named_parameters()
+                if p.requires_grad
+            ]
+            with gather([by_id[id(p)] for _, p in mine]):
+                now.update({n: p.detach().float().cpu().clone() for n, p in mine})
         prev, self._previous = self._previous, now
         if prev is None:
             return {}
