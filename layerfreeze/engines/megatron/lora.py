@@ -29,7 +29,8 @@ TP without sequence parallelism), so it is identical on every rank.
 
 Sequence parallelism is refused (the gate would see each rank's sequence shard while the
 column-parallel input is gathered); so are column-parallel linears with ``gather_output``,
-row-parallel linears without ``input_is_parallel`` and expert (MoE) linears.
+row-parallel linears without ``input_is_parallel``, expert (MoE) linears and Transformer
+Engine linears (models built from the local spec are supported; TE needs CUDA, untested here).
 """
 
 from __future__ import annotations
@@ -282,7 +283,33 @@ ROW = LoRADispatcher(
 )
 
 
+def _is_te_linear(base: nn.Module) -> bool:
+    return type(base).__module__.startswith("megatron.core.extensions.transformer_engine") and (
+        "Linear" in type(base).__name__
+    )
+
+
+def _te_problem(base: nn.Module) -> str:
+    return (
+        f"{type(base).__name__} is a Transformer Engine linear, which layerfreeze's "
+        "tensor-parallel LoRA does not wrap (its fused layer norm feeds the un-normed input); "
+        "build the model with get_gpt_layer_local_spec() or use freeze/full on this layer"
+    )
+
+
+def _build_te(base: nn.Module, **kwargs) -> nn.Module:
+    raise ValueError(f"{_te_problem(base)}.")
+
+
+#: Matches Transformer Engine linears only to refuse them with a clear reason (not wrapped).
+TRANSFORMER_ENGINE = LoRADispatcher(
+    "megatron.TransformerEngine (refused)", _is_te_linear, _build_te, check=_te_problem
+)
+
+
 def register() -> None:
-    """Put the column- and row-parallel dispatchers first in the LoRA dispatcher list."""
+    """Put the column- and row-parallel dispatchers first in the LoRA dispatcher list (and one
+    that refuses Transformer Engine linears with a clear reason)."""
+    register_lora_dispatcher(TRANSFORMER_ENGINE)
     register_lora_dispatcher(ROW)
     register_lora_dispatcher(COLUMN)
