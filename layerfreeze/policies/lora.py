@@ -157,7 +157,8 @@ class TokenGate(nn.Module):
         return g
 
     def current(self, x: torch.Tensor) -> torch.Tensor:
-        """The gate of the running forward pass, checked against an adapter input ``x``."""
+        """The gate of the running forward pass, checked against an adapter input ``x`` (one
+        value per token: the same tokens, or the same number of them flattened)."""
         g = self.value
         if g is None:
             raise RuntimeError(
@@ -165,6 +166,10 @@ class TokenGate(nn.Module):
                 "input h is unknown. Call the sub-block (attention / MLP) module, not the "
                 "linear alone."
             )
+        if g.shape[:-1] != x.shape[:-1] and g.shape[:-1].numel() == x.shape[:-1].numel():
+            # The sub-block flattened its tokens (MoE blocks run a shared expert on a
+            # (batch * seq, hidden) view, row-major like every .view(-1, hidden)).
+            g = g.reshape(*x.shape[:-1], 1)
         if g.shape[:-1] != x.shape[:-1]:
             raise RuntimeError(
                 f"{self.where}: gate computed for tokens of shape {tuple(g.shape[:-1])} but the "
