@@ -155,14 +155,18 @@ class ScaledLRScheduler:
         }
 
     def load_state_dict(self, state: Mapping[str, Any]) -> None:
-        if self.inner is not None and state.get("inner") is not None:
-            self.inner.load_state_dict(state["inner"])
+        """Restore the wrapped scheduler; a closed-form one recomputes the unscaled lr at the
+        restored position (so its own configuration wins over the checkpoint's values)."""
         unscaled = list(state["unscaled"])
         if len(unscaled) != len(self.optimizer.param_groups):
             raise ValueError(
                 f"lr scheduler state: {len(unscaled)} groups saved, optimizer has "
                 f"{len(self.optimizer.param_groups)}; the checkpoint belongs to another plan."
             )
+        if self.inner is not None and state.get("inner") is not None:
+            self.inner.load_state_dict(state["inner"])
+            if isinstance(self.inner, WarmupDecayLR):
+                unscaled = [float(v) for v in self.inner.get_lr()]
         self._unscaled = unscaled
         self._apply()
 
@@ -223,6 +227,12 @@ class WarmupDecayLR(torch.optim.lr_scheduler.LRScheduler):
     Closed form (``_get_closed_form_lr``) so the DeepSpeed runner can continue it on a rebuilt
     optimizer at a plan-schedule phase switch; holds only plain numbers, so its state dict is
     checkpointable. Per-policy lr scales are applied on top by the runner.
+
+    A checkpoint stores the whole state, but :meth:`load_state_dict` restores only the
+    *position* (the step): peak lr, warm-up, decay shape, floor and total steps always come
+    from the run config this scheduler was built from, so a resume with a lower ``optim.lr``
+    (recovering from a NaN stop) or more ``train.steps`` (extending a run) follows what the
+    user asked for.
     """
 
     def __init__(
@@ -247,3 +257,10 @@ class WarmupDecayLR(torch.optim.lr_scheduler.LRScheduler):
 
     def _get_closed_form_lr(self) -> list[float]:
         return self.get_lr()
+
+    def load_state_dict(self, state_dict: Mapping[str, Any]) -> None:
+        """Restore the position (``last_epoch``, ``_step_count``) only; see the class doc."""
+        for key in ("last_epoch", "_step_count"):
+            if key in state_dict:
+                setattr(self, key, state_dict[key])
+        self._last_lr = self.get_lr()

@@ -295,6 +295,16 @@ class Recipe:
             self.step = self.runner.global_step
             self.skipped_steps = self.runner.skipped_steps
             set_rng_state(state["rng"])
+            saved = state.get("lr_schedule") or {}
+            for key, value in _lr_settings(cfg).items():
+                if key in saved and saved[key] != value:
+                    note = (
+                        f"resume: {key} is {value!r} in this run config and {saved[key]!r} in "
+                        f"the checkpoint; the learning rate follows the run config from step "
+                        f"{self.step + 1} on"
+                    )
+                    self.notes.append(note)
+                    log_rank0(logger, note, level=logging.WARNING)
             log_rank0(logger, f"resumed from {self.resume_from.path} at step {self.step}")
             self.saved = [self.resume_from.tag]
         phase = self.runner.phase
@@ -419,7 +429,10 @@ class Recipe:
             t_last = time.perf_counter()  # tokens/s measures training, not saving or evaluating
 
     def _save(self) -> None:
-        state = {"data": self.loader.state_dict(), "rng": get_rng_state()}
+        state = {
+            "data": self.loader.state_dict(), "rng": get_rng_state(),
+            "lr_schedule": _lr_settings(self.cfg),
+        }
         path = self.runner.save_checkpoint(
             self.ckpt_dir, self.step, state, keep_last=self.cfg.checkpoint.keep_last,
             trainable_only=self.cfg.checkpoint.trainable_only,
@@ -512,6 +525,15 @@ class Recipe:
             self.metrics.close()
         if self.runner is not None:
             self.runner.close()
+
+
+def _lr_settings(cfg: RunConfig) -> dict[str, Any]:
+    """The run-config values that decide the learning rate at every step."""
+    o = cfg.optim
+    return {
+        "optim.lr": o.lr, "optim.warmup_steps": o.warmup_steps, "optim.schedule": o.schedule,
+        "optim.min_lr_ratio": o.min_lr_ratio, "train.steps": cfg.train.steps,
+    }
 
 
 def _load_engine(name: str):

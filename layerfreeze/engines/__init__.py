@@ -14,7 +14,7 @@ __all__ = ["ENGINES", "get_engine"]
 #: engine name -> adapter module
 ENGINES: dict[str, str] = {
     "deepspeed": "layerfreeze.engines.deepspeed",
-    "megatron": "layerfreeze.engines.megatron.runner",
+    "megatron": "layerfreeze.engines.megatron.recipe",
 }
 
 

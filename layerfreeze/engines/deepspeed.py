@@ -631,6 +631,42 @@ class DeepSpeedRunner:
                 st["exp_avg_sq"] = torch.zeros_like(p, memory_format=torch.preserve_format)
         _relink_optimizer_state(self.engine.optimizer)
 
+    def _optimizer_state_snapshot(self) -> dict[int, tuple[torch.Tensor, dict[str, Any]]]:
+        """This rank's Adam state (its own partitions only), to undo the lr-0 step of a window
+        whose micro-batches were all bad: DeepSpeed must still run its step (collectives, grad
+        reset), but the moments must not decay and the step count must not advance."""
+        opt = _torch_optimizer(self.engine.optimizer)
+        saved = {}
+        for tensors in _state_tensors(self.engine.optimizer):
+            for p in tensors:
+                st = opt.state.get(p, {})
+                saved[id(p)] = (p, {
+                    k: v.detach().clone() if isinstance(v, torch.Tensor) else v
+                    for k, v in st.items()
+                })
+        return saved
+
+    def _restore_optimizer_state(
+        self, saved: Mapping[int, tuple[torch.Tensor, Mapping[str, Any]]]
+    ) -> None:
+        opt = _torch_optimizer(self.engine.optimizer)
+        for p, before in saved.values():
+            st = opt.state.get(p)
+            if not st:
+                continue
+            for k, v in st.items():
+                if k in before:
+                    if isinstance(v, torch.Tensor):
+                        v.copy_(before[k])
+                    else:
+                        st[k] = before[k]
+                elif isinstance(v, torch.Tensor):
+                    # no state before this step (the run's first window was all bad): zero
+                    # moments at step 0 are exactly what Adam starts from
+                    v.zero_()
+                else:
+                    st[k] = 0
+
     # ---- plan-schedule phases ---------------------------------------------------------------
 
     def maybe_switch_phase(self, global_step: int | None = None) -> bool:
@@ -789,7 +825,10 @@ class DeepSpeedRunner:
                     for g in self.param_groups:
                         g["lr"] = 0.0
             lr = self.lr_scheduler.base_lr
+            saved = self._optimizer_state_snapshot() if i == gas - 1 and skipped else None
             self.engine.step()
+            if saved is not None:
+                self._restore_optimizer_state(saved)
         grad_norm = self.engine.get_global_grad_norm()
         self.global_step += 1
         self.bad_micro_batches += bad

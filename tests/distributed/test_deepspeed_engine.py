@@ -285,6 +285,19 @@ def _poisoned(batch: dict) -> dict:
     return {"input_ids": ids, "labels": ids.clone()}
 
 
+def _adam_state(runner):
+    """Full Adam moments of every trainable parameter and the per-group step counts."""
+    from layerfreeze.engines.deepspeed import _relink_optimizer_state
+
+    _relink_optimizer_state(runner.engine.optimizer)
+    params = dict(runner.model.named_parameters())
+    names = [n for spec in runner._specs for n in spec.params]
+    moments = {
+        f"{n}/{k}": runner._full_state(params[n], k) for n in names for k in ("exp_avg", "exp_avg_sq")
+    }
+    return moments, runner._step_of_groups()
+
+
 def _body_misc(rank: int, world: int) -> dict:
     from layerfreeze.apply import enable_gradient_checkpointing
     from layerfreeze.engines.deepspeed import DeepSpeedRunner
@@ -348,12 +361,17 @@ def _body_misc(rank: int, world: int) -> dict:
         for s in range(4):
             if s == 2:
                 before = runner.consolidated_state_dict()
+                moments_before = _adam_state(runner)
             window = [
                 _poisoned(mb) if (s, m) in bad else mb for m, mb in enumerate(_window(s, rank))
             ]
             o = runner.train_step(window)
             if s == 2:
                 after = runner.consolidated_state_dict()
+                moments_after = _adam_state(runner)
+                out[f"skip_moments_unchanged{stage}"] = moments_before[1] == moments_after[1] and all(
+                    torch.equal(moments_before[0][k], moments_after[0][k]) for k in moments_before[0]
+                ) and len(moments_before[0]) > 0
                 if rank == 0:
                     out[f"skip_unchanged{stage}"] = all(
                         torch.equal(before[k], after[k]) for k in before
@@ -434,6 +452,8 @@ def test_lr_scales_nan_guard_checkpointing_precision():
         ]
         assert math.isfinite(l1) and math.isnan(l2) and math.isfinite(l3)
         assert res[f"skip_unchanged{stage}"] is True
+        # ... and leaves the optimizer untouched: no moment decay, no Adam step count
+        assert res[f"skip_moments_unchanged{stage}"] is True
         assert res[f"nan_counts{stage}"] == (3, 1)
 
     # gradient checkpointing changes nothing numerically

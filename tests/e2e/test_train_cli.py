@@ -211,6 +211,56 @@ def test_resume_reproduces_straight_losses_across_the_phase_boundary(straight_ru
 
 
 # ---------------------------------------------------------------------------------------------
+# a resume follows the run config's learning-rate schedule (and says what differs)
+# ---------------------------------------------------------------------------------------------
+
+
+def _lrs(out_dir: Path) -> dict[int, float]:
+    from layerfreeze.metrics import read_jsonl
+
+    return {r["step"]: r["lr"] for r in read_jsonl(out_dir / "metrics.jsonl") if r["type"] == "train"}
+
+
+def test_resume_follows_the_run_configs_lr_schedule(tmp_path):
+    from layerfreeze.config import OptimConfig
+    from layerfreeze.optim import lr_factor
+
+    # NaN recovery: "resume from it with a lower optim.lr" must really lower it.
+    out = tmp_path / "nan_recovery"
+    config = _write(tmp_path / "a.yaml", _config(
+        out, tmp_path / "cache", optim={"lr": 1e-3, "warmup_steps": 0, "schedule": "constant"},
+        train={"steps": 2}, checkpoint={"every_steps": 0}, logging={"wandb_project": None},
+    ))
+    first = _train(config, "checkpoint.export_final=false")
+    assert first.returncode == 0, first.stderr[-6000:]
+    assert _lrs(out) == {1: pytest.approx(1e-3), 2: pytest.approx(1e-3)}
+    proc = _train(config, "optim.lr=1e-5", "train.steps=4", "checkpoint.export_final=false")
+    assert proc.returncode == 0, proc.stderr[-6000:]
+    lrs = _lrs(out)
+    assert lrs[3] == pytest.approx(1e-5) and lrs[4] == pytest.approx(1e-5), lrs
+    assert "resume: optim.lr is 1e-05 in this run config and 0.001 in the checkpoint" in proc.stderr
+    summary = json.loads((out / "summary.json").read_text())
+    assert any("optim.lr" in n for n in summary["notes"])
+
+    # Extending a cosine run from 4 to 8 steps: steps 5-8 follow the 8-step cosine.
+    out = tmp_path / "extend"
+    optim = {"lr": 1e-3, "warmup_steps": 0, "schedule": "cosine", "min_lr_ratio": 0.1}
+    config = _write(tmp_path / "b.yaml", _config(
+        out, tmp_path / "cache", optim=optim, train={"steps": 4},
+        checkpoint={"every_steps": 0}, logging={"wandb_project": None},
+    ))
+    assert _train(config, "checkpoint.export_final=false").returncode == 0
+    proc = _train(config, "train.steps=8", "checkpoint.export_final=false")
+    assert proc.returncode == 0, proc.stderr[-6000:]
+    lrs = _lrs(out)
+    o = OptimConfig(**optim)
+    for step in range(5, 9):  # metrics step s used the lr of 0-based step s - 1
+        assert lrs[step] == pytest.approx(1e-3 * lr_factor(o, 8, step - 1), rel=1e-9), (step, lrs)
+    assert lrs[8] > 1e-3 * o.min_lr_ratio * 1.01  # not stuck at the floor of the 4-step schedule
+    assert "resume: train.steps is 8 in this run config and 4 in the checkpoint" in proc.stderr
+
+
+# ---------------------------------------------------------------------------------------------
 # NaN / Inf: skip, count, stop after K in a row, name the last good checkpoint
 # ---------------------------------------------------------------------------------------------
 
