@@ -133,3 +133,38 @@ def test_bad_arguments():
         SensitivityHooks(layout, torch.zeros(1, 4, dtype=torch.long), measures=("grad",))
     with pytest.raises(TypeError, match="probe_batch"):
         SensitivityHooks(layout, [1, 2, 3])
+
+
+def test_hooks_on_a_model_with_adapters_installed():
+    """Under an hlpt plan (gated LoRA + gated prefix) the adapters are part of the layers."""
+    from layerfreeze.apply import apply_plan
+
+    model = build_tiny_model("llama", num_layers=4, hidden=32)
+    applied = apply_plan(model, "hlpt")
+    batch = _batch(model.config.vocab_size)
+    hooks = SensitivityHooks(applied.layout, batch)
+    hooks.compute(model, 0)
+    trainable = {n: p.detach().clone() for n, p in model.named_parameters() if p.requires_grad}
+    opt = torch.optim.AdamW(applied.param_groups(lr=1e-2, weight_decay=0.0))
+    labels = batch.input_ids.masked_fill(batch.attention_mask == 0, -100)
+    for _ in range(2):
+        model(
+            input_ids=batch.input_ids, attention_mask=batch.attention_mask, labels=labels
+        ).loss.backward()
+        opt.step()
+        opt.zero_grad()
+    stats = hooks.compute(model, 2)
+    grads = M.gradient_scores(model, applied.layout, ProbeSet("text", [batch]))
+    for info in applied.layout.layers:
+        i = info.index
+        assert stats[f"diag/grad_norm/layers.{i}"] == pytest.approx(grads["grad_norm"][i], rel=1e-4)
+        names = [n for n in trainable if n.startswith(f"{info.name}.")]
+        assert names  # every hlpt layer has adapters
+        num = sum(
+            float((dict(model.named_parameters())[n].detach() - trainable[n]).double().pow(2).sum())
+            for n in names
+        )
+        den = sum(float(trainable[n].double().pow(2).sum()) for n in names)
+        assert stats[f"diag/update_ratio/layers.{i}"] == pytest.approx(
+            math.sqrt(num / den), rel=1e-5
+        )
