@@ -253,13 +253,7 @@ def _pp_body(rank, world_size, pp, full):
                 apply_plan(fresh, "full", layout=megatron_layout(fresh)).trainable_names()
             ) == sum(1 for _ in fresh.parameters())
             # tied embeddings: the last stage's copy of the shared weight follows `embeddings`
-            # GPTModel syncs the two copies with `weight.data.cuda()` + all-reduce at build time
-            cuda = torch.Tensor.cuda
-            torch.Tensor.cuda = lambda self, *a, **k: self
-            try:
-                tied = build_tiny_gpt(pp=pp, seed=4, tied=True)
-            finally:
-                torch.Tensor.cuda = cuda
+            tied = build_tiny_gpt(pp=pp, seed=4, tied=True)
             tied_layout = megatron_layout(tied)
             out["tied_embeddings"] = tied_layout.embeddings
             out["tied_trainable"] = [

@@ -104,7 +104,9 @@ def megatron_cpu_shim() -> Iterator[None]:
       * ``torch.cuda.current_device`` -> ``"cpu"`` and ``torch.cuda.synchronize`` -> no-op
         (pipeline p2p, tensor-parallel mappings, layers);
       * the ``torch`` seen by the pipeline schedules and ``transformer.utils`` creates its
-        ``device="cuda"`` tensors on the CPU.
+        ``device="cuda"`` tensors on the CPU;
+      * ``Tensor.cuda`` -> the tensor itself (tied embeddings across pipeline stages) and the
+        CUDA RNG get/set of ``tensor_parallel.random`` -> no-ops (activation recomputation).
     """
     from megatron.core import utils as mutils
     from megatron.core.pipeline_parallel import p2p_communication, schedules
@@ -133,6 +135,11 @@ def megatron_cpu_shim() -> Iterator[None]:
         for mod in (moptimizer, clip_grads, distrib_optimizer, param_and_grad_buffer, mutils):
             patch(mod, "torch", _CpuTorch(torch))
         patch(torch.Tensor, "type", _cuda_type_name)
+        # Tied embeddings on a pipeline: GPTModel syncs the two copies with
+        # `weight.data.cuda()` + all-reduce. Activation recomputation saves/restores CUDA RNG.
+        patch(torch.Tensor, "cuda", lambda self, *a, **k: self)
+        patch(mrandom, "_get_cuda_rng_state", lambda *a, **k: None)
+        patch(mrandom, "_set_cuda_rng_state", lambda *a, **k: None)
         yield
     finally:
         for obj, name, value in reversed(saved):

@@ -153,15 +153,6 @@ def test_not_a_megatron_model_and_bad_plan(mp):
         apply_plan(model, "5:full", layout=megatron_layout(model))
 
 
-@pytest.fixture
-def cpu_checkpoint_rng(monkeypatch):
-    """megatron's recompute checkpoint saves CUDA RNG states; on CPU there are none."""
-    from megatron.core.tensor_parallel import random as mrandom
-
-    monkeypatch.setattr(mrandom, "_get_cuda_rng_state", lambda *a, **k: None)
-    monkeypatch.setattr(mrandom, "_set_cuda_rng_state", lambda *a, **k: None)
-
-
 def _adapter_grads(model, tokens):
     from tests.helpers.megatron import position_ids
 
@@ -172,7 +163,7 @@ def _adapter_grads(model, tokens):
 
 
 @pytest.mark.parametrize("plan", ["0:lora(r=2,target=mlp,gated),1:freeze", "0:prefix(tokens=2)"])
-def test_full_recompute_gets_adapter_gradients(mp, cpu_checkpoint_rng, plan):
+def test_full_recompute_gets_adapter_gradients(mp, plan):
     from layerfreeze.engines.megatron import megatron_layout
     from layerfreeze.engines.megatron.recompute import prepare_recompute
 
