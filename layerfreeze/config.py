@@ -31,6 +31,7 @@ __all__ = [
     "LoggingConfig",
     "CheckpointConfig",
     "MegatronConfig",
+    "DiagnosticsConfig",
     "RunConfig",
     "load_config",
     "load_deepspeed_config",
@@ -290,6 +291,43 @@ class MegatronConfig:
 
 
 @dataclass
+class DiagnosticsConfig:
+    """Sensitivity hooks during training (LayerTracer measures on a fixed probe batch)."""
+
+    enabled: bool = False
+    """Compute per-layer diagnostics every ``every_steps`` optimizer steps."""
+    every_steps: int = 50
+    """Interval in optimizer steps (the default keeps the overhead near 1% of step time; see
+    bench/results/diagnostics_overhead.md)."""
+    measures: list[str] = field(
+        default_factory=lambda: ["grad_norm", "update_ratio", "drift", "angular"]
+    )
+    """Per-layer series: ``grad_norm`` (probe-loss gradient norm), ``update_ratio``
+    (||dW|| / ||W|| since the last call), ``drift`` (angular distance of the layer's output to
+    the step-0 model's), ``angular`` (angular distance between the layer's input and output)."""
+    probe_sequences: int = 2
+    """Sequences per rank in the fixed probe batch (taken from the training data, in order)."""
+
+    def __post_init__(self) -> None:
+        known = ("grad_norm", "update_ratio", "drift", "angular")
+        problems = []
+        if self.every_steps < 1:
+            problems.append(f"diagnostics.every_steps: must be >= 1, got {self.every_steps!r}.")
+        if self.probe_sequences < 1:
+            problems.append(
+                f"diagnostics.probe_sequences: must be >= 1, got {self.probe_sequences!r}."
+            )
+        bad = [m for m in self.measures if m not in known]
+        if bad or not self.measures:
+            problems.append(
+                f"diagnostics.measures: unknown or empty, got {self.measures!r}. Choose from "
+                f"{', '.join(known)}."
+            )
+        if problems:
+            raise ConfigError(problems)
+
+
+@dataclass
 class RunConfig:
     """A continued pre-training run (``layerfreeze train --config FILE``)."""
 
@@ -323,6 +361,8 @@ class RunConfig:
     """Checkpointing, resume and final export."""
     eval: EvalConfig = field(default_factory=EvalConfig)
     """C-Eval / CMMLU evaluation during training."""
+    diagnostics: DiagnosticsConfig = field(default_factory=DiagnosticsConfig)
+    """Per-layer sensitivity hooks during training (logged to the metrics JSONL and wandb)."""
 
     def __post_init__(self) -> None:
         if isinstance(self.deepspeed, str) and not self.deepspeed.endswith(".json"):

@@ -191,6 +191,8 @@ class Recipe:
         self.notes: list[str] = []
         self.metrics = None
         self.eval_cb = None
+        self.diag = None
+        self.diag_records: list[tuple[int, dict[str, float]]] = []
         self.runner = None
         self._created_out_dir = False
 
@@ -325,6 +327,7 @@ class Recipe:
         for line in self.plan_tables:
             log_rank0(logger, line)
         self._build_eval()
+        self._build_diagnostics()
 
     def _build_loader(self, cache):
         from layerfreeze.data import DistributedBatchIterator, PackedDataset
@@ -339,6 +342,48 @@ class Recipe:
             )
         except ValueError as e:
             raise ConfigError(str(e)) from None
+
+    def _build_diagnostics(self) -> None:
+        """Sensitivity hooks on a fixed probe batch (this rank's first training sequences);
+        the first call, before any step, records the reference for ``drift``."""
+        d = self.cfg.diagnostics
+        if not d.enabled:
+            return
+        if self.cfg.engine != "deepspeed":
+            raise ConfigError(
+                f"diagnostics.enabled: the sensitivity hooks run on Hugging Face modules "
+                f"(engine: deepspeed), got engine: {self.cfg.engine}. Set diagnostics.enabled="
+                "false and run `layerfreeze trace` on the exported checkpoint instead."
+            )
+        from layerfreeze.diagnostics.hooks import SensitivityHooks
+        from layerfreeze.diagnostics.measures import is_partitioned
+
+        dataset = self.loader.dataset
+        first = self.runner.data_parallel_rank * d.probe_sequences
+        ids = torch.stack(
+            [dataset[(first + i) % len(dataset)]["input_ids"] for i in range(d.probe_sequences)]
+        )
+        measures = list(d.measures)
+        self.diag_gather = None
+        if is_partitioned(self.runner.model):  # ZeRO-3: layers gathered one at a time
+            self.diag_gather = self.runner.gathered_parameters
+            if "grad_norm" in measures:
+                measures.remove("grad_norm")
+                note = (
+                    "diagnostics: grad_norm needs whole parameters and ZeRO-3 partitions them; "
+                    "the engine's per-layer gradient norms (logging.per_layer_every) stand in"
+                )
+                self.notes.append(note)
+                log_rank0(logger, note, level=logging.WARNING)
+        if not measures:
+            return
+        self.diag = SensitivityHooks(self.runner.applied.layout, ids, measures)
+        self._diagnose()
+
+    def _diagnose(self) -> None:
+        stats = self.diag.compute(self.runner.model, self.step, gather=self.diag_gather)
+        self.diag_records.append((self.step, stats))
+        self.metrics.log(self.step, stats, kind="diag")
 
     def _build_eval(self) -> None:
         cfg = self.cfg
@@ -426,6 +471,8 @@ class Recipe:
             if at_ckpt:
                 self._save()
             self._maybe_eval(force=at_ckpt)
+            if self.diag is not None and self.step % cfg.diagnostics.every_steps == 0:
+                self._diagnose()
             t_last = time.perf_counter()  # tokens/s measures training, not saving or evaluating
 
     def _save(self) -> None:
@@ -487,6 +534,12 @@ class Recipe:
                 eval_files = sorted(
                     str(p) for p in self.eval_dir.iterdir() if not p.name.startswith(".")
                 )
+        if self.diag_records and dist.is_main_process():
+            from layerfreeze.diagnostics.series import plot_layer_series
+            from layerfreeze.utils.io import atomic_write_bytes
+
+            atomic_write_bytes(self.out_dir / "diagnostics.png", plot_layer_series(self.diag_records))
+            self.metrics.message(f"per-layer diagnostics plot: {self.out_dir / 'diagnostics.png'}")
         export_dir = None
         if cfg.checkpoint.export_final:
             export_dir = cfg.export_dir

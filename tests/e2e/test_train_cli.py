@@ -261,6 +261,38 @@ def test_resume_follows_the_run_configs_lr_schedule(tmp_path):
 
 
 # ---------------------------------------------------------------------------------------------
+# sensitivity hooks during training (diagnostics section), 2 ranks, ZeRO-3
+# ---------------------------------------------------------------------------------------------
+
+
+def test_diagnostics_hooks_log_per_layer_series_under_zero3(tmp_path):
+    from layerfreeze.metrics import read_jsonl
+
+    out = tmp_path / "run"
+    cfg = _config(out, tmp_path / "cache", train={"steps": 4, "grad_accum_steps": 1},
+                  checkpoint={"every_steps": 0, "export_final": False},
+                  logging={"wandb_project": None},
+                  diagnostics={"enabled": True, "every_steps": 2, "probe_sequences": 2})
+    cfg["deepspeed"]["zero_optimization"] = {"stage": 3}
+    proc = _train(_write(tmp_path / "run.yaml", cfg), nproc=2)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-6000:]
+    diag = [r for r in read_jsonl(out / "metrics.jsonl") if r["type"] == "diag"]
+    assert [r["step"] for r in diag] == [0, 2, 4]  # the reference before any step, then every 2
+    layers = (0, 1)  # freeze_deep on 2 layers: layer 0 trains, layer 1 is frozen
+    for r in diag:
+        for measure in ("drift", "angular"):
+            assert all(f"diag/{measure}/layers.{i}" in r for i in layers), r
+        assert "diag/grad_norm/layers.0" not in r  # ZeRO-3: the engine's grad norms stand in
+        assert 0.0 < r["diag/angular/layers.0"] < 1.0
+    assert all(diag[0][f"diag/drift/layers.{i}"] == 0.0 for i in layers)
+    assert diag[2]["diag/drift/layers.0"] > 0.0  # the trained layer's output moved
+    assert diag[1]["diag/update_ratio/layers.0"] > 0.0
+    assert diag[1]["diag/update_ratio/layers.1"] == 0.0  # frozen: bit-identical weights
+    assert (out / "diagnostics.png").read_bytes()[:4] == b"\x89PNG"
+    assert "grad_norm needs whole parameters" in proc.stderr
+
+
+# ---------------------------------------------------------------------------------------------
 # NaN / Inf: skip, count, stop after K in a row, name the last good checkpoint
 # ---------------------------------------------------------------------------------------------
 
