@@ -33,12 +33,13 @@ BOUNDARY_PLAN = {
 }
 
 
-def _window(step: int, gas: int = GAS) -> list[dict]:
+def _window(step: int, gas: int = GAS, replica: int = 0) -> list[dict]:
+    """Micro-batches of one step (``replica``: the data-parallel rank reading them)."""
     from tests.helpers.megatron import tiny_tokens
 
     out = []
     for j in range(gas):
-        ids = tiny_tokens(batch=2, seq=8, seed=100 * step + j)
+        ids = tiny_tokens(batch=2, seq=8, seed=100 * step + j + 10_000 * replica)
         out.append({"input_ids": ids, "labels": ids.clone()})
     return out
 
@@ -124,6 +125,16 @@ def _exact_body(rank, world_size):
         buf_params = [p for c in runner.ddp_chunks for b in c.buffers for p in b.params]
         frozen_before = {n: p.detach().clone() for n, p in params.items() if not p.requires_grad}
         losses = _train(runner, 2)
+        # label conventions against the loss written out from the whole logits
+        ids = _window(9)[0]["input_ids"]
+        logits = runner.eval_model()(ids)
+        written = torch.nn.functional.cross_entropy(
+            logits[:, :-1].reshape(-1, logits.shape[-1]), ids[:, 1:].reshape(-1)
+        )
+        hf_style = runner.evaluate_loss({"input_ids": ids, "labels": ids})
+        runner.shift_labels = False
+        next_token = runner.evaluate_loss({"input_ids": ids[:, :-1], "labels": ids[:, 1:]})
+        runner.shift_labels = True
         numel = runner.optimizer_state_numel()
         # whole-model trainable elements: TP-split tensors are summed over ranks, replicated once
         local = sum(
@@ -154,6 +165,7 @@ def _exact_body(rank, world_size):
             "frozen_same": all(torch.equal(params[n], t) for n, t in frozen_before.items()),
             "n_frozen": len(frozen_before),
             "losses": losses,
+            "label_losses": (float(written), hf_style, next_token),
         }
         runner.close()
     return out
@@ -173,6 +185,9 @@ def test_optimizer_holds_exactly_the_trainable_elements_tp2():
     for r in res:
         assert r["state_numel"] == {"master": total, "exp_avg": total, "exp_avg_sq": total}
     assert res[0]["losses"] == res[1]["losses"]
+    written, hf_style, next_token = res[0]["label_losses"]
+    assert hf_style == pytest.approx(written, rel=1e-5)
+    assert next_token == pytest.approx(written, rel=1e-5)
 
 
 # ------------------------------------------------------------------------------------------
@@ -456,3 +471,185 @@ def test_trainable_checkpoint_moves_between_tp_and_pp_layouts():
     # stage 0 (layers 0-1, embeddings) receives the trained tensors; stage 1 holds none of them
     assert r["loaded_pp"] > 0 and res[1]["loaded_pp"] == 0
     assert "load_trainable_weights" in r["resume_error"]
+
+
+# ------------------------------------------------------------------------------------------
+# LoRA + prefix adapters (hlpt) trained at TP=2 reproduce their logits at TP=1, PP=2
+
+
+def _adapters_body(rank, world_size):
+    import os
+
+    from tests.helpers.megatron import megatron_cpu_shim, tiny_tokens
+
+    ids = tiny_tokens(batch=2, seq=8, seed=77)
+    with megatron_cpu_shim():
+        tmp = _shared_tmp()
+        full = _reference_weights()
+        runner = _runner(_model(tp=2, pp=1, full=full), plan="hlpt", lr=2e-2)
+        _train(runner, 2)
+        trained = runner.eval_model()(ids)
+        runner.save_checkpoint(os.path.join(tmp, "hlpt"), trainable_only=True)
+        keys = sorted(runner._global_keys()[n] for n in runner.applied.trainable_names())
+        runner.close()
+
+        runner = _runner(_model(tp=1, pp=2, full=full), plan="hlpt", lr=2e-2)
+        base = runner.eval_model()(ids)
+        loaded = runner.load_trainable_weights(os.path.join(tmp, "hlpt"))
+        moved = runner.eval_model()(ids)
+        runner.close()
+    return {
+        "trained": _np(trained),
+        "base": _np(base),
+        "moved": _np(moved),
+        "keys": keys,
+        "loaded": len(loaded),
+    }
+
+
+def test_lora_and_prefix_adapters_move_from_tp2_to_pp2():
+    res = run_distributed(_adapters_body, world_size=2)
+    r = res[0]
+    assert any(".lora." in k for k in r["keys"]) and any(".prefix." in k for k in r["keys"])
+    assert all(x["loaded"] > 0 for x in res)  # both stages hold adapters
+    trained, base, moved = _t(r["trained"]), _t(r["base"]), _t(r["moved"])
+    assert (trained - base).abs().max() > 1e-3  # the adapters changed the model
+    torch.testing.assert_close(moved, trained, atol=2e-5, rtol=1e-4)
+    assert (_t(res[1]["moved"]) == moved).all()  # every rank gets the whole logits
+
+
+# ------------------------------------------------------------------------------------------
+# distributed optimizer at DP=2: NaN guard, all-bad step, phase switch, exact resume
+
+
+def _guard_body(rank, world_size):
+    from megatron.core import parallel_state as ps
+
+    from tests.helpers.megatron import megatron_cpu_shim
+
+    def make():
+        runner = _runner(
+            _model(tp=1, pp=1),
+            schedule=SCHEDULE,
+            use_distributed_optimizer=True,
+            lr_scheduler=_sched,
+        )
+        dp = ps.get_data_parallel_rank()
+        # (optimizer step, training forward call) whose logits become NaN on this replica:
+        # step 1: micro-batch 1 on replica 1 only; step 2 (phase 1): both on replica 0
+        poison = {(1, 1)} if dp == 1 else {(2, 0), (2, 1)}
+        seen = {"step": -1, "calls": 0}
+
+        def hook(module, inputs, output):
+            if not module.training:
+                return None
+            if seen["step"] != runner.global_step:
+                seen.update(step=runner.global_step, calls=0)
+            call, seen["calls"] = seen["calls"], seen["calls"] + 1
+            if (runner.global_step, call) in poison:
+                return (output[0] * float("nan"), *output[1:])
+            return None
+
+        runner.model.output_layer.register_forward_hook(hook)
+        return runner, dp
+
+    with megatron_cpu_shim():
+        tmp = _shared_tmp()
+        runner, dp = make()
+        steps = [runner.train_step(_window(0, replica=dp))]
+        expected = runner.evaluate_loss(_window(1, replica=dp)[0])  # mean over both replicas
+        steps.append(runner.train_step(_window(1, replica=dp)))
+        runner.save_checkpoint(tmp)
+        before = _np(runner.consolidated_state_dict())
+        steps.append(runner.train_step(_window(2, replica=dp)))
+        after = _np(runner.consolidated_state_dict())
+        steps.append(runner.train_step(_window(3, replica=dp)))
+        counts = (runner.bad_micro_batches, runner.skipped_steps, runner.phase)
+        state = runner.optimizer_state_numel()
+        runner.close()
+
+        resumed, _ = make()
+        resumed.load_checkpoint(tmp)
+        again = [resumed.train_step(_window(s, replica=dp)).loss for s in (2, 3)]
+        again = [x if math.isfinite(x) else "nan" for x in again]
+        resumed.close()
+    return {
+        "steps": [
+            (o.loss if math.isfinite(o.loss) else "nan", o.bad_micro_batches, o.skipped, o.phase)
+            for o in steps
+        ],
+        "expected": expected,
+        "before": before,
+        "after": after,
+        "counts": counts,
+        "again": again,
+        "state": state,
+    }
+
+
+def test_distributed_optimizer_nan_guard_phase_switch_and_resume():
+    res = run_distributed(_guard_body, world_size=2)
+    assert res[0]["steps"] == res[1]["steps"]  # every rank agrees
+    (l0, b0, s0, p0), (l1, b1, s1, p1), (l2, b2, s2, p2), (l3, b3, s3, p3) = res[0]["steps"]
+    assert (b0, s0, p0) == (0, False, 0) and math.isfinite(l0)
+    # micro-batch 1 was bad on one replica: skipped on both; the loss is micro-batch 0's mean
+    assert (b1, s1, p1) == (1, False, 0) and l1 == pytest.approx(res[0]["expected"], rel=1e-6)
+    # every micro-batch bad on one replica: no parameter moves
+    assert (l2, b2, s2, p2) == ("nan", 2, True, 1)
+    before, after = _t(res[0]["before"]), _t(res[0]["after"])
+    assert all(torch.equal(before[k], after[k]) for k in before)
+    assert (b3, s3, p3) == (0, False, 1) and math.isfinite(l3)
+    for r in res:
+        assert r["counts"] == (3, 1, 1)
+        # the distributed optimizer shards state over the 2 replicas: one copy in total
+        assert r["state"]["master"] == sum(v.size for v in res[0]["before"].values())
+    # resumed from step 2 (before the bad step and the switch): the same losses, exactly
+    assert res[0]["again"] == ["nan", l3]
+
+
+# ------------------------------------------------------------------------------------------
+# merged Hugging Face export of a Llama trained with plain LoRA at TP=2
+
+LORA_PLAN = {"rules": [{"layers": "all", "policy": "lora", "r": 4, "target": "mlp"}]}
+
+
+def _export_body(rank, world_size):
+    from transformers import AutoModelForCausalLM
+
+    from layerfreeze.engines.megatron import convert
+    from tests.helpers.megatron import init_model_parallel, megatron_cpu_shim, tiny_tokens
+    from tests.helpers.tiny_models import build_tiny_model
+
+    hf = build_tiny_model("llama", num_layers=4)
+    ids = tiny_tokens(batch=2, seq=8, seed=5, vocab=hf.config.vocab_size)
+    with megatron_cpu_shim():
+        tmp = _shared_tmp()
+        init_model_parallel(tp=2, pp=1)
+        model = convert.build_gpt_from_hf_config(
+            hf.config, config_overrides={"use_cpu_initialization": True}
+        )
+        convert.load_hf_weights(model, hf.state_dict(), hf.config)
+        runner = _runner(model, plan=LORA_PLAN, lr=2e-2, hf_config=hf.config)
+        base = runner.eval_model()(ids)
+        _train(runner, 2)
+        trained = runner.eval_model()(ids)
+        path = runner.export_merged(f"{tmp}/hf", tokenizer=None)
+        after = runner.eval_model()(ids)
+        runner.close()
+    out = {"base": _np(base), "trained": _np(trained), "after": _np(after)}
+    if rank == 0:
+        with torch.no_grad():
+            exported = AutoModelForCausalLM.from_pretrained(str(path)).float().eval()
+            out["exported"] = _np(exported(ids).logits)
+            out["hf_base"] = _np(hf(ids).logits)
+    return out
+
+
+def test_export_merged_gives_the_trained_logits_in_hugging_face():
+    res = run_distributed(_export_body, world_size=2)
+    r = res[0]
+    base, trained, after = _t(r["base"]), _t(r["trained"]), _t(r["after"])
+    torch.testing.assert_close(base, _t(r["hf_base"]), atol=2e-5, rtol=1e-4)  # same start
+    assert (trained - base).abs().max() > 1e-3  # LoRA trained
+    torch.testing.assert_close(_t(r["exported"]), trained, atol=5e-5, rtol=1e-4)
+    torch.testing.assert_close(after, trained, atol=1e-6, rtol=1e-6)  # unmerged again

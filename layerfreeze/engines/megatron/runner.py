@@ -28,6 +28,7 @@ and builds the model for this rank's stage; :meth:`MegatronRunner.close` tears i
 from __future__ import annotations
 
 import contextlib
+import logging
 import math
 import os
 from collections.abc import Callable, Iterator, Mapping, Sequence
@@ -150,6 +151,11 @@ class MegatronRunner:
             stage; default: mean over unmasked tokens (Hugging Face causal-LM loss).
         optimizer_config: extra ``OptimizerConfig`` fields (e.g. ``{"bf16": True}``).
         ddp_config: extra ``DistributedDataParallelConfig`` fields.
+        hf_config: the model's Hugging Face config (needed by :meth:`export_merged` only).
+        shift_labels: micro-batch ``labels`` follow the Hugging Face convention (aligned with
+            ``input_ids``; the runner shifts them by one, the last position is ignored). False:
+            ``labels[t]`` already is the token after ``input_ids[t]`` (Megatron's convention and
+            that of layerfreeze's ``PackedDataset``). Label ``-100`` is ignored either way.
     """
 
     def __init__(
@@ -172,6 +178,8 @@ class MegatronRunner:
         loss_fn: Callable[[torch.Tensor, torch.Tensor], torch.Tensor] | None = None,
         optimizer_config: Mapping[str, Any] | None = None,
         ddp_config: Mapping[str, Any] | None = None,
+        hf_config: Any = None,
+        shift_labels: bool = True,
     ):
         from layerfreeze.schedule import PlanSchedule
 
@@ -212,6 +220,8 @@ class MegatronRunner:
                 f"{self.schedule.plans[0]}. Apply the schedule's first plan (install= the others)."
             )
         self.applied = applied
+        self.hf_config = hf_config
+        self.shift_labels = bool(shift_labels)
         self.lr = float(lr)
         self.min_lr = float(min_lr)
         self.weight_decay = float(weight_decay)
@@ -242,6 +252,7 @@ class MegatronRunner:
         # The base-lr schedule lives on a one-group tracker so it survives optimizer rebuilds and
         # ranks without trainable parameters; every Megatron group gets base lr * its lr scale.
         self._tracker = torch.optim.SGD([nn.Parameter(torch.zeros(1))], lr=self.lr)
+        self._tracker._opt_called = True  # never stepped itself; silences torch's order warning
         self.lr_scheduler = lr_scheduler(self._tracker) if lr_scheduler is not None else None
         self.phase = 0
         self.global_step = 0
@@ -249,6 +260,8 @@ class MegatronRunner:
         self.skipped_steps = 0
         self.ddp_chunks: list[DistributedDataParallel] = []
         self.optimizer: Any = None
+        self._backward_bad = [False]  # set at the start of each loss backward (see _build)
+        self._hooks: list[Any] = []
         self._build()
 
     # ---- construction ----------------------------------------------------------------------
@@ -286,6 +299,18 @@ class MegatronRunner:
             ),
         )
         self._apply_lr()
+        # Bad micro-batches: on the chunk computing the loss, a backward that starts from a bad
+        # loss leaves zero gradients (its own parameters and what it sends upstream), even
+        # where the NaN/Inf values in its saved activations would turn a zero into NaN.
+        self._hooks = []
+        for chunk in self.chunks:
+            if getattr(_unwrap(chunk), "post_process", True):
+                for p in chunk.parameters():
+                    if p.requires_grad:
+                        self._hooks.append(p.register_hook(self._mask_grad))
+
+    def _mask_grad(self, grad: torch.Tensor) -> torch.Tensor:
+        return torch.zeros_like(grad) if self._backward_bad[0] else grad
 
     def _teardown(self) -> None:
         """Detach the current DDP wrappers: their gradient hooks stay registered on the
@@ -299,6 +324,9 @@ class MegatronRunner:
                 if hasattr(p, attr):
                     delattr(p, attr)
             p.grad = None
+        for h in getattr(self, "_hooks", []):
+            h.remove()
+        self._hooks = []
         self.ddp_chunks = []
         self.optimizer = None
 
@@ -520,11 +548,12 @@ class MegatronRunner:
         if labels is None:
             return ids, None, None
         labels = labels.to(self.device)
-        # Hugging Face labels are the inputs (the model shifts); Megatron wants the next token.
-        shifted = torch.full_like(labels, _IGNORE_INDEX)
-        shifted[:, :-1] = labels[:, 1:]
-        loss_mask = (shifted != _IGNORE_INDEX).float()
-        return ids, shifted.clamp(min=0), loss_mask
+        if self.shift_labels:  # Hugging Face convention: labels are the inputs, shift by one
+            shifted = torch.full_like(labels, _IGNORE_INDEX)
+            shifted[:, :-1] = labels[:, 1:]
+            labels = shifted
+        loss_mask = (labels != _IGNORE_INDEX).float()
+        return ids, labels.clamp(min=0), loss_mask
 
     def _run(
         self,
@@ -545,6 +574,15 @@ class MegatronRunner:
             mb = next(data_iterator)
             ids, labels, loss_mask = self._batch(mb)
             pos = torch.arange(t, device=ids.device).unsqueeze(0).expand(b, t)
+            inner = _unwrap(model)
+            stage_input = getattr(getattr(inner, "decoder", None), "input_tensor", None)
+            if (
+                not forward_only
+                and getattr(inner, "post_process", False)
+                and isinstance(stage_input, torch.Tensor)
+                and stage_input.requires_grad
+            ):
+                stage_input.register_hook(self._mask_grad)  # what goes to the previous stage
             out = model(ids, pos, None, labels=labels)
             return out, lambda output: loss_func(output, loss_mask)
 
@@ -577,13 +615,15 @@ class MegatronRunner:
         """Run one optimizer step over ``gradient_accumulation_steps`` micro-batches.
 
         Switches plan-schedule phase first when the step crosses a boundary. A micro-batch whose
-        loss is NaN/Inf on any data-parallel rank contributes an exact zero gradient on every
-        rank (counted in ``bad_micro_batches``); when all are bad, or the reduced gradient is
-        not finite, no parameter moves (counted in ``skipped_steps``).
+        loss is NaN/Inf on any data-parallel rank contributes zero gradient on every rank
+        (counted in ``bad_micro_batches``): the chunk computing the loss zeroes its parameters'
+        gradients and the gradient it sends to the previous pipeline stage. When every
+        micro-batch is bad, or a reduced gradient is still not finite (non-finite activations
+        on an earlier stage), no parameter moves (counted in ``skipped_steps``).
 
         Args:
-            micro_batches: exactly ``gradient_accumulation_steps`` dicts with ``input_ids`` (and
-                ``labels``, Hugging Face convention: the model shifts) of one shape.
+            micro_batches: exactly ``gradient_accumulation_steps`` dicts with ``input_ids`` and
+                ``labels`` of one shape (label convention: ``shift_labels``).
             grad_norms: also return per-layer-group gradient norms (``layers.<global i>``, ...).
 
         Returns:
@@ -597,7 +637,7 @@ class MegatronRunner:
             )
         if any(mb.get("labels") is None for mb in micro_batches):
             raise ValueError(
-                "train_step: every micro-batch needs 'labels' (Hugging Face convention)."
+                "train_step: every micro-batch needs 'labels' (see shift_labels for the convention)."
             )
         self.maybe_switch_phase()
         for c in self.ddp_chunks:
@@ -620,12 +660,16 @@ class MegatronRunner:
             bad = float(agree[1]) > 0
             flags.append(1.0 if bad else 0.0)
             if bad:
-                loss = output.sum() * 0.0  # d/d(output) is exactly 0: nothing accumulates
+                loss = output.sum() * 0.0
             else:
                 losses.append(float(agree[0]) / dp_size)
+            loss = _MarkBackward.apply(loss, self._backward_bad, bad)
             return loss, {"loss": loss.detach()}
 
-        self._run(micro_batches, forward_only=False, loss_func=loss_func)
+        try:
+            self._run(micro_batches, forward_only=False, loss_func=loss_func)
+        finally:
+            self._backward_bad[0] = False
         summary = torch.zeros(gas + 2, dtype=torch.float64)
         if flags:
             summary[:gas] = torch.tensor(flags, dtype=torch.float64)
@@ -747,12 +791,15 @@ class MegatronRunner:
 
     def eval_model(self) -> Callable[[torch.Tensor], torch.Tensor]:
         """A callable ``input_ids [B, T] -> logits [B, T, V]`` (float32, CPU) for the scorer and
-        diagnostics. Every rank of the model-parallel group must call it in lockstep with the
+        diagnostics (``V``: the Hugging Face vocabulary when ``hf_config`` is known, else the
+        model's padded one). Every rank of the model-parallel group must call it in lockstep with the
         same ``input_ids``; each gets the whole logits (gathered across TP, run through the
         pipeline with ``forward_only`` and broadcast from the last stage)."""
         from megatron.core.tensor_parallel.mappings import gather_from_tensor_model_parallel_region
 
-        vocab = int(_unwrap(self.chunks[-1]).vocab_size)
+        vocab = int(_unwrap(self.chunks[-1]).vocab_size)  # padded to a multiple of TP
+        if self.hf_config is not None:
+            vocab = min(vocab, int(self.hf_config.vocab_size))
 
         @torch.no_grad()
         def logits_of(input_ids: torch.Tensor) -> torch.Tensor:
@@ -1124,27 +1171,67 @@ class MegatronRunner:
         return out
 
     def export_merged(self, out_dir: str | os.PathLike, tokenizer: Any = None) -> Path | None:
-        """Write the merged Hugging Face checkpoint (LoRA folded in) through
-        :mod:`layerfreeze.engines.megatron.convert` (collective); the directory on rank 0."""
-        try:
-            from layerfreeze.engines.megatron import convert
-        except ImportError as e:
-            raise NotImplementedError(
-                "export_merged: layerfreeze.engines.megatron.convert (Megatron -> Hugging Face "
-                f"weights) is not available ({e})."
-            ) from None
-        fn = getattr(convert, "export_runner_to_hf", None)
-        if fn is None:
-            raise NotImplementedError(
-                "export_merged: layerfreeze.engines.megatron.convert has no export_runner_to_hf; "
-                "Megatron -> Hugging Face export is not wired yet."
+        """Write a merged Hugging Face checkpoint (collective; every rank calls it).
+
+        Mergeable LoRA is folded into the base weights for the export (and unfolded after);
+        the base weights go through :func:`layerfreeze.engines.megatron.convert.export_hf_checkpoint`
+        (TP gathered, every stage, written atomically by rank 0). Adapters that cannot be merged
+        (gated LoRA, prefixes, their gates) go to the sidecar in Hugging Face naming
+        (``layerfreeze_sidecar.safetensors`` + ``plan.json``, as ``layerfreeze.export.export_merged``
+        writes them): ``load_trainable(AutoModelForCausalLM.from_pretrained(dir), dir)`` restores
+        the adapted model.
+
+        Returns:
+            The export directory on rank 0, None on other ranks.
+
+        Raises:
+            ValueError: the runner was built without ``hf_config``.
+        """
+        if self.hf_config is None:
+            raise ValueError(
+                "export_merged: the Megatron runner needs the model's Hugging Face config to "
+                "name the exported weights; pass hf_config= (e.g. AutoConfig.from_pretrained(path)) "
+                "to MegatronRunner."
             )
+        from layerfreeze.apply import adapter_param_names
+        from layerfreeze.engines.megatron.convert import export_hf_checkpoint
+
+        prefixes = tuple(p.param_prefix for p in POLICIES.values() if p.param_prefix)
+
+        def is_adapter(name: str) -> bool:
+            return any(part.startswith(prefixes) for part in name.split("."))
+
         merged = self.applied.merge()
         try:
-            return fn(self, out_dir, tokenizer=tokenizer)
+            kept = sorted(
+                set(adapter_param_names(self._root))
+                - set(self.applied.merged_adapter_param_names())
+            )
+            if kept:
+                keys = self._global_keys()
+                log_rank0(
+                    logger,
+                    "export_merged: %d adapter tensors cannot be merged into Hugging Face weights "
+                    "(gated LoRA / prefix), e.g. %s; they go to the export's sidecar.",
+                    len(kept),
+                    [keys[n] for n in kept[:3]],
+                    level=logging.INFO,
+                )
+            base = [
+                {k: v for k, v in c.state_dict().items() if not is_adapter(k)} for c in self.chunks
+            ]
+            path = export_hf_checkpoint(
+                self.chunks,
+                self.hf_config,
+                out_dir,
+                tokenizer=tokenizer,
+                state_dict=base,
+                applied=self.applied,
+            )
         finally:
             if merged:
                 self.applied.unmerge()
+        return Path(path) if self.rank == 0 else None
 
     def close(self, destroy_model_parallel: bool = True) -> None:
         """Release DDP buffers and the optimizer; tear down megatron's model-parallel state
@@ -1157,6 +1244,21 @@ class MegatronRunner:
 # --------------------------------------------------------------------------------------------
 # module functions
 # --------------------------------------------------------------------------------------------
+
+
+class _MarkBackward(torch.autograd.Function):
+    """Identity on the loss whose backward first records whether this micro-batch is bad (the
+    gradient hooks of the loss chunk read it while the rest of its backward runs)."""
+
+    @staticmethod
+    def forward(ctx, loss: torch.Tensor, box: list, bad: bool) -> torch.Tensor:
+        ctx.box, ctx.bad = box, bad
+        return loss.clone()
+
+    @staticmethod
+    def backward(ctx, grad: torch.Tensor):
+        ctx.box[0] = ctx.bad
+        return grad, None, None
 
 
 def _float16_pairs(opt: Any) -> list[tuple[list[torch.Tensor], list[torch.Tensor]]]:
@@ -1213,3 +1315,149 @@ def optimizer_state_numel(optimizer: Any) -> dict[str, int]:
                 t.zero_()
         dist.all_reduce(t)
     return {k: int(v) for k, v in zip(keys, t.tolist(), strict=True)}
+
+
+# --------------------------------------------------------------------------------------------
+# what the training recipe calls (``engine: megatron``)
+# --------------------------------------------------------------------------------------------
+
+
+def init_distributed(backend: str | None = None) -> None:
+    """Initialise the default process group (no-op when already up): ``nccl`` with CUDA,
+    ``gloo`` otherwise; a single plain process gets a world of one."""
+    if dist.is_initialized():
+        return
+    if "RANK" not in os.environ:
+        os.environ.setdefault("MASTER_ADDR", "127.0.0.1")
+        os.environ.setdefault("MASTER_PORT", "29500")
+        os.environ.update({"RANK": "0", "LOCAL_RANK": "0", "WORLD_SIZE": "1"})
+    cuda = torch.cuda.is_available()
+    if cuda:
+        torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", "0")))
+    dist.init_process_group(backend or ("nccl" if cuda else "gloo"))
+
+
+def check_run_config(cfg: Any, world_size: int) -> list[str]:
+    """Validate the run config's Megatron side before anything is written.
+
+    Returns:
+        Warning lines (none today).
+
+    Raises:
+        ConfigError: every problem at once: a parallel layout that does not divide the ranks,
+            the layers, the heads or query groups; an architecture without a Megatron mapping.
+    """
+    from layerfreeze.engines.megatron.convert import SUPPORTED_MODEL_TYPES
+    from layerfreeze.errors import ConfigError
+    from layerfreeze.modeling import hf_model_config
+
+    m = cfg.megatron
+    tp, pp = m.tensor_model_parallel_size, m.pipeline_model_parallel_size
+    vp = m.virtual_pipeline_model_parallel_size or 1
+    problems = []
+    if world_size % (tp * pp):
+        problems.append(
+            f"megatron: tensor_model_parallel_size x pipeline_model_parallel_size = {tp} x {pp} "
+            f"must divide the number of ranks, got {world_size} ranks."
+        )
+    hf = hf_model_config(cfg.model)
+    model_type = getattr(hf, "model_type", None)
+    if model_type not in SUPPORTED_MODEL_TYPES:
+        problems.append(
+            f"model: Hugging Face model_type {model_type!r} has no Megatron mapping; supported "
+            f"with engine: megatron: {', '.join(SUPPORTED_MODEL_TYPES)}."
+        )
+    layers = int(getattr(hf, "num_hidden_layers", 0) or 0)
+    if layers and layers % (pp * vp):
+        problems.append(
+            f"megatron.pipeline_model_parallel_size: {pp} stages x {vp} chunks must divide the "
+            f"model's {layers} layers."
+        )
+    heads = int(getattr(hf, "num_attention_heads", 0) or 0)
+    groups = int(getattr(hf, "num_key_value_heads", None) or heads)
+    if heads and (heads % tp or groups % tp):
+        problems.append(
+            f"megatron.tensor_model_parallel_size: {tp} must divide the attention heads "
+            f"({heads}) and key/value heads ({groups})."
+        )
+    if problems:
+        raise ConfigError(problems)
+    return []
+
+
+def runner_from_run_config(
+    cfg: Any, *, schedule: Any, vocab_size: int, lr_scheduler: Callable | None = None
+) -> MegatronRunner:
+    """Initialise megatron's model-parallel state, build this rank's ``GPTModel`` chunks from
+    ``cfg.model`` (Hugging Face weights from ``model.path``, or the seeded random weights the
+    DeepSpeed engine would start from), apply every phase of ``schedule`` and return the
+    :class:`MegatronRunner` (what ``layerfreeze train`` calls with ``engine: megatron``).
+
+    Args:
+        cfg: the validated ``RunConfig``.
+        schedule: the run's ``PlanSchedule`` (adapters of every phase installed up front).
+        vocab_size: the tokenizer's size (a built model gets at least this vocabulary).
+        lr_scheduler: callable ``optimizer -> scheduler`` driving the base lr.
+    """
+    from layerfreeze.engines.megatron import convert
+    from layerfreeze.modeling import DTYPES, build_model, hf_model_config
+
+    m = cfg.megatron
+    ps.initialize_model_parallel(
+        tensor_model_parallel_size=m.tensor_model_parallel_size,
+        pipeline_model_parallel_size=m.pipeline_model_parallel_size,
+        virtual_pipeline_model_parallel_size=m.virtual_pipeline_model_parallel_size,
+    )
+    hf_config = hf_model_config(cfg.model, vocab_size=vocab_size)
+    cuda = torch.cuda.is_available()
+    dtype = DTYPES[cfg.model.dtype]
+    overrides: dict[str, Any] = {
+        "use_cpu_initialization": not cuda,
+        "params_dtype": dtype,
+        "pipeline_dtype": dtype,
+        "bf16": dtype == torch.bfloat16,
+        "fp16": dtype == torch.float16,
+        "sequence_parallel": bool(m.sequence_parallel),
+    }
+    if cfg.model.gradient_checkpointing:
+        overrides.update(
+            recompute_granularity="full", recompute_method="uniform", recompute_num_layers=1
+        )
+    torch.manual_seed(cfg.train.seed)
+    if cuda:
+        from megatron.core.tensor_parallel import model_parallel_cuda_manual_seed
+
+        model_parallel_cuda_manual_seed(cfg.train.seed)
+    vp = m.virtual_pipeline_model_parallel_size
+    chunks = []
+    for v in range(vp or 1):
+        stage = v if vp else None
+        chunk = convert.build_gpt_from_hf_config(
+            hf_config,
+            ps.is_pipeline_first_stage(ignore_virtual=vp is None, vp_stage=stage),
+            ps.is_pipeline_last_stage(ignore_virtual=vp is None, vp_stage=stage),
+            stage,
+            config_overrides=overrides,
+            seq_length=cfg.data.seq_len,
+        )
+        chunks.append(chunk.cuda() if cuda else chunk)
+    if cfg.model.path is not None:
+        source: Any = cfg.model.path
+    else:  # the same seeded weights the DeepSpeed engine builds, converted
+        source = build_model(cfg.model, vocab_size, cfg.train.seed).state_dict()
+    convert.load_hf_weights(chunks, source, hf_config)
+    return MegatronRunner(
+        chunks if vp else chunks[0],
+        schedule=schedule,
+        lr=cfg.optim.lr,
+        weight_decay=cfg.optim.weight_decay,
+        gradient_accumulation_steps=cfg.train.grad_accum_steps,
+        clip_grad=cfg.optim.max_grad_norm,
+        adam_beta1=cfg.optim.betas[0],
+        adam_beta2=cfg.optim.betas[1],
+        adam_eps=cfg.optim.eps,
+        use_distributed_optimizer=m.use_distributed_optimizer,
+        lr_scheduler=lr_scheduler,
+        hf_config=hf_config,
+        shift_labels=False,  # PackedDataset yields labels = the next tokens
+    )
