@@ -76,6 +76,7 @@ __all__ = [
     "save_hf_checkpoint",
     "export_hf_checkpoint",
     "export_runner_to_hf",
+    "gather_hf_sidecar",
 ]
 
 logger = get_logger(__name__)
@@ -1042,6 +1043,7 @@ def save_hf_checkpoint(
     *,
     tokenizer: Any = None,
     max_shard_bytes: int = 5 * 1024**3,
+    sidecar: tuple[Mapping[str, torch.Tensor], Mapping[str, Any]] | None = None,
 ) -> Path:
     """Write a standard HF checkpoint (``config.json`` + safetensors) atomically.
 
@@ -1055,6 +1057,8 @@ def save_hf_checkpoint(
         directory: output directory (replaced if it exists; never left half-written).
         tokenizer: optional tokenizer, saved alongside.
         max_shard_bytes: largest safetensors file.
+        sidecar: ``(tensors, plan.json content)`` of the adapters that are not merged (see
+            :func:`gather_hf_sidecar`), written as ``layerfreeze.export`` writes them.
 
     Returns:
         The directory.
@@ -1093,6 +1097,8 @@ def save_hf_checkpoint(
             )
         if tokenizer is not None:
             tokenizer.save_pretrained(str(tmp))
+        if sidecar is not None:
+            _write_sidecar(tmp, *sidecar)
     log_rank0(logger, "saved Hugging Face checkpoint (%d tensors) to %s", len(sd), directory)
     return directory
 
@@ -1105,6 +1111,7 @@ def export_hf_checkpoint(
     tokenizer: Any = None,
     state_dict: Mapping[str, torch.Tensor] | Sequence[Mapping[str, torch.Tensor]] | None = None,
     backend: Backend = "auto",
+    applied: Any = None,
 ) -> Path:
     """Gather a distributed megatron model and write it as an HF checkpoint (collective).
 
@@ -1119,6 +1126,10 @@ def export_hf_checkpoint(
         backend: as in :func:`load_hf_weights`. A model built by Megatron-Bridge is exported by
             its ``save_hf_pretrained`` against the HF directory it was built from (Bridge writes
             in place, not through a staging directory).
+        applied: the model's ``AppliedPlan``: also write the sidecar of the adapters that are
+            not merged (:func:`gather_hf_sidecar`), as ``layerfreeze.export.export_merged``
+            does, so ``load_trainable(AutoModelForCausalLM.from_pretrained(dir), dir)`` restores
+            the adapted model.
 
     Returns:
         The directory.
@@ -1126,6 +1137,7 @@ def export_hf_checkpoint(
     import torch.distributed as dist
 
     chunks = _chunks(model)
+    side = gather_hf_sidecar(chunks, hf_config, applied) if applied is not None else None
     if _backend_of(chunks, backend) == "bridge":  # pragma: no cover - needs Megatron-Bridge
         from megatron.bridge import AutoBridge
 
@@ -1133,10 +1145,12 @@ def export_hf_checkpoint(
         if hf_path is None:
             raise ValueError("backend='bridge': the model was not built by Megatron-Bridge.")
         AutoBridge.from_hf_pretrained(hf_path).save_hf_pretrained(chunks, str(directory))
+        if side is not None:
+            _write_sidecar(Path(directory), *side)
         return Path(directory)
     sd = gather_hf_state_dict(chunks, hf_config, state_dict=state_dict)
     if sd is not None:
-        save_hf_checkpoint(sd, hf_config, directory, tokenizer=tokenizer)
+        save_hf_checkpoint(sd, hf_config, directory, tokenizer=tokenizer, sidecar=side)
     if dist.is_initialized():
         dist.barrier()
     return Path(directory)
@@ -1151,10 +1165,10 @@ def export_runner_to_hf(
 ) -> Path | None:
     """Write a ``MegatronRunner``'s model as an HF checkpoint (collective; every rank calls it).
 
-    The runner merges its mergeable LoRA into the base weights before calling this (see
-    ``MegatronRunner.export_merged``). Adapters are hooked onto the base linears, so the base
-    parameters keep their megatron names and only those are exported; adapter tensors that
-    were not merged (gated LoRA, prefixes) are not part of a Hugging Face checkpoint.
+    Mergeable LoRA is folded into the base weights for the export (and taken out again after,
+    unless the caller had merged it already, as ``MegatronRunner.export_merged`` does). The
+    adapters that cannot be merged (gated LoRA, prefixes, their gates) go to the sidecar in
+    Hugging Face naming (:func:`gather_hf_sidecar`), as on the DeepSpeed / HF path.
 
     Args:
         runner: the runner (its ``chunks``; ``hf_config`` as set by the training recipe).
@@ -1173,5 +1187,320 @@ def export_runner_to_hf(
             "export_runner_to_hf: the runner has no hf_config; pass hf_config= (the Hugging Face "
             "config the model was built from)."
         )
-    out = export_hf_checkpoint(runner.chunks, hf_config, directory, tokenizer=tokenizer)
+    applied = getattr(runner, "applied", None)
+    merged = applied.merge() if applied is not None else []
+    try:
+        out = export_hf_checkpoint(
+            runner.chunks, hf_config, directory, tokenizer=tokenizer, applied=applied
+        )
+    finally:
+        if merged:
+            applied.unmerge()
     return out if not dist.is_initialized() or dist.get_rank() == 0 else None
+
+
+# ---------------------------------------------------------------------------------------------
+# Megatron -> HF: the sidecar of adapters that cannot be merged
+
+
+#: LoRA base linears of a megatron (local spec) layer -> (parallel style, the HF linears it
+#: stands for). A fused linear's one ``A`` becomes a copy per HF linear; its ``B`` rows split.
+_LORA_LINEARS: dict[str, tuple[str, tuple[str, ...]]] = {
+    "self_attention.linear_qkv": (
+        "column",
+        ("self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj"),
+    ),
+    "self_attention.linear_proj": ("row", ("self_attn.o_proj",)),
+    "mlp.linear_fc1": ("column", ("mlp.gate_proj", "mlp.up_proj")),
+    "mlp.linear_fc2": ("row", ("mlp.down_proj",)),
+}
+#: Sub-blocks that own a LoRA gate (``<sub>.lora_gate``): megatron name -> HF name.
+_GATE_OWNERS = {"self_attention": "self_attn", "mlp": "mlp"}
+_MEGATRON_PREFIX = "self_attention.prefix_adapter."
+_HF_PREFIX = "self_attn.prefix_adapter."
+
+#: ``(tensor-parallel split dim, stride)`` of a split parameter, None for a replicated one.
+_Split = tuple[int, int] | None
+
+
+def _adapter_layer_to_hf(
+    shards: Sequence[Mapping[str, torch.Tensor]],
+    splits: Mapping[str, _Split],
+    hf_config: Any,
+    local: int,
+    i: int,
+) -> dict[str, tuple[str, torch.Tensor]]:
+    """HF adapter tensors of one layer from the adapter tensors of all its TP ranks.
+
+    Args:
+        shards: per TP rank (in order), adapter names relative to ``decoder.layers.{local}.``
+            -> tensors.
+        splits: the same names -> how megatron splits them across TP (``_Split``).
+        hf_config: the model's HF config.
+        local: the layer's index in its pipeline stage (for messages).
+        i: the layer's global index.
+
+    Returns:
+        HF name -> (the megatron name it came from, full tensor).
+
+    Raises:
+        ValueError: a parameter with no HF counterpart (named, with its layer).
+    """
+    heads, groups, hd = _geometry(hf_config)
+    m, p = f"decoder.layers.{local}.", f"model.layers.{i}."
+    out: dict[str, tuple[str, torch.Tensor]] = {}
+    for rel in shards[0]:
+        parts = [sd[rel] for sd in shards]
+        where = f"layer {i} ({m}{rel})"
+        split = splits.get(rel)
+        if split is None and any(t.shape != parts[0].shape for t in parts):
+            raise ValueError(f"{where}: replicated adapter parameter differs in shape across TP.")
+        base, sep, leaf = rel.rpartition(".lora_adapter.")
+        if sep:
+            if base not in _LORA_LINEARS or leaf not in ("lora_a", "lora_b"):
+                raise ValueError(
+                    f"{where}: LoRA on megatron {base!r} has no Hugging Face counterpart (mapped: "
+                    f"{', '.join(_LORA_LINEARS)}), so the export cannot represent it. Target the "
+                    "attention or MLP linears (lora target=mlp/attn/all/down)."
+                )
+            style, targets = _LORA_LINEARS[base]
+            if (style, leaf) == ("row", "lora_a"):  # split by input columns
+                pieces: tuple[torch.Tensor, ...] = (torch.cat(parts, dim=1),) * len(targets)
+            elif (style, leaf) == ("column", "lora_b") and base == "mlp.linear_fc1":
+                halves = [t.chunk(2, dim=0) for t in parts]  # each rank: [gate_r; up_r]
+                pieces = tuple(torch.cat([h[k] for h in halves], dim=0) for k in (0, 1))
+            elif (style, leaf) == ("column", "lora_b"):  # QKV rows grouped by query group
+                pieces = _qkv_split(torch.cat(parts, dim=0), heads, groups, hd)
+            else:  # replicated: column A, row B
+                pieces = (parts[0],) * len(targets)
+            for target, piece in zip(targets, pieces, strict=True):
+                out[f"{p}{target}.lora_adapter.{leaf}"] = (rel, piece.clone())
+            continue
+        sub, sep, leaf = rel.partition(".lora_gate.")
+        if sep and sub in _GATE_OWNERS:
+            out[f"{p}{_GATE_OWNERS[sub]}.lora_gate.{leaf}"] = (rel, parts[0].clone())
+        elif rel.startswith(_MEGATRON_PREFIX):
+            if split is None:
+                full = parts[0]
+            elif split[1] != 1:
+                raise ValueError(f"{where}: prefix parameter split with stride {split[1]}.")
+            else:  # keys/values by query group, factors by head: contiguous per rank
+                full = torch.cat(parts, dim=split[0])
+            out[p + _HF_PREFIX + rel[len(_MEGATRON_PREFIX) :]] = (rel, full.clone())
+        else:
+            raise ValueError(
+                f"{where}: adapter parameter with no Hugging Face counterpart; the export "
+                "cannot represent it (mapped: LoRA on linear_qkv/linear_proj/linear_fc1/"
+                "linear_fc2, lora_gate of self_attention/mlp, self_attention.prefix_adapter)."
+            )
+    return out
+
+
+def _local_adapters(chunks: Sequence[torch.nn.Module]) -> tuple[list[tuple], list[str]]:
+    """This rank's adapter tensors: ``(global layer, local index, name in the layer, tensor,
+    split, merged)`` entries, and problems (adapters outside the decoder layers)."""
+    from layerfreeze.apply import adapter_param_names
+
+    entries, problems = [], []
+    for chunk in chunks:
+        merged = set()  # the rule of AppliedPlan.merged_adapter_param_names
+        for name, mod in chunk.named_modules():
+            if getattr(mod, "merged", False) is True and callable(getattr(mod, "unmerge", None)):
+                merged.update(f"{name}.{n}" for n, _ in mod.named_parameters())
+        params = dict(chunk.named_parameters())
+        numbers = [layer.layer_number - 1 for layer in chunk.decoder.layers]
+        for name in adapter_param_names(chunk):
+            parts = name.split(".", 3)
+            if len(parts) < 4 or parts[:2] != ["decoder", "layers"]:
+                problems.append(
+                    f"{name}: adapter parameter outside the decoder layers has no Hugging Face "
+                    "counterpart; the export cannot represent it."
+                )
+                continue
+            t = params[name]
+            split = None
+            if getattr(t, "tensor_model_parallel", False):
+                split = (int(t.partition_dim), int(getattr(t, "partition_stride", 1)))
+            j = int(parts[2])
+            entries.append(
+                (numbers[j], j, parts[3], t.detach().cpu().clone(), split, name in merged)
+            )
+    return entries, problems
+
+
+def _assemble_adapters(
+    payloads: Sequence[tuple[int, list[tuple], list[str]]], hf_config: Any
+) -> tuple[dict[str, torch.Tensor], set[str]]:
+    """HF adapter tensors (every adapter, merged or not) and the HF names of merged ones, from
+    every (TP rank, entries, problems) payload of the model-parallel ranks."""
+    problems = [msg for _, _, probs in payloads for msg in probs]
+    if problems:
+        raise ValueError("; ".join(problems))
+    tp_size = max(tp for tp, _, _ in payloads) + 1
+    by_layer: dict[int, list[dict[str, torch.Tensor]]] = {}
+    splits: dict[int, dict[str, _Split]] = {}
+    local_of: dict[int, int] = {}
+    merged_rel: set[tuple[int, str]] = set()
+    for tp, entries, _ in payloads:
+        for i, j, rel, t, split, merged in entries:
+            by_layer.setdefault(i, [{} for _ in range(tp_size)])[tp][rel] = t
+            splits.setdefault(i, {})[rel] = split
+            local_of[i] = j
+            if merged:
+                merged_rel.add((i, rel))
+    tensors: dict[str, torch.Tensor] = {}
+    merged_hf: set[str] = set()
+    for i in sorted(by_layer):
+        shards = by_layer[i]
+        names = [sorted(sd) for sd in shards]
+        if any(n != names[0] for n in names):
+            raise ValueError(
+                f"layer {i}: the tensor-parallel ranks hold different adapter parameters "
+                f"({names}); export from a model whose ranks applied the same plan."
+            )
+        for hf_name, (rel, t) in _adapter_layer_to_hf(
+            shards, splits[i], hf_config, local_of[i], i
+        ).items():
+            tensors[hf_name] = t
+            if (i, rel) in merged_rel:
+                merged_hf.add(hf_name)
+    return tensors, merged_hf
+
+
+def _sidecar_for_hf(
+    tensors: Mapping[str, torch.Tensor], merged: set[str], hf_config: Any, applied: Any
+) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
+    """The sidecar ``layerfreeze.export.export_merged`` writes for the same plan on the HF model:
+    its tensors (adapters not merged) and its ``plan.json`` content.
+
+    The plan is applied to the HF model built on the meta device (no memory), so the adapter
+    names, shapes and the sidecar plan come from the HF policies themselves; the megatron
+    tensors must match them exactly.
+    """
+    from transformers import AutoModelForCausalLM
+
+    from layerfreeze.apply import adapter_param_names, apply_plan
+    from layerfreeze.export import _plan_json, _sidecar_plan
+    from layerfreeze.registry import get_policy
+
+    install = [p for p, _ in applied.installed if p != applied.plan]
+    config = copy.deepcopy(hf_config)  # the prefix policy repoints the attention implementation
+    with torch.device("meta"):
+        model = AutoModelForCausalLM.from_config(config)
+    try:
+        hf_applied = apply_plan(model, applied.plan, install=install)
+    except ValueError as e:
+        raise ValueError(
+            f"plan {applied.plan}: does not apply to the Hugging Face {config.model_type} model, "
+            f"so the trained adapters have no Hugging Face form for the export's sidecar: {e}"
+        ) from None
+    params = dict(model.named_parameters())
+    expected = set(adapter_param_names(model))
+    missing, extra = sorted(expected - set(tensors)), sorted(set(tensors) - expected)
+    wrong = [
+        f"{n} {tuple(t.shape)} vs {tuple(params[n].shape)}"
+        for n, t in tensors.items()
+        if n in params and tuple(t.shape) != tuple(params[n].shape)
+    ]
+    if missing or extra or wrong:
+        raise ValueError(
+            "the megatron adapters do not match those the plan creates on the Hugging Face "
+            f"model: not exported {missing[:6]}, no Hugging Face parameter {extra[:6]}, "
+            f"shapes (megatron vs HF) {wrong[:6]}; the export cannot represent them."
+        )
+    # (layer, policy) pairs whose every adapter parameter is merged: as in export_merged.
+    merged_layers: dict[int, set[str]] = {}
+    names = sorted(expected)
+    for layer in hf_applied.layout.layers:
+        for _plan, resolved in hf_applied.installed:
+            spec = resolved.layers[layer.index]
+            prefix = get_policy(spec.name).param_prefix
+            if not prefix:
+                continue
+            head = layer.name + "."
+            mine = [
+                n
+                for n in names
+                if n.startswith(head)
+                and any(part.startswith(prefix) for part in n[len(head) :].split("."))
+            ]
+            if mine and all(n in merged for n in mine):
+                merged_layers.setdefault(layer.index, set()).add(spec.name)
+    plan = _sidecar_plan(hf_applied.plan, hf_applied.resolved, merged_layers)
+    later = [
+        _sidecar_plan(p, r, merged_layers) for p, r in hf_applied.installed if p != hf_applied.plan
+    ]
+    meta = _plan_json(hf_applied, plan, later, "merged_sidecar")
+    sidecar = {n: t for n, t in tensors.items() if n not in merged}
+    return sidecar, meta
+
+
+def gather_hf_sidecar(
+    model: torch.nn.Module | Sequence[torch.nn.Module], hf_config: Any, applied: Any
+) -> tuple[dict[str, torch.Tensor], dict[str, Any]] | None:
+    """The export sidecar of a TP/PP-distributed model in HF naming, on global rank 0.
+
+    A collective: every rank of the job calls it. The adapters that are not merged into the
+    base weights (gated LoRA, prefixes, their gates) are gathered on rank 0 (TP shards joined,
+    layers by global index) and renamed to the parameters the same plan creates on the HF
+    model: the fused ``linear_qkv`` / ``linear_fc1`` LoRA becomes one LoRA per HF projection
+    (``A`` copied, ``B`` split into the projections' rows), the sub-blocks' gates and the
+    prefix adapters keep their names under ``self_attn`` / ``mlp``. Loading the exported
+    checkpoint with ``from_pretrained`` and then ``layerfreeze.export.load_trainable(model,
+    dir)`` restores the adapted model.
+
+    Args:
+        model: this rank's ``GPTModel`` (possibly wrapped) or its virtual-pipeline chunks.
+        hf_config: the model's HF config.
+        applied: the ``AppliedPlan`` of the megatron model (its plan and installed plans).
+
+    Returns:
+        ``(sidecar tensors, plan.json content)`` on global rank 0, None elsewhere.
+
+    Raises:
+        ValueError: on every rank, when an adapter has no HF counterpart (the layer and the
+            parameter are named): nothing is dropped silently.
+    """
+    import torch.distributed as dist
+
+    chunks = _chunks(model)
+    entries, problems = _local_adapters(chunks)
+    distributed = dist.is_initialized() and dist.get_world_size() > 1
+    if not distributed:
+        payloads: list[Any] = [(0, entries, problems)]
+    else:
+        from megatron.core import parallel_state as ps
+
+        replica0 = ps.get_data_parallel_rank() == 0 and ps.get_context_parallel_rank() == 0
+        mine = (_tp()[0], entries, problems) if replica0 else None
+        payloads = [None] * dist.get_world_size() if dist.get_rank() == 0 else None
+        dist.gather_object(mine, payloads, dst=0)
+    result, error, failure = None, None, None
+    if not distributed or dist.get_rank() == 0:
+        try:
+            tensors, merged = _assemble_adapters([p for p in payloads if p is not None], hf_config)
+            result = _sidecar_for_hf(tensors, merged, hf_config, applied)
+        except Exception as e:  # reported on every rank below, then raised
+            error, failure = f"export sidecar: {e}", e
+    if distributed:  # every rank fails together, none waits at a later collective
+        box = [error]
+        dist.broadcast_object_list(box, src=0)
+        error = box[0]
+    if failure is not None and not isinstance(failure, ValueError):
+        raise failure
+    if error is not None:
+        raise ValueError(error) from None
+    return result
+
+
+def _write_sidecar(directory: Path, tensors: Mapping[str, torch.Tensor], meta: Mapping) -> None:
+    """``layerfreeze_sidecar.safetensors`` + ``plan.json`` into ``directory``, as
+    ``layerfreeze.export.export_merged`` writes them."""
+    from layerfreeze.export import PLAN_FILE, SIDECAR_FILE
+
+    save_file(
+        _tensors_for_file(tensors),
+        str(directory / SIDECAR_FILE),
+        metadata={"format": meta["format"]},
+    )
+    atomic_write_json(directory / PLAN_FILE, dict(meta))
