@@ -198,7 +198,8 @@ def main(argv: list[str] | None = None) -> int:
 
             def loss_func(token_losses):
                 loss = token_losses.float().mean()
-                return loss, {"lm loss": loss.detach()}
+                # clone: the schedule divides the returned loss by num_microbatches in place
+                return loss, {"lm loss": loss.detach().clone()}
 
             return out, loss_func
 
