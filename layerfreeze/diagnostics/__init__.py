@@ -5,7 +5,7 @@ Engine-neutral: every measure finds the decoder blocks through
 
 Public API (imported lazily, so ``import layerfreeze.diagnostics`` costs nothing)::
 
-    from layerfreeze.diagnostics import build_text_probe, run_trace, recommend, SensitivityHooks
+    from layerfreeze.diagnostics import build_text_probe, run_trace, recommend_plan, SensitivityHooks
 """
 
 from __future__ import annotations
@@ -27,7 +27,7 @@ _LAZY = {
     "write_trace": "layerfreeze.diagnostics.report",
     "summary_table": "layerfreeze.diagnostics.report",
     "Recommendation": "layerfreeze.diagnostics.recommend",
-    "recommend": "layerfreeze.diagnostics.recommend",
+    "recommend_plan": "layerfreeze.diagnostics.recommend",  # the module is ``.recommend``
     "write_recommendation": "layerfreeze.diagnostics.recommend",
     "SensitivityHooks": "layerfreeze.diagnostics.hooks",
     "HOOK_MEASURES": "layerfreeze.diagnostics.hooks",
@@ -37,6 +37,8 @@ __all__ = list(_LAZY)
 
 
 def __getattr__(name: str) -> Any:
+    if name == "recommend_plan":
+        return importlib.import_module(_LAZY[name]).recommend
     if name in _LAZY:
         return getattr(importlib.import_module(_LAZY[name]), name)
     raise AttributeError(f"module 'layerfreeze.diagnostics' has no attribute {name!r}")
