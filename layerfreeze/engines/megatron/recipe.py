@@ -161,7 +161,9 @@ def _build_chunks(cfg: Any, hf_config: Any) -> list[torch.nn.Module]:
                 # pad the vocabulary only to a multiple of the TP size: padded logits would
                 # enter the softmax and change the loss against the Hugging Face model
                 make_vocab_size_divisible_by=1,
-                hf_path=cfg.model.path,
+                # the local-spec model: the tensor-parallel LoRA / prefix installers target its
+                # parallel linears and attention (a Megatron-Bridge build uses TE layers)
+                backend="layerfreeze",
             )
         )
     if torch.cuda.is_available():
@@ -201,13 +203,13 @@ def runner_from_run_config(
         )
     chunks = _build_chunks(cfg, hf_config)
     if cfg.model.path is not None:
-        load_hf_weights(chunks, cfg.model.path, hf_config)
+        load_hf_weights(chunks, cfg.model.path, hf_config, backend="layerfreeze")
         source = cfg.model.path
     else:
         # The seeded Hugging Face initialisation the DeepSpeed engine trains from, converted:
         # the same run config starts from the same weights on either engine.
         hf = build_model(cfg.model, vocab_size, cfg.train.seed)
-        load_hf_weights(chunks, hf.state_dict(), hf_config)
+        load_hf_weights(chunks, hf.state_dict(), hf_config, backend="layerfreeze")
         del hf
         source = f"seeded {hf_config.model_type} architecture (train.seed={cfg.train.seed})"
     plans = schedule.plans
