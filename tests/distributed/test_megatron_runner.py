@@ -653,3 +653,135 @@ def test_export_merged_gives_the_trained_logits_in_hugging_face():
     assert (trained - base).abs().max() > 1e-3  # LoRA trained
     torch.testing.assert_close(_t(r["exported"]), trained, atol=5e-5, rtol=1e-4)
     torch.testing.assert_close(after, trained, atol=1e-6, rtol=1e-6)  # unmerged again
+
+
+# ------------------------------------------------------------------------------------------
+# plan_model_provider + optimizer_overrides in a hand-built Megatron loop (TP=2), and the
+# runner's per-group lr / weight decay
+
+SCALED_PLAN = {
+    "rules": [
+        {"layers": "0-1", "policy": "full", "lr_scale": 0.5, "weight_decay": 0.05},
+        {"layers": "2-3", "policy": "lora", "r": 2, "target": "mlp", "lr_scale": 4.0},
+    ],
+    "embeddings": "freeze",
+    "final_norm": "full",
+    "lm_head": "freeze",
+}
+
+
+def _provider_body(rank, world_size):
+    from megatron.core.distributed import DistributedDataParallel, DistributedDataParallelConfig
+    from megatron.core.optimizer import OptimizerConfig, get_megatron_optimizer
+    from megatron.core.optimizer_param_scheduler import OptimizerParamScheduler
+
+    from layerfreeze.megatron import optimizer_overrides, plan_model_provider
+    from tests.helpers.megatron import build_tiny_gpt, init_model_parallel, megatron_cpu_shim
+
+    seen = []
+
+    def old_style(pre_process=True, post_process=True):
+        seen.append(("old", pre_process, post_process))
+        return build_tiny_gpt(tp=2, seed=3, pre_process=pre_process, post_process=post_process)
+
+    def new_style(pre_process, post_process, vp_stage=None, config=None, pg_collection=None):
+        seen.append(("new", pre_process, post_process, vp_stage, config, pg_collection))
+        return build_tiny_gpt(tp=2, seed=3, pre_process=pre_process, post_process=post_process)
+
+    out = {}
+    with megatron_cpu_shim():
+        init_model_parallel(tp=2, pp=1)
+        old = plan_model_provider(old_style, SCALED_PLAN)(True, True)
+        new = plan_model_provider(new_style, SCALED_PLAN)(
+            pre_process=True, post_process=True, vp_stage=None, config="cfg", pg_collection="pg"
+        )
+        out["seen"] = seen
+        out["same_trainable"] = (
+            old.layerfreeze_applied.trainable_names() == new.layerfreeze_applied.trainable_names()
+        )
+        names = {id(p): n for n, p in new.named_parameters()}
+        ddp = DistributedDataParallel(
+            config=new.config, ddp_config=DistributedDataParallelConfig(), module=new
+        )
+        cfg = OptimizerConfig(optimizer="adam", lr=1e-3, min_lr=1e-4, weight_decay=0.1)
+        opt = get_megatron_optimizer(cfg, [ddp], config_overrides=optimizer_overrides([ddp], cfg))
+        sched = OptimizerParamScheduler(
+            opt,
+            init_lr=0.0,
+            max_lr=1e-3,
+            min_lr=1e-4,
+            lr_warmup_steps=0,
+            lr_decay_steps=10,
+            lr_decay_style="constant",
+            start_wd=0.1,
+            end_wd=0.1,
+            wd_incr_steps=10,
+            wd_incr_style="constant",
+        )
+        sched.step(1)
+        out["megatron_groups"] = sorted(
+            (
+                round(g["lr"], 9),
+                round(g["weight_decay"], 9),
+                sorted(names[id(p)] for p in g["params"]),
+            )
+            for g in opt.param_groups
+            if g["params"]
+        )
+        init_model_parallel(tp=2, pp=1)
+        runner = _runner(build_tiny_gpt(tp=2, seed=3), plan=SCALED_PLAN, lr=1e-3, weight_decay=0.1)
+        rnames = {id(p): n for n, p in runner.model.named_parameters()}
+        out["runner_groups"] = sorted(
+            (
+                round(g["lr"], 9),
+                round(g["weight_decay"], 9),
+                sorted(rnames[id(p)] for p in g["params"]),
+            )
+            for g in runner.param_groups
+            if g["params"]
+        )
+        runner.close()
+    return out
+
+
+def _expected_groups() -> list:
+    """The plan's groups written out: layers 0-1 full at lr 0.5x (matrices decay 0.05), the
+    LoRA of layers 2-3 at 4x (A/B decay 0.1), the final norm at 1x; norms never decay."""
+    groups: dict[tuple, list] = {}
+
+    def add(lr, wd, name):
+        groups.setdefault((round(lr, 9), round(wd, 9)), []).append(name)
+
+    for i in (0, 1):
+        p = f"decoder.layers.{i}."
+        add(5e-4, 0.0, p + "input_layernorm.weight")
+        add(5e-4, 0.0, p + "pre_mlp_layernorm.weight")
+        for m in (
+            "self_attention.linear_qkv",
+            "self_attention.linear_proj",
+            "mlp.linear_fc1",
+            "mlp.linear_fc2",
+        ):
+            add(5e-4, 0.05, f"{p}{m}.weight")
+    add(1e-3, 0.0, "decoder.final_layernorm.weight")
+    return groups
+
+
+def test_plan_model_provider_and_optimizer_overrides():
+    res = run_distributed(_provider_body, world_size=2)
+    r = res[0]
+    assert r["seen"] == [
+        ("old", True, True),
+        ("new", True, True, None, "cfg", "pg"),
+    ]
+    assert r["same_trainable"]
+    got = {(lr, wd): names for lr, wd, names in r["megatron_groups"]}
+    assert {(lr, wd): names for lr, wd, names in r["runner_groups"]} == got
+    expected = _expected_groups()
+    for key, names in expected.items():
+        assert sorted(names) == [n for n in got[key] if n in set(names)], key
+        assert set(got[key]) == set(names), key
+    lora = [k for k in got if k not in expected]
+    assert [k[0] for k in lora] == [4e-3]  # LoRA A/B of layers 2-3 at 4x, decaying
+    assert all(".lora" in n or "lora_" in n for n in got[lora[0]])
+    assert {n.split(".")[2] for n in got[lora[0]]} == {"2", "3"}
