@@ -5,9 +5,12 @@ Run::
     layerfreeze plan --model path/to/checkpoint_or_config.json --preset hlpt --preset-arg r=8
     layerfreeze plan --model config.json --plan "0-7:full,8-31:freeze" --json
     layerfreeze plan --model config.json --plan plan.yaml        # a plan, or a list of phases
+    layerfreeze plan --model config.json --preset freeze_deep --memory --world-size 64 \
+        --zero-stage 3 --micro-batch 1 --seq-len 4096 --dtype bf16 --gradient-checkpointing
 
 The model is built on the ``meta`` device from its config alone (no weights, no memory), so a
-70B config plans in a second; counts come from parameter shapes. Exit code 2 on a bad plan.
+70B config plans in seconds; counts come from parameter shapes. ``--memory`` adds the per-rank
+memory of each phase (:mod:`layerfreeze.memory`). Exit code 2 on a bad plan or option.
 """
 
 from __future__ import annotations
@@ -35,6 +38,18 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--preset-arg", action="append", default=[], metavar="KEY=VALUE",
                         help="preset option, repeatable (e.g. --preset-arg fraction=0.25)")
     parser.add_argument("--json", action="store_true", help="print JSON instead of a table")
+    mem = parser.add_argument_group("memory (with --memory)")
+    mem.add_argument("--memory", action="store_true",
+                     help="also estimate per-rank memory of each phase (see docs/memory.md)")
+    mem.add_argument("--world-size", type=int, help="data-parallel ranks (default 1)")
+    mem.add_argument("--zero-stage", type=int, help="DeepSpeed ZeRO stage 0-3 (default 0)")
+    mem.add_argument("--micro-batch", type=int, help="sequences per rank per forward (default 1)")
+    mem.add_argument("--seq-len", type=int, help="tokens per sequence (default 2048)")
+    mem.add_argument("--dtype", help="bf16 | fp16 (fp32 master weights) | fp32 (default bf16)")
+    mem.add_argument("--gradient-checkpointing", action="store_true", default=None,
+                     help="recompute block activations in the backward pass")
+    mem.add_argument("--offload", action="store_true", default=None,
+                     help="optimizer state in host memory (ZeRO-3: parameters too)")
 
 
 def build_meta_model(path: str | Path):
@@ -81,7 +96,28 @@ def _load_plan_arg(text: str) -> Any:
     return text
 
 
-def _plan_report(model, plan, install=()) -> tuple[dict, str]:
+_MEMORY_OPTIONS = ("world_size", "zero_stage", "micro_batch", "seq_len", "dtype",
+                   "gradient_checkpointing", "offload")
+
+
+def _memory_setup(args: argparse.Namespace):
+    """The :class:`~layerfreeze.memory.TrainSetup` of ``--memory`` (None without it)."""
+    given = {k: getattr(args, k) for k in _MEMORY_OPTIONS if getattr(args, k, None) is not None}
+    if not args.memory:
+        if given:
+            flags = ", ".join("--" + k.replace("_", "-") for k in given)
+            raise ConfigError(f"{flags}: only valid with --memory. Add --memory.")
+        return None
+    from layerfreeze.memory import TrainSetup
+
+    return TrainSetup(**given)
+
+
+def _plan_report(model, plan, install=(), setup=None, previous=None) -> tuple[dict, str, list[str]]:
+    """Summary (and, with ``setup``, memory) of ``plan`` on ``model``; also its trainable names.
+
+    ``previous``: names the previous schedule phase trained (carried at the switch).
+    """
     from layerfreeze.apply import apply_plan
 
     applied = apply_plan(model, plan, install=install)
@@ -90,7 +126,13 @@ def _plan_report(model, plan, install=()) -> tuple[dict, str]:
     for row in data["layers"]:
         row.pop("name", None)
     text = f"plan: {applied.plan}\n{summary.table()}"
-    return data, text
+    if setup is not None:
+        from layerfreeze.memory import estimate_memory
+
+        memory = estimate_memory(applied, setup, previous_trainable=previous)
+        data["memory"] = memory.to_dict()
+        text += f"\n{memory.table()}"
+    return data, text, applied.trainable_names()
 
 
 def run(args: argparse.Namespace) -> int:
@@ -101,6 +143,7 @@ def run(args: argparse.Namespace) -> int:
 
     out = sys.stdout
     try:
+        setup = _memory_setup(args)
         model = build_meta_model(args.model)
         if args.preset:
             options = apply_overrides({}, args.preset_arg)
@@ -111,9 +154,12 @@ def run(args: argparse.Namespace) -> int:
             spec = _load_plan_arg(args.plan)
         if isinstance(spec, list):
             schedule = PlanSchedule.parse(spec, path="--plan")
-            phases = []
+            phases, previous = [], None
             for phase in schedule.phases:
-                data, text = _plan_report(build_meta_model(args.model), phase.plan, install=schedule.plans)
+                data, text, previous = _plan_report(
+                    build_meta_model(args.model), phase.plan, install=schedule.plans, setup=setup,
+                    previous=previous,
+                )
                 phases.append((phase.until_step, data, text))
             if args.json:
                 out.write(json.dumps({"phases": [dict(until_step=u, **d) for u, d, _ in phases]}, indent=2) + "\n")
@@ -123,7 +169,7 @@ def run(args: argparse.Namespace) -> int:
                     out.write(f"phase steps {start}-{'end' if until is None else until - 1}\n{text}\n\n")
                     start = until or start
             return 0
-        data, text = _plan_report(model, LayerPlan.parse(spec, path="--plan"))
+        data, text, _ = _plan_report(model, LayerPlan.parse(spec, path="--plan"), setup=setup)
     except (ConfigError, ValueError, FileNotFoundError) as e:
         logger.error("%s", e)
         return 2
