@@ -41,12 +41,11 @@ __all__ = [
     "STRATEGIES",
     "BlockChoice",
     "PruneReport",
+    "build_probe",
     "check_structure",
     "choose_block",
     "load_causal_lm",
-    "probe_batches",
     "prune_checkpoint",
-    "read_probe_texts",
     "relayer_config",
     "remove_layers",
     "restack_layers",
@@ -375,82 +374,62 @@ def save_checkpoint(
 # ------------------------------------------------------------------------------ probe
 
 
-def read_probe_texts(
+def build_probe(
     probe: Sequence[str],
+    tokenizer: Any,
     data_dir: str | Path | None = None,
     subjects: list[str] | None = None,
     split: str | None = None,
-) -> list[str]:
-    """Probe texts: documents of ``.txt`` / ``.jsonl`` files, or C-Eval / CMMLU prompts.
+    seq_len: int = 256,
+    max_tokens: int = 16384,
+    batch_size: int = 4,
+) -> tuple[list[dict[str, torch.Tensor]], dict[str, Any]]:
+    """Probe batches through :mod:`layerfreeze.diagnostics.probe` (the ``trace`` probe sets).
 
-    ``probe`` is ``["ceval"]`` / ``["cmmlu"]`` (zero-shot prompts of the scored split in the
-    lm-eval format, ending at ``答案：`` so the last token is where the answer is decided) or a
-    list of files and directories (``@bundled`` is the bundled corpus).
+    ``probe`` is ``["ceval"]`` / ``["cmmlu"]`` (zero-shot prompts ending where the answer letter
+    is predicted, so the last token is where the answer is decided; cut to ``seq_len`` from the
+    left) or files and directories (``@bundled``: the bundled corpus), cut into ``seq_len``-token
+    pieces.
+
+    Returns:
+        ``[{"input_ids", "attention_mask"}, ...]`` and the probe's identity for the report.
 
     Raises:
-        ValueError: the probe yields no text, or a benchmark without ``data_dir``.
-        FileNotFoundError: a probe file does not exist.
+        ValueError: the probe yields no tokens, a benchmark without ``data_dir``, bad files.
+        FileNotFoundError: a probe file or directory does not exist.
     """
+    from layerfreeze.diagnostics.probe import build_choice_probe, build_text_probe
+
     probe = list(probe)
     if len(probe) == 1 and probe[0] in ("ceval", "cmmlu"):
-        from layerfreeze.evaluation.data import load_benchmark
-        from layerfreeze.evaluation.prompts import build_context
-
         if data_dir is None:
             raise ValueError(
                 f"--probe {probe[0]}: needs --data-dir (the released {probe[0]} folder)."
             )
-        bench = load_benchmark(probe[0], data_dir, split=split, subjects=subjects)
-        texts = [
-            build_context(probe[0], s, q, 0, "lm-eval") for s in bench.subjects for q in s.questions
-        ]
+        pset = build_choice_probe(
+            probe[0],
+            tokenizer,
+            data_dir,
+            subjects=subjects,
+            split=split,
+            max_tokens=max_tokens,
+            batch_size=batch_size,
+            max_length=seq_len,
+        )
     else:
-        from layerfreeze.data.corpus import iter_documents, resolve_files
+        from layerfreeze.data.corpus import resolve_files
 
         files = resolve_files(probe, key="--probe")
-        texts = [doc for f in files for doc in iter_documents(f)]
-    if not texts:
-        raise ValueError(f"--probe {' '.join(probe)}: the probe set is empty (no text found).")
-    return texts
-
-
-def probe_batches(
-    tokenizer: Any,
-    texts: Sequence[str],
-    seq_len: int = 256,
-    max_tokens: int = 16384,
-    batch_size: int = 4,
-) -> list[dict[str, torch.Tensor]]:
-    """Tokenize ``texts`` (each cut to ``seq_len``) into right-padded batches, ``max_tokens`` in all.
-
-    Raises:
-        ValueError: no text gives a token.
-    """
-    seqs: list[list[int]] = []
-    total = 0
-    for text in texts:
-        ids = tokenizer(text, add_special_tokens=True)["input_ids"][:seq_len]
-        if not ids:
-            continue
-        ids = ids[: max_tokens - total]
-        seqs.append(ids)
-        total += len(ids)
-        if total >= max_tokens:
-            break
-    if not seqs:
-        raise ValueError("probe: the probe texts give no tokens.")
-    pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
-    out = []
-    for b in range(0, len(seqs), batch_size):
-        chunk = seqs[b : b + batch_size]
-        width = max(len(s) for s in chunk)
-        ids = torch.full((len(chunk), width), pad, dtype=torch.long)
-        mask = torch.zeros((len(chunk), width), dtype=torch.long)
-        for r, s in enumerate(chunk):
-            ids[r, : len(s)] = torch.tensor(s)
-            mask[r, : len(s)] = 1
-        out.append({"input_ids": ids, "attention_mask": mask})
-    return out
+        pset = build_text_probe(files, tokenizer, max_tokens, seq_len, batch_size)
+    batches = [{"input_ids": b.input_ids, "attention_mask": b.attention_mask} for b in pset.batches]
+    info = {
+        "source": probe,
+        "sequences": pset.num_sequences,
+        "tokens": pset.num_tokens,
+        "seq_len": seq_len,
+        "identity": pset.identity,
+    }
+    return batches, info
 
 
 # ------------------------------------------------------------------------------ the job
@@ -545,21 +524,21 @@ def prune_checkpoint(
         probe = ["@bundled"]
         log_rank0(logger, "no --probe given: measuring on the bundled corpus")
     batches: list[dict[str, torch.Tensor]] | None = None
-    probe_info: dict[str, Any] = {"source": list(probe) if probe else None}
+    probe_info: dict[str, Any] = {"source": None}
     if probe:
-        texts = read_probe_texts(probe, data_dir, subjects, split)
         if not has_tokenizer(model_path):
             raise ValueError(
                 f"--model {model_path}: a probe needs the model's tokenizer; none in this directory."
             )
-        batches = probe_batches(
-            load_tokenizer(str(model_path)), texts, seq_len, max_tokens, batch_size
-        )
-        probe_info.update(
-            texts=len(texts),
-            sequences=sum(len(b["input_ids"]) for b in batches),
-            tokens=int(sum(int(b["attention_mask"].sum()) for b in batches)),
-            seq_len=seq_len,
+        batches, probe_info = build_probe(
+            probe,
+            load_tokenizer(str(model_path)),
+            data_dir,
+            subjects,
+            split,
+            seq_len,
+            max_tokens,
+            batch_size,
         )
     model = load_causal_lm(model_path)
     before = model.config.to_dict()

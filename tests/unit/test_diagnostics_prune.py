@@ -252,3 +252,38 @@ def test_bad_input_exits_2_and_writes_nothing(tmp_path, tokenizer_dir, capsys):
     assert "nomodel" in msg and "config.json" in msg
     msg = _bad(capsys, tmp_path, ["--model", str(src), "--out", str(src), "--num-layers", "1"])
     assert "already exists" in msg
+
+
+def test_prune_with_a_ceval_probe(tmp_path, tokenizer_dir, eval_data_dir, capsys):
+    src, out = tmp_path / "src", tmp_path / "pruned"
+    save_tiny(src, "qwen2", tokenizer_dir, zero=2)
+    assert (
+        main(
+            [
+                "prune",
+                "--model",
+                str(src),
+                "--num-layers",
+                "1",
+                "--out",
+                str(out),
+                "--json",
+                "--probe",
+                "ceval",
+                "--data-dir",
+                str(eval_data_dir),
+                "--subjects",
+                "computer_network",
+                "--max-tokens",
+                "2000",
+                "--seq-len",
+                "100",
+            ]
+        )
+        == 0
+    )
+    report = json.loads(capsys.readouterr().out)
+    assert report["removed"] == [2] and report["distance"] == 0.0
+    ident = report["probe"]["identity"]
+    assert ident["benchmark"] == "ceval" and report["probe"]["tokens"] <= 2000
+    assert report["probe"]["sequences"] >= 2
