@@ -785,3 +785,71 @@ def test_plan_model_provider_and_optimizer_overrides():
     assert [k[0] for k in lora] == [4e-3]  # LoRA A/B of layers 2-3 at 4x, decaying
     assert all(".lora" in n or "lora_" in n for n in got[lora[0]])
     assert {n.split(".")[2] for n in got[lora[0]]} == {"2", "3"}
+
+
+# ------------------------------------------------------------------------------------------
+# what the recipe calls: check_run_config / runner_from_run_config (TP=2) against the HF model
+
+ARCH = {
+    "model_type": "llama",
+    "hidden_size": 64,
+    "num_hidden_layers": 4,
+    "num_attention_heads": 4,
+    "num_key_value_heads": 2,
+    "intermediate_size": 128,
+    "max_position_embeddings": 64,
+}
+
+
+def _run_cfg(tp: int = 2, pp: int = 1, arch: dict | None = None):
+    from types import SimpleNamespace
+
+    from layerfreeze.config import MegatronConfig, ModelConfig, OptimConfig
+
+    return SimpleNamespace(
+        megatron=MegatronConfig(tensor_model_parallel_size=tp, pipeline_model_parallel_size=pp),
+        model=ModelConfig(architecture=dict(arch or ARCH)),
+        train=SimpleNamespace(seed=0, grad_accum_steps=GAS),
+        optim=OptimConfig(lr=1e-3),
+        data=SimpleNamespace(seq_len=16),
+    )
+
+
+def _recipe_body(rank, world_size):
+    from layerfreeze.engines.megatron.runner import check_run_config, runner_from_run_config
+    from layerfreeze.errors import ConfigError
+    from layerfreeze.modeling import build_model
+    from layerfreeze.schedule import PlanSchedule
+    from tests.helpers.megatron import megatron_cpu_shim, tiny_tokens
+
+    errors = []
+    for cfg in (_run_cfg(tp=3), _run_cfg(arch={**ARCH, "model_type": "gpt2"})):
+        try:
+            check_run_config(cfg, 2)
+        except ConfigError as e:
+            errors.append(str(e))
+    seq = tiny_tokens(batch=2, seq=17, seed=4)
+    mb = {"input_ids": seq[:, :-1], "labels": seq[:, 1:]}  # PackedDataset's convention
+    cfg = _run_cfg()
+    assert check_run_config(cfg, 2) == []
+    with torch.no_grad():
+        logits = build_model(cfg.model, 128, 0)(input_ids=mb["input_ids"]).logits
+    hf_loss = torch.nn.functional.cross_entropy(logits.reshape(-1, 128), mb["labels"].reshape(-1))
+    with megatron_cpu_shim():
+        runner = runner_from_run_config(
+            cfg, schedule=PlanSchedule.single("freeze_deep"), vocab_size=128
+        )
+        loss = runner.evaluate_loss(mb)
+        step = runner.train_step([mb, mb])
+        runner.close()
+    return {"errors": errors, "hf_loss": float(hf_loss), "loss": loss, "step_loss": step.loss}
+
+
+def test_runner_from_run_config_starts_from_the_hugging_face_weights():
+    res = run_distributed(_recipe_body, world_size=2)
+    r = res[0]
+    assert len(r["errors"]) == 2
+    assert "tensor_model_parallel_size x pipeline_model_parallel_size = 3 x 1" in r["errors"][0]
+    assert "'gpt2' has no Megatron mapping" in r["errors"][1]
+    assert r["loss"] == pytest.approx(r["hf_loss"], rel=1e-5)  # same seeded weights, same labels
+    assert r["step_loss"] == pytest.approx(r["hf_loss"], rel=1e-5)

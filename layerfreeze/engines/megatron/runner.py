@@ -1439,6 +1439,9 @@ def runner_from_run_config(
             stage,
             config_overrides=overrides,
             seq_length=cfg.data.seq_len,
+            # pad the vocabulary only to a multiple of TP: padded rows have logit 0 and would
+            # join the softmax, so the loss would differ from the Hugging Face model's
+            make_vocab_size_divisible_by=1,
         )
         chunks.append(chunk.cuda() if cuda else chunk)
     if cfg.model.path is not None:
