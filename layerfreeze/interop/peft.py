@@ -171,6 +171,12 @@ def peft_export_problems(applied: AppliedPlan) -> list[str]:
             f"{len(merged)} LoRA updates are merged into their base weights (e.g. {merged[0]}); "
             "call applied.unmerge() before exporting"
         )
+    experts = [e.name for e in entries if getattr(e.adapter, "runs_inside_base", False)]
+    if experts:
+        problems.append(
+            f"{len(experts)} LoRA adapters sit on fused MoE expert weights (e.g. {experts[0]}), "
+            "which this exporter does not write in PEFT's format"
+        )
     kinds = {bool(getattr(e.adapter, "transposed", False)) for e in entries}
     if len(kinds) > 1:
         problems.append(

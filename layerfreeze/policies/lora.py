@@ -48,6 +48,7 @@ __all__ = [
     "iter_lora_adapters",
     "merge_lora",
     "unmerge_lora",
+    "ExpertsLoRAAdapter",
 ]
 
 _TARGET_KEYWORDS = ("mlp", "attn", "all", "down")
@@ -357,11 +358,194 @@ def _build_linear(base: nn.Module, **kwargs) -> LoRAAdapter:
                        dtype=base.weight.dtype, **kwargs)
 
 
+# ---------------------------------------------------------------------------------------------
+# MoE experts stored as fused 3-D tensors (transformers 5: Mixtral, Qwen2-MoE, DeepSeek-V3, ...)
+
+#: Name prefix of the wrapper experts implementations registered for adapted experts modules.
+EXPERTS_WRAPPER_PREFIX = "layerfreeze_lora:"
+_EXPERT_WEIGHTS = ("gate_up_proj", "up_proj", "down_proj")
+
+
+def _expert_weights(module: nn.Module) -> list[str]:
+    return [
+        n for n in _EXPERT_WEIGHTS
+        if isinstance(module._parameters.get(n), torch.Tensor) and len(_shape(module._parameters[n])) == 3
+    ]
+
+
+def _is_fused_experts(module: nn.Module) -> bool:
+    """A transformers ``@use_experts_implementation`` experts module: 3-D expert weights and a
+    forward that dispatches through ``ALL_EXPERTS_FUNCTIONS`` on ``config._experts_implementation``."""
+    return (
+        getattr(type(module).forward, "__wrapped__", None) is not None
+        and hasattr(module, "is_transposed")
+        and hasattr(module, "config")
+        and hasattr(module.config, "_experts_implementation")
+        and bool(_expert_weights(module))
+    )
+
+
+def _experts_check(module: nn.Module) -> str | None:
+    if getattr(module, "_is_expert_parallel", False):
+        return "expert-parallel experts are not supported (their weights are sharded by expert)"
+    return None
+
+
+class _ExpertsView:
+    """``module`` seen with some weights replaced, for one call of an experts implementation."""
+
+    __slots__ = ("_module", "_weights")
+
+    def __init__(self, module: nn.Module, weights: dict[str, torch.Tensor]):
+        object.__setattr__(self, "_module", module)
+        object.__setattr__(self, "_weights", weights)
+
+    def __getattr__(self, name: str):
+        weights = object.__getattribute__(self, "_weights")
+        if name in weights:
+            return weights[name]
+        return getattr(object.__getattribute__(self, "_module"), name)
+
+
+class _ExpertWeightLoRA(nn.Module):
+    """Per-expert update ``(alpha / r) B_e A_e`` of one fused expert weight."""
+
+    def __init__(self, experts: int, fan_in: int, fan_out: int, r: int, scaling: float,
+                 transposed: bool, device=None, dtype=None):
+        super().__init__()
+        self.scaling, self.transposed = scaling, transposed
+        self.lora_a = nn.Parameter(torch.empty(experts, r, fan_in, device=device, dtype=dtype))
+        self.lora_b = nn.Parameter(torch.zeros(experts, fan_out, r, device=device, dtype=dtype))
+        with torch.no_grad():
+            for e in range(experts):  # each expert as one (r, in) LoRA A: fan_in = in
+                nn.init.kaiming_uniform_(self.lora_a[e], a=math.sqrt(5))
+
+    def delta(self) -> torch.Tensor:
+        """``(alpha / r) B A`` per expert, laid out like the fused weight."""
+        d = torch.matmul(self.lora_b, self.lora_a) * self.scaling  # (E, out, in)
+        return d.transpose(-1, -2) if self.transposed else d
+
+
+class ExpertsLoRAAdapter(nn.Module):
+    """LoRA on every fused expert weight of an MoE experts module (``gate_up_proj`` /
+    ``up_proj``, ``down_proj``): expert ``e`` computes with ``W_e + (alpha / r) B_e A_e``.
+
+    The experts' own implementation (``eager``, ``grouped_mm``, ...) runs unchanged on the
+    updated weights: installing the adapter points ``config._experts_implementation`` at a
+    wrapper ``layerfreeze_lora:<original>`` (not serialised by ``save_pretrained``) that calls
+    the original with the module's weights replaced for adapted modules and delegates untouched
+    otherwise. This is a weight-space update (as PEFT's ``target_parameters``): it costs one
+    ``(experts, out, in)`` temporary per weight and forward, it is exact (``B = 0`` at init:
+    ``W + 0`` is ``W``), and it cannot carry HLPT's per-token gate or input dropout, which the
+    policy refuses for experts.
+
+    Args:
+        base: the experts module.
+        r: rank.
+        alpha: scale numerator (update scale ``alpha / r``).
+    """
+
+    runs_inside_base = True  # the update enters through the experts implementation, no hook
+
+    def __init__(self, base: nn.Module, r: int, alpha: float):
+        super().__init__()
+        self.r, self.alpha, self.scaling = r, float(alpha), float(alpha) / r
+        self.transposed = bool(base.is_transposed)
+        self.lora_dropout = nn.Identity()
+        self.merged = False
+        for name in _expert_weights(base):
+            w = base._parameters[name]
+            experts, d1, d2 = _shape(w)
+            fan_in, fan_out = (d1, d2) if self.transposed else (d2, d1)
+            self.add_module(name, _ExpertWeightLoRA(
+                experts, fan_in, fan_out, r, self.scaling, self.transposed,
+                device=w.device, dtype=w.dtype,
+            ))
+
+    gate = None
+    mergeable = True
+
+    def weights(self, base: nn.Module) -> dict[str, torch.Tensor]:
+        """The adapted fused weights ``W + delta`` (differentiable in ``A`` and ``B``)."""
+        out = {}
+        for name, lora in self.named_children():
+            if isinstance(lora, _ExpertWeightLoRA):
+                w = getattr(base, name)
+                out[name] = w + lora.delta().to(w.dtype)
+        return out
+
+    def forward(self, x: torch.Tensor, base_out: torch.Tensor) -> torch.Tensor:
+        raise RuntimeError(
+            "ExpertsLoRAAdapter is applied inside the experts implementation, not as a hook."
+        )
+
+    @torch.no_grad()
+    def merge(self, base: nn.Module) -> None:
+        """Fold the update into the fused weights (idempotent)."""
+        if not self.merged:
+            for name, w in self.weights(base).items():
+                getattr(base, name).copy_(w)
+            self.merged = True
+
+    @torch.no_grad()
+    def unmerge(self, base: nn.Module) -> None:
+        """Take a merged update back out (idempotent)."""
+        if self.merged:
+            for name, lora in self.named_children():
+                if isinstance(lora, _ExpertWeightLoRA):
+                    w = getattr(base, name)
+                    w.sub_(lora.delta().to(w.dtype))
+            self.merged = False
+
+    def extra_repr(self) -> str:
+        names = [n for n, m in self.named_children() if isinstance(m, _ExpertWeightLoRA)]
+        return f"experts weights={names}, r={self.r}, alpha={self.alpha}, gated=False"
+
+
+def _wrapped_experts_implementation(base: str | None) -> str:
+    """The wrapper experts implementation for ``base`` (registering it on first use)."""
+    base = base or "eager"
+    if base.startswith(EXPERTS_WRAPPER_PREFIX):
+        return base
+    from transformers.integrations.moe import ALL_EXPERTS_FUNCTIONS
+
+    name = EXPERTS_WRAPPER_PREFIX + base
+    if name not in ALL_EXPERTS_FUNCTIONS._global_mapping:
+        ALL_EXPERTS_FUNCTIONS.register(name, _make_experts_wrapper(base))
+    return name
+
+
+def _make_experts_wrapper(base: str) -> Callable:
+    def experts(module, *args, **kwargs):
+        from transformers.integrations.moe import ALL_EXPERTS_FUNCTIONS
+
+        original = type(module).forward.__wrapped__
+        fn = original if base == "eager" else ALL_EXPERTS_FUNCTIONS.get_interface(base, original)
+        adapter = module._modules.get(_ADAPTER_ATTR)
+        if adapter is None or adapter.merged:
+            return fn(module, *args, **kwargs)
+        return fn(_ExpertsView(module, adapter.weights(module)), *args, **kwargs)
+
+    experts.__name__ = f"layerfreeze_lora_{base}"
+    return experts
+
+
+def _build_experts(base: nn.Module, *, r: int, alpha: float, dropout: float = 0.0,
+                   gate: TokenGate | None = None) -> ExpertsLoRAAdapter:
+    if gate is not None or dropout:
+        raise ValueError("LoRA on fused experts takes neither a gate nor dropout")
+    base.config._experts_implementation = _wrapped_experts_implementation(
+        base.config._experts_implementation
+    )
+    return ExpertsLoRAAdapter(base, r, alpha)
+
+
 #: Ordered dispatchers; the first whose ``matches`` accepts the base module builds its adapter.
 #: Plain ``nn.Linear`` is last so subclasses with special layouts (tensor-parallel linears, ...)
 #: can be matched before it. A fused projection (GPT-2 ``c_attn``, GPT-NeoX
 #: ``query_key_value``) is one linear map to LoRA: one rank-r update over its whole output.
 LORA_DISPATCHERS: list[LoRADispatcher] = [
+    LoRADispatcher("transformers.experts", _is_fused_experts, _build_experts, _experts_check),
     LoRADispatcher("transformers.Conv1D", _is_conv1d, _build_conv1d),
     LoRADispatcher("nn.Linear", lambda m: isinstance(m, nn.Linear), _build_linear),
 ]
@@ -460,12 +644,19 @@ def _in_out(base: nn.Module) -> tuple[int, int] | None:
 
 
 def _fused_expert_params(layer: LayerInfo) -> list[str]:
-    """MLP parameters of 3 or more dimensions (MoE experts stored as one fused tensor)."""
+    """MLP parameters of 3 or more dimensions (MoE experts stored as one fused tensor) that no
+    dispatcher handles."""
     out = []
     for root, mod in layer.mlp_modules():
+        covered = {
+            f"{root}.{n}." if n else f"{root}."
+            for n, m in mod.named_modules() if _is_fused_experts(m)
+        }
         for n, p in mod.named_parameters():
             path = f"{root}.{n}"
-            if len(_shape(p)) >= 3 and not _is_adapter_path(path):
+            if len(_shape(p)) >= 3 and not _is_adapter_path(path) and not any(
+                path.startswith(c) for c in covered
+            ):
                 out.append(path)
     return out
 
@@ -486,10 +677,10 @@ def resolve_lora_targets(
         ``(targets, problems)``: ``targets`` lists ``(path inside the block, sub-block name)``
         where the sub-block is ``layer.attn_name`` or ``layer.mlp_name`` (``""`` when the MLP's
         linears sit directly on the block); ``problems`` is empty when every requested module
-        was found and is supported. MLP keywords on an MoE block whose experts are fused 3-D
-        tensors (Mixtral, Qwen2-MoE, DeepSeek-V3 in transformers 5) are a problem: LoRA wraps
-        linears only, and adapting the router or shared expert alone would silently leave the
-        experts untouched.
+        was found and is supported. The fused experts of transformers' MoE blocks (Mixtral,
+        Qwen2-MoE, DeepSeek-V3) are one target (:class:`ExpertsLoRAAdapter`); ``down`` cannot
+        select their down projection alone, and 3-D MLP tensors no dispatcher handles are a
+        problem (adapting only the router or a shared expert would leave them untouched).
     """
     where = f"layer {layer.index} ({layer.name})"
     mlp_roots = [p for p, _ in layer.mlp_modules()]
@@ -511,6 +702,14 @@ def resolve_lora_targets(
                     f"({', '.join(fused)}), and LoRA wraps nn.Linear / Conv1D modules "
                     "only. Use target=attn, name the linears to adapt (e.g. a shared expert), "
                     "or train this layer with full / prefix."
+                )
+                return [], problems
+            experts = [p for p, m in mlp_c if _is_fused_experts(m)]
+            if target == "down" and experts:
+                problems.append(
+                    f"{where}: lora target=down cannot select the down projection alone of the "
+                    f"fused MoE experts {', '.join(experts)}: their LoRA adapts every expert "
+                    "weight. Use target=mlp, or name the linears to adapt."
                 )
                 return [], problems
             if target == "down":
@@ -639,6 +838,15 @@ class LoRAPolicy:
             reason = dispatcher.check(base) if dispatcher and dispatcher.check else None
             if reason:
                 problems.append(f"{where}: lora cannot wrap {path}: {reason}.")
+            if _is_fused_experts(base) and (opts.gated or opts.dropout):
+                problems.append(
+                    f"{where}: lora on the fused MoE experts {path} is a weight-space update "
+                    "(W_e + B_e A_e per expert), which cannot carry "
+                    + ("HLPT's per-token gate" if opts.gated else "input dropout")
+                    + "; use "
+                    + ("gated=false" if opts.gated else "dropout=0")
+                    + " on this layer, or target=attn / named linears."
+                )
             existing = base._modules.get(_ADAPTER_ATTR)
             if existing is not None and not _same_adapter(existing, opts):
                 problems.append(
@@ -669,7 +877,9 @@ class LoRAPolicy:
                     r=opts.r, alpha=opts.alpha, dropout=opts.dropout, gate=gate,
                 )
                 base.add_module(_ADAPTER_ATTR, adapter)
-            if not _has_hook(base._forward_hooks, _lora_forward_hook):
+            if not getattr(adapter, "runs_inside_base", False) and not _has_hook(
+                base._forward_hooks, _lora_forward_hook
+            ):
                 base.register_forward_hook(_lora_forward_hook)
             names.update(f"{path}.{_ADAPTER_ATTR}.{n}" for n, _ in adapter.named_parameters())
         return names

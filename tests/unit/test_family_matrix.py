@@ -4,8 +4,9 @@ For each family of :data:`tests.helpers.tiny_models.MATRIX_FAMILIES` and each pr
 equal the base model's at initialisation, a few AdamW steps change exactly what the plan trains
 (every trainable tensor gets a gradient, every frozen one stays bit-identical and gets none),
 and the parameter counts equal a formula written from the config fields of each architecture
-(never from counting the model). Where a policy cannot apply (LoRA on the fused 3-D experts of
-an MoE block) the plan is refused with a clear error naming the layer and nothing is installed.
+(never from counting the model). Where a policy cannot apply (HLPT's per-token gate on the
+weight-space LoRA of an MoE block's fused experts) the plan is refused with a clear error naming
+the layer and nothing is installed.
 The projection route of the prefix policy (Falcon, BLOOM: attention computed inline) is checked
 against a written-out formula too.
 """
@@ -47,7 +48,7 @@ PRESETS = {
     "h2lpt": dict(r=R, tokens=TOKENS, lora_fraction=0.25, prefix_fraction=0.25),
     "lora_all": dict(r=R),
 }
-#: MoE families whose experts are fused 3-D tensors: LoRA on their MLP is refused.
+#: MoE families whose every layer has fused 3-D experts: gated LoRA on their MLP is refused.
 FUSED_EXPERTS = {"mixtral", "qwen2_moe"}
 
 
@@ -62,7 +63,7 @@ class Layer:
     attn: list[tuple[int, int, bool]]
     mlp: list[tuple[int, int, bool]]
     other: int  # norms, q/k norms, MoE router and fused expert tensors
-    fused_experts: bool
+    experts: list[tuple[int, int, int]]  # fused expert weights (experts, in, out) LoRA adapts
     heads: int
     kv_heads: int
     qk_dim: int
@@ -95,65 +96,67 @@ def layer_formula(family: str, cfg, index: int) -> Layer:
     dims = dict(heads=H, kv_heads=KV, qk_dim=hd, v_dim=hd)
     if family in ("llama", "mistral", "gemma", "cohere"):
         norms = {"cohere": h}.get(family, 2 * h)  # Cohere: one weight-only LayerNorm
-        return Layer(separate(False), swiglu, norms, False, **dims)
+        return Layer(separate(False), swiglu, norms, [], **dims)
     if family in ("gemma2", "gemma3_text"):
         qk_norms = 2 * hd if family == "gemma3_text" else 0
-        return Layer(separate(False), swiglu, 4 * h + qk_norms, False, **dims)
+        return Layer(separate(False), swiglu, 4 * h + qk_norms, [], **dims)
     if family == "qwen3":
-        return Layer(separate(False), swiglu, 2 * h + 2 * hd, False, **dims)
+        return Layer(separate(False), swiglu, 2 * h + 2 * hd, [], **dims)
     if family == "olmo2":  # q/k norms over the whole projections
-        return Layer(separate(False), swiglu, 2 * h + q + kvw, False, **dims)
+        return Layer(separate(False), swiglu, 2 * h + q + kvw, [], **dims)
     if family == "qwen2":
-        return Layer(separate(True), swiglu, 2 * h, False, **dims)
+        return Layer(separate(True), swiglu, 2 * h, [], **dims)
     if family == "stablelm":
-        return Layer(separate(False), swiglu, 4 * h, False, **dims)
+        return Layer(separate(False), swiglu, 4 * h, [], **dims)
     if family == "starcoder2":
         mlp = [(h, inter, True), (inter, h, True)]
-        return Layer(separate(True, True), mlp, 4 * h, False, **dims)
+        return Layer(separate(True, True), mlp, 4 * h, [], **dims)
     if family == "mixtral":
         E = cfg.num_local_experts
         experts = E * h + E * 2 * inter * h + E * h * inter  # router, gate_up, down
-        return Layer(separate(False), [], 2 * h + experts, True, **dims)
+        fused = [(E, h, 2 * inter), (E, inter, h)]
+        return Layer(separate(False), [], 2 * h + experts, fused, **dims)
     if family == "qwen2_moe":
         E, mi, si = cfg.num_experts, cfg.moe_intermediate_size, cfg.shared_expert_intermediate_size
         shared = [(h, si, False), (h, si, False), (si, h, False), (h, 1, False)]
         experts = E * h + E * 2 * mi * h + E * h * mi
-        return Layer(separate(True), shared, 2 * h + experts, True, **dims)
+        fused = [(E, h, 2 * mi), (E, mi, h)]
+        return Layer(separate(True), shared, 2 * h + experts, fused, **dims)
     if family == "phi":
         mlp = [(h, inter, True), (inter, h, True)]
-        return Layer(separate(True, True), mlp, 2 * h, False, **dims)
+        return Layer(separate(True, True), mlp, 2 * h, [], **dims)
     if family == "phi3":
         attn = [(h, q + 2 * kvw, False), (q, h, False)]
-        return Layer(attn, [(h, 2 * inter, False), (inter, h, False)], 2 * h, False, **dims)
+        return Layer(attn, [(h, 2 * inter, False), (inter, h, False)], 2 * h, [], **dims)
     if family == "glm":
         attn = separate(True, False)
-        return Layer(attn, [(h, 2 * inter, False), (inter, h, False)], 2 * h, False, **dims)
+        return Layer(attn, [(h, 2 * inter, False), (inter, h, False)], 2 * h, [], **dims)
     if family in ("gpt2", "gpt_bigcode"):
         mq = family == "gpt_bigcode" and cfg.multi_query
         inner = cfg.n_inner or 4 * h
         attn = [(h, h + 2 * hd if mq else 3 * h, True), (h, h, True)]
         d = dict(dims, kv_heads=1 if mq else H)
-        return Layer(attn, [(h, inner, True), (inner, h, True)], 4 * h, False, **d)
+        return Layer(attn, [(h, inner, True), (inner, h, True)], 4 * h, [], **d)
     if family in ("gptj", "codegen"):
         inner = cfg.n_inner or 4 * h
         attn = [(h, h, False)] * 4 if family == "gptj" else [(h, 3 * h, False), (h, h, False)]
-        return Layer(attn, [(h, inner, True), (inner, h, True)], 2 * h, False, **dims)
+        return Layer(attn, [(h, inner, True), (inner, h, True)], 2 * h, [], **dims)
     if family == "gpt_neox":
         attn = [(h, 3 * h, True), (h, h, True)]
-        return Layer(attn, [(h, inter, True), (inter, h, True)], 4 * h, False, **dims)
+        return Layer(attn, [(h, inter, True), (inter, h, True)], 4 * h, [], **dims)
     if family == "falcon":
         assert cfg.multi_query and not cfg.new_decoder_architecture and cfg.parallel_attn
         inner = cfg.ffn_hidden_size or 4 * h
         b = cfg.bias
         attn = [(h, h + 2 * hd, b), (h, h, b)]
         d = dict(dims, kv_heads=1)
-        return Layer(attn, [(h, inner, b), (inner, h, b)], 2 * h, False, **d)
+        return Layer(attn, [(h, inner, b), (inner, h, b)], 2 * h, [], **d)
     if family == "bloom":
         attn = [(h, 3 * h, True), (h, h, True)]
-        return Layer(attn, [(h, 4 * h, True), (4 * h, h, True)], 4 * h, False, **dims)
+        return Layer(attn, [(h, 4 * h, True), (4 * h, h, True)], 4 * h, [], **dims)
     if family == "opt":
         f = cfg.ffn_dim
-        return Layer(separate(True, True), [(h, f, True), (f, h, True)], 4 * h, False, **dims)
+        return Layer(separate(True, True), [(h, f, True), (f, h, True)], 4 * h, [], **dims)
     if family == "deepseek_v3":
         qr, kvr = cfg.q_lora_rank, cfg.kv_lora_rank
         nope, rope, v = cfg.qk_nope_head_dim, cfg.qk_rope_head_dim, cfg.v_head_dim
@@ -167,12 +170,13 @@ def layer_formula(family: str, cfg, index: int) -> Layer:
         norms = 2 * h + qr + kvr  # block norms, q_a / kv_a layernorms
         d = dict(dims, qk_dim=nope + rope, v_dim=v)
         if index < cfg.first_k_dense_replace:
-            return Layer(attn, swiglu, norms, False, **d)
+            return Layer(attn, swiglu, norms, [], **d)
         E, mi = cfg.n_routed_experts, cfg.moe_intermediate_size
         si = mi * cfg.n_shared_experts
         shared = [(h, si, False), (h, si, False), (si, h, False)]
         experts = E * h + E * 2 * mi * h + E * h * mi
-        return Layer(attn, shared, norms + experts, True, **d)
+        fused = [(E, h, 2 * mi), (E, mi, h)]
+        return Layer(attn, shared, norms + experts, fused, **d)
     raise AssertionError(f"no formula for {family}")
 
 
@@ -227,6 +231,8 @@ def expected_trainable(family: str, cfg, plan: LayerPlan) -> int:
                 "down": [down],
             }[o.target]
             total += sum(o.r * (i_ + o_) for sub in subs for i_, o_, _ in sub)
+            if o.target in ("mlp", "all"):  # per expert: r * (in + out)
+                total += sum(o.r * e * (i_ + o_) for e, i_, o_ in layer.experts)
             total += (h + 1) * len(subs) * int(o.gated)
         elif spec.name == "prefix":
             kv = layer.kv_heads * o.tokens * (layer.qk_dim + layer.v_dim)
@@ -255,10 +261,8 @@ def family_model(request):
 
 
 def _refused(family: str, preset: str) -> bool:
-    lora_mlp = preset in ("hlpt", "h2lpt", "lora_all")
-    if family in FUSED_EXPERTS:
-        return lora_mlp
-    return family == "deepseek_v3" and preset == "lora_all"  # layer 3 is MoE
+    # HLPT's gated FFN LoRA on fused experts. DeepSeek-V3's LoRA layers 0-2 are dense.
+    return family in FUSED_EXPERTS and preset in ("hlpt", "h2lpt")
 
 
 def test_base_parameter_count_matches_the_config(family_model):
@@ -282,7 +286,7 @@ def test_preset_identity_training_and_counts(family_model, preset):
     if _refused(family, preset):
         with pytest.raises(ConfigError) as e:
             apply_plan(model, plan)
-        assert all("fused 3-D parameters" in p for p in e.value.problems), e.value.problems
+        assert all("weight-space update" in p and "per-token gate" in p for p in e.value.problems)
         assert all(p.startswith("layer ") or ": layer " in p for p in e.value.problems)
         assert not [n for n, _ in model.named_parameters() if "lora_" in n or "prefix_" in n]
         return
@@ -663,7 +667,7 @@ def test_lora_target_down_is_the_ffn_output_projection(family, down):
     layout = discover_layout(model)
     targets, problems = resolve_lora_targets(layout.layers[0], "down", layout.hidden_size)
     if down is None:  # fused experts: refused, not a silent shared-expert-only adapter
-        assert targets == [] and "fused 3-D parameters" in problems[0]
+        assert targets == [] and "down projection alone of the fused MoE experts" in problems[0]
         return
     assert problems == [] and [p for p, _ in targets] == down
 
@@ -773,3 +777,79 @@ def test_gated_lora_on_a_flattened_shared_expert(family, names):
         ad, w = shared.down_proj.lora_adapter, shared.down_proj.weight
         want = x @ w.t() + gate * ad.scaling * (x @ ad.lora_a.t() @ ad.lora_b.t())
     torch.testing.assert_close(seen["out"], want, rtol=1e-4, atol=1e-5)
+
+
+# ------------------------------------------------------------------------------------------------
+# LoRA on the fused experts of MoE blocks (weight-space, per expert)
+
+
+@pytest.mark.parametrize("family", ["mixtral", "qwen2_moe", "deepseek_v3"])
+@pytest.mark.parametrize("implementation", ["eager", "grouped_mm", "batched_mm"])
+def test_experts_lora_matches_the_per_expert_formula(family, implementation):
+    model = build_matrix_model(family)
+    model.config._experts_implementation = implementation
+    ids = tiny_batch(128, batch=2, seq=5)
+    with torch.no_grad():
+        base = model(ids).logits
+    applied = apply_plan(model, "3:lora(r=2,target=mlp,alpha=4.0)")
+    assert model.config._experts_implementation == f"layerfreeze_lora:{implementation}"
+    with torch.no_grad():
+        assert torch.equal(model(ids).logits, base)  # W + 0 is W in every implementation
+    experts = discover_layout(model).layers[3].mlp.experts
+    ad = experts.lora_adapter
+    g = torch.Generator().manual_seed(2)
+    with torch.no_grad():
+        for n in applied.trainable_names():
+            p = model.get_parameter(n)
+            p.copy_(torch.randn(p.shape, generator=g) * 0.5)
+    seen = {}
+    experts.register_forward_pre_hook(lambda m, a: _keep(seen, "args", a))
+    experts.register_forward_hook(lambda m, a, out: _keep(seen, "out", out))
+    with torch.no_grad():
+        model(ids)
+        x, index, weights = seen["args"]
+        # Written out: expert e uses W_e + (alpha / r) B_e A_e; SwiGLU on [gate; up]; the
+        # routing weights scale each chosen expert's output.
+        s = 4.0 / 2
+        gu = experts.gate_up_proj + s * ad.gate_up_proj.lora_b @ ad.gate_up_proj.lora_a
+        dn = experts.down_proj + s * ad.down_proj.lora_b @ ad.down_proj.lora_a
+        want = torch.zeros_like(x)
+        for t in range(x.shape[0]):
+            for k in range(index.shape[1]):
+                e = int(index[t, k])
+                gate, up = (gu[e] @ x[t]).chunk(2)
+                want[t] += weights[t, k] * (dn[e] @ (torch.nn.functional.silu(gate) * up))
+    torch.testing.assert_close(seen["out"], want, rtol=1e-4, atol=1e-5)
+    assert (seen["out"] - want).abs().max() < 1e-4 and ad.gate_up_proj.lora_b.abs().sum() > 0
+
+
+def test_experts_lora_exports_merged_and_refuses_peft(tmp_path):
+    from transformers import AutoModelForCausalLM
+
+    from layerfreeze.export import export_merged
+    from layerfreeze.interop.peft import peft_export_problems
+
+    model = build_matrix_model("mixtral")
+    applied = apply_plan(model, "lora_all(r=2)")
+    _randomize_adapters(model)
+    ids = tiny_batch(128, batch=2, seq=5)
+    with torch.no_grad():
+        want = model(ids).logits
+    problems = peft_export_problems(applied)
+    assert any("fused MoE expert weights" in p for p in problems)
+    export_merged(applied, tmp_path)
+    assert "layerfreeze" not in (tmp_path / "config.json").read_text()
+    reloaded = AutoModelForCausalLM.from_pretrained(tmp_path).eval()
+    with torch.no_grad():
+        torch.testing.assert_close(reloaded(ids).logits, want, rtol=1e-4, atol=1e-4)
+
+
+def test_experts_lora_refuses_the_gate_and_dropout_with_the_reason():
+    model = build_matrix_model("qwen2_moe")
+    for opt, needle in (("gated", "per-token gate"), ("dropout=0.1", "input dropout")):
+        with pytest.raises(ConfigError) as e:
+            apply_plan(model, f"0:lora(r=2,target=mlp,{opt})")
+        (p,) = e.value.problems
+        assert p.startswith("plan") or "layer 0 (model.layers.0)" in p
+        assert "mlp.experts" in p and needle in p
+    assert not [n for n, _ in model.named_parameters() if "lora_" in n]
