@@ -212,7 +212,9 @@ for p in {data_check}; do
   fi
 done
 export WANDB_MODE=${{WANDB_MODE:-offline}} PYTHONUNBUFFERED=1
-MASTER_ADDR=$(scontrol show hostnames "$SLURM_JOB_NODELIST" | head -n 1)
+# The first node hosts the rendezvous (no pipe into head: with pipefail its SIGPIPE kills the job).
+HOSTS=$(scontrol show hostnames "$SLURM_JOB_NODELIST")
+MASTER_ADDR=${{HOSTS%%$'\\n'*}}
 MASTER_PORT=${{MASTER_PORT:-{port}}}
 export MASTER_ADDR MASTER_PORT
 ARGS=({train_args} "$@")

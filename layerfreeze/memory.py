@@ -51,6 +51,7 @@ __all__ = [
     "model_state_bytes",
     "activation_profile",
     "activation_bytes_per_token",
+    "head_bytes_per_token",
     "estimate_memory",
     "estimate_schedule_memory",
     "format_bytes",
