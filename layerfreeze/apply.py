@@ -596,21 +596,29 @@ def _checkpointed_forward(block: nn.Module, orig, *args, **kwargs):
 def enable_gradient_checkpointing(model: nn.Module, layout: ModelLayout | None = None) -> None:
     """Checkpoint every decoder block (frozen ones included) with non-reentrant checkpointing.
 
-    Non-reentrant ``torch.utils.checkpoint`` needs no input that requires grad, so frozen
-    embeddings do not hit "element 0 of tensors does not require grad", and no hook forces
-    gradients through frozen bottom layers that nothing below needs. Every block is
-    checkpointed, including frozen blocks that gradients pass through (the deep layers of
-    ``freeze_deep``), so their activations are recomputed instead of kept. transformers models
-    use their own per-layer mechanism; other models get each block's ``forward`` wrapped.
-    Only active in training mode.
+    transformers models go through their public API with ``{"use_reentrant": False}``:
+    ``activation_checkpointing_enable`` (transformers >= 5.x, where ``gradient_checkpointing_enable``
+    is its deprecated alias) or ``gradient_checkpointing_enable`` (older releases). That API also
+    installs ``enable_input_require_grads`` (a hook making the embedding output require grad, which
+    only *reentrant* checkpointing needs). Non-reentrant checkpointing needs no input that requires
+    grad, so the hook is removed again when this call installed it: frozen embeddings do not hit
+    "element 0 of tensors does not require grad", and no gradient is forced through frozen bottom
+    layers that nothing below needs (``freeze_shallow`` would otherwise run backward through its
+    whole frozen bottom). Every block is checkpointed, including frozen blocks that gradients pass
+    through (the deep layers of ``freeze_deep``), so their activations are recomputed instead of
+    kept. Models without transformers' mechanism get each block's ``forward`` wrapped. Only active
+    in training mode.
     """
-    from torch.utils.checkpoint import checkpoint
-
     layout = layout or discover_layout(model)
-    func = functools.partial(checkpoint, use_reentrant=False)
-    set_gc = getattr(model, "_set_gradient_checkpointing", None)
-    if getattr(model, "supports_gradient_checkpointing", False) and callable(set_gc):
-        set_gc(enable=True, gradient_checkpointing_func=func)
+    if getattr(model, "supports_gradient_checkpointing", False):
+        had_hook = getattr(model, "_require_grads_hook", None) is not None
+        kwargs = {"use_reentrant": False}
+        if callable(getattr(model, "activation_checkpointing_enable", None)):
+            model.activation_checkpointing_enable(activation_checkpointing_kwargs=kwargs)
+        elif callable(getattr(model, "gradient_checkpointing_enable", None)):
+            model.gradient_checkpointing_enable(gradient_checkpointing_kwargs=kwargs)
+        if not had_hook and getattr(model, "_require_grads_hook", None) is not None:
+            model.disable_input_require_grads()
     for layer in layout.layers:
         block = layer.module
         if getattr(block, "gradient_checkpointing", False) is True:

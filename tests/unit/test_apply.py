@@ -374,6 +374,40 @@ def test_checkpointing_with_frozen_embeddings_and_no_needless_backward():
         model(tiny_batch(model))  # eval forward untouched
 
 
+def test_checkpointing_goes_through_transformers_public_api():
+    # transformers' public activation_checkpointing_enable (no deprecation warning, no private
+    # hook), non-reentrant; the input-grad hook it installs is removed (not needed without
+    # reentrant checkpointing), but one the user installed before is kept.
+    import warnings
+
+    model = build_tiny_model("llama")
+    model.train()
+    applied = apply_plan(model, "freeze_shallow")
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", FutureWarning)
+        enable_gradient_checkpointing(model)
+    assert model.is_gradient_checkpointing
+    for x in applied.layout.layers:
+        assert x.module.gradient_checkpointing is True
+        assert not getattr(x.module, "_layerfreeze_checkpointed", False)
+        assert x.module._gradient_checkpointing_func.keywords == {"use_reentrant": False}
+    seen = []
+    h = model.get_input_embeddings().register_forward_hook(lambda m, i, o: seen.append(o.requires_grad))
+    _grads(model, tiny_batch(model))
+    assert seen == [False]  # embeddings frozen: no gradient forced through the frozen bottom
+
+    user = build_tiny_model("llama")
+    user.train()
+    apply_plan(user, "freeze_shallow")
+    user.enable_input_require_grads()
+    enable_gradient_checkpointing(user)
+    seen.clear()
+    h.remove()
+    user.get_input_embeddings().register_forward_hook(lambda m, i, o: seen.append(o.requires_grad))
+    user(tiny_batch(user))
+    assert seen == [True]
+
+
 def test_checkpointing_fallback_wraps_blocks():
     model = build_tiny_model("gpt_neox")
     model.train()
