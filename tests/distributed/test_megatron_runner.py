@@ -853,3 +853,68 @@ def test_runner_from_run_config_starts_from_the_hugging_face_weights():
     assert "'gpt2' has no Megatron mapping" in r["errors"][1]
     assert r["loss"] == pytest.approx(r["hf_loss"], rel=1e-5)  # same seeded weights, same labels
     assert r["step_loss"] == pytest.approx(r["hf_loss"], rel=1e-5)
+
+
+# ------------------------------------------------------------------------------------------
+# virtual pipeline (PP=2 x 2 chunks, interleaved 1F1B) against PP=1; its checkpoint at TP=2
+
+
+def _vp_body(rank, world_size):
+    import os
+
+    from tests.helpers.megatron import (
+        build_tiny_gpt,
+        init_model_parallel,
+        load_full_weights,
+        megatron_cpu_shim,
+        tiny_tokens,
+    )
+
+    ids = tiny_tokens(batch=2, seq=8, seed=31)
+    with megatron_cpu_shim():
+        tmp = _shared_tmp()
+        full = _reference_weights()
+        runner = _runner(_model(tp=1, pp=1, full=full), plan=BOUNDARY_PLAN)
+        ref = _train(runner, 2)
+        ref_logits = runner.eval_model()(ids)
+        runner.close()
+
+        init_model_parallel(tp=1, pp=2, virtual_pipeline_model_parallel_size=2)
+        chunks = []
+        for v in range(2):
+            chunk = build_tiny_gpt(pp=2, seed=3, vp_stage=v, virtual_pipeline_model_parallel_size=2)
+            load_full_weights(chunk, full)
+            chunks.append(chunk)
+        runner = _runner(chunks, plan=BOUNDARY_PLAN)
+        layers = {i: all(p.requires_grad for p in m.parameters()) for i, m in runner.iter_layers()}
+        got = _train(runner, 2)
+        logits = runner.eval_model()(ids)
+        runner.save_checkpoint(os.path.join(tmp, "vp"), trainable_only=True)
+        weights = _np(runner.consolidated_state_dict())
+        runner.close()
+
+        runner = _runner(_model(tp=2, pp=1, full=full), plan=BOUNDARY_PLAN)
+        runner.load_trainable_weights(os.path.join(tmp, "vp"))
+        at_tp2 = _np(runner.consolidated_state_dict())
+        runner.close()
+    return {
+        "ref": ref,
+        "got": got,
+        "layers": layers,
+        "ref_logits": _np(ref_logits),
+        "logits": _np(logits),
+        "weights": weights,
+        "at_tp2": at_tp2,
+    }
+
+
+def test_virtual_pipeline_matches_pp1_and_its_checkpoint_loads_at_tp2():
+    res = run_distributed(_vp_body, world_size=2)
+    assert res[0]["layers"] == {0: True, 2: True}  # chunk 0: layer 0, chunk 1: layer 2
+    assert res[1]["layers"] == {1: True, 3: False}
+    for r in res:
+        for a, b in zip(r["ref"], r["got"], strict=True):
+            assert abs(a - b) < 1e-5, (r["ref"], r["got"])
+        torch.testing.assert_close(_t(r["logits"]), _t(r["ref_logits"]), atol=1e-5, rtol=1e-5)
+    w, w2 = _t(res[0]["weights"]), _t(res[0]["at_tp2"])
+    assert sorted(w) == sorted(w2) and all(torch.equal(w[k], w2[k]) for k in w)

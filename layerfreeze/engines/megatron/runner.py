@@ -198,6 +198,13 @@ class MegatronRunner:
                 "MegatronRunner: pass plan= or schedule=, not both (a plan is a one-phase schedule)."
             )
         chunks = list(model) if isinstance(model, (list, tuple, nn.ModuleList)) else [model]
+        pp = ps.get_pipeline_model_parallel_world_size()
+        if len(chunks) > 1 and int(gradient_accumulation_steps) < pp:
+            raise ValueError(
+                f"gradient_accumulation_steps: the interleaved pipeline schedule ({len(chunks)} "
+                f"virtual chunks) needs at least as many micro-batches as pipeline stages ({pp}), "
+                f"got {gradient_accumulation_steps}."
+            )
         if any(isinstance(c, DistributedDataParallel) for c in chunks):
             raise ValueError(
                 "MegatronRunner: the model is already wrapped in DistributedDataParallel. Pass the "
@@ -780,7 +787,7 @@ class MegatronRunner:
         for c in self.ddp_chunks:
             c.eval()
         try:
-            self._run([micro_batch], forward_only=True, loss_func=loss_func)
+            self._run([micro_batch] * self._eval_copies, forward_only=True, loss_func=loss_func)
         finally:
             for c in self.ddp_chunks:
                 c.train()
@@ -788,6 +795,13 @@ class MegatronRunner:
         t = self._from_last_stage(t)
         dist.all_reduce(t, group=ps.get_data_parallel_group())
         return float(t[0]) / ps.get_data_parallel_world_size()
+
+    @property
+    def _eval_copies(self) -> int:
+        """Micro-batches one evaluation forward needs: the interleaved (virtual-pipeline)
+        schedule wants at least as many as pipeline stages, so the batch is repeated and the
+        first result used."""
+        return ps.get_pipeline_model_parallel_world_size() if len(self.chunks) > 1 else 1
 
     def eval_model(self) -> Callable[[torch.Tensor], torch.Tensor]:
         """A callable ``input_ids [B, T] -> logits [B, T, V]`` (float32, CPU) for the scorer and
@@ -814,7 +828,9 @@ class MegatronRunner:
             for c in self.ddp_chunks:
                 c.eval()
             try:
-                self._run([{"input_ids": ids}], forward_only=True, loss_func=loss_func)
+                self._run(
+                    [{"input_ids": ids}] * self._eval_copies, forward_only=True, loss_func=loss_func
+                )
             finally:
                 for c in self.ddp_chunks:
                     c.train()
