@@ -918,3 +918,53 @@ def test_virtual_pipeline_matches_pp1_and_its_checkpoint_loads_at_tp2():
         torch.testing.assert_close(_t(r["logits"]), _t(r["ref_logits"]), atol=1e-5, rtol=1e-5)
     w, w2 = _t(res[0]["weights"]), _t(res[0]["at_tp2"])
     assert sorted(w) == sorted(w2) and all(torch.equal(w[k], w2[k]) for k in w)
+
+
+# ------------------------------------------------------------------------------------------
+# bf16 weights (Megatron's Float16 optimizer, fp32 master copies) at TP=2: phase switch keeps
+# the fp32 masters, resume is exact
+
+
+def _bf16_body(rank, world_size):
+    from tests.helpers.megatron import build_tiny_gpt, init_model_parallel, megatron_cpu_shim
+
+    schedule = [{"plan": "freeze_deep", "until_step": 1}, {"plan": "full", "until_step": None}]
+
+    def make():
+        init_model_parallel(tp=2, pp=1)
+        model = build_tiny_gpt(
+            tp=2, seed=3, params_dtype=torch.bfloat16, pipeline_dtype=torch.bfloat16, bf16=True
+        )
+        return _runner(model, schedule=schedule)
+
+    with megatron_cpu_shim():
+        tmp = _shared_tmp()
+        runner = make()
+        losses = _train(runner, 1)
+        params = dict(runner.model.named_parameters())
+        name = runner.applied.trainable_names()[0]
+        before = runner._full_state(params[name])
+        runner.maybe_switch_phase()
+        after = runner._full_state(params[name])
+        carried = all(torch.equal(before[k], after[k]) for k in before) and set(before) == set(
+            after
+        )
+        finer = not torch.equal(after["master"], params[name].detach().float())
+        losses += _train(runner, 1, start=1)
+        runner.save_checkpoint(tmp)
+        losses += _train(runner, 1, start=2)
+        kinds = sorted({type(o).__name__ for o in runner.optimizer.chained_optimizers})
+        runner.close()
+        resumed = make()
+        resumed.load_checkpoint(tmp)
+        again = _train(resumed, 1, start=2)
+        resumed.close()
+    return {"losses": losses, "again": again, "kinds": kinds, "carried": carried, "finer": finer}
+
+
+def test_bf16_phase_switch_keeps_fp32_masters_and_resume_is_exact():
+    for r in run_distributed(_bf16_body, world_size=2):
+        assert r["kinds"] == ["Float16OptimizerWithFloat16Params"]
+        assert r["carried"] and r["finer"]  # the fp32 master, not the bf16 weight, was carried
+        assert all(math.isfinite(x) for x in r["losses"])
+        assert r["again"] == r["losses"][2:]
