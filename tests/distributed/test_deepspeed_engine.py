@@ -604,3 +604,42 @@ def test_public_alias_is_lazy_and_get_engine_names_engines():
 
     with pytest.raises(ValueError, match=r"unknown engine 'megatrn'. Known engines: deepspeed"):
         get_engine("megatrn")
+
+
+# ---------------------------------------------------------------------------------------------
+# a phase switch holds only this rank's share of the carried optimizer state (ZeRO-2/3)
+# ---------------------------------------------------------------------------------------------
+
+
+def _body_carry_bytes(rank: int, world: int, stage: int) -> dict:
+    from layerfreeze.engines.deepspeed import DeepSpeedRunner
+    from layerfreeze.models import param_numel
+
+    torch.manual_seed(0)
+    runner = DeepSpeedRunner(_model(), _cfg(stage), schedule=_SCHEDULE)  # full -> freeze_deep
+    carried = set(runner.applied.trainable_names_for(_SCHEDULE[1]["plan"]))
+    params = dict(runner.model.named_parameters())
+    total = 12 * sum(param_numel(params[n]) for n in carried)  # fp32 master + 2 Adam moments
+    largest = 12 * max(param_numel(params[n]) for n in carried)
+    losses = [runner.train_step(_window(s, rank)).loss for s in range(4)]  # switch at step 3
+    out = {"bytes": runner.switch_carry_bytes, "total": total, "largest": largest,
+           "phase": runner.phase, "losses": losses}
+    runner.engine.destroy()
+    return out
+
+
+@pytest.mark.parametrize("stage", [2, 3])
+def test_phase_switch_memory_halves_from_2_to_4_ranks(stage):
+    per_world = {}
+    for world in (2, 4):
+        res = run_distributed(_body_carry_bytes, world_size=world, args=(stage,), timeout=900)
+        assert all(r["phase"] == 1 for r in res)
+        total, largest = res[0]["total"], res[0]["largest"]
+        held = [r["bytes"] for r in res]
+        # every carried byte is held by exactly one rank, and no rank holds much over its share
+        assert sum(held) == total, (world, held, total)
+        assert max(held) <= total / world + largest, (world, held, total)
+        per_world[world] = max(held)
+    # the old scheme held the whole `total` on every rank; now it halves with twice the ranks
+    assert per_world[4] <= 0.6 * per_world[2], per_world
+    assert per_world[2] <= 0.6 * res[0]["total"], per_world
