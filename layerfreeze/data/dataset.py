@@ -6,13 +6,24 @@ label exactly once. ``input_ids = seq[:-1]``, ``labels = seq[1:]``. Documents ar
 separated by EOS (and started by BOS) in the stream; a sequence may span documents (no
 attention masking across them). The tail that does not fill a whole sequence is not used.
 
-Order: each epoch is a permutation of all sequences drawn from ``np.random.default_rng([seed,
-epoch])`` (or the identity without shuffling). Global batch ``b`` of an epoch is the slice
-``perm[b*M*W : (b+1)*M*W]`` (``M`` micro-batch size, ``W`` world size) and rank ``r`` takes
-``[r*M : (r+1)*M]`` of it, so ranks are disjoint and every rank has the same number of
-batches; the remainder of an epoch that does not fill a global batch is skipped. The position
-is ``(epoch, batch)``; ``state_dict()`` saves it and a fresh iterator with ``load_state_dict``
-continues with exactly the batches an uninterrupted run would have produced.
+Order: a fixed global stream, independent of the number of ranks. Epoch ``e`` is the permutation
+of all ``N`` sequences drawn from ``np.random.default_rng([seed, e])`` (the identity without
+shuffling), and the epochs are concatenated: stream position ``p`` is sequence
+``perm_{p // N}[p % N]``. Nothing is dropped at an epoch end; a global batch may straddle two
+epochs.
+
+Sharding: the iterator keeps one *global sample cursor* ``c`` (sequences consumed by all ranks
+together). A micro-batch step on ``W`` ranks of ``M`` sequences each takes stream positions
+``[c, c + M*W)``; rank ``r`` gets ``[c + r*M, c + (r+1)*M)``; then ``c += M*W`` on every rank.
+Ranks are disjoint and the cursor is the same on every rank.
+
+Resume: ``state_dict()`` holds the cursor (plus what fixes the stream: seed, shuffle, sequence
+length, number of sequences). Because the stream does not depend on ``W`` or ``M``, a run saved
+on 4 ranks can resume on 2 (or with another micro-batch size) and sees every remaining sample
+exactly once: no sample of the stream before the cursor is seen again and none after it is
+skipped. Consumed tokens are ``c * seq_len`` input tokens. State dicts of the earlier
+``(epoch, batch)`` format (which dropped each epoch's remainder) load too: the position maps
+to ``epoch*N + batch*M_saved*W_saved``, which continues exactly where that run stopped.
 """
 
 from __future__ import annotations
@@ -72,11 +83,13 @@ class PackedDataset:
 
 
 class DistributedBatchIterator:
-    """Deterministic, sharded, resumable micro-batches over a :class:`PackedDataset`.
+    """Deterministic, sharded micro-batches over a :class:`PackedDataset`, resumable on any
+    number of ranks.
 
-    Iterating never ends: after the last batch of an epoch the next epoch starts with a new
-    permutation. Each call of :meth:`next_batch` yields one micro-batch for this rank; with
-    gradient accumulation call it once per micro-step.
+    Iterating never ends: the stream runs through epoch after epoch. Each call of
+    :meth:`next_batch` yields one micro-batch for this rank and advances the global cursor by
+    ``micro_batch_size * world_size`` on every rank; with gradient accumulation call it once per
+    micro-step. See the module docstring for the order.
 
     Args:
         dataset: the packed sequences.
@@ -89,6 +102,8 @@ class DistributedBatchIterator:
     Raises:
         ValueError: bad sizes, or fewer sequences than one global batch needs.
     """
+
+    STATE_VERSION = 2
 
     def __init__(
         self,
@@ -108,47 +123,73 @@ class DistributedBatchIterator:
         self.seed = int(seed)
         self.shuffle = bool(shuffle)
         if not isinstance(micro_batch_size, int) or micro_batch_size < 1:
-            raise ValueError(f"micro_batch_size: must be a positive integer, got {micro_batch_size!r}.")
+            raise ValueError(
+                f"micro_batch_size: must be a positive integer, got {micro_batch_size!r}."
+            )
         if self.world_size < 1 or not 0 <= self.rank < self.world_size:
             raise ValueError(f"rank {self.rank} is not in range for world size {self.world_size}.")
         global_batch = micro_batch_size * self.world_size
-        self.batches_per_epoch = len(dataset) // global_batch
-        if self.batches_per_epoch == 0:
+        if len(dataset) < global_batch:
             raise ValueError(
                 f"data: one global batch needs micro_batch_size x world_size = {micro_batch_size} x "
                 f"{self.world_size} = {global_batch} sequences of {dataset.seq_len + 1} tokens, but the "
                 f"corpus packs into only {len(dataset)}. Add more text, lower data.seq_len or the "
                 "micro-batch size."
             )
-        self.epoch = 0
-        self.batch = 0  # next batch within the epoch
-        self._perm_epoch: int | None = None
-        self._perm: np.ndarray | None = None
+        self.consumed = 0  # global sample cursor: stream positions consumed by all ranks together
+        self._perms: dict[int, np.ndarray] = {}
+
+    @property
+    def global_batch_size(self) -> int:
+        """Sequences one micro-step takes over all ranks (``micro_batch_size * world_size``)."""
+        return self.micro_batch_size * self.world_size
+
+    @property
+    def epoch(self) -> int:
+        """Epoch of the next sequence in the stream."""
+        return self.consumed // len(self.dataset)
+
+    @property
+    def tokens_consumed(self) -> int:
+        """Input tokens consumed by all ranks together (``consumed * seq_len``)."""
+        return self.consumed * self.dataset.seq_len
 
     def _permutation(self, epoch: int) -> np.ndarray:
-        if self._perm_epoch != epoch:
+        perm = self._perms.get(epoch)
+        if perm is None:
             n = len(self.dataset)
             if self.shuffle:
-                self._perm = np.random.default_rng([self.seed, epoch]).permutation(n)
+                perm = np.random.default_rng([self.seed, epoch]).permutation(n)
             else:
-                self._perm = np.arange(n)
-            self._perm_epoch = epoch
-        return self._perm  # type: ignore[return-value]
+                perm = np.arange(n)
+            # A global batch spans at most two epochs: keep the newest two.
+            self._perms = {e: p for e, p in self._perms.items() if e == epoch - 1}
+            self._perms[epoch] = perm
+        return perm
 
-    def indices(self, epoch: int, batch: int) -> np.ndarray:
-        """Sequence indices of this rank's micro-batch ``batch`` in ``epoch``."""
-        m, w = self.micro_batch_size, self.world_size
-        start = batch * m * w + self.rank * m
-        return self._permutation(epoch)[start : start + m]
+    def stream(self, start: int, count: int) -> np.ndarray:
+        """Sequence indices at global stream positions ``[start, start + count)``."""
+        n = len(self.dataset)
+        out = np.empty(count, dtype=np.int64)
+        done = 0
+        while done < count:
+            epoch, offset = divmod(start + done, n)
+            take = min(count - done, n - offset)
+            out[done : done + take] = self._permutation(epoch)[offset : offset + take]
+            done += take
+        return out
+
+    def indices(self, cursor: int | None = None) -> np.ndarray:
+        """This rank's sequence indices for the micro-step whose global batch starts at stream
+        position ``cursor`` (default: the next one)."""
+        c = self.consumed if cursor is None else cursor
+        return self.stream(c + self.rank * self.micro_batch_size, self.micro_batch_size)
 
     def next_batch(self) -> dict[str, torch.Tensor]:
         """This rank's next micro-batch: ``input_ids`` and ``labels``, LongTensors ``[M, seq_len]``."""
-        idx = self.indices(self.epoch, self.batch)
+        idx = self.indices()
         windows = torch.from_numpy(np.stack([self.dataset.window(int(i)) for i in idx]))
-        self.batch += 1
-        if self.batch == self.batches_per_epoch:
-            self.epoch += 1
-            self.batch = 0
+        self.consumed += self.global_batch_size
         return {"input_ids": windows[:, :-1].contiguous(), "labels": windows[:, 1:].contiguous()}
 
     def __iter__(self) -> Iterator[dict[str, torch.Tensor]]:
@@ -161,42 +202,71 @@ class DistributedBatchIterator:
         return self.micro_batch_size * self.dataset.seq_len
 
     def state_dict(self) -> dict[str, Any]:
-        """The position plus what must match on resume (plain ints/bools, JSON-friendly)."""
+        """The global cursor plus what fixes the stream (plain ints/bools, JSON-friendly).
+
+        The same on every rank and independent of the world size: ``consumed`` is the cursor;
+        ``epoch``, ``position`` (within the epoch) and ``tokens`` are derived from it for
+        reading; ``micro_batch_size`` and ``world_size`` record the saving run's shape only.
+        """
+        n = len(self.dataset)
         return {
-            "epoch": self.epoch,
-            "batch": self.batch,
+            "version": self.STATE_VERSION,
+            "consumed": self.consumed,
+            "epoch": self.consumed // n,
+            "position": self.consumed % n,
+            "tokens": self.tokens_consumed,
             "seed": self.seed,
             "shuffle": self.shuffle,
+            "num_sequences": n,
+            "seq_len": self.dataset.seq_len,
             "micro_batch_size": self.micro_batch_size,
             "world_size": self.world_size,
-            "num_sequences": len(self.dataset),
-            "seq_len": self.dataset.seq_len,
         }
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
-        """Continue from a saved position.
+        """Continue from a saved cursor, on any world size and micro-batch size.
+
+        Args:
+            state: a :meth:`state_dict`, or one of the earlier ``(epoch, batch)`` format.
 
         Raises:
-            ValueError: the saved run used a different seed, shuffle, micro-batch size, world
-                size, sequence length or corpus (number of sequences), so the same position
-                would not give the same batches.
+            ValueError: the saved run used a different seed, shuffle, sequence length or corpus
+                (number of sequences), so the stream differs; or the position is malformed.
         """
         mine = self.state_dict()
         problems = [
             f"{k}: saved {state.get(k)!r}, now {mine[k]!r}"
-            for k in ("seed", "shuffle", "micro_batch_size", "world_size", "seq_len", "num_sequences")
+            for k in ("seed", "shuffle", "seq_len", "num_sequences")
             if state.get(k) != mine[k]
         ]
         if problems:
             raise ValueError(
                 "data position: cannot resume, the data order differs from the saved run ("
                 + "; ".join(problems)
-                + "). Resume with the same data, data.seq_len, seed, micro-batch size and world size."
+                + "). Resume with the same data, data.seq_len, data.shuffle and seed."
             )
-        epoch, batch = int(state["epoch"]), int(state["batch"])
-        if epoch < 0 or not 0 <= batch < self.batches_per_epoch:
-            raise ValueError(
-                f"data position: saved position epoch={epoch} batch={batch} is outside "
-                f"0..{self.batches_per_epoch - 1} batches per epoch."
-            )
-        self.epoch, self.batch = epoch, batch
+        n = len(self.dataset)
+        if "consumed" in state:
+            consumed = state["consumed"]
+            if not isinstance(consumed, int) or isinstance(consumed, bool) or consumed < 0:
+                raise ValueError(
+                    f"data position: saved cursor 'consumed' must be a non-negative integer, "
+                    f"got {consumed!r}."
+                )
+        else:  # the earlier (epoch, batch) format: that run dropped each epoch's remainder
+            epoch, batch = state.get("epoch"), state.get("batch")
+            m, w = state.get("micro_batch_size"), state.get("world_size")
+            ints = (epoch, batch, m, w)
+            if not all(isinstance(v, int) and not isinstance(v, bool) for v in ints):
+                raise ValueError(
+                    "data position: the saved state has neither 'consumed' nor integer 'epoch', "
+                    f"'batch', 'micro_batch_size', 'world_size', got {state!r}."
+                )
+            per_epoch = n // (m * w) if m > 0 and w > 0 else 0
+            if epoch < 0 or not 0 <= batch < per_epoch:
+                raise ValueError(
+                    f"data position: saved position epoch={epoch} batch={batch} is outside "
+                    f"0..{per_epoch - 1} batches per epoch."
+                )
+            consumed = epoch * n + batch * m * w
+        self.consumed = consumed
