@@ -99,7 +99,7 @@ def _pp_body(rank, world_size, pp, full):
         try:
             model = build_tiny_gpt(pp=pp, seed=5)
             if full is not None:
-                load_full_weights(model, full)
+                load_full_weights(model, {k: torch.from_numpy(v) for k, v in full.items()})
             stage = [layer.layer_number for layer in model.decoder.layers]
             out = get_forward_backward_func()(
                 forward_step_func=forward_step,
@@ -109,11 +109,15 @@ def _pp_body(rank, world_size, pp, full):
                 seq_length=8,
                 micro_batch_size=2,
             )
+            # numpy, not tensors: results cross the process boundary by value (a tensor is
+            # passed by shared-memory handle, which dies with the exiting rank)
             grads = {
-                k: p.grad.clone()
+                k: p.grad.numpy().copy()
                 for k, p in zip(full_state_dict(model), model.parameters(), strict=True)
             }
-            weights = full_state_dict(model) if full is None else None
+            weights = (
+                {k: v.numpy() for k, v in full_state_dict(model).items()} if full is None else None
+            )
         finally:
             destroy_model_parallel()
     return {
@@ -144,4 +148,6 @@ def test_pp2_schedule_matches_pp1():
     merged = {**first["grads"], **last["grads"]}
     assert set(merged) == set(ref["grads"])
     for name, g in ref["grads"].items():
-        torch.testing.assert_close(merged[name], g, rtol=1e-4, atol=1e-6, msg=name)
+        torch.testing.assert_close(
+            torch.from_numpy(merged[name]), torch.from_numpy(g), rtol=1e-4, atol=1e-6, msg=name
+        )
