@@ -430,25 +430,30 @@ class ExpertsLoRAAdapter(nn.Module):
     """LoRA on every fused expert weight of an MoE experts module (``gate_up_proj`` /
     ``up_proj``, ``down_proj``): expert ``e`` computes with ``W_e + (alpha / r) B_e A_e``.
 
-    The experts' own implementation (``eager``, ``grouped_mm``, ...) runs unchanged on the
-    updated weights: installing the adapter points ``config._experts_implementation`` at a
-    wrapper ``layerfreeze_lora:<original>`` (not serialised by ``save_pretrained``) that calls
-    the original with the module's weights replaced for adapted modules and delegates untouched
-    otherwise. This is a weight-space update (as PEFT's ``target_parameters``): it costs one
-    ``(experts, out, in)`` temporary per weight and forward, it is exact (``B = 0`` at init:
-    ``W + 0`` is ``W``), and it cannot carry HLPT's per-token gate or input dropout, which the
-    policy refuses for experts.
+    Installing the adapter points ``config._experts_implementation`` at a wrapper
+    ``layerfreeze_lora:<original>`` (not serialised by ``save_pretrained``) that delegates
+    untouched for modules without an adapter. Ungated, the experts' own implementation
+    (``eager``, ``grouped_mm``, ...) runs on the updated weights: a weight-space update (as
+    PEFT's ``target_parameters``) costing one ``(experts, out, in)`` temporary per weight and
+    forward, exact at init (``B = 0``: ``W + 0`` is ``W``). Gated (HLPT), the update is per token,
+    so it cannot live in the weights: the adapted layer then runs transformers' eager expert
+    loop with ``g_t * (alpha / r) * (x A_e^T) B_e^T`` added after each projection (exactly the
+    base model at init when the original implementation is ``eager``; within float rounding of
+    ``grouped_mm`` / ``batched_mm``, which order their sums differently). Input dropout is
+    refused for experts.
 
     Args:
         base: the experts module.
         r: rank.
         alpha: scale numerator (update scale ``alpha / r``).
+        gate: the MLP sub-block's :class:`TokenGate` when gated, else None.
     """
 
     runs_inside_base = True  # the update enters through the experts implementation, no hook
 
-    def __init__(self, base: nn.Module, r: int, alpha: float):
+    def __init__(self, base: nn.Module, r: int, alpha: float, gate: TokenGate | None = None):
         super().__init__()
+        self.__dict__["_gate"] = gate  # owned by the sub-block (see LoRAAdapter)
         self.r, self.alpha, self.scaling = r, float(alpha), float(alpha) / r
         self.transposed = bool(base.is_transposed)
         self.lora_dropout = nn.Identity()
@@ -462,8 +467,15 @@ class ExpertsLoRAAdapter(nn.Module):
                 device=w.device, dtype=w.dtype,
             ))
 
-    gate = None
-    mergeable = True
+    @property
+    def gate(self) -> TokenGate | None:
+        """The sub-block's gate (None when ungated)."""
+        return self.__dict__["_gate"]
+
+    @property
+    def mergeable(self) -> bool:
+        """True when ungated (a per-token gate cannot be folded into the weights)."""
+        return self.gate is None
 
     def weights(self, base: nn.Module) -> dict[str, torch.Tensor]:
         """The adapted fused weights ``W + delta`` (differentiable in ``A`` and ``B``)."""
@@ -479,9 +491,54 @@ class ExpertsLoRAAdapter(nn.Module):
             "ExpertsLoRAAdapter is applied inside the experts implementation, not as a hook."
         )
 
+    def gated_forward(self, base: nn.Module, hidden: torch.Tensor, top_k_index: torch.Tensor,
+                      top_k_weights: torch.Tensor) -> torch.Tensor:
+        """transformers' eager expert loop with the gated low-rank update after each projection."""
+        g = self.gate.current(hidden)  # (tokens, 1) fp32, also when the block flattened tokens
+        num_experts = base.num_experts
+        out = torch.zeros_like(hidden)
+        with torch.no_grad():
+            mask = F.one_hot(top_k_index, num_classes=num_experts + 1).permute(2, 1, 0)
+            hit = torch.greater(mask.sum(dim=(-1, -2)), 0).nonzero()
+        first = "gate_up_proj" if base.has_gate else "up_proj"
+        for e in hit:
+            e = e[0]
+            if e == num_experts:
+                continue
+            pos, token = torch.where(mask[e])
+            gt = g[token]
+            h = self._project(base, first, e, hidden[token], gt)
+            h = base._apply_gate(h) if base.has_gate else base.act_fn(h)
+            h = self._project(base, "down_proj", e, h, gt)
+            if getattr(base, "has_post_expert_norm", False):
+                h = base.post_expert_norm(h)
+            h = h * top_k_weights[token, pos, None]
+            out.index_add_(0, token, h.to(out.dtype))
+        return out
+
+    def _project(self, base: nn.Module, name: str, e: torch.Tensor, x: torch.Tensor,
+                 g: torch.Tensor) -> torch.Tensor:
+        w = getattr(base, name)[e]
+        y = x @ w if self.transposed else F.linear(x, w)
+        if getattr(base, "has_bias", False):
+            y = y + getattr(base, f"{name}_bias")[e]
+        lora = getattr(self, name)
+        h = F.linear(x.to(lora.lora_a.dtype), lora.lora_a[e])
+        h = (h.float() * (g * self.scaling)).to(h.dtype)
+        return y + F.linear(h, lora.lora_b[e]).to(y.dtype)
+
     @torch.no_grad()
     def merge(self, base: nn.Module) -> None:
-        """Fold the update into the fused weights (idempotent)."""
+        """Fold the update into the fused weights (idempotent).
+
+        Raises:
+            ValueError: the adapter is gated (input-dependent, cannot be folded exactly).
+        """
+        if not self.mergeable:
+            raise ValueError(
+                f"{self.gate.where}: a gated LoRA update of the experts depends on the input and "
+                "cannot be merged into their weights; export keeps it in the sidecar instead."
+            )
         if not self.merged:
             for name, w in self.weights(base).items():
                 getattr(base, name).copy_(w)
@@ -499,7 +556,8 @@ class ExpertsLoRAAdapter(nn.Module):
 
     def extra_repr(self) -> str:
         names = [n for n, m in self.named_children() if isinstance(m, _ExpertWeightLoRA)]
-        return f"experts weights={names}, r={self.r}, alpha={self.alpha}, gated=False"
+        gated = self.gate is not None
+        return f"experts weights={names}, r={self.r}, alpha={self.alpha}, gated={gated}"
 
 
 def _wrapped_experts_implementation(base: str | None) -> str:
@@ -524,6 +582,8 @@ def _make_experts_wrapper(base: str) -> Callable:
         adapter = module._modules.get(_ADAPTER_ATTR)
         if adapter is None or adapter.merged:
             return fn(module, *args, **kwargs)
+        if adapter.gate is not None:
+            return adapter.gated_forward(module, *args, **kwargs)
         return fn(_ExpertsView(module, adapter.weights(module)), *args, **kwargs)
 
     experts.__name__ = f"layerfreeze_lora_{base}"
@@ -532,12 +592,12 @@ def _make_experts_wrapper(base: str) -> Callable:
 
 def _build_experts(base: nn.Module, *, r: int, alpha: float, dropout: float = 0.0,
                    gate: TokenGate | None = None) -> ExpertsLoRAAdapter:
-    if gate is not None or dropout:
-        raise ValueError("LoRA on fused experts takes neither a gate nor dropout")
+    if dropout:
+        raise ValueError("LoRA on fused experts takes no dropout")
     base.config._experts_implementation = _wrapped_experts_implementation(
         base.config._experts_implementation
     )
-    return ExpertsLoRAAdapter(base, r, alpha)
+    return ExpertsLoRAAdapter(base, r, alpha, gate=gate)
 
 
 #: Ordered dispatchers; the first whose ``matches`` accepts the base module builds its adapter.
@@ -838,14 +898,11 @@ class LoRAPolicy:
             reason = dispatcher.check(base) if dispatcher and dispatcher.check else None
             if reason:
                 problems.append(f"{where}: lora cannot wrap {path}: {reason}.")
-            if _is_fused_experts(base) and (opts.gated or opts.dropout):
+            if _is_fused_experts(base) and opts.dropout:
                 problems.append(
-                    f"{where}: lora on the fused MoE experts {path} is a weight-space update "
-                    "(W_e + B_e A_e per expert), which cannot carry "
-                    + ("HLPT's per-token gate" if opts.gated else "input dropout")
-                    + "; use "
-                    + ("gated=false" if opts.gated else "dropout=0")
-                    + " on this layer, or target=attn / named linears."
+                    f"{where}: lora on the fused MoE experts {path} takes no input dropout "
+                    f"(got dropout={opts.dropout}); use dropout=0 on this layer, or "
+                    "target=attn / named linears."
                 )
             existing = base._modules.get(_ADAPTER_ATTR)
             if existing is not None and not _same_adapter(existing, opts):
