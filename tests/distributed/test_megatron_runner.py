@@ -968,3 +968,61 @@ def test_bf16_phase_switch_keeps_fp32_masters_and_resume_is_exact():
         assert r["carried"] and r["finer"]  # the fp32 master, not the bf16 weight, was carried
         assert all(math.isfinite(x) for x in r["losses"])
         assert r["again"] == r["losses"][2:]
+
+
+# ------------------------------------------------------------------------------------------
+# tied embeddings: PP=2 (the last stage holds a synchronised copy) against PP=1, and back
+
+
+def _tied_body(rank, world_size):
+    import os
+
+    from tests.helpers.megatron import (
+        build_tiny_gpt,
+        full_state_dict,
+        init_model_parallel,
+        load_full_weights,
+        megatron_cpu_shim,
+    )
+
+    with megatron_cpu_shim():
+        tmp = _shared_tmp()
+        init_model_parallel(tp=1, pp=1)
+        full = full_state_dict(build_tiny_gpt(seed=3, tied=True))
+        runner = _runner(build_tiny_gpt(seed=3, tied=True), plan="full")
+        ref = _train(runner, 2)
+        w1 = _np(runner.consolidated_state_dict())
+        runner.close()
+
+        init_model_parallel(tp=1, pp=2)
+        model = build_tiny_gpt(pp=2, seed=3, tied=True)
+        load_full_weights(model, full, strict=False)
+        with torch.no_grad():  # the last stage's copy of the shared weight
+            for n, p in model.named_parameters():
+                if n == "output_layer.weight":
+                    p.copy_(full["embedding.word_embeddings.weight"])
+        runner = _runner(model, plan="full")
+        got = _train(runner, 2)
+        runner.save_checkpoint(os.path.join(tmp, "tied"), trainable_only=True)
+        w2 = _np(runner.consolidated_state_dict())
+        runner.close()
+
+        init_model_parallel(tp=1, pp=1)
+        runner = _runner(build_tiny_gpt(seed=3, tied=True), plan="full")
+        runner.load_trainable_weights(os.path.join(tmp, "tied"))
+        w3 = _np(runner.consolidated_state_dict())
+        runner.close()
+    return {"ref": ref, "got": got, "w1": w1, "w2": w2, "w3": w3}
+
+
+def test_tied_embeddings_across_pipeline_stages():
+    res = run_distributed(_tied_body, world_size=2)
+    for r in res:
+        for a, b in zip(r["ref"], r["got"], strict=True):
+            assert abs(a - b) < 1e-5
+    w1, w2, w3 = (_t(res[0][k]) for k in ("w1", "w2", "w3"))
+    assert sorted(w1) == sorted(w2) == sorted(w3)  # the copy is not a tensor of its own
+    assert "embeddings.base.embedding.word_embeddings.weight" in w1
+    for k in w1:
+        torch.testing.assert_close(w2[k], w1[k], atol=1e-6, rtol=1e-5)
+        assert torch.equal(w3[k], w2[k])
