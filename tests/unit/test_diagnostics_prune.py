@@ -287,3 +287,18 @@ def test_prune_with_a_ceval_probe(tmp_path, tokenizer_dir, eval_data_dir, capsys
     ident = report["probe"]["identity"]
     assert ident["benchmark"] == "ceval" and report["probe"]["tokens"] <= 2000
     assert report["probe"]["sequences"] >= 2
+
+
+def test_docs_example_runs(repo_root, tmp_path, monkeypatch):
+    import re
+
+    text = (repo_root / "docs" / "diagnostics-prune.md").read_text(encoding="utf-8")
+    blocks = re.findall(r"```python\n(.*?)```", text, re.S)
+    assert len(blocks) == 1
+    monkeypatch.chdir(tmp_path)
+    torch.manual_seed(0)
+    namespace: dict = {}
+    exec(compile(blocks[0], "docs/diagnostics-prune.md", "exec"), namespace)
+    choice = namespace["choice"]
+    assert choice.distance == min(choice.scores)
+    assert namespace["model"].config.num_hidden_layers == 3
