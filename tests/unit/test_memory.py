@@ -221,17 +221,19 @@ def test_gradient_checkpointing_keeps_block_inputs(plan):
     enable_gradient_checkpointing(model)
     measured = _saved_per_token(model)
     blocks = [measured.get(f"L{i}", 0) for i in range(LAYERS)]
-    if plan == "full":  # each checkpointed block keeps its input, h fp32 values per token
-        assert blocks == [4 * H] * LAYERS
-    else:  # frozen bottom blocks keep their inputs too; one input is shared (counted once)
-        assert 4 * H * (LAYERS - 1) <= sum(blocks) <= 4 * H * LAYERS
     est = estimate_memory(
         applied,
         TrainSetup(dtype="fp32", micro_batch=BATCH, seq_len=SEQ, gradient_checkpointing=True),
     )
     per_token = est.activation_per_token
     assert per_token["checkpointed_inputs"] == 4 * H * LAYERS
-    assert per_token["head"] == pytest.approx(measured["head"], rel=0.02)
+    if plan == "full":  # each checkpointed block keeps its input, h fp32 values per token
+        assert blocks == [4 * H] * LAYERS
+        assert per_token["head"] == pytest.approx(measured["head"], rel=0.02)
+    # Frozen bottom blocks keep their inputs too. One storage (the last block's output, the
+    # final norm's input) is shared and counted once, under the block or the head.
+    kept = per_token["checkpointed_inputs"] + per_token["head"]
+    assert kept - 4 * H <= sum(blocks) + measured["head"] <= kept + 1  # + the loss scalar
     assert per_token["recomputed_block"] > 4 * H  # one block's full set during its backward
 
 
