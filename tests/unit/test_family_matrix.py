@@ -867,3 +867,13 @@ def test_gated_experts_lora_is_not_merged_and_round_trips(tmp_path):
     load_trainable(reloaded, tmp_path)  # the gated experts' LoRA comes back from the sidecar
     with torch.no_grad():
         torch.testing.assert_close(reloaded(ids).logits, want, rtol=1e-5, atol=1e-5)
+
+
+def test_h2lpt_takes_the_same_gate_and_target_options():
+    plan = LayerPlan.parse("h2lpt(r=2,tokens=2,gated=false,lora_target=attn)")
+    layers = plan.resolve(8).layers
+    assert [s.name for s in layers] == ["lora"] * 3 + ["freeze"] * 4 + ["prefix"]
+    assert layers[0].options.target == "attn" and not layers[0].options.gated
+    assert not layers[7].options.gated
+    with pytest.raises(ConfigError, match="lora_target: must be one of mlp, attn, down, all"):
+        LayerPlan.parse("h2lpt(lora_target=ffn)")
