@@ -407,8 +407,11 @@ def load_config(
             )
         try:
             loaded = yaml.safe_load(p.read_text(encoding="utf-8"))
-        except yaml.YAMLError as e:
-            raise ConfigError(f"{path}: not valid YAML: {e}") from None
+        except yaml.YAMLError as e:  # one line: where, and what the parser expected
+            mark = getattr(e, "problem_mark", None)
+            at = f" at line {mark.line + 1}, column {mark.column + 1}" if mark else ""
+            what = getattr(e, "problem", None) or str(e).splitlines()[0]
+            raise ConfigError(f"{path}: not valid YAML{at}: {what}. Fix the file's syntax.") from None
         if loaded is not None and not isinstance(loaded, dict):
             raise ConfigError(
                 f"{path}: expected a mapping of sections (model, data, plan, ...) at the top "

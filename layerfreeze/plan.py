@@ -529,6 +529,14 @@ class LayerPlan:
             if not entry or split is None:
                 hint = suggest(entry, PRESETS) if entry else ""
                 hint = hint if "Did you mean" in hint else ""
+                m = _POLICY.match(entry)
+                if len(entries) == 1 and m:  # a bare name: meant as a preset
+                    problems.append(
+                        f"{path}: unknown preset {m.group(1)!r}; presets are "
+                        f"{', '.join(PRESETS)}.{hint} (A plan string is '<layers>:<policy>', "
+                        "e.g. '0-7:full,8-31:freeze'.)"
+                    )
+                    continue
                 problems.append(
                     f"{epath}: expected '<layers>:<policy>' (e.g. '0-7:full') or a preset name "
                     f"({', '.join(PRESETS)}).{hint}"

@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import argparse
 import logging
+import sys
 from pathlib import Path
 
 from layerfreeze.utils.logging import get_logger
@@ -91,8 +92,10 @@ def run(args: argparse.Namespace) -> int:
 
     try:
         if args.list_subjects:
-            for name, (zh, cats) in sorted(list_subjects(args.benchmark, args.data_dir).items()):
-                logger.info("%-45s %-20s %s", name, zh, ", ".join(cats))
+            rows = sorted(list_subjects(args.benchmark, args.data_dir).items())
+            sys.stdout.write(
+                "".join(f"{name:<45} {zh:<20} {', '.join(cats)}\n" for name, (zh, cats) in rows)
+            )
             return 0
         bench = _load(args)
     except ValueError as e:
@@ -113,9 +116,18 @@ def run(args: argparse.Namespace) -> int:
     from layerfreeze.utils.io import atomic_write_json
 
     _init_distributed()
-    tokenizer = AutoTokenizer.from_pretrained(args.tokenizer or args.model)
     dtype = "auto" if args.dtype == "auto" else getattr(torch, args.dtype)
-    model = AutoModelForCausalLM.from_pretrained(args.model, dtype=dtype)
+    try:
+        tokenizer = AutoTokenizer.from_pretrained(args.tokenizer or args.model)
+    except (OSError, ValueError) as e:
+        logger.error("--tokenizer %s: cannot load a tokenizer: %s", args.tokenizer or args.model,
+                     str(e).splitlines()[0])
+        return 2
+    try:
+        model = AutoModelForCausalLM.from_pretrained(args.model, dtype=dtype)
+    except (OSError, ValueError) as e:
+        logger.error("--model %s: cannot load a causal LM: %s", args.model, str(e).splitlines()[0])
+        return 2
     model.to(default_device()).eval()
     result, records = evaluate(
         model, tokenizer, bench, shots=args.shots, prompt=args.prompt,
@@ -137,5 +149,5 @@ def run(args: argparse.Namespace) -> int:
         logger.info("C-Eval test submission: %s (%d subjects)", path, len(bench.subjects))
     elif args.submission:
         logger.log(logging.WARNING, "--submission is only written for C-Eval --split test")
-    logger.info("\n%s", format_summary(result, per_subject=args.per_subject))
+    sys.stdout.write(format_summary(result, per_subject=args.per_subject).rstrip("\n") + "\n")
     return 0

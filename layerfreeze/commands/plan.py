@@ -92,7 +92,17 @@ def _load_plan_arg(text: str) -> Any:
             raise FileNotFoundError(f"--plan {text}: no such file.")
         import yaml
 
-        return yaml.safe_load(p.read_text(encoding="utf-8"))
+        try:
+            return yaml.safe_load(p.read_text(encoding="utf-8"))
+        except yaml.YAMLError as e:  # JSON is YAML: a JSON syntax error lands here too
+            where = getattr(e, "problem_mark", None)
+            at = f" at line {where.line + 1}, column {where.column + 1}" if where else ""
+            what = getattr(e, "problem", None) or str(e).splitlines()[0]
+            raise ConfigError(
+                f"--plan {text}: not valid YAML/JSON{at}: {what}. Fix the file's syntax."
+            ) from None
+        except UnicodeDecodeError:
+            raise ConfigError(f"--plan {text}: not a UTF-8 text file.") from None
     return text
 
 

@@ -10,6 +10,7 @@ Example::
 from __future__ import annotations
 
 import argparse
+import sys
 
 from layerfreeze.utils.logging import get_logger
 
@@ -39,20 +40,29 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 def run(args: argparse.Namespace) -> int:
     from layerfreeze.data.tokenizer import load_tokenizer, train_tokenizer
 
-    out = train_tokenizer(
-        args.input,
-        args.out,
-        vocab_size=args.vocab_size,
-        model_type=args.model_type,
-        character_coverage=args.character_coverage,
-        text_key=args.text_key,
-        txt_documents=args.txt_documents,
-        input_sentence_size=args.input_sentence_size,
-        seed=args.seed,
-    )
+    if args.input_sentence_size < 0:
+        logger.error("--input-sentence-size: must be >= 0 (0: all lines), got %d.",
+                     args.input_sentence_size)
+        return 2
+    try:
+        out = train_tokenizer(
+            args.input,
+            args.out,
+            vocab_size=args.vocab_size,
+            model_type=args.model_type,
+            character_coverage=args.character_coverage,
+            text_key=args.text_key,
+            txt_documents=args.txt_documents,
+            input_sentence_size=args.input_sentence_size,
+            seed=args.seed,
+        )
+    except (ValueError, OSError) as e:  # ConfigError is a ValueError
+        logger.error("%s", e)
+        return 2
     tok = load_tokenizer(out)
-    logger.info(
-        "saved to %s: %d ids, bos=%s eos=%s pad=%s unk=%s; load with AutoTokenizer.from_pretrained(%r)",
-        out, len(tok), tok.bos_token_id, tok.eos_token_id, tok.pad_token_id, tok.unk_token_id, str(out),
+    sys.stdout.write(
+        f"saved to {out}: {len(tok)} ids, bos={tok.bos_token_id} eos={tok.eos_token_id} "
+        f"pad={tok.pad_token_id} unk={tok.unk_token_id}; load with "
+        f"AutoTokenizer.from_pretrained({str(out)!r})\n"
     )
     return 0

@@ -223,8 +223,19 @@ def _write_cache(
     }
 
 
+def _make_parents(path: Path) -> list[Path]:
+    """``mkdir -p path``; return the directories this call created, outermost first."""
+    missing = []
+    p = path
+    while not p.exists() and p != p.parent:
+        missing.append(p)
+        p = p.parent
+    path.mkdir(parents=True, exist_ok=True)
+    return missing[::-1]
+
+
 def _build(final: Path, files: Sequence[Path], tokenizer, key: str, options: dict[str, Any]) -> None:
-    final.parent.mkdir(parents=True, exist_ok=True)
+    created = _make_parents(final.parent)
     tmp = Path(tempfile.mkdtemp(prefix=f".{key}.", suffix=".tmp", dir=final.parent))
     try:
         index = _write_cache(tmp, files, tokenizer, key, options)
@@ -250,6 +261,9 @@ def _build(final: Path, files: Sequence[Path], tokenizer, key: str, options: dic
         )
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
+        for d in reversed(created):  # leave no empty cache directories behind a failed build
+            with contextlib.suppress(OSError):
+                d.rmdir()
         raise
 
 

@@ -157,7 +157,7 @@ def test_failure_mid_build_leaves_nothing(tok, tmp_path):
     cache_dir = tmp_path / "cache"
     with pytest.raises(ValueError, match=r"docs.jsonl:901: not valid JSON"):
         build_token_cache([f], tok, cache_dir)
-    assert list(cache_dir.iterdir()) == []
+    assert not cache_dir.exists()  # no empty cache directory left behind either
     del lines[900]
     f.write_text("\n".join(lines) + "\n", encoding="utf-8")
     assert build_token_cache([f], tok, cache_dir).num_documents == 1000
@@ -206,9 +206,14 @@ def test_bad_input_errors(tok, tmp_path):
     empty.mkdir()
     (empty / "a.txt").write_text("\n\n  \n", encoding="utf-8")
     (empty / "b.jsonl").write_text('{"text": ""}\n\n', encoding="utf-8")
+    nested = cache_dir / "sub" / "dir"
     with pytest.raises(ValueError, match=r"data.paths: the corpus has no text: .*a.txt, .*b.jsonl hold 0"):
-        build_token_cache([empty], tok, cache_dir)
-    assert not cache_dir.exists() or list(cache_dir.iterdir()) == []
+        build_token_cache([empty], tok, nested)
+    assert not cache_dir.exists()  # the directories the failed build created are gone
+    (tmp_path / "kept").mkdir()
+    with pytest.raises(ValueError, match=r"the corpus has no text"):
+        build_token_cache([empty], tok, tmp_path / "kept")
+    assert (tmp_path / "kept").is_dir() and list((tmp_path / "kept").iterdir()) == []
 
 
 def test_tokenizer_without_eos_is_rejected(tmp_path):
