@@ -265,7 +265,8 @@ class Recipe:
             cache = build_token_cache(
                 cfg.data.paths, self.tokenizer, cfg.data.resolved_cache_dir(),
                 text_key=cfg.data.text_key, txt_documents=cfg.data.txt_documents,
-                add_bos=cfg.data.add_bos,
+                add_bos=cfg.data.add_bos, num_workers=cfg.data.num_workers,
+                chunk_bytes=cfg.data.chunk_mb << 20,
             )
         except ConfigError:
             raise

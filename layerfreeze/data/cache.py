@@ -14,13 +14,23 @@ so a crash or an error never leaves a directory under a key name; temporary dire
 (``.<key>.*.tmp``) are never read. When two processes race to build the same key, the first
 rename wins and the other discards its copy. Under ``torch.distributed`` only local rank 0
 builds; other ranks wait and then open the finished cache.
+
+Memory stays bounded by the work unit, never by the corpus: documents stream from the files in
+batches of 256 and their ids are appended to ``tokens.bin`` as they come. With ``num_workers >
+1`` the inputs are cut into pieces (whole files, and files above ``chunk_bytes`` into byte ranges
+at document boundaries, :func:`~layerfreeze.data.corpus.split_file`); worker processes tokenize
+the pieces into part files, and the parent appends the parts to ``tokens.bin`` in input order
+and deletes each, so the file is byte-identical to a one-process build (and has the same key:
+the number of workers is not part of it).
 """
 
 from __future__ import annotations
 
 import contextlib
 import hashlib
+import itertools
 import json
+import multiprocessing
 import os
 import shutil
 import tempfile
@@ -32,7 +42,7 @@ from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
-from layerfreeze.data.corpus import iter_documents, resolve_files
+from layerfreeze.data.corpus import iter_documents, resolve_files, split_file
 from layerfreeze.data.tokenizer import run_on_local_rank0, tokenizer_fingerprint
 from layerfreeze.utils.logging import get_logger, log_rank0
 
@@ -41,12 +51,20 @@ if TYPE_CHECKING:
 
 logger = get_logger(__name__)
 
-__all__ = ["TokenCache", "build_token_cache", "cache_key", "FORMAT_VERSION"]
+__all__ = [
+    "DEFAULT_CHUNK_BYTES",
+    "FORMAT_VERSION",
+    "TokenCache",
+    "build_token_cache",
+    "cache_key",
+    "resolve_num_workers",
+]
 
 FORMAT_VERSION = 1
 _TOKENS = "tokens.bin"
 _INDEX = "index.json"
 _ENCODE_BATCH = 256
+DEFAULT_CHUNK_BYTES = 64 << 20
 
 
 @dataclass
@@ -163,42 +181,125 @@ def _encode(tokenizer: PreTrainedTokenizerBase, texts: list[str]) -> list[list[i
     return out["input_ids"]
 
 
+def _pack(ids: list[list[int]], bos: int | None, eos: int, dtype: np.dtype) -> np.ndarray:
+    """``[BOS] doc [EOS]`` for every document, back to back, as one array of ``dtype``."""
+    lens = np.fromiter(map(len, ids), dtype=np.int64, count=len(ids))
+    extra = 1 if bos is None else 2
+    out = np.empty(int(lens.sum()) + extra * len(ids), dtype=dtype)
+    ends = np.cumsum(lens + extra)  # one past each document's EOS
+    keep = np.ones(out.size, dtype=bool)
+    keep[ends - 1] = False
+    out[ends - 1] = eos
+    if bos is not None:
+        starts = ends - lens - 2
+        keep[starts] = False
+        out[starts] = bos
+    out[keep] = np.fromiter(itertools.chain.from_iterable(ids), dtype=dtype, count=int(lens.sum()))
+    return out
+
+
+def _tokenize_piece(
+    tokenizer: PreTrainedTokenizerBase,
+    path: Path,
+    byte_range: tuple[int, int] | None,
+    options: dict[str, Any],
+    out,
+    dtype: np.dtype,
+) -> tuple[int, int]:
+    """Stream the documents of one file (or byte range) into ``out``; (documents, tokens)."""
+    bos = tokenizer.bos_token_id if options["add_bos"] else None
+    eos = tokenizer.eos_token_id
+    docs = tokens = 0
+    stream = iter_documents(
+        path,
+        text_key=options["text_key"],
+        txt_documents=options["txt_documents"],
+        byte_range=byte_range,
+    )
+    for batch in _batches(stream, _ENCODE_BATCH):
+        flat = _pack(_encode(tokenizer, batch), bos, eos, dtype)
+        out.write(flat.tobytes())
+        docs += len(batch)
+        tokens += flat.size
+    return docs, tokens
+
+
+# Worker-process state: the tokenizer, the options and the directory for part files.
+_WORKER: dict[str, Any] = {}
+
+
+def _worker_init(tokenizer, options: dict[str, Any], dtype: str, tmp: str) -> None:
+    os.environ["TOKENIZERS_PARALLELISM"] = "false"  # one thread per worker process
+    _WORKER.update(tokenizer=tokenizer, options=options, dtype=np.dtype(dtype), tmp=Path(tmp))
+
+
+def _worker_piece(job: tuple[int, str, tuple[int, int] | None]) -> tuple[int, int, int]:
+    """Tokenize piece ``i`` into ``<tmp>/part-<i>.bin``; returns (i, documents, tokens)."""
+    i, path, byte_range = job
+    part = _WORKER["tmp"] / f"part-{i:08d}.bin"
+    try:
+        with part.open("wb") as out:
+            docs, tokens = _tokenize_piece(
+                _WORKER["tokenizer"],
+                Path(path),
+                byte_range,
+                _WORKER["options"],
+                out,
+                _WORKER["dtype"],
+            )
+    except ValueError:
+        if byte_range is None:
+            raise
+        # Line numbers of a byte range count from its start: read the whole file as one
+        # process would, to raise the same error (file and line) a one-worker build gives.
+        opts = _WORKER["options"]
+        for _ in iter_documents(
+            path, text_key=opts["text_key"], txt_documents=opts["txt_documents"]
+        ):
+            pass
+        raise
+    return i, docs, tokens
+
+
+def resolve_num_workers(num_workers: int) -> int:
+    """``num_workers`` with 0 meaning one per CPU this process may use."""
+    if num_workers == 0:
+        return (
+            len(os.sched_getaffinity(0))
+            if hasattr(os, "sched_getaffinity")
+            else os.cpu_count() or 1
+        )
+    return num_workers
+
+
 def _write_cache(
     tmp: Path,
     files: Sequence[Path],
     tokenizer: PreTrainedTokenizerBase,
     key: str,
     options: dict[str, Any],
+    num_workers: int = 1,
+    chunk_bytes: int = DEFAULT_CHUNK_BYTES,
 ) -> dict[str, Any]:
     vocab_size = len(tokenizer)
     dtype = np.dtype("<u2") if vocab_size < 2**16 else np.dtype("<u4")
     eos = tokenizer.eos_token_id
     bos = tokenizer.bos_token_id if options["add_bos"] else None
-    prefix = [bos] if bos is not None else []
-    records = []
-    total_tokens = total_docs = 0
+    records = [_file_record(path) | {"documents": 0, "tokens": 0} for path in files]
     with (tmp / _TOKENS).open("wb") as out:
-        for path in files:
-            rec = _file_record(path)
-            docs = tokens = 0
-            stream = iter_documents(
-                path, text_key=options["text_key"], txt_documents=options["txt_documents"]
-            )
-            for batch in _batches(stream, _ENCODE_BATCH):
-                ids = _encode(tokenizer, batch)
-                flat = np.fromiter(
-                    (t for seq in ids for t in (*prefix, *seq, eos)),
-                    dtype=np.int64,
+        if num_workers <= 1:
+            for rec, path in zip(records, files, strict=True):
+                rec["documents"], rec["tokens"] = _tokenize_piece(
+                    tokenizer, path, None, options, out, dtype
                 )
-                out.write(flat.astype(dtype).tobytes())
-                docs += len(batch)
-                tokens += flat.size
-            rec.update(documents=docs, tokens=tokens)
-            records.append(rec)
-            total_docs += docs
-            total_tokens += tokens
+        else:
+            _write_parallel(
+                tmp, files, records, tokenizer, options, out, dtype, num_workers, chunk_bytes
+            )
         out.flush()
         os.fsync(out.fileno())
+    total_docs = sum(r["documents"] for r in records)
+    total_tokens = sum(r["tokens"] for r in records)
     if total_docs == 0:
         raise ValueError(
             f"data.paths: the corpus has no text: {', '.join(str(f) for f in files)} hold 0 non-empty "
@@ -223,6 +324,47 @@ def _write_cache(
     }
 
 
+def _write_parallel(
+    tmp: Path,
+    files: Sequence[Path],
+    records: list[dict[str, Any]],
+    tokenizer: PreTrainedTokenizerBase,
+    options: dict[str, Any],
+    out,
+    dtype: np.dtype,
+    num_workers: int,
+    chunk_bytes: int,
+) -> None:
+    """Tokenize pieces of ``files`` in ``num_workers`` processes; append their parts in order."""
+    jobs, owner = [], []
+    for f_idx, path in enumerate(files):
+        size = path.stat().st_size
+        ranges = (
+            split_file(path, chunk_bytes, txt_documents=options["txt_documents"])
+            if size > chunk_bytes
+            else [None]
+        )
+        for r in ranges:
+            jobs.append((len(jobs), str(path), r))
+            owner.append(f_idx)
+    # fork: workers start at once with the tokenizer already loaded (no re-import of torch);
+    # they only read files and write part files.
+    methods = multiprocessing.get_all_start_methods()
+    ctx = multiprocessing.get_context("fork" if "fork" in methods else "spawn")
+    workers = min(num_workers, len(jobs))
+    with ctx.Pool(
+        workers, initializer=_worker_init, initargs=(tokenizer, options, dtype.str, str(tmp))
+    ) as pool:
+        for i, docs, tokens in pool.imap(_worker_piece, jobs, chunksize=1):
+            part = tmp / f"part-{i:08d}.bin"
+            with part.open("rb") as src:
+                shutil.copyfileobj(src, out, 16 << 20)
+            part.unlink()
+            rec = records[owner[i]]
+            rec["documents"] += docs
+            rec["tokens"] += tokens
+
+
 def _make_parents(path: Path) -> list[Path]:
     """``mkdir -p path``; return the directories this call created, outermost first."""
     missing = []
@@ -234,11 +376,19 @@ def _make_parents(path: Path) -> list[Path]:
     return missing[::-1]
 
 
-def _build(final: Path, files: Sequence[Path], tokenizer, key: str, options: dict[str, Any]) -> None:
+def _build(
+    final: Path,
+    files: Sequence[Path],
+    tokenizer,
+    key: str,
+    options: dict[str, Any],
+    num_workers: int = 1,
+    chunk_bytes: int = DEFAULT_CHUNK_BYTES,
+) -> None:
     created = _make_parents(final.parent)
     tmp = Path(tempfile.mkdtemp(prefix=f".{key}.", suffix=".tmp", dir=final.parent))
     try:
-        index = _write_cache(tmp, files, tokenizer, key, options)
+        index = _write_cache(tmp, files, tokenizer, key, options, num_workers, chunk_bytes)
         # index.json is the last file written: a directory without it is never complete.
         with (tmp / _INDEX).open("w", encoding="utf-8") as f:
             json.dump(index, f, indent=2, ensure_ascii=False)
@@ -256,8 +406,12 @@ def _build(final: Path, files: Sequence[Path], tokenizer, key: str, options: dic
             os.fsync(fd)
             os.close(fd)
         log_rank0(
-            logger, "tokenized %d documents (%d tokens) from %d files into %s",
-            index["num_documents"], index["num_tokens"], len(files), final,
+            logger,
+            "tokenized %d documents (%d tokens) from %d files into %s",
+            index["num_documents"],
+            index["num_tokens"],
+            len(files),
+            final,
         )
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
@@ -275,6 +429,8 @@ def build_token_cache(
     text_key: str = "text",
     txt_documents: str = "paragraph",
     add_bos: bool = True,
+    num_workers: int = 1,
+    chunk_bytes: int = DEFAULT_CHUNK_BYTES,
 ) -> TokenCache:
     """Tokenize ``paths`` once (or reuse the cache) and open the memory-mapped result.
 
@@ -293,14 +449,25 @@ def build_token_cache(
         text_key: JSONL field with the text.
         txt_documents: ``paragraph`` or ``line`` (how ``.txt`` files split into documents).
         add_bos: start each document with BOS when the tokenizer has one.
+        num_workers: tokenizing processes (0: one per CPU). The result is byte-identical for any
+            value, and the cache key does not depend on it.
+        chunk_bytes: with several workers, files larger than this are cut into pieces of about
+            this size (at document boundaries) so one large file spreads over the workers.
 
     Returns:
         The opened :class:`TokenCache`.
 
     Raises:
         ConfigError: missing/unsupported input paths (naming ``data.paths[i]``).
-        ValueError: no EOS token, no text in the corpus, or unreadable input (naming the file).
+        ValueError: no EOS token, no text in the corpus, unreadable input (naming the file), or
+            a negative ``num_workers`` / non-positive ``chunk_bytes``.
     """
+    if not isinstance(num_workers, int) or num_workers < 0:
+        raise ValueError(
+            f"data.num_workers: must be 0 (one per CPU) or a positive integer, got {num_workers!r}."
+        )
+    if not isinstance(chunk_bytes, int) or chunk_bytes < 1:
+        raise ValueError(f"chunk_bytes: must be a positive integer, got {chunk_bytes!r}.")
     files = resolve_files(paths, key="data.paths")
     if tokenizer.eos_token_id is None:
         raise ValueError(
@@ -319,7 +486,7 @@ def build_token_cache(
         if final.exists():  # a stale or damaged directory under our key: replace it
             log_rank0(logger, "rebuilding token cache %s (%s)", final, problem)
             shutil.rmtree(final)
-        _build(final, files, tokenizer, key, options)
+        _build(final, files, tokenizer, key, options, resolve_num_workers(num_workers), chunk_bytes)
 
     run_on_local_rank0(build)
     return TokenCache.open(final)

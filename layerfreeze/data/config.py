@@ -93,6 +93,15 @@ class DataConfig:
     """Where tokenized corpora are cached (one sub-directory per corpus + tokenizer + options).
     Null: ``$LAYERFREEZE_CACHE`` or ``~/.cache/layerfreeze/tokens``."""
 
+    num_workers: int = 1
+    """Processes that tokenize the corpus into the cache (0: one per CPU). The cache is
+    byte-identical for any value and reused across values; files larger than ``chunk_mb`` are
+    split at document boundaries so one big file spreads over the workers."""
+
+    chunk_mb: int = 64
+    """Work unit of the tokenizing workers in MiB of text: larger files are cut into pieces of
+    about this size. Memory per worker does not grow with it (documents stream in batches)."""
+
     def __post_init__(self) -> None:
         problems = []
         if not self.paths:
@@ -108,6 +117,13 @@ class DataConfig:
             problems.append("text_key: must not be empty, got ''. Use the JSONL field with the text.")
         if self.seq_len < 1:
             problems.append(f"seq_len: must be at least 1, got {self.seq_len}. Use e.g. 256.")
+        if self.num_workers < 0:
+            problems.append(
+                f"num_workers: must be 0 (one per CPU) or a positive number of processes, got "
+                f"{self.num_workers}."
+            )
+        if self.chunk_mb < 1:
+            problems.append(f"chunk_mb: must be at least 1 (MiB), got {self.chunk_mb}. Use e.g. 64.")
         if problems:
             raise ConfigError([f"data.{p}" for p in problems])
 
