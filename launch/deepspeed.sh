@@ -31,4 +31,19 @@ if [ -n "${HOSTFILE:-}" ]; then
   ARGS+=(--hostfile "$HOSTFILE" --num_nodes "${NUM_NODES:-1}")
   [ -n "${MASTER_ADDR:-}" ] && ARGS+=(--master_addr "$MASTER_ADDR")
 fi
-exec "$PY" -m deepspeed.launcher.runner "${ARGS[@]}" --module layerfreeze train --config "$CONFIG" "$@"
+# A user error (bad config value, missing file, empty corpus) makes every rank log one
+# "ERROR ..." line and exit 2; the launcher then reports the failed process and exits 1. The
+# ranks also append that line to $LAYERFREEZE_ERROR_FILE, and this script prints it last, as
+# "layerfreeze: rank R: <what is wrong>", and exits 2.
+ERROR_FILE=$(mktemp "${TMPDIR:-/tmp}/layerfreeze-error.XXXXXX")
+trap 'rm -f -- "$ERROR_FILE"' EXIT
+export LAYERFREEZE_ERROR_FILE=$ERROR_FILE
+set +e
+"$PY" -m deepspeed.launcher.runner "${ARGS[@]}" --module layerfreeze train --config "$CONFIG" "$@"
+rc=$?
+set -e
+if [ -s "$ERROR_FILE" ]; then
+  echo "layerfreeze: $(head -n 1 "$ERROR_FILE")" >&2
+  exit 2
+fi
+exit "$rc"

@@ -46,10 +46,25 @@ fi
 
 ARGS=(--config "$CONFIG" "logging.out_dir=$OUT_DIR" "${EVAL_ARGS[@]}" "$@")
 echo "[quickstart] $NPROC DeepSpeed ranks (gloo, CPU), config $CONFIG"
+# A user error (bad config value, missing file, empty corpus) makes every rank log one
+# "ERROR ..." line and exit 2; torchrun then prints its ChildFailedError report and exits 1. The
+# ranks also append that line to $LAYERFREEZE_ERROR_FILE, and this script prints it last, as
+# "layerfreeze: rank R: <what is wrong>", and exits 2.
+ERROR_FILE=$(mktemp "${TMPDIR:-/tmp}/layerfreeze-error.XXXXXX")
+trap 'rm -f -- "$ERROR_FILE"' EXIT
+export LAYERFREEZE_ERROR_FILE=$ERROR_FILE
+set +e
 if [ "${LAUNCHER:-torchrun}" = "deepspeed" ]; then
   "$PY" -m deepspeed.launcher.runner --num_gpus "$NPROC" --master_port "${MASTER_PORT:-29511}" \
     --module layerfreeze train "${ARGS[@]}"
 else
   "$PY" -m torch.distributed.run --standalone --nproc_per_node "$NPROC" -m layerfreeze train "${ARGS[@]}"
 fi
+rc=$?
+set -e
+if [ -s "$ERROR_FILE" ]; then
+  echo "layerfreeze: $(head -n 1 "$ERROR_FILE")" >&2
+  exit 2
+fi
+[ "$rc" -eq 0 ] || exit "$rc"
 echo "[quickstart] done: see $OUT_DIR/summary.json (metrics: $OUT_DIR/metrics.jsonl, wandb: $OUT_DIR/wandb)"

@@ -27,7 +27,22 @@ else
   NPROC=${NPROC_PER_NODE:-$GPUS}
 fi
 export WANDB_MODE=${WANDB_MODE:-offline}
-exec "$PY" -m torch.distributed.run \
+# A user error (bad config value, missing file, empty corpus) makes every rank log one
+# "ERROR ..." line and exit 2; torchrun then prints its ChildFailedError report and exits 1. The
+# ranks also append that line to $LAYERFREEZE_ERROR_FILE, and this script prints it last, as
+# "layerfreeze: rank R: <what is wrong>", and exits 2.
+ERROR_FILE=$(mktemp "${TMPDIR:-/tmp}/layerfreeze-error.XXXXXX")
+trap 'rm -f -- "$ERROR_FILE"' EXIT
+export LAYERFREEZE_ERROR_FILE=$ERROR_FILE
+set +e
+"$PY" -m torch.distributed.run \
   --nnodes "${NNODES:-1}" --node_rank "${NODE_RANK:-0}" --nproc_per_node "$NPROC" \
   --master_addr "${MASTER_ADDR:-127.0.0.1}" --master_port "${MASTER_PORT:-29500}" \
   -m layerfreeze train --config "$CONFIG" "$@"
+rc=$?
+set -e
+if [ -s "$ERROR_FILE" ]; then
+  echo "layerfreeze: $(head -n 1 "$ERROR_FILE")" >&2
+  exit 2
+fi
+exit "$rc"

@@ -7,7 +7,10 @@ Run ``layerfreeze --help``; each subcommand lives in ``layerfreeze/commands/<nam
 from __future__ import annotations
 
 import argparse
+import contextlib
 import importlib
+import logging
+import os
 import sys
 
 # name -> (module, one-line help). Modules are imported only when their command runs,
@@ -45,7 +48,35 @@ def main(argv: list[str] | None = None) -> int:
     from layerfreeze.utils.logging import setup_logging
 
     setup_logging()
-    return int(importlib.import_module(args._module).run(args) or 0)
+    errors = _ErrorLines()
+    logging.getLogger("layerfreeze").addHandler(errors)
+    try:
+        rc = int(importlib.import_module(args._module).run(args) or 0)
+    finally:
+        logging.getLogger("layerfreeze").removeHandler(errors)
+    if rc == 2 and errors.lines and os.environ.get("LAYERFREEZE_ERROR_FILE"):
+        _append_error(os.environ["LAYERFREEZE_ERROR_FILE"], errors.lines[-1])
+    return rc
+
+
+class _ErrorLines(logging.Handler):
+    """Keeps the ERROR messages a command logs (the last one is its user-error line)."""
+
+    def __init__(self) -> None:
+        super().__init__(logging.ERROR)
+        self.lines: list[str] = []
+
+    def emit(self, record: logging.LogRecord) -> None:
+        self.lines.append(" ".join(record.getMessage().split()))
+
+
+def _append_error(path: str, line: str) -> None:
+    """Under a launcher (torchrun, deepspeed) each rank's user-error line goes to
+    ``$LAYERFREEZE_ERROR_FILE`` (one appended line per rank), which the launch scripts print as
+    the job's last line: torchrun itself only reports ``ChildFailedError`` with exit code 1."""
+    rank = os.environ.get("RANK", "0")
+    with contextlib.suppress(OSError), open(path, "a", encoding="utf-8") as f:
+        f.write(f"rank {rank}: {line}\n")
 
 
 if __name__ == "__main__":
