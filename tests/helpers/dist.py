@@ -26,7 +26,9 @@ def find_free_port() -> int:
         return s.getsockname()[1]
 
 
-def _worker(rank: int, world_size: int, port: int, fn: Callable, args: tuple, queue, env: dict) -> None:
+def _worker(
+    rank: int, world_size: int, port: int, fn: Callable, args: tuple, queue, env: dict, received
+) -> None:
     os.environ.update(env)
     os.environ.update(
         {
@@ -48,6 +50,9 @@ def _worker(rank: int, world_size: int, port: int, fn: Callable, args: tuple, qu
             dist.init_process_group("gloo", rank=rank, world_size=world_size)
         out = fn(rank, world_size, *args)
         queue.put((rank, "ok", out))
+        # Tensors in the result cross by shared-memory handle, fetched from this process while
+        # the parent unpickles them: stay alive until the parent has them.
+        received.wait(timeout=120)
     except BaseException:  # report to the parent with the full traceback, then re-raise
         queue.put((rank, "error", traceback.format_exc()))
         raise
@@ -71,8 +76,12 @@ def run_distributed(
     ctx = mp.get_context("spawn")
     queue = ctx.Queue()
     port = find_free_port()
+    received = ctx.Event()
     procs = [
-        ctx.Process(target=_worker, args=(r, world_size, port, fn, args, queue, dict(env or {})))
+        ctx.Process(
+            target=_worker,
+            args=(r, world_size, port, fn, args, queue, dict(env or {}), received),
+        )
         for r in range(world_size)
     ]
     for p in procs:
@@ -94,6 +103,7 @@ def run_distributed(
                 errors.append(f"rank {rank} failed:\n{payload}")
                 break
     finally:
+        received.set()
         for p in procs:
             p.join(timeout=30 if not errors else 5)
             if p.is_alive():
