@@ -242,3 +242,14 @@ def test_tp1_adapters_match_the_written_formulas(mp):
     got = mp_prefix.branch(q, 16**-0.5)
     ref = hf(q.permute(1, 2, 0, 3), 16**-0.5)  # (b, s, heads, head_dim)
     torch.testing.assert_close(got, ref.permute(1, 0, 2, 3).reshape(5, 2, 64))
+
+
+def test_prefix_options_on_megatron(mp):
+    from layerfreeze.engines.megatron import megatron_layout
+
+    model = build_tiny_gpt(num_layers=2)
+    with pytest.raises(ConfigError, match="form=branch"):
+        apply_plan(model, "0:prefix(tokens=2,form=paper)", layout=megatron_layout(model))
+    apply_plan(model, "0:prefix(tokens=2,gated,gate_bias=-3)", layout=megatron_layout(model))
+    gate = model.decoder.layers[0].self_attention.prefix_adapter.prefix_gate
+    assert gate.bias.item() == -3.0 and not gate.weight.any()
