@@ -193,6 +193,13 @@ def test_full_recompute_gets_adapter_gradients(mp, plan):
     for n, g in reference.items():
         torch.testing.assert_close(grads[n], g, rtol=1e-5, atol=1e-6, msg=n)
 
+    # plan_model_provider's apply_megatron_plan prepares recomputation itself
+    from layerfreeze.engines.megatron.provider import apply_megatron_plan
+
+    model = build_tiny_gpt(num_layers=2, **recompute)
+    apply_megatron_plan(model, plan)
+    assert all(g is not None for g in _adapter_grads(model, tokens).values())
+
 
 def test_prefix_refused_under_selective_core_attention_recompute(mp):
     from layerfreeze.engines.megatron import megatron_layout

@@ -50,16 +50,23 @@ def apply_megatron_plan(
         plan: any plan spec ``LayerPlan.parse`` accepts.
         install: further plans whose adapters must exist (later schedule phases).
 
+    With activation recomputation configured, the embedding output is made to require grad
+    (:func:`~layerfreeze.engines.megatron.recompute.prepare_recompute`), so adapters above
+    frozen embeddings get gradients through megatron's reentrant checkpoint.
+
     Returns:
         The ``AppliedPlan`` (its ``model`` is the GPTModel, or a ``ModuleList`` of the chunks).
     """
     from layerfreeze.apply import apply_plan
     from layerfreeze.engines.megatron.layout import chunks_module, megatron_layout
+    from layerfreeze.engines.megatron.recompute import prepare_recompute
 
     if isinstance(model, (list, tuple)):
         model = chunks_module(model) if len(model) > 1 else model[0]
     chunks = list(model) if isinstance(model, nn.ModuleList) else model
-    return apply_plan(model, plan, install=tuple(install), layout=megatron_layout(chunks))
+    applied = apply_plan(model, plan, install=tuple(install), layout=megatron_layout(chunks))
+    prepare_recompute(chunks)
+    return applied
 
 
 def plan_model_provider(
