@@ -350,11 +350,11 @@ class Recipe:
         d = self.cfg.diagnostics
         if not d.enabled:
             return
-        if self.cfg.engine != "deepspeed":
+        if self.cfg.engine not in ("deepspeed", "megatron"):
             raise ConfigError(
-                f"diagnostics.enabled: the sensitivity hooks run on Hugging Face modules "
-                f"(engine: deepspeed), got engine: {self.cfg.engine}. Set diagnostics.enabled="
-                "false and run `layerfreeze trace` on the exported checkpoint instead."
+                f"diagnostics.enabled: the sensitivity hooks run with engine: deepspeed or "
+                f"megatron, got engine: {self.cfg.engine}. Set diagnostics.enabled=false and run "
+                "`layerfreeze trace` on the exported checkpoint instead."
             )
         from layerfreeze.diagnostics.hooks import SensitivityHooks
         from layerfreeze.diagnostics.measures import is_partitioned
@@ -366,6 +366,23 @@ class Recipe:
         )
         measures = list(d.measures)
         self.diag_gather = None
+        if self.cfg.engine == "megatron":  # TP/PP stages measured in place, merged over ranks
+            if "grad_norm" in measures:
+                measures.remove("grad_norm")
+                note = (
+                    "diagnostics: grad_norm is not computed with engine: megatron (a probe "
+                    "backward would go through Megatron's DDP gradient buffers); the engine's "
+                    "per-layer gradient norms (logging.per_layer_every) stand in"
+                )
+                self.notes.append(note)
+                log_rank0(logger, note, level=logging.WARNING)
+            if not measures:
+                return
+            from layerfreeze.engines.megatron.diagnostics import MegatronSensitivityHooks
+
+            self.diag = MegatronSensitivityHooks(self.runner, ids, measures)
+            self._diagnose()
+            return
         if is_partitioned(self.runner.model):  # ZeRO-3: layers gathered one at a time
             self.diag_gather = self.runner.gathered_parameters
             if "grad_norm" in measures:

@@ -126,6 +126,38 @@ def test_seeded_start_matches_the_deepspeed_engine(tmp_path, eval_data_dir):
     assert _losses(out_m)[1] == pytest.approx(_losses(out_d)[1], rel=1e-5)
 
 
+def test_pp2_diagnostics_hooks_log_per_layer_series(tmp_path, eval_data_dir):
+    from layerfreeze.metrics import read_jsonl
+
+    out = tmp_path / "run"
+    cfg = _mconfig(out, tmp_path / "cache", 1, 2, eval_data_dir, plan={"spec": "freeze_deep"},
+                   eval={"every_steps": 0, "at_end": False},
+                   checkpoint={"every_steps": 0, "export_final": False},
+                   train={"grad_accum_steps": 1})
+    proc = _mtrain(_write(tmp_path / "run.yaml", cfg), "diagnostics.enabled=true",
+                   "diagnostics.every_steps=2")
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-8000:]
+    records = read_jsonl(out / "metrics.jsonl")
+    diag = [r for r in records if r["type"] == "diag"]
+    assert [r["step"] for r in diag] == [0, 2, 4]  # the reference before any step, then every 2
+    # freeze_deep on 2 layers at PP=2: layer 0 (stage 0) trains, layer 1 (stage 1) is frozen;
+    # every record holds both stages' layers
+    for r in diag:
+        for measure in ("drift", "angular"):
+            assert all(f"diag/{measure}/layers.{i}" in r for i in (0, 1)), r
+        assert "diag/grad_norm/layers.0" not in r  # the engine's grad norms stand in
+        assert all(0.0 < r[f"diag/angular/layers.{i}"] < 1.0 for i in (0, 1))
+        assert r["diag/probe_loss"] > 0.0
+    assert all(diag[0][f"diag/drift/layers.{i}"] == 0.0 for i in (0, 1))
+    assert diag[2]["diag/drift/layers.0"] > 0.0  # the trained layer's output moved
+    assert diag[1]["diag/update_ratio/layers.0"] > 0.0
+    assert diag[1]["diag/update_ratio/layers.1"] == 0.0  # frozen: bit-identical weights
+    step3 = [r for r in records if r["type"] == "train" and r["step"] == 3]
+    assert step3 and "grad_norm/layers.0" in step3[0]  # logging.per_layer_every=3
+    assert (out / "diagnostics.png").read_bytes()[:4] == b"\x89PNG"
+    assert "grad_norm is not computed with engine: megatron" in proc.stderr
+
+
 @pytest.mark.parametrize(
     "overrides, message",
     [
