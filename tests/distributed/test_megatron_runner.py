@@ -103,6 +103,7 @@ def _train(runner, steps: int, start: int = 0) -> list[float]:
 def _exact_body(rank, world_size):
     from megatron.core import parallel_state as ps
 
+    from layerfreeze.engines.base import EngineAdapter
     from tests.helpers.megatron import megatron_cpu_shim
 
     with megatron_cpu_shim():
@@ -166,6 +167,7 @@ def _exact_body(rank, world_size):
             "n_frozen": len(frozen_before),
             "losses": losses,
             "label_losses": (float(written), hf_style, next_token),
+            "protocol": isinstance(runner, EngineAdapter),
         }
         runner.close()
     return out
@@ -174,6 +176,7 @@ def _exact_body(rank, world_size):
 def test_optimizer_holds_exactly_the_trainable_elements_tp2():
     res = run_distributed(_exact_body, world_size=2)
     for r in res:
+        assert r["protocol"]  # satisfies the EngineAdapter Protocol the recipe talks to
         assert r["trainable_is_plan"]
         assert r["opt_is_trainable"] and r["buf_is_trainable"]
         assert r["opt_numel"] == r["buf_numel"] == r["local_trainable"] > 0

@@ -903,32 +903,38 @@ class MegatronRunner:
         keys = self._global_keys()
         params = dict(self._root.named_parameters())
         rank, world = ps.get_tensor_model_parallel_rank(), ps.get_tensor_model_parallel_world_size()
-        found: dict[str, tuple[Path, str]] = {}
-        for f in files:
-            with safe_open(str(f), framework="pt") as h:
-                for k in h.keys():
-                    found[k] = (f, k)
         loaded = []
-        for n, p in params.items():
-            key = keys[n]
-            if _is_tied_copy(n, p):  # the last stage's copy of tied embeddings
-                key = next(
-                    (k for k in found if k.endswith(".embedding.word_embeddings.weight")), key
-                )
-            if key not in found:
-                continue
-            f, k = found[key]
-            with safe_open(str(f), framework="pt") as h:
-                full = h.get_tensor(k)
-            shard = _split_full(full, p, rank, world)
-            if tuple(shard.shape) != tuple(p.shape):
-                raise ckpt.CheckpointError(
-                    f"{f}: {key} has shape {tuple(full.shape)}, which does not fit {n} "
-                    f"{tuple(p.shape)} at tensor-parallel size {world}. The checkpoint belongs to "
-                    "another model."
-                )
-            p.copy_(shard.to(device=p.device, dtype=p.dtype))
-            loaded.append(n)
+        with contextlib.ExitStack() as stack:
+            found: dict[str, tuple[Path, Any]] = {}
+            for f in files:
+                h = stack.enter_context(safe_open(str(f), framework="pt"))
+                found.update({k: (f, h) for k in h.keys()})
+            for n, p in params.items():
+                key = keys[n]
+                if _is_tied_copy(n, p):  # the last stage's copy of tied embeddings
+                    key = next(
+                        (k for k in found if k.endswith(".embedding.word_embeddings.weight")), key
+                    )
+                if key not in found:
+                    continue
+                f, h = found[key]
+                full = h.get_tensor(key)
+                rows = p.shape[0] * world
+                if (
+                    n.endswith(_VOCAB_PARAMS)
+                    and getattr(p, "tensor_model_parallel", False)
+                    and 0 < abs(full.shape[0] - rows) < _MAX_VOCAB_PADDING
+                ):
+                    full = _fit_vocab(full, rows)  # layouts pad the vocabulary differently
+                shard = _split_full(full, p, rank, world)
+                if tuple(shard.shape) != tuple(p.shape):
+                    raise ckpt.CheckpointError(
+                        f"{f}: {key} has shape {tuple(full.shape)}, which does not fit {n} "
+                        f"{tuple(p.shape)} at tensor-parallel size {world}. The checkpoint belongs "
+                        "to another model."
+                    )
+                p.copy_(shard.to(device=p.device, dtype=p.dtype))
+                loaded.append(n)
         missing = sorted(set(required) - set(loaded))
         if missing:
             raise ckpt.CheckpointError(
@@ -1282,6 +1288,21 @@ def _float16_pairs(opt: Any) -> list[tuple[list[torch.Tensor], list[torch.Tensor
     if lp is None or hp is None:
         return []
     return list(zip(lp, hp, strict=True))
+
+
+#: vocabulary-parallel parameters (rows = the padded vocabulary, split over TP)
+_VOCAB_PARAMS = ("word_embeddings.weight", "output_layer.weight")
+#: most padding rows two layouts can differ by (Megatron-LM pads to 128 x TP size)
+_MAX_VOCAB_PADDING = 128 * 8
+
+
+def _fit_vocab(full: torch.Tensor, rows: int) -> torch.Tensor:
+    """``full`` with its vocabulary rows cut or zero-padded to ``rows`` (layouts pad the
+    vocabulary to different multiples of their TP size; the padding rows carry no token)."""
+    if full.shape[0] >= rows:
+        return full[:rows]
+    pad = full.new_zeros((rows - full.shape[0], *full.shape[1:]))
+    return torch.cat([full, pad], dim=0)
 
 
 def _is_tied_copy(name: str, param: torch.Tensor) -> bool:
