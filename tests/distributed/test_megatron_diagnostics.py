@@ -17,8 +17,6 @@ import torch
 from tests.helpers.dist import run_distributed
 from tests.helpers.tiny_models import build_tiny_model, tiny_batch
 
-pytestmark = pytest.mark.slow
-
 VOCAB = 100
 LAYERS = 4
 ATOL = 1e-5
@@ -109,6 +107,7 @@ def _close(got: dict, want: dict) -> None:
         assert got[k] == pytest.approx(v, abs=ATOL), (k, got[k], v)
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize(("tp", "pp"), [(2, 1), (1, 2), (1, 1)], ids=["tp2", "pp2", "dp2"])
 def test_megatron_hooks_equal_hf_hooks(tmp_path, tp, pp):
     hf = _hf()
@@ -134,3 +133,20 @@ def test_megatron_hooks_equal_hf_hooks(tmp_path, tp, pp):
     assert second["diag/drift/layers.0"] == 0.0  # frozen, and so is everything before it
     assert all(out[0]["first"][f"diag/drift/layers.{i}"] == 0.0 for i in range(LAYERS))
     assert all(0 < out[0]["first"][f"diag/angular/layers.{i}"] < 1 for i in range(LAYERS))
+
+
+@pytest.mark.parametrize(
+    ("measures", "ids", "message"),
+    [
+        (["grad_norm", "drift"], tiny_batch(VOCAB), "logging.per_layer_every"),
+        (["drift", "cka"], tiny_batch(VOCAB), "Choose from update_ratio, drift, angular"),
+        ([], tiny_batch(VOCAB), "unknown or empty"),
+        (["drift"], torch.zeros(2, 8), "integer tensor"),
+        (["drift"], torch.zeros(2, 1, dtype=torch.long), "seq >= 2"),
+    ],
+)
+def test_bad_measures_or_probe_name_what_is_valid(measures, ids, message):
+    from layerfreeze.engines.megatron.diagnostics import MegatronSensitivityHooks
+
+    with pytest.raises(ValueError, match=message):
+        MegatronSensitivityHooks(None, ids, measures)

@@ -101,6 +101,14 @@ class _LayerRecorder:
         self._handles: list[Any] = []
 
     def __enter__(self) -> _LayerRecorder:
+        try:
+            self._register()
+        except BaseException:
+            self.__exit__()
+            raise
+        return self
+
+    def _register(self) -> None:
         for i, m in enumerate(self.modules):
 
             def pre(_m: nn.Module, args: tuple, kwargs: dict, i: int = i) -> None:
@@ -113,7 +121,6 @@ class _LayerRecorder:
 
             self._handles.append(m.register_forward_pre_hook(pre, with_kwargs=True))
             self._handles.append(m.register_forward_hook(post, with_kwargs=True))
-        return self
 
     def __exit__(self, *exc: object) -> None:
         for h in self._handles:
@@ -258,10 +265,10 @@ class MegatronSensitivityHooks:
                 continue
             i = info.index
             if "angular" in want:
-                sums[i] = angular_distance(x.float(), y.float()).double().sum()
+                sums[i] = float(angular_distance(x.float(), y.float()).double().sum())
             if "drift" in want:
                 ref = self._reference[i].to(y.device)
-                sums[total + i] = angular_distance(y.float(), ref.float()).double().sum()
+                sums[total + i] = float(angular_distance(y.float(), ref.float()).double().sum())
             sums[2 * total + i] = y.shape[0] * y.shape[1]  # [s, b, h]: tokens
         if loss is not None and ps.get_tensor_model_parallel_rank() == 0:
             sums[3 * total] = loss
