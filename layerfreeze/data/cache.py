@@ -58,6 +58,7 @@ __all__ = [
     "build_token_cache",
     "cache_key",
     "resolve_num_workers",
+    "sentencepiece_model_of",
 ]
 
 FORMAT_VERSION = 1
@@ -181,6 +182,70 @@ def _encode(tokenizer: PreTrainedTokenizerBase, texts: list[str]) -> list[list[i
     return out["input_ids"]
 
 
+def sentencepiece_model_of(tokenizer: PreTrainedTokenizerBase) -> Path | None:
+    """The SentencePiece ``.model`` this HF tokenizer is exactly the conversion of, or None.
+
+    Looks for ``tokenizer.model`` in the tokenizer's directory (``name_or_path``), converts it
+    with :func:`~layerfreeze.data.tokenizer.sentencepiece_to_hf` and accepts it only when the
+    conversion's fingerprint (the full serialization) equals the tokenizer's. Tokenizers
+    trained by layerfreeze qualify; the SentencePiece processor then encodes the same ids about
+    ten times faster than the HF pipeline (``bench/data_pipeline.py``).
+    """
+    from layerfreeze.data.tokenizer import sentencepiece_to_hf
+
+    name = str(getattr(tokenizer, "name_or_path", "") or "")
+    if not name:
+        return None
+    candidate = Path(name) / "tokenizer.model" if Path(name).is_dir() else Path(name)
+    if candidate.suffix != ".model" or not candidate.is_file():
+        return None
+    try:
+        converted = sentencepiece_to_hf(candidate)
+    except (ValueError, OSError):
+        return None
+    if tokenizer_fingerprint(converted) != tokenizer_fingerprint(tokenizer):
+        return None
+    return candidate
+
+
+class _Encoder:
+    """Documents -> ids without special tokens: the SentencePiece processor when the tokenizer
+    is provably its conversion (checked again on each piece's first batch), else HF."""
+
+    def __init__(self, tokenizer: PreTrainedTokenizerBase, sp_model: Path | None):
+        self.tokenizer = tokenizer
+        self.sp_model = sp_model
+        self._sp = None
+
+    def __getstate__(self) -> dict[str, Any]:
+        return {"tokenizer": self.tokenizer, "sp_model": self.sp_model, "_sp": None}
+
+    def first_batch_checks(self) -> Iterable[bool]:
+        """Per batch of a piece: whether to cross-check against HF (the first batch only)."""
+        yield True
+        while True:
+            yield False
+
+    def __call__(self, texts: list[str], check: bool) -> list[list[int]]:
+        if self.sp_model is None:
+            return _encode(self.tokenizer, texts)
+        if self._sp is None:
+            import sentencepiece as spm
+
+            self._sp = spm.SentencePieceProcessor(model_file=str(self.sp_model))
+        ids = self._sp.encode(texts)
+        if check:
+            reference = _encode(self.tokenizer, texts)
+            if ids != reference:
+                logger.warning(
+                    "SentencePiece and the HF tokenizer disagree on this corpus; tokenizing with "
+                    "the HF tokenizer (slower)"
+                )
+                self.sp_model = None
+                return reference
+        return ids
+
+
 def _pack(ids: list[list[int]], bos: int | None, eos: int, dtype: np.dtype) -> np.ndarray:
     """``[BOS] doc [EOS]`` for every document, back to back, as one array of ``dtype``."""
     lens = np.fromiter(map(len, ids), dtype=np.int64, count=len(ids))
@@ -199,7 +264,7 @@ def _pack(ids: list[list[int]], bos: int | None, eos: int, dtype: np.dtype) -> n
 
 
 def _tokenize_piece(
-    tokenizer: PreTrainedTokenizerBase,
+    encoder: _Encoder,
     path: Path,
     byte_range: tuple[int, int] | None,
     options: dict[str, Any],
@@ -207,6 +272,7 @@ def _tokenize_piece(
     dtype: np.dtype,
 ) -> tuple[int, int]:
     """Stream the documents of one file (or byte range) into ``out``; (documents, tokens)."""
+    tokenizer = encoder.tokenizer
     bos = tokenizer.bos_token_id if options["add_bos"] else None
     eos = tokenizer.eos_token_id
     docs = tokens = 0
@@ -216,8 +282,9 @@ def _tokenize_piece(
         txt_documents=options["txt_documents"],
         byte_range=byte_range,
     )
+    checks = encoder.first_batch_checks()
     for batch in _batches(stream, _ENCODE_BATCH):
-        flat = _pack(_encode(tokenizer, batch), bos, eos, dtype)
+        flat = _pack(encoder(batch, next(checks)), bos, eos, dtype)
         out.write(flat.tobytes())
         docs += len(batch)
         tokens += flat.size
@@ -228,9 +295,9 @@ def _tokenize_piece(
 _WORKER: dict[str, Any] = {}
 
 
-def _worker_init(tokenizer, options: dict[str, Any], dtype: str, tmp: str) -> None:
+def _worker_init(encoder: _Encoder, options: dict[str, Any], dtype: str, tmp: str) -> None:
     os.environ["TOKENIZERS_PARALLELISM"] = "false"  # one thread per worker process
-    _WORKER.update(tokenizer=tokenizer, options=options, dtype=np.dtype(dtype), tmp=Path(tmp))
+    _WORKER.update(encoder=encoder, options=options, dtype=np.dtype(dtype), tmp=Path(tmp))
 
 
 def _worker_piece(job: tuple[int, str, tuple[int, int] | None]) -> tuple[int, int, int]:
@@ -240,7 +307,7 @@ def _worker_piece(job: tuple[int, str, tuple[int, int] | None]) -> tuple[int, in
     try:
         with part.open("wb") as out:
             docs, tokens = _tokenize_piece(
-                _WORKER["tokenizer"],
+                _WORKER["encoder"],
                 Path(path),
                 byte_range,
                 _WORKER["options"],
@@ -280,7 +347,9 @@ def _write_cache(
     options: dict[str, Any],
     num_workers: int = 1,
     chunk_bytes: int = DEFAULT_CHUNK_BYTES,
+    encoder: str = "auto",
 ) -> dict[str, Any]:
+    enc = _Encoder(tokenizer, sentencepiece_model_of(tokenizer) if encoder == "auto" else None)
     vocab_size = len(tokenizer)
     dtype = np.dtype("<u2") if vocab_size < 2**16 else np.dtype("<u4")
     eos = tokenizer.eos_token_id
@@ -290,12 +359,10 @@ def _write_cache(
         if num_workers <= 1:
             for rec, path in zip(records, files, strict=True):
                 rec["documents"], rec["tokens"] = _tokenize_piece(
-                    tokenizer, path, None, options, out, dtype
+                    enc, path, None, options, out, dtype
                 )
         else:
-            _write_parallel(
-                tmp, files, records, tokenizer, options, out, dtype, num_workers, chunk_bytes
-            )
+            _write_parallel(tmp, files, records, enc, options, out, dtype, num_workers, chunk_bytes)
         out.flush()
         os.fsync(out.fileno())
     total_docs = sum(r["documents"] for r in records)
@@ -328,7 +395,7 @@ def _write_parallel(
     tmp: Path,
     files: Sequence[Path],
     records: list[dict[str, Any]],
-    tokenizer: PreTrainedTokenizerBase,
+    encoder: _Encoder,
     options: dict[str, Any],
     out,
     dtype: np.dtype,
@@ -353,7 +420,7 @@ def _write_parallel(
     ctx = multiprocessing.get_context("fork" if "fork" in methods else "spawn")
     workers = min(num_workers, len(jobs))
     with ctx.Pool(
-        workers, initializer=_worker_init, initargs=(tokenizer, options, dtype.str, str(tmp))
+        workers, initializer=_worker_init, initargs=(encoder, options, dtype.str, str(tmp))
     ) as pool:
         for i, docs, tokens in pool.imap(_worker_piece, jobs, chunksize=1):
             part = tmp / f"part-{i:08d}.bin"
@@ -384,11 +451,12 @@ def _build(
     options: dict[str, Any],
     num_workers: int = 1,
     chunk_bytes: int = DEFAULT_CHUNK_BYTES,
+    encoder: str = "auto",
 ) -> None:
     created = _make_parents(final.parent)
     tmp = Path(tempfile.mkdtemp(prefix=f".{key}.", suffix=".tmp", dir=final.parent))
     try:
-        index = _write_cache(tmp, files, tokenizer, key, options, num_workers, chunk_bytes)
+        index = _write_cache(tmp, files, tokenizer, key, options, num_workers, chunk_bytes, encoder)
         # index.json is the last file written: a directory without it is never complete.
         with (tmp / _INDEX).open("w", encoding="utf-8") as f:
             json.dump(index, f, indent=2, ensure_ascii=False)
@@ -431,6 +499,7 @@ def build_token_cache(
     add_bos: bool = True,
     num_workers: int = 1,
     chunk_bytes: int = DEFAULT_CHUNK_BYTES,
+    encoder: str = "auto",
 ) -> TokenCache:
     """Tokenize ``paths`` once (or reuse the cache) and open the memory-mapped result.
 
@@ -453,6 +522,10 @@ def build_token_cache(
             value, and the cache key does not depend on it.
         chunk_bytes: with several workers, files larger than this are cut into pieces of about
             this size (at document boundaries) so one large file spreads over the workers.
+        encoder: ``auto`` encodes with the SentencePiece processor when the tokenizer is exactly
+            the conversion of a ``tokenizer.model`` in its directory (see
+            :func:`sentencepiece_model_of`; same ids, about ten times faster), else with the HF
+            tokenizer; ``hf`` always uses the HF tokenizer. Not part of the cache key.
 
     Returns:
         The opened :class:`TokenCache`.
@@ -468,6 +541,8 @@ def build_token_cache(
         )
     if not isinstance(chunk_bytes, int) or chunk_bytes < 1:
         raise ValueError(f"chunk_bytes: must be a positive integer, got {chunk_bytes!r}.")
+    if encoder not in ("auto", "hf"):
+        raise ValueError(f"encoder: must be 'auto' or 'hf', got {encoder!r}.")
     files = resolve_files(paths, key="data.paths")
     if tokenizer.eos_token_id is None:
         raise ValueError(
@@ -486,7 +561,16 @@ def build_token_cache(
         if final.exists():  # a stale or damaged directory under our key: replace it
             log_rank0(logger, "rebuilding token cache %s (%s)", final, problem)
             shutil.rmtree(final)
-        _build(final, files, tokenizer, key, options, resolve_num_workers(num_workers), chunk_bytes)
+        _build(
+            final,
+            files,
+            tokenizer,
+            key,
+            options,
+            resolve_num_workers(num_workers),
+            chunk_bytes,
+            encoder,
+        )
 
     run_on_local_rank0(build)
     return TokenCache.open(final)
