@@ -454,26 +454,33 @@ class AppliedPlan:
                     out.append((layer, spec))
         return out
 
-    def merge(self) -> list[str]:
+    def merge(self, layers: Iterable[int] | None = None) -> list[str]:
         """Fold every mergeable adapter (plain LoRA) into the base weights (idempotent).
 
         Policies may define ``merge(layer, spec, layout)``; otherwise any adapter child module
         with ``mergeable`` / ``merge(base)`` (the LoRA adapter protocol) is merged into its
         parent. Gated adapters and prefixes cannot be merged and stay active.
 
+        Args:
+            layers: global indices of the layers to merge (default all); a streaming export
+                merges one gathered layer at a time.
+
         Returns:
             Qualified names of the base modules that now hold a merged update.
         """
-        return self._merge_or_unmerge(merge=True)
+        return self._merge_or_unmerge(merge=True, layers=layers)
 
-    def unmerge(self) -> list[str]:
+    def unmerge(self, layers: Iterable[int] | None = None) -> list[str]:
         """Undo :meth:`merge` (exact up to float rounding). Returns the unmerged module names."""
-        return self._merge_or_unmerge(merge=False)
+        return self._merge_or_unmerge(merge=False, layers=layers)
 
-    def _merge_or_unmerge(self, merge: bool) -> list[str]:
+    def _merge_or_unmerge(self, merge: bool, layers: Iterable[int] | None = None) -> list[str]:
         done: list[str] = []
         custom = set()
+        only = None if layers is None else set(layers)
         for layer, spec in self._installed_layer_specs():
+            if only is not None and layer.index not in only:
+                continue
             policy = get_policy(spec.name)
             fn = getattr(policy, "merge" if merge else "unmerge", None)
             if callable(fn):
@@ -481,7 +488,7 @@ class AppliedPlan:
                 done.extend(fn(layer, spec, self.layout) or [])
         prefixes = _adapter_prefixes()
         for layer in self.layout.layers:
-            if layer.index in custom:
+            if layer.index in custom or (only is not None and layer.index not in only):
                 continue
             for name, mod in layer.module.named_modules():
                 for cname, child in mod._modules.items():

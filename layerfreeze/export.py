@@ -17,6 +17,8 @@ from __future__ import annotations
 import dataclasses
 import json
 import os
+from collections.abc import Callable
+from contextlib import AbstractContextManager, nullcontext
 from pathlib import Path
 from typing import Any
 
@@ -134,16 +136,31 @@ def _sidecar_plan(plan: LayerPlan, resolved, merged_layers: dict[int, set[str]])
 
 
 def export_merged(
-    applied: AppliedPlan, directory: str | os.PathLike, tokenizer: Any = None
+    applied: AppliedPlan,
+    directory: str | os.PathLike,
+    tokenizer: Any = None,
+    *,
+    gather: Callable[[list[str]], AbstractContextManager] | None = None,
+    is_writer: bool = True,
 ) -> Path:
     """Write a standard HF checkpoint with mergeable LoRA folded in, plus the sidecar.
 
     The applied model is left as it was (its base weights are restored bit-exactly).
 
+    With ``gather`` (partitioned parameters, e.g. ZeRO-3) the export *streams*: one layer group
+    at a time (each decoder layer, then the embeddings, final norm and head together) is
+    gathered, merged, copied to CPU, written as its own safetensors shard and released, so no
+    rank ever holds more than one layer group whole; the shards are listed in
+    ``model.safetensors.index.json`` (Hugging Face's sharded layout). Every rank must call it
+    then (the gathers are collective); only ``is_writer`` writes.
+
     Args:
         applied: the applied plan (its model must have ``save_pretrained``).
         directory: output directory (replaced if it exists).
         tokenizer: optional tokenizer saved alongside (``save_pretrained``).
+        gather: ``gather(param_names)`` -> context in which those parameters are whole (e.g.
+            ``DeepSpeedRunner.gathered_parameters``); None exports the whole model at once.
+        is_writer: whether this process writes the files (rank 0).
 
     Returns:
         The directory path.
@@ -152,6 +169,8 @@ def export_merged(
     model = applied.model
     if not callable(getattr(model, "save_pretrained", None)):
         raise TypeError(f"export_merged: {type(model).__name__} has no save_pretrained; use save_trainable.")
+    if gather is not None:
+        return _export_streaming(applied, directory, tokenizer, gather, is_writer)
     base = base_state_dict(model)
     # Merging touches only base weights of layers carrying adapters: snapshot those to restore.
     adapter_layers = tuple(
@@ -199,5 +218,112 @@ def export_merged(
     log_rank0(
         logger, "exported merged checkpoint to %s (%d modules merged, %d sidecar tensors)",
         directory, len(merged_modules), len(sidecar),
+    )
+    return directory
+
+
+def _layer_group_names(applied: AppliedPlan, names: list[str]) -> list[tuple[Any, list[str]]]:
+    """``(layer or None, names)`` per decoder layer, then one group for everything else
+    (embeddings, final norm, head), in the model's order."""
+    layers = list(applied.layout.layers)
+    groups: list[tuple[Any, list[str]]] = [(layer, []) for layer in layers]
+    rest: list[str] = []
+    for n in names:
+        for i, layer in enumerate(layers):
+            if n.startswith(layer.name + "."):
+                groups[i][1].append(n)
+                break
+        else:
+            rest.append(n)
+    return groups + [(None, rest)]
+
+
+def _export_streaming(
+    applied: AppliedPlan,
+    directory: Path,
+    tokenizer: Any,
+    gather: Callable[[list[str]], AbstractContextManager],
+    is_writer: bool,
+) -> Path:
+    """:func:`export_merged` one layer group at a time (see there)."""
+    import copy
+
+    model = applied.model
+    params = [n for n, _ in model.named_parameters()]
+    base_keys = list(base_state_dict(model))
+    groups = _layer_group_names(applied, params)
+    key_groups = {id(layer): names for layer, names in _layer_group_names(applied, base_keys)}
+    all_adapters = set(adapter_param_names(model))
+    merged_layers: dict[int, set[str]] = {}
+    sidecar: dict[str, torch.Tensor] = {}
+    weight_map: dict[str, str] = {}
+    total_size, n_merged = 0, 0
+    with atomic_directory(directory) if is_writer else nullcontext(None) as tmp:
+        for gi, (layer, names) in enumerate(groups):
+            keys = key_groups[id(layer)]
+            shard: dict[str, torch.Tensor] = {}
+            with gather(names):
+                base = base_state_dict(model)  # inside the gather: the whole tensors
+                snapshot = {k: base[k].clone() for k in keys} if layer is not None else {}
+                merged = applied.merge(layers=[layer.index]) if layer is not None else []
+                try:
+                    merged_params = set(applied.merged_adapter_param_names())
+                    if is_writer:
+                        shard = {k: base[k].detach().to("cpu").contiguous().clone() for k in keys}
+                        sidecar.update(
+                            (n, p.detach().to("cpu").contiguous().clone())
+                            for n, p in model.named_parameters()
+                            if n in set(names) and n in all_adapters and n not in merged_params
+                        )
+                    if layer is not None:
+                        n_merged += len(merged)
+                        prefix = layer.name + "."
+                        for _plan, resolved in applied.installed:
+                            spec: PolicySpec = resolved.layers[layer.index]
+                            pp = get_policy(spec.name).param_prefix
+                            if not pp:
+                                continue
+                            mine = [
+                                n for n in all_adapters if n.startswith(prefix)
+                                and any(part.startswith(pp) for part in n[len(prefix):].split("."))
+                            ]
+                            if mine and all(n in merged_params for n in mine):
+                                merged_layers.setdefault(layer.index, set()).add(spec.name)
+                finally:
+                    if layer is not None:
+                        applied.unmerge(layers=[layer.index])
+                        with torch.no_grad():
+                            for k, v in snapshot.items():
+                                base[k].copy_(v)
+                    del snapshot
+            if is_writer and shard:
+                fname = f"model-{gi + 1:05d}-of-{len(groups):05d}.safetensors"
+                save_file(shard, str(tmp / fname), metadata={"format": "pt"})
+                for k, v in shard.items():
+                    weight_map[k] = fname
+                    total_size += v.numel() * v.element_size()
+            del shard
+        if is_writer:
+            atomic_write_json(
+                tmp / "model.safetensors.index.json",
+                {"metadata": {"total_size": total_size}, "weight_map": weight_map},
+            )
+            config = copy.deepcopy(model.config)
+            config.architectures = [type(model).__name__]
+            config.save_pretrained(str(tmp))
+            gen = getattr(model, "generation_config", None)
+            if gen is not None and callable(getattr(model, "can_generate", None)) and model.can_generate():
+                gen.save_pretrained(str(tmp))
+            if tokenizer is not None:
+                tokenizer.save_pretrained(str(tmp))
+            plan = _sidecar_plan(applied.plan, applied.resolved, merged_layers)
+            install = [
+                _sidecar_plan(p, r, merged_layers) for p, r in applied.installed if p != applied.plan
+            ]
+            save_file(sidecar, str(tmp / SIDECAR_FILE), metadata={"format": _FORMAT})
+            atomic_write_json(tmp / PLAN_FILE, _plan_json(applied, plan, install, "merged_sidecar"))
+    log_rank0(
+        logger, "exported merged checkpoint to %s, streamed in %d layer groups (%d modules merged, "
+        "%d sidecar tensors)", directory, len(groups), n_merged, len(sidecar),
     )
     return directory
