@@ -39,6 +39,8 @@ if str(_HERE.parent) not in sys.path:  # run from a checkout without installing 
     sys.path.insert(0, str(_HERE.parent))
 
 PLANS = ["full", "freeze_deep", "freeze_shallow", "hlpt", "h2lpt"]
+
+
 def _window(step: int, gas: int, batch: int, seq: int, vocab: int) -> list[dict]:
     import torch
 
@@ -65,12 +67,21 @@ def _body(rank: int, world_size: int, a: dict[str, Any]) -> dict[str, Any]:
             for plan in a["plans"][k:] + a["plans"][:k]:
                 init_model_parallel(tp=2, pp=1)
                 model = build_tiny_gpt(
-                    num_layers=a["layers"], hidden=a["hidden"], heads=a["heads"],
-                    query_groups=a["query_groups"], ffn=a["ffn"], vocab=a["vocab"], tp=2,
-                    seed=0, max_seq=a["seq"],
+                    num_layers=a["layers"],
+                    hidden=a["hidden"],
+                    heads=a["heads"],
+                    query_groups=a["query_groups"],
+                    ffn=a["ffn"],
+                    vocab=a["vocab"],
+                    tp=2,
+                    seed=0,
+                    max_seq=a["seq"],
                 )
                 runner = MegatronRunner(
-                    model, plan=plan, lr=1e-4, weight_decay=0.1,
+                    model,
+                    plan=plan,
+                    lr=1e-4,
+                    weight_decay=0.1,
                     gradient_accumulation_steps=a["gas"],
                 )
                 rec = out[plan]
@@ -141,15 +152,26 @@ def main(argv: list[str] | None = None) -> int:
     from tests.helpers.dist import run_distributed
 
     cfg = {
-        "plans": plans, "layers": args.layers, "hidden": args.hidden, "heads": args.heads,
-        "query_groups": args.query_groups, "ffn": args.ffn, "vocab": args.vocab,
-        "seq": args.seq, "batch": args.batch, "gas": args.gas, "warmup": args.warmup,
-        "steps": args.steps, "rounds": args.rounds,
+        "plans": plans,
+        "layers": args.layers,
+        "hidden": args.hidden,
+        "heads": args.heads,
+        "query_groups": args.query_groups,
+        "ffn": args.ffn,
+        "vocab": args.vocab,
+        "seq": args.seq,
+        "batch": args.batch,
+        "gas": args.gas,
+        "warmup": args.warmup,
+        "steps": args.steps,
+        "rounds": args.rounds,
     }
     load0 = os.getloadavg()[0]
     t0 = time.perf_counter()
-    print(f"megatron_tp: {len(plans)} plans x {args.rounds} rounds on 2 gloo ranks (TP=2) ...",
-          file=sys.stderr)
+    print(
+        f"megatron_tp: {len(plans)} plans x {args.rounds} rounds on 2 gloo ranks (TP=2) ...",
+        file=sys.stderr,
+    )
     raw = run_distributed(_body, world_size=2, args=(cfg,), timeout=3600)[0]
     wall_total = time.perf_counter() - t0
     load1 = os.getloadavg()[0]
@@ -162,23 +184,25 @@ def main(argv: list[str] | None = None) -> int:
         wall, cpu = statistics.median(r["wall"]), statistics.median(r["cpu"])
         state_b = 4 * r["moments_elements"]
         expected_b = 8 * r["trainable_elements"]
-        rows.append({
-            "plan": plan,
-            "trainable_elements": r["trainable_elements"],
-            "total_elements": r["total_elements"],
-            "step_wall_s": wall,
-            "step_cpu_s": cpu,
-            "wall_ratio": wall / base_wall,
-            "cpu_ratio": cpu / base_cpu,
-            "optimizer_state_bytes": state_b,
-            "optimizer_state_ratio": state_b / (4 * base["moments_elements"]),
-            "expected_state_bytes": expected_b,
-            "grad_buffer_bytes": 4 * r["grad_buffer_elements"],
-            "grad_buffer_ratio": r["grad_buffer_elements"] / base["grad_buffer_elements"],
-            "loss_at_step0": r["loss0"],
-            "wall_samples": r["wall"],
-            "cpu_samples": r["cpu"],
-        })
+        rows.append(
+            {
+                "plan": plan,
+                "trainable_elements": r["trainable_elements"],
+                "total_elements": r["total_elements"],
+                "step_wall_s": wall,
+                "step_cpu_s": cpu,
+                "wall_ratio": wall / base_wall,
+                "cpu_ratio": cpu / base_cpu,
+                "optimizer_state_bytes": state_b,
+                "optimizer_state_ratio": state_b / (4 * base["moments_elements"]),
+                "expected_state_bytes": expected_b,
+                "grad_buffer_bytes": 4 * r["grad_buffer_elements"],
+                "grad_buffer_ratio": r["grad_buffer_elements"] / base["grad_buffer_elements"],
+                "loss_at_step0": r["loss0"],
+                "wall_samples": r["wall"],
+                "cpu_samples": r["cpu"],
+            }
+        )
     now = datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%d %H:%M UTC")
     meta = {
         "generated": now,
