@@ -84,6 +84,10 @@ _ADAM_STATE_KEYS = ("exp_avg", "exp_avg_sq")
 _DS_TAG = "ds"
 _META_KEY = "layerfreeze"
 _META_FORMAT = 1
+#: Layout-independent part of a checkpoint (see ``DeepSpeedRunner._save_elastic``).
+_ELASTIC_DIR = "elastic"
+_ELASTIC_INDEX = "index.json"
+_ELASTIC_FORMAT = "layerfreeze.elastic/1"
 
 
 # --------------------------------------------------------------------------------------------
@@ -106,6 +110,26 @@ def init_distributed(backend: str | None = None) -> None:
         os.environ.setdefault("MASTER_ADDR", "127.0.0.1")
         os.environ.setdefault("MASTER_PORT", "29500")
         os.environ.update({"RANK": "0", "LOCAL_RANK": "0", "WORLD_SIZE": "1"})
+    if os.environ.get("TORCHELASTIC_USE_AGENT_STORE") == "True":
+        # torchrun's c10d rendezvous hands the workers the agents' own store, which outlives a
+        # restart of the group (--max-restarts): the restarted ranks would read the failed
+        # attempt's keys (the dead ranks' gloo/NCCL addresses) and fail to connect. Give every
+        # attempt its own key space.
+        from torch.distributed.constants import default_pg_timeout
+
+        store = dist.TCPStore(
+            os.environ["MASTER_ADDR"],
+            int(os.environ["MASTER_PORT"]),
+            is_master=False,
+            timeout=default_pg_timeout,
+        )
+        attempt = os.environ.get("TORCHELASTIC_RESTART_COUNT", "0")
+        dist.init_process_group(
+            backend,
+            store=dist.PrefixStore(f"layerfreeze/attempt_{attempt}", store),
+            rank=int(os.environ["RANK"]),
+            world_size=int(os.environ["WORLD_SIZE"]),
+        )
     deepspeed.init_distributed(dist_backend=backend, verbose=False)
 
 
@@ -196,6 +220,19 @@ def _relink_optimizer_state(ds_optimizer: Any) -> None:
             if hasattr(ds_optimizer, "_hp_optimizer_states_linked"):
                 ds_optimizer._hp_optimizer_states_linked = True
             return
+
+
+def _balanced_owners(names: Sequence[str], params: Mapping[str, nn.Parameter]) -> dict[str, int]:
+    """Rank that writes each named parameter's tensors: largest first onto the least-loaded
+    rank, so each rank holds and writes about 1/world of the bytes. The same on every rank."""
+    world = get_world_size()
+    load = [0] * world
+    owners: dict[str, int] = {}
+    for n in sorted(names, key=lambda n: (-param_numel(params[n]), n)):
+        r = min(range(world), key=lambda i: (load[i], i))
+        owners[n] = r
+        load[r] += param_numel(params[n])
+    return owners
 
 
 def _plain_master(ds_optimizer: Any, param: nn.Parameter) -> torch.Tensor:
@@ -777,15 +814,24 @@ class DeepSpeedRunner:
     def export_merged(self, out_dir: str | os.PathLike, tokenizer: Any = None) -> Path | None:
         """Merged Hugging Face checkpoint from the whole parameters (collective).
 
+        Under ZeRO-3 the export streams: one layer group at a time is gathered, merged and
+        written by rank 0 as its own safetensors shard (see :func:`layerfreeze.export.export_merged`),
+        so no rank ever holds the whole model. Other stages hold whole parameters already.
+
         Returns:
             The export directory on rank 0, None on other ranks.
         """
         from layerfreeze.export import export_merged
 
         out = None
-        with self.gathered_parameters():
-            if get_rank() == 0:
-                out = Path(export_merged(self.applied, out_dir, tokenizer=tokenizer))
+        if self.zero_stage == 3:
+            path = export_merged(
+                self.applied, out_dir, tokenizer=tokenizer,
+                gather=self.gathered_parameters, is_writer=get_rank() == 0,
+            )
+            out = Path(path) if get_rank() == 0 else None
+        elif get_rank() == 0:
+            out = Path(export_merged(self.applied, out_dir, tokenizer=tokenizer))
         barrier()
         return out
 
@@ -1179,11 +1225,23 @@ class DeepSpeedRunner:
             yield
 
     def consolidated_state_dict(self) -> dict[str, torch.Tensor] | None:
-        """Whole model state dict (CPU, module dtype) on rank 0; None on other ranks."""
-        with self.gathered_parameters():
+        """Whole model state dict (CPU, module dtype) on rank 0; None on other ranks.
+
+        Collective. Under ZeRO-3 the parameters are gathered one at a time (rank 0 builds the
+        dict on CPU), never the whole model on a device at once."""
+        if self.zero_stage != 3:
             if get_rank() == 0:
                 return {k: v.detach().cpu().clone() for k, v in self.model.state_dict().items()}
-        return None
+            return None
+        out: dict[str, torch.Tensor] = {}
+        for key, t in self.model.state_dict(keep_vars=True).items():
+            if isinstance(t, nn.Parameter) and hasattr(t, "ds_id"):
+                with deepspeed.zero.GatheredParameters([t]):
+                    if get_rank() == 0:
+                        out[key] = t.detach().cpu().clone()
+            elif get_rank() == 0:
+                out[key] = t.detach().cpu().clone()
+        return out if get_rank() == 0 else None
 
     def save_checkpoint(
         self,
@@ -1194,6 +1252,11 @@ class DeepSpeedRunner:
         trainable_only: bool = False,
     ) -> Path:
         """Save an atomic checkpoint (all ranks must call it).
+
+        Besides DeepSpeed's own checkpoint (per-rank partitions: fastest to reload on the same
+        layout) it holds a layout-independent part, ``elastic/``: each parameter's whole weight,
+        fp32 master and Adam moments, written by one owner rank each (one parameter gathered at
+        a time), from which :meth:`load_checkpoint` resumes on another world size or ZeRO stage.
 
         The DeepSpeed checkpoint (weights, optimizer, scheduler), this rank's ``client_state``
         (e.g. data position and RNG; JSON + safetensors, no pickle) and the layerfreeze state
@@ -1225,13 +1288,16 @@ class DeepSpeedRunner:
             exclude_frozen_parameters=trainable_only,
         )
         if trained_before:
-            with self.gathered_parameters(trained_before):
-                if get_rank() == 0:
-                    params = dict(self.model.named_parameters())
-                    save_file(
-                        {n: params[n].detach().cpu().contiguous() for n in trained_before},
-                        str(staging / "trained_frozen.safetensors"),
-                    )
+            params = dict(self.model.named_parameters())
+            tensors = {}
+            for n in trained_before:  # one parameter gathered at a time
+                with self.gathered_parameters([n]):
+                    if get_rank() == 0:
+                        tensors[n] = params[n].detach().cpu().clone().contiguous()
+            if get_rank() == 0:
+                save_file(tensors, str(staging / "trained_frozen.safetensors"))
+            del tensors
+        self._save_elastic(staging / _ELASTIC_DIR, trainable_only, trained_before)
         save_client_state(staging / "client", get_rank(), client_state or {})
         barrier()
         committed = None
@@ -1264,8 +1330,9 @@ class DeepSpeedRunner:
             This rank's ``client_state`` as given to :meth:`save_checkpoint`.
 
         Raises:
-            CheckpointError: nothing loadable there, a damaged checkpoint, or one from another
-                plan/schedule, ZeRO stage or world size (the message says which).
+            CheckpointError: nothing loadable there, a damaged checkpoint, one from another
+                plan/schedule, or one from another ZeRO stage or world size without the
+                layout-independent part (the message says which).
         """
         info = ckpt.resolve_checkpoint(ckpt_dir, tag)
         meta = info.meta.get(_META_KEY)
@@ -1278,13 +1345,13 @@ class DeepSpeedRunner:
             problems.append(
                 f"schedule {meta['schedule']} differs from this run's {self.schedule.to_dict()}"
             )
-        if meta["world_size"] != get_world_size():
+        elastic = meta["world_size"] != get_world_size() or meta["zero_stage"] != self.zero_stage
+        if elastic and not (info.path / _ELASTIC_DIR / _ELASTIC_INDEX).is_file():
             problems.append(
-                f"saved with {meta['world_size']} ranks, this run has {get_world_size()}"
-            )
-        if meta["zero_stage"] != self.zero_stage:
-            problems.append(
-                f"saved with ZeRO stage {meta['zero_stage']}, this run uses {self.zero_stage}"
+                f"saved with {meta['world_size']} ranks at ZeRO stage {meta['zero_stage']}, this "
+                f"run has {get_world_size()} at stage {self.zero_stage}, and the checkpoint has no "
+                f"layout-independent '{_ELASTIC_DIR}/' part (older layerfreeze); resume it on "
+                "its own layout"
             )
         if problems:
             raise ckpt.CheckpointError(
@@ -1295,34 +1362,162 @@ class DeepSpeedRunner:
             s.to_dict() for s in self._specs
         ]:
             self._switch_phase(int(meta["phase"]), carry=False, specs=specs)
-        load_path, _ = self.engine.load_checkpoint(
-            str(info.path),
-            tag=_DS_TAG,
-            load_module_strict=not meta["trainable_only"],
-        )
-        if load_path is None:
-            raise ckpt.CheckpointError(
-                f"{info.path}: DeepSpeed could not load the checkpoint in '{_DS_TAG}/'."
+        if elastic:
+            log_rank0(
+                logger,
+                "elastic resume: checkpoint of %d ranks at ZeRO-%d onto %d ranks at ZeRO-%d",
+                meta["world_size"], meta["zero_stage"], get_world_size(), self.zero_stage,
             )
-        if meta["trained_frozen_params"]:
-            tensors = load_file(str(info.path / "trained_frozen.safetensors"))
-            with self.gathered_parameters(meta["trained_frozen_params"], modifier_rank=0):
-                # ZeRO-3 re-partitions rank 0's values on exit; other stages hold whole copies
-                if get_rank() == 0 or self.zero_stage != 3:
-                    params = dict(self.model.named_parameters())
-                    with torch.no_grad():
-                        for n, t in tensors.items():
-                            params[n].copy_(t)
+            self._load_elastic(info.path / _ELASTIC_DIR, int(meta["step"]))
+        else:
+            self._load_ds(info.path, meta)
         self.global_step = int(meta["step"])
         self.bad_micro_batches = int(meta["bad_micro_batches"])
         self.skipped_steps = int(meta["skipped_steps"])
         client_dir = info.path / "client"
         rank = get_rank()
         if not (client_dir / f"rank_{rank:05d}.json").exists():
-            rank = 0
+            rank = 0  # an elastic resume onto more ranks: the new ranks start from rank 0's
         state = load_client_state(client_dir, rank)
         barrier()
         log_rank0(
             logger, "resumed from %s (step %d, phase %d)", info.path, self.global_step, self.phase
         )
         return state
+
+    def _load_ds(self, path: Path, meta: Mapping[str, Any]) -> None:
+        """Load DeepSpeed's own checkpoint (same world size and ZeRO stage as saved)."""
+        load_path, _ = self.engine.load_checkpoint(
+            str(path),
+            tag=_DS_TAG,
+            load_module_strict=not meta["trainable_only"],
+        )
+        if load_path is None:
+            raise ckpt.CheckpointError(
+                f"{path}: DeepSpeed could not load the checkpoint in '{_DS_TAG}/'."
+            )
+        if meta["trained_frozen_params"]:
+            tensors = load_file(str(path / "trained_frozen.safetensors"))
+            params = dict(self.model.named_parameters())
+            for n in meta["trained_frozen_params"]:  # one parameter gathered at a time
+                with self.gathered_parameters([n], modifier_rank=0):
+                    # ZeRO-3 re-partitions rank 0's values on exit; other stages hold whole copies
+                    if get_rank() == 0 or self.zero_stage != 3:
+                        with torch.no_grad():
+                            params[n].copy_(tensors[n])
+
+    def _save_elastic(
+        self, directory: Path, trainable_only: bool, trained_before: Sequence[str]
+    ) -> None:
+        """Write the layout-independent part of a checkpoint (collective).
+
+        Per parameter: its whole weight (module dtype) and, for a trainable one, its whole fp32
+        master and Adam moments. Each parameter has one owner rank (balanced by size) that keeps
+        and writes its tensors to ``rank_<r>.safetensors``; at most one parameter is gathered at
+        a time, so a rank holds O(model / world) extra CPU bytes. ``index.json`` (rank 0) maps
+        every name to its file and holds each group's Adam step and the lr scheduler's state.
+        """
+        _relink_optimizer_state(self.engine.optimizer)
+        group_steps = self._step_of_groups()
+        params = dict(self.model.named_parameters())
+        step_of = {
+            n: st for spec, st in zip(self._specs, group_steps, strict=True) for n in spec.params
+        }
+        keep = set(step_of) | set(trained_before)
+        names = [n for n in params if not trainable_only or n in keep]
+        owners = _balanced_owners(names, params)
+        rank = get_rank()
+        mine: dict[str, torch.Tensor] = {}
+        for n in names:  # the same order on every rank: the gathers below are collective
+            p, is_mine = params[n], owners[n] == rank
+            with self.gathered_parameters([n]):
+                if is_mine:
+                    mine[f"weight:{n}"] = p.detach().cpu().clone()
+            if n in step_of:
+                keys = ("master", *(_ADAM_STATE_KEYS if step_of[n] > 0 else ()))
+                for key in keys:
+                    full = self._full_fp32(p) if key == "master" else self._full_state(p, key)
+                    if is_mine:
+                        mine[f"{key}:{n}"] = full.contiguous()
+                    del full
+        directory.mkdir(parents=True, exist_ok=True)
+        save_file(mine, str(directory / f"rank_{rank:05d}.safetensors"))
+        del mine
+        if rank == 0:
+            from layerfreeze.utils.io import atomic_write_json
+
+            atomic_write_json(
+                directory / _ELASTIC_INDEX,
+                {
+                    "format": _ELASTIC_FORMAT,
+                    "files": {n: f"rank_{owners[n]:05d}.safetensors" for n in names},
+                    "trainable": {n: step_of[n] for n in names if n in step_of},
+                    "group_steps": group_steps,
+                    "lr_scheduler": self.lr_scheduler.state_dict(),
+                    "skipped_steps": int(self.engine.skipped_steps),
+                },
+            )
+
+    def _load_elastic(self, directory: Path, step: int) -> None:
+        """Load the layout-independent part written by :meth:`_save_elastic` (collective).
+
+        Every rank reads each whole tensor from the shared checkpoint directory, one parameter
+        at a time, and keeps what its layout needs (its partition under ZeRO)."""
+        from safetensors import safe_open
+
+        index = json.loads((directory / _ELASTIC_INDEX).read_text(encoding="utf-8"))
+        if index.get("format") != _ELASTIC_FORMAT:
+            raise ckpt.CheckpointError(
+                f"{directory / _ELASTIC_INDEX}: unknown format {index.get('format')!r}, "
+                f"expected {_ELASTIC_FORMAT!r}."
+            )
+        params = dict(self.model.named_parameters())
+        unknown = sorted(set(index["files"]) - set(params))
+        missing = sorted({n for n, _ in self._named_trainable()} - set(index["trainable"]))
+        if unknown or missing:
+            raise ckpt.CheckpointError(
+                f"{directory}: does not match this model ("
+                + "; ".join(
+                    ([f"unknown parameters {unknown[:5]}"] if unknown else [])
+                    + ([f"no optimizer state for trainable {missing[:5]}"] if missing else [])
+                )
+                + "). Resume with the model and plan the checkpoint was saved with."
+            )
+        handles = {
+            f: safe_open(str(directory / f), framework="pt")
+            for f in sorted(set(index["files"].values()))
+        }
+
+        def read(key: str, n: str) -> torch.Tensor | None:
+            h = handles[index["files"][n]]
+            return h.get_tensor(f"{key}:{n}") if f"{key}:{n}" in h.keys() else None
+
+        for n in index["files"]:  # the same order on every rank
+            with self.gathered_parameters([n], modifier_rank=0):
+                # ZeRO-3 re-partitions rank 0's values on exit; other stages hold whole copies
+                if get_rank() == 0 or self.zero_stage != 3:
+                    with torch.no_grad():
+                        params[n].copy_(read("weight", n))
+        self._materialize_state(list(index["group_steps"]))
+        opt = _torch_optimizer(self.engine.optimizer)
+        for n, p in self._named_trainable():
+            master = read("master", n)
+            if hasattr(p, "ds_id") or hasattr(p, "_hp_mapping"):
+                safe_set_full_fp32_param(p, master.to(p.device))
+                for key in _ADAM_STATE_KEYS:
+                    t = read(key, n)
+                    if t is not None:
+                        safe_set_full_optimizer_state(p, t.to(p.device), key)
+            else:  # ZeRO-0: torch optimizer over the parameters or their fp32 copies
+                hp = _plain_master(self.engine.optimizer, p)
+                with torch.no_grad():
+                    hp.copy_(master.to(hp.dtype))
+                    for key in _ADAM_STATE_KEYS:
+                        t = read(key, n)
+                        if t is not None:
+                            opt.state[hp][key].copy_(t)
+        self.lr_scheduler.load_state_dict(index["lr_scheduler"])
+        self.engine.global_steps = step
+        self.engine.global_samples = step * int(self.engine.train_batch_size())
+        self.engine.skipped_steps = int(index["skipped_steps"])
+        barrier()
