@@ -14,6 +14,7 @@ about 12 minutes)::
     python bench/eval_speed.py                                   # 4 subjects, 4 layers x 384
     python bench/eval_speed.py --subjects all --layers 8 --hidden 512 --device cuda
     python bench/eval_speed.py --data-dir /path/to/data --limit 10
+    python bench/eval_speed.py --report-only bench/results/eval_speed.json   # re-render the .md
 
 Writes ``bench/results/eval_speed.json`` and ``bench/results/eval_speed.md``.
 The model is a seeded random tiny Llama and the tokenizer a SentencePiece model trained on
@@ -58,7 +59,67 @@ def _args() -> argparse.Namespace:
     p.add_argument("--dtype", default="float32", choices=["float32", "bfloat16"])
     p.add_argument("--out-dir", default=str(REPO / "bench" / "results"))
     p.add_argument("--work-dir", default=None, help="where the model/tokenizer go (default: tmp)")
+    p.add_argument("--report-only", metavar="JSON", default=None,
+                   help="re-render an existing eval_speed.json into --out-dir/eval_speed.md "
+                        "(no model, no scoring)")
     return p.parse_args()
+
+
+def _subjects_arg(report: dict) -> str:
+    """The ``--subjects`` value that reproduces ``report`` ('all' or the comma-separated list)."""
+    if "subjects_arg" in report:
+        return report["subjects_arg"]
+    # results written before ``subjects_arg`` was recorded: 'all' when every C-Eval subject ran
+    from layerfreeze.evaluation.data import list_subjects
+
+    return "all" if set(report["subjects"]) == set(list_subjects("ceval")) else ",".join(
+        report["subjects"])
+
+
+def render_markdown(report: dict) -> str:
+    """The ``eval_speed.md`` text, computed from the ``eval_speed.json`` report alone."""
+    names, model, machine = report["subjects"], report["model"], report["machine"]
+    n = report["num_questions"]
+    t_ours, t_ref = report["seconds"]["layerfreeze"], report["seconds"]["lm_eval"]
+    c_ours, c_ref = report["cpu_seconds"]["layerfreeze"], report["cpu_seconds"]["lm_eval"]
+    disagreements = report["disagreements"]
+    subj_arg = _subjects_arg(report)
+    limit = report["limit_per_subject"]
+    lines = [
+        "# Evaluation speed: layerfreeze vs lm-evaluation-harness",
+        "",
+        f"C-Eval val, {report['shots']}-shot, lm-eval `ceval-valid` format, {n} questions "
+        f"from {len(names)} subjects ({'all' if subj_arg == 'all' else ', '.join(names)})"
+        + (f", first {limit} per subject" if limit else "") + ".",
+        f"Model: random Llama, {model['layers']} layers x {model['hidden']} hidden, "
+        f"{model['params']:,} parameters, vocab {model['vocab']}, {model['dtype']}, batch size "
+        f"{report['batch_size']}, device {machine['device']}, {machine['torch_threads']} torch "
+        "threads.",
+        "",
+        "| tool | wall seconds | CPU seconds | questions/s (wall) |",
+        "|---|---|---|---|",
+        f"| lm-evaluation-harness (HFLM) | {t_ref:.1f} | {c_ref:.1f} | {n / t_ref:.2f} |",
+        f"| layerfreeze | {t_ours:.1f} | {c_ours:.1f} | {n / t_ours:.2f} |",
+        "",
+        f"**Speedup: {t_ref / t_ours:.2f}x wall-clock, {c_ref / c_ours:.2f}x CPU time** (target "
+        f">= {report['target_speedup']:g}x). 1-minute load average at the end: "
+        f"{report['load_average_1min']:.1f} on {machine['cpu_count']} cores "
+        "(a shared machine: CPU time is the steadier measure). Prediction agreement: "
+        f"{100 * report['prediction_agreement']:.2f}% ({len(disagreements)} disagreements"
+        + (", all ties within 1e-4" if disagreements and report["disagreements_all_ties"]
+           else "") + f"); max |log-likelihood difference| {report['max_abs_loglik_diff']:.2e}.",
+        "",
+    ]
+    if disagreements:
+        lines += ["| subject | row | ours | lm-eval | lm-eval gap | tie (<1e-4) |",
+                  "|---|---|---|---|---|---|"]
+        lines += [f"| {d['subject']} | {d['index']} | {d['ours']} | {d['lm_eval']} | "
+                  f"{d['lm_eval_gap']:.2e} | {d['tie']} |" for d in disagreements]
+        lines.append("")
+    lines.append(f"Reproduce: `python bench/eval_speed.py --subjects {subj_arg} "
+                 f"--layers {model['layers']} --hidden {model['hidden']} "
+                 f"--threads {machine['torch_threads']}`")
+    return "\n".join(lines) + "\n"
 
 
 def _build_model_dir(args, work: Path) -> Path:
@@ -130,6 +191,17 @@ def _run_lm_eval(args, model_dir: Path, subjects: list[str], work: Path):
 
 def main() -> int:
     args = _args()
+    if args.report_only:
+        import json
+
+        from layerfreeze.utils.io import atomic_write_text
+
+        text = render_markdown(json.loads(Path(args.report_only).read_text(encoding="utf-8")))
+        out_dir = Path(args.out_dir)
+        out_dir.mkdir(parents=True, exist_ok=True)
+        atomic_write_text(out_dir / "eval_speed.md", text)
+        print(text, end="")
+        return 0
     import torch
 
     torch.set_num_threads(args.threads)
@@ -170,6 +242,7 @@ def main() -> int:
         "benchmark": "ceval val (lm-eval task ceval-valid)",
         "shots": args.shots,
         "subjects": names,
+        "subjects_arg": "all" if args.subjects == "all" else ",".join(names),
         "limit_per_subject": args.limit,
         "num_questions": len(records),
         "model": {"family": "llama (random init)", "layers": args.layers, "hidden": args.hidden,
@@ -198,39 +271,9 @@ def main() -> int:
     from layerfreeze.utils.io import atomic_write_json, atomic_write_text
 
     atomic_write_json(out_dir / "eval_speed.json", report)
-    lines = [
-        "# Evaluation speed: layerfreeze vs lm-evaluation-harness",
-        "",
-        f"C-Eval val, {args.shots}-shot, lm-eval `ceval-valid` format, {len(records)} questions "
-        f"from {len(names)} subjects ({'all' if args.subjects == 'all' else ', '.join(names)})"
-        + (f", first {args.limit} per subject" if args.limit else "") + ".",
-        f"Model: random Llama, {args.layers} layers x {args.hidden} hidden, {n_params:,} "
-        f"parameters, vocab {args.vocab_size}, {args.dtype}, batch size {args.batch_size}, "
-        f"device {args.device}, {args.threads} torch threads.",
-        "",
-        "| tool | wall seconds | CPU seconds | questions/s (wall) |",
-        "|---|---|---|---|",
-        f"| lm-evaluation-harness (HFLM) | {t_ref:.1f} | {c_ref:.1f} | {len(records) / t_ref:.2f} |",
-        f"| layerfreeze | {t_ours:.1f} | {c_ours:.1f} | {len(records) / t_ours:.2f} |",
-        "",
-        f"**Speedup: {ratio:.2f}x wall-clock, {c_ref / c_ours:.2f}x CPU time** (target >= 3x). "
-        f"1-minute load average at the end: {os.getloadavg()[0]:.1f} on {os.cpu_count()} cores "
-        "(a shared machine: CPU time is the steadier measure). Prediction agreement: "
-        f"{100 * agree:.2f}% ({len(disagreements)} disagreements"
-        + (", all ties within 1e-4" if disagreements and report["disagreements_all_ties"]
-           else "") + f"); max |log-likelihood difference| {max_diff:.2e}.",
-        "",
-    ]
-    if disagreements:
-        lines += ["| subject | row | ours | lm-eval | lm-eval gap | tie (<1e-4) |", "|---|---|---|---|---|---|"]
-        lines += [f"| {d['subject']} | {d['index']} | {d['ours']} | {d['lm_eval']} | "
-                  f"{d['lm_eval_gap']:.2e} | {d['tie']} |" for d in disagreements]
-        lines.append("")
-    subj_arg = "all" if args.subjects == "all" else ",".join(names)
-    lines.append(f"Reproduce: `python bench/eval_speed.py --subjects {subj_arg} "
-                 f"--layers {args.layers} --hidden {args.hidden} --threads {args.threads}`")
-    atomic_write_text(out_dir / "eval_speed.md", "\n".join(lines) + "\n")
-    print("\n".join(lines))
+    text = render_markdown(report)
+    atomic_write_text(out_dir / "eval_speed.md", text)
+    print(text, end="")
     return 0
 
 
