@@ -28,7 +28,8 @@ _CFG = {
 }
 
 # Trains 2 steps on one rank, checkpoints after step 1, records the loss of step 2, then starts
-# the step-2 checkpoint and SIGKILLs itself right after DeepSpeed wrote its first file.
+# the step-2 checkpoint and SIGKILLs itself right after DeepSpeed wrote its first file (argv[4]
+# "ds") or right after the first file of the layout-independent part (argv[4] "elastic").
 _CHILD = textwrap.dedent(
     """
     import json, os, signal, sys
@@ -50,11 +51,13 @@ _CHILD = textwrap.dedent(
     loss = runner.train_step(batch(1)).loss
     with open(os.path.join(root, "..", "child_loss.json"), "w") as f:
         json.dump({"loss": loss}, f)
-    real_save = torch.save
+    import layerfreeze.engines.deepspeed as lfds
+    owner, attr = (torch, "save") if sys.argv[4] == "ds" else (lfds, "save_file")
+    real_save = getattr(owner, attr)
     def save_then_die(*args, **kwargs):
         real_save(*args, **kwargs)
         os.kill(os.getpid(), signal.SIGKILL)
-    torch.save = save_then_die
+    setattr(owner, attr, save_then_die)
     runner.save_checkpoint(root, client_state={"next": 2})
     """
 )
@@ -106,7 +109,7 @@ def test_kill_during_save_keeps_previous_checkpoint_and_resume_matches(tmp_path)
     )
     repo = str(Path(__file__).resolve().parents[2])
     proc = subprocess.run(
-        [sys.executable, "-c", _CHILD, str(root), json.dumps(_CFG), repo],
+        [sys.executable, "-c", _CHILD, str(root), json.dumps(_CFG), repo, "ds"],
         capture_output=True,
         text=True,
         env=env,
@@ -129,3 +132,51 @@ def test_kill_during_save_keeps_previous_checkpoint_and_resume_matches(tmp_path)
         "checkpoint is damaged" in res["errors"]["damaged"]
         and "model_states.pt" in res["errors"]["damaged"]
     )
+
+
+def _resume_elastic_body(rank: int, world: int, root: str) -> dict:
+    from layerfreeze.engines.deepspeed import DeepSpeedRunner
+    from tests.helpers.tiny_models import build_tiny_model
+
+    cfg = {**_CFG, "train_micro_batch_size_per_gpu": 1, "zero_optimization": {"stage": 3}}
+    runner = DeepSpeedRunner(build_tiny_model("llama", num_layers=2), cfg, plan="freeze_deep")
+    client = runner.load_checkpoint(root)
+    g = torch.Generator().manual_seed(1)
+    ids = torch.randint(0, 128, (2, 8), generator=g)[rank : rank + 1]  # half the batch each
+    loss = runner.train_step([{"input_ids": ids, "labels": ids}]).loss
+    return {"client": client, "step": runner.global_step, "loss": loss}
+
+
+def test_kill_during_the_elastic_part_keeps_the_previous_checkpoint_usable_elsewhere(tmp_path):
+    """Killed while writing the layout-independent part of the step-2 checkpoint (1 rank,
+    ZeRO-2): the step-1 checkpoint resumes on 2 ranks at ZeRO-3 and its step-2 loss (a forward
+    at the step-1 weights, the same 2 sequences split over the ranks) is the killed run's."""
+    root = tmp_path / "ckpt"
+    env = dict(
+        os.environ,
+        MASTER_ADDR="127.0.0.1",
+        MASTER_PORT=str(find_free_port()),
+        RANK="0",
+        LOCAL_RANK="0",
+        WORLD_SIZE="1",
+        DS_ACCELERATOR="cpu",
+    )
+    repo = str(Path(__file__).resolve().parents[2])
+    proc = subprocess.run(
+        [sys.executable, "-c", _CHILD, str(root), json.dumps(_CFG), repo, "elastic"],
+        capture_output=True,
+        text=True,
+        env=env,
+        timeout=300,
+    )
+    assert proc.returncode == -signal.SIGKILL, proc.stderr[-3000:]
+    staging = root / ".staging.step_00000002"
+    assert (staging / "elastic" / "rank_00000.safetensors").is_file()  # the kill hit that part
+    assert not (staging / "elastic" / "index.json").exists()
+    assert (root / "latest").read_text().strip() == "step_00000001"
+    killed_loss = json.loads((tmp_path / "child_loss.json").read_text())["loss"]
+
+    res = run_distributed(_resume_elastic_body, world_size=2, args=(str(root),), timeout=300)
+    for r in res:
+        assert r["client"] == {"next": 1} and r["step"] == 2
+        assert r["loss"] == pytest.approx(killed_loss, rel=1e-5)
