@@ -272,8 +272,12 @@ class LayerfreezeCallback(TrainerCallback):
                 "layerfreeze.hf_trainer.plan_trainer()(..., applied=applied) and leave "
                 "'optimizer' out of the DeepSpeed config."
             )
-        if not all(isinstance(p, nn.Parameter) for g in opt.param_groups for p in g["params"]):
-            return  # ZeRO: flat partitions; the groups came from the plan (checked above)
+        known = {id(p) for p in self.applied.model.parameters()}
+        held_tensors = [p for g in opt.param_groups for p in g["params"]]
+        if any(hasattr(p, "ds_id") for p in self.applied.model.parameters()) or any(
+            id(p) not in known for p in held_tensors
+        ):
+            return  # ZeRO: flat partitions / swapped sub-groups; the groups came from the plan
         names = {id(p): n for n, p in self.applied.model.named_parameters()}
         held = {names.get(id(p), "?") for g in opt.param_groups for p in g["params"]}
         if held != self._active:

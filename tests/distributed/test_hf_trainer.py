@@ -188,10 +188,12 @@ def _body_deepspeed(rank: int, world: int, tmp: str, stage: int) -> dict:
     vocab = 128
     ds = _ds_config(stage)
     out: dict = {}
-    args = _args(f"{tmp}/ds{stage}", deepspeed=ds)
-    # a single plan trains like the reference (per-policy lr scales from plan_optimizer)
+    # a single plan trains like the reference (per-policy lr scales from plan_optimizer). The
+    # model is built before the TrainingArguments: with a ZeRO-3 config alive, transformers
+    # builds models under zero.Init (other random weights than the reference's).
     model = _model(vocab)
     applied, schedule = apply_schedule(model, SINGLE)
+    args = _args(f"{tmp}/ds{stage}", deepspeed=ds)
     # the DeepSpeed integration discards optimizers=: plan_trainer's create_optimizer gives it
     trainer = plan_trainer(_trainer_cls())(
         model=model, args=args, train_dataset=_samples(vocab), applied=applied,
