@@ -114,7 +114,10 @@ def init_distributed(backend: str | None = None) -> None:
         # torchrun's c10d rendezvous hands the workers the agents' own store, which outlives a
         # restart of the group (--max-restarts): the restarted ranks would read the failed
         # attempt's keys (the dead ranks' gloo/NCCL addresses) and fail to connect. Give every
-        # attempt its own key space.
+        # attempt its own key space. TORCHELASTIC_RESTART_COUNT cannot name the attempt (an
+        # agent whose workers were restarted for a membership change does not count it), so
+        # the attempt is counted in the store: every worker of an attempt joins once, and all
+        # of an attempt's workers have joined before the next attempt's start.
         from torch.distributed.constants import default_pg_timeout
 
         store = dist.TCPStore(
@@ -123,12 +126,13 @@ def init_distributed(backend: str | None = None) -> None:
             is_master=False,
             timeout=default_pg_timeout,
         )
-        attempt = os.environ.get("TORCHELASTIC_RESTART_COUNT", "0")
+        world = int(os.environ["WORLD_SIZE"])
+        attempt = (store.add("layerfreeze/workers_joined", 1) - 1) // world
         dist.init_process_group(
             backend,
             store=dist.PrefixStore(f"layerfreeze/attempt_{attempt}", store),
             rank=int(os.environ["RANK"]),
-            world_size=int(os.environ["WORLD_SIZE"]),
+            world_size=world,
         )
     deepspeed.init_distributed(dist_backend=backend, verbose=False)
 
