@@ -440,7 +440,7 @@ class Recipe:
             want_norms = bool(every) and next_step % every == 0
             device = self.runner.device
             window = [
-                {k: v.to(device, non_blocking=True) for k, v in self.loader.next_batch().items()}
+                model_batch(self.loader.next_batch(), device)
                 for _ in range(cfg.train.grad_accum_steps)
             ]
             out = self.runner.train_step(window, grad_norms=want_norms)  # switches phase if due
@@ -596,6 +596,22 @@ class Recipe:
             self.metrics.close()
         if self.runner is not None:
             self.runner.close()
+
+
+def model_batch(batch: dict[str, torch.Tensor], device: Any = None) -> dict[str, torch.Tensor]:
+    """The micro-batch an engine's model gets from a packed-data batch.
+
+    The packed data yields ``input_ids = w[:-1]`` and next-token ``labels = w[1:]`` of each
+    ``seq_len + 1`` window. Both engines follow the Hugging Face convention instead: ``labels``
+    aligned with ``input_ids``, shifted inside the loss (a Hugging Face causal LM's own loss;
+    the Megatron runner's ``shift_labels``). Handing them the packed ``labels`` would train
+    every position on the token two ahead, so the labels here are ``input_ids`` (the window's
+    last target, ``w[-1]``, is not used: one of ``seq_len`` targets per sequence).
+    """
+    ids = batch["input_ids"]
+    if device is not None:
+        ids = ids.to(device, non_blocking=True)
+    return {"input_ids": ids, "labels": ids}
 
 
 def _lr_settings(cfg: RunConfig) -> dict[str, Any]:

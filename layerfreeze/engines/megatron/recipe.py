@@ -235,6 +235,7 @@ def runner_from_run_config(
         adam_eps=cfg.optim.eps,
         use_distributed_optimizer=cfg.megatron.use_distributed_optimizer,
         lr_scheduler=lr_scheduler,
+        hf_config=hf_config,
+        shift_labels=True,  # the recipe's micro-batches follow the HF convention (train.model_batch)
     )
-    runner.hf_config = hf_config
     return runner
