@@ -118,7 +118,8 @@ def render_markdown(report: dict) -> str:
         lines.append("")
     lines.append(f"Reproduce: `python bench/eval_speed.py --subjects {subj_arg} "
                  f"--layers {model['layers']} --hidden {model['hidden']} "
-                 f"--threads {machine['torch_threads']}`")
+                 f"--threads {machine['torch_threads']}"
+                 + (f" --limit {limit}" if limit else "") + "`")
     return "\n".join(lines) + "\n"
 
 
