@@ -50,6 +50,7 @@ from layerfreeze.diagnostics.angular import AngularAccumulator, LayerInputRecord
 from layerfreeze.diagnostics.measures import batch_loss, is_partitioned, model_logits, no_gather
 from layerfreeze.diagnostics.probe import ProbeBatch
 from layerfreeze.models import ModelLayout
+from layerfreeze.utils.dist import all_reduce_sum
 
 __all__ = ["HOOK_MEASURES", "SensitivityHooks"]
 
@@ -76,19 +77,6 @@ def _dist_world() -> int:
     import torch.distributed as dist
 
     return dist.get_world_size() if dist.is_available() and dist.is_initialized() else 1
-
-
-def _all_reduce_sum(t: torch.Tensor) -> torch.Tensor:
-    import torch.distributed as dist
-
-    if _dist_world() > 1:
-        if dist.get_backend() == "nccl" and t.device.type != "cuda":
-            moved = t.cuda()
-            dist.all_reduce(moved)
-            t.copy_(moved.to(t.device))
-        else:
-            dist.all_reduce(t)
-    return t
 
 
 class SensitivityHooks:
@@ -193,7 +181,7 @@ class SensitivityHooks:
                         loss = batch_loss(model_logits(model, batch), batch, self.kind)
                 states = rec.take()
             loss_t = torch.tensor([float(loss.detach())], dtype=torch.float64)
-            out["diag/probe_loss"] = float(_all_reduce_sum(loss_t)) / _dist_world()
+            out["diag/probe_loss"] = float(all_reduce_sum(loss_t)) / _dist_world()
             if need_grad:
                 out.update(self._grad_norms(names, leaves, grad_of))
             if "angular" in want:
@@ -246,7 +234,7 @@ class SensitivityHooks:
                 else torch.zeros(0)
             )
             if world > 1:
-                _all_reduce_sum(flat)
+                all_reduce_sum(flat)
                 flat /= world
             out[f"diag/grad_norm/layers.{info.index}"] = math.sqrt(
                 float(flat.double().pow(2).sum())
@@ -262,7 +250,7 @@ class SensitivityHooks:
         for i, (now, ref) in enumerate(zip(outputs, self._reference, strict=True)):
             sums[i] = angular_distance(now.float(), ref.to(now.device).float())[keep].double().sum()
         sums[-1] = float(keep.sum())
-        _all_reduce_sum(sums)
+        all_reduce_sum(sums)
         return {
             f"diag/drift/layers.{info.index}": float(sums[i] / sums[-1])
             for i, info in enumerate(self.layout.layers)

@@ -1,5 +1,5 @@
-"""Engine-neutral pieces every runner shares: NaN/Inf agreement, object broadcast, default loss,
-and which parameters an earlier plan-schedule phase trained.
+"""Engine-neutral pieces every runner shares: NaN/Inf agreement, the default loss, and which
+parameters an earlier plan-schedule phase trained.
 
 No engine imports here (torch and torch.distributed only), so the DeepSpeed and Megatron
 adapters stay thin and agree on semantics: a micro-batch is bad on every rank when its loss is
@@ -17,7 +17,7 @@ import torch.distributed as dist
 
 from layerfreeze.utils.dist import is_dist
 
-__all__ = ["agree_finite", "broadcast_object", "default_loss", "trained_then_frozen"]
+__all__ = ["agree_finite", "default_loss", "trained_then_frozen"]
 
 
 def agree_finite(loss: torch.Tensor, group: Any = None) -> tuple[bool, float]:
@@ -40,15 +40,6 @@ def agree_finite(loss: torch.Tensor, group: Any = None) -> tuple[bool, float]:
         dist.all_reduce(t, group=group)
         size = dist.get_world_size(group)
     return float(t[1]) > 0, float(t[0]) / max(1, size)
-
-
-def broadcast_object(obj: Any, src: int = 0, group: Any = None) -> Any:
-    """``obj`` from global rank ``src`` on every rank (identity without a process group)."""
-    if not is_dist():
-        return obj
-    box = [obj]
-    dist.broadcast_object_list(box, src=src, group=group)
-    return box[0]
 
 
 def default_loss(model: Any, micro_batch: Mapping[str, Any]) -> torch.Tensor:

@@ -46,12 +46,7 @@ from torch import nn
 from layerfreeze import checkpoint as ckpt
 from layerfreeze.client_state import load_client_state, save_client_state
 from layerfreeze.engines.base import StepOutput
-from layerfreeze.engines.common import (
-    agree_finite,
-    broadcast_object,
-    default_loss,
-    trained_then_frozen,
-)
+from layerfreeze.engines.common import agree_finite, default_loss, trained_then_frozen
 from layerfreeze.models import param_numel
 from layerfreeze.optim import (
     GroupSpec,
@@ -61,7 +56,7 @@ from layerfreeze.optim import (
     group_specs,
     torch_groups,
 )
-from layerfreeze.utils.dist import barrier, get_rank, get_world_size, is_dist
+from layerfreeze.utils.dist import barrier, broadcast_object, get_rank, get_world_size, is_dist
 from layerfreeze.utils.logging import get_logger, log_rank0
 
 __all__ = [

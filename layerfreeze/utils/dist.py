@@ -39,13 +39,27 @@ def barrier() -> None:
         dist.barrier()
 
 
-def broadcast_object(obj, src: int = 0):
-    """Broadcast a picklable object from ``src`` (identity when not distributed)."""
+def broadcast_object(obj, src: int = 0, group=None):
+    """Broadcast a picklable object from global rank ``src`` over ``group`` (default: the
+    world); identity when not distributed."""
     if not is_dist():
         return obj
     box = [obj]
-    dist.broadcast_object_list(box, src=src)
+    dist.broadcast_object_list(box, src=src, group=group)
     return box[0]
+
+
+def all_reduce_sum(t: torch.Tensor) -> torch.Tensor:
+    """Sum ``t`` over all ranks in place (identity when not distributed); a CPU tensor goes
+    through the GPU when the backend is NCCL."""
+    if is_dist() and get_world_size() > 1:
+        if dist.get_backend() == "nccl" and t.device.type != "cuda":
+            moved = t.cuda()
+            dist.all_reduce(moved)
+            t.copy_(moved.to(t.device))
+        else:
+            dist.all_reduce(t)
+    return t
 
 
 def all_gather_objects(obj) -> list:

@@ -48,12 +48,12 @@ from collections.abc import Iterable, Mapping
 from typing import Any
 
 import torch
-import torch.distributed as dist
 from megatron.core import parallel_state as ps
 from torch import nn
 
 from layerfreeze.diagnostics.angular import angular_distance
 from layerfreeze.diagnostics.hooks import HOOK_MEASURES
+from layerfreeze.utils.dist import all_reduce_sum
 
 __all__ = ["MEGATRON_MEASURES", "MegatronSensitivityHooks"]
 
@@ -78,17 +78,6 @@ def _hidden_in(args: tuple, kwargs: Mapping[str, Any]) -> torch.Tensor:
 
 def _hidden_out(output: Any) -> torch.Tensor:
     return output if isinstance(output, torch.Tensor) else output[0]
-
-
-def _all_reduce(t: torch.Tensor) -> torch.Tensor:
-    if dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1:
-        if dist.get_backend() == "nccl" and t.device.type != "cuda":
-            moved = t.cuda()
-            dist.all_reduce(moved)
-            t.copy_(moved.to(t.device))
-        else:
-            dist.all_reduce(t)
-    return t
 
 
 class _LayerRecorder:
@@ -274,7 +263,7 @@ class MegatronSensitivityHooks:
             sums[3 * total] = loss
             sums[3 * total + 1] = 1.0
         del rec
-        _all_reduce(sums)
+        all_reduce_sum(sums)
         out: dict[str, float] = {"diag/probe_loss": float(sums[3 * total] / sums[3 * total + 1])}
         counts = sums[2 * total : 3 * total]
         for name, base in (("angular", 0), ("drift", total)):
@@ -312,7 +301,7 @@ class MegatronSensitivityHooks:
                 i = int(key.split(":", 1)[0])
                 sums[i] += (w.double() - prev[key].double()).pow(2).sum()
                 sums[total + i] += prev[key].double().pow(2).sum()
-        _all_reduce(sums)
+        all_reduce_sum(sums)
         return {
             f"diag/update_ratio/layers.{i}": (
                 math.sqrt(float(sums[i])) / math.sqrt(float(sums[total + i]))
