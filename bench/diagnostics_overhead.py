@@ -53,7 +53,11 @@ def main() -> int:
     if args.report_only:
         from layerfreeze.utils.io import atomic_write_text
 
+        from layerfreeze.utils.io import atomic_write_json
+
         result = json.loads(out.with_suffix(".json").read_text(encoding="utf-8"))
+        result["settings"] = _settings(result["settings"])  # older files kept the output path
+        atomic_write_json(out.with_suffix(".json"), result)
         atomic_write_text(out.with_suffix(".md"), render(result))
         return 0
 
@@ -130,7 +134,7 @@ def main() -> int:
     call = med("hooks", "hook_cpu")
     calls = args.steps // args.every
     result = {
-        "settings": vars(args),
+        "settings": _settings(vars(args)),
         "machine": {"platform": platform.platform(), "torch": torch.__version__,
                     "threads": torch.get_num_threads()},
         "rounds": rounds,
@@ -155,6 +159,11 @@ def main() -> int:
     atomic_write_text(out.with_suffix(".md"), text)
     print(text)
     return 0
+
+
+def _settings(args: dict) -> dict:
+    """The measuring settings (no output path: results carry no machine-specific paths)."""
+    return {k: v for k, v in args.items() if k not in ("out", "report_only")}
 
 
 def render(result: dict) -> str:
