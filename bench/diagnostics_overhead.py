@@ -51,9 +51,7 @@ def main() -> int:
     args = ap.parse_args()
     out = Path(args.out)
     if args.report_only:
-        from layerfreeze.utils.io import atomic_write_text
-
-        from layerfreeze.utils.io import atomic_write_json
+        from layerfreeze.utils.io import atomic_write_json, atomic_write_text
 
         result = json.loads(out.with_suffix(".json").read_text(encoding="utf-8"))
         result["settings"] = _settings(result["settings"])  # older files kept the output path
