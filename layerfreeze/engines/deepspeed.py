@@ -62,6 +62,7 @@ from layerfreeze.utils.logging import get_logger, log_rank0
 __all__ = [
     "DeepSpeedRunner",
     "check_run_config",
+    "engine_from_optimizer",
     "runner_from_run_config",
     "ScaledLRScheduler",
     "StepOutput",
@@ -70,6 +71,7 @@ __all__ = [
     "initialize",
     "load_config",
     "optimizer_state_numel",
+    "switch_engine_plan",
 ]
 
 logger = get_logger(__name__)
@@ -341,6 +343,245 @@ def _ds_initialize(
 #: :func:`initialize` (e.g. ``deepspeed.initialize = functools.partial(initialize, plan=...)``),
 #: which must not end up calling itself.
 _deepspeed_initialize = deepspeed.initialize
+
+
+
+def engine_from_optimizer(
+    model: nn.Module, optimizer: torch.optim.Optimizer, config: Mapping[str, Any]
+) -> Any:
+    """A DeepSpeed engine over ``model`` with a ready-made torch ``optimizer`` (its groups are
+    kept in order) and no lr scheduler: what accelerate builds for the Hugging Face Trainer when
+    the DeepSpeed config has no ``optimizer``/``scheduler`` section."""
+    engine, _opt, _loader, _sched = _deepspeed_initialize(
+        model=model, optimizer=optimizer, config=json.loads(json.dumps(dict(config)))
+    )
+    if [g.get("name") for g in _torch_optimizer(engine.optimizer).param_groups] != [
+        g.get("name") for g in optimizer.param_groups
+    ]:
+        raise AssertionError("DeepSpeed reordered the optimizer groups; cannot map lr scales")
+    return engine
+
+# --------------------------------------------------------------------------------------------
+# optimizer state across an engine rebuild (plan-schedule phase switch)
+# --------------------------------------------------------------------------------------------
+
+
+def _named_trainable(
+    model: nn.Module, specs: Sequence[GroupSpec]
+) -> list[tuple[str, nn.Parameter]]:
+    params = dict(model.named_parameters())
+    return [(n, params[n]) for s in specs for n in s.params]
+
+
+def _full_fp32(engine: Any, p: nn.Parameter) -> torch.Tensor:
+    """The whole fp32 master of ``p`` (collective under ZeRO)."""
+    v = safe_get_full_fp32_param(p)
+    if v is None:
+        v = _plain_master(engine.optimizer, p).detach()
+    return v.float().cpu().clone()
+
+
+def _full_state(engine: Any, p: nn.Parameter, key: str) -> torch.Tensor:
+    """The whole Adam state ``key`` of ``p`` (collective under ZeRO)."""
+    v = safe_get_full_optimizer_state(p, key)
+    if v is None:
+        v = _torch_optimizer(engine.optimizer).state[_plain_master(engine.optimizer, p)][key]
+    return v.float().cpu().clone()
+
+
+def _step_of_groups(engine: Any) -> list[int]:
+    """Adam step count of each optimizer group (collective: max over ranks)."""
+    opt = _torch_optimizer(engine.optimizer)
+    out = []
+    for tensors in _state_tensors(engine.optimizer):
+        step = 0
+        for p in tensors:
+            st = opt.state.get(p, {})
+            if "step" in st:
+                step = int(float(st["step"]))
+                break
+        out.append(step)
+    if is_dist():  # a rank may hold no partition of a group; take the max
+        t = torch.tensor(out or [0], dtype=torch.float64)
+        dist.all_reduce(t, op=dist.ReduceOp.MAX)
+        out = [int(v) for v in t.tolist()][: len(out)]
+    return out
+
+
+def _materialize_state(engine: Any, steps: Sequence[int]) -> None:
+    """Create Adam state (zeros, given step) for every group, as torch would on first step."""
+    opt = _torch_optimizer(engine.optimizer)
+    for tensors, step in zip(_state_tensors(engine.optimizer), steps, strict=True):
+        for p in tensors:
+            st = opt.state[p]
+            st["step"] = torch.tensor(float(step), dtype=torch.float32)
+            st["exp_avg"] = torch.zeros_like(p, memory_format=torch.preserve_format)
+            st["exp_avg_sq"] = torch.zeros_like(p, memory_format=torch.preserve_format)
+    _relink_optimizer_state(engine.optimizer)
+
+
+def _carry_owners(names: Sequence[str], params: Mapping[str, nn.Parameter]) -> dict[str, int]:
+    """Which rank keeps each carried parameter's state across a switch (partitioned
+    optimizers only; empty otherwise): largest first onto the least-loaded rank, so each
+    rank holds about 1/world of the carried bytes. Deterministic: the same on every rank."""
+    world = get_world_size()
+    partitioned = [
+        n for n in names if hasattr(params[n], "ds_id") or hasattr(params[n], "_hp_mapping")
+    ]
+    if world == 1:
+        return {}
+    load = [0] * world
+    owners: dict[str, int] = {}
+    for n in sorted(partitioned, key=lambda n: (-param_numel(params[n]), n)):
+        r = min(range(world), key=lambda i: (load[i], i))
+        owners[n] = r
+        load[r] += param_numel(params[n])
+    return owners
+
+
+def _broadcast_from(
+    src: int, tensor: torch.Tensor | None, shape: tuple[int, ...], device: torch.device
+) -> torch.Tensor:
+    """``tensor`` (fp32, on ``src`` only) on every rank, through ``device``."""
+    buf = (
+        tensor.to(device)
+        if tensor is not None and get_rank() == src
+        else torch.empty(shape, dtype=torch.float32, device=device)
+    )
+    dist.broadcast(buf, src=src)
+    return buf
+
+
+#: DeepSpeed engine counters a rebuilt engine continues from.
+_ENGINE_COUNTERS = ("global_steps", "global_samples", "skipped_steps", "micro_steps")
+
+
+class _Carry:
+    """What a phase switch carries from the old engine to the new one.
+
+    ``tensors[name]`` holds the full fp32 master and Adam moments of each parameter that stays
+    trainable, kept on the parameter's owner rank only when the optimizer is partitioned (see
+    :func:`_carry_owners`), so a switch holds O(trainable / world) extra bytes per rank; every
+    rank knows every carried name (``keys``), its Adam step (``steps``) and its owner.
+    """
+
+    def __init__(
+        self,
+        engine: Any,
+        model: nn.Module,
+        specs: Sequence[GroupSpec],
+        new_trainable: set[str],
+        carry: bool,
+    ) -> None:
+        self.tensors: dict[str, dict[str, torch.Tensor]] = {}
+        self.keys: dict[str, tuple[str, ...]] = {}
+        self.steps: dict[str, int] = {}
+        self.owners: dict[str, int] = {}
+        self.counters = {k: getattr(engine, k) for k in _ENGINE_COUNTERS}
+        if not carry:
+            return
+        _relink_optimizer_state(engine.optimizer)
+        group_steps = _step_of_groups(engine)
+        params = dict(model.named_parameters())
+        names = [n for spec in specs for n in spec.params if n in new_trainable]
+        self.owners = _carry_owners(names, params)
+        for spec, gstep in zip(specs, group_steps, strict=True):
+            for n in spec.params:
+                if n not in new_trainable:
+                    continue
+                p = params[n]
+                keys = ("master", *(_ADAM_STATE_KEYS if gstep > 0 else ()))
+                entry = {}
+                for key in keys:  # collective under ZeRO: every rank takes part
+                    full = _full_fp32(engine, p) if key == "master" else _full_state(engine, p, key)
+                    if self.owners.get(n, get_rank()) == get_rank():
+                        entry[key] = full
+                    del full
+                self.tensors[n], self.keys[n], self.steps[n] = entry, keys, gstep
+
+    @property
+    def nbytes(self) -> int:
+        """fp32 bytes this rank holds."""
+        return sum(t.numel() * t.element_size() for e in self.tensors.values() for t in e.values())
+
+    def restore(self, engine: Any, model: nn.Module, specs: Sequence[GroupSpec]) -> None:
+        """Write the carried state into ``engine`` (built over ``specs``; collective)."""
+        for k, v in self.counters.items():
+            setattr(engine, k, v)
+        if not self.keys:
+            return
+        _materialize_state(engine, [s.step for s in specs])
+        opt = _torch_optimizer(engine.optimizer)
+        for n, p in _named_trainable(model, specs):  # the same order on every rank
+            if n not in self.keys:
+                continue
+            entry = self.tensors.pop(n)
+            if hasattr(p, "ds_id") or hasattr(p, "_hp_mapping"):
+                shape = tuple(getattr(p, "ds_shape", p.shape))
+                for key in self.keys[n]:
+                    full = entry.pop(key, None)
+                    if n in self.owners:  # partitioned: the owner sends it, one tensor at a time
+                        full = _broadcast_from(self.owners[n], full, shape, engine.device)
+                    full = full.to(p.device)
+                    if key == "master":
+                        safe_set_full_fp32_param(p, full)
+                    else:
+                        safe_set_full_optimizer_state(p, full, key)
+                    del full
+            else:  # ZeRO-0: torch optimizer over the parameters or their fp32 copies
+                master = _plain_master(engine.optimizer, p)
+                with torch.no_grad():
+                    master.copy_(entry["master"].to(master.dtype))
+                    if master is not p:
+                        p.copy_(entry["master"].to(p.dtype))
+                    for key in _ADAM_STATE_KEYS:
+                        if key in entry:
+                            opt.state[master][key].copy_(entry[key])
+
+
+def switch_engine_plan(
+    engine: Any,
+    applied: Any,
+    new_plan: Any,
+    specs: Sequence[GroupSpec],
+    *,
+    weight_decay: float,
+    build: Callable[[list[GroupSpec]], Any],
+    carry: bool = True,
+    new_specs: list[GroupSpec] | None = None,
+) -> tuple[Any, Any, list[GroupSpec], int]:
+    """Move a running DeepSpeed engine to ``new_plan``: a new engine, the old one's state carried.
+
+    ZeRO partitions gradients and optimizer state over the parameters trainable when the engine
+    is built, so a plan that trains other parameters needs a new engine. Every parameter that
+    stays trainable keeps its fp32 master weights, Adam moments and Adam step (its optimizer
+    group is split by step count so that bias correction stays exact); new ones start fresh.
+    The engine's step counters carry over. Collective: every rank calls it.
+
+    Args:
+        engine: the current engine, built over ``specs`` (destroyed here).
+        applied: the ``AppliedPlan`` the engine trains (``new_plan`` installed in it).
+        new_plan: the plan to train next.
+        specs: the current engine's optimizer groups, in its order.
+        weight_decay: default weight decay for the new groups.
+        build: ``specs -> engine``: builds the new engine over those groups (in that order).
+        carry: False to start every parameter fresh (e.g. before loading a checkpoint).
+        new_specs: the new groups to build (default: from the plan, split by carried steps).
+
+    Returns:
+        ``(engine, applied, specs, carried_bytes)``: the new engine, the switched plan, the new
+        engine's groups, and the fp32 bytes this rank held across the switch.
+    """
+    new_trainable = set(applied.trainable_names_for(new_plan))
+    state = _Carry(engine, applied.model, specs, new_trainable, carry)
+    nbytes = state.nbytes
+    engine.destroy()
+    applied = applied.switch_plan(new_plan)
+    if new_specs is None:
+        new_specs = group_specs(applied, weight_decay, state.steps)
+    engine = build(new_specs)
+    state.restore(engine, applied.model, new_specs)
+    return engine, applied, new_specs, nbytes
 
 
 def _plan_specs(applied: Any, weight_decay: float | None) -> tuple[list[GroupSpec], set[str]]:
@@ -858,54 +1099,23 @@ class DeepSpeedRunner:
     # ---- optimizer state access (ZeRO-aware, collective under ZeRO) -------------------------
 
     def _named_trainable(self) -> list[tuple[str, nn.Parameter]]:
-        params = dict(self.model.named_parameters())
-        return [(n, params[n]) for s in self._specs for n in s.params]
+        return _named_trainable(self.model, self._specs)
 
     def _full_fp32(self, p: nn.Parameter) -> torch.Tensor:
-        v = safe_get_full_fp32_param(p)
-        if v is None:
-            v = _plain_master(self.engine.optimizer, p).detach()
-        return v.float().cpu().clone()
+        return _full_fp32(self.engine, p)
 
     def _full_state(self, p: nn.Parameter, key: str) -> torch.Tensor:
-        v = safe_get_full_optimizer_state(p, key)
-        if v is None:
-            v = _torch_optimizer(self.engine.optimizer).state[
-                _plain_master(self.engine.optimizer, p)
-            ][key]
-        return v.float().cpu().clone()
+        return _full_state(self.engine, p, key)
 
     def optimizer_state_numel(self) -> dict[str, int]:
         """See :func:`optimizer_state_numel` (collective under ZeRO)."""
         return optimizer_state_numel(self.engine)
 
     def _step_of_groups(self) -> list[int]:
-        opt = _torch_optimizer(self.engine.optimizer)
-        out = []
-        for tensors in _state_tensors(self.engine.optimizer):
-            step = 0
-            for p in tensors:
-                st = opt.state.get(p, {})
-                if "step" in st:
-                    step = int(float(st["step"]))
-                    break
-            out.append(step)
-        if is_dist():  # a rank may hold no partition of a group; take the max
-            t = torch.tensor(out or [0], dtype=torch.float64)
-            dist.all_reduce(t, op=dist.ReduceOp.MAX)
-            out = [int(v) for v in t.tolist()][: len(out)]
-        return out
+        return _step_of_groups(self.engine)
 
     def _materialize_state(self, steps: Sequence[int]) -> None:
-        """Create Adam state (zeros, given step) for every group, as torch would on first step."""
-        opt = _torch_optimizer(self.engine.optimizer)
-        for tensors, step in zip(_state_tensors(self.engine.optimizer), steps, strict=True):
-            for p in tensors:
-                st = opt.state[p]
-                st["step"] = torch.tensor(float(step), dtype=torch.float32)
-                st["exp_avg"] = torch.zeros_like(p, memory_format=torch.preserve_format)
-                st["exp_avg_sq"] = torch.zeros_like(p, memory_format=torch.preserve_format)
-        _relink_optimizer_state(self.engine.optimizer)
+        _materialize_state(self.engine, steps)
 
     def _optimizer_state_snapshot(self) -> dict[int, tuple[torch.Tensor, dict[str, Any]]]:
         """This rank's Adam state (its own partitions only), to undo the lr-0 step of a window
@@ -963,78 +1173,18 @@ class DeepSpeedRunner:
     ) -> None:
         """Rebuild the engine for phase ``target``; carry master weights + Adam state when asked."""
         new_plan = self.schedule.plans[target]
-        new_trainable = set(self.applied.trainable_names_for(new_plan))
-        # name -> {"master", "exp_avg", "exp_avg_sq"}: full fp32 tensors, kept on the parameter's
-        # owner rank only when the optimizer is partitioned (see _carry_owners), so a switch
-        # holds O(trainable / world) extra bytes per rank; every rank knows every carried name.
-        carried: dict[str, dict[str, torch.Tensor]] = {}
-        carried_keys: dict[str, tuple[str, ...]] = {}
-        steps: dict[str, int] = {}
-        owners: dict[str, int] = {}
-        if carry:
-            _relink_optimizer_state(self.engine.optimizer)
-            group_steps = self._step_of_groups()
-            params = dict(self.model.named_parameters())
-            names = [n for spec in self._specs for n in spec.params if n in new_trainable]
-            owners = self._carry_owners(names, params)
-            for spec, gstep in zip(self._specs, group_steps, strict=True):
-                for n in spec.params:
-                    if n not in new_trainable:
-                        continue
-                    p = params[n]
-                    keys = ("master", *(_ADAM_STATE_KEYS if gstep > 0 else ()))
-                    entry = {}
-                    for key in keys:  # collective under ZeRO: every rank takes part
-                        full = self._full_fp32(p) if key == "master" else self._full_state(p, key)
-                        if owners.get(n, get_rank()) == get_rank():
-                            entry[key] = full
-                        del full
-                    carried[n], carried_keys[n], steps[n] = entry, keys, gstep
-        self.switch_carry_bytes = sum(
-            t.numel() * t.element_size() for e in carried.values() for t in e.values()
-        )
-        counters = {
-            k: getattr(self.engine, k)
-            for k in ("global_steps", "global_samples", "skipped_steps", "micro_steps")
-        }
         old_sched = self.lr_scheduler
-        self.engine.destroy()
-        self.applied = self.applied.switch_plan(new_plan)
-        self.phase = target
-        self._build_engine(
-            specs if specs is not None else group_specs(self.applied, self.weight_decay, steps)
+
+        def build(new_specs: list[GroupSpec]) -> Any:
+            self._build_engine(new_specs)
+            self.lr_scheduler.carry_from(old_sched)
+            return self.engine
+
+        self.engine, self.applied, self._specs, self.switch_carry_bytes = switch_engine_plan(
+            self.engine, self.applied, new_plan, self._specs,
+            weight_decay=self.weight_decay, build=build, carry=carry, new_specs=specs,
         )
-        for k, v in counters.items():
-            setattr(self.engine, k, v)
-        self.lr_scheduler.carry_from(old_sched)
-        if carry:
-            self._materialize_state([s.step for s in self._specs])
-            opt = _torch_optimizer(self.engine.optimizer)
-            for n, p in self._named_trainable():  # the same order on every rank
-                if n not in carried_keys:
-                    continue
-                entry = carried.pop(n)
-                if hasattr(p, "ds_id") or hasattr(p, "_hp_mapping"):
-                    shape = tuple(getattr(p, "ds_shape", p.shape))
-                    for key in carried_keys[n]:
-                        full = entry.pop(key, None)
-                        if n in owners:  # partitioned: the owner sends it, one tensor at a time
-                            full = self._broadcast_from(owners[n], full, shape)
-                        full = full.to(p.device)
-                        if key == "master":
-                            safe_set_full_fp32_param(p, full)
-                        else:
-                            safe_set_full_optimizer_state(p, full, key)
-                        del full
-                else:  # ZeRO-0: torch optimizer over the parameters or their fp32 copies
-                    master = _plain_master(self.engine.optimizer, p)
-                    with torch.no_grad():
-                        master.copy_(entry["master"].to(master.dtype))
-                        if master is not p:
-                            p.copy_(entry["master"].to(p.dtype))
-                        for key in _ADAM_STATE_KEYS:
-                            if key in entry:
-                                opt.state[master][key].copy_(entry[key])
+        self.phase = target
         log_rank0(
             logger,
             "plan-schedule phase %d: %s (%d trainable params)",
@@ -1045,38 +1195,6 @@ class DeepSpeedRunner:
                 for _, p in self._named_trainable()
             ),
         )
-
-    def _carry_owners(
-        self, names: Sequence[str], params: Mapping[str, nn.Parameter]
-    ) -> dict[str, int]:
-        """Which rank keeps each carried parameter's state across a switch (partitioned
-        optimizers only; empty otherwise): largest first onto the least-loaded rank, so each
-        rank holds about 1/world of the carried bytes. Deterministic: the same on every rank."""
-        world = get_world_size()
-        partitioned = [
-            n for n in names if hasattr(params[n], "ds_id") or hasattr(params[n], "_hp_mapping")
-        ]
-        if world == 1:
-            return {}
-        load = [0] * world
-        owners: dict[str, int] = {}
-        for n in sorted(partitioned, key=lambda n: (-param_numel(params[n]), n)):
-            r = min(range(world), key=lambda i: (load[i], i))
-            owners[n] = r
-            load[r] += param_numel(params[n])
-        return owners
-
-    def _broadcast_from(
-        self, src: int, tensor: torch.Tensor | None, shape: tuple[int, ...]
-    ) -> torch.Tensor:
-        """``tensor`` (fp32, on ``src`` only) on every rank, through the engine's device."""
-        buf = (
-            tensor.to(self.device)
-            if tensor is not None and get_rank() == src
-            else torch.empty(shape, dtype=torch.float32, device=self.device)
-        )
-        dist.broadcast(buf, src=src)
-        return buf
 
     # ---- training ---------------------------------------------------------------------------
 
