@@ -64,9 +64,10 @@ _KEY = re.compile(
     r"^base_model\.model\.(?P<module>.+)\.(?P<kind>lora_A|lora_B)(?:\.[^.]+)?\.weight$"
 )
 
-#: Values vLLM accepts for ``max_lora_rank`` (current ``LoRAConfig``; older releases accepted
-#: 8-64, later 8-256). An adapter's largest rank must not exceed the server's setting.
-VLLM_MAX_LORA_RANKS: tuple[int, ...] = (8, 16, 32, 64, 128, 256, 320, 512)
+#: Values vLLM accepts for ``max_lora_rank`` (``LoRAConfig.max_lora_rank`` of vLLM 0.33, checked
+#: against it by tests/unit/test_vllm_lora_load.py; older releases accepted 8-64, later 8-256).
+#: An adapter's largest rank must not exceed the server's setting.
+VLLM_MAX_LORA_RANKS: tuple[int, ...] = (1, 8, 16, 32, 64, 128, 256, 320, 512)
 
 _LLAMA_LIKE = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
 #: Module names vLLM's model implementations accept LoRA on, per ``model_type`` (from their
@@ -201,8 +202,9 @@ def vllm_compatibility(applied: AppliedPlan, max_lora_rank: int | None = None) -
     Checked (vLLM's documented constraints and its ``PEFTHelper`` / ``LoRAModel`` loaders):
     the plan exports to PEFT at all (:func:`peft_export_problems`); the largest rank fits
     ``max_lora_rank`` (one of :data:`VLLM_MAX_LORA_RANKS`; without it, the largest of them);
-    every module has the same ``alpha / r`` (vLLM scales every module by the config's one
-    ``lora_alpha / r`` and ignores ``rank_pattern`` / ``alpha_pattern``); every adapted module's
+    every module has the same ``alpha / r`` (older vLLM releases scale every module by the
+    config's one ``lora_alpha / r`` and ignore ``rank_pattern`` / ``alpha_pattern``; 0.33 applies
+    them, so this check is stricter than 0.33 needs); every adapted module's
     name is one vLLM's implementation of this ``model_type`` accepts LoRA on
     (:data:`VLLM_LORA_MODULES`; other model types are reported as unchecked). The export
     never has ``modules_to_save``, a LoRA bias or DoRA, which vLLM refuses.
@@ -241,9 +243,10 @@ def vllm_compatibility(applied: AppliedPlan, max_lora_rank: int | None = None) -
     if len(ratios) > 1:
         shown = ", ".join(f"{_num(s):g} on {n} modules" for s, n in ratios.most_common())
         problems.append(
-            f"alpha / r differs between modules ({shown}), but vLLM scales every module by the "
-            "config's one lora_alpha / r (it ignores rank_pattern / alpha_pattern); give every "
-            "lora rule the same alpha / r ratio"
+            f"alpha / r differs between modules ({shown}), but older vLLM releases scale every "
+            "module by the config's one lora_alpha / r (they ignore rank_pattern / "
+            "alpha_pattern; vLLM 0.33 applies them); give every lora rule the same alpha / r "
+            "ratio"
         )
     model_type = applied.layout.model_type
     allowed = VLLM_LORA_MODULES.get(model_type)

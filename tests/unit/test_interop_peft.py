@@ -191,7 +191,7 @@ def test_vllm_compatibility():
     assert "rank 600 exceeds vLLM's max_lora_rank 512 (the largest vLLM accepts)" in p
     (p,) = vllm_compatibility(llama("0-1:lora(r=8,alpha=16),2-3:lora(r=4,alpha=16)"))
     assert p.startswith("alpha / r differs between modules (2 on 14 modules, 4 on 14 modules)")
-    with pytest.raises(ValueError, match=r"max_lora_rank: vLLM accepts one of \[8, 16"):
+    with pytest.raises(ValueError, match=r"max_lora_rank: vLLM accepts one of \[1, 8, 16"):
         vllm_compatibility(llama("all:lora"), max_lora_rank=10)
     gated = vllm_compatibility(llama("all:lora(gated)"))
     assert any("HLPT-gated" in p for p in gated)
