@@ -7,6 +7,11 @@ Usage::
         return result                     # picklable; collected per rank
 
     results = run_distributed(_body, world_size=2, args=(tmp,))
+
+Every rank seeds ``random``, NumPy and torch's global generator with ``RANK_SEED + rank`` before
+``fn`` runs. torch seeds its default generator from the OS in each new process, so anything
+drawn from it (LoRA ``A`` at ``apply_plan``, dropout) would otherwise change from run to run;
+with the seed, two runs of the same test are bit-identical (ranks still draw different streams).
 """
 
 from __future__ import annotations
@@ -18,6 +23,9 @@ from collections.abc import Callable
 from typing import Any
 
 import torch.multiprocessing as mp
+
+#: Base of each rank's global seed (rank r seeds ``RANK_SEED + r``).
+RANK_SEED = 1234
 
 
 def find_free_port() -> int:
@@ -41,10 +49,16 @@ def _worker(
             "DS_ACCELERATOR": "cpu",
         }
     )
+    import random
+
+    import numpy as np
     import torch
     import torch.distributed as dist
 
     torch.set_num_threads(1)
+    random.seed(RANK_SEED + rank)
+    np.random.seed(RANK_SEED + rank)
+    torch.manual_seed(RANK_SEED + rank)
     try:
         if not dist.is_initialized():
             dist.init_process_group("gloo", rank=rank, world_size=world_size)
