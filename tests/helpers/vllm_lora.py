@@ -63,7 +63,8 @@ def run_vllm_lora_jobs(jobs: list[dict], workdir: Path, timeout: float = 900) ->
     Returns ``{"vllm_version", "max_lora_rank_values", "jobs": [one result per job]}``.
 
     Each job: ``model_dir`` (a saved HF config with ``architectures``), ``adapter_dir``,
-    ``max_lora_rank``, ``out`` (a ``.safetensors`` path for the tensors). Tensor names in
+    ``max_lora_rank``, ``out`` (a ``.safetensors`` path for the tensors), optionally
+    ``lora_dtype`` (vLLM's ``--lora-dtype``; the base model is float32). Tensor names in
     ``out``: ``A:<module>`` / ``B:<module>`` (as loaded, before packing), ``x:<vllm module>`` and
     ``delta:<vllm module>``.
 
@@ -118,7 +119,8 @@ def _vllm_config(job: dict):
         model=job["model_dir"],
         skip_tokenizer_init=True,
         load_format="dummy",
-        dtype="float32",
+        dtype="float32",  # a bfloat16 base model needs vllm._C's CPU kernels (not in the wheel)
+        lora_dtype=job.get("lora_dtype", "auto"),  # "auto": the model's dtype
         max_model_len=job.get("max_model_len", 64),
         enforce_eager=True,
         enable_lora=True,
