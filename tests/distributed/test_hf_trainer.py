@@ -1,6 +1,8 @@
 """Hugging Face ``Trainer`` with a layer plan on 2 gloo ranks (CPU): plain DDP with a two-phase
-plan schedule, C-Eval at checkpoints and the sensitivity hooks; the Trainer's DeepSpeed
-integration with ZeRO-2 and ZeRO-3 (single plan) and its refusal of schedules.
+plan schedule, C-Eval at checkpoints and the sensitivity hooks, and a resume in the second phase;
+the Trainer's DeepSpeed integration with ZeRO-2 and ZeRO-3: a single plan, a two-phase schedule
+(the engine rebuilt at the switch) and a resume in the second phase, and the refusal of a
+schedule under DeepSpeed without ``plan_trainer``.
 
 Expected values come from an independent single-process run (:func:`_reference`): plain
 ``torch.optim.AdamW`` over the plan's groups, each step on the 4 samples the two ranks see,
@@ -18,6 +20,7 @@ from tests.helpers.dist import run_distributed
 pytestmark = pytest.mark.slow
 
 STEPS = 4
+LONG = 5  # the resume tests: a checkpoint in phase 1, then two more steps
 LR = 1e-3
 WD = 0.1
 EPS = 1e-6
@@ -29,9 +32,9 @@ SCHEDULE = [{"plan": PHASE0, "until_step": 2}, {"plan": PHASE1, "until_step": No
 SINGLE = [{"plan": PHASE1, "until_step": None}]
 
 
-def _samples(vocab: int) -> list[dict]:
+def _samples(vocab: int, steps: int = STEPS) -> list[dict]:
     g = torch.Generator().manual_seed(7)
-    ids = torch.randint(0, vocab, (4 * STEPS, SEQ), generator=g)
+    ids = torch.randint(0, vocab, (4 * steps, SEQ), generator=g)
     return [{"input_ids": r, "labels": r.clone()} for r in ids]
 
 
@@ -41,7 +44,7 @@ def _model(vocab: int):
     return build_tiny_model("llama", num_layers=4, vocab_size=vocab).train()
 
 
-def _reference(schedule, vocab: int) -> dict:
+def _reference(schedule, vocab: int, steps: int = STEPS) -> dict:
     from layerfreeze.apply import apply_plan
     from layerfreeze.schedule import PlanSchedule
 
@@ -50,8 +53,8 @@ def _reference(schedule, vocab: int) -> dict:
     applied = apply_plan(model, sched.plans[0], install=tuple(sched.plans[1:]))
     params = dict(model.named_parameters())
     opt = torch.optim.AdamW(applied.param_groups(LR, WD), lr=LR, eps=EPS)
-    data, phase, losses = _samples(vocab), 0, []
-    for step in range(STEPS):
+    data, phase, losses = _samples(vocab, steps), 0, []
+    for step in range(steps):
         if sched.phase_at(step) != phase:
             old = {n: opt.state[params[n]] for n in applied.trainable_names() if params[n] in opt.state}
             phase = sched.phase_at(step)
@@ -76,8 +79,16 @@ def _trainer_cls():
     from transformers import Trainer
 
     class _InOrder(Trainer):  # the reference's sample order (rank r gets batches r, r+2, ...)
+        exact_losses: list[float]
+
         def _get_train_sampler(self, train_dataset=None):
             return SequentialSampler(train_dataset or self.train_dataset)
+
+        def compute_loss(self, *args, **kwargs):  # this rank's unrounded loss of each step
+            out = super().compute_loss(*args, **kwargs)
+            loss = out[0] if isinstance(out, tuple) else out
+            self.__dict__.setdefault("exact_losses", []).append(float(loss.detach()))
+            return out
 
     return _InOrder
 
@@ -209,8 +220,9 @@ def _body_deepspeed(rank: int, world: int, tmp: str, stage: int) -> dict:
 
 
 def _body_deepspeed_refusal(rank: int, world: int, tmp: str, stage: int) -> str:
-    """A schedule is refused under the DeepSpeed integration when the Trainer is built (its own
-    process: accelerate allows one DeepSpeed ``Accelerator`` per process)."""
+    """A schedule under the DeepSpeed integration without plan_trainer is refused when the
+    Trainer is built (its own process: accelerate allows one DeepSpeed ``Accelerator`` per
+    process)."""
     from layerfreeze.hf_trainer import LayerfreezeCallback, apply_schedule, plan_optimizer
 
     model = _model(128)
@@ -226,7 +238,7 @@ def _body_deepspeed_refusal(rank: int, world: int, tmp: str, stage: int) -> str:
 
 
 @pytest.mark.parametrize("stage", [2, 3])
-def test_deepspeed_trainer_single_plan_matches_reference_and_refuses_schedules(tmp_path, stage):
+def test_deepspeed_trainer_single_plan_matches_reference(tmp_path, stage):
     res = run_distributed(_body_deepspeed, world_size=2, args=(str(tmp_path), stage), timeout=900)
     ref = _reference(SINGLE, 128)
     for r in res:
@@ -236,5 +248,142 @@ def test_deepspeed_trainer_single_plan_matches_reference_and_refuses_schedules(t
         refused = run_distributed(_body_deepspeed_refusal, world_size=2,
                                   args=(str(tmp_path), stage), timeout=900)
         for msg in refused:
-            assert "refused under the Trainer's DeepSpeed integration" in msg
-            assert "cannot rebuild mid-run" in msg
+            assert "needs the Trainer class from layerfreeze.hf_trainer.plan_trainer()" in msg
+
+
+def _inner_optimizer(trainer):
+    inner = trainer.optimizer
+    while not isinstance(inner, torch.optim.Optimizer):
+        inner = inner.optimizer
+    return inner
+
+
+def _body_deepspeed_schedule(rank: int, world: int, tmp: str, stage: int, resume: bool) -> dict:
+    """The two-phase schedule under the DeepSpeed integration; checkpoints at step 3 (in phase 1,
+    after the engine was rebuilt with split groups). ``resume``: a new process resumes from it."""
+    import json
+
+    from layerfreeze.hf_trainer import STATE_FILE, LayerfreezeCallback, apply_schedule, plan_trainer
+
+    model = _model(128)
+    applied, schedule = apply_schedule(model, SCHEDULE)
+    out_dir = f"{tmp}/sched{stage}"
+    args = _args(out_dir, deepspeed=_ds_config(stage), save_strategy="steps", save_steps=3,
+                 max_steps=LONG)
+    cb = LayerfreezeCallback(applied, schedule)
+    trainer = plan_trainer(_trainer_cls())(
+        model=model, args=args, train_dataset=_samples(128, LONG), applied=applied, callbacks=[cb],
+    )
+    if resume:
+        trainer.train(resume_from_checkpoint=f"{out_dir}/checkpoint-3")
+    else:
+        trainer.train()
+    inner = _inner_optimizer(trainer)
+    held = {n for n, p in model.named_parameters() if p.requires_grad}
+    return {
+        "rank": rank,
+        "losses": _losses(trainer),
+        "exact": trainer.exact_losses,
+        "phase": cb.phase,
+        "groups": sorted((g["name"], g["lr_scale"], g["lr"]) for g in inner.param_groups),
+        "requires_grad": sorted(held),
+        "phase1": sorted(applied.trainable_names_for(PHASE1)),
+        "rebuilt": len(trainer._layerfreeze_retired),  # engines retired by phase switches
+        "state": json.loads(open(f"{out_dir}/checkpoint-3/{STATE_FILE}").read()),
+        "global_steps": trainer.model_wrapped.global_steps,
+    }
+
+
+@pytest.mark.parametrize("stage", [2, 3])
+def test_deepspeed_trainer_schedule_rebuilds_the_engine_and_resumes_in_phase_two(tmp_path, stage):
+    ref = _reference(SCHEDULE, 128, LONG)
+    straight = run_distributed(_body_deepspeed_schedule, world_size=2,
+                               args=(str(tmp_path), stage, False), timeout=900)
+    for r in straight:
+        assert r["phase"] == 1 and r["rebuilt"] == 1
+        # the Trainer logs losses rounded to 4 digits; the reference really freezes and builds
+        # a new AdamW at the switch carrying the Adam state of the layer both phases train
+        assert [float(x) for x in r["losses"]] == pytest.approx(ref["losses"], abs=2e-4)
+        assert r["requires_grad"] == r["phase1"]  # ZeRO holds exactly phase 1's parameters
+        # layer 1 (trained in both phases) has 2 Adam steps, the rest none: split groups
+        names = [g[0] for g in r["groups"]]
+        assert any(n.endswith("@2") for n in names), names
+        assert {g[1] for g in r["groups"]} == {0.5, 1.0}
+        for _name, scale, lr in r["groups"]:  # the constant schedule continued, scales kept
+            assert lr == pytest.approx(LR * scale)
+        assert r["state"]["phase"] == 1 and r["state"]["global_step"] == 3
+        assert r["global_steps"] == LONG
+    resumed = run_distributed(_body_deepspeed_schedule, world_size=2,
+                              args=(str(tmp_path), stage, True), timeout=900)
+    for r in resumed:
+        assert r["phase"] == 1 and r["rebuilt"] == 0  # built for phase 1 from the start
+        assert r["requires_grad"] == r["phase1"]
+        assert r["groups"] == straight[0]["groups"]
+        # steps 4 and 5 from the checkpoint = the straight run's, unrounded (step 5's loss
+        # depends on step 4's update, i.e. on the Adam state the checkpoint restored)
+        assert len(r["exact"]) == 2
+        assert r["exact"] == pytest.approx(straight[r["rank"]]["exact"][3:], rel=1e-6)
+        assert r["global_steps"] == LONG
+
+
+def _body_ddp_resume(rank: int, world: int, tmp: str) -> dict:
+    """A plain Trainer (DDP) resuming the schedule in phase 1: apply_schedule reads the phase."""
+    from layerfreeze.hf_trainer import LayerfreezeCallback, apply_schedule, plan_optimizer
+
+    model = _model(128)
+    out_dir = f"{tmp}/ddp_resume"
+    args = _args(out_dir, save_strategy="steps", save_steps=2, max_steps=LONG)
+    applied, schedule = apply_schedule(model, SCHEDULE)
+    trainer = _trainer_cls()(model=model, args=args, train_dataset=_samples(128, LONG),
+                             optimizers=(plan_optimizer(applied, args), None),
+                             callbacks=[LayerfreezeCallback(applied, schedule)])
+    trainer.train()
+    straight, straight_exact = _losses(trainer), trainer.exact_losses
+    model = _model(128)
+    applied, schedule = apply_schedule(
+        model, SCHEDULE, resume_from_checkpoint=f"{out_dir}/checkpoint-2"
+    )
+    cb = LayerfreezeCallback(applied, schedule)
+    trainer = _trainer_cls()(model=model, args=args, train_dataset=_samples(128, LONG),
+                             optimizers=(plan_optimizer(applied, args), None), callbacks=[cb])
+    trainer.train(resume_from_checkpoint=f"{out_dir}/checkpoint-2")
+    return {"straight": straight, "straight_exact": straight_exact,
+            "resumed": trainer.exact_losses, "phase": cb.phase, "plan": applied.plan.to_dict()}
+
+
+def test_ddp_trainer_resumes_a_schedule_in_phase_two(tmp_path):
+    from layerfreeze.plan import LayerPlan
+
+    res = run_distributed(_body_ddp_resume, world_size=2, args=(str(tmp_path),), timeout=900)
+    ref = _reference(SCHEDULE, 128, LONG)
+    for r in res:
+        assert [float(x) for x in r["straight"]] == pytest.approx(ref["losses"], abs=2e-4)
+        assert r["phase"] == 1 and r["plan"] == LayerPlan.parse(PHASE1).to_dict()
+        # steps 3-5 from the checkpoint = the straight run's, unrounded (they depend on the
+        # Adam state the checkpoint restored into phase 1's groups)
+        assert r["resumed"] == pytest.approx(r["straight_exact"][2:], rel=1e-6)
+
+
+def test_resume_state_errors_name_the_file(tmp_path):
+    from layerfreeze.hf_trainer import STATE_FILE, read_trainer_state
+    from layerfreeze.schedule import PlanSchedule
+
+    sched = PlanSchedule.parse(SCHEDULE)
+    ckpt = tmp_path / "checkpoint-3"
+    ckpt.mkdir()
+    (ckpt / "trainer_state.json").write_text('{"global_step": 3}')
+    with pytest.raises(ValueError, match=f"{STATE_FILE}: missing"):
+        read_trainer_state(ckpt, sched)
+    (ckpt / STATE_FILE).write_text("{not json")
+    with pytest.raises(ValueError, match="not readable JSON"):
+        read_trainer_state(ckpt, sched)
+    (ckpt / STATE_FILE).write_text(
+        '{"format": "layerfreeze.hf_trainer/1", "phase": 1, "global_step": 3, "plans": []}'
+    )
+    with pytest.raises(ValueError, match="another plan schedule"):
+        read_trainer_state(ckpt, sched)
+    # a checkpoint of phase 0 written without the callback still resumes (nothing to know)
+    early = tmp_path / "checkpoint-1"
+    early.mkdir()
+    (early / "trainer_state.json").write_text('{"global_step": 1}')
+    assert read_trainer_state(early, sched)["phase"] == 0
