@@ -27,6 +27,7 @@ these tests skip, saying so. One child process loads every case (~1 minute on 2 
 from __future__ import annotations
 
 import json
+import os
 
 import pytest
 import torch
@@ -103,11 +104,19 @@ def _adapters(applied) -> dict:
     }
 
 
+def _unavailable(why: str) -> None:
+    """Skip, unless the test command installed vLLM (tests/run.sh sets LAYERFREEZE_WITH_VLLM=1
+    by default): then a missing or broken vLLM is a failure, not a silent skip in CI."""
+    if os.environ.get("LAYERFREEZE_WITH_VLLM") == "1":
+        pytest.fail(f"LAYERFREEZE_WITH_VLLM=1 but vLLM's LoRA loader is not available: {why}")
+    pytest.skip(f"vLLM's LoRA loader is not available: {why}")
+
+
 @pytest.fixture(scope="module")
 def loaded(tmp_path_factory):
     """Export every case, load them all in one vLLM child; case -> (model, applied, result)."""
     if vllm_missing():
-        pytest.skip(f"vLLM's LoRA loader is not available: {vllm_missing()}")
+        _unavailable(vllm_missing())
     root = tmp_path_factory.mktemp("vllm_lora")
     jobs, built = [], {}
     for i, (case, (family, plan, max_rank)) in enumerate(CASES.items()):
@@ -134,7 +143,7 @@ def loaded(tmp_path_factory):
     try:
         results = run_vllm_lora_jobs(jobs, root / "child")
     except VllmUnavailable as e:
-        pytest.skip(f"vLLM's LoRA loader is not available: {e}")
+        _unavailable(str(e))
     assert results["vllm_version"].startswith("0.33"), results["vllm_version"]
     out = {"_vllm": results}
     for (case, (model, applied)), job, res in zip(
