@@ -19,6 +19,7 @@ with the Adam state carried. See ``docs/hf_trainer.md``.
 
 from __future__ import annotations
 
+import functools
 import json
 import os
 from collections.abc import Mapping
@@ -42,9 +43,12 @@ _STATE_FORMAT = "layerfreeze.hf_trainer/1"
 
 
 def apply_schedule(
-    model: nn.Module, plan_or_schedule: Any, *, resume_from_checkpoint: str | os.PathLike | None = None
+    model: nn.Module,
+    plan_or_schedule: Any,
+    *,
+    resume_from_checkpoint: str | os.PathLike | None = None,
 ) -> tuple[Any, Any]:
-    """Apply a plan (or the first phase of a plan schedule) to ``model`` before the Trainer is built.
+    """Apply a plan (or the first phase of a plan schedule) to ``model`` before Trainer is built.
 
     A single plan is :func:`layerfreeze.apply.apply_plan`. For a schedule every phase's adapters
     are installed and every parameter that *any* phase trains keeps ``requires_grad`` for the
@@ -423,7 +427,8 @@ class LayerfreezeCallback(TrainerCallback):
         self._check_optimizer(optimizer)
         if len(self.schedule.plans) > 1:
             sched = kwargs.get("lr_scheduler")
-            if not isinstance(getattr(sched, "scheduler", sched), torch.optim.lr_scheduler.LambdaLR):
+            inner = getattr(sched, "scheduler", sched)
+            if not isinstance(inner, torch.optim.lr_scheduler.LambdaLR):
                 raise ValueError(
                     "LayerfreezeCallback: a plan schedule continues the Trainer's own learning-"
                     "rate schedule across phase switches (a LambdaLR: lr_scheduler_type linear, "
@@ -451,14 +456,14 @@ class LayerfreezeCallback(TrainerCallback):
             else:
                 self._switch(target, args, optimizer, sched)
         if self.sensitivity is not None:
-            self._record(state, self.sensitivity.compute(model, state.global_step))
+            self._sense(model, state)
 
     def on_step_end(self, args, state, control, model=None, optimizer=None, **kwargs):
         target = self.schedule.phase_at(state.global_step)
         if target != self.phase:
             self._switch(target, args, optimizer, kwargs.get("lr_scheduler"))
         if self.sensitivity is not None and state.global_step % self.sensitivity_every == 0:
-            self._record(state, self.sensitivity.compute(model, state.global_step))
+            self._sense(model, state)
 
     def on_save(self, args, state, control, model=None, **kwargs):
         if args.should_save:
@@ -494,6 +499,18 @@ class LayerfreezeCallback(TrainerCallback):
         self._masked.clear()
 
     # ---- helpers ----------------------------------------------------------------------------
+
+    def _sense(self, model: Any, state: Any) -> None:
+        gather = self._gather()
+        self._record(state, self.sensitivity.compute(model, state.global_step, gather=gather))
+
+    def _gather(self) -> Any:
+        """Under DeepSpeed, what the sensitivity hooks gather ZeRO-3 partitions with."""
+        if not self._deepspeed:
+            return None
+        from layerfreeze.engines.deepspeed import gathered_parameters
+
+        return functools.partial(gathered_parameters, self.applied.model)
 
     def set_union_requires_grad(self) -> None:
         """``requires_grad`` on every phase's parameters (DDP's reducer is built once)."""

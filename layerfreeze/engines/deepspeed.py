@@ -63,6 +63,7 @@ __all__ = [
     "DeepSpeedRunner",
     "check_run_config",
     "engine_from_optimizer",
+    "gathered_parameters",
     "runner_from_run_config",
     "ScaledLRScheduler",
     "StepOutput",
@@ -360,6 +361,24 @@ def engine_from_optimizer(
     ]:
         raise AssertionError("DeepSpeed reordered the optimizer groups; cannot map lr scales")
     return engine
+
+
+@contextlib.contextmanager
+def gathered_parameters(
+    model: nn.Module, names: Sequence[str] | None = None, modifier_rank: int | None = None
+) -> Iterator[None]:
+    """Context in which the named parameters of ``model`` (default: all) are whole on every rank:
+    ZeRO-3 partitions are gathered (``deepspeed.zero.GatheredParameters``; on exit, changes made
+    on ``modifier_rank`` are re-partitioned); parameters that are not partitioned are left as
+    they are. Collective when anything is partitioned."""
+    params = dict(model.named_parameters())
+    selected = [params[n] for n in names] if names is not None else list(params.values())
+    selected = [p for p in selected if hasattr(p, "ds_id")]
+    if selected:
+        with deepspeed.zero.GatheredParameters(selected, modifier_rank=modifier_rank):
+            yield
+    else:
+        yield
 
 # --------------------------------------------------------------------------------------------
 # optimizer state across an engine rebuild (plan-schedule phase switch)
@@ -1333,12 +1352,7 @@ class DeepSpeedRunner:
                 if runner.rank == 0:
                     export_merged(runner.applied, out_dir)
         """
-        params = dict(self.model.named_parameters())
-        selected = [params[n] for n in names] if names is not None else list(params.values())
-        if self.zero_stage == 3:
-            with deepspeed.zero.GatheredParameters(selected, modifier_rank=modifier_rank):
-                yield
-        else:
+        with gathered_parameters(self.model, names, modifier_rank):
             yield
 
     def consolidated_state_dict(self) -> dict[str, torch.Tensor] | None:

@@ -86,21 +86,24 @@ class EvalCallback:
         benchmarks = self._load()
         metrics: dict[str, float] = {}
         results: dict[str, Any] = {}
+        questions: dict[str, Any] = {}
         seconds = 0.0
         for name, bench in benchmarks.items():
-            result, _ = evaluate(
+            result, records = evaluate(
                 model, self.tokenizer, bench, shots=self.cfg.shots, prompt=self.cfg.prompt,
                 batch_size=self.cfg.batch_size, max_questions=self.cfg.max_questions,
                 max_length=self.cfg.max_length, shard=shard,
             )
             results[name] = result
+            questions[name] = records
             metrics.update(flat_metrics(result))
             seconds += result["seconds"]
         metrics["eval/seconds"] = seconds
         self.history.append({"step": step, "metrics": metrics})
         if is_main_process():
-            atomic_write_json(
-                self.out_dir / f"step_{step:08d}.json", {"step": step, "results": results}
+            atomic_write_json(  # per question: prediction, gold and each choice's loglik
+                self.out_dir / f"step_{step:08d}.json",
+                {"step": step, "results": results, "questions": questions},
             )
         summary = ", ".join(
             f"{b} {100 * metrics[f'eval/{b}/acc_macro']:.2f}"

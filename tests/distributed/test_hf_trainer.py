@@ -258,21 +258,36 @@ def _inner_optimizer(trainer):
     return inner
 
 
-def _body_deepspeed_schedule(rank: int, world: int, tmp: str, stage: int, resume: bool) -> dict:
-    """The two-phase schedule under the DeepSpeed integration; checkpoints at step 3 (in phase 1,
-    after the engine was rebuilt with split groups). ``resume``: a new process resumes from it."""
+def _body_deepspeed_schedule(
+    rank: int, world: int, tmp: str, stage: int, resume: bool, data_dir: str
+) -> dict:
+    """The two-phase schedule under the DeepSpeed integration, with C-Eval at the checkpoint
+    (step 3, in phase 1, after the engine was rebuilt with split groups) and the sensitivity hooks
+    every 2 steps. ``resume``: a new process resumes from that checkpoint."""
     import json
 
+    from layerfreeze.diagnostics.hooks import SensitivityHooks
+    from layerfreeze.evaluation import EvalCallback
     from layerfreeze.hf_trainer import STATE_FILE, LayerfreezeCallback, apply_schedule, plan_trainer
+    from tests.helpers.eval_fixtures import cached_tokenizer
 
-    model = _model(128)
+    tok = cached_tokenizer()
+    vocab = len(tok)
+    model = _model(vocab)
     applied, schedule = apply_schedule(model, SCHEDULE)
     out_dir = f"{tmp}/sched{stage}"
     args = _args(out_dir, deepspeed=_ds_config(stage), save_strategy="steps", save_steps=3,
                  max_steps=LONG)
-    cb = LayerfreezeCallback(applied, schedule)
+    cb = LayerfreezeCallback(
+        applied, schedule,
+        evaluation=EvalCallback(_eval_config(data_dir), tok, f"{tmp}/eval{stage}{resume}"),
+        sensitivity=SensitivityHooks(applied.layout, _probe(vocab),
+                                     measures=("angular", "update_ratio")),
+        sensitivity_every=2,
+    )
     trainer = plan_trainer(_trainer_cls())(
-        model=model, args=args, train_dataset=_samples(128, LONG), applied=applied, callbacks=[cb],
+        model=model, args=args, train_dataset=_samples(vocab, LONG), applied=applied,
+        callbacks=[cb],
     )
     if resume:
         trainer.train(resume_from_checkpoint=f"{out_dir}/checkpoint-3")
@@ -285,6 +300,7 @@ def _body_deepspeed_schedule(rank: int, world: int, tmp: str, stage: int, resume
         "losses": _losses(trainer),
         "exact": trainer.exact_losses,
         "phase": cb.phase,
+        "records": cb.records,
         "groups": sorted((g["name"], g["lr_scale"], g["lr"]) for g in inner.param_groups),
         "requires_grad": sorted(held),
         "phase1": sorted(applied.trainable_names_for(PHASE1)),
@@ -294,16 +310,42 @@ def _body_deepspeed_schedule(rank: int, world: int, tmp: str, stage: int, resume
     }
 
 
+def _eval_config(data_dir: str):
+    from layerfreeze.evaluation.config import EvalConfig
+
+    return EvalConfig(benchmarks=["ceval"], data_dir=data_dir, shots=0, max_questions=3,
+                      subjects={"ceval": ["computer_network"]}, at_end=False)
+
+
+def _probe(vocab: int) -> torch.Tensor:
+    return _samples(vocab)[0]["input_ids"][None]
+
+
 @pytest.mark.parametrize("stage", [2, 3])
-def test_deepspeed_trainer_schedule_rebuilds_the_engine_and_resumes_in_phase_two(tmp_path, stage):
-    ref = _reference(SCHEDULE, 128, LONG)
+def test_deepspeed_trainer_schedule_rebuilds_the_engine_and_resumes_in_phase_two(
+    tmp_path, stage, eval_data_dir
+):
+    import json
+
+    from layerfreeze.diagnostics.hooks import SensitivityHooks
+    from layerfreeze.evaluation import EvalCallback
+    from tests.helpers.eval_fixtures import cached_tokenizer
+
+    tok = cached_tokenizer()
+    vocab = len(tok)
+    # the references for 2, 3, 4 and 5 steps see the same samples in the same order
+    assert torch.equal(
+        torch.stack([b["input_ids"] for b in _samples(vocab, 2)]),
+        torch.stack([b["input_ids"] for b in _samples(vocab, LONG)])[:8],
+    )
+    ref = {n: _reference(SCHEDULE, vocab, n) for n in (2, 3, 4, LONG)}
     straight = run_distributed(_body_deepspeed_schedule, world_size=2,
-                               args=(str(tmp_path), stage, False), timeout=900)
+                               args=(str(tmp_path), stage, False, str(eval_data_dir)), timeout=900)
     for r in straight:
         assert r["phase"] == 1 and r["rebuilt"] == 1
         # the Trainer logs losses rounded to 4 digits; the reference really freezes and builds
         # a new AdamW at the switch carrying the Adam state of the layer both phases train
-        assert [float(x) for x in r["losses"]] == pytest.approx(ref["losses"], abs=2e-4)
+        assert [float(x) for x in r["losses"]] == pytest.approx(ref[LONG]["losses"], abs=2e-4)
         assert r["requires_grad"] == r["phase1"]  # ZeRO holds exactly phase 1's parameters
         # layer 1 (trained in both phases) has 2 Adam steps, the rest none: split groups
         names = [g[0] for g in r["groups"]]
@@ -313,8 +355,47 @@ def test_deepspeed_trainer_schedule_rebuilds_the_engine_and_resumes_in_phase_two
             assert lr == pytest.approx(LR * scale)
         assert r["state"]["phase"] == 1 and r["state"]["global_step"] == 3
         assert r["global_steps"] == LONG
+    records = straight[0]["records"]
+    # C-Eval at the checkpoints (step 3 and the final save) = the reference model after as many
+    # steps, scored the same way
+    evals = {s: m for s, m in records if "eval/ceval/acc_macro" in m}
+    assert sorted(evals) == [3, LONG]
+    for step in (3, LONG):
+        ref_dir = tmp_path / f"ref_eval{step}"
+        want = EvalCallback(_eval_config(str(eval_data_dir)), tok, ref_dir).maybe_run(
+            step, ref[step]["model"], force=True
+        )
+        got = evals[step]
+        assert got["eval/ceval/acc_macro"] == pytest.approx(want["eval/ceval/acc_macro"])
+        assert got["eval/ceval/num_questions"] == want["eval/ceval/num_questions"] == 3
+        # question by question: each choice's log-likelihood under the trained model
+        name = f"step_{step:08d}.json"
+        got_q = json.loads((tmp_path / f"eval{stage}False" / name).read_text())["questions"]
+        want_q = json.loads((ref_dir / name).read_text())["questions"]
+        assert len(got_q["ceval"]) == len(want_q["ceval"]) == 3
+        for a, b in zip(got_q["ceval"], want_q["ceval"], strict=True):
+            assert a["id"] == b["id"] and a["pred"] == b["pred"]
+            for letter, v in b["loglik"].items():
+                assert a["loglik"][letter] == pytest.approx(v, abs=1e-3), (a["id"], letter)
+    # sensitivity hooks at steps 0, 2, 4: angular distances = the reference's; the update ratio
+    # from step 2 to 4 (ZeRO-3: gathered one layer at a time) = the reference weights' ratio
+    diag = {s: m for s, m in records if "diag/probe_loss" in m}
+    assert sorted(diag) == [0, 2, 4]
+    want = SensitivityHooks(ref[4]["applied"].layout, _probe(vocab), measures=("angular",))
+    for k, v in want.compute(ref[4]["model"], 4).items():
+        assert diag[4][k] == pytest.approx(v, rel=1e-4, abs=1e-6), k
+    w2, w4 = ref[2]["model"].state_dict(), ref[4]["model"].state_dict()
+    phase1 = set(ref[4]["applied"].trainable_names_for(PHASE1))
+    for i in range(4):
+        keys = [k for k in phase1 if k.startswith(f"model.layers.{i}.")]
+        num = sum(float((w4[k].double() - w2[k].double()).pow(2).sum()) for k in keys)
+        den = sum(float(w2[k].double().pow(2).sum()) for k in keys)
+        expect = (num ** 0.5) / (den ** 0.5) if den else 0.0
+        got = diag[4][f"diag/update_ratio/layers.{i}"]
+        assert got == pytest.approx(expect, rel=2e-2, abs=1e-9), (i, got, expect)
+        assert (got > 0) == (i >= 1)  # layer 0 is frozen in phase 1
     resumed = run_distributed(_body_deepspeed_schedule, world_size=2,
-                              args=(str(tmp_path), stage, True), timeout=900)
+                              args=(str(tmp_path), stage, True, str(eval_data_dir)), timeout=900)
     for r in resumed:
         assert r["phase"] == 1 and r["rebuilt"] == 0  # built for phase 1 from the start
         assert r["requires_grad"] == r["phase1"]
