@@ -957,6 +957,11 @@ class DeepSpeedRunner:
 
     Phase switches happen inside :meth:`train_step` when the global step crosses a phase boundary.
 
+    Adapters (LoRA ``A``, prefixes, gates) draw their initial values from torch's global
+    generator when the plan is applied, and torch seeds it from the OS in every new process: call
+    ``torch.manual_seed`` before applying a plan for runs that repeat bit for bit (``layerfreeze
+    train`` does, from ``train.seed``; two seeded 2-rank runs are tested bit-identical).
+
     Args:
         model: the model (adapters of every phase are installed here unless ``applied`` is given).
         config: DeepSpeed config (dict or JSON path); ``optimizer`` must be Adam/AdamW.
