@@ -409,7 +409,12 @@ def test_deepspeed_trainer_schedule_rebuilds_the_engine_and_resumes_in_phase_two
 
 def _body_ddp_resume(rank: int, world: int, tmp: str) -> dict:
     """A plain Trainer (DDP) resuming the schedule in phase 1: apply_schedule reads the phase."""
-    from layerfreeze.hf_trainer import LayerfreezeCallback, apply_schedule, plan_optimizer
+    from layerfreeze.hf_trainer import (
+        LayerfreezeCallback,
+        apply_schedule,
+        plan_optimizer,
+        plan_trainer,
+    )
 
     model = _model(128)
     out_dir = f"{tmp}/ddp_resume"
@@ -428,8 +433,19 @@ def _body_ddp_resume(rank: int, world: int, tmp: str) -> dict:
     trainer = _trainer_cls()(model=model, args=args, train_dataset=_samples(128, LONG),
                              optimizers=(plan_optimizer(applied, args), None), callbacks=[cb])
     trainer.train(resume_from_checkpoint=f"{out_dir}/checkpoint-2")
-    return {"straight": straight, "straight_exact": straight_exact,
-            "resumed": trainer.exact_losses, "phase": cb.phase, "plan": applied.plan.to_dict()}
+    resumed = trainer.exact_losses
+    # plan_trainer finds the phase itself: the model starts in phase 0 (checkpoint-4 is in phase 1)
+    model = _model(128)
+    applied2, schedule = apply_schedule(model, SCHEDULE)
+    cb2 = LayerfreezeCallback(applied2, schedule)
+    trainer = plan_trainer(_trainer_cls())(
+        model=model, args=args, train_dataset=_samples(128, LONG), applied=applied2,
+        callbacks=[cb2],
+    )
+    trainer.train(resume_from_checkpoint=f"{out_dir}/checkpoint-4")
+    return {"straight": straight, "straight_exact": straight_exact, "resumed": resumed,
+            "phase": cb.phase, "plan": applied.plan.to_dict(),
+            "last": trainer.exact_losses, "phase2": cb2.phase, "plan2": applied2.plan.to_dict()}
 
 
 def test_ddp_trainer_resumes_a_schedule_in_phase_two(tmp_path):
@@ -443,6 +459,8 @@ def test_ddp_trainer_resumes_a_schedule_in_phase_two(tmp_path):
         # steps 3-5 from the checkpoint = the straight run's, unrounded (they depend on the
         # Adam state the checkpoint restored into phase 1's groups)
         assert r["resumed"] == pytest.approx(r["straight_exact"][2:], rel=1e-6)
+        assert r["phase2"] == 1 and r["plan2"] == r["plan"]
+        assert r["last"] == pytest.approx(r["straight_exact"][4:], rel=1e-6)
 
 
 def test_resume_state_errors_name_the_file(tmp_path):
