@@ -13,6 +13,12 @@ os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
 
+# Child processes (launchers, CLIs, distributed workers) import this checkout's layerfreeze, not
+# whichever checkout the editable install last pointed at.
+os.environ["PYTHONPATH"] = os.pathsep.join(
+    [str(REPO_ROOT), *[p for p in os.environ.get("PYTHONPATH", "").split(os.pathsep) if p]]
+)
+
 
 def shared_data_dir() -> Path:
     """``../shared/data`` beside the checkout, or ``$LAYERFREEZE_EVAL_DATA`` when set."""
