@@ -74,6 +74,7 @@ def train_tokenizer(
     txt_documents: str = "paragraph",
     input_sentence_size: int = 0,
     seed: int = 0,
+    config_section: str | None = None,
 ) -> Path:
     """Train a SentencePiece tokenizer and save it in a form ``AutoTokenizer`` loads.
 
@@ -95,6 +96,9 @@ def train_tokenizer(
         txt_documents: ``paragraph`` (documents separated by blank lines) or ``line``.
         input_sentence_size: sample at most this many lines for training (0: use all).
         seed: seed of that sampling (SentencePiece's random seed).
+        config_section: when the options come from a run config, its section (``"tokenizer"``):
+            a vocabulary size the text cannot support is then reported with the config keys
+            (``tokenizer.vocab_size=918``) instead of the ``layerfreeze tokenizer train`` flags.
 
     Returns:
         ``out_dir`` as a ``Path``.
@@ -169,7 +173,7 @@ def train_tokenizer(
                     sentence_iterator=_all_lines(), model_writer=f, **options
                 )
             except RuntimeError as e:
-                raise _explain_training_error(e, vocab_size) from None
+                raise _explain_training_error(e, vocab_size, config_section) from None
         hf = sentencepiece_to_hf(model_file)
         hf.save_pretrained(str(tmp))
         atomic_write_json(
@@ -186,23 +190,30 @@ def train_tokenizer(
     return out_dir
 
 
-def _explain_training_error(err: RuntimeError, vocab_size: int) -> ValueError:
+def _explain_training_error(
+    err: RuntimeError, vocab_size: int, config_section: str | None = None
+) -> ValueError:
+    if config_section:  # run-config keys: tokenizer.vocab_size=N
+        key, size_opt = f"{config_section}.vocab_size", f"{config_section}.vocab_size="
+        coverage_opt = f"{config_section}.character_coverage"
+    else:  # the command-line flags of `layerfreeze tokenizer train`
+        key, size_opt, coverage_opt = "vocab_size", "--vocab-size ", "--character-coverage"
     msg = str(err)
     high = re.search(
         r"Vocabulary size (?:is )?too high \((\d+)\)\. Please set it to a value <= (\d+)", msg
     )
     if high:
         return ValueError(
-            f"vocab_size: {vocab_size} is too large for this text (sentencepiece found room for at most "
-            f"{high.group(2)} pieces). Use --vocab-size {high.group(2)} or less, or train on more text."
+            f"{key}: {vocab_size} is too large for this text (sentencepiece found room for at most "
+            f"{high.group(2)} pieces). Use {size_opt}{high.group(2)} or less, or train on more text."
         )
     low = re.search(r"Vocabulary size is smaller than required_chars\. (\d+) vs (\d+)", msg)
     if low:
         need = int(low.group(2))
         return ValueError(
-            f"vocab_size: {vocab_size} is too small: the text needs {low.group(2)} pieces for its "
-            f"characters and the special/byte pieces. Use --vocab-size {need} or more, or lower "
-            "--character-coverage so rare characters fall back to bytes."
+            f"{key}: {vocab_size} is too small: the text needs {low.group(2)} pieces for its "
+            f"characters and the special/byte pieces. Use {size_opt}{need} or more, or lower "
+            f"{coverage_opt} so rare characters fall back to bytes."
         )
     return ValueError(f"sentencepiece training failed: {msg}")
 
@@ -387,6 +398,7 @@ def prepare_tokenizer(
             inputs, out_dir, vocab_size=cfg.vocab_size, model_type=cfg.model_type,
             character_coverage=cfg.character_coverage, text_key=text_key,
             txt_documents=txt_documents, input_sentence_size=cfg.input_sentence_size,
+            config_section="tokenizer",
         )
 
     run_on_local_rank0(build)

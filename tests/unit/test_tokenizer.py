@@ -221,3 +221,19 @@ def test_fingerprint_is_stable_across_loads_and_separates_tokenizers(trained, sm
 def test_prepare_tokenizer_needs_a_path_or_an_out_dir(small_corpus):
     with pytest.raises(ConfigError, match="tokenizer.path: no tokenizer given and nowhere to train one"):
         prepare_tokenizer(TokenizerConfig(), [small_corpus], None)
+
+
+def test_prepare_tokenizer_names_the_run_config_keys_in_vocab_size_errors(small_corpus, tmp_path):
+    """Under `layerfreeze train` the advice names tokenizer.* keys, not the tokenizer CLI flags."""
+    cfg = TokenizerConfig(vocab_size=300, character_coverage=1.0)
+    with pytest.raises(ValueError) as err:
+        prepare_tokenizer(cfg, [small_corpus / "zh.txt"], tmp_path / "tok")
+    msg = str(err.value)
+    assert msg.startswith("tokenizer.vocab_size: 300 is too small:"), msg
+    assert "lower tokenizer.character_coverage" in msg and "--" not in msg
+    assert not (tmp_path / "tok").exists()
+    # The size it suggests is one the text supports.
+    need = int(msg.split("Use tokenizer.vocab_size=")[1].split()[0])
+    tok = prepare_tokenizer(TokenizerConfig(vocab_size=need, character_coverage=1.0),
+                            [small_corpus / "zh.txt"], tmp_path / "ok")
+    assert len(tok) == need
