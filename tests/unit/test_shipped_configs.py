@@ -70,3 +70,18 @@ def test_shipped_config_resolves_on_fake_model(path, monkeypatch):
         assert 0 < trainable <= applied.num_total_params()
         if str(plan) != "full" and plan.name != "full":
             assert trainable < applied.num_total_params(), f"{plan} froze nothing"
+
+
+def test_quickstart_plan_comment_matches_the_resolved_plan():
+    """The README main job's plan comment once said the embeddings were frozen; freeze_deep
+    trains them (docs/plans.md: embeddings follow the bottom, norm and head the top)."""
+    path = REPO / "configs" / "tiny_llama" / "cpt_freeze_deep_deepspeed.yaml"
+    spec_line = next(x for x in path.read_text(encoding="utf-8").splitlines()
+                     if x.strip().startswith("spec:"))
+    comment = spec_line.split("#", 1)[1].strip()
+    assert comment == "layers 0-1 and the embeddings train; 2-3, final norm, LM head frozen"
+    cfg = load_config(path)
+    resolved = build_schedule(cfg).plans[0].resolve(cfg.model.architecture["num_hidden_layers"])
+    assert [s.name for s in resolved.layers] == ["full", "full", "freeze", "freeze"]
+    assert (resolved.embeddings.name, resolved.final_norm.name, resolved.lm_head.name) == (
+        "full", "freeze", "freeze")
