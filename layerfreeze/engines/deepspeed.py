@@ -680,6 +680,28 @@ def _check_optimizer_instance(
         )
 
 
+def _unscale_optimizer_instance(optimizer: torch.optim.Optimizer, lr_scheduler: Any) -> None:
+    """Turn the scaled lrs of an optimizer built from ``applied.param_groups`` into unscaled ones.
+
+    ``AppliedPlan.param_groups(lr, wd)`` gives each group ``lr * lr_scale`` (right for plain
+    torch). Under :class:`ScaledLRScheduler` the groups must hold the unscaled lr, which it
+    multiplies by ``lr_scale`` itself, so each group's ``lr`` (and ``initial_lr``) and a bound torch
+    scheduler's ``base_lrs`` / ``_last_lr`` are divided by the group's scale here; otherwise every
+    group would train at ``lr * lr_scale ** 2``.
+    """
+    scales = [float(g.get("lr_scale", 1.0)) or 1.0 for g in optimizer.param_groups]
+    for g, scale in zip(optimizer.param_groups, scales, strict=True):
+        g["lr"] = float(g["lr"]) / scale
+        if "initial_lr" in g:  # set by a torch scheduler built on this optimizer
+            g["initial_lr"] = float(g["initial_lr"]) / scale
+    if lr_scheduler is None or callable(lr_scheduler):
+        return
+    for attr in ("base_lrs", "_last_lr"):  # torch LRScheduler bookkeeping, one value per group
+        values = getattr(lr_scheduler, attr, None)
+        if isinstance(values, list) and len(values) == len(scales):
+            setattr(lr_scheduler, attr, [float(v) / s for v, s in zip(values, scales, strict=True)])
+
+
 def _check_model_parameters(
     model_parameters: Any, model: nn.Module, specs: list[GroupSpec], new_ids: set[int]
 ) -> None:
@@ -870,6 +892,8 @@ def initialize(
                 "`lambda opt: torch.optim.lr_scheduler.LambdaLR(opt, f)`, or use the config's "
                 "'scheduler'."
             )
+    if groups is None:
+        _unscale_optimizer_instance(optimizer, lr_scheduler)
     engine, ds_opt, loader, _sched = _deepspeed_initialize(
         args=args,
         model=model,

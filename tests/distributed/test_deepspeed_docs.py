@@ -70,3 +70,45 @@ def test_docs_do_not_claim_another_layout_is_refused(repo_root):
     loading = doc.split("Loading validates", 1)[1].split("```", 1)[0]
     assert "elastic/" in loading and "another world size or ZeRO" in loading
     assert "ZeRO stage and world size" not in " ".join(loading.split())
+
+
+_LR, _SCALED = 1e-3, "0-1:full(lr_scale=0.25),embeddings:full(lr_scale=3)"
+
+
+def _decay(step: int) -> float:
+    return 1.0 / (step + 1)
+
+
+def _instance_lrs(rank, world_size):
+    """docs/deepspeed.md: an optimizer instance built from applied.param_groups, with a torch
+    scheduler bound to it, passed to initialize. Returns the group lrs after each step."""
+    import layerfreeze.deepspeed as lfds
+    from layerfreeze.apply import apply_plan
+    from tests.helpers.tiny_models import build_tiny_model
+
+    model = build_tiny_model("llama", num_layers=2).train()
+    applied = apply_plan(model, _SCALED)
+    opt = torch.optim.AdamW(applied.param_groups(lr=_LR, weight_decay=0.0))
+    sched = torch.optim.lr_scheduler.LambdaLR(opt, _decay)
+    cfg = {k: v for k, v in _CFG.items() if k != "optimizer"}
+    engine, ds_opt, _, _ = lfds.initialize(
+        model=model, optimizer=opt, lr_scheduler=sched, applied=applied, config=cfg
+    )
+    seen = []
+    for step in range(3):
+        ids = torch.randint(0, 128, (2, 8), generator=torch.Generator().manual_seed(step))
+        engine.backward(engine(input_ids=ids, labels=ids).loss)
+        engine.step()
+        seen.append({g["name"]: (g["lr"], g["lr_scale"]) for g in ds_opt.param_groups})
+    engine.destroy()
+    return seen
+
+
+def test_optimizer_instance_from_param_groups_keeps_each_scale_once():
+    """The documented instance path once trained every group at lr * lr_scale ** 2."""
+    (seen,) = run_distributed(_instance_lrs, world_size=1)
+    for step, groups in enumerate(seen):
+        assert {s for _, s in groups.values()} == {0.25, 3.0}
+        for lr, scale in groups.values():
+            # After step k the torch scheduler has stepped k + 1 times: lr = LR * decay(k + 1).
+            assert lr == pytest.approx(_LR * _decay(step + 1) * scale, rel=1e-12)

@@ -82,11 +82,10 @@ def _body(rank: int, world: int, tmp: str) -> dict:
 
     model = build_tiny_model("llama", num_layers=4).train()
     applied = apply_plan(model, _SCALED_PLAN)
+    # As documented: the groups hold lr * lr_scale (param_groups), initialize unscales them.
     opt = torch.optim.AdamW(
         applied.param_groups(script.LR, script.WD), lr=script.LR, eps=script.EPS
     )
-    for g in opt.param_groups:  # unscaled lr in the groups: ScaledLRScheduler applies the scale
-        g["lr"] = script.LR
     sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: 1.0)
     engine, _, _, scaled = lfds.initialize(
         model=model, optimizer=opt, lr_scheduler=sched, applied=applied,
