@@ -23,6 +23,7 @@ from pathlib import Path
 from typing import Any
 
 import torch
+from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 from torch import nn
 
@@ -105,9 +106,15 @@ def load_trainable(model: nn.Module, directory: str | os.PathLike) -> AppliedPla
             f"{plan_path}: not found. Point load_trainable at a directory written by "
             "save_trainable or export_merged."
         )
-    meta = json.loads(plan_path.read_text(encoding="utf-8"))
-    if meta.get("format") != _FORMAT:
-        raise ValueError(f"{plan_path}: unknown format {meta.get('format')!r}, expected {_FORMAT!r}.")
+    try:
+        meta = json.loads(plan_path.read_text(encoding="utf-8"))
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        raise ValueError(
+            f"{plan_path}: not valid JSON ({e}). Re-save it with save_trainable."
+        ) from None
+    if not isinstance(meta, dict) or meta.get("format") != _FORMAT:
+        got = meta.get("format") if isinstance(meta, dict) else type(meta).__name__
+        raise ValueError(f"{plan_path}: unknown format {got!r}, expected {_FORMAT!r}.")
     tensor_path = next((directory / f for f in (ADAPTER_FILE, SIDECAR_FILE) if (directory / f).is_file()), None)
     if tensor_path is None:
         raise FileNotFoundError(f"{directory}: neither {ADAPTER_FILE} nor {SIDECAR_FILE} found.")
@@ -118,7 +125,14 @@ def load_trainable(model: nn.Module, directory: str | os.PathLike) -> AppliedPla
             f"{applied.layout.num_layers} layers. Load onto the same base architecture."
         )
     try:
-        applied.load_trainable_state_dict(load_file(str(tensor_path)))
+        state = load_file(str(tensor_path))
+    except SafetensorError as e:
+        raise ValueError(
+            f"{tensor_path}: not a readable safetensors file ({e}); it is truncated or corrupt. "
+            "Re-save it with save_trainable."
+        ) from None
+    try:
+        applied.load_trainable_state_dict(state)
     except ValueError as e:
         raise ValueError(f"{tensor_path}: {e}") from None
     return applied

@@ -7,13 +7,21 @@ Megatron adapter reads the same config to build and convert its own model.
 from __future__ import annotations
 
 from pathlib import Path
+from typing import Any
 
 import torch
 
 from layerfreeze.config import ModelConfig
 from layerfreeze.errors import ConfigError
 
-__all__ = ["DTYPES", "build_model", "hf_model_config", "model_num_layers"]
+__all__ = [
+    "DTYPES",
+    "build_model",
+    "check_weight_files",
+    "hf_model_config",
+    "load_causal_lm",
+    "model_num_layers",
+]
 
 #: ``model.dtype`` -> torch dtype
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
@@ -34,7 +42,16 @@ def hf_model_config(model_cfg: ModelConfig, vocab_size: int | None = None):
                 f"model.path: no Hugging Face checkpoint (config.json) at {model_cfg.path!r}. "
                 "Give a directory saved with save_pretrained, or use model.architecture."
             )
-        return AutoConfig.from_pretrained(str(path))
+        try:
+            check_weight_files(path, "model.path")  # a truncated download fails before any work
+        except ValueError as e:
+            raise ConfigError(str(e)) from None
+        try:
+            return AutoConfig.from_pretrained(str(path))
+        except (OSError, ValueError) as e:  # a config.json that is not JSON, or unknown type
+            raise ConfigError(
+                f"model.path: cannot read {path / 'config.json'} ({str(e).splitlines()[0]})."
+            ) from None
     arch = dict(model_cfg.architecture or {})
     model_type = arch.pop("model_type")
     if vocab_size is not None:
@@ -74,9 +91,15 @@ def build_model(model_cfg: ModelConfig, vocab_size: int, seed: int) -> torch.nn.
             f"({vocab_size}). Use the tokenizer that came with the checkpoint, or raise vocab_size."
         )
     if model_cfg.path is not None:
-        model = AutoModelForCausalLM.from_pretrained(
-            model_cfg.path, dtype=dtype, attn_implementation=model_cfg.attn_implementation
-        )
+        try:
+            model = load_causal_lm(
+                model_cfg.path,
+                key="model.path",
+                dtype=dtype,
+                attn_implementation=model_cfg.attn_implementation,
+            )
+        except ValueError as e:
+            raise ConfigError(str(e)) from None
     else:
         torch.manual_seed(seed)
         model = AutoModelForCausalLM.from_config(
@@ -84,3 +107,58 @@ def build_model(model_cfg: ModelConfig, vocab_size: int, seed: int) -> torch.nn.
         )
     model.config.use_cache = False
     return model
+
+
+def check_weight_files(path: str | Path, key: str = "--model") -> None:
+    """Check that every ``*.safetensors`` file in checkpoint directory ``path`` is readable.
+
+    Reads only each file's header (``safe_open`` also checks the file is as long as the header
+    says), so a truncated or corrupt download is named before any weights are loaded.
+
+    Args:
+        path: a Hugging Face checkpoint directory.
+        key: the option or config key that gave ``path`` (for the message).
+
+    Raises:
+        ValueError: a weight file that cannot be read, named with ``key``.
+    """
+    from safetensors import SafetensorError, safe_open
+
+    for f in sorted(Path(path).glob("*.safetensors")):
+        try:
+            with safe_open(str(f), framework="pt"):
+                pass
+        except (SafetensorError, OSError) as e:
+            raise ValueError(
+                f"{key} {path}: {f.name} is not a readable safetensors file "
+                f"({str(e).splitlines()[0]}); it is truncated or corrupt. Re-save or "
+                "re-download the checkpoint."
+            ) from None
+
+
+def load_causal_lm(path: str | Path, key: str = "--model", **kwargs: Any) -> torch.nn.Module:
+    """``AutoModelForCausalLM.from_pretrained(path, **kwargs)`` with user errors as ``ValueError``.
+
+    Args:
+        path: a Hugging Face checkpoint directory.
+        key: the option or config key that gave ``path`` (for the message).
+        **kwargs: passed to ``from_pretrained`` (``dtype``, ``attn_implementation``, ...).
+
+    Raises:
+        ValueError: no checkpoint there, a corrupt weight file or config, naming ``key``.
+    """
+    from safetensors import SafetensorError
+    from transformers import AutoModelForCausalLM
+
+    if not (Path(path) / "config.json").is_file():
+        raise ValueError(
+            f"{key} {path}: no Hugging Face checkpoint (config.json) there. Give a directory "
+            "saved with save_pretrained."
+        )
+    check_weight_files(path, key)
+    try:
+        return AutoModelForCausalLM.from_pretrained(str(path), **kwargs)
+    except (OSError, ValueError, SafetensorError) as e:
+        raise ValueError(
+            f"{key} {path}: cannot load a causal LM ({str(e).splitlines()[0]})."
+        ) from None

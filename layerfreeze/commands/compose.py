@@ -110,9 +110,13 @@ def _resolve(args: argparse.Namespace) -> tuple[str, dict[str, str], Any]:
 def run(args: argparse.Namespace) -> int:
     """Compose, save, print the report; 2 on bad input."""
     from layerfreeze.diagnostics.compose import compose_checkpoints
+    from layerfreeze.modeling import check_weight_files
 
     try:
         base, sources, layers = _resolve(args)
+        for name, path in sources.items():  # a corrupt download, named before any loading
+            if (Path(path) / "config.json").is_file():
+                check_weight_files(path, f"--model {name}")
         report = compose_checkpoints(base, sources, layers, args.out, overwrite=args.overwrite)
     except (ConfigError, ValueError, FileNotFoundError, FileExistsError) as e:
         logger.error("%s", e)

@@ -79,6 +79,23 @@ def _load(args: argparse.Namespace):
         raise ValueError(f"--batch-size: must be >= 1, got {args.batch_size}.")
     if args.limit is not None and args.limit < 1:
         raise ValueError(f"--limit: must be >= 1, got {args.limit}.")
+    if args.max_length is not None and args.max_length < 1:
+        raise ValueError(f"--max-length: must be >= 1 (tokens), got {args.max_length}.")
+    if args.tokenizer and not Path(args.tokenizer).is_dir():
+        raise ValueError(
+            f"--tokenizer: not a directory, got {args.tokenizer!r}. Pass a saved tokenizer "
+            "(or omit it to use --model's)."
+        )
+    for flag, path in (
+        ("--out", args.out),
+        ("--predictions", args.predictions),
+        ("--submission", args.submission),
+    ):
+        if path and Path(path).is_dir():  # checked now, not after the whole evaluation
+            raise ValueError(f"{flag}: {path!r} is a directory; give a file path.")
+    from layerfreeze.modeling import check_weight_files
+
+    check_weight_files(args.model, "--model")
     subjects = [s.strip() for s in args.subjects.split(",") if s.strip()] if args.subjects else None
     bench = load_benchmark(args.benchmark, args.data_dir, args.split, subjects)
     fewest = min(len(s.dev) for s in bench.subjects)
@@ -103,7 +120,7 @@ def run(args: argparse.Namespace) -> int:
         return 2
 
     import torch
-    from transformers import AutoModelForCausalLM, AutoTokenizer
+    from transformers import AutoTokenizer
 
     from layerfreeze.evaluation.report import (
         format_summary,
@@ -112,6 +129,7 @@ def run(args: argparse.Namespace) -> int:
         write_result,
     )
     from layerfreeze.evaluation.runner import evaluate
+    from layerfreeze.modeling import load_causal_lm
     from layerfreeze.utils.dist import default_device, is_main_process
     from layerfreeze.utils.io import atomic_write_json
 
@@ -124,9 +142,9 @@ def run(args: argparse.Namespace) -> int:
                      str(e).splitlines()[0])
         return 2
     try:
-        model = AutoModelForCausalLM.from_pretrained(args.model, dtype=dtype)
-    except (OSError, ValueError) as e:
-        logger.error("--model %s: cannot load a causal LM: %s", args.model, str(e).splitlines()[0])
+        model = load_causal_lm(args.model, "--model", dtype=dtype)
+    except ValueError as e:
+        logger.error("%s", e)
         return 2
     model.to(default_device()).eval()
     result, records = evaluate(

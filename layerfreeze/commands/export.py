@@ -58,8 +58,15 @@ def run(args: argparse.Namespace) -> int:
     """Load the base model and the trained state, then export; 2 on user errors."""
     from pathlib import Path
 
-    if args.format == "merged" and (args.vllm or args.max_lora_rank or args.base_name):
+    if args.format == "merged" and (args.vllm or args.max_lora_rank is not None or args.base_name):
         logger.error("--vllm, --max-lora-rank and --base-name apply to --format peft only.")
+        return 2
+    if args.max_lora_rank is not None and not args.vllm:
+        logger.error(
+            "--max-lora-rank: only used with --vllm (the vLLM check), got %d without it. "
+            "Add --vllm or drop --max-lora-rank.",
+            args.max_lora_rank,
+        )
         return 2
     model_dir = Path(args.model)
     if not (model_dir / "config.json").is_file():
@@ -67,12 +74,24 @@ def run(args: argparse.Namespace) -> int:
             "--model %s: no config.json there; pass a Hugging Face checkpoint directory.", model_dir
         )
         return 2
+    if not Path(args.adapter_dir).is_dir():
+        logger.error(
+            "--adapter-dir %s: no such directory; pass one written by save_trainable "
+            "(plan.json + adapter.safetensors).",
+            args.adapter_dir,
+        )
+        return 2
+    if Path(args.out).exists() and not Path(args.out).is_dir():
+        logger.error(
+            "--out %s: exists and is a file; the export is a directory. Choose another path.",
+            args.out,
+        )
+        return 2
     try:
-        from transformers import AutoModelForCausalLM
-
         from layerfreeze.export import export_merged, load_trainable
+        from layerfreeze.modeling import load_causal_lm
 
-        model = AutoModelForCausalLM.from_pretrained(str(model_dir), dtype="auto")
+        model = load_causal_lm(model_dir, "--model", dtype="auto")
         applied = load_trainable(model, args.adapter_dir)
         if args.format == "peft":
             from layerfreeze.interop.peft import export_peft

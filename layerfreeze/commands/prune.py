@@ -17,6 +17,7 @@ from __future__ import annotations
 import argparse
 import json
 import sys
+from pathlib import Path
 
 from layerfreeze.utils.logging import get_logger
 
@@ -63,6 +64,7 @@ def run(args: argparse.Namespace) -> int:
     """Prune, save, print the report; 2 on bad input."""
     from layerfreeze.diagnostics.prune import prune_checkpoint
     from layerfreeze.errors import ConfigError
+    from layerfreeze.modeling import check_weight_files
 
     for name in ("seq_len", "max_tokens", "batch_size"):
         if getattr(args, name) < 1:
@@ -71,6 +73,8 @@ def run(args: argparse.Namespace) -> int:
             )
             return 2
     try:
+        if (Path(args.model) / "config.json").is_file():  # else prune_checkpoint says so
+            check_weight_files(args.model, "--model")
         report = prune_checkpoint(
             args.model,
             args.num_layers,

@@ -140,7 +140,37 @@ def _check(args: argparse.Namespace):
         )
     if args.shots < 0:
         raise ValueError(f"--shots: must be >= 0, got {args.shots}.")
+    if args.device is not None:
+        _check_device(args.device)
+    from layerfreeze.modeling import check_weight_files
+
+    check_weight_files(args.model, "--model")
     return settings, is_bench
+
+
+def _check_device(name: str) -> None:
+    """``--device`` must parse as a torch device and be present on this machine."""
+    import torch
+
+    try:
+        device = torch.device(name)
+    except (RuntimeError, ValueError):
+        raise ValueError(
+            f"--device: not a torch device, got {name!r}. Use cpu, cuda or cuda:N."
+        ) from None
+    if device.type == "cuda":
+        count = torch.cuda.device_count() if torch.cuda.is_available() else 0
+        if count == 0:
+            raise ValueError(f"--device: {name!r} but this machine has no CUDA device. Use cpu.")
+        if device.index is not None and device.index >= count:
+            raise ValueError(
+                f"--device: {name!r} but this machine has {count} CUDA device(s) "
+                f"(valid cuda:0-cuda:{count - 1})."
+            )
+    elif device.type != "cpu":  # mps, xpu, ...: present only when torch.<type> says so
+        backend = getattr(torch, device.type, None)
+        if not (backend is not None and getattr(backend, "is_available", lambda: False)()):
+            raise ValueError(f"--device: {name!r} is not available on this machine. Use cpu.")
 
 
 def _build_probe(args: argparse.Namespace, tokenizer, is_bench: bool, max_length: int | None):
@@ -176,12 +206,13 @@ def run(args: argparse.Namespace) -> int:
         return 2
 
     import torch
-    from transformers import AutoModelForCausalLM, AutoTokenizer
+    from transformers import AutoTokenizer
 
     from layerfreeze.diagnostics.recommend import recommend, write_recommendation
     from layerfreeze.diagnostics.report import summary_table, write_trace
     from layerfreeze.diagnostics.trace import run_trace
     from layerfreeze.evaluation.scoring import default_max_length
+    from layerfreeze.modeling import load_causal_lm
     from layerfreeze.utils.io import atomic_directory
 
     try:
@@ -195,9 +226,9 @@ def run(args: argparse.Namespace) -> int:
         return 2
     dtype = "auto" if args.dtype == "auto" else getattr(torch, args.dtype)
     try:
-        model = AutoModelForCausalLM.from_pretrained(args.model, dtype=dtype)
-    except (OSError, ValueError) as e:
-        logger.error("--model: cannot load %r (%s).", args.model, str(e).splitlines()[0])
+        model = load_causal_lm(args.model, "--model", dtype=dtype)
+    except ValueError as e:
+        logger.error("%s", e)
         return 2
     device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
     model.to(device).eval()

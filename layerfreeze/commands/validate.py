@@ -27,7 +27,12 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    """Validate and print; the command's output goes to stdout (it is the product here)."""
+    """Validate and print; the command's output goes to stdout (it is the product here).
+
+    The report is built in memory and written only when the config is valid, so an invalid
+    one leaves stdout empty and its one error line on stderr.
+    """
+    import io
     import json
 
     import yaml
@@ -37,10 +42,11 @@ def run(args: argparse.Namespace) -> int:
     from layerfreeze.utils.dist import get_world_size
     from layerfreeze.utils.schema import to_dict
 
-    out = sys.stdout
+    out = io.StringIO()
     if args.schema:
         out.write(describe_schema(RunConfig) + "\n")
         if not args.config:
+            sys.stdout.write(out.getvalue())
             return 0
     if not args.config:
         logger.error("validate: pass --config FILE (and/or --schema).")
@@ -58,4 +64,5 @@ def run(args: argparse.Namespace) -> int:
         logger.error("%s", e)
         return 2
     out.write(f"OK: {args.config} is valid.\n")
+    sys.stdout.write(out.getvalue())
     return 0

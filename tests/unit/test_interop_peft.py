@@ -476,7 +476,8 @@ def test_cli_export_user_errors_exit_2(tmp_path, capsys):
         )
         == 2
     )
-    assert "plan.json: not found" in capsys.readouterr().err
+    err = capsys.readouterr().err
+    assert f"--adapter-dir {tmp_path / 'nope'}: no such directory" in err
 
 
 def test_docs_example_runs(repo_root):

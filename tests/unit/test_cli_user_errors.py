@@ -1,0 +1,142 @@
+"""CLI user errors found by trying every command as a new user (issue 10): each exits 2 with one
+clear line naming the option/file, prints nothing on stdout and leaves nothing behind."""
+
+from __future__ import annotations
+
+import os
+import shutil
+from pathlib import Path
+
+import pytest
+
+from layerfreeze.apply import apply_plan
+from layerfreeze.cli import main
+from layerfreeze.export import save_trainable
+from tests.helpers.tiny_models import build_tiny_model
+
+REPO = Path(__file__).resolve().parents[2]
+QUICKSTART = REPO / "configs" / "tiny_llama" / "cpt_freeze_deep_deepspeed.yaml"
+
+
+def _error_line(capsys, argv) -> str:
+    """Run ``argv``; it must exit 2, print nothing on stdout and end stderr with one ERROR line."""
+    assert main(argv) == 2
+    cap = capsys.readouterr()
+    assert cap.out == ""
+    lines = [x for x in cap.err.splitlines() if x.strip()]
+    errors = [x for x in lines if " ERROR " in x]
+    assert len(errors) == 1 and errors[0] == lines[-1], cap.err
+    assert "Traceback" not in cap.err
+    return errors[0]
+
+
+@pytest.fixture(scope="module")
+def ckpt(tmp_path_factory):
+    path = tmp_path_factory.mktemp("ckpt")
+    build_tiny_model("llama", num_layers=4).save_pretrained(str(path))
+    return path
+
+
+@pytest.fixture(scope="module")
+def adapter(ckpt, tmp_path_factory):
+    from transformers import AutoModelForCausalLM
+
+    path = tmp_path_factory.mktemp("adapter")
+    applied = apply_plan(AutoModelForCausalLM.from_pretrained(str(ckpt)), "0-1:lora(r=2)")
+    save_trainable(applied, str(path))
+    return path
+
+
+@pytest.fixture
+def truncated(ckpt, tmp_path):
+    """A copy of ``ckpt`` whose weight file was cut short (an interrupted download)."""
+    bad = tmp_path / "trunc"
+    shutil.copytree(ckpt, bad)
+    data = (ckpt / "model.safetensors").read_bytes()
+    (bad / "model.safetensors").write_bytes(data[: len(data) // 2])
+    return bad
+
+
+def test_truncated_weights_are_named_by_every_command(truncated, tmp_path, capsys, adapter):
+    probe = tmp_path / "probe.txt"
+    probe.write_text("layer freeze train model " * 40, encoding="utf-8")
+    run = tmp_path / "run"
+    before = sorted(os.listdir(tmp_path))
+    cases = [
+        ["eval", "--model", str(truncated), "--benchmark", "ceval", "--data-dir", str(tmp_path)],
+        ["trace", "--model", str(truncated), "--probe", str(probe), "--out", str(tmp_path / "t")],
+        ["export", "--model", str(truncated), "--adapter-dir", str(adapter), "--format",
+         "merged", "--out", str(tmp_path / "e")],
+        ["prune", "--model", str(truncated), "--num-layers", "1", "--probe", str(probe), "--out",
+         str(tmp_path / "p")],
+        ["compose", "--base", "A", "--model", f"A={truncated}", "--layers", "0-3:A", "--out",
+         str(tmp_path / "c")],
+    ]
+    for argv in cases:
+        line = _error_line(capsys, argv)
+        assert f"{truncated}: model.safetensors is not a readable safetensors file" in line, argv
+        assert "truncated or corrupt" in line
+    overrides = ["model.architecture=null", f"model.path={truncated}", f"logging.out_dir={run}"]
+    for cmd in ("validate", "train"):
+        line = _error_line(capsys, [cmd, "--config", str(QUICKSTART), *overrides])
+        assert f"model.path {truncated}: model.safetensors is not a readable" in line
+    assert sorted(os.listdir(tmp_path)) == before
+
+
+def test_export_bad_adapter_files_and_flags(ckpt, adapter, tmp_path, capsys):
+    def export(adapter_dir, *extra, out=tmp_path / "out"):
+        return _error_line(capsys, ["export", "--model", str(ckpt), "--adapter-dir",
+                                    str(adapter_dir), "--format", "peft", "--out", str(out),
+                                    *extra])
+
+    cut = tmp_path / "cut"
+    shutil.copytree(adapter, cut)
+    (cut / "adapter.safetensors").write_bytes((adapter / "adapter.safetensors").read_bytes()[:50])
+    assert f"{cut / 'adapter.safetensors'}: not a readable safetensors file" in export(cut)
+    badjson = tmp_path / "badjson"
+    shutil.copytree(adapter, badjson)
+    (badjson / "plan.json").write_text('{"format": ', encoding="utf-8")
+    assert f"{badjson / 'plan.json'}: not valid JSON" in export(badjson)
+    (badjson / "plan.json").write_text("[1, 2]", encoding="utf-8")
+    assert f"{badjson / 'plan.json'}: unknown format 'list'" in export(badjson)
+    line = export(tmp_path / "nope")
+    assert f"--adapter-dir {tmp_path / 'nope'}: no such directory" in line
+    keep = tmp_path / "notes.txt"
+    keep.write_text("mine", encoding="utf-8")
+    assert f"--out {keep}: exists and is a file" in export(adapter, out=keep)
+    assert keep.read_text(encoding="utf-8") == "mine"  # not replaced by an export directory
+    assert "--max-lora-rank: only used with --vllm" in export(adapter, "--max-lora-rank", "16")
+    assert sorted(os.listdir(tmp_path)) == ["badjson", "cut", "notes.txt"]
+
+
+def test_eval_output_paths_and_ranges_checked_before_loading(ckpt, tmp_path, capsys):
+    base = ["eval", "--model", str(ckpt), "--benchmark", "ceval", "--data-dir", str(tmp_path)]
+    (tmp_path / "res").mkdir()
+    for flag in ("--out", "--predictions", "--submission"):
+        line = _error_line(capsys, [*base, flag, str(tmp_path / "res")])
+        assert f"{flag}: '{tmp_path / 'res'}' is a directory; give a file path." in line
+    line = _error_line(capsys, [*base, "--max-length", "0"])
+    assert "--max-length: must be >= 1 (tokens), got 0." in line
+    line = _error_line(capsys, [*base, "--tokenizer", str(tmp_path / "tok")])
+    assert f"--tokenizer: not a directory, got '{tmp_path / 'tok'}'" in line
+    assert os.listdir(tmp_path) == ["res"] and os.listdir(tmp_path / "res") == []
+
+
+@pytest.mark.parametrize(
+    ("device", "needle"),
+    [
+        ("bogus", "--device: not a torch device, got 'bogus'. Use cpu, cuda or cuda:N."),
+        ("cuda:99", "--device: 'cuda:99' but this machine has"),
+    ],
+)
+def test_trace_unusable_device(ckpt, tmp_path, capsys, device, needle):
+    import torch
+
+    if device.startswith("cuda") and torch.cuda.device_count() >= 100:
+        pytest.skip("a machine with 100 GPUs has cuda:99")
+    probe = tmp_path / "probe.txt"
+    probe.write_text("layer freeze train model " * 40, encoding="utf-8")
+    line = _error_line(capsys, ["trace", "--model", str(ckpt), "--probe", str(probe),
+                                "--device", device, "--out", str(tmp_path / "t")])
+    assert needle in line
+    assert os.listdir(tmp_path) == ["probe.txt"]
