@@ -12,6 +12,7 @@ import importlib
 import logging
 import os
 import sys
+from typing import NoReturn
 
 # name -> (module, one-line help). Modules are imported only when their command runs,
 # except for building --help (which imports each to register its arguments).
@@ -29,8 +30,35 @@ COMMANDS: dict[str, tuple[str, str]] = {
 }
 
 
+class _UsageError(Exception):
+    """A command line argparse rejects (unknown option, bad int, missing or conflicting flags)."""
+
+
+class _Parser(argparse.ArgumentParser):
+    """argparse whose usage errors are one line, like every other user error (exit code 2).
+
+    Plain argparse prints the whole usage block before its message; here the message names the
+    command and where to read its options. Subcommand parsers inherit this class.
+    """
+
+    def error(self, message: str) -> NoReturn:
+        raise _UsageError(f"{self.prog}: {message.rstrip('.')}. See '{self.prog} --help'.")
+
+
+class _DeepSpeedToStderr(logging.Filter):
+    """DeepSpeed logs through its own handler on stdout (e.g. 'Setting accelerator to CPU' when
+    transformers or accelerate import it); stdout holds results here, so its records go to the
+    layerfreeze stderr handler instead."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        for handler in logging.getLogger("layerfreeze").handlers:
+            if getattr(handler, "_layerfreeze", False):
+                handler.handle(record)
+        return False
+
+
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="layerfreeze", description=__doc__.splitlines()[0])
+    parser = _Parser(prog="layerfreeze", description=__doc__.splitlines()[0])
     sub = parser.add_subparsers(dest="command", metavar="COMMAND")
     sub.required = True
     for name, (module, help_text) in COMMANDS.items():
@@ -44,16 +72,24 @@ def main(argv: list[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
     # The deepspeed launcher appends --local_rank=N; LOCAL_RANK in the env carries the same.
     argv = [a for a in argv if not a.startswith("--local_rank")]
-    args = build_parser().parse_args(argv)
     from layerfreeze.utils.logging import setup_logging
 
     setup_logging()
     errors = _ErrorLines()
     logging.getLogger("layerfreeze").addHandler(errors)
+    deepspeed_filter = _DeepSpeedToStderr()
+    logging.getLogger("DeepSpeed").addFilter(deepspeed_filter)
     try:
-        rc = int(importlib.import_module(args._module).run(args) or 0)
+        try:
+            args = build_parser().parse_args(argv)
+        except _UsageError as e:
+            logging.getLogger("layerfreeze.cli").error("%s", e)
+            rc = 2
+        else:
+            rc = int(importlib.import_module(args._module).run(args) or 0)
     finally:
         logging.getLogger("layerfreeze").removeHandler(errors)
+        logging.getLogger("DeepSpeed").removeFilter(deepspeed_filter)
     if rc == 2 and errors.lines and os.environ.get("LAYERFREEZE_ERROR_FILE"):
         _append_error(os.environ["LAYERFREEZE_ERROR_FILE"], errors.lines[-1])
     return rc

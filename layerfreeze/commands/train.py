@@ -8,6 +8,8 @@ launcher (its ``--local_rank`` is stripped by the CLI). Exit codes: 0 done, 2 ba
 from __future__ import annotations
 
 import argparse
+import contextlib
+import sys
 
 from layerfreeze.errors import ConfigError
 from layerfreeze.utils.logging import get_logger
@@ -31,7 +33,10 @@ def run(args: argparse.Namespace) -> int:
 
     try:
         cfg = load_config(args.config, args.overrides)
-        run_training(cfg)
+        # train has no result on stdout (the summary is logged and written to summary.json);
+        # what libraries print there (DeepSpeed's "... built successfully") is progress.
+        with contextlib.redirect_stdout(sys.stderr):
+            run_training(cfg)
     except ConfigError as e:
         logger.error("%s", e)
         return 2

@@ -140,3 +140,43 @@ def test_trace_unusable_device(ckpt, tmp_path, capsys, device, needle):
                                 "--device", device, "--out", str(tmp_path / "t")])
     assert needle in line
     assert os.listdir(tmp_path) == ["probe.txt"]
+
+
+@pytest.mark.parametrize(
+    ("argv", "needle"),
+    [
+        (["plan", "--model", "m", "--preset", "full", "--plan", "full"],
+         "layerfreeze plan: argument --plan: not allowed with argument --preset. "
+         "See 'layerfreeze plan --help'."),
+        (["plan", "--model", "m", "--preset", "full", "--memory", "--world-size", "abc"],
+         "layerfreeze plan: argument --world-size: invalid int value: 'abc'."),
+        (["tokenizer", "train", "--input", "x", "--vocab-size", "300", "--out", "t",
+          "--model-type", "wordpiece"],
+         "layerfreeze tokenizer train: argument --model-type: invalid choice: 'wordpiece' "
+         "(choose from 'unigram', 'bpe'). See 'layerfreeze tokenizer train --help'."),
+        (["train"], "layerfreeze train: the following arguments are required: --config."),
+        (["trian"], "layerfreeze: argument COMMAND: invalid choice: 'trian'"),
+        (["export", "--model", "m", "--adapter-dir", "a", "--format", "gguf", "--out", "o"],
+         "argument --format: invalid choice: 'gguf' (choose from 'peft', 'merged')"),
+    ],
+)
+def test_argparse_errors_are_one_line(capsys, argv, needle, monkeypatch, tmp_path):
+    """argparse printed its whole usage block (6-9 lines) before the message."""
+    monkeypatch.chdir(tmp_path)
+    errors = tmp_path / "errors.txt"
+    monkeypatch.setenv("LAYERFREEZE_ERROR_FILE", str(errors))
+    line = _error_line(capsys, argv)
+    assert needle in line
+    assert "usage:" not in line
+    # under a launcher the line also reaches the job's error file (launch/torchrun.sh prints it)
+    assert errors.read_text(encoding="utf-8") == f"rank 0: {line.split(': ', 1)[1]}\n"
+    assert os.listdir(tmp_path) == ["errors.txt"]
+
+
+def test_help_still_exits_0_on_stdout(capsys):
+    with pytest.raises(SystemExit) as e:
+        main(["plan", "--help"])
+    assert e.value.code == 0
+    cap = capsys.readouterr()
+    assert cap.out.startswith("usage: layerfreeze plan") and "--memory" in cap.out
+    assert cap.err == ""
