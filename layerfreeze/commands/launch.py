@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import argparse
 import os
+import re
 import subprocess
 import sys
 
@@ -25,6 +26,15 @@ from layerfreeze.errors import ConfigError
 from layerfreeze.utils.logging import get_logger
 
 logger = get_logger("layerfreeze.launch")
+
+
+#: options that only one scheduler renders (``--workdir`` is used by both)
+_SCHEDULER_OPTIONS = {
+    "slurm": ("time", "partition", "cpus_per_task", "master_port"),
+    "k8s": ("image", "pvc", "max_restarts"),
+}
+#: sbatch --time: minutes, MM:SS, HH:MM:SS, D-HH, D-HH:MM, D-HH:MM:SS, or no limit
+_SLURM_TIME = re.compile(r"\d+(:\d\d?){0,2}|\d+-\d\d?(:\d\d?){0,2}|(?i:unlimited|infinite)")
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -104,6 +114,25 @@ def run(args: argparse.Namespace) -> int:
                 )
         elif args.dry_run:
             raise ConfigError("--dry-run: only for --scheduler local (slurm/k8s only render).")
+        else:  # an option of the other scheduler would be silently left out of the job
+            other = "k8s" if args.scheduler == "slurm" else "slurm"
+            given = [
+                f"--{k.replace('_', '-')}"
+                for k in _SCHEDULER_OPTIONS[other]
+                if options[k] is not None
+            ]
+            if given:
+                raise ConfigError(
+                    f"{', '.join(given)}: only used by --scheduler {other}, got --scheduler "
+                    f"{args.scheduler}. Drop them or render with --scheduler {other}."
+                )
+        if args.time is not None and not _SLURM_TIME.fullmatch(args.time):
+            raise ConfigError(
+                f"--time: not a Slurm time limit, got {args.time!r}. Use minutes, HH:MM:SS, "
+                "D-HH or D-HH:MM:SS (e.g. 48:00:00 or 2-00:00:00)."
+            )
+        if args.out and os.path.isdir(args.out):
+            raise ConfigError(f"--out: {args.out!r} is a directory; give the job file's path.")
         for flag, value in (
             ("--cpus-per-task", args.cpus_per_task),
             ("--master-port", args.master_port),

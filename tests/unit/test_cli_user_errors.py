@@ -180,3 +180,34 @@ def test_help_still_exits_0_on_stdout(capsys):
     cap = capsys.readouterr()
     assert cap.out.startswith("usage: layerfreeze plan") and "--memory" in cap.out
     assert cap.err == ""
+
+
+@pytest.mark.parametrize(
+    ("argv", "needle"),
+    [
+        (["--scheduler", "k8s", "--time", "1:00", "--partition", "gpu"],
+         "--time, --partition: only used by --scheduler slurm, got --scheduler k8s."),
+        (["--scheduler", "slurm", "--image", "registry/x:1"],
+         "--image: only used by --scheduler k8s, got --scheduler slurm."),
+        (["--scheduler", "slurm", "--time", "two days"],
+         "--time: not a Slurm time limit, got 'two days'. Use minutes, HH:MM:SS"),
+        (["--scheduler", "slurm", "--out", "jobs"],
+         "--out: 'jobs' is a directory; give the job file's path."),
+    ],
+)
+def test_launch_options_of_the_other_scheduler_and_bad_paths(capsys, monkeypatch, tmp_path,
+                                                             argv, needle):
+    """These were accepted and silently left out of the job (--time abc reached sbatch), or an
+    --out directory gave a traceback."""
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "jobs").mkdir()
+    line = _error_line(capsys, ["launch", "--config", str(QUICKSTART), *argv])
+    assert needle in line
+    assert os.listdir(tmp_path) == ["jobs"] and os.listdir(tmp_path / "jobs") == []
+
+
+@pytest.mark.parametrize("limit", ["30", "30:00", "48:00:00", "2-00", "2-12:30", "2-00:00:00"])
+def test_launch_accepts_every_slurm_time_format(capsys, limit):
+    assert main(["launch", "--scheduler", "slurm", "--config", str(QUICKSTART),
+                 "--time", limit]) == 0
+    assert f"#SBATCH --time={limit}\n" in capsys.readouterr().out
