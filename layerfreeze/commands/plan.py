@@ -66,27 +66,49 @@ def build_meta_model(path: str | Path):
     if path.is_dir():
         if not (path / "config.json").is_file():
             raise FileNotFoundError(f"--model {path}: no config.json in this directory.")
-        config = AutoConfig.from_pretrained(str(path))
+        try:
+            config = AutoConfig.from_pretrained(str(path))
+        except (OSError, ValueError) as e:  # not JSON, or a model type transformers lacks
+            raise ValueError(
+                f"--model {path / 'config.json'}: cannot read it ({str(e).splitlines()[0]})."
+            ) from None
     elif path.is_file():
         try:
             data = json.loads(path.read_text(encoding="utf-8"))
-        except json.JSONDecodeError as e:
-            raise ValueError(f"--model {path}: not valid JSON ({e}).") from None
+        except (json.JSONDecodeError, UnicodeDecodeError) as e:
+            raise ValueError(
+                f"--model {path}: not a JSON config ({e}). Pass a checkpoint directory or its "
+                "config.json."
+            ) from None
+        if not isinstance(data, dict):
+            raise ValueError(
+                f"--model {path}: expected a JSON object (a transformers config), got "
+                f"{type(data).__name__}."
+            )
         model_type = data.pop("model_type", None)
         if not model_type:
             raise ValueError(f"--model {path}: the config has no 'model_type'. Pass a transformers config.json.")
         try:
             config = AutoConfig.for_model(model_type, **data)
         except ValueError as e:
-            raise ValueError(f"--model {path}: {e}") from None
+            raise ValueError(f"--model {path}: {str(e).splitlines()[0]}") from None
     else:
         raise FileNotFoundError(f"--model {path}: no such file or directory.")
     with torch.device("meta"):
-        return AutoModelForCausalLM.from_config(config)
+        try:
+            return AutoModelForCausalLM.from_config(config)
+        except ValueError as e:  # e.g. an encoder-only config (bert) has no causal LM class
+            raise ValueError(
+                f"--model {path}: not a causal LM config ({str(e).splitlines()[0]})."
+            ) from None
 
 
 def _load_plan_arg(text: str) -> Any:
     p = Path(text)
+    if p.is_dir():
+        raise FileNotFoundError(
+            f"--plan {text}: is a directory. Pass a plan file (YAML/JSON) or a plan string."
+        )
     if p.suffix.lower() in (".yaml", ".yml", ".json") or p.is_file():
         if not p.is_file():
             raise FileNotFoundError(f"--plan {text}: no such file.")

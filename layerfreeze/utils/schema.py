@@ -158,7 +158,11 @@ def _from_dict_section(cls: type[T], data: dict, path: str, problems: list[str])
     try:
         return cls(**kwargs)
     except ConfigError as e:
-        problems.extend(p if p.startswith(prefix) or not prefix else f"{prefix}{p}" for p in e.problems)
+        # a section's own message ("model: set exactly one of ...") is not prefixed twice
+        problems.extend(
+            p if not prefix or p.startswith((prefix, f"{path}:")) else f"{prefix}{p}"
+            for p in e.problems
+        )
     except (ValueError, TypeError) as e:
         problems.append(f"{path or cls.__name__}: {e}")
     return None  # type: ignore[return-value]

@@ -211,3 +211,28 @@ def test_launch_accepts_every_slurm_time_format(capsys, limit):
     assert main(["launch", "--scheduler", "slurm", "--config", str(QUICKSTART),
                  "--time", limit]) == 0
     assert f"#SBATCH --time={limit}\n" in capsys.readouterr().out
+
+
+def test_plan_model_and_plan_files_that_are_not_what_they_should_be(ckpt, tmp_path, capsys):
+    weights = ckpt / "model.safetensors"
+    line = _error_line(capsys, ["plan", "--model", str(weights), "--preset", "full"])
+    assert f"--model {weights}: not a JSON config (" in line  # was the bare codec error
+    (tmp_path / "list.json").write_text("[1]", encoding="utf-8")
+    line = _error_line(capsys, ["plan", "--model", str(tmp_path / "list.json"), "--preset", "full"])
+    assert "expected a JSON object (a transformers config), got list." in line
+    for name, text, needle in [
+        ("notjson", '{"model_type": ', "is not a valid JSON file"),  # was a traceback
+        ("unknown", '{"model_type": "llamaa"}', "model type `llamaa`"),  # was many lines
+    ]:
+        (tmp_path / name).mkdir()
+        (tmp_path / name / "config.json").write_text(text, encoding="utf-8")
+        line = _error_line(capsys, ["plan", "--model", str(tmp_path / name), "--preset", "full"])
+        assert f"--model {tmp_path / name / 'config.json'}: cannot read it (" in line
+        assert needle in line
+    line = _error_line(capsys, ["plan", "--model", str(ckpt), "--plan", str(tmp_path)])
+    assert f"--plan {tmp_path}: is a directory." in line  # was "unknown preset '<dir>'"
+
+
+def test_section_message_is_not_prefixed_twice(ckpt, capsys):
+    line = _error_line(capsys, ["validate", "--config", str(QUICKSTART), f"model.path={ckpt}"])
+    assert "ERROR layerfreeze.validate: model: set exactly one of model.path" in line  # not model.model
