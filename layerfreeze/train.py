@@ -213,6 +213,7 @@ class Recipe:
 
         resolve_files(cfg.data.paths, key="data.paths")
         self.resume_from = self._find_resume()
+        self.eval_benchmarks = self._load_eval_benchmarks()
 
         self.engine.init_distributed()
         if cfg.train.num_threads:
@@ -250,6 +251,33 @@ class Recipe:
             return resolve_checkpoint(target)
         except CheckpointError as e:
             raise ConfigError(f"checkpoint.resume: {e}") from None
+
+    def _load_eval_benchmarks(self) -> dict[str, Any] | None:
+        """Load the evaluation questions up front, so a bad ``eval`` section (an unknown subject,
+        a malformed file, ``eval.data_dir: null`` with the hub unreachable) stops the run before
+        anything is written instead of after training. None when evaluation is off or skipped
+        (a missing ``eval.data_dir``, noted by :meth:`_build_eval`)."""
+        cfg = self.cfg
+        data_dir = cfg.eval.data_dir
+        if not cfg.eval.enabled or (data_dir is not None and not Path(data_dir).is_dir()):
+            return None
+        from layerfreeze.evaluation.data import load_benchmark
+
+        try:
+            return {
+                b: load_benchmark(
+                    b, data_dir, cfg.eval.split_for(b), cfg.eval.subjects.get(b) or None
+                )
+                for b in cfg.eval.benchmarks
+            }
+        except ValueError as e:  # load_benchmark names the key ("subjects: ...") or the file
+            # Its advice names `layerfreeze eval`'s flag; here the setting is eval.data_dir.
+            msg = str(e).replace("pass --data-dir", "set eval.data_dir to their folder")
+            msg = msg.replace("Pass --data-dir", "Set eval.data_dir")
+            key = msg.split(":", 1)[0]
+            raise ConfigError(
+                f"eval.{msg}" if key in ("subjects", "split", "data_dir") else f"eval: {msg}"
+            ) from None
 
     def _build(self) -> None:
         cfg = self.cfg
@@ -421,7 +449,9 @@ class Recipe:
         from layerfreeze.evaluation import EvalCallback
 
         self.eval_dir = self.out_dir / "eval"
-        self.eval_cb = EvalCallback(cfg.eval, self.tokenizer, self.eval_dir)
+        self.eval_cb = EvalCallback(
+            cfg.eval, self.tokenizer, self.eval_dir, benchmarks=self.eval_benchmarks
+        )
 
     # -- train --------------------------------------------------------------------------------
 

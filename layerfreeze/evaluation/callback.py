@@ -38,14 +38,23 @@ class EvalCallback:
         cfg: The ``eval`` section.
         tokenizer: The run's tokenizer (``encode(str) -> list[int]``).
         out_dir: Where the per-checkpoint JSONs, summary and plot go.
+        benchmarks: The benchmarks of ``cfg`` already loaded (the training recipe loads them
+            before training, so a bad subject fails early); default: loaded at the first
+            evaluation.
     """
 
-    def __init__(self, cfg: EvalConfig, tokenizer: Any, out_dir: str | Path):
+    def __init__(
+        self,
+        cfg: EvalConfig,
+        tokenizer: Any,
+        out_dir: str | Path,
+        benchmarks: dict[str, Benchmark] | None = None,
+    ):
         self.cfg = cfg
         self.tokenizer = tokenizer
         self.out_dir = Path(out_dir)
         self.history: list[dict[str, Any]] = []
-        self._benchmarks: dict[str, Benchmark] | None = None
+        self._benchmarks: dict[str, Benchmark] | None = benchmarks
 
     def _load(self) -> dict[str, Benchmark]:
         if self._benchmarks is None:

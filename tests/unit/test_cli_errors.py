@@ -121,3 +121,27 @@ def test_eval_unloadable_model_is_a_user_error(tmp_path, capsys, eval_data_dir):
                                 "computer_network", "--limit", "1"])
     assert f"--tokenizer {tmp_path / 'm'}: cannot load a tokenizer" in line or \
         f"--model {tmp_path / 'm'}: cannot load" in line
+
+
+def test_train_with_an_unknown_eval_subject_fails_before_training(ckpt, tmp_path, capsys,
+                                                                  eval_data_dir):
+    """A typo in eval.subjects once surfaced at the first evaluation, after training, as a
+    traceback (exit 1) with the run half-written (no export, no summary)."""
+    out = tmp_path / "run"
+    config = tmp_path / "run.yaml"
+    config.write_text(json.dumps({
+        "model": {"path": str(ckpt)},
+        "tokenizer": {"vocab_size": 400},
+        "data": {"paths": ["@bundled"], "seq_len": 16},
+        "plan": {"spec": "freeze_deep"},
+        "train": {"steps": 2, "micro_batch_size": 1},
+        "logging": {"out_dir": str(out)},
+        "eval": {"data_dir": str(eval_data_dir), "subjects": {"ceval": ["computer_netwrk"]}},
+    }), encoding="utf-8")
+    line = _error_line(capsys, ["train", "--config", str(config)])
+    assert line.endswith(
+        "eval.subjects: ceval has no subject 'computer_netwrk'. Did you mean "
+        "'computer_network'? Run `layerfreeze eval --benchmark ceval --list-subjects` for all "
+        "52 names."
+    ), line
+    assert not out.exists()
