@@ -17,7 +17,10 @@ from typing import NoReturn
 # name -> (module, one-line help). Modules are imported only when their command runs,
 # except for building --help (which imports each to register its arguments).
 COMMANDS: dict[str, tuple[str, str]] = {
-    "train": ("layerfreeze.commands.train", "continued pre-training with a layer plan (DeepSpeed)"),
+    "train": (
+        "layerfreeze.commands.train",
+        "continued pre-training with a layer plan (DeepSpeed or Megatron-core)",
+    ),
     "eval": ("layerfreeze.commands.eval", "score a model on C-Eval or CMMLU"),
     "plan": ("layerfreeze.commands.plan", "resolve a layer plan against a model and print it"),
     "validate": ("layerfreeze.commands.validate", "check a training config and print the schema"),

@@ -15,7 +15,6 @@ Without ``--data-dir`` the questions come from the Hugging Face hub (needs netwo
 from __future__ import annotations
 
 import argparse
-import logging
 import sys
 from pathlib import Path
 
@@ -98,6 +97,11 @@ def _load(args: argparse.Namespace):
     check_weight_files(args.model, "--model")
     subjects = [s.strip() for s in args.subjects.split(",") if s.strip()] if args.subjects else None
     bench = load_benchmark(args.benchmark, args.data_dir, args.split, subjects)
+    if args.submission and not (bench.name == "ceval" and bench.split == "test"):
+        raise ValueError(
+            "--submission: the official submission file is for --benchmark ceval --split test "
+            f"only, got {bench.name} {bench.split}. Drop --submission (use --out for scores)."
+        )
     fewest = min(len(s.dev) for s in bench.subjects)
     if not 0 <= args.shots <= fewest:
         raise ValueError(f"--shots: must be 0-{fewest} (dev examples per subject), got {args.shots}.")
@@ -165,7 +169,5 @@ def run(args: argparse.Namespace) -> int:
         path = args.submission or "ceval_submission.json"
         atomic_write_json(path, submission_json(records))
         logger.info("C-Eval test submission: %s (%d subjects)", path, len(bench.subjects))
-    elif args.submission:
-        logger.log(logging.WARNING, "--submission is only written for C-Eval --split test")
     sys.stdout.write(format_summary(result, per_subject=args.per_subject).rstrip("\n") + "\n")
     return 0

@@ -236,3 +236,21 @@ def test_plan_model_and_plan_files_that_are_not_what_they_should_be(ckpt, tmp_pa
 def test_section_message_is_not_prefixed_twice(ckpt, capsys):
     line = _error_line(capsys, ["validate", "--config", str(QUICKSTART), f"model.path={ckpt}"])
     assert "ERROR layerfreeze.validate: model: set exactly one of model.path" in line  # not model.model
+
+
+def test_eval_submission_outside_ceval_test_is_refused_up_front(ckpt, capsys, eval_data_dir,
+                                                                tmp_path):
+    """--submission with another split only warned, after the whole evaluation had run."""
+    line = _error_line(capsys, ["eval", "--model", str(ckpt), "--benchmark", "ceval",
+                                "--data-dir", str(eval_data_dir), "--split", "val",
+                                "--submission", str(tmp_path / "sub.json")])
+    assert "--submission: the official submission file is for --benchmark ceval --split test " \
+           "only, got ceval val." in line
+    assert not (tmp_path / "sub.json").exists()
+
+
+def test_help_names_both_engines_for_train(capsys):
+    with pytest.raises(SystemExit):
+        main(["--help"])
+    out = " ".join(capsys.readouterr().out.split())  # argparse wraps the help column
+    assert "train continued pre-training with a layer plan (DeepSpeed or Megatron" in out
