@@ -44,7 +44,7 @@ from layerfreeze.schedule import PlanSchedule
 from layerfreeze.utils import dist
 from layerfreeze.utils.io import atomic_write_json, atomic_write_text
 from layerfreeze.utils.logging import get_logger, log_rank0
-from layerfreeze.utils.schema import describe_fields, to_dict
+from layerfreeze.utils.schema import describe_fields, suggest, to_dict
 from layerfreeze.utils.seed import get_rng_state, seed_everything, set_rng_state
 
 __all__ = [
@@ -78,6 +78,43 @@ def build_schedule(cfg: RunConfig) -> PlanSchedule:
     if cfg.plan.schedule is not None:
         return PlanSchedule.parse(cfg.plan.schedule, path="plan.schedule")
     return PlanSchedule.single(LayerPlan.parse(cfg.plan.spec, path="plan.spec"))
+
+
+def check_eval_subjects(cfg: RunConfig) -> None:
+    """Check ``eval.subjects`` against each benchmark's subject list, without loading questions.
+
+    The list comes from ``eval.data_dir``'s mapping file, or the built-in table when the
+    directory is null (hub) or missing. ``layerfreeze validate`` runs this; the training recipe
+    loads the questions themselves before training (:meth:`Recipe.setup`).
+
+    Raises:
+        ConfigError: an unknown subject, with a did-you-mean and how to list the subjects.
+    """
+    if not cfg.eval.enabled:
+        return
+    from layerfreeze.evaluation.data import list_subjects
+
+    data_dir = cfg.eval.data_dir
+    source = data_dir if data_dir is not None and Path(data_dir).is_dir() else None
+    problems = []
+    for benchmark in cfg.eval.benchmarks:
+        wanted = cfg.eval.subjects.get(benchmark) or []
+        if not wanted:
+            continue
+        try:
+            known = sorted(list_subjects(benchmark, source))
+        except ValueError as e:  # a malformed mapping file: named by list_subjects
+            problems.append(f"eval.data_dir: {e}")
+            continue
+        for subject in wanted:
+            if subject not in known:
+                problems.append(
+                    f"eval.subjects: {benchmark} has no subject {subject!r}."
+                    f"{suggest(subject, known)} Run `layerfreeze eval --benchmark {benchmark} "
+                    f"--list-subjects` for all {len(known)} names."
+                )
+    if problems:
+        raise ConfigError(problems)
 
 
 def resolve_run_plans(cfg: RunConfig) -> list[str]:

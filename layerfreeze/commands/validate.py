@@ -38,7 +38,12 @@ def run(args: argparse.Namespace) -> int:
     import yaml
 
     from layerfreeze.config import RunConfig, load_config
-    from layerfreeze.train import build_deepspeed_config, describe_schema, resolve_run_plans
+    from layerfreeze.train import (
+        build_deepspeed_config,
+        check_eval_subjects,
+        describe_schema,
+        resolve_run_plans,
+    )
     from layerfreeze.utils.dist import get_world_size
     from layerfreeze.utils.schema import to_dict
 
@@ -56,6 +61,7 @@ def run(args: argparse.Namespace) -> int:
         out.write(yaml.safe_dump(to_dict(cfg), sort_keys=False, allow_unicode=True))
         for line in resolve_run_plans(cfg):
             out.write(line + "\n")
+        check_eval_subjects(cfg)
         ds, replaced = build_deepspeed_config(cfg, get_world_size())
         out.write(f"DeepSpeed config for {get_world_size()} rank(s):\n{json.dumps(ds, indent=2)}\n")
         for line in replaced:

@@ -145,3 +145,24 @@ def test_train_with_an_unknown_eval_subject_fails_before_training(ckpt, tmp_path
         "52 names."
     ), line
     assert not out.exists()
+
+
+@pytest.mark.parametrize("data_dir", ["real", None])
+def test_validate_checks_eval_subjects(ckpt, tmp_path, capsys, eval_data_dir, data_dir):
+    """validate once said OK to a config whose eval.subjects train would refuse; the subject
+    list comes from the data folder's mapping, or the built-in table with data_dir null."""
+    config = tmp_path / "run.yaml"
+    config.write_text(json.dumps({
+        "model": {"path": str(ckpt)},
+        "data": {"paths": ["@bundled"]},
+        "plan": {"spec": "freeze_deep"},
+        "eval": {"data_dir": str(eval_data_dir) if data_dir else None,
+                 "benchmarks": ["ceval", "cmmlu"],
+                 "subjects": {"ceval": ["computer_network"], "cmmlu": ["world_histroy"]}},
+    }), encoding="utf-8")
+    line = _error_line(capsys, ["validate", "--config", str(config)])
+    # CMMLU has 67 subjects (the released mapping and the paper).
+    assert line.endswith(
+        "eval.subjects: cmmlu has no subject 'world_histroy'. Did you mean 'world_history'? "
+        "Run `layerfreeze eval --benchmark cmmlu --list-subjects` for all 67 names."
+    ), line
