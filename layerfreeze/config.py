@@ -204,6 +204,11 @@ class LoggingConfig:
         problems = []
         if not self.out_dir:
             problems.append("logging.out_dir: must be a directory path, got ''.")
+        elif os.path.exists(self.out_dir) and not os.path.isdir(self.out_dir):
+            problems.append(
+                f"logging.out_dir: {self.out_dir!r} exists and is not a directory. Choose "
+                "another path for the run's outputs."
+            )
         if self.log_every < 1:
             problems.append(f"logging.log_every: must be >= 1, got {self.log_every!r}.")
         if self.per_layer_every < 0:
@@ -248,6 +253,13 @@ class CheckpointConfig:
             problems.append(f"checkpoint.keep_last: must be >= 1, got {self.keep_last!r}.")
         if not self.resume:
             problems.append("checkpoint.resume: must be auto, none or a checkpoint path, got ''.")
+        for key in ("dir", "export_dir"):
+            value = getattr(self, key)
+            if value and os.path.exists(value) and not os.path.isdir(value):
+                problems.append(
+                    f"checkpoint.{key}: {value!r} exists and is not a directory. Choose another "
+                    "path."
+                )
         if problems:
             raise ConfigError(problems)
 

@@ -143,7 +143,7 @@ def run(args: argparse.Namespace) -> int:
         tokenizer = AutoTokenizer.from_pretrained(args.tokenizer or args.model)
     except (OSError, ValueError) as e:
         logger.error("--tokenizer %s: cannot load a tokenizer: %s", args.tokenizer or args.model,
-                     str(e).splitlines()[0])
+                     " ".join(str(e).split()))  # transformers' message spans lines
         return 2
     try:
         model = load_causal_lm(args.model, "--model", dtype=dtype)

@@ -6,6 +6,8 @@ Examples::
     layerfreeze trace --model M --probe ceval --data-dir data --subjects law,physician --out t/
     layerfreeze trace --model M --probe en.txt zh.txt --measures angular,logit_lens --out t/ \\
         --recommend --budget 0.25 --family freeze
+    torchrun --nproc_per_node 8 -m layerfreeze trace --model 70B/ --probe ceval --data-dir data \\
+        --zero3 --out t/          # each rank holds 1/8 of the weights (DeepSpeed ZeRO-3)
 
 Writes ``trace.json``, CSV files and PNG plots into ``--out`` (built in a staging directory
 and renamed into place, so a failed run leaves nothing), prints the per-layer summary table on
@@ -24,6 +26,8 @@ from layerfreeze.utils.logging import get_logger
 logger = get_logger("layerfreeze.trace")
 
 _BENCHMARKS = ("ceval", "cmmlu")
+#: measures that need whole weights and their gradients on one rank (refused with --zero3)
+_WHOLE_WEIGHTS = ("gradient", "stability")
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -59,8 +63,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--batch-size", type=int, default=8, help="sequences per forward")
     parser.add_argument(
         "--measures",
-        default=",".join(MEASURES),
-        help=f"comma-separated subset of: {', '.join(MEASURES)} (default: all)",
+        help=f"comma-separated subset of: {', '.join(MEASURES)} (default: all; with --zero3 all "
+        "but gradient and stability)",
     )
     parser.add_argument(
         "--noise-scales",
@@ -83,6 +87,13 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         help="model dtype (auto: as saved)",
     )
     parser.add_argument("--device", help="torch device (default: cuda when available, else cpu)")
+    parser.add_argument(
+        "--zero3",
+        action="store_true",
+        help="shard the weights over the ranks of a torchrun/deepspeed launch with DeepSpeed "
+        "ZeRO-3 from the moment they load (models too large for one device); every rank runs "
+        "the probe set, rank 0 writes. gradient and stability are not available",
+    )
     parser.add_argument("--out", required=True, help="output directory (created)")
     parser.add_argument("--overwrite", action="store_true", help="replace an existing --out")
     parser.add_argument(
@@ -118,8 +129,24 @@ def _check(args: argparse.Namespace):
         raise ValueError(
             f"--noise-scales: expected comma-separated numbers, got {args.noise_scales!r}."
         ) from None
+    from layerfreeze.diagnostics.trace import MEASURES
+
+    if args.measures is None:
+        measures = tuple(m for m in MEASURES if not (args.zero3 and m in _WHOLE_WEIGHTS))
+    else:
+        measures = tuple(m.strip() for m in args.measures.split(",") if m.strip())
+    if args.zero3:
+        bad = [m for m in measures if m in _WHOLE_WEIGHTS]
+        if bad:
+            raise ValueError(
+                f"--measures: {', '.join(bad)} need whole parameters and gradients, which --zero3 "
+                f"never holds on one rank; choose from "
+                f"{', '.join(m for m in MEASURES if m not in _WHOLE_WEIGHTS)}."
+            )
+        if args.device is not None:
+            raise ValueError("--device: not used with --zero3 (each rank uses its local device).")
     settings = TraceSettings(
-        measures=tuple(args.measures.split(",")),
+        measures=measures,
         noise_scales=scales,
         seed=args.seed,
         stability_steps=args.stability_steps,
@@ -221,17 +248,22 @@ def run(args: argparse.Namespace) -> int:
         logger.error(
             "--tokenizer: cannot load a tokenizer from %r (%s).",
             args.tokenizer or args.model,
-            str(e).splitlines()[0],
+            " ".join(str(e).split()),  # transformers' message spans lines
         )
         return 2
     dtype = "auto" if args.dtype == "auto" else getattr(torch, args.dtype)
+    gather, writer, engine = None, True, None
     try:
-        model = load_causal_lm(args.model, "--model", dtype=dtype)
+        if args.zero3:
+            model, gather, writer, engine = _load_zero3(args, dtype)
+        else:
+            model = load_causal_lm(args.model, "--model", dtype=dtype)
     except ValueError as e:
         logger.error("%s", e)
         return 2
-    device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
-    model.to(device).eval()
+    if not args.zero3:
+        device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
+        model.to(device).eval()
     try:
         probe = _build_probe(args, tokenizer, is_bench, default_max_length(model))
         if args.recommend:  # a budget too small for the family fails before the long run
@@ -243,8 +275,12 @@ def run(args: argparse.Namespace) -> int:
     logger.info(
         "probe: %s, %d sequences, %d tokens", probe.kind, probe.num_sequences, probe.num_tokens
     )
-    result = run_trace(model, probe, settings, progress=True)
+    result = run_trace(model, probe, settings, progress=writer, gather=gather)
     result["model"]["path"] = str(Path(args.model).resolve())
+    if args.zero3:
+        from layerfreeze.utils.dist import get_world_size
+
+        result["model"]["zero3_world_size"] = get_world_size()
     rec = None
     if args.recommend:
         try:
@@ -253,6 +289,9 @@ def run(args: argparse.Namespace) -> int:
             logger.error("%s", e)
             return 2
         result["recommendation"] = rec.to_dict()
+    del engine  # --zero3: no forward after this point
+    if not writer:  # --zero3: every rank computed the same numbers; rank 0 writes them
+        return 0
     with atomic_directory(args.out, overwrite=True) as staging:
         files = write_trace(result, staging)
         if rec is not None:
@@ -264,3 +303,31 @@ def run(args: argparse.Namespace) -> int:
         out.write("".join(f"  - {line}\n" for line in rec.rationale))
     out.write(f"\nwrote {', '.join(files)} to {args.out}\n")
     return 0
+
+
+def _load_zero3(args: argparse.Namespace, dtype):
+    """The model partitioned over the launched ranks at load: ``(model, gather, is_writer,
+    engine)`` (keep the engine referenced while the model is used)."""
+    import functools
+
+    import torch
+
+    from layerfreeze.engines.deepspeed import gathered_parameters, load_zero3_for_inference
+    from layerfreeze.modeling import load_causal_lm
+    from layerfreeze.utils.dist import get_rank, get_world_size
+
+    if dtype == "auto":
+        from transformers import AutoConfig
+
+        saved = getattr(AutoConfig.from_pretrained(args.model), "dtype", None)
+        dtype = saved if isinstance(saved, torch.dtype) else torch.float32
+    model, engine = load_zero3_for_inference(
+        lambda: load_causal_lm(args.model, "--model", dtype=dtype), dtype
+    )
+    held = sum(p.numel() for p in model.parameters())
+    whole = sum(getattr(p, "ds_numel", p.numel()) for p in model.parameters())
+    logger.info(
+        "zero3: rank %d of %d holds %d of %d weight elements", get_rank(), get_world_size(),
+        held, whole,
+    )
+    return model, functools.partial(gathered_parameters, model), get_rank() == 0, engine

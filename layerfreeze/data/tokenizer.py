@@ -345,7 +345,8 @@ def load_tokenizer(cfg: TokenizerConfig | str | Path) -> PreTrainedTokenizerBase
         if (path / "tokenizer.model").is_file() and not (path / "tokenizer.json").is_file():
             return sentencepiece_to_hf(path / "tokenizer.model")
         raise ConfigError(
-            f"tokenizer.path: '{path_value}' holds no tokenizer AutoTokenizer can load ({e}). "
+            f"tokenizer.path: '{path_value}' holds no tokenizer AutoTokenizer can load "
+            f"({' '.join(str(e).split())}). "  # transformers' message spans lines: one here
             "Give an HF tokenizer directory (tokenizer.json + tokenizer_config.json) or a "
             "SentencePiece .model file."
         ) from None

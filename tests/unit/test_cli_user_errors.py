@@ -254,3 +254,34 @@ def test_help_names_both_engines_for_train(capsys):
         main(["--help"])
     out = " ".join(capsys.readouterr().out.split())  # argparse wraps the help column
     assert "train continued pre-training with a layer plan (DeepSpeed or Megatron" in out
+
+
+@pytest.mark.parametrize("key", ["logging.out_dir", "checkpoint.dir", "checkpoint.export_dir"])
+def test_run_output_paths_that_are_files(tmp_path, capsys, key):
+    """train with logging.out_dir naming a file died with a FileExistsError traceback after the
+    process group had started."""
+    f = tmp_path / "notes.txt"
+    f.write_text("mine", encoding="utf-8")
+    for cmd in ("validate", "train"):
+        line = _error_line(capsys, [cmd, "--config", str(QUICKSTART), f"{key}={f}"])
+        assert f"{key}: '{f}' exists and is not a directory. Choose another" in line
+    assert os.listdir(tmp_path) == ["notes.txt"] and f.read_text(encoding="utf-8") == "mine"
+
+
+def test_tokenizer_directory_without_a_tokenizer(ckpt, tmp_path, capsys, eval_data_dir):
+    """transformers' multi-line message came through as six lines (train) or as its first line
+    only, 'Couldn't instantiate the backend tokenizer from one of:' (eval, trace)."""
+    empty = tmp_path / "tok"
+    empty.mkdir()
+    line = _error_line(capsys, ["eval", "--model", str(ckpt), "--tokenizer", str(empty),
+                                "--benchmark", "ceval", "--data-dir", str(eval_data_dir),
+                                "--subjects", "computer_network", "--limit", "1"])
+    assert f"--tokenizer {empty}: cannot load a tokenizer: Couldn't instantiate" in line
+    assert "(1) a `tokenizers` library serialization file" in line
+    from layerfreeze.data.config import TokenizerConfig
+    from layerfreeze.data.tokenizer import load_tokenizer
+    from layerfreeze.errors import ConfigError
+
+    with pytest.raises(ConfigError) as e:
+        load_tokenizer(TokenizerConfig(path=str(empty)))
+    assert "\n" not in str(e.value) and "holds no tokenizer AutoTokenizer can load" in str(e.value)
