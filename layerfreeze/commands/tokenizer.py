@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import argparse
 import sys
+from pathlib import Path
 
 from layerfreeze.utils.logging import get_logger
 
@@ -43,6 +44,12 @@ def run(args: argparse.Namespace) -> int:
     if args.input_sentence_size < 0:
         logger.error("--input-sentence-size: must be >= 0 (0: all lines), got %d.",
                      args.input_sentence_size)
+        return 2
+    if Path(args.out).exists() and not Path(args.out).is_dir():
+        logger.error(
+            "--out: %r exists and is a file; the tokenizer is a directory. Choose another path.",
+            args.out,
+        )
         return 2
     try:
         out = train_tokenizer(

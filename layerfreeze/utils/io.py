@@ -23,12 +23,21 @@ def _fsync_dir(path: Path) -> None:
         os.close(fd)
 
 
+def _umask() -> int:
+    mask = os.umask(0)
+    os.umask(mask)
+    return mask
+
+
 def atomic_write_bytes(path: str | os.PathLike, data: bytes) -> None:
     """Write ``data`` to ``path`` through a temp file in the same directory + ``os.replace``."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
     try:
+        # mkstemp makes the file 0600: give it the mode a plain open() would (others in a
+        # shared cluster read exports and results)
+        os.fchmod(fd, 0o666 & ~_umask())
         with os.fdopen(fd, "wb") as f:
             f.write(data)
             f.flush()
@@ -67,6 +76,7 @@ def atomic_directory(path: str | os.PathLike, overwrite: bool = True) -> Iterato
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent))
     try:
+        os.chmod(tmp, 0o777 & ~_umask())  # mkdtemp makes it 0700; a plain mkdir would not
         yield tmp
         for root, _dirs, files in os.walk(tmp):
             for name in files:
@@ -76,7 +86,10 @@ def atomic_directory(path: str | os.PathLike, overwrite: bool = True) -> Iterato
             trash = path.parent / f".{path.name}.old.{os.getpid()}"
             os.replace(path, trash)
             os.replace(tmp, path)
-            shutil.rmtree(trash, ignore_errors=True)
+            if trash.is_dir() and not trash.is_symlink():
+                shutil.rmtree(trash, ignore_errors=True)
+            else:  # a file (or link) replaced by the directory: rmtree would leave it behind
+                trash.unlink(missing_ok=True)
         else:
             os.replace(tmp, path)
         _fsync_dir(path.parent)

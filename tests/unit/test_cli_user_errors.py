@@ -285,3 +285,35 @@ def test_tokenizer_directory_without_a_tokenizer(ckpt, tmp_path, capsys, eval_da
     with pytest.raises(ConfigError) as e:
         load_tokenizer(TokenizerConfig(path=str(empty)))
     assert "\n" not in str(e.value) and "holds no tokenizer AutoTokenizer can load" in str(e.value)
+
+
+def test_tokenizer_out_that_is_a_file_is_kept(tmp_path, capsys):
+    """tokenizer train --out FILE silently replaced the file with the tokenizer directory."""
+    f = tmp_path / "notes.txt"
+    f.write_text("mine", encoding="utf-8")
+    line = _error_line(capsys, ["tokenizer", "train", "--input", "@bundled", "--vocab-size",
+                                "400", "--out", str(f)])
+    assert f"--out: '{f}' exists and is a file; the tokenizer is a directory." in line
+    assert os.listdir(tmp_path) == ["notes.txt"] and f.read_text(encoding="utf-8") == "mine"
+
+
+def test_atomic_outputs_leave_no_debris_and_follow_the_umask(tmp_path):
+    """Replacing a file with an atomic directory (compose/prune/trace --overwrite) left the old
+    file behind as '.<name>.old.<pid>' (rmtree cannot remove a file), and atomic outputs were
+    0600 files in 0700 directories (mkstemp/mkdtemp modes) whatever the umask."""
+    from layerfreeze.utils.io import atomic_directory, atomic_write_text
+
+    old = os.umask(0o022)
+    try:
+        target = tmp_path / "out"
+        target.write_text("old file", encoding="utf-8")
+        with atomic_directory(target, overwrite=True) as staging:
+            atomic_write_text(staging / "a.json", "{}")
+        atomic_write_text(tmp_path / "b.txt", "b")
+    finally:
+        os.umask(old)
+    assert sorted(os.listdir(tmp_path)) == ["b.txt", "out"]  # no .out.old.<pid>
+    assert os.listdir(target) == ["a.json"]
+    assert (target.stat().st_mode & 0o777) == 0o755
+    assert ((target / "a.json").stat().st_mode & 0o777) == 0o644
+    assert ((tmp_path / "b.txt").stat().st_mode & 0o777) == 0o644
