@@ -324,7 +324,7 @@ def _load_zero3(args: argparse.Namespace, dtype):
     model, engine = load_zero3_for_inference(
         lambda: load_causal_lm(args.model, "--model", dtype=dtype), dtype
     )
-    held = sum(p.numel() for p in model.parameters())
+    held = sum(getattr(p, "ds_tensor", p).numel() for p in model.parameters())  # own partition
     whole = sum(getattr(p, "ds_numel", p.numel()) for p in model.parameters())
     logger.info(
         "zero3: rank %d of %d holds %d of %d weight elements", get_rank(), get_world_size(),
