@@ -55,14 +55,17 @@ def _read_map(path: str) -> dict[str, Any]:
     import yaml
 
     p = Path(path)
+    if p.is_dir():
+        raise FileNotFoundError(f"--map {path}: is a directory; pass a YAML/JSON map file.")
     if not p.is_file():
         raise FileNotFoundError(f"--map {path}: no such file.")
     try:
         data = yaml.safe_load(p.read_text(encoding="utf-8"))
-    except yaml.YAMLError as e:
-        raise ConfigError(
-            f"--map {path}: not valid YAML/JSON ({str(e).splitlines()[0]})."
-        ) from None
+    except yaml.YAMLError as e:  # where, and what the parser expected (JSON is YAML)
+        mark = getattr(e, "problem_mark", None)
+        at = f" at line {mark.line + 1}, column {mark.column + 1}" if mark else ""
+        what = getattr(e, "problem", None) or str(e).splitlines()[0]
+        raise ConfigError(f"--map {path}: not valid YAML/JSON{at}: {what}.") from None
     if not isinstance(data, dict):
         raise ConfigError(
             f"--map {path}: expected a mapping with base, models, layers; got {data!r}."

@@ -317,3 +317,14 @@ def test_atomic_outputs_leave_no_debris_and_follow_the_umask(tmp_path):
     assert (target.stat().st_mode & 0o777) == 0o755
     assert ((target / "a.json").stat().st_mode & 0o777) == 0o644
     assert ((tmp_path / "b.txt").stat().st_mode & 0o777) == 0o644
+
+
+def test_compose_map_that_is_a_directory_or_broken(tmp_path, capsys):
+    line = _error_line(capsys, ["compose", "--map", str(tmp_path), "--out", str(tmp_path / "o")])
+    assert f"--map {tmp_path}: is a directory; pass a YAML/JSON map file." in line  # 'no such file'
+    bad = tmp_path / "map.yaml"
+    bad.write_text("base: A\nmodels: {A: x\n", encoding="utf-8")
+    line = _error_line(capsys, ["compose", "--map", str(bad), "--out", str(tmp_path / "o")])
+    # said only '(while parsing a flow mapping)': now where and what, like plan --plan
+    assert f"--map {bad}: not valid YAML/JSON at line 3, column 1: expected ',' or '}}'" in line
+    assert os.listdir(tmp_path) == ["map.yaml"]
