@@ -413,12 +413,22 @@ def load_config(
     data: dict[str, Any] = {}
     if path is not None:
         p = Path(path)
+        if p.is_dir():
+            raise ConfigError(
+                f"--config: {str(path)!r} is a directory. Pass a YAML run config file."
+            )
         if not p.is_file():
             raise ConfigError(
                 f"--config: file not found, got {str(path)!r}. Pass a YAML run config."
             )
         try:
-            loaded = yaml.safe_load(p.read_text(encoding="utf-8"))
+            text = p.read_text(encoding="utf-8")
+        except UnicodeDecodeError:
+            raise ConfigError(
+                f"--config: {str(path)!r} is not a UTF-8 text file. Pass a YAML run config."
+            ) from None
+        try:
+            loaded = yaml.safe_load(text)
         except yaml.YAMLError as e:  # one line: where, and what the parser expected
             mark = getattr(e, "problem_mark", None)
             at = f" at line {mark.line + 1}, column {mark.column + 1}" if mark else ""

@@ -328,3 +328,14 @@ def test_compose_map_that_is_a_directory_or_broken(tmp_path, capsys):
     # said only '(while parsing a flow mapping)': now where and what, like plan --plan
     assert f"--map {bad}: not valid YAML/JSON at line 3, column 1: expected ',' or '}}'" in line
     assert os.listdir(tmp_path) == ["map.yaml"]
+
+
+def test_run_config_that_is_binary_or_a_directory(ckpt, tmp_path, capsys):
+    weights = ckpt / "model.safetensors"
+    for cmd in ("validate", "train", "launch"):
+        extra = ["--scheduler", "slurm"] if cmd == "launch" else []
+        line = _error_line(capsys, [cmd, *extra, "--config", str(weights)])
+        assert f"--config: '{weights}' is not a UTF-8 text file." in line  # was a traceback
+        line = _error_line(capsys, [cmd, *extra, "--config", str(tmp_path)])
+        assert f"--config: '{tmp_path}' is a directory." in line  # was 'file not found'
+    assert os.listdir(tmp_path) == []
