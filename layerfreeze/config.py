@@ -441,6 +441,12 @@ def load_config(
                 f"got {type(loaded).__name__}."
             )
         data = loaded or {}
+    if isinstance(data.get("deepspeed"), str) and any(
+        o.split("=", 1)[0].strip().startswith("deepspeed.") for o in overrides
+    ):
+        # deepspeed.zero_optimization.stage=3 on top of a shared JSON file: read the file so
+        # the override changes one key of it (instead of replacing the whole config).
+        data["deepspeed"] = load_deepspeed_config(data["deepspeed"])
     apply_overrides(data, overrides, schema=RunConfig)
     return from_dict(RunConfig, data)
 

@@ -339,3 +339,10 @@ def test_run_config_that_is_binary_or_a_directory(ckpt, tmp_path, capsys):
         line = _error_line(capsys, [cmd, *extra, "--config", str(tmp_path)])
         assert f"--config: '{tmp_path}' is a directory." in line  # was 'file not found'
     assert os.listdir(tmp_path) == []
+
+
+def test_deepspeed_json_that_is_binary(ckpt, tmp_path, capsys):
+    binary = tmp_path / "zero2.json"
+    shutil.copy(ckpt / "model.safetensors", binary)
+    line = _error_line(capsys, ["validate", "--config", str(QUICKSTART), f"deepspeed={binary}"])
+    assert f"deepspeed: {binary} is not valid JSON: 'utf-8' codec" in line  # was a traceback
