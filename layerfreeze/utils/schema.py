@@ -234,11 +234,19 @@ def apply_overrides(data: dict, overrides: typing.Iterable[str], schema: type | 
                 problems.append(f"override {key}: {err}")
                 continue
         node = data
-        for p in parts[:-1]:
-            if not isinstance(node.get(p), dict):
+        for i, p in enumerate(parts[:-1]):
+            if node.get(p) is None:
                 node[p] = {}
+            elif not isinstance(node[p], dict):  # never replace a value the user set silently
+                where = ".".join(parts[: i + 1])
+                problems.append(
+                    f"override {key}: {where} is {node[p]!r}, not a mapping, so it has no key "
+                    f"{parts[i + 1]!r}. Set {where} as a whole ({where}=...) instead."
+                )
+                break
             node = node[p]
-        node[parts[-1]] = parse_override_value(raw)
+        else:
+            node[parts[-1]] = parse_override_value(raw)
     if problems:
         raise ConfigError(problems)
     return data

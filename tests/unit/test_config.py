@@ -293,3 +293,21 @@ def test_validate_command_fails_with_exit_2_and_the_problem(tmp_path):
         lf_logger.removeHandler(handler)
     text = "\n".join(messages)
     assert "4-layer model" in text and "Did you mean 'lr'?" in text
+
+
+def test_override_into_a_deepspeed_json_file_changes_only_that_key(tmp_path):
+    """`deepspeed.bf16.enabled=true` on a config whose deepspeed is a JSON path once replaced
+    the whole DeepSpeed config with {bf16: {enabled: true}} (ZeRO stage and clipping gone)."""
+    ds = {"zero_optimization": {"stage": 2, "overlap_comm": False}, "gradient_clipping": 0.5}
+    (tmp_path / "ds.json").write_text(json.dumps(ds), encoding="utf-8")
+    path = _write(tmp_path, _minimal(deepspeed=str(tmp_path / "ds.json")))
+    cfg = load_config(path, ["deepspeed.bf16.enabled=true", "deepspeed.zero_optimization.stage=3"])
+    assert cfg.deepspeed == {"zero_optimization": {"stage": 3, "overlap_comm": False},
+                             "gradient_clipping": 0.5, "bf16": {"enabled": True}}
+    assert load_config(path).deepspeed == str(tmp_path / "ds.json")  # no override: the path
+
+
+def test_override_below_a_non_mapping_value_is_an_error(tmp_path):
+    with pytest.raises(ConfigError, match=r"override plan\.spec\.r: plan\.spec is 'freeze_deep', "
+                       r"not a mapping, so it has no key 'r'\. Set plan\.spec as a whole"):
+        load_config(_write(tmp_path, _minimal()), ["plan.spec.r=3"])
