@@ -479,21 +479,11 @@ def _materialize_state(engine: Any, steps: Sequence[int]) -> None:
 
 def _carry_owners(names: Sequence[str], params: Mapping[str, nn.Parameter]) -> dict[str, int]:
     """Which rank keeps each carried parameter's state across a switch (partitioned
-    optimizers only; empty otherwise): largest first onto the least-loaded rank, so each
-    rank holds about 1/world of the carried bytes. Deterministic: the same on every rank."""
-    world = get_world_size()
+    optimizers only; empty otherwise), balanced by size (:func:`_balanced_owners`)."""
     partitioned = [
         n for n in names if hasattr(params[n], "ds_id") or hasattr(params[n], "_hp_mapping")
     ]
-    if world == 1:
-        return {}
-    load = [0] * world
-    owners: dict[str, int] = {}
-    for n in sorted(partitioned, key=lambda n: (-param_numel(params[n]), n)):
-        r = min(range(world), key=lambda i: (load[i], i))
-        owners[n] = r
-        load[r] += param_numel(params[n])
-    return owners
+    return _balanced_owners(partitioned, params) if get_world_size() > 1 else {}
 
 
 def _broadcast_from(
