@@ -468,7 +468,7 @@ def load_deepspeed_config(spec: dict[str, Any] | str) -> dict[str, Any]:
         )
     try:
         loaded = json.loads(p.read_text(encoding="utf-8"))
-    except json.JSONDecodeError as e:
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
         raise ConfigError(f"deepspeed: {spec} is not valid JSON: {e}") from None
     if not isinstance(loaded, dict):
         raise ConfigError(
