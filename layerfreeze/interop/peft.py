@@ -638,14 +638,15 @@ def load_peft_adapter(
                 f"{name}: the plan's adapter is HLPT-gated, a PEFT update is not; use lora "
                 "without gated for this layer"
             )
-        if ad.r != mod.r:
-            problems.append(f"{name}: rank {mod.r} in the PEFT adapter, r={ad.r} in the plan")
+        use = f"use lora(r={mod.r}, alpha={_num(mod.scaling * mod.r):g})"
+        if ad.r != mod.r:  # (the A/B shapes then differ too: the rank says why)
+            problems.append(f"{name}: rank {mod.r} in the PEFT adapter, r={ad.r} in the plan; {use}")
         elif not math.isclose(ad.scaling, mod.scaling, rel_tol=1e-6):
             problems.append(
                 f"{name}: PEFT scales the update by {mod.scaling:g}, the plan by "
-                f"alpha/r = {ad.scaling:g}; use lora(r={mod.r}, alpha={_num(mod.scaling * mod.r):g})"
+                f"alpha/r = {ad.scaling:g}; {use}"
             )
-        if tuple(mod.a.shape) != tuple(ad.lora_a.shape) or tuple(mod.b.shape) != tuple(
+        elif tuple(mod.a.shape) != tuple(ad.lora_a.shape) or tuple(mod.b.shape) != tuple(
             ad.lora_b.shape
         ):
             problems.append(
