@@ -11,6 +11,7 @@ import contextlib
 import importlib
 import logging
 import os
+import re
 import sys
 from typing import NoReturn
 
@@ -45,7 +46,11 @@ class _Parser(argparse.ArgumentParser):
     """
 
     def error(self, message: str) -> NoReturn:
-        raise _UsageError(f"{self.prog}: {message.rstrip('.')}. See '{self.prog} --help'.")
+        hint = ""
+        flag = re.fullmatch(r"argument (--[\w-]+)(?:/\S+)?: expected one argument", message)
+        if flag:  # argparse takes a value such as '-4:-1:prefix' for an option
+            hint = f" (a value that starts with '-' is written {flag.group(1)}=VALUE)"
+        raise _UsageError(f"{self.prog}: {message.rstrip('.')}{hint}. See '{self.prog} --help'.")
 
 
 class _DeepSpeedToStderr(logging.Filter):

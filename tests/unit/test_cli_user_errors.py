@@ -156,6 +156,9 @@ def test_trace_unusable_device(ckpt, tmp_path, capsys, device, needle):
          "(choose from 'unigram', 'bpe'). See 'layerfreeze tokenizer train --help'."),
         (["train"], "layerfreeze train: the following arguments are required: --config."),
         (["trian"], "layerfreeze: argument COMMAND: invalid choice: 'trian'"),
+        (["plan", "--model", "m", "--plan", "-4:-1:prefix"],
+         "layerfreeze plan: argument --plan: expected one argument (a value that starts with "
+         "'-' is written --plan=VALUE)."),
         (["export", "--model", "m", "--adapter-dir", "a", "--format", "gguf", "--out", "o"],
          "argument --format: invalid choice: 'gguf' (choose from 'peft', 'merged')"),
     ],
