@@ -22,6 +22,7 @@ from __future__ import annotations
 import contextlib
 import copy
 import json
+import logging
 import math
 import os
 from collections.abc import Callable, Iterator, Mapping, Sequence
@@ -171,6 +172,8 @@ def _check_config(config: dict[str, Any], lr: float | None) -> float:
                 "deepspeed config.optimizer.params.lr: missing and no lr= given. Set one of them."
             )
         lr = float(params["lr"])
+    else:
+        _warn_scheduler_overrides_lr(config, lr)
     params["lr"] = lr
     if bool(params.get("amsgrad", False)):
         raise ValueError(
@@ -181,6 +184,30 @@ def _check_config(config: dict[str, Any], lr: float | None) -> float:
             f"deepspeed config.zero_optimization.stage: must be 0, 1, 2 or 3, got {_zero_stage(config)}."
         )
     return lr
+
+
+#: DeepSpeed scheduler params that set absolute learning rates (the optimizer's lr is ignored).
+_ABSOLUTE_LR_KEYS = ("warmup_max_lr", "cycle_max_lr")
+
+
+def _warn_scheduler_overrides_lr(config: Mapping[str, Any], lr: float) -> None:
+    """Warn when an explicit ``lr=`` will not be the trained lr: DeepSpeed's WarmupLR /
+    WarmupDecayLR / OneCycle write their own absolute values into every group each step."""
+    sched = config.get("scheduler")
+    params = sched.get("params") if isinstance(sched, Mapping) else None
+    if not isinstance(params, Mapping):
+        return
+    for key in _ABSOLUTE_LR_KEYS:
+        if key in params and not math.isclose(float(params[key]), lr):
+            log_rank0(
+                logger,
+                "lr=%g is not the learning rate that trains: the DeepSpeed config's scheduler "
+                "%s sets absolute values (scheduler.params.%s = %g). Set %s to %g, or drop the "
+                "scheduler section (or pass lr_scheduler=) to follow lr=.",
+                lr, sched.get("type"), key, float(params[key]), key, lr,
+                level=logging.WARNING,
+            )
+            return
 
 
 def _state_tensors(ds_optimizer: Any) -> list[list[torch.Tensor]]:

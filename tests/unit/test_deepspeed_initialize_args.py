@@ -88,3 +88,28 @@ def test_scheduler_instance_needs_the_optimizer_instance(lfds):
     sched = torch.optim.lr_scheduler.LambdaLR(other, lambda s: 1.0)
     with pytest.raises(TypeError, match="not bound to the optimizer= instance"):
         lfds.initialize(model=model, plan="full", lr_scheduler=sched, config=_CFG)
+
+
+def _lr_warnings(lfds, caplog, lr):
+    """Run initialize with a WarmupDecayLR config up to a later refusal (no process group)."""
+    model = _model()
+    cfg = {**_CFG, "scheduler": {"type": "WarmupDecayLR", "params": {
+        "warmup_min_lr": 0.0, "warmup_max_lr": 3e-4, "warmup_num_steps": 2, "total_num_steps": 4}}}
+    caplog.clear()
+    with caplog.at_level("WARNING"), pytest.raises(ValueError, match="its own options"):
+        lfds.initialize(model=model, plan="freeze_deep", config=cfg, lr=lr,
+                        model_parameters=[{"params": list(model.parameters()), "lr": 1.0}])
+    return [r.getMessage() for r in caplog.records if r.name == "layerfreeze.engines.deepspeed"]
+
+
+def test_lr_that_the_config_scheduler_overrides_is_warned(lfds, caplog):
+    """initialize(lr=1e-3) with a WarmupDecayLR section trains at the scheduler's own
+    warmup_max_lr (DeepSpeed writes absolute lrs); that once happened without a word."""
+    assert _lr_warnings(lfds, caplog, 1e-3) == [
+        "lr=0.001 is not the learning rate that trains: the DeepSpeed config's scheduler "
+        "WarmupDecayLR sets absolute values (scheduler.params.warmup_max_lr = 0.0003). Set "
+        "warmup_max_lr to 0.001, or drop the scheduler section (or pass lr_scheduler=) to "
+        "follow lr=."
+    ]
+    assert _lr_warnings(lfds, caplog, 3e-4) == []  # the same value: nothing to say
+    assert _lr_warnings(lfds, caplog, None) == []  # lr from the config's optimizer section
