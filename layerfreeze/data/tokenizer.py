@@ -75,6 +75,7 @@ def train_tokenizer(
     input_sentence_size: int = 0,
     seed: int = 0,
     config_section: str | None = None,
+    inputs_key: str = "input",
 ) -> Path:
     """Train a SentencePiece tokenizer and save it in a form ``AutoTokenizer`` loads.
 
@@ -99,6 +100,7 @@ def train_tokenizer(
         config_section: when the options come from a run config, its section (``"tokenizer"``):
             a vocabulary size the text cannot support is then reported with the config keys
             (``tokenizer.vocab_size=918``) instead of the ``layerfreeze tokenizer train`` flags.
+        inputs_key: the name of ``inputs`` in messages (a run config's ``data.paths``).
 
     Returns:
         ``out_dir`` as a ``Path``.
@@ -123,12 +125,12 @@ def train_tokenizer(
         problems.append(f"character_coverage: must be in (0, 1], got {character_coverage!r}.")
     if problems:
         raise ConfigError(problems)
-    files = resolve_files(inputs, key="input")
+    files = resolve_files(inputs, key=inputs_key)
     lines = _training_lines(files, text_key, txt_documents)
     first = next(lines, None)
     if first is None:
         raise ValueError(
-            f"input: no text found in {', '.join(str(f) for f in files)}. "
+            f"{inputs_key}: no text found in {', '.join(str(f) for f in files)}. "
             "Give files with at least some non-empty documents."
         )
 
@@ -400,6 +402,7 @@ def prepare_tokenizer(
             character_coverage=cfg.character_coverage, text_key=text_key,
             txt_documents=txt_documents, input_sentence_size=cfg.input_sentence_size,
             config_section="tokenizer",
+            inputs_key="tokenizer.train_inputs" if cfg.train_inputs else "data.paths",
         )
 
     run_on_local_rank0(build)

@@ -349,3 +349,19 @@ def test_deepspeed_json_that_is_binary(ckpt, tmp_path, capsys):
     shutil.copy(ckpt / "model.safetensors", binary)
     line = _error_line(capsys, ["validate", "--config", str(QUICKSTART), f"deepspeed={binary}"])
     assert f"deepspeed: {binary} is not valid JSON: 'utf-8' codec" in line  # was a traceback
+
+
+def test_empty_corpus_named_by_its_run_config_key(tmp_path):
+    """train with an empty data.paths file (and no tokenizer.path) said 'input: no text found',
+    the tokenizer CLI's name, not the run config's key."""
+    from layerfreeze.data.config import TokenizerConfig
+    from layerfreeze.data.tokenizer import prepare_tokenizer
+
+    empty = tmp_path / "empty.txt"
+    empty.write_text("\n\n", encoding="utf-8")
+    with pytest.raises(ValueError, match=rf"^data\.paths: no text found in {empty}\. "):
+        prepare_tokenizer(TokenizerConfig(vocab_size=400), [str(empty)], tmp_path / "tok")
+    with pytest.raises(ValueError, match=r"^tokenizer\.train_inputs\[0\]: no such file"):
+        prepare_tokenizer(TokenizerConfig(vocab_size=400, train_inputs=[str(tmp_path / "no")]),
+                          [str(empty)], tmp_path / "tok")
+    assert os.listdir(tmp_path) == ["empty.txt"]
