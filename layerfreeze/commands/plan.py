@@ -88,6 +88,20 @@ def build_meta_model(path: str | Path):
         model_type = data.pop("model_type", None)
         if not model_type:
             raise ValueError(f"--model {path}: the config has no 'model_type'. Pass a transformers config.json.")
+        from transformers import CONFIG_MAPPING
+
+        if model_type not in CONFIG_MAPPING:  # transformers' own message lists ~900 types
+            import difflib
+
+            import transformers
+
+            close = difflib.get_close_matches(str(model_type), list(CONFIG_MAPPING.keys()), n=1)
+            hint = (f" Did you mean {close[0]!r}?" if close
+                    else " Use a decoder-only type such as llama, qwen2, mistral or gpt2.")
+            raise ValueError(
+                f"--model {path}: unknown model_type {model_type!r} (transformers "
+                f"{transformers.__version__} has no config class for it).{hint}"
+            )
         try:
             config = AutoConfig.for_model(model_type, **data)
         except ValueError as e:

@@ -93,3 +93,22 @@ def test_bad_model_path(tmp_path):
     assert main(["plan", "--model", str(tmp_path / "nope"), "--preset", "full"]) == 2
     (tmp_path / "c.json").write_text("{}")
     assert main(["plan", "--model", str(tmp_path / "c.json"), "--preset", "full"]) == 2
+
+
+@pytest.mark.parametrize(
+    ("model_type", "hint"),
+    [("lama", "Did you mean 'llama'?"),
+     ("nonexistent_arch", "Use a decoder-only type such as llama, qwen2, mistral or gpt2.")],
+)
+def test_unknown_model_type_in_a_config_file_is_one_short_line(tmp_path, capsys, model_type, hint):
+    """An unknown model_type once printed transformers' list of ~900 types on one line."""
+    import transformers
+
+    cfg = tmp_path / "config.json"
+    cfg.write_text(json.dumps({"model_type": model_type, "num_hidden_layers": 2}), encoding="utf-8")
+    assert main(["plan", "--model", str(cfg), "--preset", "full"]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and err[0].endswith(
+        f"--model {cfg}: unknown model_type {model_type!r} (transformers "
+        f"{transformers.__version__} has no config class for it). {hint}"
+    ), err
