@@ -165,6 +165,17 @@ def _check(args: argparse.Namespace):
         raise ValueError(
             f"--probe: {'/'.join(_BENCHMARKS)} cannot be mixed with files, got {args.probe}."
         )
+    if not is_bench:  # checked before the model loads; the probe reader says "no such file"
+        for probe in args.probe:
+            if Path(probe).is_dir():
+                raise ValueError(
+                    f"--probe {probe}: is a directory; pass its .txt/.jsonl files "
+                    f"(e.g. {probe.rstrip('/')}/*.txt)."
+                )
+            if not Path(probe).is_file():
+                raise ValueError(
+                    f"--probe {probe}: no such file. Pass text files, or ceval / cmmlu."
+                )
     if args.shots < 0:
         raise ValueError(f"--shots: must be >= 0, got {args.shots}.")
     if args.device is not None:

@@ -365,3 +365,15 @@ def test_empty_corpus_named_by_its_run_config_key(tmp_path):
         prepare_tokenizer(TokenizerConfig(vocab_size=400, train_inputs=[str(tmp_path / "no")]),
                           [str(empty)], tmp_path / "tok")
     assert os.listdir(tmp_path) == ["empty.txt"]
+
+
+def test_trace_probe_directory_or_missing_before_loading(ckpt, tmp_path, capsys):
+    """A directory was reported as 'no such file', and both only after the model had loaded."""
+    (tmp_path / "texts").mkdir()
+    line = _error_line(capsys, ["trace", "--model", str(ckpt), "--probe", str(tmp_path / "texts"),
+                                "--out", str(tmp_path / "t")])
+    assert f"--probe {tmp_path / 'texts'}: is a directory; pass its .txt/.jsonl files" in line
+    line = _error_line(capsys, ["trace", "--model", str(ckpt), "--probe", str(tmp_path / "x.txt"),
+                                "--out", str(tmp_path / "t")])
+    assert f"--probe {tmp_path / 'x.txt'}: no such file." in line
+    assert os.listdir(tmp_path) == ["texts"]
