@@ -28,10 +28,12 @@ DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch
 
 
 def hf_model_config(model_cfg: ModelConfig, vocab_size: int | None = None):
-    """The transformers config of ``model.path`` or ``model.architecture`` (no weights loaded).
+    """The transformers config of ``model.path`` or ``model.architecture`` (no weights loaded;
+    the ``*.safetensors`` headers of ``model.path`` are checked, see :func:`check_weight_files`).
 
     Raises:
-        ConfigError: no checkpoint at the path, or an unknown ``model_type``.
+        ConfigError: no checkpoint at the path, a truncated or corrupt weight file, an unreadable
+            config.json, or an unknown ``model_type``.
     """
     from transformers import AutoConfig
 
