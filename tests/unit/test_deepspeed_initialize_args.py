@@ -92,14 +92,24 @@ def test_scheduler_instance_needs_the_optimizer_instance(lfds):
 
 def _lr_warnings(lfds, caplog, lr):
     """Run initialize with a WarmupDecayLR config up to a later refusal (no process group)."""
+    import logging
+
     model = _model()
     cfg = {**_CFG, "scheduler": {"type": "WarmupDecayLR", "params": {
         "warmup_min_lr": 0.0, "warmup_max_lr": 3e-4, "warmup_num_steps": 2, "total_num_steps": 4}}}
+    # The CLI's logging set-up stops layerfreeze records at its own root logger: listen there.
+    log = logging.getLogger("layerfreeze.engines.deepspeed")
     caplog.clear()
-    with caplog.at_level("WARNING"), pytest.raises(ValueError, match="its own options"):
-        lfds.initialize(model=model, plan="freeze_deep", config=cfg, lr=lr,
-                        model_parameters=[{"params": list(model.parameters()), "lr": 1.0}])
-    return [r.getMessage() for r in caplog.records if r.name == "layerfreeze.engines.deepspeed"]
+    log.addHandler(caplog.handler)
+    try:
+        with caplog.at_level("WARNING", logger=log.name), pytest.raises(
+            ValueError, match="its own options"
+        ):
+            lfds.initialize(model=model, plan="freeze_deep", config=cfg, lr=lr,
+                            model_parameters=[{"params": list(model.parameters()), "lr": 1.0}])
+    finally:
+        log.removeHandler(caplog.handler)
+    return sorted({r.getMessage() for r in caplog.records if r.name == log.name})
 
 
 def test_lr_that_the_config_scheduler_overrides_is_warned(lfds, caplog):
