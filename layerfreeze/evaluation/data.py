@@ -18,6 +18,7 @@ the file and the row.
 from __future__ import annotations
 
 import csv
+import io
 import json
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -133,11 +134,24 @@ def _read_json(path: Path) -> dict:
     try:
         with open(path, encoding="utf-8") as f:
             data = json.load(f)
-    except json.JSONDecodeError as e:
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
         raise ValueError(f"{path}: not valid JSON ({e}).") from None
     if not isinstance(data, dict):
         raise ValueError(f"{path}: expected a JSON object, got {type(data).__name__}.")
     return data
+
+
+def _open_csv(path: Path) -> io.StringIO:
+    """The file's text (UTF-8, BOM dropped) as a stream for ``csv``; a file that is not UTF-8
+    (a download cut inside a character) is named instead of a bare codec error."""
+    try:
+        with open(path, encoding="utf-8-sig", newline="") as f:
+            return io.StringIO(f.read(), newline="")
+    except UnicodeDecodeError as e:
+        raise ValueError(
+            f"{path}: not UTF-8 text ({e.reason} at byte {e.start}); the file is truncated or "
+            "corrupt. Restore it from the released data."
+        ) from None
 
 
 def _metadata_from_dir(benchmark: str, root: Path) -> dict[str, tuple[str, tuple[str, ...]]]:
@@ -260,7 +274,7 @@ def read_subject_csv(benchmark: str, path: Path, subject: str, split: str) -> li
     required = _required_columns(benchmark, split)
     has_answer = not (benchmark == "ceval" and split == "test")
     questions: list[Question] = []
-    with open(path, encoding="utf-8-sig", newline="") as f:
+    with _open_csv(path) as f:
         reader = csv.reader(f)
         header = next(reader, None)
         if header is None:

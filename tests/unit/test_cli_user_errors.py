@@ -377,3 +377,20 @@ def test_trace_probe_directory_or_missing_before_loading(ckpt, tmp_path, capsys)
                                 "--out", str(tmp_path / "t")])
     assert f"--probe {tmp_path / 'x.txt'}: no such file." in line
     assert os.listdir(tmp_path) == ["texts"]
+
+
+def test_benchmark_csv_cut_inside_a_character(ckpt, tmp_path, capsys, eval_data_dir):
+    """A C-Eval CSV truncated mid-character gave a bare "'utf-8' codec can't decode" line."""
+    src = Path(eval_data_dir) / "ceval"
+    data = tmp_path / "ceval"
+    (data / "dev").mkdir(parents=True)
+    (data / "val").mkdir()
+    shutil.copy(src / "subject_mapping.json", data)
+    shutil.copy(src / "dev" / "computer_network_dev.csv", data / "dev")
+    raw = (src / "val" / "computer_network_val.csv").read_bytes()
+    cut = next(i for i in range(100, len(raw)) if 0x80 <= raw[i] <= 0xBF)  # inside a character
+    bad = data / "val" / "computer_network_val.csv"
+    bad.write_bytes(raw[:cut])
+    line = _error_line(capsys, ["eval", "--model", str(ckpt), "--benchmark", "ceval",
+                                "--data-dir", str(data), "--subjects", "computer_network"])
+    assert f"{bad}: not UTF-8 text (" in line and "truncated or corrupt" in line
