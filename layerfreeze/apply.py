@@ -173,7 +173,7 @@ class PlanSummary:
         ))
         widths = [max(len(h), *(len(line[i]) for line in lines)) for i, h in enumerate(header)]
         fmt = lambda cells: "  ".join(  # noqa: E731
-            c.ljust(w) if i < 2 else c.rjust(w) for i, (c, w) in enumerate(zip(cells, widths))
+            c.ljust(w) if i < 2 else c.rjust(w) for i, (c, w) in enumerate(zip(cells, widths, strict=True))
         )
         sep = "  ".join("-" * w for w in widths)
         return "\n".join([fmt(header), sep, *(fmt(line) for line in lines[:-1]), sep, fmt(lines[-1])])
@@ -309,6 +309,13 @@ class AppliedPlan:
     def trainable_names(self) -> list[str]:
         """Names of the trainable parameters, in ``model.named_parameters()`` order."""
         return list(self._trainable)
+
+    def trains_adapters_only(self) -> bool:
+        """True when the plan trains no layer and no non-layer part whole (``full``): every
+        trainable tensor is an adapter's (LoRA, prefix, gate)."""
+        layers = [spec.name for _, spec in _layer_specs(self.layout, self.resolved)]
+        parts = [self.resolved.non_layer(part).name for part in NON_LAYER_PARTS]
+        return "full" not in layers + parts
 
     def num_trainable_params(self) -> int:
         """Number of trainable parameter elements (full sizes under ZeRO-3)."""
@@ -570,7 +577,7 @@ def apply_plan(
     _record_base_tensors(model)
     applied = AppliedPlan(model, layout, plans[0], resolved[0])  # type: ignore[arg-type]
     # Install later phases first so that the trainable plan's apply() runs last.
-    for p, r in reversed(list(zip(plans, resolved))):
+    for p, r in reversed(list(zip(plans, resolved, strict=True))):
         assert r is not None
         applied.installed.insert(0, (p, r))
         for layer, spec in _layer_specs(layout, r):

@@ -244,6 +244,11 @@ class CheckpointConfig:
     """Export the final model as a standard Hugging Face checkpoint (adapters merged)."""
     export_dir: str | None = None
     """Export directory; null means ``<logging.out_dir>/export``."""
+    export_adapter: bool | None = None
+    """Also write the trained tensors and the plan (layerfreeze's adapter format,
+    ``<logging.out_dir>/adapter``; ``layerfreeze export --adapter-dir`` turns plain-LoRA ones into
+    a PEFT / vLLM adapter). null: when the final plan trains adapters only (LoRA, prefixes,
+    gates: nothing trained whole); true: always; false: never. DeepSpeed engine only."""
 
     def __post_init__(self) -> None:
         problems = []
@@ -392,6 +397,11 @@ class RunConfig:
     def export_dir(self) -> Path:
         """``checkpoint.export_dir`` or ``<out_dir>/export``."""
         return Path(self.checkpoint.export_dir or Path(self.logging.out_dir) / "export")
+
+    @property
+    def adapter_dir(self) -> Path:
+        """Where ``checkpoint.export_adapter`` writes: ``<out_dir>/adapter``."""
+        return Path(self.logging.out_dir) / "adapter"
 
 
 def load_config(

@@ -35,6 +35,7 @@ import yaml
 
 from layerfreeze.checkpoint import checkpoint_tag, list_checkpoints
 from layerfreeze.config import RunConfig
+from layerfreeze.engines.common import trained_then_frozen
 from layerfreeze.engines.deepspeed_config import build_deepspeed_config
 from layerfreeze.errors import ConfigError
 from layerfreeze.modeling import build_model, model_num_layers
@@ -187,6 +188,7 @@ class RunSummary:
     eval_dir: str | None = None
     eval_files: list[str] = field(default_factory=list)
     export_dir: str | None = None
+    adapter_dir: str | None = None
     notes: list[str] = field(default_factory=list)
 
     def render(self) -> str:
@@ -203,6 +205,8 @@ class RunSummary:
             ("evaluation", self.eval_dir or "skipped"),
             ("merged HF export", self.export_dir or "skipped (checkpoint.export_final=false)"),
         ]
+        if self.adapter_dir:
+            rows.append(("adapter", self.adapter_dir))
         lines = ["run summary:"] + [f"  {k:<18} {v}" for k, v in rows]
         lines += [f"  {f}" for f in self.eval_files]
         lines += [f"  note: {n}" for n in self.notes]
@@ -630,6 +634,7 @@ class Recipe:
             export_dir = cfg.export_dir
             self.runner.export_merged(export_dir, tokenizer=self.tokenizer)
             self.metrics.message(f"merged Hugging Face export: {export_dir}")
+        adapter_dir = self._export_adapter()
         summary = RunSummary(
             out_dir=str(self.out_dir),
             steps_done=self.step,
@@ -645,6 +650,7 @@ class Recipe:
             eval_dir=str(self.eval_dir) if self.eval_dir else None,
             eval_files=eval_files,
             export_dir=str(export_dir) if export_dir else None,
+            adapter_dir=str(adapter_dir) if adapter_dir else None,
             notes=self.notes,
         )
         if dist.is_main_process():
@@ -652,6 +658,31 @@ class Recipe:
         self.metrics.close_progress()
         log_rank0(logger, summary.render())
         return summary
+
+    def _export_adapter(self) -> Path | None:
+        """``checkpoint.export_adapter``: the trained tensors + plan in ``<out_dir>/adapter``."""
+        cfg = self.cfg
+        want = cfg.checkpoint.export_adapter
+        if want is False or cfg.engine != "deepspeed":
+            return None
+        applied = self.runner.applied
+        if want is None and not applied.trains_adapters_only():
+            return None
+        earlier = trained_then_frozen(applied, self.schedule, self.runner.phase)
+        if earlier:
+            self.notes.append(
+                f"no adapter export: earlier plan phases trained {len(earlier)} tensors the final "
+                f"plan freezes (e.g. {earlier[0]}), which an adapter of the final plan cannot "
+                "hold; the merged export has them"
+            )
+            return None
+        out = cfg.adapter_dir
+        self.runner.export_trainable(out)
+        self.metrics.message(
+            f"adapter (trained tensors + plan): {out}; `layerfreeze export --adapter-dir {out} "
+            "--base-model ... --format peft` makes a PEFT adapter of plain-LoRA plans"
+        )
+        return out
 
     def _remove_new_out_dir(self) -> None:
         if self._created_out_dir and dist.is_main_process() and self.out_dir.exists():

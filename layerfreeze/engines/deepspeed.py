@@ -1178,6 +1178,25 @@ class DeepSpeedRunner:
         barrier()
         return out
 
+    def export_trainable(self, out_dir: str | os.PathLike) -> Path | None:
+        """The trained tensors and the plan in layerfreeze's adapter format (collective).
+
+        :func:`layerfreeze.export.save_trainable` on rank 0, with the trainable parameters
+        gathered under ZeRO-3 (they are small for adapter plans); ``layerfreeze export
+        --adapter-dir`` turns plain-LoRA ones into a PEFT / vLLM adapter.
+
+        Returns:
+            The directory on rank 0, None on other ranks.
+        """
+        from layerfreeze.export import save_trainable
+
+        out = None
+        with self.gathered_parameters([n for n, _ in self._named_trainable()]):
+            if get_rank() == 0:
+                out = Path(save_trainable(self.applied, out_dir))
+        barrier()
+        return out
+
     def close(self) -> None:
         """Destroy the DeepSpeed engine (idempotent)."""
         if self.engine is not None:

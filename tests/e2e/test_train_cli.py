@@ -165,6 +165,8 @@ def test_straight_run_writes_everything(straight_run):
     assert list((out / "wandb").glob("offline-run-*")), "no offline wandb run"
     summary = json.loads((out / "summary.json").read_text())
     assert summary["steps_done"] == 6 and summary["export_dir"] == str(out / "export")
+    # freeze_deep trains layers whole: no adapter by default (checkpoint.export_adapter: null)
+    assert summary["adapter_dir"] is None and not (out / "adapter").exists()
     assert "run summary:" in proc.stderr and str(out / "metrics.jsonl") in proc.stderr
     _assert_no_secret(out)
 

@@ -60,6 +60,12 @@ def check_run_config(cfg: Any, world_size: int) -> list[str]:
     tp, pp = m.tensor_model_parallel_size, m.pipeline_model_parallel_size
     problems: list[str] = []
     warnings: list[str] = []
+    if cfg.checkpoint.export_adapter:
+        problems.append(
+            "checkpoint.export_adapter: not available with engine: megatron (the merged Hugging "
+            "Face export, checkpoint.export_final, holds the trained weights and a sidecar for "
+            "gated adapters); set it to null or false."
+        )
     if world_size % (tp * pp):
         problems.append(
             f"megatron: tensor_model_parallel_size x pipeline_model_parallel_size = {tp} x {pp} "
