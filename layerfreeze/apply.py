@@ -598,7 +598,7 @@ def _checkpointed_forward(block: nn.Module, orig, *args, **kwargs):
     from torch.utils.checkpoint import checkpoint
 
     if block.training and torch.is_grad_enabled():
-        for k in ("past_key_values", "past_key_value", "layer_past"):
+        for k in ("cache", "past_key_values", "past_key_value", "layer_past"):
             if kwargs.get(k) is not None:
                 kwargs[k] = None
         if kwargs.get("use_cache"):

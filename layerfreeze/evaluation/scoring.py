@@ -82,7 +82,7 @@ def encode_request(
 
 
 def is_hf_causal_lm(model: Any) -> bool:
-    """True for a ``transformers`` model that accepts ``past_key_values`` (the cache fast path)."""
+    """True for a ``transformers`` model (the KV-cache fast path)."""
     try:
         from transformers import PreTrainedModel
     except ImportError:  # transformers is a hard dependency; guard odd installs
@@ -231,9 +231,11 @@ class Scorer:
         self.hf = hf
         # HF causal LMs can skip the LM head on positions whose logits are not read: with a
         # 150k vocabulary the full [B, T, V] logits would dominate time and memory.
-        self._keeps_logits = hf and "logits_to_keep" in inspect.signature(
-            type(self.module).forward
-        ).parameters
+        params = inspect.signature(type(self.module).forward).parameters if hf else {}
+        self._keeps_logits = "logits_to_keep" in params
+        # the KV-cache keyword: ``cache`` from transformers 5.2x on (``past_key_values`` is
+        # deprecated there and goes in 5.40), ``past_key_values`` before
+        self._cache_kw = "cache" if "cache" in params else "past_key_values"
         self.use_cache = hf if use_cache is None else bool(use_cache)
         self.min_prefix = min_prefix
         self.device = _model_device(self.module)
@@ -300,10 +302,10 @@ class Scorer:
     ):
         if self.hf:
             kwargs = {"logits_to_keep": keep} if (keep and self._keeps_logits) else {}
+            kwargs[self._cache_kw] = past
             return self.module(
                 input_ids=input_ids,
                 attention_mask=attention_mask,
-                past_key_values=past,
                 use_cache=past is not None,
                 **kwargs,
             )
@@ -315,7 +317,7 @@ class Scorer:
         out = self.module(
             input_ids=ids, attention_mask=torch.ones_like(ids), use_cache=True, **kwargs
         )
-        cache = out.past_key_values
+        cache = out.cache if getattr(out, "cache", None) is not None else out.past_key_values
         layers = [tuple(t) for t in cache]
         if any(len(t) > 2 and t[2] is not None for t in layers):
             raise ValueError(

@@ -146,6 +146,21 @@ def test_batch_size_and_cache_invariance(eval_data_dir):
         _assert_same(Scorer(model, batch_size=bs).score(reqs), ref)
 
 
+def test_cache_path_uses_the_current_transformers_keyword(eval_data_dir):
+    """transformers 5.2x renamed the forward's ``past_key_values`` to ``cache`` (the old name
+    warns and goes in 5.40): the cached path must pass the model's own keyword."""
+    import warnings
+
+    tok = cached_tokenizer("merged")
+    model = build_eval_model(len(tok))
+    reqs = _requests(tok, eval_data_dir, per_subject=2, shots=1)
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        cached = Scorer(model, batch_size=4, use_cache=True).score(reqs)
+    assert not [w for w in caught if "past_key_values" in str(w.message)]
+    _assert_same(cached, Scorer(model, batch_size=4, use_cache=False).score(reqs))
+
+
 def test_token_level_shared_prefix_across_a_merging_boundary():
     """The string prefix's tokens are not a token prefix when the next text merges with it."""
     tok = cached_tokenizer("merged")
