@@ -394,3 +394,17 @@ def test_benchmark_csv_cut_inside_a_character(ckpt, tmp_path, capsys, eval_data_
     line = _error_line(capsys, ["eval", "--model", str(ckpt), "--benchmark", "ceval",
                                 "--data-dir", str(data), "--subjects", "computer_network"])
     assert f"{bad}: not UTF-8 text (" in line and "truncated or corrupt" in line
+
+
+def test_several_config_problems_are_one_line(tmp_path, capsys):
+    """A config with several problems reports all of them, numbered, on one ERROR line."""
+    import yaml
+
+    cfg = yaml.safe_load(QUICKSTART.read_text())
+    cfg["optim"]["lr"] = -1.0
+    cfg["train"]["steps"] = 0
+    path = tmp_path / "bad.yaml"
+    path.write_text(yaml.safe_dump(cfg))
+    line = _error_line(capsys, ["validate", "--config", str(path)])
+    assert "configuration problems: (1) " in line and " (2) " in line, line
+    assert "optim.lr" in line and "train.steps" in line, line
