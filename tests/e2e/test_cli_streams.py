@@ -13,6 +13,7 @@ from pathlib import Path
 
 import pytest
 
+from tests.helpers.dist import find_free_port
 from tests.helpers.eval_fixtures import cached_tokenizer_dir
 from tests.helpers.tiny_models import build_tiny_model
 
@@ -56,6 +57,10 @@ def test_train_leaves_stdout_empty(tmp_path):
     corpus.write_text("\n\n".join(" ".join(rng.choice(words) for _ in range(80))
                                   for _ in range(200)), encoding="utf-8")
     env = dict(os.environ, DS_ACCELERATOR="cpu", OMP_NUM_THREADS="1", WANDB_MODE="disabled")
+    for k in ("RANK", "LOCAL_RANK", "WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT"):
+        env.pop(k, None)  # an earlier in-process test may have left its rendezvous here
+    # a world of one still opens a rendezvous port: a free one, so parallel runs don't clash
+    env.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(find_free_port()))
     out_dir = tmp_path / "run"
     proc = _cli([
         "train", "--config", str(REPO / "configs/tiny_llama/cpt_freeze_deep_deepspeed.yaml"),
