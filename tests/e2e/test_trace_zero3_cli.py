@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import json
 import math
-import os
 import re
 import subprocess
 import sys
@@ -13,6 +12,7 @@ from pathlib import Path
 
 import pytest
 
+from tests.e2e.test_trace_recommend_train import _env
 from tests.helpers.dist import find_free_port
 from tests.helpers.eval_fixtures import build_eval_model, cached_tokenizer, cached_tokenizer_dir
 
@@ -21,23 +21,6 @@ pytestmark = pytest.mark.slow
 REPO = Path(__file__).resolve().parents[2]
 CORPUS = REPO / "layerfreeze" / "data" / "corpus" / "zh.txt"
 MEASURES = "angular,cka,logit_lens,skip,noise"
-
-
-def _env() -> dict:
-    env = dict(os.environ)
-    env.update(
-        {
-            "DS_ACCELERATOR": "cpu",
-            "WANDB_MODE": "offline",
-            "OMP_NUM_THREADS": "1",
-            "TOKENIZERS_PARALLELISM": "false",
-            "PYTHONWARNINGS": "ignore",
-            "PYTHONPATH": str(REPO),
-        }
-    )
-    for k in ("RANK", "LOCAL_RANK", "WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT"):
-        env.pop(k, None)
-    return env
 
 
 def _run(cmd: list[str]) -> subprocess.CompletedProcess:

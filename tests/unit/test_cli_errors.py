@@ -10,21 +10,10 @@ from pathlib import Path
 import pytest
 
 from layerfreeze.cli import main
+from tests.helpers.cli import error_line
 from tests.helpers.tiny_models import build_tiny_model
 
 REPO = Path(__file__).resolve().parents[2]
-
-
-def _error_line(capsys, argv) -> str:
-    """Run ``argv``; it must exit 2, print nothing on stdout and one ERROR line on stderr."""
-    assert main(argv) == 2
-    cap = capsys.readouterr()
-    assert cap.out == ""
-    lines = [x for x in cap.err.splitlines() if x.strip()]
-    errors = [x for x in lines if " ERROR " in x]
-    assert len(errors) == 1 and errors[0] == lines[-1], cap.err
-    assert "Traceback" not in cap.err
-    return errors[0]
 
 
 @pytest.fixture(scope="module")
@@ -44,13 +33,13 @@ def ckpt(tmp_path_factory):
 def test_plan_file_with_a_syntax_error(ckpt, tmp_path, capsys, name, text, where):
     f = tmp_path / name
     f.write_text(text, encoding="utf-8")
-    line = _error_line(capsys, ["plan", "--model", str(ckpt), "--plan", str(f)])
+    line = error_line(capsys, ["plan", "--model", str(ckpt), "--plan", str(f)])
     assert f"--plan {f}: not valid YAML/JSON at {where}" in line
 
 
 def test_unknown_preset_in_plan_spec_says_so(tmp_path, capsys):
     cfg = REPO / "configs" / "tiny_llama" / "cpt_freeze_deep_deepspeed.yaml"
-    line = _error_line(capsys, ["validate", "--config", str(cfg), "plan.spec=freeze_deeep"])
+    line = error_line(capsys, ["validate", "--config", str(cfg), "plan.spec=freeze_deeep"])
     assert "plan.spec: unknown preset 'freeze_deeep'; presets are full, freeze_deep" in line
     assert "Did you mean 'freeze_deep'?" in line
 
@@ -59,21 +48,21 @@ def test_run_config_with_a_yaml_syntax_error_is_one_line(tmp_path, capsys):
     f = tmp_path / "run.yaml"
     f.write_text("model:\n  family: llama\ntrain: [\n", encoding="utf-8")
     for cmd in ("validate", "train"):
-        line = _error_line(capsys, [cmd, "--config", str(f)])
+        line = error_line(capsys, [cmd, "--config", str(f)])
         assert f"{f}: not valid YAML at line 4, column 1" in line
 
 
 def test_tokenizer_user_errors_exit_2_and_write_nothing(tmp_path, capsys):
     out = tmp_path / "tok"
-    line = _error_line(capsys, ["tokenizer", "train", "--input", str(tmp_path / "nope.txt"),
+    line = error_line(capsys, ["tokenizer", "train", "--input", str(tmp_path / "nope.txt"),
                                 "--vocab-size", "300", "--out", str(out)])
     assert "input[0]: no such file or directory" in line
     empty = tmp_path / "empty.txt"
     empty.write_text("\n\n", encoding="utf-8")
-    line = _error_line(capsys, ["tokenizer", "train", "--input", str(empty), "--vocab-size", "300",
+    line = error_line(capsys, ["tokenizer", "train", "--input", str(empty), "--vocab-size", "300",
                                 "--out", str(out)])
     assert "input: no text found in" in line
-    line = _error_line(capsys, ["tokenizer", "train", "--input", "@bundled", "--vocab-size", "100",
+    line = error_line(capsys, ["tokenizer", "train", "--input", "@bundled", "--vocab-size", "100",
                                 "--out", str(out)])
     assert "vocab_size: must be an integer above 260" in line
     assert sorted(os.listdir(tmp_path)) == ["empty.txt"]
@@ -116,7 +105,7 @@ def test_eval_results_and_subject_list_on_stdout(tmp_path, capsys, eval_data_dir
 
 def test_eval_unloadable_model_is_a_user_error(tmp_path, capsys, eval_data_dir):
     (tmp_path / "m").mkdir()
-    line = _error_line(capsys, ["eval", "--model", str(tmp_path / "m"), "--benchmark", "ceval",
+    line = error_line(capsys, ["eval", "--model", str(tmp_path / "m"), "--benchmark", "ceval",
                                 "--data-dir", str(eval_data_dir), "--subjects",
                                 "computer_network", "--limit", "1"])
     assert f"--tokenizer {tmp_path / 'm'}: cannot load a tokenizer" in line or \
@@ -138,7 +127,7 @@ def test_train_with_an_unknown_eval_subject_fails_before_training(ckpt, tmp_path
         "logging": {"out_dir": str(out)},
         "eval": {"data_dir": str(eval_data_dir), "subjects": {"ceval": ["computer_netwrk"]}},
     }), encoding="utf-8")
-    line = _error_line(capsys, ["train", "--config", str(config)])
+    line = error_line(capsys, ["train", "--config", str(config)])
     assert line.endswith(
         "eval.subjects: ceval has no subject 'computer_netwrk'. Did you mean "
         "'computer_network'? Run `layerfreeze eval --benchmark ceval --list-subjects` for all "
@@ -160,7 +149,7 @@ def test_validate_checks_eval_subjects(ckpt, tmp_path, capsys, eval_data_dir, da
                  "benchmarks": ["ceval", "cmmlu"],
                  "subjects": {"ceval": ["computer_network"], "cmmlu": ["world_histroy"]}},
     }), encoding="utf-8")
-    line = _error_line(capsys, ["validate", "--config", str(config)])
+    line = error_line(capsys, ["validate", "--config", str(config)])
     # CMMLU has 67 subjects (the released mapping and the paper).
     assert line.endswith(
         "eval.subjects: cmmlu has no subject 'world_histroy'. Did you mean 'world_history'? "

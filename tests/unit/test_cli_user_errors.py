@@ -12,22 +12,11 @@ import pytest
 from layerfreeze.apply import apply_plan
 from layerfreeze.cli import main
 from layerfreeze.export import save_trainable
+from tests.helpers.cli import error_line
 from tests.helpers.tiny_models import build_tiny_model
 
 REPO = Path(__file__).resolve().parents[2]
 QUICKSTART = REPO / "configs" / "tiny_llama" / "cpt_freeze_deep_deepspeed.yaml"
-
-
-def _error_line(capsys, argv) -> str:
-    """Run ``argv``; it must exit 2, print nothing on stdout and end stderr with one ERROR line."""
-    assert main(argv) == 2
-    cap = capsys.readouterr()
-    assert cap.out == ""
-    lines = [x for x in cap.err.splitlines() if x.strip()]
-    errors = [x for x in lines if " ERROR " in x]
-    assert len(errors) == 1 and errors[0] == lines[-1], cap.err
-    assert "Traceback" not in cap.err
-    return errors[0]
 
 
 @pytest.fixture(scope="module")
@@ -73,19 +62,19 @@ def test_truncated_weights_are_named_by_every_command(truncated, tmp_path, capsy
          str(tmp_path / "c")],
     ]
     for argv in cases:
-        line = _error_line(capsys, argv)
+        line = error_line(capsys, argv)
         assert f"{truncated}: model.safetensors is not a readable safetensors file" in line, argv
         assert "truncated or corrupt" in line
     overrides = ["model.architecture=null", f"model.path={truncated}", f"logging.out_dir={run}"]
     for cmd in ("validate", "train"):
-        line = _error_line(capsys, [cmd, "--config", str(QUICKSTART), *overrides])
+        line = error_line(capsys, [cmd, "--config", str(QUICKSTART), *overrides])
         assert f"model.path {truncated}: model.safetensors is not a readable" in line
     assert sorted(os.listdir(tmp_path)) == before
 
 
 def test_export_bad_adapter_files_and_flags(ckpt, adapter, tmp_path, capsys):
     def export(adapter_dir, *extra, out=tmp_path / "out"):
-        return _error_line(capsys, ["export", "--model", str(ckpt), "--adapter-dir",
+        return error_line(capsys, ["export", "--model", str(ckpt), "--adapter-dir",
                                     str(adapter_dir), "--format", "peft", "--out", str(out),
                                     *extra])
 
@@ -113,11 +102,11 @@ def test_eval_output_paths_and_ranges_checked_before_loading(ckpt, tmp_path, cap
     base = ["eval", "--model", str(ckpt), "--benchmark", "ceval", "--data-dir", str(tmp_path)]
     (tmp_path / "res").mkdir()
     for flag in ("--out", "--predictions", "--submission"):
-        line = _error_line(capsys, [*base, flag, str(tmp_path / "res")])
+        line = error_line(capsys, [*base, flag, str(tmp_path / "res")])
         assert f"{flag}: '{tmp_path / 'res'}' is a directory; give a file path." in line
-    line = _error_line(capsys, [*base, "--max-length", "0"])
+    line = error_line(capsys, [*base, "--max-length", "0"])
     assert "--max-length: must be >= 1 (tokens), got 0." in line
-    line = _error_line(capsys, [*base, "--tokenizer", str(tmp_path / "tok")])
+    line = error_line(capsys, [*base, "--tokenizer", str(tmp_path / "tok")])
     assert f"--tokenizer: not a directory, got '{tmp_path / 'tok'}'" in line
     assert os.listdir(tmp_path) == ["res"] and os.listdir(tmp_path / "res") == []
 
@@ -136,7 +125,7 @@ def test_trace_unusable_device(ckpt, tmp_path, capsys, device, needle):
         pytest.skip("a machine with 100 GPUs has cuda:99")
     probe = tmp_path / "probe.txt"
     probe.write_text("layer freeze train model " * 40, encoding="utf-8")
-    line = _error_line(capsys, ["trace", "--model", str(ckpt), "--probe", str(probe),
+    line = error_line(capsys, ["trace", "--model", str(ckpt), "--probe", str(probe),
                                 "--device", device, "--out", str(tmp_path / "t")])
     assert needle in line
     assert os.listdir(tmp_path) == ["probe.txt"]
@@ -168,7 +157,7 @@ def test_argparse_errors_are_one_line(capsys, argv, needle, monkeypatch, tmp_pat
     monkeypatch.chdir(tmp_path)
     errors = tmp_path / "errors.txt"
     monkeypatch.setenv("LAYERFREEZE_ERROR_FILE", str(errors))
-    line = _error_line(capsys, argv)
+    line = error_line(capsys, argv)
     assert needle in line
     assert "usage:" not in line
     # under a launcher the line also reaches the job's error file (launch/torchrun.sh prints it)
@@ -204,7 +193,7 @@ def test_launch_options_of_the_other_scheduler_and_bad_paths(capsys, monkeypatch
     --out directory gave a traceback."""
     monkeypatch.chdir(tmp_path)
     (tmp_path / "jobs").mkdir()
-    line = _error_line(capsys, ["launch", "--config", str(QUICKSTART), *argv])
+    line = error_line(capsys, ["launch", "--config", str(QUICKSTART), *argv])
     assert needle in line
     assert os.listdir(tmp_path) == ["jobs"] and os.listdir(tmp_path / "jobs") == []
 
@@ -218,10 +207,10 @@ def test_launch_accepts_every_slurm_time_format(capsys, limit):
 
 def test_plan_model_and_plan_files_that_are_not_what_they_should_be(ckpt, tmp_path, capsys):
     weights = ckpt / "model.safetensors"
-    line = _error_line(capsys, ["plan", "--model", str(weights), "--preset", "full"])
+    line = error_line(capsys, ["plan", "--model", str(weights), "--preset", "full"])
     assert f"--model {weights}: not a JSON config (" in line  # was the bare codec error
     (tmp_path / "list.json").write_text("[1]", encoding="utf-8")
-    line = _error_line(capsys, ["plan", "--model", str(tmp_path / "list.json"), "--preset", "full"])
+    line = error_line(capsys, ["plan", "--model", str(tmp_path / "list.json"), "--preset", "full"])
     assert "expected a JSON object (a transformers config), got list." in line
     for name, text, needle in [
         ("notjson", '{"model_type": ', "is not a valid JSON file"),  # was a traceback
@@ -229,22 +218,22 @@ def test_plan_model_and_plan_files_that_are_not_what_they_should_be(ckpt, tmp_pa
     ]:
         (tmp_path / name).mkdir()
         (tmp_path / name / "config.json").write_text(text, encoding="utf-8")
-        line = _error_line(capsys, ["plan", "--model", str(tmp_path / name), "--preset", "full"])
+        line = error_line(capsys, ["plan", "--model", str(tmp_path / name), "--preset", "full"])
         assert f"--model {tmp_path / name / 'config.json'}: cannot read it (" in line
         assert needle in line
-    line = _error_line(capsys, ["plan", "--model", str(ckpt), "--plan", str(tmp_path)])
+    line = error_line(capsys, ["plan", "--model", str(ckpt), "--plan", str(tmp_path)])
     assert f"--plan {tmp_path}: is a directory." in line  # was "unknown preset '<dir>'"
 
 
 def test_section_message_is_not_prefixed_twice(ckpt, capsys):
-    line = _error_line(capsys, ["validate", "--config", str(QUICKSTART), f"model.path={ckpt}"])
+    line = error_line(capsys, ["validate", "--config", str(QUICKSTART), f"model.path={ckpt}"])
     assert "ERROR layerfreeze.validate: model: set exactly one of model.path" in line  # not model.model
 
 
 def test_eval_submission_outside_ceval_test_is_refused_up_front(ckpt, capsys, eval_data_dir,
                                                                 tmp_path):
     """--submission with another split only warned, after the whole evaluation had run."""
-    line = _error_line(capsys, ["eval", "--model", str(ckpt), "--benchmark", "ceval",
+    line = error_line(capsys, ["eval", "--model", str(ckpt), "--benchmark", "ceval",
                                 "--data-dir", str(eval_data_dir), "--split", "val",
                                 "--submission", str(tmp_path / "sub.json")])
     assert "--submission: the official submission file is for --benchmark ceval --split test " \
@@ -266,7 +255,7 @@ def test_run_output_paths_that_are_files(tmp_path, capsys, key):
     f = tmp_path / "notes.txt"
     f.write_text("mine", encoding="utf-8")
     for cmd in ("validate", "train"):
-        line = _error_line(capsys, [cmd, "--config", str(QUICKSTART), f"{key}={f}"])
+        line = error_line(capsys, [cmd, "--config", str(QUICKSTART), f"{key}={f}"])
         assert f"{key}: '{f}' exists and is not a directory. Choose another" in line
     assert os.listdir(tmp_path) == ["notes.txt"] and f.read_text(encoding="utf-8") == "mine"
 
@@ -276,7 +265,7 @@ def test_tokenizer_directory_without_a_tokenizer(ckpt, tmp_path, capsys, eval_da
     only, 'Couldn't instantiate the backend tokenizer from one of:' (eval, trace)."""
     empty = tmp_path / "tok"
     empty.mkdir()
-    line = _error_line(capsys, ["eval", "--model", str(ckpt), "--tokenizer", str(empty),
+    line = error_line(capsys, ["eval", "--model", str(ckpt), "--tokenizer", str(empty),
                                 "--benchmark", "ceval", "--data-dir", str(eval_data_dir),
                                 "--subjects", "computer_network", "--limit", "1"])
     assert f"--tokenizer {empty}: cannot load a tokenizer: Couldn't instantiate" in line
@@ -294,7 +283,7 @@ def test_tokenizer_out_that_is_a_file_is_kept(tmp_path, capsys):
     """tokenizer train --out FILE silently replaced the file with the tokenizer directory."""
     f = tmp_path / "notes.txt"
     f.write_text("mine", encoding="utf-8")
-    line = _error_line(capsys, ["tokenizer", "train", "--input", "@bundled", "--vocab-size",
+    line = error_line(capsys, ["tokenizer", "train", "--input", "@bundled", "--vocab-size",
                                 "400", "--out", str(f)])
     assert f"--out: '{f}' exists and is a file; the tokenizer is a directory." in line
     assert os.listdir(tmp_path) == ["notes.txt"] and f.read_text(encoding="utf-8") == "mine"
@@ -323,11 +312,11 @@ def test_atomic_outputs_leave_no_debris_and_follow_the_umask(tmp_path):
 
 
 def test_compose_map_that_is_a_directory_or_broken(tmp_path, capsys):
-    line = _error_line(capsys, ["compose", "--map", str(tmp_path), "--out", str(tmp_path / "o")])
+    line = error_line(capsys, ["compose", "--map", str(tmp_path), "--out", str(tmp_path / "o")])
     assert f"--map {tmp_path}: is a directory; pass a YAML/JSON map file." in line  # 'no such file'
     bad = tmp_path / "map.yaml"
     bad.write_text("base: A\nmodels: {A: x\n", encoding="utf-8")
-    line = _error_line(capsys, ["compose", "--map", str(bad), "--out", str(tmp_path / "o")])
+    line = error_line(capsys, ["compose", "--map", str(bad), "--out", str(tmp_path / "o")])
     # said only '(while parsing a flow mapping)': now where and what, like plan --plan
     assert f"--map {bad}: not valid YAML/JSON at line 3, column 1: expected ',' or '}}'" in line
     assert os.listdir(tmp_path) == ["map.yaml"]
@@ -337,9 +326,9 @@ def test_run_config_that_is_binary_or_a_directory(ckpt, tmp_path, capsys):
     weights = ckpt / "model.safetensors"
     for cmd in ("validate", "train", "launch"):
         extra = ["--scheduler", "slurm"] if cmd == "launch" else []
-        line = _error_line(capsys, [cmd, *extra, "--config", str(weights)])
+        line = error_line(capsys, [cmd, *extra, "--config", str(weights)])
         assert f"--config: '{weights}' is not a UTF-8 text file." in line  # was a traceback
-        line = _error_line(capsys, [cmd, *extra, "--config", str(tmp_path)])
+        line = error_line(capsys, [cmd, *extra, "--config", str(tmp_path)])
         assert f"--config: '{tmp_path}' is a directory." in line  # was 'file not found'
     assert os.listdir(tmp_path) == []
 
@@ -347,7 +336,7 @@ def test_run_config_that_is_binary_or_a_directory(ckpt, tmp_path, capsys):
 def test_deepspeed_json_that_is_binary(ckpt, tmp_path, capsys):
     binary = tmp_path / "zero2.json"
     shutil.copy(ckpt / "model.safetensors", binary)
-    line = _error_line(capsys, ["validate", "--config", str(QUICKSTART), f"deepspeed={binary}"])
+    line = error_line(capsys, ["validate", "--config", str(QUICKSTART), f"deepspeed={binary}"])
     assert f"deepspeed: {binary} is not valid JSON: 'utf-8' codec" in line  # was a traceback
 
 
@@ -370,10 +359,10 @@ def test_empty_corpus_named_by_its_run_config_key(tmp_path):
 def test_trace_probe_directory_or_missing_before_loading(ckpt, tmp_path, capsys):
     """A directory was reported as 'no such file', and both only after the model had loaded."""
     (tmp_path / "texts").mkdir()
-    line = _error_line(capsys, ["trace", "--model", str(ckpt), "--probe", str(tmp_path / "texts"),
+    line = error_line(capsys, ["trace", "--model", str(ckpt), "--probe", str(tmp_path / "texts"),
                                 "--out", str(tmp_path / "t")])
     assert f"--probe {tmp_path / 'texts'}: is a directory; pass its .txt/.jsonl files" in line
-    line = _error_line(capsys, ["trace", "--model", str(ckpt), "--probe", str(tmp_path / "x.txt"),
+    line = error_line(capsys, ["trace", "--model", str(ckpt), "--probe", str(tmp_path / "x.txt"),
                                 "--out", str(tmp_path / "t")])
     assert f"--probe {tmp_path / 'x.txt'}: no such file." in line
     assert os.listdir(tmp_path) == ["texts"]
@@ -391,7 +380,7 @@ def test_benchmark_csv_cut_inside_a_character(ckpt, tmp_path, capsys, eval_data_
     cut = next(i for i in range(100, len(raw)) if 0x80 <= raw[i] <= 0xBF)  # inside a character
     bad = data / "val" / "computer_network_val.csv"
     bad.write_bytes(raw[:cut])
-    line = _error_line(capsys, ["eval", "--model", str(ckpt), "--benchmark", "ceval",
+    line = error_line(capsys, ["eval", "--model", str(ckpt), "--benchmark", "ceval",
                                 "--data-dir", str(data), "--subjects", "computer_network"])
     assert f"{bad}: not UTF-8 text (" in line and "truncated or corrupt" in line
 
@@ -405,6 +394,6 @@ def test_several_config_problems_are_one_line(tmp_path, capsys):
     cfg["train"]["steps"] = 0
     path = tmp_path / "bad.yaml"
     path.write_text(yaml.safe_dump(cfg))
-    line = _error_line(capsys, ["validate", "--config", str(path)])
+    line = error_line(capsys, ["validate", "--config", str(path)])
     assert "configuration problems: (1) " in line and " (2) " in line, line
     assert "optim.lr" in line and "train.steps" in line, line
