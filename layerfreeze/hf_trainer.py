@@ -87,10 +87,20 @@ def apply_schedule(
         phase = read_trainer_state(resume_from_checkpoint, schedule)["phase"]
     applied = apply_plan(model, plans[phase], install=tuple(plans[:phase] + plans[phase + 1:]))
     if len(plans) > 1:
-        union = {n for p in plans for n in applied.trainable_names_for(p)}
-        for name, p in model.named_parameters():
-            p.requires_grad_(name in union)
+        _set_union_requires_grad(applied, schedule)
     return applied, schedule
+
+
+def _union_names(applied: Any, schedule: Any) -> set[str]:
+    """Every parameter some phase of ``schedule`` trains."""
+    return {n for p in schedule.plans for n in applied.trainable_names_for(p)}
+
+
+def _set_union_requires_grad(applied: Any, schedule: Any) -> None:
+    """``requires_grad`` on every phase's parameters (DDP builds its reducer once, from it)."""
+    union = _union_names(applied, schedule)
+    for name, p in applied.model.named_parameters():
+        p.requires_grad_(name in union)
 
 
 def read_trainer_state(checkpoint: str | os.PathLike, schedule: Any) -> dict[str, Any]:
@@ -142,13 +152,19 @@ def _torch_param_groups(applied: Any, args: TrainingArguments, specs: Any) -> li
     (a phase switch under ZeRO splits groups by Adam step count, so bias correction is exact)."""
     if specs is None:
         return applied.param_groups(args.learning_rate, args.weight_decay)
-    from layerfreeze.optim import GroupSpec, torch_groups
+    from layerfreeze.optim import torch_groups
 
-    specs = [s if isinstance(s, GroupSpec) else GroupSpec(**s) for s in specs]
-    groups = torch_groups(applied.model, specs, args.learning_rate)
+    groups = torch_groups(applied.model, _as_specs(specs), args.learning_rate)
     for g in groups:
         g["lr"] = args.learning_rate * g["lr_scale"]
     return groups
+
+
+def _as_specs(specs: Any) -> list[Any]:
+    """``GroupSpec``s from specs or their dicts (as a checkpoint's state file stores them)."""
+    from layerfreeze.optim import GroupSpec
+
+    return [s if isinstance(s, GroupSpec) else GroupSpec(**s) for s in specs]
 
 
 def plan_optimizer(
@@ -256,12 +272,12 @@ def plan_trainer(trainer_cls: type | None = None) -> type:
             if phase != cb.phase or self.layerfreeze_applied.plan.to_dict() != plan.to_dict():
                 self.layerfreeze_applied.switch_plan(plan)
                 if not _uses_deepspeed(self.args):
-                    cb.set_union_requires_grad()
+                    _set_union_requires_grad(self.layerfreeze_applied, cb.schedule)
                 self.optimizer = None  # built for another phase's groups: rebuild it
             if groups is not None:
                 self.layerfreeze_specs = groups
                 self.optimizer = None
-            cb.resumed(phase, groups)
+            cb.resumed(phase)
             log_rank0(logger, "resuming %s in plan phase %d: %s", path, phase, plan)
 
         def training_step(self, model: Any, *args: Any, **kwargs: Any) -> torch.Tensor:
@@ -281,11 +297,9 @@ def plan_trainer(trainer_cls: type | None = None) -> type:
             old_engine, old_wrapper = self.model_wrapped, self.optimizer
             applied = self.layerfreeze_applied
             specs = self.layerfreeze_specs
-            if specs is None:
+            if specs is None:  # the engine was built from plan_optimizer's groups
                 specs = group_specs(applied, self.args.weight_decay)
-            from layerfreeze.optim import GroupSpec
-
-            specs = [s if isinstance(s, GroupSpec) else GroupSpec(**s) for s in specs]
+            specs = _as_specs(specs)
             config = self.accelerator.deepspeed_config
 
             def build(new_specs: list[Any]) -> Any:
@@ -411,7 +425,7 @@ class LayerfreezeCallback(TrainerCallback):
                     "callbacks=[callback])."
                 )
             return
-        union = {n for p in self.schedule.plans for n in self.applied.trainable_names_for(p)}
+        union = _union_names(self.applied, self.schedule)
         trainable = {n for n, p in self.applied.model.named_parameters() if p.requires_grad}
         if trainable != union:
             raise ValueError(
@@ -512,13 +526,7 @@ class LayerfreezeCallback(TrainerCallback):
 
         return functools.partial(gathered_parameters, self.applied.model)
 
-    def set_union_requires_grad(self) -> None:
-        """``requires_grad`` on every phase's parameters (DDP's reducer is built once)."""
-        union = {n for p in self.schedule.plans for n in self.applied.trainable_names_for(p)}
-        for name, p in self.applied.model.named_parameters():
-            p.requires_grad_(name in union)
-
-    def resumed(self, phase: int, groups: Any) -> None:
+    def resumed(self, phase: int) -> None:
         """Called by :func:`plan_trainer`'s ``train`` when it resumes in ``phase``."""
         self.phase = phase
         self._active = set(self.applied.trainable_names())
@@ -602,9 +610,7 @@ class LayerfreezeCallback(TrainerCallback):
         params = dict(self.applied.model.named_parameters())
         carried = {n: opt.state[params[n]] for n in self._active if params[n] in opt.state}
         self.applied.switch_plan(self.schedule.plans[target])
-        union = {n for p in self.schedule.plans for n in self.applied.trainable_names_for(p)}
-        for name, p in params.items():  # requires_grad stays the union (DDP's reducer)
-            p.requires_grad_(name in union)
+        _set_union_requires_grad(self.applied, self.schedule)  # DDP's reducer keeps the union
         groups = self.applied.param_groups(args.learning_rate, args.weight_decay)
         factor = sched.lr_lambdas[0](sched.last_epoch)
         opt.param_groups.clear()
