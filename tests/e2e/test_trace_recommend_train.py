@@ -15,7 +15,7 @@ import yaml
 from safetensors.torch import load_file
 
 from tests.helpers.dist import find_free_port
-from tests.helpers.eval_fixtures import build_eval_model, cached_tokenizer, cached_tokenizer_dir
+from tests.helpers.eval_fixtures import save_eval_checkpoint
 
 pytestmark = pytest.mark.slow
 
@@ -54,14 +54,7 @@ def _cli(*args: str, timeout: int = 600) -> subprocess.CompletedProcess:
 
 @pytest.mark.parametrize("family", ["freeze", "hlpt"])
 def test_trace_recommend_plan_train(tmp_path, family):
-    from transformers import AutoTokenizer
-
-    tok = cached_tokenizer("merged")
-    model = build_eval_model(len(tok), num_layers=4, hidden=32, max_positions=512)
-    model.save_pretrained(tmp_path / "model")
-    AutoTokenizer.from_pretrained(str(cached_tokenizer_dir("merged"))).save_pretrained(
-        tmp_path / "model"
-    )
+    save_eval_checkpoint(tmp_path / "model")
     corpus = REPO / "layerfreeze" / "data" / "corpus" / "zh.txt"
 
     r = _cli(

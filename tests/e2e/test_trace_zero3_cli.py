@@ -14,7 +14,7 @@ import pytest
 
 from tests.e2e.test_trace_recommend_train import _env
 from tests.helpers.dist import find_free_port
-from tests.helpers.eval_fixtures import build_eval_model, cached_tokenizer, cached_tokenizer_dir
+from tests.helpers.eval_fixtures import save_eval_checkpoint
 
 pytestmark = pytest.mark.slow
 
@@ -48,17 +48,7 @@ def _trace_args(model: Path, out: Path, *extra: str) -> list[str]:
 
 @pytest.fixture(scope="module")
 def model_dir(tmp_path_factory) -> Path:
-    from transformers import AutoTokenizer
-
-    root = tmp_path_factory.mktemp("zero3_trace")
-    tok = cached_tokenizer("merged")
-    build_eval_model(len(tok), num_layers=4, hidden=32, max_positions=512).save_pretrained(
-        root / "model"
-    )
-    AutoTokenizer.from_pretrained(str(cached_tokenizer_dir("merged"))).save_pretrained(
-        root / "model"
-    )
-    return root / "model"
+    return save_eval_checkpoint(tmp_path_factory.mktemp("zero3_trace") / "model")
 
 
 def _close(a, b, path: str = "") -> list[str]:

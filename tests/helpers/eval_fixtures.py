@@ -169,3 +169,15 @@ def lm_eval_task(benchmark: str, subject: str, data_dir: Path, work: Path):
     from lm_eval.api.task import ConfigurableTask
 
     return ConfigurableTask(config=lm_eval_task_config(benchmark, subject, data_dir, work))
+
+
+def save_eval_checkpoint(directory: Path, num_layers: int = 4, hidden: int = 32) -> Path:
+    """A seeded tiny Llama sized for the merged tokenizer, saved with that tokenizer (what the
+    CLI commands take as ``--model``)."""
+    from transformers import AutoTokenizer
+
+    tok = cached_tokenizer("merged")
+    model = build_eval_model(len(tok), num_layers=num_layers, hidden=hidden, max_positions=512)
+    model.save_pretrained(directory)
+    AutoTokenizer.from_pretrained(str(cached_tokenizer_dir("merged"))).save_pretrained(directory)
+    return Path(directory)
