@@ -335,6 +335,13 @@ def _apply_plan(model: nn.Module, plan: Any, schedule: Any) -> Any:
     return apply_plan(model, LayerPlan.parse(plan))
 
 
+def _check_group_order(engine: Any, groups: Sequence[Mapping[str, Any]]) -> None:
+    """The engine's torch optimizer holds ``groups`` in their order (lr scales map by index)."""
+    held = [g.get("name") for g in _torch_optimizer(engine.optimizer).param_groups]
+    if held != [g.get("name") for g in groups]:
+        raise AssertionError("DeepSpeed reordered the optimizer groups; cannot map lr scales")
+
+
 def _ds_initialize(
     model: nn.Module,
     config: dict[str, Any],
@@ -362,9 +369,7 @@ def _ds_initialize(
         collate_fn=collate_fn,
         mpu=mpu,
     )
-    torch_opt = _torch_optimizer(engine.optimizer)
-    if [g.get("name") for g in torch_opt.param_groups] != [g["name"] for g in groups]:
-        raise AssertionError("DeepSpeed reordered the optimizer groups; cannot map lr scales")
+    _check_group_order(engine, groups)
     return engine, optimizer, loader, _wrap_scheduler(engine)
 
 
@@ -384,10 +389,7 @@ def engine_from_optimizer(
     engine, _opt, _loader, _sched = _deepspeed_initialize(
         model=model, optimizer=optimizer, config=json.loads(json.dumps(dict(config)))
     )
-    if [g.get("name") for g in _torch_optimizer(engine.optimizer).param_groups] != [
-        g.get("name") for g in optimizer.param_groups
-    ]:
-        raise AssertionError("DeepSpeed reordered the optimizer groups; cannot map lr scales")
+    _check_group_order(engine, optimizer.param_groups)
     return engine
 
 
@@ -964,9 +966,7 @@ def initialize(
         mesh_param=mesh_param,
     )
     if groups is not None:
-        torch_opt = _torch_optimizer(engine.optimizer)
-        if [g.get("name") for g in torch_opt.param_groups] != [g["name"] for g in groups]:
-            raise AssertionError("DeepSpeed reordered the optimizer groups; cannot map lr scales")
+        _check_group_order(engine, groups)
     engine.layerfreeze_applied = applied
     return engine, ds_opt, loader, _wrap_scheduler(engine)
 
