@@ -1,6 +1,7 @@
 """layerfreeze: per-layer training plans (freeze / full / gated LoRA / gated prefix) for CPT.
 
-Install: ``pip install -e .[dev]`` (see README.md for the CPU-only torch path).
+Install: ``pip install -e .[dev] -c constraints.txt`` (``launch/setup_env.sh`` does it, CPU torch
+first; see README.md). ``dev`` holds everything the tests import, both engines included.
 """
 
 from setuptools import find_packages, setup
@@ -15,6 +16,7 @@ _DEV = [
     "peft>=0.12",
     "ruff>=0.5",
     *_ENGINE_DEEPSPEED,
+    *_ENGINE_MEGATRON,
     *_WANDB,
     *_EVAL_REF,
 ]

@@ -30,7 +30,7 @@ it; the wrapper runs the original implementation and adds the branch for modules
 ``_attn_implementation_internal``), so saved configs keep the original. A forward hook checks
 that the branch really ran and fails loudly otherwise (e.g. after ``set_attn_implementation``).
 
-Attention modules that compute attention inline instead (Falcon, BLOOM) take the projection
+Attention modules that compute attention inline instead (BLOOM; Falcon before transformers 5.25) take the projection
 route (:class:`QueryRoute`): a forward hook on the module's own query projection rebuilds the
 query exactly as its forward does (rotary included), and a pre-hook on its output projection
 adds the branch to the merged heads. Which route applies is decided from the class (a route
@@ -388,9 +388,18 @@ def _instance_of(module_name: str, class_name: str) -> Callable[[nn.Module], boo
 
 
 def _falcon_query(attn: nn.Module, fused: torch.Tensor, call: dict) -> torch.Tensor:
-    query, _, _ = attn._split_heads(fused)  # (b, t, heads, head_dim), every Falcon layout
-    b, t = query.shape[:2]
-    query = query.transpose(1, 2).reshape(b, attn.num_heads, t, attn.head_dim)
+    # The fused projection's layout is fixed by the checkpoints Falcon loads, so it is written
+    # out here from the module's public attributes (no private method of the model class).
+    b, t = fused.shape[:2]
+    heads, dim = attn.num_heads, attn.head_dim
+    if attn.new_decoder_architecture:  # per key/value group: its queries, then its key and value
+        grouped = fused.view(b, t, attn.num_kv_heads, -1, dim)
+        query = grouped[..., :-2, :].reshape(b, t, heads, dim)
+    elif attn.multi_query:  # all query heads, then one key head and one value head
+        query = fused.view(b, t, heads + 2, dim)[:, :, :heads]
+    else:  # query, key and value interleaved per head
+        query = fused.view(b, t, heads, 3, dim)[..., 0, :]
+    query = query.transpose(1, 2)  # (b, heads, t, head_dim)
     if call.get("alibi") is None:  # rotary positions, as FalconAttention.forward applies them
         cos, sin = call["position_embeddings"]
         rotary = sys.modules[type(attn).__module__].apply_rotary_pos_emb
@@ -399,7 +408,10 @@ def _falcon_query(attn: nn.Module, fused: torch.Tensor, call: dict) -> torch.Ten
 
 
 def _bloom_query(attn: nn.Module, fused: torch.Tensor, call: dict) -> torch.Tensor:
-    return attn._reshape(fused)[0]  # (b, heads, t, head_dim); ALiBi adds no query position
+    # Query, key and value interleaved per head (BloomAttention's fused layout); ALiBi adds no
+    # query position. Written out from public attributes, not the class's private ``_reshape``.
+    b, t = fused.shape[:2]
+    return fused.view(b, t, attn.num_heads, 3, attn.head_dim)[..., 0, :].transpose(1, 2)
 
 
 def _bloom_check(attn: nn.Module) -> list[str]:
@@ -430,6 +442,11 @@ _OWNER_KEY = "_layerfreeze_prefix_attn"  # plain reference from the projections 
 
 
 def _find_route(attn: nn.Module) -> QueryRoute | None:
+    """The projection route for ``attn``, or None when its forward dispatches through
+    ``ALL_ATTENTION_FUNCTIONS`` (then the wrapper implementation serves it, whatever the class:
+    transformers 5.25 moved ``FalconAttention`` onto the registry, 5.24 computes it inline)."""
+    if _dispatches_through_registry(attn):
+        return None
     return next((r for r in QUERY_ROUTES if r.matches(attn)), None)
 
 

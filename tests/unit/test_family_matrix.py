@@ -338,9 +338,10 @@ ROUTE_CASES = [
 def test_projection_route_branch_matches_formula(family, extra, gated):
     from transformers import AutoModelForCausalLM
 
-    cfg = matrix_config(family)
-    for k, v in extra.items():
-        setattr(cfg, k, v)
+    # Rebuilt from a dict so derived fields (5.25's FalconConfig.num_key_value_heads) follow.
+    fields = {**matrix_config(family).to_dict(), **extra}
+    fields.pop("num_key_value_heads", None)
+    cfg = type(matrix_config(family)).from_dict(fields)
     torch.manual_seed(0)
     model = AutoModelForCausalLM.from_config(cfg, attn_implementation="eager").float().eval()
     applied = apply_plan(model, f"1:prefix(tokens=3{',gated' if gated else ''})")
@@ -404,11 +405,43 @@ def test_projection_route_branch_matches_formula(family, extra, gated):
     assert expected.abs().max() > 1e-2
 
 
+def _inline_families() -> list[str]:
+    """Families whose attention computes inline (the projection route) in the installed
+    transformers: BLOOM always; Falcon up to 5.24 (5.25 dispatches it through the registry)."""
+    return [
+        f for f in ("falcon", "bloom")
+        if not _dispatches_through_registry(discover_layout(build_matrix_model(f)).layers[0].attn)
+    ]
+
+
+def test_falcon_route_follows_the_installed_transformers():
+    # 5.25 moved FalconAttention onto ALL_ATTENTION_FUNCTIONS; earlier releases compute inline.
+    # The route is chosen from the compiled forward, so both releases get the branch.
+    import transformers
+    from packaging.version import Version
+
+    from layerfreeze.policies.prefix import _find_route
+
+    attn = discover_layout(build_matrix_model("falcon")).layers[0].attn
+    inline = Version(transformers.__version__).release < (5, 25)
+    assert _dispatches_through_registry(attn) is not inline
+    assert (_find_route(attn) is not None) is inline
+    bloom = discover_layout(build_matrix_model("bloom")).layers[0].attn
+    assert _find_route(bloom) is not None and not _dispatches_through_registry(bloom)
+
+
 def test_projection_route_survives_a_later_lora_on_the_same_projection():
     # A schedule may install LoRA on query_key_value after the prefix: the query must include it.
-    from layerfreeze.policies.prefix import _falcon_query
+    families = _inline_families()
+    assert "bloom" in families
+    for family in families:
+        _check_route_sees_later_lora(family)
 
-    model = build_matrix_model("falcon")
+
+def _check_route_sees_later_lora(family: str) -> None:
+    from layerfreeze.policies.prefix import _find_route
+
+    model = build_matrix_model(family)
     layout = discover_layout(model)
     layer = layout.layers[3]
     for spec in ("3:prefix(tokens=2)", "3:lora(r=2,target=[query_key_value])"):
@@ -427,24 +460,27 @@ def test_projection_route_survives_a_later_lora_on_the_same_projection():
     )
     qkv.register_forward_pre_hook(lambda m, a: _keep(seen, "h", a[0]))
     attn.register_forward_pre_hook(
-        lambda m, a, k: _keep(seen, "call", {"position_embeddings": k["position_embeddings"]}),
+        lambda m, a, k: _keep(
+            seen, "call", {"position_embeddings": k.get("position_embeddings"), "alibi": k.get("alibi")}
+        ),
         with_kwargs=True,
     )
+    query = _find_route(attn).query
     with torch.no_grad():
         model(tiny_batch(128, batch=1, seq=4), use_cache=False)
         assert names()[-1] == "_projection_query_hook"  # moved last before the projection ran
         h, call = seen["h"], seen["call"]
-        base_out = h @ qkv.weight.t()
+        base_out = h @ qkv.weight.t() + (qkv.bias if qkv.bias is not None else 0)
         with_lora = qkv(h)  # the hooks run (the branch is not pending: the query hook is a no-op)
         assert not torch.equal(with_lora, base_out)
-        torch.testing.assert_close(seen["q"], _falcon_query(attn, with_lora, call))
-        assert not torch.allclose(seen["q"], _falcon_query(attn, base_out, call))
+        torch.testing.assert_close(seen["q"], query(attn, with_lora, call))
+        assert not torch.allclose(seen["q"], query(attn, base_out, call))
 
 
 def test_registry_detection_reads_compiled_code_not_text():
-    llama, falcon = build_matrix_model("llama"), build_matrix_model("falcon")
+    llama, bloom = build_matrix_model("llama"), build_matrix_model("bloom")
     assert _dispatches_through_registry(discover_layout(llama).layers[0].attn)
-    assert not _dispatches_through_registry(discover_layout(falcon).layers[0].attn)
+    assert not _dispatches_through_registry(discover_layout(bloom).layers[0].attn)
 
     class Mentions(nn.Module):
         def forward(self, x):
