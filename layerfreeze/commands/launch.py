@@ -9,9 +9,12 @@ Run::
         --config configs/llama3_8b/cpt_freeze_deep_deepspeed.yaml --out job.yaml
     layerfreeze launch --scheduler local --gpus-per-node 2 --config configs/tiny_llama/cpt_freeze_deep_deepspeed.yaml
 
-The config and its overrides are validated first. Rendered jobs always resume from their newest
-checkpoint (``checkpoint.resume=auto``). Without ``--out`` the job file goes to stdout. Exit
-codes: 2 on bad input (nothing written); ``local`` returns torchrun's exit code.
+The config and its overrides are validated first; a value with a control character (newline,
+NUL, ...) is refused by name. Rendered jobs always resume from their newest checkpoint
+(``checkpoint.resume=auto``) and give the ranks ``--grace-seconds`` after SIGTERM to save one
+(docs/launch.md, "Signals"). A value starting with ``-`` is written ``--config=VALUE``. Without
+``--out`` the job file goes to stdout. Exit codes: 2 on bad input (nothing written); ``local``
+returns torchrun's exit code.
 """
 
 from __future__ import annotations
@@ -19,6 +22,7 @@ from __future__ import annotations
 import argparse
 import os
 import re
+import shlex
 import subprocess
 import sys
 
@@ -73,6 +77,14 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         "--max-restarts", type=int, help="k8s: elastic restarts of the worker group (default 3)"
     )
     parser.add_argument(
+        "--grace-seconds",
+        type=int,
+        help="slurm / k8s: seconds the ranks get to save a checkpoint after SIGTERM: Slurm "
+        "signals this long before the time limit (--signal=TERM@N), Kubernetes waits this long "
+        "before SIGKILL (terminationGracePeriodSeconds), torchrun waits this long before it "
+        "SIGKILLs its ranks (TORCH_ELASTIC_SHUTDOWN_TIMEOUT). 1-65535, default 300",
+    )
+    parser.add_argument(
         "--dry-run",
         action="store_true",
         help="local: print the torchrun command instead of running it",
@@ -87,7 +99,13 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 def run(args: argparse.Namespace) -> int:
     """Build the job; render it (slurm, k8s) or run torchrun (local)."""
-    from layerfreeze.launcher import build_job, local_command, render_pytorchjob, render_slurm
+    from layerfreeze.launcher import (
+        GRACE_SECONDS_RANGE,
+        build_job,
+        local_command,
+        render_pytorchjob,
+        render_slurm,
+    )
     from layerfreeze.utils.io import atomic_write_text
 
     options = {
@@ -101,6 +119,7 @@ def run(args: argparse.Namespace) -> int:
             "cpus_per_task",
             "master_port",
             "max_restarts",
+            "grace_seconds",
         )
     }
     try:
@@ -140,6 +159,12 @@ def run(args: argparse.Namespace) -> int:
         ):
             if value is not None and value < (0 if flag == "--max-restarts" else 1):
                 raise ConfigError(f"{flag}: must be a positive integer, got {value}.")
+        lo, hi = GRACE_SECONDS_RANGE
+        if args.grace_seconds is not None and not lo <= args.grace_seconds <= hi:
+            raise ConfigError(
+                f"--grace-seconds: must be from {lo} to {hi} (Slurm's --signal limit), got "
+                f"{args.grace_seconds}. Give the seconds a checkpoint save needs, e.g. 300."
+            )
         job = build_job(
             args.scheduler,
             args.config,
@@ -148,14 +173,24 @@ def run(args: argparse.Namespace) -> int:
             gpus_per_node=args.gpus_per_node,
             **options,
         )
+        if args.scheduler == "local":
+            cmd = local_command(job, python=sys.executable)
+        else:
+            out_name = args.out or (
+                "job.sbatch" if args.scheduler == "slurm" else "pytorchjob.yaml"
+            )
+            text = (
+                render_slurm(job, out_name)
+                if args.scheduler == "slurm"
+                else render_pytorchjob(job, out_name)
+            )
     except ConfigError as e:
         logger.error("%s", e)
         return 2
 
     if args.scheduler == "local":
-        cmd = local_command(job, python=sys.executable)
         if args.dry_run:
-            sys.stdout.write(" ".join(cmd) + "\n")
+            sys.stdout.write(shlex.join(cmd) + "\n")
             return 0
         env = dict(os.environ)
         env.setdefault("WANDB_MODE", "offline")
@@ -164,15 +199,9 @@ def run(args: argparse.Namespace) -> int:
         if not torch.cuda.is_available():  # CPU ranks over gloo, one thread each
             env.setdefault("DS_ACCELERATOR", "cpu")
             env.setdefault("OMP_NUM_THREADS", "1")
-        logger.info("running: %s", " ".join(cmd))
+        logger.info("running: %s", shlex.join(cmd))
         return subprocess.call(cmd, env=env)
 
-    out_name = args.out or ("job.sbatch" if args.scheduler == "slurm" else "pytorchjob.yaml")
-    text = (
-        render_slurm(job, out_name)
-        if args.scheduler == "slurm"
-        else render_pytorchjob(job, out_name)
-    )
     if args.out:
         atomic_write_text(args.out, text)
         if args.scheduler == "slurm":

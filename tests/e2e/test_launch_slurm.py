@@ -3,10 +3,11 @@
 Stand-in ``srun`` and ``scontrol`` scripts go first on ``PATH``: ``srun`` starts the job step
 once per "node" of a 2-node allocation (``SLURM_NODEID`` 0 and 1, both on 127.0.0.1), so the
 rendered script's two real torchrun agents meet in a c10d rendezvous and train one CPU rank
-each over gloo; ``scontrol show hostnames`` names 127.0.0.1 and ``scontrol requeue`` is
-recorded. The job is stopped by the time-limit signal (SIGUSR1) after its first checkpoint: it
-must requeue itself and stop every process; started again (what Slurm does with a requeued
-job) it resumes from that checkpoint and finishes the run.
+each over gloo; ``scontrol show hostnames`` names 127.0.0.1 and any other ``scontrol`` call is
+recorded. After the first checkpoint the job gets what ``#SBATCH --signal=TERM@N`` delivers:
+SIGTERM to every process of the job step (both torchrun agents and their ranks), not to the
+batch shell or srun. Every process must be gone afterwards and nothing requeued; submitted again
+the job resumes from the newest checkpoint and finishes the run.
 """
 
 from __future__ import annotations
@@ -57,8 +58,7 @@ SCONTROL = r"""#!/usr/bin/env bash
 case "$1" in
   show) [ "$2" = hostnames ] || exit 1
         for ((i = 0; i < SLURM_NNODES; i++)); do echo 127.0.0.1; done ;;
-  requeue) echo "requeue $2" >>"$STANDIN_LOGS/scontrol.log" ;;
-  *) echo "stand-in scontrol: unsupported: $*" >&2; exit 1 ;;
+  *) echo "$*" >>"$STANDIN_LOGS/scontrol.log"; exit 1 ;;
 esac
 """
 
@@ -170,7 +170,21 @@ def _wait_for(predicate, proc: subprocess.Popen, timeout: float) -> bool:
     return False
 
 
-def test_rendered_slurm_job_runs_requeues_on_usr1_and_resumes(tmp_path):
+def _step_processes(config: Path) -> list[int]:
+    """The job step's processes: torchrun agents and ranks (their command lines name the
+    config), not the stand-in srun, which runs in the batch step."""
+    pids = []
+    for pid in _procs_mentioning(str(config)):
+        try:
+            argv = Path(f"/proc/{pid}/cmdline").read_bytes().split(b"\0")
+        except OSError:
+            continue
+        if not any(a.endswith(b"srun") for a in argv[:2]):
+            pids.append(pid)
+    return pids
+
+
+def test_rendered_slurm_job_stops_on_the_time_limit_sigterm_and_resumes(tmp_path):
     config = _config(tmp_path)
     script = tmp_path / "job.sbatch"
     assert (
@@ -210,14 +224,18 @@ def test_rendered_slurm_job_runs_requeues_on_usr1_and_resumes(tmp_path):
             *(p.read_text() for p in logs.glob("node*.log")),
         )
         assert job.poll() is None, "the run ended before the time-limit signal could be sent"
-        job.send_signal(signal.SIGUSR1)  # what --signal=B:USR1@120 delivers
+        step = _step_processes(config)
+        assert len(step) >= 4, step  # 2 agents + 2 ranks
+        for pid in step:  # what --signal=TERM@N delivers (proctrack/cgroup: the whole step)
+            os.kill(pid, signal.SIGTERM)
         text = job.communicate(timeout=180)[0]
     finally:
         if job.poll() is None:
             job.kill()
-    assert job.returncode == 0, text
-    assert "requeueing job 4242" in text
-    assert (logs / "scontrol.log").read_text() == "requeue 4242\n"
+    # torchrun answers SIGTERM with SignalException (exit 1) whatever its ranks exit with, so
+    # the job ends failed and is not requeued; submitting it again resumes.
+    assert job.returncode != 0, text
+    assert not (logs / "scontrol.log").exists()
     stopped_at = max(_steps(out))
     assert EVERY <= stopped_at < STEPS
     time.sleep(2)

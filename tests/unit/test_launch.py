@@ -105,22 +105,24 @@ def test_slurm_script_is_valid_bash_with_the_job_shape(capsys, tmp_path):
     assert opts["--nodes"] == "4" and opts["--gpus-per-node"] == "8"
     assert opts["--ntasks-per-node"] == "1" and opts["--cpus-per-task"] == "32"
     assert opts["--time"] == "2-00:00:00" and opts["--partition"] == "gpu"
-    assert "--requeue" in opts and opts["--signal"] == "B:USR1@120"
+    # SIGTERM to every process of the step (not B:, the batch shell), the default 300 s before
+    assert "--requeue" in opts and opts["--signal"] == "TERM@300"
+    assert "export TORCH_ELASTIC_SHUTDOWN_TIMEOUT=300\n" in text
     assert opts["--output"] == "runs/llama3_8b_freeze_deep/slurm-%j.out"
     args_line = next(line for line in text.splitlines() if line.startswith("ARGS=("))
     assert shlex.split(args_line[len("ARGS=(") : -1]) == [
         "train",
-        "--config",
-        LLAMA,
+        f"--config={LLAMA}",
         "checkpoint.resume=auto",
         "train.steps=5000",
         "optim.lr=2e-5",
         "$@",
     ]
     assert "--nproc_per_node 8" in text and "--rdzv_backend c10d" in text
-    assert "mkdir -p runs/llama3_8b_freeze_deep/checkpoints runs/llama3_8b_freeze_deep" in text
+    assert "mkdir -p -- runs/llama3_8b_freeze_deep/checkpoints runs/llama3_8b_freeze_deep" in text
     assert "for p in data/cpt; do" in text  # data paths checked before anything starts
-    assert "scontrol requeue" in text and "trap on_usr1 USR1" in text
+    # no batch-shell trap: srun would answer a forwarded SIGTERM with SIGKILL to its tasks
+    assert "\ntrap " not in text and "scontrol requeue" not in text
 
 
 def test_slurm_quotes_overrides_and_paths(capsys, tmp_path):
@@ -144,10 +146,11 @@ def test_slurm_quotes_overrides_and_paths(capsys, tmp_path):
         "logging.out_dir=runs/with space",
         "logging.wandb_run_name=my run",
     ]
-    assert "mkdir -p 'runs/with space/checkpoints' 'runs/with space'" in text
+    assert "mkdir -p -- 'runs/with space/checkpoints' 'runs/with space'" in text
     opts = _sbatch_options(text)
     assert opts["--job-name"] == "my_run"  # one word for sbatch's directive parser
     assert opts["--output"] == '"runs/with space/slurm-%j.out"'
+    # hostile values in every field: tests/faults/test_launch_injection.py
 
 
 # ---------------------------------------------------------------------------------------------
@@ -194,11 +197,13 @@ def test_pytorchjob_passes_the_operator_rules(capsys, nodes):
         assert c["command"][:5] == ["python3", "-m", "torch.distributed.run", "-m", "layerfreeze"]
         assert c["command"][5:] == [
             "train",
-            "--config",
-            LLAMA,
+            f"--config={LLAMA}",
             "checkpoint.resume=auto",
             "train.steps=100",
         ]
+        # SIGTERM, then SIGKILL after the grace period; torchrun waits as long for its ranks
+        assert pod["terminationGracePeriodSeconds"] == 300
+        assert {"name": "TORCH_ELASTIC_SHUTDOWN_TIMEOUT", "value": "300"} in c["env"]
         volumes = {v["name"] for v in pod["volumes"]}
         assert {m["name"] for m in c["volumeMounts"]} <= volumes
         assert c["workingDir"] == "/workspace"
@@ -262,7 +267,7 @@ def test_local_dry_run_is_single_node_torchrun(capsys):
         "--standalone",
         "-m",
     ]
-    assert cmd[9:] == ["layerfreeze", "train", "--config", TINY, "train.steps=4"]
+    assert cmd[9:] == ["layerfreeze", "train", f"--config={TINY}", "train.steps=4"]
 
 
 @pytest.mark.parametrize(
@@ -278,6 +283,9 @@ def test_local_dry_run_is_single_node_torchrun(capsys):
         (["--scheduler", "local", "--nodes", "2", "--config", TINY], "runs on this machine only"),
         (["--scheduler", "local", "--config", TINY, "--image", "x"], "--image: not used"),
         (["--scheduler", "slurm", "--config", TINY, "--dry-run"], "--dry-run: only for"),
+        (["--scheduler", "slurm", "--config", TINY, "--grace-seconds", "0"], "--grace-seconds:"),
+        (["--scheduler", "k8s", "--config", TINY, "--grace-seconds", "65536"], "--grace-seconds:"),
+        (["--scheduler", "local", "--config", TINY, "--grace-seconds", "60"], "not used by"),
     ],
 )
 def test_user_errors_exit_2_and_write_nothing(tmp_path, argv, needle):
@@ -297,6 +305,40 @@ def test_user_errors_exit_2_and_write_nothing(tmp_path, argv, needle):
     assert len(messages) == 1 and needle in messages[0], messages
     assert "\n" not in messages[0]  # one line
     assert not out.exists() and not list(tmp_path.iterdir())
+
+
+@pytest.mark.parametrize("scheduler", ["slurm", "k8s"])
+def test_grace_seconds_reaches_every_timer(capsys, scheduler):
+    """One option sets Slurm's signal lead time / the pod's grace period and torchrun's wait."""
+    text = _render(capsys, "--scheduler", scheduler, "--config", TINY, "--grace-seconds", "900")
+    if scheduler == "slurm":
+        assert _sbatch_options(text)["--signal"] == "TERM@900"
+        assert "export TORCH_ELASTIC_SHUTDOWN_TIMEOUT=900\n" in text
+    else:
+        (rep,) = yaml.safe_load(text)["spec"]["pytorchReplicaSpecs"].values()
+        pod = rep["template"]["spec"]
+        assert pod["terminationGracePeriodSeconds"] == 900
+        (c,) = pod["containers"]
+        assert {"name": "TORCH_ELASTIC_SHUTDOWN_TIMEOUT", "value": "900"} in c["env"]
+
+
+def test_torchrun_reads_the_shutdown_timeout_variable():
+    """The variable the renderings set is the one this torch's launcher reads for the wait
+    between forwarding SIGTERM to the ranks and SIGKILLing them (default 30 s)."""
+    import os
+
+    from torch.distributed.launcher.api import LaunchConfig
+
+    old = os.environ.get("TORCH_ELASTIC_SHUTDOWN_TIMEOUT")
+    os.environ["TORCH_ELASTIC_SHUTDOWN_TIMEOUT"] = "123"
+    try:
+        cfg = LaunchConfig(min_nodes=1, max_nodes=1, nproc_per_node=1)
+    finally:
+        if old is None:
+            del os.environ["TORCH_ELASTIC_SHUTDOWN_TIMEOUT"]
+        else:
+            os.environ["TORCH_ELASTIC_SHUTDOWN_TIMEOUT"] = old
+    assert cfg.shutdown_timeout == 123
 
 
 def test_out_is_written_executable(tmp_path, capsys):
