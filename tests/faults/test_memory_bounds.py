@@ -118,6 +118,9 @@ def test_run_without_spaces_is_cut_without_losing_or_adding_text(tok_dir, tmp_pa
         # nothing lost, nothing injected: each document decodes to exactly its text
         assert sp.decode(ids[1 : eos[0]]) == run
         assert sp.decode(ids[eos[0] + 2 : eos[1]]) == lines
+        # cut before a newline: no piece of a layerfreeze tokenizer holds one, so the ids are
+        # exactly the whole document's
+        assert ids[eos[0] + 2 : eos[1]] == sp.encode(lines)
         # a cut splits at most a token or two per piece
         assert abs(eos[0] - 1 - len(sp.encode(run))) <= 2 * 4
 
