@@ -281,12 +281,18 @@ class _Encoder:
 
         Each piece is encoded as ``_ANCHOR + piece`` and the anchor's own ids are dropped; a
         piece whose encoding does not start with them (the anchor merged into a token) is
-        encoded on its own instead.
+        encoded on its own instead, and so is every piece when the tokenizer folds runs of
+        unknown characters into one id (the anchor could swallow the piece's first one).
         """
         if not pieces:
             return []
         if self._anchor_ids is None:
-            self._anchor_ids = _encode(self.tokenizer, [_ANCHOR])[0]
+            one, two = _encode(self.tokenizer, [_ANCHOR, _ANCHOR * 2])
+            # A tokenizer that folds a run of unknown characters into one <unk> would swallow a
+            # piece's leading unknown character with the anchor: then encode pieces plainly.
+            self._anchor_ids = one if len(two) > len(one) and two[: len(one)] == one else []
+        if not self._anchor_ids:
+            return self(pieces, check)
         k = len(self._anchor_ids)
         out = []
         for piece, ids in zip(pieces, self([_ANCHOR + p for p in pieces], check), strict=True):
