@@ -226,9 +226,10 @@ def train_tokenizer(
                 )
             except RuntimeError as e:
                 raise _explain_training_error(e, vocab_size, config_section) from None
-        note = training_lines.note()
-        if note:
-            logger.warning("%s", note)
+            finally:  # also when training fails: the cut lines explain what it saw
+                note = training_lines.note()
+                if note:
+                    logger.warning("%s", note)
         hf = sentencepiece_to_hf(model_file)
         hf.save_pretrained(str(tmp))
         atomic_write_json(
