@@ -699,16 +699,20 @@ def adapter_export_hint(applied: Any, adapter_dir: str | Path, base_model: str |
 
     It names the directory and, only when a PEFT LoRA adapter can hold the plan
     (:func:`~layerfreeze.interop.peft.peft_export_problems` finds nothing) and the run started
-    from a checkpoint (``model.path``, the base the adapter applies to), the ``layerfreeze
-    export`` command that writes one, with shell-quoted arguments.
+    from a local checkpoint directory (``model.path``, the base the adapter applies to), the
+    ``layerfreeze export`` command that writes one, with shell-quoted arguments.
     """
     from layerfreeze.interop.peft import peft_export_problems
 
     msg = f"adapter (trained tensors + plan): {adapter_dir}"
-    if base_model is None or peft_export_problems(applied):
+    # `export --model` takes a local checkpoint directory (absolute: the command works from anywhere)
+    if base_model is None or not Path(base_model).expanduser().is_dir():
         return msg
+    if peft_export_problems(applied):
+        return msg
+    base = Path(base_model).expanduser().absolute()
     cmd = shlex.join([
-        "layerfreeze", "export", "--model", str(base_model), "--adapter-dir", str(adapter_dir),
+        "layerfreeze", "export", "--model", str(base), "--adapter-dir", str(adapter_dir),
         "--format", "peft", "--out", str(Path(adapter_dir).parent / "peft_adapter"),
     ])
     return f"{msg}; `{cmd}` writes it as a PEFT LoRA adapter"

@@ -71,7 +71,9 @@ def test_adapter_hint_is_a_command_export_accepts_and_runs(tmp_path, capsys):
 
 @pytest.mark.parametrize("plan", ["0:lora(gated=true),1:freeze", "0:prefix,1:freeze"])
 def test_adapter_hint_names_no_peft_command_for_plans_peft_cannot_hold(tmp_path, plan):
-    applied = apply_plan(build_tiny_model("llama", num_layers=2), plan)
+    model = build_tiny_model("llama", num_layers=2)
+    model.save_pretrained(str(tmp_path / "base"))  # a real base: only the plan rules it out
+    applied = apply_plan(model, plan)
     hint = adapter_export_hint(applied, tmp_path / "adapter", str(tmp_path / "base"))
     assert "adapter (trained tensors + plan)" in hint and "peft" not in hint, hint
 
