@@ -28,7 +28,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from layerfreeze.utils.io import _fsync_dir, atomic_write_json, atomic_write_text
+from layerfreeze.utils.io import _fsync_dir, atomic_write_json, atomic_write_text, grant_umask_mode
 
 __all__ = [
     "CheckpointError",
@@ -167,6 +167,7 @@ def commit_checkpoint(
         "files": files,
         "meta": meta or {},
     }
+    grant_umask_mode(staging)  # safetensors writes 0600 (see grant_umask_mode)
     _fsync_tree(staging)
     atomic_write_json(staging / MANIFEST_FILE, manifest)
     final = root / tag

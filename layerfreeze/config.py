@@ -81,8 +81,10 @@ class PlanConfig:
 
     spec: str | dict[str, Any] | None = None
     """A plan for the whole run, as accepted by ``LayerPlan.parse``: a preset name
-    (``freeze_deep``), a compact string, or a mapping. Set exactly one of ``spec`` and
-    ``schedule``."""
+    (``freeze_deep``), a compact string, or a mapping; or a YAML/JSON file holding one (a name
+    ending in ``.yaml``/``.yml``/``.json``, as ``layerfreeze plan --plan`` takes), or holding a
+    list of phases (then the run's schedule). The file is read when the config is loaded, and
+    the run records its content. Set exactly one of ``spec`` and ``schedule``."""
     schedule: list[dict[str, Any]] | None = None
     """Phases, each ``{plan: <plan spec>, until_step: <int>}`` (the last phase has
     ``until_step: null``): e.g. a short ``full`` warm phase, then ``freeze_deep``."""
@@ -94,6 +96,14 @@ class PlanConfig:
                 f"of {{plan, until_step}} phases), got spec={self.spec!r} and "
                 f"schedule={self.schedule!r}."
             )
+        from layerfreeze.plan import is_plan_file, read_plan_file
+
+        if is_plan_file(self.spec):
+            content = read_plan_file(self.spec, "plan.spec")
+            if isinstance(content, list):  # phases, as `layerfreeze plan --plan FILE` takes
+                self.spec, self.schedule = None, content
+            else:
+                self.spec = content
         # Syntax only; layer ranges are checked against the model in train.setup().
         if self.spec is not None:
             from layerfreeze.plan import LayerPlan

@@ -48,7 +48,13 @@ __all__ = [
     "NON_LAYER_PARTS",
     "boundary",
     "parse_policy_spec",
+    "PLAN_FILE_SUFFIXES",
+    "is_plan_file",
+    "read_plan_file",
 ]
+
+#: A plan string with one of these suffixes names a plan file (YAML or JSON).
+PLAN_FILE_SUFFIXES: tuple[str, ...] = (".yaml", ".yml", ".json")
 
 #: Non-layer parts a plan gives an explicit policy (``freeze`` or ``full``).
 NON_LAYER_PARTS: tuple[str, ...] = ("embeddings", "final_norm", "lm_head")
@@ -537,9 +543,16 @@ class LayerPlan:
                         "e.g. '0-7:full,8-31:freeze'.)"
                     )
                     continue
+                looks_like_file = len(entries) == 1 and ("/" in entry or "." in entry)
                 problems.append(
                     f"{epath}: expected '<layers>:<policy>' (e.g. '0-7:full') or a preset name "
                     f"({', '.join(PRESETS)}).{hint}"
+                    + (
+                        f" A plan file is read when its name ends in .yaml, .yml or .json, got "
+                        f"{entry!r}."
+                        if looks_like_file
+                        else ""
+                    )
                 )
                 continue
             key, pol = split[0].strip(), split[1].strip()
@@ -902,3 +915,50 @@ PRESETS: dict[str, tuple[type, Callable[[Any], dict], str]] = {
               "HLPT's split on half the layers: bottom 3/8 gated LoRA, top 1/8 gated prefix, middle frozen"),
     "lora_all": (LoRAAllArgs, _preset_lora_all, "plain LoRA on every layer"),
 }
+
+
+def is_plan_file(value: Any) -> bool:
+    """Whether a plan value is a file name: a string ending in ``.yaml``, ``.yml`` or ``.json``."""
+    return isinstance(value, str) and value.strip().lower().endswith(PLAN_FILE_SUFFIXES)
+
+
+def read_plan_file(value: str, path: str = "plan.spec") -> Any:
+    """The plan a YAML/JSON file holds: a preset or plan string, a mapping, or a list of phases.
+
+    ``layerfreeze plan --plan FILE`` and ``plan.spec: FILE`` (a config value or override) both
+    read the file here; a relative name is relative to the working directory.
+
+    Args:
+        value: the file name, as the user wrote it.
+        path: the option or config key, for messages.
+
+    Raises:
+        ConfigError: the file is missing, a directory, not UTF-8, not valid YAML/JSON, or empty.
+    """
+    from pathlib import Path
+
+    import yaml
+
+    f = Path(value.strip()).expanduser()
+    if not f.is_file():
+        what = "is a directory" if f.is_dir() else "no such plan file"
+        raise ConfigError(
+            f"{path}: {what}, got {value!r}. Give a YAML/JSON plan file, a preset name or a plan "
+            "string such as '0-7:full,8-31:freeze'."
+        )
+    try:
+        data = yaml.safe_load(f.read_text(encoding="utf-8"))
+    except yaml.YAMLError as e:  # JSON is YAML: a JSON syntax error lands here too
+        mark = getattr(e, "problem_mark", None)
+        at = f" at line {mark.line + 1}, column {mark.column + 1}" if mark else ""
+        what = getattr(e, "problem", None) or str(e).splitlines()[0]
+        raise ConfigError(
+            f"{path}: {value} is not valid YAML/JSON{at}: {what}. Fix the file's syntax."
+        ) from None
+    except UnicodeDecodeError:
+        raise ConfigError(f"{path}: {value} is not a UTF-8 text file.") from None
+    if data is None:
+        raise ConfigError(
+            f"{path}: plan file {value} is empty. Write a plan or a list of phases in it."
+        )
+    return data

@@ -23,6 +23,7 @@ from __future__ import annotations
 
 import dataclasses
 import logging
+import shlex
 import shutil
 import time
 import typing
@@ -678,10 +679,7 @@ class Recipe:
             return None
         out = cfg.adapter_dir
         self.runner.export_trainable(out)
-        self.metrics.message(
-            f"adapter (trained tensors + plan): {out}; `layerfreeze export --adapter-dir {out} "
-            "--base-model ... --format peft` makes a PEFT adapter of plain-LoRA plans"
-        )
+        self.metrics.message(adapter_export_hint(applied, out, cfg.model.path))
         return out
 
     def _remove_new_out_dir(self) -> None:
@@ -694,6 +692,30 @@ class Recipe:
             self.metrics.close()
         if self.runner is not None:
             self.runner.close()
+
+
+def adapter_export_hint(applied: Any, adapter_dir: str | Path, base_model: str | None) -> str:
+    """The end-of-run line about ``checkpoint.export_adapter``'s directory.
+
+    It names the directory and, only when a PEFT LoRA adapter can hold the plan
+    (:func:`~layerfreeze.interop.peft.peft_export_problems` finds nothing) and the run started
+    from a local checkpoint directory (``model.path``, the base the adapter applies to), the
+    ``layerfreeze export`` command that writes one, with shell-quoted arguments.
+    """
+    from layerfreeze.interop.peft import peft_export_problems
+
+    msg = f"adapter (trained tensors + plan): {adapter_dir}"
+    # `export --model` takes a local checkpoint directory (absolute: the command works from anywhere)
+    if base_model is None or not Path(base_model).expanduser().is_dir():
+        return msg
+    if peft_export_problems(applied):
+        return msg
+    base = Path(base_model).expanduser().absolute()
+    cmd = shlex.join([
+        "layerfreeze", "export", "--model", str(base), "--adapter-dir", str(adapter_dir),
+        "--format", "peft", "--out", str(Path(adapter_dir).parent / "peft_adapter"),
+    ])
+    return f"{msg}; `{cmd}` writes it as a PEFT LoRA adapter"
 
 
 def model_batch(batch: dict[str, torch.Tensor], device: Any = None) -> dict[str, torch.Tensor]:

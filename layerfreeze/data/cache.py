@@ -16,7 +16,15 @@ rename wins and the other discards its copy. Under ``torch.distributed`` only lo
 builds; other ranks wait and then open the finished cache.
 
 Memory stays bounded by the work unit, never by the corpus: documents stream from the files in
-batches of 256 and their ids are appended to ``tokens.bin`` as they come. With ``num_workers >
+batches of at most 256 documents and ``_BATCH_CHARS`` characters, and their ids are appended to
+``tokens.bin`` as they come. A document longer than ``_CUT_CHARS`` characters (one huge line) is
+encoded in pieces of at most that many characters and its ids are written piece by piece, so
+memory follows the budget, not the document (an encoder needs about 100 times the text it is
+given). Cuts go just before a space (else a newline, else at the budget); a piece after a cut is
+encoded behind an anchor character whose ids are then dropped, so it is encoded as text that
+continues (no start-of-text marker such as SentencePiece's dummy ``▁``): cut before a space, the
+ids equal the whole document's for tokenizers that never put a token across a space (SentencePiece,
+byte-level BPE); cut inside a word, that word's tokens split at the cut. With ``num_workers >
 1`` the inputs are cut into pieces (whole files, and files above ``chunk_bytes`` into byte ranges
 at document boundaries, :func:`~layerfreeze.data.corpus.split_file`); worker processes tokenize
 the pieces into part files, and the parent appends the parts to ``tokens.bin`` in input order
@@ -35,7 +43,7 @@ import os
 import shutil
 import tempfile
 import time
-from collections.abc import Iterable, Sequence
+from collections.abc import Iterable, Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -65,6 +73,13 @@ FORMAT_VERSION = 1
 _TOKENS = "tokens.bin"
 _INDEX = "index.json"
 _ENCODE_BATCH = 256
+# Documents longer than this many characters are encoded in pieces (see _cut_document).
+_CUT_CHARS = 1 << 16
+# Characters given to the encoder in one call at most (documents, or pieces of one document).
+_BATCH_CHARS = 1 << 19
+# Prefixed to a piece that continues a document, its ids then dropped: a private-use character no
+# vocabulary has a piece for (it falls back to bytes or <unk>), so no token spans it.
+_ANCHOR = "\ue000"
 DEFAULT_CHUNK_BYTES = 64 << 20
 
 
@@ -165,15 +180,27 @@ def cache_key(
     return hashlib.sha256(json.dumps(payload, sort_keys=True).encode()).hexdigest()[:24]
 
 
-def _batches(docs: Iterable[str], size: int) -> Iterable[list[str]]:
-    batch: list[str] = []
-    for d in docs:
-        batch.append(d)
-        if len(batch) == size:
-            yield batch
-            batch = []
-    if batch:
-        yield batch
+def _cut_document(text: str, budget: int) -> Iterator[str]:
+    """``text`` in consecutive pieces of at most ``budget`` characters (concatenated: ``text``).
+
+    A cut goes just before the last space in the second half of the budget (before the first
+    space of a run of spaces), else just before the last newline there, else at the budget. A
+    Python string is cut between code points, never inside a UTF-8 character.
+    """
+    start, n = 0, len(text)
+    while n - start > budget:
+        end = start + budget
+        cut = text.rfind(" ", start + budget // 2, end + 1)
+        if cut > start:
+            while cut - 1 > start and text[cut - 1] == " ":
+                cut -= 1
+        else:
+            cut = text.rfind("\n", start + budget // 2, end + 1)
+            if cut <= start:
+                cut = end
+        yield text[start:cut]
+        start = cut
+    yield text[start:]
 
 
 def _encode(tokenizer: PreTrainedTokenizerBase, texts: list[str]) -> list[list[int]]:
@@ -216,9 +243,13 @@ class _Encoder:
         self.tokenizer = tokenizer
         self.sp_model = sp_model
         self._sp = None
+        self._anchor_ids: list[int] | None = None
 
     def __getstate__(self) -> dict[str, Any]:
-        return {"tokenizer": self.tokenizer, "sp_model": self.sp_model, "_sp": None}
+        return {
+            "tokenizer": self.tokenizer, "sp_model": self.sp_model, "_sp": None,
+            "_anchor_ids": None,
+        }
 
     def first_batch_checks(self) -> Iterable[bool]:
         """Per batch of a piece: whether to cross-check against HF (the first batch only)."""
@@ -244,6 +275,29 @@ class _Encoder:
                 self.sp_model = None
                 return reference
         return ids
+
+    def continued(self, pieces: list[str], check: bool) -> list[list[int]]:
+        """Ids of ``pieces`` that each continue a document after a cut (see the module doc).
+
+        Each piece is encoded as ``_ANCHOR + piece`` and the anchor's own ids are dropped; a
+        piece whose encoding does not start with them (the anchor merged into a token) is
+        encoded on its own instead, and so is every piece when the tokenizer folds runs of
+        unknown characters into one id (the anchor could swallow the piece's first one).
+        """
+        if not pieces:
+            return []
+        if self._anchor_ids is None:
+            one, two = _encode(self.tokenizer, [_ANCHOR, _ANCHOR * 2])
+            # A tokenizer that folds a run of unknown characters into one <unk> would swallow a
+            # piece's leading unknown character with the anchor: then encode pieces plainly.
+            self._anchor_ids = one if len(two) > len(one) and two[: len(one)] == one else []
+        if not self._anchor_ids:
+            return self(pieces, check)
+        k = len(self._anchor_ids)
+        out = []
+        for piece, ids in zip(pieces, self([_ANCHOR + p for p in pieces], check), strict=True):
+            out.append(ids[k:] if ids[:k] == self._anchor_ids else self([piece], False)[0])
+        return out
 
 
 def _pack(ids: list[list[int]], bos: int | None, eos: int, dtype: np.dtype) -> np.ndarray:
@@ -275,7 +329,7 @@ def _tokenize_piece(
     tokenizer = encoder.tokenizer
     bos = tokenizer.bos_token_id if options["add_bos"] else None
     eos = tokenizer.eos_token_id
-    docs = tokens = 0
+    docs = tokens = chars = 0
     stream = iter_documents(
         path,
         text_key=options["text_key"],
@@ -283,12 +337,74 @@ def _tokenize_piece(
         byte_range=byte_range,
     )
     checks = encoder.first_batch_checks()
-    for batch in _batches(stream, _ENCODE_BATCH):
-        flat = _pack(encoder(batch, next(checks)), bos, eos, dtype)
-        out.write(flat.tobytes())
-        docs += len(batch)
-        tokens += flat.size
+    batch: list[str] = []
+
+    def flush() -> None:
+        nonlocal tokens, chars
+        if batch:
+            flat = _pack(encoder(batch, next(checks)), bos, eos, dtype)
+            out.write(flat.tobytes())
+            tokens += flat.size
+            batch.clear()
+        chars = 0
+
+    for doc in stream:
+        docs += 1
+        if len(doc) > _CUT_CHARS:
+            flush()
+            tokens += _write_long_document(encoder, doc, bos, eos, out, dtype, checks)
+            continue
+        batch.append(doc)
+        chars += len(doc)
+        if len(batch) == _ENCODE_BATCH or chars >= _BATCH_CHARS:
+            flush()
+    flush()
     return docs, tokens
+
+
+def _write_long_document(
+    encoder: _Encoder,
+    doc: str,
+    bos: int | None,
+    eos: int,
+    out,
+    dtype: np.dtype,
+    checks: Iterator[bool],
+) -> int:
+    """Write ``[BOS] doc [EOS]`` encoding ``doc`` in pieces (module doc); returns the tokens."""
+    written = 0
+
+    def write(ids: Iterable[int]) -> None:
+        nonlocal written
+        arr = np.fromiter(ids, dtype=dtype)
+        out.write(arr.tobytes())
+        written += arr.size
+
+    if bos is not None:
+        write([bos])
+    first = True
+
+    def emit(group: list[str]) -> None:
+        nonlocal first
+        if first:  # the first piece starts the text, as the whole document does
+            ids = encoder(group[:1], next(checks)) + encoder.continued(group[1:], False)
+            first = False
+        else:
+            ids = encoder.continued(group, next(checks))
+        write(itertools.chain.from_iterable(ids))
+
+    group: list[str] = []
+    size = 0
+    for piece in _cut_document(doc, _CUT_CHARS):
+        group.append(piece)
+        size += len(piece)
+        if size + _CUT_CHARS > _BATCH_CHARS:
+            emit(group)
+            group, size = [], 0
+    if group:
+        emit(group)
+    write([eos])
+    return written
 
 
 # Worker-process state: the tokenizer, the options and the directory for part files.

@@ -53,14 +53,63 @@ _MAX_SENTENCE_BYTES = 1 << 16
 _REQUIRED_CHARS = "".join(chr(c) for c in range(33, 127))
 
 
-def _training_lines(files: Sequence[Path], text_key: str, txt_documents: str) -> Iterator[str]:
-    from layerfreeze.data.corpus import iter_documents
+def _cut_line(line: str, max_bytes: int) -> Iterator[str]:
+    """``line`` in pieces of at most ``max_bytes`` UTF-8 bytes, cut before a space when one is
+    in the second half of a piece (else between two characters, never inside one)."""
+    data = line.encode("utf-8")
+    start = 0
+    while len(data) - start > max_bytes:
+        end = start + max_bytes
+        while end > start and (data[end] & 0xC0) == 0x80:  # a continuation byte: back off
+            end -= 1
+        space = data.rfind(b" ", start + max_bytes // 2, end)
+        cut = space if space > start else end
+        yield data[start:cut].decode("utf-8")
+        start = cut
+    yield data[start:].decode("utf-8")
 
-    for path in files:
-        for doc in iter_documents(path, text_key=text_key, txt_documents=txt_documents):
-            for line in doc.splitlines():
-                if line.strip():
-                    yield line
+
+class _TrainingLines:
+    """The non-empty lines of the documents, lines over ``max_bytes`` cut into pieces.
+
+    SentencePiece skips a sentence longer than its ``max_sentence_length`` (and fails with
+    ``[!sentences_.empty()]`` when every one is skipped): such a line is cut instead, and
+    :attr:`cut` records ``(file, document number, bytes)`` of each for the note after training.
+    """
+
+    def __init__(self, files: Sequence[Path], text_key: str, txt_documents: str, max_bytes: int):
+        self.files, self.text_key, self.txt_documents = files, text_key, txt_documents
+        self.max_bytes = max_bytes
+        self.cut: list[tuple[Path, int, int]] = []
+
+    def __iter__(self) -> Iterator[str]:
+        from layerfreeze.data.corpus import iter_documents
+
+        for path in self.files:
+            docs = iter_documents(path, text_key=self.text_key, txt_documents=self.txt_documents)
+            for number, doc in enumerate(docs, start=1):
+                for line in doc.splitlines():
+                    if not line.strip():
+                        continue
+                    # a character is at most 4 bytes: only a line this long can be over
+                    size = len(line.encode("utf-8")) if len(line) * 4 > self.max_bytes else 0
+                    if size <= self.max_bytes:
+                        yield line
+                        continue
+                    self.cut.append((path, number, size))
+                    yield from (p for p in _cut_line(line, self.max_bytes) if p.strip())
+
+    def note(self) -> str | None:
+        """One line saying how many lines were cut and where (the first few), or None."""
+        if not self.cut:
+            return None
+        where = ", ".join(f"{p} (document {n}, {b} bytes)" for p, n, b in self.cut[:5])
+        more = f" and {len(self.cut) - 5} more" if len(self.cut) > 5 else ""
+        return (
+            f"{len(self.cut)} line{'s' if len(self.cut) > 1 else ''} longer than "
+            f"{self.max_bytes} bytes (SentencePiece's max_sentence_length) cut into pieces of at "
+            f"most that size for tokenizer training: {where}{more}"
+        )
 
 
 def train_tokenizer(
@@ -126,7 +175,8 @@ def train_tokenizer(
     if problems:
         raise ConfigError(problems)
     files = resolve_files(inputs, key=inputs_key)
-    lines = _training_lines(files, text_key, txt_documents)
+    training_lines = _TrainingLines(files, text_key, txt_documents, _MAX_SENTENCE_BYTES)
+    lines = iter(training_lines)
     first = next(lines, None)
     if first is None:
         raise ValueError(
@@ -176,6 +226,10 @@ def train_tokenizer(
                 )
             except RuntimeError as e:
                 raise _explain_training_error(e, vocab_size, config_section) from None
+            finally:  # also when training fails: the cut lines explain what it saw
+                note = training_lines.note()
+                if note:
+                    logger.warning("%s", note)
         hf = sentencepiece_to_hf(model_file)
         hf.save_pretrained(str(tmp))
         atomic_write_json(

@@ -375,7 +375,8 @@ def export_peft(
         applied: the applied plan (plain LoRA only; see :func:`peft_export_problems`).
         directory: output directory (replaced if it exists).
         base_model_name_or_path: written to the config (what ``PeftModel.from_pretrained``
-            users load the base from); default the model's ``config._name_or_path``.
+            users load the base from); default the model's ``config._name_or_path``. A path
+            that exists locally is written absolute; anything else (a hub id) as given.
         vllm: also require :func:`vllm_compatibility` to pass.
         max_lora_rank: the vLLM server's ``--max-lora-rank`` for that check.
 
@@ -397,6 +398,10 @@ def export_peft(
     if base_model_name_or_path is None:
         config = getattr(applied.model, "config", None)
         base_model_name_or_path = getattr(config, "_name_or_path", None) or None
+    if base_model_name_or_path is not None and Path(base_model_name_or_path).expanduser().exists():
+        # a local checkpoint: absolute, so the adapter loads from any working directory (a hub
+        # id such as "org/model" is not a local path and is kept as given)
+        base_model_name_or_path = os.path.abspath(Path(base_model_name_or_path).expanduser())
     config = _peft_config(applied, entries, base_model_name_or_path)
     tensors: dict[str, torch.Tensor] = {}
     for e in entries:

@@ -29,6 +29,26 @@ def _umask() -> int:
     return mask
 
 
+def grant_umask_mode(path: str | os.PathLike) -> None:
+    """Give a file, or every file under a directory, at least the mode a plain ``open()`` gives.
+
+    safetensors 0.8 writes its files 0600 (through a private temp file) whatever the umask, so
+    weights would be unreadable to the group that shares a cluster's checkpoints. Bits are only
+    added (``mode | (0o666 & ~umask)``): an executable script keeps its ``x`` bits.
+    """
+    path = Path(path)
+    want = 0o666 & ~_umask()
+    files = [path] if not path.is_dir() else [
+        Path(root) / name for root, _dirs, names in os.walk(path) for name in names
+    ]
+    for f in files:
+        if f.is_symlink():
+            continue
+        mode = f.stat().st_mode & 0o7777
+        if mode & want != want:
+            os.chmod(f, mode | want)
+
+
 def atomic_write_bytes(path: str | os.PathLike, data: bytes) -> None:
     """Write ``data`` to ``path`` through a temp file in the same directory + ``os.replace``."""
     path = Path(path)
@@ -78,6 +98,7 @@ def atomic_directory(path: str | os.PathLike, overwrite: bool = True) -> Iterato
     try:
         os.chmod(tmp, 0o777 & ~_umask())  # mkdtemp makes it 0700; a plain mkdir would not
         yield tmp
+        grant_umask_mode(tmp)
         for root, _dirs, files in os.walk(tmp):
             for name in files:
                 with open(os.path.join(root, name), "rb") as f:

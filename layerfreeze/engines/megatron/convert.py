@@ -57,7 +57,7 @@ import torch
 from safetensors import safe_open
 from safetensors.torch import save_file
 
-from layerfreeze.utils.io import atomic_directory, atomic_write_json
+from layerfreeze.utils.io import atomic_directory, atomic_write_json, grant_umask_mode
 from layerfreeze.utils.logging import get_logger, log_rank0
 
 __all__ = [
@@ -1503,4 +1503,5 @@ def _write_sidecar(directory: Path, tensors: Mapping[str, torch.Tensor], meta: M
         str(directory / SIDECAR_FILE),
         metadata={"format": meta["format"]},
     )
+    grant_umask_mode(directory / SIDECAR_FILE)  # safetensors writes 0600 (Bridge: in place)
     atomic_write_json(directory / PLAN_FILE, dict(meta))
