@@ -27,6 +27,7 @@ from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 from torch import nn
 
+from layerfreeze.data.tokenizer import save_tokenizer
 from layerfreeze.apply import AppliedPlan, adapter_param_names, apply_plan, base_state_dict
 from layerfreeze.plan import LayerPlan, LayerRange, LayerRule
 from layerfreeze.policies.base import PolicySpec
@@ -221,7 +222,7 @@ def export_merged(
         with atomic_directory(directory) as tmp:
             model.save_pretrained(str(tmp), state_dict=state, safe_serialization=True)
             if tokenizer is not None:
-                tokenizer.save_pretrained(str(tmp))
+                save_tokenizer(tokenizer, tmp)
             save_file(_tensors_for_file(sidecar), str(tmp / SIDECAR_FILE), metadata={"format": _FORMAT})
             atomic_write_json(tmp / PLAN_FILE, _plan_json(applied, plan, install, "merged_sidecar"))
     finally:
@@ -329,7 +330,7 @@ def _export_streaming(
             if gen is not None and callable(getattr(model, "can_generate", None)) and model.can_generate():
                 gen.save_pretrained(str(tmp))
             if tokenizer is not None:
-                tokenizer.save_pretrained(str(tmp))
+                save_tokenizer(tokenizer, tmp)
             plan = _sidecar_plan(applied.plan, applied.resolved, merged_layers)
             install = [
                 _sidecar_plan(p, r, merged_layers) for p, r in applied.installed if p != applied.plan

@@ -244,7 +244,7 @@ def run(args: argparse.Namespace) -> int:
         return 2
 
     import torch
-    from transformers import AutoTokenizer
+    from layerfreeze.data.tokenizer import auto_tokenizer
 
     from layerfreeze.diagnostics.recommend import recommend, write_recommendation
     from layerfreeze.diagnostics.report import summary_table, write_trace
@@ -254,7 +254,7 @@ def run(args: argparse.Namespace) -> int:
     from layerfreeze.utils.io import atomic_directory
 
     try:
-        tokenizer = AutoTokenizer.from_pretrained(args.tokenizer or args.model)
+        tokenizer = auto_tokenizer(args.tokenizer or args.model)
     except (OSError, ValueError) as e:
         logger.error(
             "--tokenizer: cannot load a tokenizer from %r (%s).",

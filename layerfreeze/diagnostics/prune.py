@@ -348,7 +348,7 @@ def save_checkpoint(
         FileExistsError: ``out`` exists and ``overwrite`` is False.
         ValueError: the config does not describe the weights (see :func:`check_structure`).
     """
-    from layerfreeze.data.tokenizer import load_tokenizer
+    from layerfreeze.data.tokenizer import load_tokenizer, save_tokenizer
     from layerfreeze.utils.io import atomic_directory
 
     out = Path(out)
@@ -363,7 +363,7 @@ def save_checkpoint(
     with atomic_directory(out, overwrite=overwrite) as tmp:
         model.save_pretrained(str(tmp))
         if tokenizer is not None:
-            tokenizer.save_pretrained(str(tmp))
+            save_tokenizer(tokenizer, tmp)
         for name, obj in (reports or {}).items():
             (tmp / name).write_text(
                 json.dumps(obj, indent=2, ensure_ascii=False) + "\n", encoding="utf-8"

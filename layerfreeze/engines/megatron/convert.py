@@ -1096,7 +1096,9 @@ def save_hf_checkpoint(
                 {"metadata": {"total_size": total}, "weight_map": weight_map},
             )
         if tokenizer is not None:
-            tokenizer.save_pretrained(str(tmp))
+            from layerfreeze.data.tokenizer import save_tokenizer
+
+            save_tokenizer(tokenizer, tmp)  # loads as itself through AutoTokenizer
         if sidecar is not None:
             _write_sidecar(tmp, *sidecar)
     log_rank0(logger, "saved Hugging Face checkpoint (%d tensors) to %s", len(sd), directory)
