@@ -124,8 +124,8 @@ def run(args: argparse.Namespace) -> int:
         return 2
 
     import torch
-    from layerfreeze.data.tokenizer import auto_tokenizer
 
+    from layerfreeze.data.tokenizer import auto_tokenizer
     from layerfreeze.evaluation.report import (
         format_summary,
         submission_json,

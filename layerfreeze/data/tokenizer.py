@@ -328,6 +328,16 @@ def auto_tokenizer(path: str | Path, **kwargs: Any) -> PreTrainedTokenizerBase:
     from transformers import AutoTokenizer
 
     path = Path(path)
+    if "config" not in kwargs and (path / "config.json").is_file():
+        from layerfreeze.export import EXPORT_MODEL_TYPE, export_base_config
+
+        try:
+            marked = json.loads((path / "config.json").read_text(encoding="utf-8")).get(
+                "model_type") == EXPORT_MODEL_TYPE
+        except (ValueError, AttributeError):
+            marked = False
+        if marked:  # a layerfreeze export: its base config, not transformers' custom-code prompt
+            kwargs["config"] = export_base_config(path)
     tokenizer = AutoTokenizer.from_pretrained(str(path), **kwargs)
     try:
         recorded = json.loads((path / "tokenizer_config.json").read_text(encoding="utf-8"))

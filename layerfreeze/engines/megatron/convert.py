@@ -1496,13 +1496,8 @@ def gather_hf_sidecar(
 
 
 def _write_sidecar(directory: Path, tensors: Mapping[str, torch.Tensor], meta: Mapping) -> None:
-    """``layerfreeze_sidecar.safetensors`` + ``plan.json`` into ``directory``, as
-    ``layerfreeze.export.export_merged`` writes them."""
-    from layerfreeze.export import PLAN_FILE, SIDECAR_FILE
+    """``layerfreeze_sidecar.safetensors`` + ``plan.json`` into ``directory`` (config.json
+    already there), as ``layerfreeze.export.export_merged`` writes them (one writer)."""
+    from layerfreeze.export import write_sidecar
 
-    save_file(
-        _tensors_for_file(tensors),
-        str(directory / SIDECAR_FILE),
-        metadata={"format": meta["format"]},
-    )
-    atomic_write_json(directory / PLAN_FILE, dict(meta))
+    write_sidecar(directory, dict(tensors), dict(meta))
