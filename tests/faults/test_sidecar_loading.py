@@ -305,3 +305,24 @@ def test_trace_zero3_refuses_an_export_with_a_sidecar(hlpt_export, tmp_path, cap
     line = error_line(capsys, ["trace", "--model", str(out), "--zero3", "--probe", str(corpus),
                                "--seq-len", "16", "--max-tokens", "64", "--out", str(tmp_path / "t")])
     assert "--zero3" in line and SIDECAR_FILE in line and not (tmp_path / "t").exists()
+
+
+@pytest.mark.slow
+def test_lm_evaluation_harness_scores_the_trained_model_or_refuses(hlpt_export):
+    from lm_eval.api.instance import Instance
+    from lm_eval.models.huggingface import HFLM
+
+    model, tok, out = hlpt_export
+    ctx, cont = "计算机网络 question: the transport layer is", " TCP"
+    # Reference: the trained model's log-probability of the continuation tokens.
+    whole, n_ctx = tok(ctx + cont)["input_ids"], len(tok(ctx)["input_ids"])
+    with torch.no_grad():
+        logp = torch.log_softmax(model(torch.tensor([whole])).logits[0].float(), -1)
+    want = sum(logp[i - 1, whole[i]].item() for i in range(n_ctx, len(whole)))
+    request = Instance(request_type="loglikelihood", doc={}, arguments=(ctx, cont), idx=0)
+    with pytest.raises(ValueError, match="trust_remote_code=True"):
+        HFLM(pretrained=str(out), device="cpu", batch_size=1, dtype="float32")
+    lm = HFLM(pretrained=str(out), trust_remote_code=True, device="cpu", batch_size=1,
+              dtype="float32")
+    [(got, _greedy)] = lm.loglikelihood([request])
+    assert got == pytest.approx(want, abs=1e-4)
