@@ -326,3 +326,26 @@ def test_lm_evaluation_harness_scores_the_trained_model_or_refuses(hlpt_export):
               dtype="float32")
     [(got, _greedy)] = lm.loglikelihood([request])
     assert got == pytest.approx(want, abs=1e-4)
+
+
+def test_prune_keeps_every_schedule_phases_adapters(tmp_path):
+    # A plan schedule installs later phases' adapters too; the sidecar plan.json lists them under
+    # "install". Pruning must renumber those as well.
+    from layerfreeze.diagnostics.prune import prune_checkpoint, remove_layers
+
+    model = build_tiny_model("qwen2")
+    applied = apply_plan(model, "0-1:lora(r=2,gated)", install=["1-3:prefix(tokens=2)"])
+    g = torch.Generator().manual_seed(11)
+    with torch.no_grad():
+        for n, p in model.named_parameters():
+            if "lora_" in n or "prefix_" in n:
+                p.add_(torch.randn(p.shape, generator=g) * 0.1)
+    out = export_merged(applied, tmp_path / "export")
+    prune_checkpoint(out, 1, tmp_path / "pruned", strategy="deepest")  # removes layer 2
+    meta = json.loads((tmp_path / "pruned" / PLAN_FILE).read_text())
+    assert [r["policy"] for r in meta["install"][0]["rules"]] == ["freeze", "prefix", "prefix"]
+    ref = load_export(out, attn_implementation="eager")
+    remove_layers(ref, 2, 1)
+    ids = tiny_batch(model)
+    got = load_export(tmp_path / "pruned", attn_implementation="eager")
+    assert torch.equal(_logits(got, ids), _logits(ref, ids))
