@@ -475,6 +475,10 @@ def sidecar_info(path: str | os.PathLike, key: str = "--model") -> tuple[int, di
                 f"({str(e).splitlines()[0]}); it is truncated or corrupt. Copy the whole export "
                 "directory again."
             ) from None
+    if is_export and n == 0:  # an older (unmarked) export whose plan still names adapters
+        plans = [meta.get("plan"), *meta.get("install", [])]
+        names = set().union(*(LayerPlan.parse(p).policy_names() for p in plans if p))
+        marked = marked or any(get_policy(name).param_prefix for name in names)
     if marked and n == 0:
         raise ValueError(
             f"{key} {path}: config.json marks a layerfreeze export whose trained adapters are in "

@@ -349,3 +349,22 @@ def test_prune_keeps_every_schedule_phases_adapters(tmp_path):
     ids = tiny_batch(model)
     got = load_export(tmp_path / "pruned", attn_implementation="eager")
     assert torch.equal(_logits(got, ids), _logits(ref, ids))
+
+
+def test_an_unmarked_older_export_without_its_sidecar_is_refused(tmp_path):
+    # Exports written before the config marking: plain config.json, plan.json naming adapters.
+    # With the sidecar they load with it (load_export); copied without it, they are refused.
+    model = build_tiny_model("llama")
+    out = export_merged(_train(model, UNMERGEABLE), tmp_path / "export")
+    config = json.loads((out / "config.json").read_text())
+    config["model_type"] = config["layerfreeze"]["base_model_type"]
+    config["architectures"] = config["layerfreeze"]["base_architectures"]
+    for key in ("layerfreeze", "auto_map"):
+        del config[key]
+    (out / "config.json").write_text(json.dumps(config))
+    (out / MODELING_FILE).unlink()
+    ids = tiny_batch(model)
+    assert torch.equal(_logits(load_export(out, attn_implementation="eager"), ids), _logits(model, ids))
+    (out / SIDECAR_FILE).unlink()
+    with pytest.raises(ValueError, match="Copy the whole export directory"):
+        load_export(out)
