@@ -368,3 +368,14 @@ def test_an_unmarked_older_export_without_its_sidecar_is_refused(tmp_path):
     (out / SIDECAR_FILE).unlink()
     with pytest.raises(ValueError, match="Copy the whole export directory"):
         load_export(out)
+
+
+def test_export_command_refuses_an_export_as_its_base(tmp_path, capsys):
+    from layerfreeze.export import save_trainable
+
+    out = export_merged(_train(build_tiny_model("llama"), UNMERGEABLE), tmp_path / "export")
+    save_trainable(_train(build_tiny_model("llama"), "0-1:lora(r=2)"), tmp_path / "adapter")
+    line = error_line(capsys, ["export", "--model", str(out), "--adapter-dir",
+                               str(tmp_path / "adapter"), "--format", "merged",
+                               "--out", str(tmp_path / "o")])
+    assert "not a base checkpoint" in line and not (tmp_path / "o").exists()
