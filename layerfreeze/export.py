@@ -4,10 +4,19 @@
   installed adapter parameter) and ``plan.json``; ``load_trainable(model, dir)`` re-applies the
   plan on a fresh base model and loads them, reproducing the logits exactly.
 * ``export_merged(applied, dir)`` folds mergeable LoRA into the base weights and writes a
-  standard checkpoint with ``save_pretrained`` (loads with ``AutoModelForCausalLM.from_pretrained``)
-  plus a sidecar (``layerfreeze_sidecar.safetensors`` + ``plan.json``) holding what cannot be
-  merged (prefixes, gated LoRA, gates); ``load_trainable(model, dir)`` on the loaded checkpoint
-  restores them.
+  checkpoint with ``save_pretrained`` plus a sidecar (``layerfreeze_sidecar.safetensors`` +
+  ``plan.json``) holding what cannot be merged (prefixes, gated LoRA, gates).
+
+  - Nothing unmergeable (``full``, ``freeze``, ungated ``lora``): the checkpoint is plain and
+    self-contained, with the original architecture; every Hugging Face consumer loads the
+    trained model (the sidecar is empty).
+  - Otherwise the checkpoint must not load without its adapters: config.json names
+    ``model_type: layerfreeze`` (unknown to transformers) with an ``auto_map`` to the module
+    :data:`MODELING_FILE` written into the export (transformers' custom-code mechanism). A plain
+    ``AutoModelForCausalLM.from_pretrained(dir)`` refuses and asks for ``trust_remote_code=True``;
+    with it, the module imports layerfreeze and returns :func:`load_export`'s model: the base
+    architecture with the sidecar re-attached. ``layerfreeze`` commands call
+    :func:`load_export` directly (``layerfreeze.modeling.load_causal_lm``).
 
 Every directory is written atomically (a reader sees the old one or the new one, never half).
 """
@@ -28,19 +37,27 @@ from safetensors.torch import load_file, save_file
 from torch import nn
 
 from layerfreeze.apply import AppliedPlan, adapter_param_names, apply_plan, base_state_dict
+from layerfreeze.data.tokenizer import save_tokenizer
 from layerfreeze.plan import LayerPlan, LayerRange, LayerRule
 from layerfreeze.policies.base import PolicySpec
 from layerfreeze.registry import get_policy
-from layerfreeze.utils.io import atomic_directory, atomic_write_json
+from layerfreeze.utils.io import atomic_directory, atomic_write_json, grant_umask_mode
 from layerfreeze.utils.logging import get_logger, log_rank0
 
 __all__ = [
     "save_trainable",
     "load_trainable",
     "export_merged",
+    "write_sidecar",
+    "sidecar_info",
+    "export_base_config",
+    "load_export",
+    "restack_sidecar_plan",
     "ADAPTER_FILE",
     "SIDECAR_FILE",
     "PLAN_FILE",
+    "MODELING_FILE",
+    "EXPORT_MODEL_TYPE",
 ]
 
 logger = get_logger(__name__)
@@ -48,6 +65,11 @@ logger = get_logger(__name__)
 ADAPTER_FILE = "adapter.safetensors"
 SIDECAR_FILE = "layerfreeze_sidecar.safetensors"
 PLAN_FILE = "plan.json"
+#: The module written into an export with a non-empty sidecar (transformers' ``auto_map``).
+MODELING_FILE = "layerfreeze_modeling.py"
+#: ``model_type`` of such an export's config.json: unknown to transformers, so nothing loads it
+#: as the base architecture without the adapters.
+EXPORT_MODEL_TYPE = "layerfreeze"
 _FORMAT = "layerfreeze.trainable/1"
 
 
@@ -157,8 +179,11 @@ def export_merged(
     gather: Callable[[list[str]], AbstractContextManager] | None = None,
     is_writer: bool = True,
 ) -> Path:
-    """Write a standard HF checkpoint with mergeable LoRA folded in, plus the sidecar.
+    """Write a HF checkpoint with mergeable LoRA folded in, plus the sidecar (:func:`write_sidecar`).
 
+    A plan whose every change folds into the weights gives a plain, self-contained checkpoint
+    with the original architecture. Otherwise config.json is marked so that only
+    :func:`load_export` (``trust_remote_code=True`` elsewhere) loads it, adapters re-attached.
     The applied model is left as it was (its base weights are restored bit-exactly).
 
     With ``gather`` (partitioned parameters, e.g. ZeRO-3) the export *streams*: one layer group
@@ -221,9 +246,8 @@ def export_merged(
         with atomic_directory(directory) as tmp:
             model.save_pretrained(str(tmp), state_dict=state, safe_serialization=True)
             if tokenizer is not None:
-                tokenizer.save_pretrained(str(tmp))
-            save_file(_tensors_for_file(sidecar), str(tmp / SIDECAR_FILE), metadata={"format": _FORMAT})
-            atomic_write_json(tmp / PLAN_FILE, _plan_json(applied, plan, install, "merged_sidecar"))
+                save_tokenizer(tokenizer, tmp)
+            write_sidecar(tmp, sidecar, _plan_json(applied, plan, install, "merged_sidecar"))
     finally:
         applied.unmerge()
         with torch.no_grad():
@@ -329,15 +353,310 @@ def _export_streaming(
             if gen is not None and callable(getattr(model, "can_generate", None)) and model.can_generate():
                 gen.save_pretrained(str(tmp))
             if tokenizer is not None:
-                tokenizer.save_pretrained(str(tmp))
+                save_tokenizer(tokenizer, tmp)
             plan = _sidecar_plan(applied.plan, applied.resolved, merged_layers)
             install = [
                 _sidecar_plan(p, r, merged_layers) for p, r in applied.installed if p != applied.plan
             ]
-            save_file(sidecar, str(tmp / SIDECAR_FILE), metadata={"format": _FORMAT})
-            atomic_write_json(tmp / PLAN_FILE, _plan_json(applied, plan, install, "merged_sidecar"))
+            write_sidecar(tmp, sidecar, _plan_json(applied, plan, install, "merged_sidecar"))
     log_rank0(
         logger, "exported merged checkpoint to %s, streamed in %d layer groups (%d modules merged, "
         "%d sidecar tensors)", directory, len(groups), n_merged, len(sidecar),
     )
     return directory
+
+
+# --------------------------------------------------------------------------------------------
+# the sidecar: writing it, marking config.json, loading the export with it
+# --------------------------------------------------------------------------------------------
+
+_MODELING_TEXT = '''"""Written by layerfreeze: loads this export with its trained adapters re-attached.
+
+The plan this model was trained with has adapters that cannot be folded into the base weights
+(gated LoRA, prefixes, their gates). They are in layerfreeze_sidecar.safetensors (plan.json
+says where), so config.json names model_type "layerfreeze": transformers alone refuses it
+instead of loading the base model without its training. With trust_remote_code=True,
+``AutoModelForCausalLM.from_pretrained(dir)`` runs this module, which calls layerfreeze to load
+the base architecture and re-attach the adapters. layerfreeze's own commands (eval, trace,
+prune, compose) load it natively.
+"""
+
+try:
+    from layerfreeze.export import remote_code_classes
+except ImportError as e:  # pragma: no cover - only without layerfreeze
+    raise ImportError(
+        "This checkpoint is a layerfreeze export whose trained adapters (gated LoRA / prefixes, "
+        "in layerfreeze_sidecar.safetensors) are not part of the base weights; loading it needs "
+        "the layerfreeze package, which is not importable here (" + str(e) + "). Install "
+        "layerfreeze in this environment, or the model would be the base model without them."
+    ) from e
+
+LayerfreezeConfig, LayerfreezeForCausalLM = remote_code_classes()
+'''
+
+
+def _read_json(path: Path, what: str) -> Any:
+    try:
+        return json.loads(path.read_text(encoding="utf-8"))
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        raise ValueError(f"{what} {path}: not valid JSON ({e}).") from None
+
+
+def write_sidecar(
+    directory: str | os.PathLike, tensors: dict[str, torch.Tensor], meta: dict[str, Any]
+) -> None:
+    """Write the sidecar into a checkpoint directory whose config.json is already there.
+
+    ``layerfreeze_sidecar.safetensors`` (``tensors``) and ``plan.json`` (``meta``) are always
+    written. With any tensor, config.json is marked (``model_type: layerfreeze``, the original
+    ``model_type`` / ``architectures`` under ``layerfreeze``, an ``auto_map`` to
+    :data:`MODELING_FILE`) and that module is written: no Hugging Face consumer loads the base
+    model without the adapters. Without tensors the checkpoint stays plain and self-contained.
+
+    Args:
+        directory: the checkpoint directory (a staging directory: the caller makes it atomic).
+        tensors: adapter parameters that are not merged, by model parameter name.
+        meta: the ``plan.json`` content (``format``, ``kind: merged_sidecar``, ``plan``, ...).
+    """
+    directory = Path(directory)
+    save_file(_tensors_for_file(tensors), str(directory / SIDECAR_FILE), metadata={"format": _FORMAT})
+    grant_umask_mode(directory / SIDECAR_FILE)  # safetensors writes 0600; Megatron writes in place
+    atomic_write_json(directory / PLAN_FILE, dict(meta))
+    if not tensors:
+        return
+    config_path = directory / "config.json"
+    config = _read_json(config_path, "config.json")
+    if config.get("model_type") != EXPORT_MODEL_TYPE:
+        config["layerfreeze"] = {
+            "format": "layerfreeze.export/1",
+            "base_model_type": config.get("model_type"),
+            "base_architectures": config.get("architectures"),
+            "sidecar": SIDECAR_FILE,
+            "plan": PLAN_FILE,
+        }
+        config["model_type"] = EXPORT_MODEL_TYPE
+        config["architectures"] = ["LayerfreezeForCausalLM"]
+        stem = MODELING_FILE[: -len(".py")]
+        config["auto_map"] = {
+            "AutoConfig": f"{stem}.LayerfreezeConfig",
+            "AutoModelForCausalLM": f"{stem}.LayerfreezeForCausalLM",
+        }
+        atomic_write_json(config_path, config)
+    (directory / MODELING_FILE).write_text(_MODELING_TEXT, encoding="utf-8")
+
+
+def sidecar_info(path: str | os.PathLike, key: str = "--model") -> tuple[int, dict[str, Any] | None]:
+    """``(number of sidecar tensors, plan.json content)`` of checkpoint directory ``path``.
+
+    ``(0, None)`` for a checkpoint without a sidecar (or with an empty one: a self-contained
+    export). Reads only the safetensors header.
+
+    Raises:
+        ValueError: config.json marks a layerfreeze export but the sidecar or plan.json is
+            missing, unreadable or empty (named with ``key``).
+    """
+    from safetensors import safe_open
+
+    path = Path(path)
+    marked = False
+    if (path / "config.json").is_file():
+        config = _read_json(path / "config.json", f"{key}")
+        marked = isinstance(config, dict) and config.get("model_type") == EXPORT_MODEL_TYPE
+    plan_path, side_path = path / PLAN_FILE, path / SIDECAR_FILE
+    meta = _read_json(plan_path, key) if plan_path.is_file() else None
+    is_export = isinstance(meta, dict) and meta.get("kind") == "merged_sidecar"
+    n = 0
+    if is_export and side_path.is_file():
+        try:
+            with safe_open(str(side_path), framework="pt") as f:
+                n = len(list(f.keys()))
+        except (SafetensorError, OSError) as e:
+            raise ValueError(
+                f"{key} {path}: {SIDECAR_FILE} is not a readable safetensors file "
+                f"({str(e).splitlines()[0]}); it is truncated or corrupt. Copy the whole export "
+                "directory again."
+            ) from None
+    if is_export and n == 0:  # an older (unmarked) export whose plan still names adapters
+        plans = [meta.get("plan"), *meta.get("install", [])]
+        names = set().union(*(LayerPlan.parse(p).policy_names() for p in plans if p))
+        marked = marked or any(get_policy(name).param_prefix for name in names)
+    if marked and n == 0:
+        raise ValueError(
+            f"{key} {path}: config.json marks a layerfreeze export whose trained adapters are in "
+            f"{SIDECAR_FILE} (+ {PLAN_FILE}), but they are missing or empty there. Copy the whole "
+            "export directory; without them the model would be the base model."
+        )
+    return (n, meta) if n else (0, None)
+
+
+def export_base_config(path: str | os.PathLike, key: str = "--model") -> Any:
+    """The transformers config of checkpoint ``path``: for a marked export (see
+    :func:`write_sidecar`), the original architecture's config; else ``AutoConfig``'s.
+
+    Raises:
+        OSError, ValueError: config.json is unreadable or names an unknown model type
+            (transformers' own message).
+    """
+    from transformers import AutoConfig
+
+    path = Path(path)
+    try:
+        config = json.loads((path / "config.json").read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        config = None  # AutoConfig says what is wrong with it
+    if not isinstance(config, dict) or config.get("model_type") != EXPORT_MODEL_TYPE:
+        return AutoConfig.from_pretrained(str(path))
+    return _base_config(config, f"{key} {path}")
+
+
+def _base_config(config: dict[str, Any], where: str) -> Any:
+    """The original architecture's transformers config from a marked config.json's content."""
+    from transformers import CONFIG_MAPPING
+
+    config = dict(config)
+    info = config.pop("layerfreeze", None) or {}
+    config.pop("auto_map", None)
+    base = info.get("base_model_type")
+    if base not in CONFIG_MAPPING:
+        raise ValueError(
+            f"{where}: config.json is a layerfreeze export of model type {base!r}, which this "
+            "transformers version does not know."
+        )
+    config["model_type"] = base
+    config["architectures"] = info.get("base_architectures")
+    return CONFIG_MAPPING[base].from_dict(config)
+
+
+def load_export(path: str | os.PathLike, key: str = "--model", **kwargs: Any) -> nn.Module:
+    """Load a checkpoint directory as the model it was trained to be: the shared loader.
+
+    ``from_pretrained`` of the base architecture (``kwargs``: ``dtype``, ``attn_implementation``,
+    ..., ``config``: the base architecture's config to use instead of the saved one), then, for an export with a non-empty sidecar, :func:`load_trainable` re-attaches the
+    adapters that could not be merged (gated LoRA, prefixes, gates). A plain checkpoint loads as
+    ``AutoModelForCausalLM.from_pretrained`` would.
+
+    Raises:
+        ValueError: a marked export without its sidecar, or a sidecar that does not fit.
+        OSError: transformers cannot load the weights.
+    """
+    from transformers import AutoModelForCausalLM
+
+    path = Path(path)
+    n, _meta = sidecar_info(path, key)
+    config = kwargs.pop("config", None) or export_base_config(path, key)
+    model = AutoModelForCausalLM.from_pretrained(str(path), config=config, **kwargs)
+    if n:
+        try:
+            load_trainable(model, path)
+        except (ValueError, FileNotFoundError) as e:
+            raise ValueError(f"{key} {path}: the sidecar does not fit the model: {e}") from None
+        log_rank0(logger, "%s: re-attached %d sidecar adapter tensors (%s)", path, n, SIDECAR_FILE)
+    return model
+
+
+def restack_sidecar_plan(
+    origins: list[tuple[dict[str, Any] | None, int]], base_meta: dict[str, Any] | None, model_type: str
+) -> dict[str, Any] | None:
+    """``plan.json`` content of the sidecar of a new stack of layers (prune, compose).
+
+    Output layer ``j`` takes every plan's (``plan`` and each ``install``) spec of layer
+    ``origins[j][1]`` in the export whose ``plan.json`` content is ``origins[j][0]`` (None: no
+    sidecar there, the layer is frozen). A removed layer's entries are gone, the others are
+    renumbered. Embeddings, final norm and LM head specs come from ``base_meta``.
+
+    Returns:
+        The content, or None when no origin has a sidecar.
+    """
+    if not any(meta for meta, _ in origins):
+        return None
+    cache: dict[int, list[Any]] = {}
+
+    def resolved(meta: dict[str, Any]) -> list[Any]:
+        if id(meta) not in cache:
+            plans = [meta["plan"], *meta.get("install", [])]
+            cache[id(meta)] = [LayerPlan.parse(p).resolve(meta["num_layers"]) for p in plans]
+        return cache[id(meta)]
+
+    depth = max(len(resolved(m)) for m, _ in origins if m)
+    base_plans = [LayerPlan.parse(p) for p in [base_meta["plan"], *base_meta.get("install", [])]] if base_meta else []
+    freeze = LayerPlan().default
+    plans = []
+    for k in range(depth):
+        rules = []
+        for j, (meta, i) in enumerate(origins):
+            rs = resolved(meta) if meta else []
+            rules.append(LayerRule(LayerRange(j, j), rs[k].layers[i] if k < len(rs) else freeze))
+        template = base_plans[k] if k < len(base_plans) else LayerPlan()
+        plans.append(dataclasses.replace(template, rules=tuple(rules), default=freeze))
+    return {
+        "format": _FORMAT,
+        "kind": "merged_sidecar",
+        "model_type": model_type,
+        "num_layers": len(origins),
+        "plan": plans[0].to_dict(),
+        "install": [p.to_dict() for p in plans[1:]],
+    }
+
+
+_REMOTE: tuple[type, type] | None = None
+
+
+def remote_code_classes() -> tuple[type, type]:
+    """``(LayerfreezeConfig, LayerfreezeForCausalLM)``: what :data:`MODELING_FILE` exports.
+
+    ``LayerfreezeConfig`` holds a marked config.json as it is. ``LayerfreezeForCausalLM`` is
+    built only through ``from_pretrained``, which returns :func:`load_export`'s model (the base
+    architecture with the sidecar re-attached); constructing it directly (``from_config``, a
+    serving engine building an empty model to fill with the weights) raises, since that would
+    be the base model without the adapters.
+    """
+    global _REMOTE
+    if _REMOTE is not None:
+        return _REMOTE
+    from transformers import PreTrainedConfig, PreTrainedModel
+
+    class LayerfreezeConfig(PreTrainedConfig):
+        """A layerfreeze export's config.json (the base architecture's fields plus ``layerfreeze``)."""
+
+        model_type = EXPORT_MODEL_TYPE
+
+    class LayerfreezeForCausalLM(PreTrainedModel):
+        """Loads a layerfreeze export with its adapters re-attached (``from_pretrained`` only)."""
+
+        config_class = LayerfreezeConfig
+
+        def __init__(self, config: Any, *args: Any, **kwargs: Any) -> None:
+            raise TypeError(
+                "LayerfreezeForCausalLM: a layerfreeze export is built only by from_pretrained(dir), "
+                f"which re-attaches the adapters in {SIDECAR_FILE}; a model built from the config "
+                "alone would be the base model without them."
+            )
+
+        @classmethod
+        def from_pretrained(cls, pretrained_model_name_or_path: Any, *model_args: Any, **kwargs: Any):
+            if model_args:
+                raise TypeError("LayerfreezeForCausalLM.from_pretrained: takes no positional model args.")
+            config = kwargs.pop("config", None)
+            for k in ("trust_remote_code", "adapter_kwargs", "code_revision", "_from_auto"):
+                kwargs.pop(k, None)
+            if isinstance(config, LayerfreezeConfig):
+                # transformers built it from config.json plus the caller's overrides
+                # (attn_implementation, use_cache, ...): the same, as the base architecture's.
+                base = _base_config(config.to_dict(), str(pretrained_model_name_or_path))
+                base._attn_implementation = config._attn_implementation
+                kwargs["config"] = base
+            path = Path(pretrained_model_name_or_path)
+            if not path.is_dir():  # a hub repository: fetch the whole export, sidecar included
+                from huggingface_hub import snapshot_download
+
+                hub = {k: kwargs.pop(k) for k in ("revision", "token", "cache_dir") if k in kwargs}
+                path = Path(snapshot_download(str(pretrained_model_name_or_path), **hub))
+            for k in ("revision", "token", "cache_dir", "force_download", "local_files_only", "proxies"):
+                kwargs.pop(k, None)
+            if kwargs.get("subfolder"):
+                path = path / kwargs.pop("subfolder")
+            kwargs.pop("subfolder", None)
+            return load_export(path, str(pretrained_model_name_or_path), **kwargs)
+
+    _REMOTE = (LayerfreezeConfig, LayerfreezeForCausalLM)
+    return _REMOTE

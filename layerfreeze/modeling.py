@@ -44,10 +44,20 @@ def hf_model_config(model_cfg: ModelConfig, vocab_size: int | None = None):
                 f"model.path: no Hugging Face checkpoint (config.json) at {model_cfg.path!r}. "
                 "Give a directory saved with save_pretrained, or use model.architecture."
             )
+        from layerfreeze.export import SIDECAR_FILE, sidecar_info
+
         try:
             check_weight_files(path, "model.path")  # a truncated download fails before any work
+            n_sidecar, _ = sidecar_info(path, "model.path")
         except ValueError as e:
             raise ConfigError(str(e)) from None
+        if n_sidecar:
+            raise ConfigError(
+                f"model.path: {model_cfg.path!r} is a layerfreeze export whose {n_sidecar} adapter "
+                f"tensors (gated LoRA / prefixes, {SIDECAR_FILE}) are not in the base weights; "
+                "training from it would start from the base model without them. Resume the run "
+                "from its checkpoint instead, or export a plan that merges fully."
+            )
         try:
             return AutoConfig.from_pretrained(str(path))
         except (OSError, ValueError) as e:  # a config.json that is not JSON, or unknown type
@@ -139,7 +149,12 @@ def check_weight_files(path: str | Path, key: str = "--model") -> None:
 
 
 def load_causal_lm(path: str | Path, key: str = "--model", **kwargs: Any) -> torch.nn.Module:
-    """``AutoModelForCausalLM.from_pretrained(path, **kwargs)`` with user errors as ``ValueError``.
+    """``AutoModelForCausalLM.from_pretrained(path, **kwargs)`` with user errors as ``ValueError``:
+    the one loader of every command that loads a model (eval, trace, prune, compose, export).
+
+    A layerfreeze export whose sidecar holds adapters that could not be merged (gated LoRA,
+    prefixes) loads with them re-attached (:func:`layerfreeze.export.load_export`), never as
+    the bare base model.
 
     Args:
         path: a Hugging Face checkpoint directory.
@@ -150,7 +165,6 @@ def load_causal_lm(path: str | Path, key: str = "--model", **kwargs: Any) -> tor
         ValueError: no checkpoint there, a corrupt weight file or config, naming ``key``.
     """
     from safetensors import SafetensorError
-    from transformers import AutoModelForCausalLM
 
     if not (Path(path) / "config.json").is_file():
         raise ValueError(
@@ -158,9 +172,13 @@ def load_causal_lm(path: str | Path, key: str = "--model", **kwargs: Any) -> tor
             "saved with save_pretrained."
         )
     check_weight_files(path, key)
+    from layerfreeze.export import load_export, sidecar_info
+
+    sidecar_info(path, key)  # a marked export without its sidecar: named before loading
     try:
-        return AutoModelForCausalLM.from_pretrained(str(path), **kwargs)
+        return load_export(path, key, **kwargs)
     except (OSError, ValueError, SafetensorError) as e:
-        raise ValueError(
-            f"{key} {path}: cannot load a causal LM ({str(e).splitlines()[0]})."
-        ) from None
+        msg = str(e).splitlines()[0]
+        if msg.startswith(f"{key} {path}:"):
+            raise ValueError(msg) from None
+        raise ValueError(f"{key} {path}: cannot load a causal LM ({msg}).") from None

@@ -124,8 +124,8 @@ def run(args: argparse.Namespace) -> int:
         return 2
 
     import torch
-    from transformers import AutoTokenizer
 
+    from layerfreeze.data.tokenizer import auto_tokenizer
     from layerfreeze.evaluation.report import (
         format_summary,
         submission_json,
@@ -140,7 +140,7 @@ def run(args: argparse.Namespace) -> int:
     _init_distributed()
     dtype = "auto" if args.dtype == "auto" else getattr(torch, args.dtype)
     try:
-        tokenizer = AutoTokenizer.from_pretrained(args.tokenizer or args.model)
+        tokenizer = auto_tokenizer(args.tokenizer or args.model)
     except (OSError, ValueError) as e:
         logger.error("--tokenizer %s: cannot load a tokenizer: %s", args.tokenizer or args.model,
                      " ".join(str(e).split()))  # transformers' message spans lines

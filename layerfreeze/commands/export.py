@@ -88,9 +88,14 @@ def run(args: argparse.Namespace) -> int:
         )
         return 2
     try:
-        from layerfreeze.export import export_merged, load_trainable
+        from layerfreeze.export import SIDECAR_FILE, export_merged, load_trainable, sidecar_info
         from layerfreeze.modeling import load_causal_lm
 
+        if sidecar_info(model_dir, "--model")[0]:
+            raise ValueError(
+                f"--model {model_dir}: a layerfreeze export whose adapters are in {SIDECAR_FILE}, "
+                "not a base checkpoint; pass the checkpoint the run started from (model.path)."
+            )
         model = load_causal_lm(model_dir, "--model", dtype="auto")
         applied = load_trainable(model, args.adapter_dir)
         if args.format == "peft":

@@ -67,7 +67,9 @@ def build_meta_model(path: str | Path):
         if not (path / "config.json").is_file():
             raise FileNotFoundError(f"--model {path}: no config.json in this directory.")
         try:
-            config = AutoConfig.from_pretrained(str(path))
+            from layerfreeze.export import export_base_config
+
+            config = export_base_config(path)  # a layerfreeze export: its base architecture
         except (OSError, ValueError) as e:  # not JSON, or a model type transformers lacks
             raise ValueError(
                 f"--model {path / 'config.json'}: cannot read it ({str(e).splitlines()[0]})."

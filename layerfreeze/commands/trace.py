@@ -244,8 +244,8 @@ def run(args: argparse.Namespace) -> int:
         return 2
 
     import torch
-    from transformers import AutoTokenizer
 
+    from layerfreeze.data.tokenizer import auto_tokenizer
     from layerfreeze.diagnostics.recommend import recommend, write_recommendation
     from layerfreeze.diagnostics.report import summary_table, write_trace
     from layerfreeze.diagnostics.trace import run_trace
@@ -254,7 +254,7 @@ def run(args: argparse.Namespace) -> int:
     from layerfreeze.utils.io import atomic_directory
 
     try:
-        tokenizer = AutoTokenizer.from_pretrained(args.tokenizer or args.model)
+        tokenizer = auto_tokenizer(args.tokenizer or args.model)
     except (OSError, ValueError) as e:
         logger.error(
             "--tokenizer: cannot load a tokenizer from %r (%s).",
@@ -324,13 +324,17 @@ def _load_zero3(args: argparse.Namespace, dtype):
     import torch
 
     from layerfreeze.engines.deepspeed import gathered_parameters, load_zero3_for_inference
+    from layerfreeze.export import SIDECAR_FILE, export_base_config, sidecar_info
     from layerfreeze.modeling import load_causal_lm
     from layerfreeze.utils.dist import get_rank, get_world_size
 
+    if sidecar_info(args.model)[0]:
+        raise ValueError(
+            f"--zero3: {args.model} is a layerfreeze export with adapters in {SIDECAR_FILE} "
+            "(gated LoRA / prefixes), which --zero3 does not re-attach. Trace it without --zero3."
+        )
     if dtype == "auto":
-        from transformers import AutoConfig
-
-        saved = getattr(AutoConfig.from_pretrained(args.model), "dtype", None)
+        saved = getattr(export_base_config(args.model), "dtype", None)
         dtype = saved if isinstance(saved, torch.dtype) else torch.float32
     model, engine = load_zero3_for_inference(
         lambda: load_causal_lm(args.model, "--model", dtype=dtype), dtype

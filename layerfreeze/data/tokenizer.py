@@ -39,8 +39,10 @@ __all__ = [
     "SPECIAL_TOKENS",
     "train_tokenizer",
     "sentencepiece_to_hf",
+    "auto_tokenizer",
     "load_tokenizer",
     "prepare_tokenizer",
+    "save_tokenizer",
     "tokenizer_fingerprint",
 ]
 
@@ -365,6 +367,48 @@ def sentencepiece_to_hf(model_file: str | Path) -> PreTrainedTokenizerBase:
     )
 
 
+def auto_tokenizer(path: str | Path, **kwargs: Any) -> PreTrainedTokenizerBase:
+    """``AutoTokenizer.from_pretrained(path)``, as the class recorded in tokenizer_config.json.
+
+    transformers replaces the recorded ``tokenizer_class`` for some model types (5.25 loads any
+    tokenizer next to a ``qwen2`` config as ``Qwen2Tokenizer``, which rebuilds a byte-level BPE
+    from the vocabulary and encodes other ids). A directory saved before :func:`save_tokenizer`
+    pinned the class is loaded here with the recorded class itself (a warning says so).
+
+    Raises:
+        OSError, ValueError: transformers cannot load a tokenizer from ``path``.
+    """
+    import transformers
+    from transformers import AutoTokenizer
+
+    path = Path(path)
+    if "config" not in kwargs and (path / "config.json").is_file():
+        from layerfreeze.export import EXPORT_MODEL_TYPE, export_base_config
+
+        try:
+            marked = json.loads((path / "config.json").read_text(encoding="utf-8")).get(
+                "model_type") == EXPORT_MODEL_TYPE
+        except (ValueError, AttributeError):
+            marked = False
+        if marked:  # a layerfreeze export: its base config, not transformers' custom-code prompt
+            kwargs["config"] = export_base_config(path)
+    tokenizer = AutoTokenizer.from_pretrained(str(path), **kwargs)
+    try:
+        recorded = json.loads((path / "tokenizer_config.json").read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        return tokenizer
+    name = recorded.get("tokenizer_class") if isinstance(recorded, dict) else None
+    cls = getattr(transformers, name, None) if isinstance(name, str) else None
+    got = type(tokenizer).__name__
+    if cls is None or got in (name, name.removesuffix("Fast"), name + "Fast"):
+        return tokenizer
+    log_rank0(
+        logger, "%s: AutoTokenizer gives %s but tokenizer_config.json records %s; loading %s "
+        "(the tokenizer the model was saved with)", path, got, name, name, level=30,
+    )
+    return cls.from_pretrained(str(path), **kwargs)
+
+
 def load_tokenizer(cfg: TokenizerConfig | str | Path) -> PreTrainedTokenizerBase:
     """Load the tokenizer named by ``cfg.path``: an HF tokenizer directory or a ``.model`` file.
 
@@ -374,8 +418,6 @@ def load_tokenizer(cfg: TokenizerConfig | str | Path) -> PreTrainedTokenizerBase
     Raises:
         ConfigError: no path given, the path does not exist, or it holds no tokenizer.
     """
-    from transformers import AutoTokenizer
-
     path_value = cfg if isinstance(cfg, (str, Path)) else cfg.path
     if not path_value:
         raise ConfigError(
@@ -396,7 +438,7 @@ def load_tokenizer(cfg: TokenizerConfig | str | Path) -> PreTrainedTokenizerBase
                 f"tokenizer.path: {e} Give an HF tokenizer directory or a .model file."
             ) from None
     try:
-        return AutoTokenizer.from_pretrained(str(path))
+        return auto_tokenizer(path)
     except (OSError, ValueError) as e:
         if (path / "tokenizer.model").is_file() and not (path / "tokenizer.json").is_file():
             return sentencepiece_to_hf(path / "tokenizer.model")
@@ -406,6 +448,100 @@ def load_tokenizer(cfg: TokenizerConfig | str | Path) -> PreTrainedTokenizerBase
             "Give an HF tokenizer directory (tokenizer.json + tokenizer_config.json) or a "
             "SentencePiece .model file."
         ) from None
+
+
+#: Written next to a saved tokenizer when transformers would replace its recorded class (below).
+TOKENIZER_MODULE = "layerfreeze_tokenizer.py"
+_TOKENIZER_MODULE_TEXT = '''"""Written by layerfreeze next to a saved tokenizer: ``AutoTokenizer`` loads it as itself.
+
+transformers replaces the ``tokenizer_class`` recorded in tokenizer_config.json for some model
+types (e.g. ``qwen2``: every tokenizer next to a Qwen2 config would load as ``Qwen2Tokenizer``,
+which encodes other ids). The ``auto_map`` entry pointing here makes ``AutoTokenizer`` read the
+recorded class again; with ``trust_remote_code=True`` it loads this subclass of it, which reads
+tokenizer.json as saved.
+"""
+
+from transformers import {base}
+
+
+class LayerfreezeTokenizer({base}):
+    """The saved ``{base}``, loaded from tokenizer.json unchanged."""
+'''
+# Mixed Chinese / English, digits and punctuation: a tokenizer that loads as another class
+# (e.g. Qwen2Tokenizer rebuilt from the vocabulary) encodes it differently.
+_PROBE_TEXT = "混合文本：Hello 世界, layerfreeze 训练 2026 年 — the quick brown fox 跳过 13 只 lazy dogs!"
+
+
+def _loaded_as(directory: Path) -> Any:
+    from transformers import AutoTokenizer
+
+    return AutoTokenizer.from_pretrained(str(directory))
+
+
+def _same_tokenizer(saved: Any, loaded: Any) -> bool:
+    return (
+        type(loaded).__name__ == type(saved).__name__
+        and len(loaded) == len(saved)
+        and loaded(_PROBE_TEXT)["input_ids"] == saved(_PROBE_TEXT)["input_ids"]
+    )
+
+
+def save_tokenizer(tokenizer: PreTrainedTokenizerBase, directory: str | Path) -> None:
+    """Save ``tokenizer`` into a model directory so that ``AutoTokenizer`` loads it as itself.
+
+    Call it after the model's config.json is written (``AutoTokenizer`` reads the model type).
+    The class is recorded as ``tokenizer_class`` in tokenizer_config.json. Some model types make
+    transformers ignore that record (5.25 loads any tokenizer next to a ``qwen2`` config as
+    ``Qwen2Tokenizer``): then an ``auto_map`` entry and a small tokenizer module
+    (:data:`TOKENIZER_MODULE`, a subclass of the recorded class) are written too, which makes
+    ``AutoTokenizer`` honour the record (and, with ``trust_remote_code=True``, load the subclass).
+    The result is checked by loading it back with ``AutoTokenizer`` (class, size and the ids of a
+    mixed Chinese/English text).
+
+    Args:
+        tokenizer: the tokenizer the model was trained with.
+        directory: the model directory (its config.json already written).
+
+    Raises:
+        ValueError: ``AutoTokenizer`` still loads another tokenizer from ``directory``.
+    """
+    directory = Path(directory)
+    tokenizer.save_pretrained(str(directory))
+    cls = type(tokenizer).__name__
+    config_path = directory / "tokenizer_config.json"
+    config = json.loads(config_path.read_text(encoding="utf-8"))
+    if config.get("tokenizer_class") != cls:
+        config["tokenizer_class"] = cls
+        atomic_write_json(config_path, config)
+    loaded = _loaded_as(directory)
+    if _same_tokenizer(tokenizer, loaded):
+        return
+    import transformers
+
+    if getattr(transformers, cls, None) is not type(tokenizer):
+        raise ValueError(
+            f"{directory}: AutoTokenizer loads the saved {cls} as {type(loaded).__name__}, "
+            f"and {cls} is not a transformers class that an auto_map could name. Save a "
+            "transformers tokenizer (e.g. load_tokenizer on its files) next to the model."
+        )
+    log_rank0(
+        logger, "%s: AutoTokenizer would load the saved %s as %s here; pinning the class with an "
+        "auto_map (%s)", directory, cls, type(loaded).__name__, TOKENIZER_MODULE,
+    )
+    (directory / TOKENIZER_MODULE).write_text(
+        _TOKENIZER_MODULE_TEXT.format(base=cls), encoding="utf-8"
+    )
+    config["auto_map"] = {
+        "AutoTokenizer": [None, f"{TOKENIZER_MODULE[:-3]}.LayerfreezeTokenizer"]
+    }
+    atomic_write_json(config_path, config)
+    loaded = _loaded_as(directory)
+    if not _same_tokenizer(tokenizer, loaded):
+        raise ValueError(
+            f"{directory}: AutoTokenizer loads the saved {cls} as {type(loaded).__name__} with "
+            "other ids, even with tokenizer_class and auto_map recorded. Load the tokenizer "
+            f"with {cls}.from_pretrained, or report this transformers version."
+        )
 
 
 def prepare_tokenizer(

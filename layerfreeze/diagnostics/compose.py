@@ -288,7 +288,7 @@ def compose_checkpoints(
     Raises:
         ConfigError, ValueError, FileNotFoundError, FileExistsError: bad input.
     """
-    from transformers import AutoConfig
+    from layerfreeze.export import export_base_config, restack_sidecar_plan, sidecar_info
 
     t0 = time.perf_counter()
     out = Path(out)
@@ -312,12 +312,14 @@ def compose_checkpoints(
         )
     paths = {k: str(v) for k, v in sources.items()}
     configs = {}
+    sidecars: dict[str, Any] = {}  # a source export's sidecar plan.json (None: no sidecar)
     for name, path in paths.items():
         if not (Path(path) / "config.json").is_file():
             raise FileNotFoundError(
                 f"--model {name}={path}: not a Hugging Face checkpoint directory (no config.json)."
             )
-        configs[name] = AutoConfig.from_pretrained(path)
+        configs[name] = export_base_config(path, f"--model {name}=")
+        sidecars[name] = sidecar_info(path, f"--model {name}=")[1]
     origins = parse_layer_map(layers, {k: num_layers_of(c) for k, c in configs.items()})
     used = {o.source for o in origins} | {base}
     check_compatible(base, {k: configs[k] for k in sorted(used)}, paths)
@@ -360,11 +362,16 @@ def compose_checkpoints(
         seconds=0.0,
     )
     report.seconds = round(time.perf_counter() - t0, 3)
+    # Each layer brings its source's sidecar adapters (they moved with the blocks).
+    sidecar_plan = restack_sidecar_plan(
+        [(sidecars[o.source], o.index) for o in origins], sidecars[base], model.config.model_type
+    )
     save_checkpoint(
         model,
         out,
         tokenizer_from=paths[base],
         reports={"compose.json": report.to_dict()},
         overwrite=overwrite,
+        sidecar_plan=sidecar_plan,
     )
     return report

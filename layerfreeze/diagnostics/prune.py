@@ -277,7 +277,7 @@ def check_structure(model: nn.Module) -> None:
     with torch.device("meta"):
         ref = AutoModelForCausalLM.from_config(copy.deepcopy(model.config))
     want = {k: tuple(v.shape) for k, v in ref.state_dict().items()}
-    have = {k: tuple(v.shape) for k, v in model.state_dict().items()}
+    have = {k: tuple(v.shape) for k, v in base_tensors(model).items()}
     missing = sorted(set(want) - set(have))
     extra = sorted(set(have) - set(want))
     bad = sorted(k for k in set(want) & set(have) if want[k] != have[k])
@@ -299,25 +299,36 @@ def check_structure(model: nn.Module) -> None:
 
 
 def load_causal_lm(path: str | Path, what: str = "--model") -> nn.Module:
-    """``AutoModelForCausalLM.from_pretrained(path)`` in its saved dtype, eval mode, on CPU.
+    """``AutoModelForCausalLM.from_pretrained(path)`` in its saved dtype, eval mode, on CPU, a
+    layerfreeze export with its sidecar adapters re-attached (:func:`layerfreeze.modeling.load_causal_lm`).
 
     Raises:
         FileNotFoundError: no checkpoint directory with a config.json at ``path``.
         ValueError: transformers cannot load it (the message says why).
     """
-    from transformers import AutoModelForCausalLM
+    from layerfreeze import modeling
 
     path = Path(path)
     if not (path / "config.json").is_file():
         raise FileNotFoundError(
             f"{what} {path}: not a Hugging Face checkpoint directory (no config.json)."
         )
-    try:
-        model = AutoModelForCausalLM.from_pretrained(str(path), dtype="auto")
-    except (OSError, ValueError, KeyError) as e:
+    try:  # the commands' one loader: a layerfreeze export comes with its sidecar adapters
+        model = modeling.load_causal_lm(path, what, dtype="auto")
+    except (ValueError, KeyError) as e:
         first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+        if first.startswith(f"{what} {path}:"):
+            raise ValueError(first) from None
         raise ValueError(f"{what} {path}: could not load the checkpoint ({first}).") from None
     return model.eval()
+
+
+def base_tensors(model: nn.Module) -> dict[str, torch.Tensor]:
+    """``model.state_dict()`` without adapter tensors (those go to the sidecar)."""
+    from layerfreeze.apply import adapter_param_names
+
+    adapters = set(adapter_param_names(model))
+    return {k: v for k, v in model.state_dict().items() if k not in adapters}
 
 
 def has_tokenizer(path: str | Path) -> bool:
@@ -334,8 +345,12 @@ def save_checkpoint(
     tokenizer_from: str | Path | None = None,
     reports: dict[str, Any] | None = None,
     overwrite: bool = False,
+    sidecar_plan: dict[str, Any] | None = None,
 ) -> Path:
     """Save ``model`` as a standard HF checkpoint, atomically (staging directory + rename).
+
+    A model carrying layerfreeze adapters (loaded from an export with a sidecar) is saved as an
+    export: base weights plus the adapters in the sidecar (:func:`layerfreeze.export.write_sidecar`).
 
     Args:
         model: the model to save (its config is checked against its weights first).
@@ -343,12 +358,14 @@ def save_checkpoint(
         tokenizer_from: a checkpoint directory whose tokenizer is saved alongside, if it has one.
         reports: ``{file name: JSON-able object}`` written into the directory too.
         overwrite: replace an existing ``out``.
+        sidecar_plan: the sidecar's ``plan.json`` content for the model's adapters
+            (:func:`layerfreeze.export.restack_sidecar_plan`); required when it has any.
 
     Raises:
         FileExistsError: ``out`` exists and ``overwrite`` is False.
         ValueError: the config does not describe the weights (see :func:`check_structure`).
     """
-    from layerfreeze.data.tokenizer import load_tokenizer
+    from layerfreeze.data.tokenizer import load_tokenizer, save_tokenizer
     from layerfreeze.utils.io import atomic_directory
 
     out = Path(out)
@@ -356,14 +373,22 @@ def save_checkpoint(
         raise FileExistsError(
             f"--out {out}: already exists. Choose a new directory or pass --overwrite."
         )
+    from layerfreeze.apply import adapter_param_names
+    from layerfreeze.export import write_sidecar
+
     check_structure(model)
+    params = dict(model.named_parameters())
+    adapters = {n: params[n].detach() for n in adapter_param_names(model)}
+    assert not adapters or sidecar_plan is not None, "adapters to save need their sidecar plan"
     tokenizer = None
     if tokenizer_from is not None and has_tokenizer(tokenizer_from):
         tokenizer = load_tokenizer(str(tokenizer_from))
     with atomic_directory(out, overwrite=overwrite) as tmp:
-        model.save_pretrained(str(tmp))
+        model.save_pretrained(str(tmp), state_dict=base_tensors(model))
         if tokenizer is not None:
-            tokenizer.save_pretrained(str(tmp))
+            save_tokenizer(tokenizer, tmp)
+        if sidecar_plan is not None:
+            write_sidecar(tmp, adapters, sidecar_plan)
         for name, obj in (reports or {}).items():
             (tmp / name).write_text(
                 json.dumps(obj, indent=2, ensure_ascii=False) + "\n", encoding="utf-8"
@@ -497,9 +522,8 @@ def prune_checkpoint(
     Raises:
         ValueError, FileNotFoundError, FileExistsError: bad input (the message names it).
     """
-    from transformers import AutoConfig
-
     from layerfreeze.data.tokenizer import load_tokenizer
+    from layerfreeze.export import export_base_config, restack_sidecar_plan, sidecar_info
 
     t0 = time.perf_counter()
     model_path = Path(model_path)
@@ -512,7 +536,8 @@ def prune_checkpoint(
         raise FileExistsError(
             f"--out {out}: already exists. Choose a new directory or pass --overwrite."
         )
-    config = AutoConfig.from_pretrained(str(model_path))
+    config = export_base_config(model_path)
+    _n, sidecar_meta = sidecar_info(model_path)
     total = num_layers_of(config)
     max_pos = getattr(config, "max_position_embeddings", None) or getattr(
         config, "n_positions", None
@@ -566,11 +591,16 @@ def prune_checkpoint(
         seconds=0.0,
     )
     report.seconds = round(time.perf_counter() - t0, 3)
+    # The removed layers' sidecar entries go with them; the kept ones are renumbered.
+    sidecar_plan = restack_sidecar_plan(
+        [(sidecar_meta, i) for i in kept], sidecar_meta, model.config.model_type
+    )
     save_checkpoint(
         model,
         out,
         tokenizer_from=model_path,
         reports={"prune.json": report.to_dict()},
         overwrite=overwrite,
+        sidecar_plan=sidecar_plan,
     )
     return report

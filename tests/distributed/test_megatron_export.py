@@ -22,7 +22,13 @@ from transformers import AutoConfig, AutoModelForCausalLM
 
 from layerfreeze.apply import apply_plan
 from layerfreeze.engines.megatron import convert as C
-from layerfreeze.export import PLAN_FILE, SIDECAR_FILE, export_merged, load_trainable
+from layerfreeze.export import (
+    PLAN_FILE,
+    SIDECAR_FILE,
+    export_base_config,
+    export_merged,
+    load_trainable,
+)
 from layerfreeze.plan import LayerPlan
 from tests.helpers.dist import run_distributed
 from tests.helpers.tiny_models import build_tiny_model, tiny_batch
@@ -51,8 +57,12 @@ def _hf(seed: int = 0):
 
 
 def _load(path) -> torch.nn.Module:
+    # The base architecture's weights (an export with a sidecar is marked so that a plain
+    # from_pretrained refuses it: tests/faults/test_sidecar_loading.py).
     return (
-        AutoModelForCausalLM.from_pretrained(str(path), attn_implementation="eager").float().eval()
+        AutoModelForCausalLM.from_pretrained(
+            str(path), config=export_base_config(path), attn_implementation="eager"
+        ).float().eval()
     )
 
 
@@ -109,6 +119,8 @@ def _check_export(out_dir: Path, megatron_logits: torch.Tensor, spec, tmp_path: 
         (ref_dir / PLAN_FILE).read_text()
     )
     assert _sidecar_shapes(out_dir) == _sidecar_shapes(ref_dir)
+    marked = [json.loads((d / "config.json").read_text())["model_type"] for d in (out_dir, ref_dir)]
+    assert marked[0] == marked[1]  # guarded alike (layerfreeze) or plain alike
     loaded = _load(out_dir)
     assert not any(_is_adapter(k) for k in loaded.state_dict())
     merged_only = _hf_logits(loaded, ids)

@@ -82,7 +82,13 @@ def test_tp2_hlpt_trains_evaluates_and_exports(tmp_path, eval_data_dir):
         assert evals[0]["results"][bench]["num_questions"] == 4
     from transformers import AutoModelForCausalLM
 
-    model = AutoModelForCausalLM.from_pretrained(out / "export")
+    from layerfreeze.export import load_export
+
+    # hlpt's gated LoRA and prefix stay in the sidecar: the export is guarded (a plain load
+    # refuses it, tests/faults/test_sidecar_loading.py); layerfreeze loads it with them.
+    with pytest.raises(ValueError, match="trust_remote_code=True"):
+        AutoModelForCausalLM.from_pretrained(out / "export")
+    model = load_export(out / "export")
     ids = torch.tensor([[1, 5, 9, 3]])
     assert torch.isfinite(model(ids).logits).all()
 

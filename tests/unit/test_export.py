@@ -10,7 +10,15 @@ from safetensors.torch import load_file
 from transformers import AutoModelForCausalLM
 
 from layerfreeze.apply import apply_plan
-from layerfreeze.export import ADAPTER_FILE, PLAN_FILE, SIDECAR_FILE, export_merged, load_trainable, save_trainable
+from layerfreeze.export import (
+    ADAPTER_FILE,
+    PLAN_FILE,
+    SIDECAR_FILE,
+    export_base_config,
+    export_merged,
+    load_trainable,
+    save_trainable,
+)
 from tests.helpers.tiny_models import TINY_FAMILIES, build_tiny_model, tiny_batch
 
 PLAN = "0:lora(r=2,target=all),1:full,2:lora(r=2,target=mlp,gated),3:prefix(tokens=3,gated),embeddings:full"
@@ -74,8 +82,9 @@ def test_export_merged_loads_with_from_pretrained(family, tmp_path):
         assert torch.equal(model(ids).logits, ref)
     names = {p.name for p in out.iterdir()}
     assert {"config.json", SIDECAR_FILE, PLAN_FILE} <= names and any(n.endswith(".safetensors") and n != SIDECAR_FILE for n in names)
-    # A plain transformers load: base architecture, merged weights, no adapter names.
-    plain = AutoModelForCausalLM.from_pretrained(str(out))
+    # The base architecture's weights (config.json is marked: see tests/faults/test_sidecar_loading.py),
+    # merged, no adapter names.
+    plain = AutoModelForCausalLM.from_pretrained(str(out), config=export_base_config(out))
     assert not [n for n, _ in plain.named_parameters() if "lora_" in n or "prefix_" in n]
     assert type(plain) is type(model)
     sidecar = load_file(str(out / SIDECAR_FILE))

@@ -888,9 +888,7 @@ def test_experts_lora_refuses_dropout_with_the_reason():
 
 
 def test_gated_experts_lora_is_not_merged_and_round_trips(tmp_path):
-    from transformers import AutoModelForCausalLM
-
-    from layerfreeze.export import export_merged, load_trainable
+    from layerfreeze.export import export_merged, load_export
 
     model = build_matrix_model("mixtral")
     applied = apply_plan(model, "hlpt(r=2,tokens=2)")
@@ -899,8 +897,7 @@ def test_gated_experts_lora_is_not_merged_and_round_trips(tmp_path):
     with torch.no_grad():
         want = model(ids).logits
     export_merged(applied, tmp_path)
-    reloaded = AutoModelForCausalLM.from_pretrained(tmp_path).eval()
-    load_trainable(reloaded, tmp_path)  # the gated experts' LoRA comes back from the sidecar
+    reloaded = load_export(tmp_path).eval()  # the gated experts' LoRA comes back from the sidecar
     with torch.no_grad():
         torch.testing.assert_close(reloaded(ids).logits, want, rtol=1e-5, atol=1e-5)
 

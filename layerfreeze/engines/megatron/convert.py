@@ -57,7 +57,7 @@ import torch
 from safetensors import safe_open
 from safetensors.torch import save_file
 
-from layerfreeze.utils.io import atomic_directory, atomic_write_json, grant_umask_mode
+from layerfreeze.utils.io import atomic_directory, atomic_write_json
 from layerfreeze.utils.logging import get_logger, log_rank0
 
 __all__ = [
@@ -1096,7 +1096,9 @@ def save_hf_checkpoint(
                 {"metadata": {"total_size": total}, "weight_map": weight_map},
             )
         if tokenizer is not None:
-            tokenizer.save_pretrained(str(tmp))
+            from layerfreeze.data.tokenizer import save_tokenizer
+
+            save_tokenizer(tokenizer, tmp)  # loads as itself through AutoTokenizer
         if sidecar is not None:
             _write_sidecar(tmp, *sidecar)
     log_rank0(logger, "saved Hugging Face checkpoint (%d tensors) to %s", len(sd), directory)
@@ -1494,14 +1496,8 @@ def gather_hf_sidecar(
 
 
 def _write_sidecar(directory: Path, tensors: Mapping[str, torch.Tensor], meta: Mapping) -> None:
-    """``layerfreeze_sidecar.safetensors`` + ``plan.json`` into ``directory``, as
-    ``layerfreeze.export.export_merged`` writes them."""
-    from layerfreeze.export import PLAN_FILE, SIDECAR_FILE
+    """``layerfreeze_sidecar.safetensors`` + ``plan.json`` into ``directory`` (config.json
+    already there), as ``layerfreeze.export.export_merged`` writes them (one writer)."""
+    from layerfreeze.export import write_sidecar
 
-    save_file(
-        _tensors_for_file(tensors),
-        str(directory / SIDECAR_FILE),
-        metadata={"format": meta["format"]},
-    )
-    grant_umask_mode(directory / SIDECAR_FILE)  # safetensors writes 0600 (Bridge: in place)
-    atomic_write_json(directory / PLAN_FILE, dict(meta))
+    write_sidecar(directory, dict(tensors), dict(meta))
