@@ -34,6 +34,13 @@ from torch import nn
 from layerfreeze.errors import ConfigError
 from layerfreeze.models import LayerInfo, ModelLayout
 from layerfreeze.policies.base import PolicySpec
+from layerfreeze.policies.lora_math import (
+    add_low_rank,
+    delta_weight,
+    merge_delta,
+    scale_low_rank,
+    unmerge_delta,
+)
 from layerfreeze.registry import register_policy
 
 __all__ = [
@@ -49,6 +56,8 @@ __all__ = [
     "merge_lora",
     "unmerge_lora",
     "ExpertsLoRAAdapter",
+    "block_input",
+    "has_hook",
 ]
 
 _TARGET_KEYWORDS = ("mlp", "attn", "all", "down")
@@ -257,27 +266,15 @@ class LoRAAdapter(nn.Module):
             x = self.lora_dropout(x)
         if x.dtype != self.lora_a.dtype:
             x = x.to(self.lora_a.dtype)
-        h = F.linear(x, self.lora_a)
-        scale = self.scaling
         gate = self.gate
-        if gate is not None:
-            g = gate.current(x)  # (..., 1) fp32: gate maths in fp32 on the rank-r tensor only
-            h = (h.float() * (g * scale)).to(h.dtype)
-            scale = 1.0
-        if h.dtype != base_out.dtype:  # adapter kept in another dtype than the base output
-            return base_out + (F.linear(h, self.lora_b) * scale).to(base_out.dtype)
-        out2d = torch.addmm(
-            base_out.reshape(-1, base_out.shape[-1]),
-            h.reshape(-1, h.shape[-1]),
-            self.lora_b.t(),
-            alpha=scale,
+        h, scale = scale_low_rank(
+            F.linear(x, self.lora_a), self.scaling, gate.current(x) if gate is not None else None
         )
-        return out2d.view(base_out.shape)
+        return add_low_rank(base_out, h, self.lora_b, scale)
 
     def delta_weight(self) -> torch.Tensor:
         """``(alpha / r) B A`` laid out like the base weight (transposed for ``Conv1D``)."""
-        d = (self.lora_b.float() @ self.lora_a.float()) * self.scaling
-        return d.t() if self.transposed else d
+        return delta_weight(self.lora_a, self.lora_b, self.scaling, transposed=self.transposed)
 
     @torch.no_grad()
     def merge(self, base: nn.Module) -> None:
@@ -292,16 +289,14 @@ class LoRAAdapter(nn.Module):
                 "into the base weight; export keeps it in the sidecar instead."
             )
         if not self.merged:
-            w = base.weight
-            w.add_(self.delta_weight().to(device=w.device, dtype=w.dtype))
+            merge_delta(base.weight, self.delta_weight())
             self.merged = True
 
     @torch.no_grad()
     def unmerge(self, base: nn.Module) -> None:
         """Take a merged update back out of ``base.weight`` (idempotent)."""
         if self.merged:
-            w = base.weight
-            w.sub_(self.delta_weight().to(device=w.device, dtype=w.dtype))
+            unmerge_delta(base.weight, self.delta_weight())
             self.merged = False
 
     def extra_repr(self) -> str:
@@ -422,8 +417,9 @@ class _ExpertWeightLoRA(nn.Module):
 
     def delta(self) -> torch.Tensor:
         """``(alpha / r) B A`` per expert, laid out like the fused weight."""
-        d = torch.matmul(self.lora_b, self.lora_a) * self.scaling  # (E, out, in)
-        return d.transpose(-1, -2) if self.transposed else d
+        return delta_weight(  # (E, out, in), differentiable: used in the forward
+            self.lora_a, self.lora_b, self.scaling, transposed=self.transposed, fp32=False
+        )
 
 
 class ExpertsLoRAAdapter(nn.Module):
@@ -524,8 +520,8 @@ class ExpertsLoRAAdapter(nn.Module):
             y = y + getattr(base, f"{name}_bias")[e]
         lora = getattr(self, name)
         h = F.linear(x.to(lora.lora_a.dtype), lora.lora_a[e])
-        h = (h.float() * (g * self.scaling)).to(h.dtype)
-        return y + F.linear(h, lora.lora_b[e]).to(y.dtype)
+        h, scale = scale_low_rank(h, self.scaling, g)
+        return add_low_rank(y, h, lora.lora_b[e], scale)
 
     @torch.no_grad()
     def merge(self, base: nn.Module) -> None:
@@ -540,8 +536,9 @@ class ExpertsLoRAAdapter(nn.Module):
                 "cannot be merged into their weights; export keeps it in the sidecar instead."
             )
         if not self.merged:
-            for name, w in self.weights(base).items():
-                getattr(base, name).copy_(w)
+            for name, lora in self.named_children():
+                if isinstance(lora, _ExpertWeightLoRA):
+                    merge_delta(getattr(base, name), lora.delta())
             self.merged = True
 
     @torch.no_grad()
@@ -550,8 +547,7 @@ class ExpertsLoRAAdapter(nn.Module):
         if self.merged:
             for name, lora in self.named_children():
                 if isinstance(lora, _ExpertWeightLoRA):
-                    w = getattr(base, name)
-                    w.sub_(lora.delta().to(w.dtype))
+                    unmerge_delta(getattr(base, name), lora.delta())
             self.merged = False
 
     def extra_repr(self) -> str:
@@ -640,7 +636,7 @@ def _lora_forward_hook(module: nn.Module, args: tuple, output: torch.Tensor) -> 
     return module._modules[_ADAPTER_ATTR](args[0], output)
 
 
-def _block_input(module: nn.Module, args: tuple, kwargs: dict, where: str) -> torch.Tensor:
+def block_input(module: nn.Module, args: tuple, kwargs: dict, where: str) -> torch.Tensor:
     """The hidden states a sub-block (attention / MLP) was called with."""
     if "hidden_states" in kwargs:
         return kwargs["hidden_states"]
@@ -654,7 +650,7 @@ def _block_input(module: nn.Module, args: tuple, kwargs: dict, where: str) -> to
 
 def _gate_pre_hook(module: nn.Module, args: tuple, kwargs: dict) -> None:
     gate = module._modules[_GATE_ATTR]
-    gate(_block_input(module, args, kwargs, gate.where))
+    gate(block_input(module, args, kwargs, gate.where))
 
 
 def _gate_post_hook(module: nn.Module, args: tuple, output) -> None:
@@ -665,10 +661,11 @@ def _entry_gate_pre_hook(module: nn.Module, args: tuple, kwargs: dict) -> None:
     # The MLP's first linear when the MLP has no submodule: its input is the FFN input h. The
     # gate is owned by the block, whose forward hook clears it after the block's forward.
     gate = module.__dict__[_ENTRY_GATE_KEY]
-    gate(_block_input(module, args, kwargs, gate.where))
+    gate(block_input(module, args, kwargs, gate.where))
 
 
-def _has_hook(hooks: dict, fn: Callable) -> bool:
+def has_hook(hooks: dict, fn: Callable) -> bool:
+    """True when ``fn`` itself is one of ``hooks`` (a module's forward (pre-)hook dict)."""
     return any(h is fn for h in hooks.values())
 
 
@@ -934,7 +931,7 @@ class LoRAPolicy:
                     r=opts.r, alpha=opts.alpha, dropout=opts.dropout, gate=gate,
                 )
                 base.add_module(_ADAPTER_ATTR, adapter)
-            if not getattr(adapter, "runs_inside_base", False) and not _has_hook(
+            if not getattr(adapter, "runs_inside_base", False) and not has_hook(
                 base._forward_hooks, _lora_forward_hook
             ):
                 base.register_forward_hook(_lora_forward_hook)
@@ -958,9 +955,9 @@ class LoRAPolicy:
         pre_hook = _gate_pre_hook if sub else _entry_gate_pre_hook
         if not sub:
             entry.__dict__[_ENTRY_GATE_KEY] = gate
-        if not _has_hook(entry._forward_pre_hooks, pre_hook):
+        if not has_hook(entry._forward_pre_hooks, pre_hook):
             entry.register_forward_pre_hook(pre_hook, with_kwargs=True)
-        if not _has_hook(module._forward_hooks, _gate_post_hook):
+        if not has_hook(module._forward_hooks, _gate_post_hook):
             module.register_forward_hook(_gate_post_hook)
         return gate
 

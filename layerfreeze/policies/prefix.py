@@ -57,7 +57,7 @@ from torch import nn
 from layerfreeze.errors import ConfigError
 from layerfreeze.models import LayerInfo, ModelLayout
 from layerfreeze.policies.base import PolicySpec
-from layerfreeze.policies.lora import TokenGate, _block_input, _has_hook
+from layerfreeze.policies.lora import TokenGate, block_input, has_hook
 from layerfreeze.policies.prefix_paper import configure_adapter, form_mismatch
 from layerfreeze.registry import register_policy
 
@@ -321,7 +321,7 @@ def _prefix_pre_hook(module: nn.Module, args: tuple, kwargs: dict) -> None:
     adapter = module._modules[_ADAPTER_ATTR]
     adapter.pending = True
     if adapter.prefix_gate is not None:
-        adapter.prefix_gate(_block_input(module, args, kwargs, adapter.where))
+        adapter.prefix_gate(block_input(module, args, kwargs, adapter.where))
 
 
 def _prefix_post_hook(module: nn.Module, args: tuple, output) -> None:
@@ -458,7 +458,7 @@ def _projection_pre_hook(module: nn.Module, args: tuple, kwargs: dict) -> None:
     bound = inspect.signature(type(module).forward).bind_partial(module, *args, **kwargs)
     adapter.call = bound.arguments
     if adapter.prefix_gate is not None:
-        adapter.prefix_gate(_block_input(module, args, kwargs, adapter.where))
+        adapter.prefix_gate(block_input(module, args, kwargs, adapter.where))
     # The query hook must see the projection's final output, after any hook registered later
     # (a LoRA on the same projection installed by another plan phase): keep it last.
     hooks = getattr(module, route.query_proj)._forward_hooks
@@ -487,7 +487,7 @@ def _projection_out_pre_hook(module: nn.Module, args: tuple):
 
 def _install_projection_route(attn: nn.Module, adapter: PrefixAdapter, route: QueryRoute) -> None:
     adapter.route = route.name
-    if _has_hook(attn._forward_pre_hooks, _projection_pre_hook):
+    if has_hook(attn._forward_pre_hooks, _projection_pre_hook):
         return
     qproj, oproj = getattr(attn, route.query_proj), getattr(attn, route.out_proj)
     qproj.__dict__[_OWNER_KEY] = attn
@@ -714,7 +714,7 @@ class PrefixPolicy:
         if route is not None:
             _install_projection_route(attn, adapter, route)
             return {f"{layer.attn_name}.{_ADAPTER_ATTR}.{n}" for n, _ in adapter.named_parameters()}
-        if not _has_hook(attn._forward_pre_hooks, _prefix_pre_hook):
+        if not has_hook(attn._forward_pre_hooks, _prefix_pre_hook):
             attn.register_forward_pre_hook(_prefix_pre_hook, with_kwargs=True)
             attn.register_forward_hook(_prefix_post_hook)
         config = attn.config
