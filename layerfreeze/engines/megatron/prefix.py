@@ -1,6 +1,6 @@
 """The ``prefix`` policy's branch on megatron-core ``SelfAttention``, per tensor-parallel rank.
 
-Same maths as on Hugging Face models (``layerfreeze/policies/prefix.py``)::
+Same maths as on Hugging Face models (``layerfreeze/policies/prefix/branch.py``)::
 
     out = Attn(q, K, V) + f_head * g(h) * softmax(q P_k^T * scaling) P_v
 
