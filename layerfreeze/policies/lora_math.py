@@ -24,6 +24,7 @@ __all__ = [
     "unmerge_delta",
     "scale_low_rank",
     "add_low_rank",
+    "weight_shape",
 ]
 
 
@@ -104,3 +105,8 @@ def add_low_rank(
         alpha=scale,
     )
     return out2d.view(base_out.shape)
+
+
+def weight_shape(w: torch.Tensor) -> tuple[int, ...]:
+    """The full shape of a base weight (ZeRO-3 partitioned parameters keep it in ``ds_shape``)."""
+    return tuple(getattr(w, "ds_shape", w.shape))

@@ -40,7 +40,7 @@ from torch import nn
 
 from layerfreeze.models import LayerInfo, ModelLayout
 from layerfreeze.policies.base import PolicySpec
-from layerfreeze.policies.lora import block_input, has_hook
+from layerfreeze.policies.gate import block_input, has_hook
 
 __all__ = [
     "WRAPPER_PREFIX",

@@ -31,7 +31,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from layerfreeze.policies.lora import TokenGate
+from layerfreeze.policies.gate import TokenGate
 from layerfreeze.policies.prefix.attention import PREFIX_FORMS
 
 __all__ = ["PrefixAdapter", "branch_attention"]
@@ -45,7 +45,7 @@ class PrefixAdapter(nn.Module):
     ``reparam`` ``prefix_embedding``
     ``(tokens, hidden)`` ~ N(0, 1) and ``prefix_mlp`` (default ``nn.Linear`` init);
     ``prefix_gating_factor`` ``(num_heads,)`` zeros, fp32; with ``gated`` a ``prefix_gate``
-    (:class:`~layerfreeze.policies.lora.TokenGate`, ``w = 0, b = 0`` -> 0.5), fp32. Prefix
+    (:class:`~layerfreeze.policies.gate.TokenGate`, ``w = 0, b = 0`` -> 0.5), fp32. Prefix
     matrices take the device and dtype of the attention's weights.
 
     Args:
