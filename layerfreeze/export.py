@@ -26,7 +26,7 @@ from __future__ import annotations
 import dataclasses
 import json
 import os
-from collections.abc import Callable
+from collections.abc import Callable, Collection, Iterable
 from contextlib import AbstractContextManager, nullcontext
 from pathlib import Path
 from typing import Any
@@ -38,6 +38,7 @@ from torch import nn
 
 from layerfreeze.apply import AppliedPlan, adapter_param_names, apply_plan, base_state_dict
 from layerfreeze.data.tokenizer import save_tokenizer
+from layerfreeze.models import LayerInfo
 from layerfreeze.plan import LayerPlan, LayerRange, LayerRule
 from layerfreeze.policies.base import PolicySpec
 from layerfreeze.registry import get_policy
@@ -171,6 +172,51 @@ def _sidecar_plan(plan: LayerPlan, resolved, merged_layers: dict[int, set[str]])
     return dataclasses.replace(plan, rules=tuple(rules), default=freeze)
 
 
+def fully_merged_policies(
+    applied: AppliedPlan,
+    layers: Iterable[LayerInfo],
+    adapter_names: Iterable[str],
+    merged_params: Collection[str],
+) -> dict[int, set[str]]:
+    """Which (layer, policy) pairs are fully merged: every adapter parameter of that policy in
+    the layer sits in the base weights now (the rule of every merged export: HF, streamed,
+    megatron).
+
+    Args:
+        applied: the applied plan whose installed plans name each layer's policies.
+        layers: the layers to look at (``applied.layout.layers`` or one streamed layer).
+        adapter_names: qualified adapter parameter names of the model.
+        merged_params: those whose update is merged (``AppliedPlan.merged_adapter_param_names``).
+
+    Returns:
+        ``{layer index: {policy name, ...}}`` for the layers with a fully merged policy.
+    """
+    names = list(adapter_names)
+    out: dict[int, set[str]] = {}
+    for layer in layers:
+        head = layer.name + "."
+        for _plan, resolved in applied.installed:
+            spec: PolicySpec = resolved.layers[layer.index]
+            prefix = get_policy(spec.name).param_prefix
+            if not prefix:
+                continue
+            mine = [
+                n for n in names if n.startswith(head)
+                and any(part.startswith(prefix) for part in n[len(head):].split("."))
+            ]
+            if mine and all(n in merged_params for n in mine):
+                out.setdefault(layer.index, set()).add(spec.name)
+    return out
+
+
+def sidecar_plan_json(applied: AppliedPlan, merged_layers: dict[int, set[str]]) -> dict[str, Any]:
+    """The ``plan.json`` of a merged export's sidecar: ``applied``'s plan and installed plans
+    with every fully merged spec (:func:`fully_merged_policies`) replaced by ``freeze``."""
+    plan = _sidecar_plan(applied.plan, applied.resolved, merged_layers)
+    install = [_sidecar_plan(p, r, merged_layers) for p, r in applied.installed if p != applied.plan]
+    return _plan_json(applied, plan, install, "merged_sidecar")
+
+
 def export_merged(
     applied: AppliedPlan,
     directory: str | os.PathLike,
@@ -224,30 +270,16 @@ def export_merged(
             n: p for n, p in applied.trainable_state_dict().items()
             if n in set(adapter_param_names(model)) and n not in merged_params
         }
-        # Which (layer, policy) pairs are fully merged: every adapter parameter of that policy in
-        # the layer sits in the base weights now.
-        merged_layers: dict[int, set[str]] = {}
-        all_adapters = adapter_param_names(model)
-        for layer in applied.layout.layers:
-            for _plan, resolved in applied.installed:
-                spec: PolicySpec = resolved.layers[layer.index]
-                prefix = get_policy(spec.name).param_prefix
-                if not prefix:
-                    continue
-                mine = [
-                    n for n in all_adapters if n.startswith(layer.name + ".")
-                    and any(part.startswith(prefix) for part in n[len(layer.name) + 1:].split("."))
-                ]
-                if mine and all(n in merged_params for n in mine):
-                    merged_layers.setdefault(layer.index, set()).add(spec.name)
-        plan = _sidecar_plan(applied.plan, applied.resolved, merged_layers)
-        install = [_sidecar_plan(p, r, merged_layers) for p, r in applied.installed if p != applied.plan]
+        merged_layers = fully_merged_policies(
+            applied, applied.layout.layers, adapter_param_names(model), merged_params
+        )
+        meta = sidecar_plan_json(applied, merged_layers)
         state = {k: v.detach() for k, v in base_state_dict(model).items()}
         with atomic_directory(directory) as tmp:
             model.save_pretrained(str(tmp), state_dict=state, safe_serialization=True)
             if tokenizer is not None:
                 save_tokenizer(tokenizer, tmp)
-            write_sidecar(tmp, sidecar, _plan_json(applied, plan, install, "merged_sidecar"))
+            write_sidecar(tmp, sidecar, meta)
     finally:
         applied.unmerge()
         with torch.no_grad():
@@ -315,18 +347,9 @@ def _export_streaming(
                         )
                     if layer is not None:
                         n_merged += len(merged)
-                        prefix = layer.name + "."
-                        for _plan, resolved in applied.installed:
-                            spec: PolicySpec = resolved.layers[layer.index]
-                            pp = get_policy(spec.name).param_prefix
-                            if not pp:
-                                continue
-                            mine = [
-                                n for n in all_adapters if n.startswith(prefix)
-                                and any(part.startswith(pp) for part in n[len(prefix):].split("."))
-                            ]
-                            if mine and all(n in merged_params for n in mine):
-                                merged_layers.setdefault(layer.index, set()).add(spec.name)
+                        merged_layers.update(
+                            fully_merged_policies(applied, [layer], all_adapters, merged_params)
+                        )
                 finally:
                     if layer is not None:
                         applied.unmerge(layers=[layer.index])
@@ -354,11 +377,7 @@ def _export_streaming(
                 gen.save_pretrained(str(tmp))
             if tokenizer is not None:
                 save_tokenizer(tokenizer, tmp)
-            plan = _sidecar_plan(applied.plan, applied.resolved, merged_layers)
-            install = [
-                _sidecar_plan(p, r, merged_layers) for p, r in applied.installed if p != applied.plan
-            ]
-            write_sidecar(tmp, sidecar, _plan_json(applied, plan, install, "merged_sidecar"))
+            write_sidecar(tmp, sidecar, sidecar_plan_json(applied, merged_layers))
     log_rank0(
         logger, "exported merged checkpoint to %s, streamed in %d layer groups (%d modules merged, "
         "%d sidecar tensors)", directory, len(groups), n_merged, len(sidecar),

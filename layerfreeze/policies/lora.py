@@ -19,6 +19,11 @@ adds its update to the base output; the gate is a child module ``lora_gate`` of 
 whose forward pre-hook computes ``g`` for that forward pass. Which adapter class wraps which
 base module is decided by :data:`LORA_DISPATCHERS`, an ordered list where the first match wins
 and plain ``nn.Linear`` comes last (peft ``tuners/lora/model.py::_create_new_module``).
+
+Around this module: :mod:`~layerfreeze.policies.lora_math` holds the arithmetic every adapter
+uses (here, fused experts, megatron), :mod:`~layerfreeze.policies.lora_experts` the adapter of
+fused MoE experts, :mod:`~layerfreeze.policies.gate` the token gate and hook helpers shared with
+the ``prefix`` policy.
 """
 
 from __future__ import annotations
@@ -34,6 +39,23 @@ from torch import nn
 from layerfreeze.errors import ConfigError
 from layerfreeze.models import LayerInfo, ModelLayout
 from layerfreeze.policies.base import PolicySpec
+from layerfreeze.policies.gate import TokenGate, block_input, has_hook
+from layerfreeze.policies.lora_experts import (
+    ADAPTER_ATTR,
+    EXPERTS_WRAPPER_PREFIX,  # noqa: F401 (importable from here as before the split)
+    ExpertsLoRAAdapter,
+    build_experts,
+    experts_check,
+    is_fused_experts,
+)
+from layerfreeze.policies.lora_math import (
+    add_low_rank,
+    delta_weight,
+    merge_delta,
+    scale_low_rank,
+    unmerge_delta,
+    weight_shape,
+)
 from layerfreeze.registry import register_policy
 
 __all__ = [
@@ -52,7 +74,6 @@ __all__ = [
 ]
 
 _TARGET_KEYWORDS = ("mlp", "attn", "all", "down")
-_ADAPTER_ATTR = "lora_adapter"
 _GATE_ATTR = "lora_gate"
 # On the first MLP linear of a block whose MLP has no submodule: a plain reference to the gate.
 _ENTRY_GATE_KEY = "_lora_entry_gate"
@@ -130,63 +151,6 @@ class LoRAConfig:
 # Modules
 
 
-class TokenGate(nn.Module):
-    """The HLPT input-dependent gate ``g = sigmoid(w . h + b)``, one value per token, in fp32.
-
-    Calling the gate with ``h`` of shape ``(..., hidden)`` computes ``g`` of shape ``(..., 1)``,
-    keeps it for the rest of the current forward pass of the owning sub-block (the adapters of
-    that sub-block read it with :meth:`current`) and returns it. The owner's forward hook
-    :meth:`clear` s it afterwards. Parameters are created in fp32 and the math runs in fp32 even
-    when the model is cast to bf16/fp16.
-
-    Args:
-        hidden_size: width of ``h``.
-        device: where to create the parameters.
-    """
-
-    def __init__(self, hidden_size: int, device: torch.device | str | None = None):
-        super().__init__()
-        self.weight = nn.Parameter(torch.zeros(hidden_size, device=device, dtype=torch.float32))
-        self.bias = nn.Parameter(torch.zeros(1, device=device, dtype=torch.float32))
-        self.value: torch.Tensor | None = None
-        self.where = ""
-
-    def forward(self, h: torch.Tensor) -> torch.Tensor:
-        """Compute, remember and return ``sigmoid(h . w + b)`` (fp32, trailing dim 1)."""
-        g = torch.sigmoid(F.linear(h.float(), self.weight.float().unsqueeze(0), self.bias.float()))
-        self.value = g
-        return g
-
-    def current(self, x: torch.Tensor) -> torch.Tensor:
-        """The gate of the running forward pass, checked against an adapter input ``x`` (one
-        value per token: the same tokens, or the same number of them flattened)."""
-        g = self.value
-        if g is None:
-            raise RuntimeError(
-                f"{self.where}: a gated adapter ran outside its sub-block's forward, so its gate "
-                "input h is unknown. Call the sub-block (attention / MLP) module, not the "
-                "linear alone."
-            )
-        if g.shape[:-1] != x.shape[:-1] and g.shape[:-1].numel() == x.shape[:-1].numel():
-            # The sub-block flattened its tokens (MoE blocks run a shared expert on a
-            # (batch * seq, hidden) view, row-major like every .view(-1, hidden)).
-            g = g.reshape(*x.shape[:-1], 1)
-        if g.shape[:-1] != x.shape[:-1]:
-            raise RuntimeError(
-                f"{self.where}: gate computed for tokens of shape {tuple(g.shape[:-1])} but the "
-                f"adapter's input has leading shape {tuple(x.shape[:-1])}; the HLPT gate needs "
-                "one value per token of the sub-block's input."
-            )
-        return g
-
-    def clear(self) -> None:
-        """Forget the gate of the finished forward pass (frees the activation)."""
-        self.value = None
-
-    def extra_repr(self) -> str:
-        return f"hidden_size={self.weight.shape[0]}"
-
-
 class LoRAAdapter(nn.Module):
     """Low-rank update of one linear map ``in_features -> out_features``.
 
@@ -257,27 +221,15 @@ class LoRAAdapter(nn.Module):
             x = self.lora_dropout(x)
         if x.dtype != self.lora_a.dtype:
             x = x.to(self.lora_a.dtype)
-        h = F.linear(x, self.lora_a)
-        scale = self.scaling
         gate = self.gate
-        if gate is not None:
-            g = gate.current(x)  # (..., 1) fp32: gate maths in fp32 on the rank-r tensor only
-            h = (h.float() * (g * scale)).to(h.dtype)
-            scale = 1.0
-        if h.dtype != base_out.dtype:  # adapter kept in another dtype than the base output
-            return base_out + (F.linear(h, self.lora_b) * scale).to(base_out.dtype)
-        out2d = torch.addmm(
-            base_out.reshape(-1, base_out.shape[-1]),
-            h.reshape(-1, h.shape[-1]),
-            self.lora_b.t(),
-            alpha=scale,
+        h, scale = scale_low_rank(
+            F.linear(x, self.lora_a), self.scaling, gate.current(x) if gate is not None else None
         )
-        return out2d.view(base_out.shape)
+        return add_low_rank(base_out, h, self.lora_b, scale)
 
     def delta_weight(self) -> torch.Tensor:
         """``(alpha / r) B A`` laid out like the base weight (transposed for ``Conv1D``)."""
-        d = (self.lora_b.float() @ self.lora_a.float()) * self.scaling
-        return d.t() if self.transposed else d
+        return delta_weight(self.lora_a, self.lora_b, self.scaling, transposed=self.transposed)
 
     @torch.no_grad()
     def merge(self, base: nn.Module) -> None:
@@ -292,16 +244,14 @@ class LoRAAdapter(nn.Module):
                 "into the base weight; export keeps it in the sidecar instead."
             )
         if not self.merged:
-            w = base.weight
-            w.add_(self.delta_weight().to(device=w.device, dtype=w.dtype))
+            merge_delta(base.weight, self.delta_weight())
             self.merged = True
 
     @torch.no_grad()
     def unmerge(self, base: nn.Module) -> None:
         """Take a merged update back out of ``base.weight`` (idempotent)."""
         if self.merged:
-            w = base.weight
-            w.sub_(self.delta_weight().to(device=w.device, dtype=w.dtype))
+            unmerge_delta(base.weight, self.delta_weight())
             self.merged = False
 
     def extra_repr(self) -> str:
@@ -335,11 +285,6 @@ class LoRADispatcher:
     check: Callable[[nn.Module], str | None] | None = None
 
 
-def _shape(w: torch.Tensor) -> tuple[int, ...]:
-    # ZeRO-3 partitioned parameters keep their full shape in ds_shape.
-    return tuple(getattr(w, "ds_shape", w.shape))
-
-
 def _is_conv1d(base: nn.Module) -> bool:
     from transformers.pytorch_utils import Conv1D
 
@@ -347,257 +292,15 @@ def _is_conv1d(base: nn.Module) -> bool:
 
 
 def _build_conv1d(base: nn.Module, **kwargs) -> LoRAAdapter:
-    fan_in, fan_out = _shape(base.weight)  # Conv1D stores (in, out): y = x W + b
+    fan_in, fan_out = weight_shape(base.weight)  # Conv1D stores (in, out): y = x W + b
     return LoRAAdapter(fan_in, fan_out, transposed=True, device=base.weight.device,
                        dtype=base.weight.dtype, **kwargs)
 
 
 def _build_linear(base: nn.Module, **kwargs) -> LoRAAdapter:
-    fan_out, fan_in = _shape(base.weight)
+    fan_out, fan_in = weight_shape(base.weight)
     return LoRAAdapter(fan_in, fan_out, transposed=False, device=base.weight.device,
                        dtype=base.weight.dtype, **kwargs)
-
-
-# ---------------------------------------------------------------------------------------------
-# MoE experts stored as fused 3-D tensors (transformers 5: Mixtral, Qwen2-MoE, DeepSeek-V3, ...)
-
-#: Name prefix of the wrapper experts implementations registered for adapted experts modules.
-EXPERTS_WRAPPER_PREFIX = "layerfreeze_lora:"
-_EXPERT_WEIGHTS = ("gate_up_proj", "up_proj", "down_proj")
-
-
-def _expert_weights(module: nn.Module) -> list[str]:
-    return [
-        n for n in _EXPERT_WEIGHTS
-        if isinstance(module._parameters.get(n), torch.Tensor) and len(_shape(module._parameters[n])) == 3
-    ]
-
-
-def _is_fused_experts(module: nn.Module) -> bool:
-    """A transformers ``@use_experts_implementation`` experts module: 3-D expert weights and a
-    forward that dispatches through ``ALL_EXPERTS_FUNCTIONS`` on ``config._experts_implementation``."""
-    return (
-        getattr(type(module).forward, "__wrapped__", None) is not None
-        and hasattr(module, "is_transposed")
-        and hasattr(module, "config")
-        and hasattr(module.config, "_experts_implementation")
-        and bool(_expert_weights(module))
-    )
-
-
-def _experts_check(module: nn.Module) -> str | None:
-    if getattr(module, "_is_expert_parallel", False):
-        return "expert-parallel experts are not supported (their weights are sharded by expert)"
-    return None
-
-
-class _ExpertsView:
-    """``module`` seen with some weights replaced, for one call of an experts implementation."""
-
-    __slots__ = ("_module", "_weights")
-
-    def __init__(self, module: nn.Module, weights: dict[str, torch.Tensor]):
-        object.__setattr__(self, "_module", module)
-        object.__setattr__(self, "_weights", weights)
-
-    def __getattr__(self, name: str):
-        weights = object.__getattribute__(self, "_weights")
-        if name in weights:
-            return weights[name]
-        return getattr(object.__getattribute__(self, "_module"), name)
-
-
-class _ExpertWeightLoRA(nn.Module):
-    """Per-expert update ``(alpha / r) B_e A_e`` of one fused expert weight."""
-
-    def __init__(self, experts: int, fan_in: int, fan_out: int, r: int, scaling: float,
-                 transposed: bool, device=None, dtype=None):
-        super().__init__()
-        self.scaling, self.transposed = scaling, transposed
-        self.lora_a = nn.Parameter(torch.empty(experts, r, fan_in, device=device, dtype=dtype))
-        self.lora_b = nn.Parameter(torch.zeros(experts, fan_out, r, device=device, dtype=dtype))
-        with torch.no_grad():
-            for e in range(experts):  # each expert as one (r, in) LoRA A: fan_in = in
-                nn.init.kaiming_uniform_(self.lora_a[e], a=math.sqrt(5))
-
-    def delta(self) -> torch.Tensor:
-        """``(alpha / r) B A`` per expert, laid out like the fused weight."""
-        d = torch.matmul(self.lora_b, self.lora_a) * self.scaling  # (E, out, in)
-        return d.transpose(-1, -2) if self.transposed else d
-
-
-class ExpertsLoRAAdapter(nn.Module):
-    """LoRA on every fused expert weight of an MoE experts module (``gate_up_proj`` /
-    ``up_proj``, ``down_proj``): expert ``e`` computes with ``W_e + (alpha / r) B_e A_e``.
-
-    Installing the adapter points ``config._experts_implementation`` at a wrapper
-    ``layerfreeze_lora:<original>`` (not serialised by ``save_pretrained``) that delegates
-    untouched for modules without an adapter. Ungated, the experts' own implementation
-    (``eager``, ``grouped_mm``, ...) runs on the updated weights: a weight-space update (as
-    PEFT's ``target_parameters``) costing one ``(experts, out, in)`` temporary per weight and
-    forward, exact at init (``B = 0``: ``W + 0`` is ``W``). Gated (HLPT), the update is per token,
-    so it cannot live in the weights: the adapted layer then runs transformers' eager expert
-    loop with ``g_t * (alpha / r) * (x A_e^T) B_e^T`` added after each projection (exactly the
-    base model at init when the original implementation is ``eager``; within float rounding of
-    ``grouped_mm`` / ``batched_mm``, which order their sums differently). Input dropout is
-    refused for experts.
-
-    Args:
-        base: the experts module.
-        r: rank.
-        alpha: scale numerator (update scale ``alpha / r``).
-        gate: the MLP sub-block's :class:`TokenGate` when gated, else None.
-    """
-
-    runs_inside_base = True  # the update enters through the experts implementation, no hook
-
-    def __init__(self, base: nn.Module, r: int, alpha: float, gate: TokenGate | None = None):
-        super().__init__()
-        self.__dict__["_gate"] = gate  # owned by the sub-block (see LoRAAdapter)
-        self.r, self.alpha, self.scaling = r, float(alpha), float(alpha) / r
-        self.transposed = bool(base.is_transposed)
-        self.lora_dropout = nn.Identity()
-        self.merged = False
-        for name in _expert_weights(base):
-            w = base._parameters[name]
-            experts, d1, d2 = _shape(w)
-            fan_in, fan_out = (d1, d2) if self.transposed else (d2, d1)
-            self.add_module(name, _ExpertWeightLoRA(
-                experts, fan_in, fan_out, r, self.scaling, self.transposed,
-                device=w.device, dtype=w.dtype,
-            ))
-
-    @property
-    def gate(self) -> TokenGate | None:
-        """The sub-block's gate (None when ungated)."""
-        return self.__dict__["_gate"]
-
-    @property
-    def mergeable(self) -> bool:
-        """True when ungated (a per-token gate cannot be folded into the weights)."""
-        return self.gate is None
-
-    def weights(self, base: nn.Module) -> dict[str, torch.Tensor]:
-        """The adapted fused weights ``W + delta`` (differentiable in ``A`` and ``B``)."""
-        out = {}
-        for name, lora in self.named_children():
-            if isinstance(lora, _ExpertWeightLoRA):
-                w = getattr(base, name)
-                out[name] = w + lora.delta().to(w.dtype)
-        return out
-
-    def forward(self, x: torch.Tensor, base_out: torch.Tensor) -> torch.Tensor:
-        raise RuntimeError(
-            "ExpertsLoRAAdapter is applied inside the experts implementation, not as a hook."
-        )
-
-    def gated_forward(self, base: nn.Module, hidden: torch.Tensor, top_k_index: torch.Tensor,
-                      top_k_weights: torch.Tensor) -> torch.Tensor:
-        """transformers' eager expert loop with the gated low-rank update after each projection."""
-        g = self.gate.current(hidden)  # (tokens, 1) fp32, also when the block flattened tokens
-        num_experts = base.num_experts
-        out = torch.zeros_like(hidden)
-        with torch.no_grad():
-            mask = F.one_hot(top_k_index, num_classes=num_experts + 1).permute(2, 1, 0)
-            hit = torch.greater(mask.sum(dim=(-1, -2)), 0).nonzero()
-        first = "gate_up_proj" if base.has_gate else "up_proj"
-        for e in hit:
-            e = e[0]
-            if e == num_experts:
-                continue
-            pos, token = torch.where(mask[e])
-            gt = g[token]
-            h = self._project(base, first, e, hidden[token], gt)
-            h = base._apply_gate(h) if base.has_gate else base.act_fn(h)
-            h = self._project(base, "down_proj", e, h, gt)
-            if getattr(base, "has_post_expert_norm", False):
-                h = base.post_expert_norm(h)
-            h = h * top_k_weights[token, pos, None]
-            out.index_add_(0, token, h.to(out.dtype))
-        return out
-
-    def _project(self, base: nn.Module, name: str, e: torch.Tensor, x: torch.Tensor,
-                 g: torch.Tensor) -> torch.Tensor:
-        w = getattr(base, name)[e]
-        y = x @ w if self.transposed else F.linear(x, w)
-        if getattr(base, "has_bias", False):
-            y = y + getattr(base, f"{name}_bias")[e]
-        lora = getattr(self, name)
-        h = F.linear(x.to(lora.lora_a.dtype), lora.lora_a[e])
-        h = (h.float() * (g * self.scaling)).to(h.dtype)
-        return y + F.linear(h, lora.lora_b[e]).to(y.dtype)
-
-    @torch.no_grad()
-    def merge(self, base: nn.Module) -> None:
-        """Fold the update into the fused weights (idempotent).
-
-        Raises:
-            ValueError: the adapter is gated (input-dependent, cannot be folded exactly).
-        """
-        if not self.mergeable:
-            raise ValueError(
-                f"{self.gate.where}: a gated LoRA update of the experts depends on the input and "
-                "cannot be merged into their weights; export keeps it in the sidecar instead."
-            )
-        if not self.merged:
-            for name, w in self.weights(base).items():
-                getattr(base, name).copy_(w)
-            self.merged = True
-
-    @torch.no_grad()
-    def unmerge(self, base: nn.Module) -> None:
-        """Take a merged update back out (idempotent)."""
-        if self.merged:
-            for name, lora in self.named_children():
-                if isinstance(lora, _ExpertWeightLoRA):
-                    w = getattr(base, name)
-                    w.sub_(lora.delta().to(w.dtype))
-            self.merged = False
-
-    def extra_repr(self) -> str:
-        names = [n for n, m in self.named_children() if isinstance(m, _ExpertWeightLoRA)]
-        gated = self.gate is not None
-        return f"experts weights={names}, r={self.r}, alpha={self.alpha}, gated={gated}"
-
-
-def _wrapped_experts_implementation(base: str | None) -> str:
-    """The wrapper experts implementation for ``base`` (registering it on first use)."""
-    base = base or "eager"
-    if base.startswith(EXPERTS_WRAPPER_PREFIX):
-        return base
-    from transformers.integrations.moe import ALL_EXPERTS_FUNCTIONS
-
-    name = EXPERTS_WRAPPER_PREFIX + base
-    if name not in ALL_EXPERTS_FUNCTIONS._global_mapping:
-        ALL_EXPERTS_FUNCTIONS.register(name, _make_experts_wrapper(base))
-    return name
-
-
-def _make_experts_wrapper(base: str) -> Callable:
-    def experts(module, *args, **kwargs):
-        from transformers.integrations.moe import ALL_EXPERTS_FUNCTIONS
-
-        original = type(module).forward.__wrapped__
-        fn = original if base == "eager" else ALL_EXPERTS_FUNCTIONS.get_interface(base, original)
-        adapter = module._modules.get(_ADAPTER_ATTR)
-        if adapter is None or adapter.merged:
-            return fn(module, *args, **kwargs)
-        if adapter.gate is not None:
-            return adapter.gated_forward(module, *args, **kwargs)
-        return fn(_ExpertsView(module, adapter.weights(module)), *args, **kwargs)
-
-    experts.__name__ = f"layerfreeze_lora_{base}"
-    return experts
-
-
-def _build_experts(base: nn.Module, *, r: int, alpha: float, dropout: float = 0.0,
-                   gate: TokenGate | None = None) -> ExpertsLoRAAdapter:
-    if dropout:
-        raise ValueError("LoRA on fused experts takes no dropout")
-    base.config._experts_implementation = _wrapped_experts_implementation(
-        base.config._experts_implementation
-    )
-    return ExpertsLoRAAdapter(base, r, alpha, gate=gate)
 
 
 #: Ordered dispatchers; the first whose ``matches`` accepts the base module builds its adapter.
@@ -605,7 +308,7 @@ def _build_experts(base: nn.Module, *, r: int, alpha: float, dropout: float = 0.
 #: can be matched before it. A fused projection (GPT-2 ``c_attn``, GPT-NeoX
 #: ``query_key_value``) is one linear map to LoRA: one rank-r update over its whole output.
 LORA_DISPATCHERS: list[LoRADispatcher] = [
-    LoRADispatcher("transformers.experts", _is_fused_experts, _build_experts, _experts_check),
+    LoRADispatcher("transformers.experts", is_fused_experts, build_experts, experts_check),
     LoRADispatcher("transformers.Conv1D", _is_conv1d, _build_conv1d),
     LoRADispatcher("nn.Linear", lambda m: isinstance(m, nn.Linear), _build_linear),
 ]
@@ -637,24 +340,12 @@ def _build_adapter(base: nn.Module, where: str, **kwargs) -> nn.Module:
 
 
 def _lora_forward_hook(module: nn.Module, args: tuple, output: torch.Tensor) -> torch.Tensor:
-    return module._modules[_ADAPTER_ATTR](args[0], output)
-
-
-def _block_input(module: nn.Module, args: tuple, kwargs: dict, where: str) -> torch.Tensor:
-    """The hidden states a sub-block (attention / MLP) was called with."""
-    if "hidden_states" in kwargs:
-        return kwargs["hidden_states"]
-    if args and isinstance(args[0], torch.Tensor):
-        return args[0]
-    raise RuntimeError(
-        f"{where}: {type(module).__name__} was called without hidden states as its first "
-        "argument or as hidden_states=..., so the HLPT gate has no input h."
-    )
+    return module._modules[ADAPTER_ATTR](args[0], output)
 
 
 def _gate_pre_hook(module: nn.Module, args: tuple, kwargs: dict) -> None:
     gate = module._modules[_GATE_ATTR]
-    gate(_block_input(module, args, kwargs, gate.where))
+    gate(block_input(module, args, kwargs, gate.where))
 
 
 def _gate_post_hook(module: nn.Module, args: tuple, output) -> None:
@@ -665,11 +356,7 @@ def _entry_gate_pre_hook(module: nn.Module, args: tuple, kwargs: dict) -> None:
     # The MLP's first linear when the MLP has no submodule: its input is the FFN input h. The
     # gate is owned by the block, whose forward hook clears it after the block's forward.
     gate = module.__dict__[_ENTRY_GATE_KEY]
-    gate(_block_input(module, args, kwargs, gate.where))
-
-
-def _has_hook(hooks: dict, fn: Callable) -> bool:
-    return any(h is fn for h in hooks.values())
+    gate(block_input(module, args, kwargs, gate.where))
 
 
 # ---------------------------------------------------------------------------------------------
@@ -696,9 +383,9 @@ def _in_out(base: nn.Module) -> tuple[int, int] | None:
     """``(in, out)`` widths of a linear LoRA can wrap (None when unknown)."""
     w = getattr(base, "weight", None)
     if _is_conv1d(base) and w is not None:
-        return _shape(w)[0], _shape(w)[1]
+        return weight_shape(w)[0], weight_shape(w)[1]
     if isinstance(base, nn.Linear):
-        return _shape(w)[1], _shape(w)[0]
+        return weight_shape(w)[1], weight_shape(w)[0]
     i, o = getattr(base, "in_features", None), getattr(base, "out_features", None)
     return (i, o) if isinstance(i, int) and isinstance(o, int) else None
 
@@ -710,11 +397,11 @@ def _fused_expert_params(layer: LayerInfo) -> list[str]:
     for root, mod in layer.mlp_modules():
         covered = {
             f"{root}.{n}." if n else f"{root}."
-            for n, m in mod.named_modules() if _is_fused_experts(m)
+            for n, m in mod.named_modules() if is_fused_experts(m)
         }
         for n, p in mod.named_parameters():
             path = f"{root}.{n}"
-            if len(_shape(p)) >= 3 and not _is_adapter_path(path) and not any(
+            if len(weight_shape(p)) >= 3 and not _is_adapter_path(path) and not any(
                 path.startswith(c) for c in covered
             ):
                 out.append(path)
@@ -764,7 +451,7 @@ def resolve_lora_targets(
                     "or train this layer with full / prefix."
                 )
                 return [], problems
-            experts = [p for p, m in mlp_c if _is_fused_experts(m)]
+            experts = [p for p, m in mlp_c if is_fused_experts(m)]
             if target == "down" and experts:
                 problems.append(
                     f"{where}: lora target=down cannot select the down projection alone of the "
@@ -831,7 +518,7 @@ def resolve_lora_targets(
 def iter_lora_adapters(root: nn.Module) -> Iterator[tuple[str, nn.Module, nn.Module]]:
     """Yield ``(qualified base-module name, base module, adapter)`` for each LoRA under ``root``."""
     for name, mod in root.named_modules():
-        adapter = mod._modules.get(_ADAPTER_ATTR)
+        adapter = mod._modules.get(ADAPTER_ATTR)
         if isinstance(adapter, nn.Module) and hasattr(adapter, "merge"):
             yield name, mod, adapter
 
@@ -898,13 +585,13 @@ class LoRAPolicy:
             reason = dispatcher.check(base) if dispatcher and dispatcher.check else None
             if reason:
                 problems.append(f"{where}: lora cannot wrap {path}: {reason}.")
-            if _is_fused_experts(base) and opts.dropout:
+            if is_fused_experts(base) and opts.dropout:
                 problems.append(
                     f"{where}: lora on the fused MoE experts {path} takes no input dropout "
                     f"(got dropout={opts.dropout}); use dropout=0 on this layer, or "
                     "target=attn / named linears."
                 )
-            existing = base._modules.get(_ADAPTER_ATTR)
+            existing = base._modules.get(ADAPTER_ATTR)
             if existing is not None and not _same_adapter(existing, opts):
                 problems.append(
                     f"{where}: {path} already carries a LoRA adapter ({existing.extra_repr()}) "
@@ -927,18 +614,18 @@ class LoRAPolicy:
                 owner = f"{sub}." if sub else ""
                 names.update(f"{owner}{_GATE_ATTR}.{n}" for n, _ in gate.named_parameters())
             base = layer.module.get_submodule(path)
-            adapter = base._modules.get(_ADAPTER_ATTR)
+            adapter = base._modules.get(ADAPTER_ATTR)
             if adapter is None:
                 adapter = _build_adapter(
                     base, f"layer {layer.index} ({layer.name}).{path}",
                     r=opts.r, alpha=opts.alpha, dropout=opts.dropout, gate=gate,
                 )
-                base.add_module(_ADAPTER_ATTR, adapter)
-            if not getattr(adapter, "runs_inside_base", False) and not _has_hook(
+                base.add_module(ADAPTER_ATTR, adapter)
+            if not getattr(adapter, "runs_inside_base", False) and not has_hook(
                 base._forward_hooks, _lora_forward_hook
             ):
                 base.register_forward_hook(_lora_forward_hook)
-            names.update(f"{path}.{_ADAPTER_ATTR}.{n}" for n, _ in adapter.named_parameters())
+            names.update(f"{path}.{ADAPTER_ATTR}.{n}" for n, _ in adapter.named_parameters())
         return names
 
     @staticmethod
@@ -958,9 +645,9 @@ class LoRAPolicy:
         pre_hook = _gate_pre_hook if sub else _entry_gate_pre_hook
         if not sub:
             entry.__dict__[_ENTRY_GATE_KEY] = gate
-        if not _has_hook(entry._forward_pre_hooks, pre_hook):
+        if not has_hook(entry._forward_pre_hooks, pre_hook):
             entry.register_forward_pre_hook(pre_hook, with_kwargs=True)
-        if not _has_hook(module._forward_hooks, _gate_post_hook):
+        if not has_hook(module._forward_hooks, _gate_post_hook):
             module.register_forward_hook(_gate_post_hook)
         return gate
 

@@ -26,7 +26,7 @@ from layerfreeze.cli import main
 from layerfreeze.errors import ConfigError
 from layerfreeze.models import discover_layout
 from layerfreeze.plan import LayerPlan
-from layerfreeze.policies.prefix import _dispatches_through_registry
+from layerfreeze.policies.prefix.attention import dispatches_through_registry
 from layerfreeze.registry import get_policy
 from tests.helpers.tiny_models import (
     MATRIX_FAMILIES,
@@ -410,7 +410,7 @@ def _inline_families() -> list[str]:
     transformers: BLOOM always; Falcon up to 5.24 (5.25 dispatches it through the registry)."""
     return [
         f for f in ("falcon", "bloom")
-        if not _dispatches_through_registry(discover_layout(build_matrix_model(f)).layers[0].attn)
+        if not dispatches_through_registry(discover_layout(build_matrix_model(f)).layers[0].attn)
     ]
 
 
@@ -420,14 +420,14 @@ def test_falcon_route_follows_the_installed_transformers():
     import transformers
     from packaging.version import Version
 
-    from layerfreeze.policies.prefix import _find_route
+    from layerfreeze.policies.prefix.attention import find_route
 
     attn = discover_layout(build_matrix_model("falcon")).layers[0].attn
     inline = Version(transformers.__version__).release < (5, 25)
-    assert _dispatches_through_registry(attn) is not inline
-    assert (_find_route(attn) is not None) is inline
+    assert dispatches_through_registry(attn) is not inline
+    assert (find_route(attn) is not None) is inline
     bloom = discover_layout(build_matrix_model("bloom")).layers[0].attn
-    assert _find_route(bloom) is not None and not _dispatches_through_registry(bloom)
+    assert find_route(bloom) is not None and not dispatches_through_registry(bloom)
 
 
 def test_projection_route_survives_a_later_lora_on_the_same_projection():
@@ -439,7 +439,7 @@ def test_projection_route_survives_a_later_lora_on_the_same_projection():
 
 
 def _check_route_sees_later_lora(family: str) -> None:
-    from layerfreeze.policies.prefix import _find_route
+    from layerfreeze.policies.prefix.attention import find_route
 
     model = build_matrix_model(family)
     layout = discover_layout(model)
@@ -465,7 +465,7 @@ def _check_route_sees_later_lora(family: str) -> None:
         ),
         with_kwargs=True,
     )
-    query = _find_route(attn).query
+    query = find_route(attn).query
     with torch.no_grad():
         model(tiny_batch(128, batch=1, seq=4), use_cache=False)
         assert names()[-1] == "_projection_query_hook"  # moved last before the projection ran
@@ -479,15 +479,15 @@ def _check_route_sees_later_lora(family: str) -> None:
 
 def test_registry_detection_reads_compiled_code_not_text():
     llama, bloom = build_matrix_model("llama"), build_matrix_model("bloom")
-    assert _dispatches_through_registry(discover_layout(llama).layers[0].attn)
-    assert not _dispatches_through_registry(discover_layout(bloom).layers[0].attn)
+    assert dispatches_through_registry(discover_layout(llama).layers[0].attn)
+    assert not dispatches_through_registry(discover_layout(bloom).layers[0].attn)
 
     class Mentions(nn.Module):
         def forward(self, x):
             """Calls ALL_ATTENTION_FUNCTIONS? No: only this text mentions it."""
             return x  # ALL_ATTENTION_FUNCTIONS
 
-    assert not _dispatches_through_registry(Mentions())
+    assert not dispatches_through_registry(Mentions())
 
 
 class _ToyAttention(nn.Module):

@@ -536,3 +536,112 @@ def test_registered_dispatcher_wins_over_plain_linear():
         LORA_DISPATCHERS.remove(dispatcher)
     assert built == [tagged.lora_adapter]  # only the subclass went through the new dispatcher
     assert isinstance(model.model.layers[0].mlp.down_proj.lora_adapter, LoRAAdapter)
+
+
+# ---------------------------------------------------------------------------------------------
+# One LoRA arithmetic (issue #15): layerfreeze.policies.lora_math, shared by every adapter
+
+
+def test_lora_math_matches_formula():
+    from layerfreeze.policies.lora_math import (
+        add_low_rank,
+        delta_weight,
+        merge_delta,
+        scale_low_rank,
+        unmerge_delta,
+    )
+
+    g = torch.Generator().manual_seed(0)
+    r, n_in, n_out, s = 3, 5, 4, 16.0 / 3
+    a, b = torch.randn(r, n_in, generator=g), torch.randn(n_out, r, generator=g)
+    expect = s * torch.einsum("or,ri->oi", b.double(), a.double())  # s * B A, independently
+    tol = dict(rtol=1e-6, atol=1e-6)  # fp32 arithmetic against the float64 formula
+    torch.testing.assert_close(delta_weight(a, b, s).double(), expect, **tol)
+    torch.testing.assert_close(delta_weight(a, b, s, transposed=True).double(), expect.t(), **tol)
+    batched = delta_weight(torch.stack([a, 2 * a]), torch.stack([b, b]), s, fp32=False)
+    torch.testing.assert_close(batched.double(), torch.stack([expect, 2 * expect]), **tol)
+    w = torch.randn(n_out, n_in, generator=g)
+    w0 = w.clone()
+    merge_delta(w, delta_weight(a, b, s))
+    torch.testing.assert_close(w.double(), w0.double() + expect, **tol)
+    unmerge_delta(w, delta_weight(a, b, s))
+    torch.testing.assert_close(w, w0)
+
+    x = torch.randn(2, 6, n_in, generator=g)
+    base = torch.randn(2, 6, n_out, generator=g)
+    gate = torch.rand(2, 6, 1, generator=g)
+    for gv in (None, gate):
+        h, scale = scale_low_rank(x @ a.t(), s, gv)
+        out = add_low_rank(base, h, b, scale)
+        gg = 1.0 if gv is None else gv.double()
+        want = base.double() + gg * s * (x.double() @ a.double().t() @ b.double().t())
+        torch.testing.assert_close(out.double(), want, rtol=1e-5, atol=1e-5)
+    # B = 0 keeps the base output bit-exact; a bf16 adapter on an fp32 output is cast back.
+    assert torch.equal(add_low_rank(base, x @ a.t(), torch.zeros_like(b), s), base)
+    h16, scale = scale_low_rank((x @ a.t()).bfloat16(), s, gate)
+    assert h16.dtype == torch.bfloat16 and scale == 1.0
+    assert add_low_rank(base, h16, b.bfloat16(), scale).dtype == base.dtype
+
+
+def test_lora_arithmetic_has_one_copy(repo_root):
+    """No module but lora_math multiplies or folds LoRA factors itself (there were three copies:
+    the HF adapters, the fused-experts adapter and the megatron tensor-parallel adapter)."""
+    hits = []
+    for path in sorted((repo_root / "layerfreeze").rglob("*.py")):
+        if path.name == "lora_math.py":
+            continue
+        for n, line in enumerate(path.read_text(encoding="utf-8").splitlines(), 1):
+            code = line.split("#", 1)[0]
+            if (
+                "addmm(" in code  # the output update
+                or ("lora_b" in code and any(op in code for op in ("@", "matmul(")))  # s B A
+                or ("delta" in code and any(op in code for op in (".add_(", ".sub_(", "copy_(")))
+                or ("lora" in path.name and ".float() * (" in code)  # the fp32 gate on h
+            ):
+                hits.append(f"{path.relative_to(repo_root)}:{n}: {line.strip()}")
+    assert not hits, "LoRA arithmetic outside layerfreeze/policies/lora_math.py:\n" + "\n".join(hits)
+
+
+def test_merged_export_rule_is_shared():
+    """The rule "a (layer, policy) pair is fully merged" and the sidecar plan.json of a merged
+    export live once in layerfreeze.export (export_merged, its streamed form and the megatron
+    export each had their own copy; megatron imported export's private helpers)."""
+    from layerfreeze.apply import adapter_param_names, apply_plan
+    from layerfreeze.export import fully_merged_policies, sidecar_plan_json
+
+    model = build_tiny_model("llama", num_layers=3)
+    applied = apply_plan(model, "0:lora(r=2),1:lora(r=2,gated),2:freeze")
+    names = adapter_param_names(model)
+    assert fully_merged_policies(applied, applied.layout.layers, names, []) == {}
+    applied.merge()
+    merged = set(applied.merged_adapter_param_names())
+    assert merged and all(".layers.0." in n for n in merged)  # gated layer 1 stays unmerged
+    by_layer = fully_merged_policies(applied, applied.layout.layers, names, merged)
+    assert by_layer == {0: {"lora"}}
+    one = fully_merged_policies(applied, [applied.layout.layers[0]], names, merged)
+    assert one == by_layer  # the streamed export asks one layer at a time
+    meta = sidecar_plan_json(applied, by_layer)
+    assert meta["kind"] == "merged_sidecar" and meta["num_layers"] == 3
+    rules = meta["plan"]["rules"]
+    assert [r["policy"] for r in rules] == ["freeze", "lora", "freeze"]  # merged layer 0 frozen
+    assert rules[1]["gated"] is True and meta["install"] == []
+    applied.unmerge()
+
+
+def test_no_private_name_imported_across_modules(repo_root):
+    """Names other modules import are public (issue #15): no ``from layerfreeze.x import _y``."""
+    import ast
+
+    hits = []
+    for path in sorted((repo_root / "layerfreeze").rglob("*.py")):
+        rel = path.relative_to(repo_root).as_posix()
+        for node in ast.walk(ast.parse(path.read_text(encoding="utf-8"))):
+            if isinstance(node, ast.ImportFrom) and (node.module or "").startswith("layerfreeze"):
+                for a in node.names:
+                    if a.name.startswith("_") and (rel, a.name) not in _PRIVATE_IMPORTS_ELSEWHERE:
+                        hits.append(f"{rel}:{node.lineno}: from {node.module} import {a.name}")
+    assert not hits, "\n".join(hits)
+
+
+# Outside the policies / export area of issue #15 (owned elsewhere): left as they are.
+_PRIVATE_IMPORTS_ELSEWHERE = {("layerfreeze/checkpoint.py", "_fsync_dir")}

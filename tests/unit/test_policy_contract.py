@@ -131,3 +131,113 @@ def test_policy_contract(name, opts, family):
     apply_plan(fresh, plan).load_trainable_state_dict(sd)
     with torch.no_grad():
         assert torch.equal(fresh(ids).logits, model(ids).logits)
+
+
+# ---------------------------------------------------------------------------------------------
+# Import structure of layerfreeze/policies (issue #15): no cycle, any import order works
+
+
+def _policy_modules(repo_root) -> dict[str, object]:
+    """Module name -> file of every module under layerfreeze/policies (packages by __init__)."""
+    out = {}
+    for path in sorted((repo_root / "layerfreeze" / "policies").rglob("*.py")):
+        parts = list(path.relative_to(repo_root).with_suffix("").parts)
+        if parts[-1] == "__init__":
+            parts = parts[:-1]
+        out[".".join(parts)] = path
+    return out
+
+
+def _import_edges(name: str, path, modules) -> set[str]:
+    """Modules of ``modules`` that ``name`` imports anywhere (functions included; blocks under
+    ``if TYPE_CHECKING:`` are skipped: they never run)."""
+    import ast
+
+    tree = ast.parse(path.read_text(encoding="utf-8"))
+    package = name if path.name == "__init__.py" else name.rpartition(".")[0]
+    skip = {
+        id(n)
+        for node in ast.walk(tree)
+        if isinstance(node, ast.If) and "TYPE_CHECKING" in ast.unparse(node.test)
+        for n in ast.walk(node)
+    }
+    edges = set()
+    for node in ast.walk(tree):
+        if id(node) in skip:
+            continue
+        if isinstance(node, ast.Import):
+            targets = [a.name for a in node.names]
+        elif isinstance(node, ast.ImportFrom):
+            base = node.module or ""
+            if node.level:
+                anchor = package.split(".")
+                anchor = anchor[: len(anchor) - node.level + 1]
+                base = ".".join(anchor + ([base] if base else []))
+            # ``from pkg import sub`` imports the submodule; ``from pkg import name`` the package.
+            targets = [
+                f"{base}.{a.name}" if f"{base}.{a.name}" in modules else base for a in node.names
+            ]
+        else:
+            continue
+        edges.update(t for t in targets if t in modules and t != name)
+    return edges
+
+
+def test_policies_import_graph_has_no_cycle(repo_root):
+    modules = _policy_modules(repo_root)
+    graph = {m: _import_edges(m, p, modules) for m, p in modules.items()}
+    cycles, state = [], {}
+
+    def visit(m, stack):
+        state[m] = "open"
+        for n in sorted(graph[m]):
+            if state.get(n) == "open":
+                cycles.append(" -> ".join(stack[stack.index(n):] + [n]))
+            elif n not in state:
+                visit(n, stack + [n])
+        state[m] = "done"
+
+    for m in sorted(graph):
+        if m not in state:
+            visit(m, [m])
+    assert not cycles, "import cycles in layerfreeze/policies:\n" + "\n".join(cycles)
+    # The two prefix forms sit on the shared attention module, never the other way round.
+    assert "layerfreeze.policies.prefix.attention" in graph
+    assert not graph["layerfreeze.policies.prefix.attention"] & {
+        "layerfreeze.policies.prefix.branch", "layerfreeze.policies.prefix.paper",
+        "layerfreeze.policies.prefix.policy", "layerfreeze.policies.prefix",
+    }
+
+
+def test_policies_modules_import_in_any_order(repo_root):
+    """Each module imported first, then all others forwards and backwards, in a fresh interpreter
+    (one subprocess; between rounds every ``layerfreeze`` module is dropped from sys.modules, so
+    each round starts the package from nothing while torch / transformers stay loaded)."""
+    import subprocess
+    import sys
+
+    names = sorted(_policy_modules(repo_root)) + [
+        "layerfreeze.engines.megatron.lora",
+        "layerfreeze.engines.megatron.prefix",
+    ]
+    script = f"""
+import importlib, sys
+names = {names!r}
+def fresh():
+    for k in [k for k in sys.modules if k == "layerfreeze" or k.startswith("layerfreeze.")]:
+        del sys.modules[k]
+for first in names:
+    for rest in (names, names[::-1]):
+        fresh()
+        for n in [first] + [n for n in rest if n != first]:
+            importlib.import_module(n)
+        from layerfreeze.registry import get_policy
+        assert get_policy("prefix") and get_policy("lora"), first
+        import layerfreeze.policies.prefix.attention as attention
+        assert sorted(attention.PREFIX_FORMS) == ["branch", "paper"], (first, attention.PREFIX_FORMS)
+print("ok", len(names))
+"""
+    proc = subprocess.run(
+        [sys.executable, "-c", script], cwd=repo_root, capture_output=True, text=True, timeout=300
+    )
+    assert proc.returncode == 0 and proc.stdout.startswith("ok"), proc.stderr[-3000:]

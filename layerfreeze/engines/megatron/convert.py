@@ -1382,8 +1382,7 @@ def _sidecar_for_hf(
     from transformers import AutoModelForCausalLM
 
     from layerfreeze.apply import adapter_param_names, apply_plan
-    from layerfreeze.export import _plan_json, _sidecar_plan
-    from layerfreeze.registry import get_policy
+    from layerfreeze.export import fully_merged_policies, sidecar_plan_json
 
     install = [p for p, _ in applied.installed if p != applied.plan]
     config = copy.deepcopy(hf_config)  # the prefix policy repoints the attention implementation
@@ -1411,28 +1410,10 @@ def _sidecar_for_hf(
             f"shapes (megatron vs HF) {wrong[:6]}; the export cannot represent them."
         )
     # (layer, policy) pairs whose every adapter parameter is merged: as in export_merged.
-    merged_layers: dict[int, set[str]] = {}
-    names = sorted(expected)
-    for layer in hf_applied.layout.layers:
-        for _plan, resolved in hf_applied.installed:
-            spec = resolved.layers[layer.index]
-            prefix = get_policy(spec.name).param_prefix
-            if not prefix:
-                continue
-            head = layer.name + "."
-            mine = [
-                n
-                for n in names
-                if n.startswith(head)
-                and any(part.startswith(prefix) for part in n[len(head) :].split("."))
-            ]
-            if mine and all(n in merged for n in mine):
-                merged_layers.setdefault(layer.index, set()).add(spec.name)
-    plan = _sidecar_plan(hf_applied.plan, hf_applied.resolved, merged_layers)
-    later = [
-        _sidecar_plan(p, r, merged_layers) for p, r in hf_applied.installed if p != hf_applied.plan
-    ]
-    meta = _plan_json(hf_applied, plan, later, "merged_sidecar")
+    merged_layers = fully_merged_policies(
+        hf_applied, hf_applied.layout.layers, sorted(expected), merged
+    )
+    meta = sidecar_plan_json(hf_applied, merged_layers)
     sidecar = {n: t for n, t in tensors.items() if n not in merged}
     return sidecar, meta
 

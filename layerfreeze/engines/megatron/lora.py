@@ -7,16 +7,21 @@ list; :func:`register` puts the two dispatchers here before the built-ins. The m
 * column-parallel (``linear_fc1``, ``linear_qkv``; weight split by output rows): ``A`` (r x in)
   is replicated, ``B_t`` holds this rank's output rows of ``B``::
 
-      h = copy_to_tp(g * s * dropout(x) A^T)        # identity forward, all-reduce backward
-      y_t = base_t(x) + h B_t^T
+      h = copy_to_tp(g * dropout(x) A^T)            # identity forward, all-reduce backward
+      y_t = base_t(x) + s * h B_t^T
 
   The all-reduce in backward sums the rank-r gradient over the output shards, so ``A`` and the
   gate get the full gradient, identical on every rank.
 * row-parallel (``linear_fc2``, ``linear_proj``; weight split by input columns): ``A_t`` holds
   this rank's input columns of ``A``, ``B`` (out x r) is replicated::
 
-      h = g * s * reduce_from_tp(dropout(x_t) A_t^T)   # all-reduce forward, identity backward
-      y = base(x) + h B^T                               # base output is already all-reduced
+      h = g * reduce_from_tp(dropout(x_t) A_t^T)       # all-reduce forward, identity backward
+      y = base(x) + s * h B^T                           # base output is already all-reduced
+
+The arithmetic (delta weight, merge / unmerge, gate, ``addmm`` output) is
+:mod:`layerfreeze.policies.lora_math`, shared with the Hugging Face adapters: this module only
+adds the collectives and passes its local shards. Gated, ``g * s`` multiplies ``h`` in fp32;
+ungated, ``s`` is the ``alpha`` of the output ``addmm``.
 
 The rank ``r`` is never split, so every TP size works with every rank; ``B`` shards follow the
 base weight's ``partition_stride`` (SwiGLU ``linear_fc1`` interleaves gate and up rows per rank).
@@ -43,6 +48,13 @@ import torch.nn.functional as F
 from torch import nn
 
 from layerfreeze.policies.lora import LoRADispatcher, TokenGate, register_lora_dispatcher
+from layerfreeze.policies.lora_math import (
+    add_low_rank,
+    delta_weight,
+    merge_delta,
+    scale_low_rank,
+    unmerge_delta,
+)
 
 __all__ = ["ParallelLoRAAdapter", "register", "parallel_lora_problem"]
 
@@ -150,18 +162,10 @@ class ParallelLoRAAdapter(nn.Module):
         if self.parallel == "row" and self.tp_size > 1:
             h = reduce_from_tensor_model_parallel_region(h, group=group)
         gate = self.gate
-        if gate is not None:  # gate maths in fp32 on the rank-r tensor only
-            h = (h.float() * (gate.current(x) * self.scaling)).to(h.dtype)
-        else:
-            h = h * self.scaling
+        h, scale = scale_low_rank(h, self.scaling, gate.current(x) if gate is not None else None)
         if self.parallel == "column" and self.tp_size > 1:
             h = copy_to_tensor_model_parallel_region(h, group=group)
-        if h.dtype != out.dtype:
-            return out + F.linear(h, self.lora_b).to(out.dtype)
-        out2d = torch.addmm(
-            out.reshape(-1, out.shape[-1]), h.reshape(-1, h.shape[-1]), self.lora_b.t()
-        )
-        return out2d.view(out.shape)
+        return add_low_rank(out, h, self.lora_b, scale)
 
     def forward(self, x: torch.Tensor, base_out):
         """``base_out`` (megatron's ``(output, bias)``) with the update added to ``output``."""
@@ -174,7 +178,7 @@ class ParallelLoRAAdapter(nn.Module):
 
     def delta_weight(self) -> torch.Tensor:
         """``(alpha / r) B A`` shaped like this rank's weight shard."""
-        return (self.lora_b.float() @ self.lora_a.float()) * self.scaling
+        return delta_weight(self.lora_a, self.lora_b, self.scaling)
 
     @torch.no_grad()
     def merge(self, base: nn.Module) -> None:
@@ -189,14 +193,14 @@ class ParallelLoRAAdapter(nn.Module):
                 "into the base weight; export keeps it in the sidecar instead."
             )
         if not self.merged:
-            base.weight.add_(self.delta_weight().to(base.weight.dtype))
+            merge_delta(base.weight, self.delta_weight())
             self.merged = True
 
     @torch.no_grad()
     def unmerge(self, base: nn.Module) -> None:
         """Take a merged update back out of ``base.weight`` (idempotent)."""
         if self.merged:
-            base.weight.sub_(self.delta_weight().to(base.weight.dtype))
+            unmerge_delta(base.weight, self.delta_weight())
             self.merged = False
 
     def extra_repr(self) -> str:

@@ -1,6 +1,6 @@
 """The ``prefix`` policy's branch on megatron-core ``SelfAttention``, per tensor-parallel rank.
 
-Same maths as on Hugging Face models (``layerfreeze/policies/prefix.py``)::
+Same maths as on Hugging Face models (``layerfreeze/policies/prefix/branch.py``)::
 
     out = Attn(q, K, V) + f_head * g(h) * softmax(q P_k^T * scaling) P_v
 
@@ -33,7 +33,7 @@ from torch import nn
 
 from layerfreeze.models import LayerInfo, ModelLayout
 from layerfreeze.policies.base import PolicySpec
-from layerfreeze.policies.lora import _block_input, _has_hook
+from layerfreeze.policies.gate import block_input, has_hook
 from layerfreeze.policies.prefix import (
     PrefixAdapter,
     PrefixConfig,
@@ -177,7 +177,7 @@ def _attn_pre_hook(module: nn.Module, args: tuple, kwargs: dict) -> None:
         return
     adapter.pending = True
     if adapter.prefix_gate is not None:
-        adapter.prefix_gate(_block_input(module, args, kwargs, adapter.where))
+        adapter.prefix_gate(block_input(module, args, kwargs, adapter.where))
 
 
 def _attn_post_hook(module: nn.Module, args: tuple, output) -> None:
@@ -318,9 +318,9 @@ def _install(layer: LayerInfo, spec: PolicySpec, layout: ModelLayout) -> nn.Modu
     core.__dict__["_layerfreeze_prefix_scaling"] = (
         attn.config.softmax_scale or attn.config.kv_channels**-0.5
     )
-    if not _has_hook(core._forward_hooks, _core_attention_hook):
+    if not has_hook(core._forward_hooks, _core_attention_hook):
         core.register_forward_hook(_core_attention_hook, with_kwargs=True)
-    if not _has_hook(attn._forward_pre_hooks, _attn_pre_hook):
+    if not has_hook(attn._forward_pre_hooks, _attn_pre_hook):
         attn.register_forward_pre_hook(_attn_pre_hook, with_kwargs=True)
         attn.register_forward_hook(_attn_post_hook)
     return adapter

@@ -28,8 +28,9 @@ max_j (q.K[j] s + M_j))`` of the attention mass, changing the attention output b
 rounding; gradients into the prefix and the gate scale with ``g`` as well, so a gate that starts
 closed also starts slowly (``-8``, ``g = 3.4e-4``, is a compromise).
 
-How it runs: in the wrapper attention implementation of :mod:`layerfreeze.policies.prefix`
-(transformers' ``ALL_ATTENTION_FUNCTIONS``), after the KV cache was updated, the prefix is
+How it runs: in the wrapper attention implementation of
+:mod:`layerfreeze.policies.prefix.attention` (transformers' ``ALL_ATTENTION_FUNCTIONS``; this
+module registers :func:`paper_attention` as its ``paper`` form), after the KV cache was updated, the prefix is
 concatenated in front of the cached-plus-new keys/values and the mask gets ``P`` columns in
 front (``log g``, or 0); the original implementation then runs on the extended inputs. The prefix
 never enters the KV cache (the cache holds real tokens only, positions and cache length are
@@ -46,9 +47,17 @@ from typing import TYPE_CHECKING, Any
 import torch
 from torch import nn
 
+from layerfreeze.policies.base import PolicySpec
+from layerfreeze.policies.prefix.attention import (
+    ADAPTER_ATTR,
+    PREFIX_FORMS,
+    base_attn_implementation,
+    find_installer,
+    find_route,
+)
+
 if TYPE_CHECKING:
     from layerfreeze.models import LayerInfo, ModelLayout
-    from layerfreeze.policies.base import PolicySpec
 
 __all__ = [
     "PAPER_IMPLEMENTATIONS",
@@ -64,7 +73,7 @@ PAPER_IMPLEMENTATIONS: tuple[str, ...] = ("eager", "sdpa")
 
 def form_mismatch(layer: LayerInfo, form: str) -> list[str]:
     """A problem when ``layer``'s attention already carries a prefix adapter of another form."""
-    existing = layer.attn._modules.get("prefix_adapter")
+    existing = layer.attn._modules.get(ADAPTER_ATTR)
     have = getattr(existing, "form", "branch") if existing is not None else form
     if have == form:
         return []
@@ -81,22 +90,17 @@ def paper_form_problems(
     """Problems that stop ``prefix(form=paper)`` on ``layer``: the branch form's checks plus the
     paper form's own (registry dispatch, an eager/sdpa implementation, no adapter of the other
     form already installed)."""
-    import layerfreeze.policies.prefix as prefix_mod
-    from layerfreeze.policies.base import PolicySpec as Spec
-
     mismatch = form_mismatch(layer, "paper")
     if mismatch:
         return mismatch
-    branch = Spec(spec.name, dataclasses.replace(spec.options, form="branch"))
+    branch = PolicySpec(spec.name, dataclasses.replace(spec.options, form="branch"))
     problems = list(policy.check(layer, branch, layout))
     if problems == form_mismatch(layer, "branch"):  # our own paper adapter, already installed
         problems = []
     attn = layer.attn
     where = f"layer {layer.index} ({layer.name}.{layer.attn_name}, {type(attn).__name__})"
     # Installers (other engines) and query routes (inline attention) bypass the registry call.
-    find_installer = getattr(prefix_mod, "_find_installer", None)
-    find_route = getattr(prefix_mod, "_find_route", None)
-    if (find_installer and find_installer(attn) is not None) or (find_route and find_route(attn)):
+    if find_installer(attn) is not None or find_route(attn):
         problems.append(
             f"{where}: prefix(form=paper) extends the keys/values inside transformers' "
             "ALL_ATTENTION_FUNCTIONS call, which this attention module does not make; use "
@@ -104,7 +108,7 @@ def paper_form_problems(
         )
         return problems
     config = getattr(attn, "config", None)
-    impl = prefix_mod.base_attn_implementation(getattr(config, "_attn_implementation", None))
+    impl = base_attn_implementation(getattr(config, "_attn_implementation", None))
     if isinstance(impl, str) and impl not in PAPER_IMPLEMENTATIONS:
         problems.append(
             f"{where}: prefix(form=paper) needs attn_implementation "
@@ -186,6 +190,7 @@ def paper_attention(
     Returns:
         ``fn``'s ``(output, weights)``; eager's weights have the ``P`` prefix columns first.
     """
+    adapter.pending = False
     pk, pv = adapter.keys_values()  # (kv_heads, P, d)
     if key.dim() != 4 or key.shape[1] != pk.shape[0] or value.shape[1] != pv.shape[0]:
         raise RuntimeError(
@@ -218,3 +223,6 @@ def paper_attention(
         bias = mask.new_zeros(batch, mask.shape[1], q_len, tokens)
     mask = torch.cat([bias, mask], dim=-1)
     return fn(module, query, key, value, mask, **kwargs)
+
+
+PREFIX_FORMS["paper"] = paper_attention
