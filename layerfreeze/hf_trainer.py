@@ -32,6 +32,12 @@ from transformers import TrainerCallback, TrainingArguments
 
 from layerfreeze.utils.io import atomic_write_json
 from layerfreeze.utils.logging import get_logger, log_rank0
+from layerfreeze.utils.private_api import (
+    replace_prepared_model,
+    replace_prepared_optimizer,
+    set_scheduler_last_lr,
+    set_scheduler_step_count,
+)
 
 __all__ = ["LayerfreezeCallback", "apply_schedule", "plan_optimizer", "plan_trainer"]
 
@@ -319,8 +325,8 @@ def plan_trainer(trainer_cls: type | None = None) -> type:
             self.optimizer, self.lr_scheduler = wrapper, sched
             acc = self.accelerator
             acc.deepspeed_engine_wrapped = DeepSpeedEngineWrapper(engine)
-            acc._models = [engine if m is old_engine else m for m in acc._models]
-            acc._optimizers = [wrapper if o is old_wrapper else o for o in acc._optimizers]
+            replace_prepared_model(acc, old_engine, engine)
+            replace_prepared_optimizer(acc, old_wrapper, wrapper)
             self.callback_handler.optimizer = wrapper
             self.callback_handler.lr_scheduler = sched
             return engine
@@ -332,11 +338,11 @@ def plan_trainer(trainer_cls: type | None = None) -> type:
 def _position_lambda_lr(sched: torch.optim.lr_scheduler.LambdaLR, last_epoch: int) -> None:
     """Put a fresh ``LambdaLR`` at ``last_epoch`` (each group at its initial lr x the factor)."""
     sched.last_epoch = last_epoch
-    sched._step_count = last_epoch + 1
+    set_scheduler_step_count(sched, last_epoch + 1)
     for g, base, lam in zip(sched.optimizer.param_groups, sched.base_lrs, sched.lr_lambdas,
                             strict=True):
         g["lr"] = base * lam(last_epoch)
-    sched._last_lr = [g["lr"] for g in sched.optimizer.param_groups]
+    set_scheduler_last_lr(sched, [g["lr"] for g in sched.optimizer.param_groups])
 
 
 def _uses_deepspeed(args: TrainingArguments) -> bool:
@@ -621,7 +627,7 @@ class LayerfreezeCallback(TrainerCallback):
             opt.add_param_group(g)
         sched.base_lrs = [g["initial_lr"] for g in opt.param_groups]
         sched.lr_lambdas = [sched.lr_lambdas[0]] * len(opt.param_groups)
-        sched._last_lr = [g["lr"] for g in opt.param_groups]
+        set_scheduler_last_lr(sched, [g["lr"] for g in opt.param_groups])
         self._active = set(self.applied.trainable_names())
         for n, st in carried.items():
             if n in self._active:
