@@ -24,6 +24,8 @@ from __future__ import annotations
 import dataclasses
 import logging
 import shutil
+import signal
+import threading
 import time
 import typing
 from dataclasses import dataclass, field
@@ -49,6 +51,8 @@ from layerfreeze.utils.schema import describe_fields, suggest, to_dict
 from layerfreeze.utils.seed import get_rng_state, seed_everything, set_rng_state
 
 __all__ = [
+    "EXIT_INTERRUPTED",
+    "TrainingInterrupted",
     "TrainingStopped",
     "RunSummary",
     "Recipe",
@@ -67,6 +71,60 @@ logger = get_logger(__name__)
 class TrainingStopped(RuntimeError):
     """The run stopped early on purpose (too many consecutive NaN/Inf losses); the message says
     which checkpoint to resume from."""
+
+
+#: ``layerfreeze train``'s exit status after a SIGTERM / SIGINT stop (``EX_TEMPFAIL``): stopped
+#: by a signal, checkpoint saved; resubmit the same job and ``checkpoint.resume: auto`` continues.
+EXIT_INTERRUPTED = 75
+
+
+class TrainingInterrupted(RuntimeError):
+    """Every rank stopped at the same step boundary after a SIGTERM / SIGINT (saved per
+    ``checkpoint.on_signal``); the message names the signal, the step and the checkpoint.
+
+    Attributes:
+        signal_name: ``"SIGTERM"`` or ``"SIGINT"``.
+        step: the last finished optimizer step.
+        checkpoint: the checkpoint a resubmitted job continues from (None when there is none).
+    """
+
+    def __init__(self, message: str, signal_name: str, step: int, checkpoint: str | None):
+        super().__init__(message)
+        self.signal_name = signal_name
+        self.step = step
+        self.checkpoint = checkpoint
+
+
+class StopSignals:
+    """Records SIGTERM / SIGINT instead of dying, so the training loop can stop between steps.
+
+    The handler only stores the signal number (the first one wins; repeats, e.g. a second
+    SIGTERM while the checkpoint is being written, are ignored, and the checkpoint commit is
+    atomic anyway). :meth:`Recipe.train` all-reduces it at every step boundary, so all ranks
+    stop after the same step even when only some of them got the signal. Installed only in the
+    main thread (Python's rule); the previous handlers come back on :meth:`restore`.
+    """
+
+    SIGNALS = (signal.SIGTERM, signal.SIGINT)
+
+    def __init__(self) -> None:
+        self.received = 0
+        self._previous: dict[int, Any] = {}
+
+    def install(self) -> None:
+        if threading.current_thread() is not threading.main_thread():
+            return
+        for sig in self.SIGNALS:
+            self._previous[sig] = signal.signal(sig, self._handle)
+
+    def _handle(self, signum: int, frame: Any) -> None:
+        if not self.received:
+            self.received = signum
+
+    def restore(self) -> None:
+        for sig, handler in self._previous.items():
+            signal.signal(sig, handler)
+        self._previous.clear()
 
 
 # ---------------------------------------------------------------------------------------------
@@ -236,6 +294,7 @@ class Recipe:
         self.diag_records: list[tuple[int, dict[str, float]]] = []
         self.runner = None
         self._created_out_dir = False
+        self.signals = StopSignals()
 
     # -- setup --------------------------------------------------------------------------------
 
@@ -505,6 +564,11 @@ class Recipe:
         )
         t_last = time.perf_counter()
         while self.step < cfg.train.steps:
+            # Step boundary: every rank learns whether any rank got SIGTERM / SIGINT, so all of
+            # them stop here together (none enters a collective the others skip).
+            signum = self._agreed_signal()
+            if signum:
+                self._stop_on_signal(signum)
             phase_before = self.runner.phase
             next_step = self.step + 1
             every = cfg.logging.per_layer_every
@@ -585,6 +649,36 @@ class Recipe:
         )
         if result:
             self.metrics.log(self.step, result, kind="eval")
+
+    def _agreed_signal(self) -> int:
+        """The largest signal number any rank received (0: none); one all-reduce of one int."""
+        flag = torch.tensor([self.signals.received], dtype=torch.int64, device=self.runner.device)
+        if dist.is_dist() and dist.get_world_size() > 1:
+            torch.distributed.all_reduce(flag, op=torch.distributed.ReduceOp.MAX)
+        return int(flag.item())
+
+    def _stop_on_signal(self, signum: int) -> None:
+        """Save (``checkpoint.on_signal``), say so on rank 0 and raise :class:`TrainingInterrupted`."""
+        cfg = self.cfg
+        name = signal.Signals(signum).name
+        already = bool(self.saved) and self.saved[-1] == checkpoint_tag(self.step)
+        if cfg.checkpoint.on_signal and self.step > 0 and not already:
+            self._save()
+        found = list_checkpoints(self.ckpt_dir) if self.ckpt_dir.is_dir() else []
+        checkpoint = str(found[-1].path) if found else None
+        if checkpoint is None:
+            where = "no checkpoint to continue from yet; a resubmitted job starts over"
+        elif cfg.checkpoint.on_signal:
+            where = f"checkpoint {checkpoint}"
+        else:
+            where = (
+                f"no checkpoint saved (checkpoint.on_signal=false); the newest is {checkpoint}"
+            )
+        msg = (
+            f"stopped by {name} after step {self.step} of {cfg.train.steps}: {where}. Resubmit "
+            f"the same job (exit status {EXIT_INTERRUPTED}); checkpoint.resume: auto continues."
+        )
+        raise TrainingInterrupted(msg, name, self.step, checkpoint)
 
     def _stop_on_nan(self) -> None:
         cfg = self.cfg
@@ -737,11 +831,17 @@ def run_training(cfg: RunConfig) -> RunSummary:
     Raises:
         ConfigError: bad input (nothing is left in a newly created output directory).
         TrainingStopped: too many consecutive NaN/Inf losses.
+        TrainingInterrupted: SIGTERM / SIGINT; every rank stopped after the same step (and saved
+            a checkpoint when ``checkpoint.on_signal``).
     """
     recipe = Recipe(cfg)
+    recipe.signals.install()  # a signal during setup stops the run at the first step boundary
     try:
         recipe.setup()
         recipe.train()
         return recipe.finish()
     finally:
-        recipe.cleanup()
+        try:
+            recipe.cleanup()
+        finally:
+            recipe.signals.restore()
