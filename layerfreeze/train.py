@@ -23,6 +23,7 @@ from __future__ import annotations
 
 import dataclasses
 import logging
+import os
 import shutil
 import signal
 import threading
@@ -40,7 +41,7 @@ from layerfreeze.config import RunConfig
 from layerfreeze.engines.common import trained_then_frozen
 from layerfreeze.engines.deepspeed_config import build_deepspeed_config
 from layerfreeze.errors import ConfigError
-from layerfreeze.modeling import build_model, model_num_layers
+from layerfreeze.modeling import build_model, model_num_layers, special_token_ids
 from layerfreeze.optim import WarmupDecayLR, lr_factor
 from layerfreeze.plan import LayerPlan
 from layerfreeze.schedule import PlanSchedule
@@ -201,6 +202,67 @@ def resolve_run_plans(cfg: RunConfig) -> list[str]:
     return lines
 
 
+#: Kernel pseudo-filesystems: nothing a run writes can live there (``/proc/x`` cannot be created).
+_PSEUDO_FS = {
+    "proc", "sysfs", "devtmpfs", "devpts", "cgroup", "cgroup2", "debugfs", "tracefs",
+    "securityfs", "configfs", "pstore", "bpf", "fusectl", "mqueue", "binfmt_misc",
+}
+
+
+def _filesystem_type(path: Path) -> str | None:
+    """The type of the filesystem holding existing ``path`` (Linux ``/proc/self/mounts``)."""
+    try:
+        mounts = Path("/proc/self/mounts").read_text(encoding="utf-8").splitlines()
+    except OSError:
+        return None
+    best, fs = "", None
+    target = str(path.resolve())
+    for line in mounts:
+        fields = line.split()
+        if len(fields) < 3:
+            continue
+        point = fields[1].replace("\\040", " ")
+        inside = target == point or target.startswith(point.rstrip("/") + "/")
+        if inside and len(point) >= len(best):
+            best, fs = point, fields[2]
+    return fs
+
+
+def check_output_dirs(cfg: RunConfig) -> None:
+    """Check that every directory the run writes can be created, before anything is written.
+
+    For each of ``logging.out_dir``, ``checkpoint.dir``, ``checkpoint.export_dir`` and
+    ``data.cache_dir`` the nearest existing ancestor must be a writable directory outside the
+    kernel's pseudo-filesystems (``/proc``, ``/sys``, ``/dev``).
+
+    Raises:
+        ConfigError: every unusable directory, named by its key.
+    """
+    wanted = [("logging.out_dir", Path(cfg.logging.out_dir))]  # the defaults of the others
+    if cfg.checkpoint.dir:
+        wanted.append(("checkpoint.dir", cfg.checkpoint_dir))
+    if cfg.checkpoint.export_dir and cfg.checkpoint.export_final:
+        wanted.append(("checkpoint.export_dir", cfg.export_dir))
+    wanted.append(("data.cache_dir", cfg.data.resolved_cache_dir()))
+    problems = []
+    for key, path in wanted:
+        existing = path.expanduser().absolute()
+        while not existing.exists() and existing != existing.parent:
+            existing = existing.parent
+        fs = _filesystem_type(existing)
+        if fs in _PSEUDO_FS:
+            why = f"{existing} is on the kernel's {fs} filesystem, where nothing can be written"
+        elif not existing.is_dir():
+            why = f"{existing} is not a directory"
+        elif not os.access(existing, os.W_OK | os.X_OK):
+            why = f"{existing} is not writable"
+        else:
+            continue
+        problems.append(f"{key}: cannot create {str(path)!r}: {why}. Choose another directory.")
+    if problems:
+        raise ConfigError(problems)
+
+
 def _field_type(cls: type, path: str) -> Any:
     tp: Any = cls
     for part in path.split("."):
@@ -312,8 +374,13 @@ class Recipe:
         from layerfreeze.data.corpus import resolve_files
 
         resolve_files(cfg.data.paths, key="data.paths")
+        check_output_dirs(cfg)
         self.resume_from = self._find_resume()
         self.eval_benchmarks = self._load_eval_benchmarks()
+        try:  # one plain process: a free rendezvous port, or the given one if it is free
+            dist.single_process_rendezvous()
+        except ValueError as e:
+            raise ConfigError(str(e)) from None
 
         self.engine.init_distributed()
         if cfg.train.num_threads:
@@ -407,6 +474,7 @@ class Recipe:
         self.runner = self.engine.runner_from_run_config(
             cfg, schedule=self.schedule, vocab_size=len(self.tokenizer),
             lr_scheduler=lambda opt: WarmupDecayLR(opt, cfg.optim, cfg.train.steps),
+            special_ids=special_token_ids(self.tokenizer),  # not the model family's defaults
         )
         # 4. Data, sharded over data-parallel ranks (the ranks of one model replica read alike).
         self.world_size = self.runner.world_size

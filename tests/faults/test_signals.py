@@ -27,8 +27,6 @@ from pathlib import Path
 import pytest
 import yaml
 
-from tests.helpers.dist import find_free_port
-
 pytestmark = pytest.mark.slow
 
 REPO = Path(__file__).resolve().parents[2]
