@@ -10,7 +10,9 @@ way (``os.killpg``), once the run has logged a few steps:
 * two DeepSpeed ranks under torchrun: torchrun itself exits 1 (its agent turns the SIGTERM into
   a ``SignalException``), both workers stop after the same step, each appends its status 75 to
   ``$LAYERFREEZE_EXIT_FILE``; resuming (``resume: auto``) reproduces the losses an
-  uninterrupted run has for the remaining steps.
+  uninterrupted run has for the remaining steps;
+* two Megatron-core pipeline stages (PP=2, through the tests' CPU shim entry): the same stop
+  (both stages after the same step, checkpoint saved) and the resubmitted job finishes.
 """
 
 from __future__ import annotations
@@ -75,11 +77,11 @@ def _env(**extra: str) -> dict:
     return env
 
 
-def _cmd(config: Path, nproc: int) -> list[str]:
-    launcher = [sys.executable, "-m", "layerfreeze"]
+def _cmd(config: Path, nproc: int, module: str = "layerfreeze") -> list[str]:
+    launcher = [sys.executable, "-m", module]
     if nproc > 1:
         launcher = [sys.executable, "-m", "torch.distributed.run", "--standalone",
-                    "--nproc_per_node", str(nproc), "-m", "layerfreeze"]
+                    "--nproc_per_node", str(nproc), "-m", module]
     return [*launcher, "train", "--config", str(config)]
 
 
@@ -104,10 +106,11 @@ def _losses(out: Path) -> dict[int, float]:
     return {r["step"]: r["loss"] for r in read_jsonl(out / "metrics.jsonl") if r["type"] == "train"}
 
 
-def _signal_mid_run(config: Path, out: Path, sig: int, nproc: int = 1, env: dict | None = None):
+def _signal_mid_run(config: Path, out: Path, sig: int, nproc: int = 1, env: dict | None = None,
+                    module: str = "layerfreeze"):
     """Start the run in its own process group, send ``sig`` to the whole group after step 2."""
     proc = subprocess.Popen(
-        _cmd(config, nproc), cwd=REPO, env=env or _env(), stdout=subprocess.PIPE,
+        _cmd(config, nproc, module), cwd=REPO, env=env or _env(), stdout=subprocess.PIPE,
         stderr=subprocess.PIPE, text=True, start_new_session=True,
     )
     deadline = time.monotonic() + 300
@@ -184,3 +187,31 @@ def test_sigterm_two_ranks_torchrun_then_resume_matches_straight_run(tmp_path):
     assert sorted(got) == list(range(1, STEPS + 1))
     for s in range(1, STEPS + 1):  # before the stop and after the resume
         assert got[s] == pytest.approx(expected[s], rel=1e-6, abs=1e-7), (s, step)
+
+
+def test_sigterm_megatron_pipeline_stops_both_stages_at_one_step(tmp_path):
+    exit_file = tmp_path / "exit_status"
+    out = tmp_path / "run"
+    config = _config(tmp_path, out)
+    cfg = yaml.safe_load(config.read_text())
+    cfg.pop("deepspeed")
+    cfg["engine"] = "megatron"
+    cfg["model"]["attn_implementation"] = "sdpa"
+    cfg["megatron"] = {"tensor_model_parallel_size": 1, "pipeline_model_parallel_size": 2}
+    cfg["train"]["grad_accum_steps"] = 2  # the 1F1B schedule needs >= PP micro-batches
+    config.write_text(yaml.safe_dump(cfg, sort_keys=False), encoding="utf-8")
+    entry = "tests.helpers.megatron_train_entry"  # the CPU shim megatron-core needs here
+    env = _env(LAYERFREEZE_EXIT_FILE=str(exit_file))
+    rc, stderr = _signal_mid_run(config, out, signal.SIGTERM, nproc=2, env=env, module=entry)
+    assert rc == 1, stderr[-4000:]  # torchrun's own status (see the DeepSpeed test)
+    step, where = _stop_line(stderr, "SIGTERM")
+    statuses = sorted(exit_file.read_text(encoding="utf-8").splitlines())
+    assert [s.split(" stopped by")[0] for s in statuses] == ["rank 0: 75", "rank 1: 75"]
+    assert all(f"after step {step} of" in s for s in statuses), statuses
+    ckpt = out / "checkpoints" / f"step_{step:08d}"
+    assert ckpt.is_dir() and where.startswith(f"checkpoint {ckpt}.")
+    resumed = subprocess.run(_cmd(config, 2, entry), cwd=REPO, env=_env(), capture_output=True,
+                             text=True, timeout=600)
+    assert resumed.returncode == 0, resumed.stderr[-4000:]
+    assert f"resumed from {ckpt} at step {step}" in resumed.stderr
+    assert sorted(_losses(out)) == list(range(1, STEPS + 1))
