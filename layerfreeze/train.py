@@ -53,6 +53,7 @@ from layerfreeze.utils.seed import get_rng_state, seed_everything, set_rng_state
 
 __all__ = [
     "EXIT_INTERRUPTED",
+    "StopSignals",
     "TrainingInterrupted",
     "TrainingStopped",
     "RunSummary",
@@ -99,17 +100,23 @@ class TrainingInterrupted(RuntimeError):
 class StopSignals:
     """Records SIGTERM / SIGINT instead of dying, so the training loop can stop between steps.
 
-    The handler only stores the signal number (the first one wins; repeats, e.g. a second
-    SIGTERM while the checkpoint is being written, are ignored, and the checkpoint commit is
-    atomic anyway). :meth:`Recipe.train` all-reduces it at every step boundary, so all ranks
-    stop after the same step even when only some of them got the signal. Installed only in the
-    main thread (Python's rule); the previous handlers come back on :meth:`restore`.
+    The handler only stores the signal number (the first one wins). Repeats of SIGTERM, e.g.
+    a second one while the checkpoint is being written, are ignored; a SIGINT more than
+    :attr:`ABORT_AFTER_S` seconds after the first (Ctrl-C pressed again) raises
+    ``KeyboardInterrupt`` as usual, so an interactive user can still abort at once (the
+    checkpoint commit is atomic: the previous checkpoint survives). Earlier repeats are
+    ignored: torchrun's agent forwards the terminal's SIGINT to its workers, which got it too.
+    :meth:`Recipe.train` all-reduces the signal at every step boundary, so all ranks stop after
+    the same step even when only some of them got it. Installed only in the main thread
+    (Python's rule); the previous handlers come back on :meth:`restore`.
     """
 
     SIGNALS = (signal.SIGTERM, signal.SIGINT)
+    ABORT_AFTER_S = 2.0
 
     def __init__(self) -> None:
         self.received = 0
+        self._first_at = 0.0
         self._previous: dict[int, Any] = {}
 
     def install(self) -> None:
@@ -121,6 +128,9 @@ class StopSignals:
     def _handle(self, signum: int, frame: Any) -> None:
         if not self.received:
             self.received = signum
+            self._first_at = time.monotonic()
+        elif signum == signal.SIGINT and time.monotonic() - self._first_at > self.ABORT_AFTER_S:
+            raise KeyboardInterrupt
 
     def restore(self) -> None:
         for sig, handler in self._previous.items():

@@ -29,8 +29,6 @@ from pathlib import Path
 import pytest
 import yaml
 
-pytestmark = pytest.mark.slow
-
 REPO = Path(__file__).resolve().parents[2]
 STEPS = 40
 
@@ -131,6 +129,7 @@ def _stop_line(stderr: str, sig: str) -> tuple[int, str]:
     return int(m.group(1)), m.group(2)
 
 
+@pytest.mark.slow
 def test_sigterm_single_process_saves_and_exits_75(tmp_path):
     out = tmp_path / "run"
     rc, stderr = _signal_mid_run(_config(tmp_path, out), out, signal.SIGTERM)
@@ -146,6 +145,7 @@ def test_sigterm_single_process_saves_and_exits_75(tmp_path):
     assert not (out / "summary.json").exists()  # not a finished run
 
 
+@pytest.mark.slow
 def test_sigint_with_on_signal_false_stops_without_saving(tmp_path):
     out = tmp_path / "run"
     rc, stderr = _signal_mid_run(_config(tmp_path, out, on_signal=False), out, signal.SIGINT)
@@ -157,6 +157,7 @@ def test_sigint_with_on_signal_false_stops_without_saving(tmp_path):
     assert not (out / "checkpoints").exists() or not any((out / "checkpoints").iterdir())
 
 
+@pytest.mark.slow
 def test_sigterm_two_ranks_torchrun_then_resume_matches_straight_run(tmp_path):
     exit_file = tmp_path / "exit_status"
     out = tmp_path / "run"
@@ -189,6 +190,7 @@ def test_sigterm_two_ranks_torchrun_then_resume_matches_straight_run(tmp_path):
         assert got[s] == pytest.approx(expected[s], rel=1e-6, abs=1e-7), (s, step)
 
 
+@pytest.mark.slow
 def test_sigterm_megatron_pipeline_stops_both_stages_at_one_step(tmp_path):
     exit_file = tmp_path / "exit_status"
     out = tmp_path / "run"
@@ -215,3 +217,26 @@ def test_sigterm_megatron_pipeline_stops_both_stages_at_one_step(tmp_path):
     assert resumed.returncode == 0, resumed.stderr[-4000:]
     assert f"resumed from {ckpt} at step {step}" in resumed.stderr
     assert sorted(_losses(out)) == list(range(1, STEPS + 1))
+
+
+def test_stop_signals_record_the_first_and_a_later_ctrl_c_aborts(monkeypatch):
+    """Real signals to this process: the first is recorded (no exception), repeated SIGTERMs
+    and a SIGINT right after (torchrun's forward) are ignored, a SIGINT after
+    ``ABORT_AFTER_S`` raises KeyboardInterrupt; the old handlers come back."""
+    from layerfreeze.train import StopSignals
+
+    before = signal.getsignal(signal.SIGTERM), signal.getsignal(signal.SIGINT)
+    stops = StopSignals()
+    stops.install()
+    try:
+        os.kill(os.getpid(), signal.SIGTERM)
+        os.kill(os.getpid(), signal.SIGTERM)  # e.g. while the checkpoint is written
+        os.kill(os.getpid(), signal.SIGINT)  # at once: a launcher forwarding the terminal's
+        assert stops.received == signal.SIGTERM
+        monkeypatch.setattr(StopSignals, "ABORT_AFTER_S", 0.0)
+        time.sleep(0.01)
+        with pytest.raises(KeyboardInterrupt):
+            os.kill(os.getpid(), signal.SIGINT)
+    finally:
+        stops.restore()
+    assert (signal.getsignal(signal.SIGTERM), signal.getsignal(signal.SIGINT)) == before
