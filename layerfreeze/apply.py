@@ -528,6 +528,7 @@ def apply_plan(
     *,
     install: Iterable[LayerPlan | str | Mapping] = (),
     layout: ModelLayout | None = None,
+    log: bool = True,
 ) -> AppliedPlan:
     """Install the adapters of ``plan`` and of every plan in ``install``, then set
     ``requires_grad`` from ``plan`` alone.
@@ -540,6 +541,8 @@ def apply_plan(
         plan: the plan that trains now (any form :meth:`LayerPlan.parse` accepts).
         install: further plans whose adapters must exist (later schedule phases).
         layout: the model's layout when already discovered.
+        log: log the ``plan applied`` line with this rank's counts (the Megatron adapter logs
+            model-wide totals over the pipeline / tensor-parallel ranks instead).
 
     Returns:
         The :class:`AppliedPlan`.
@@ -584,10 +587,11 @@ def apply_plan(
             names = get_policy(spec.name).apply(layer, spec, layout)
             applied._names[(layer.index, _spec_key(spec))] = frozenset(names)
     applied._set_requires_grad()
-    log_rank0(
-        logger, "plan applied: %s (%d of %d parameters trainable)", str(plans[0]),
-        applied.num_trainable_params(), applied.num_total_params(),
-    )
+    if log:
+        log_rank0(
+            logger, "plan applied: %s (%d of %d parameters trainable)", str(plans[0]),
+            applied.num_trainable_params(), applied.num_total_params(),
+        )
     return applied
 
 

@@ -250,6 +250,12 @@ class CheckpointConfig:
     fresh (error if ``dir`` already holds checkpoints); or a path to one checkpoint."""
     save_final: bool = True
     """Save a checkpoint after the last step."""
+    on_signal: bool = True
+    """On SIGTERM or SIGINT (Slurm's preemption / time-limit notice, ``scancel``, Ctrl-C), every
+    rank stops at the next step boundary, a checkpoint of the last finished step is saved when
+    this is true, and ``layerfreeze train`` exits with status 75 (resubmit the same job:
+    ``resume: auto`` continues from that checkpoint). false: stop the same way without saving
+    (the newest earlier checkpoint is where a resubmitted job continues)."""
     export_final: bool = True
     """Export the final model as a standard Hugging Face checkpoint (adapters merged)."""
     export_dir: str | None = None

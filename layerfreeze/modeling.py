@@ -16,24 +16,73 @@ from layerfreeze.errors import ConfigError
 
 __all__ = [
     "DTYPES",
+    "SPECIAL_TOKEN_FIELDS",
     "build_model",
     "check_weight_files",
     "hf_model_config",
     "load_causal_lm",
     "model_num_layers",
+    "special_token_ids",
 ]
 
 #: ``model.dtype`` -> torch dtype
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
+#: The special-token ids of a transformers config that must lie inside the vocabulary (the pad
+#: id becomes the input embedding's ``padding_idx``).
+SPECIAL_TOKEN_FIELDS = ("pad_token_id", "bos_token_id", "eos_token_id")
 
-def hf_model_config(model_cfg: ModelConfig, vocab_size: int | None = None):
+
+def special_token_ids(tokenizer: Any) -> dict[str, int]:
+    """The tokenizer's pad / bos / eos ids as config fields (the ones it has)."""
+    ids = {f: getattr(tokenizer, f, None) for f in SPECIAL_TOKEN_FIELDS}
+    return {f: i for f, i in ids.items() if isinstance(i, int)}
+
+
+def _check_special_ids(
+    config: Any, key: str, given: set[str], fields: tuple[str, ...] = SPECIAL_TOKEN_FIELDS
+) -> None:
+    """Each of ``fields`` (pad / bos / eos ids) of ``config`` inside ``[0, vocab_size)``, else a
+    one-line error naming the field under ``key`` (``model.architecture`` or ``model.path``)."""
+    vocab = config.vocab_size
+    for name in fields:
+        value = getattr(config, name, None)
+        ids = value if isinstance(value, (list, tuple)) else [value]
+        bad = [i for i in ids if isinstance(i, int) and not 0 <= i < vocab]
+        if not bad:
+            continue
+        if key == "model.path":
+            raise ConfigError(
+                f"model.path: {name} {value} in {key}'s config.json is outside its "
+                f"{vocab}-token vocabulary (valid 0-{vocab - 1}). Fix the checkpoint's config.json."
+            )
+        origin = "" if name in given else f" ({config.model_type}'s default; the tokenizer has none)"
+        raise ConfigError(
+            f"{key}.{name}: {value} is outside the {vocab}-token vocabulary (valid "
+            f"0-{vocab - 1}), got {name}={value}{origin}. Set {key}.{name} to an id below "
+            f"{vocab} (the tokenizer's), or null."
+        )
+
+
+def hf_model_config(
+    model_cfg: ModelConfig,
+    vocab_size: int | None = None,
+    special_ids: dict[str, int] | None = None,
+):
     """The transformers config of ``model.path`` or ``model.architecture`` (no weights loaded;
     the ``*.safetensors`` headers of ``model.path`` are checked, see :func:`check_weight_files`).
 
+    Args:
+        model_cfg: the ``model`` section.
+        vocab_size: the tokenizer's size; a built architecture gets it unless it sets its own.
+        special_ids: the tokenizer's pad / bos / eos ids (:func:`special_token_ids`); a built
+            architecture takes them instead of its family's defaults (Phi-3's pad id 32000 does
+            not exist in a 1000-token vocabulary), unless ``model.architecture`` sets them.
+
     Raises:
         ConfigError: no checkpoint at the path, a truncated or corrupt weight file, an unreadable
-            config.json, or an unknown ``model_type``.
+            config.json, an unknown ``model_type``, or a pad / bos / eos id outside the
+            vocabulary (naming the field).
     """
     from transformers import AutoConfig
 
@@ -59,19 +108,31 @@ def hf_model_config(model_cfg: ModelConfig, vocab_size: int | None = None):
                 "from its checkpoint instead, or export a plan that merges fully."
             )
         try:
-            return AutoConfig.from_pretrained(str(path))
+            config = AutoConfig.from_pretrained(str(path))
         except (OSError, ValueError) as e:  # a config.json that is not JSON, or unknown type
             raise ConfigError(
                 f"model.path: cannot read {path / 'config.json'} ({str(e).splitlines()[0]})."
             ) from None
+        _check_special_ids(config, "model.path", set())
+        return config
     arch = dict(model_cfg.architecture or {})
     model_type = arch.pop("model_type")
+    given = set(arch)
     if vocab_size is not None:
         arch.setdefault("vocab_size", vocab_size)
+    for name, value in (special_ids or {}).items():
+        arch.setdefault(name, value)
     try:
-        return AutoConfig.for_model(model_type, **arch)
+        config = AutoConfig.for_model(model_type, **arch)
     except ValueError as e:
         raise ConfigError(f"model.architecture.model_type: {e}") from None
+    # Without the tokenizer's ids (validate, layer counting) only the ids the user wrote are
+    # checked: a family default (Phi-3's pad id 32000) is replaced by the tokenizer's at build.
+    fields = SPECIAL_TOKEN_FIELDS if special_ids is not None else tuple(
+        f for f in SPECIAL_TOKEN_FIELDS if f in given
+    )
+    _check_special_ids(config, "model.architecture", given, fields)
+    return config
 
 
 def model_num_layers(model_cfg: ModelConfig) -> int:
@@ -86,17 +147,29 @@ def model_num_layers(model_cfg: ModelConfig) -> int:
     return n
 
 
-def build_model(model_cfg: ModelConfig, vocab_size: int, seed: int) -> torch.nn.Module:
+def build_model(
+    model_cfg: ModelConfig,
+    vocab_size: int,
+    seed: int,
+    special_ids: dict[str, int] | None = None,
+) -> torch.nn.Module:
     """Load ``model.path`` or build ``model.architecture`` with weights seeded by ``seed``.
 
+    Args:
+        model_cfg: the ``model`` section.
+        vocab_size: the tokenizer's size.
+        seed: the seed of a built model's initialisation.
+        special_ids: the tokenizer's pad / bos / eos ids for a built model (see
+            :func:`hf_model_config`).
+
     Raises:
-        ConfigError: no checkpoint at the path, an unknown ``model_type``, or a tokenizer with
-            more ids than the checkpoint's vocabulary.
+        ConfigError: no checkpoint at the path, an unknown ``model_type``, a tokenizer with
+            more ids than the checkpoint's vocabulary, or a special-token id outside it.
     """
     from transformers import AutoModelForCausalLM
 
     dtype = DTYPES[model_cfg.dtype]
-    config = hf_model_config(model_cfg, vocab_size=vocab_size)
+    config = hf_model_config(model_cfg, vocab_size=vocab_size, special_ids=special_ids)
     if config.vocab_size < vocab_size:
         raise ConfigError(
             f"model: the model's vocab_size ({config.vocab_size}) is smaller than the tokenizer's "

@@ -23,8 +23,11 @@ from __future__ import annotations
 
 import dataclasses
 import logging
+import os
 import shlex
 import shutil
+import signal
+import threading
 import time
 import typing
 from dataclasses import dataclass, field
@@ -39,7 +42,7 @@ from layerfreeze.config import RunConfig
 from layerfreeze.engines.common import trained_then_frozen
 from layerfreeze.engines.deepspeed_config import build_deepspeed_config
 from layerfreeze.errors import ConfigError
-from layerfreeze.modeling import build_model, model_num_layers
+from layerfreeze.modeling import build_model, model_num_layers, special_token_ids
 from layerfreeze.optim import WarmupDecayLR, lr_factor
 from layerfreeze.plan import LayerPlan
 from layerfreeze.schedule import PlanSchedule
@@ -50,6 +53,9 @@ from layerfreeze.utils.schema import describe_fields, suggest, to_dict
 from layerfreeze.utils.seed import get_rng_state, seed_everything, set_rng_state
 
 __all__ = [
+    "EXIT_INTERRUPTED",
+    "StopSignals",
+    "TrainingInterrupted",
     "TrainingStopped",
     "RunSummary",
     "Recipe",
@@ -68,6 +74,69 @@ logger = get_logger(__name__)
 class TrainingStopped(RuntimeError):
     """The run stopped early on purpose (too many consecutive NaN/Inf losses); the message says
     which checkpoint to resume from."""
+
+
+#: ``layerfreeze train``'s exit status after a SIGTERM / SIGINT stop (``EX_TEMPFAIL``): stopped
+#: by a signal, checkpoint saved; resubmit the same job and ``checkpoint.resume: auto`` continues.
+EXIT_INTERRUPTED = 75
+
+
+class TrainingInterrupted(RuntimeError):
+    """Every rank stopped at the same step boundary after a SIGTERM / SIGINT (saved per
+    ``checkpoint.on_signal``); the message names the signal, the step and the checkpoint.
+
+    Attributes:
+        signal_name: ``"SIGTERM"`` or ``"SIGINT"``.
+        step: the last finished optimizer step.
+        checkpoint: the checkpoint a resubmitted job continues from (None when there is none).
+    """
+
+    def __init__(self, message: str, signal_name: str, step: int, checkpoint: str | None):
+        super().__init__(message)
+        self.signal_name = signal_name
+        self.step = step
+        self.checkpoint = checkpoint
+
+
+class StopSignals:
+    """Records SIGTERM / SIGINT instead of dying, so the training loop can stop between steps.
+
+    The handler only stores the signal number (the first one wins). Repeats of SIGTERM, e.g.
+    a second one while the checkpoint is being written, are ignored; a SIGINT more than
+    :attr:`ABORT_AFTER_S` seconds after the first (Ctrl-C pressed again) raises
+    ``KeyboardInterrupt`` as usual, so an interactive user can still abort at once (the
+    checkpoint commit is atomic: the previous checkpoint survives). Earlier repeats are
+    ignored: torchrun's agent forwards the terminal's SIGINT to its workers, which got it too.
+    :meth:`Recipe.train` all-reduces the signal at every step boundary, so all ranks stop after
+    the same step even when only some of them got it. Installed only in the main thread
+    (Python's rule); the previous handlers come back on :meth:`restore`.
+    """
+
+    SIGNALS = (signal.SIGTERM, signal.SIGINT)
+    ABORT_AFTER_S = 2.0
+
+    def __init__(self) -> None:
+        self.received = 0
+        self._first_at = 0.0
+        self._previous: dict[int, Any] = {}
+
+    def install(self) -> None:
+        if threading.current_thread() is not threading.main_thread():
+            return
+        for sig in self.SIGNALS:
+            self._previous[sig] = signal.signal(sig, self._handle)
+
+    def _handle(self, signum: int, frame: Any) -> None:
+        if not self.received:
+            self.received = signum
+            self._first_at = time.monotonic()
+        elif signum == signal.SIGINT and time.monotonic() - self._first_at > self.ABORT_AFTER_S:
+            raise KeyboardInterrupt
+
+    def restore(self) -> None:
+        for sig, handler in self._previous.items():
+            signal.signal(sig, handler)
+        self._previous.clear()
 
 
 # ---------------------------------------------------------------------------------------------
@@ -142,6 +211,67 @@ def resolve_run_plans(cfg: RunConfig) -> list[str]:
     if problems:
         raise ConfigError(problems)
     return lines
+
+
+#: Kernel pseudo-filesystems: nothing a run writes can live there (``/proc/x`` cannot be created).
+_PSEUDO_FS = {
+    "proc", "sysfs", "devtmpfs", "devpts", "cgroup", "cgroup2", "debugfs", "tracefs",
+    "securityfs", "configfs", "pstore", "bpf", "fusectl", "mqueue", "binfmt_misc",
+}
+
+
+def _filesystem_type(path: Path) -> str | None:
+    """The type of the filesystem holding existing ``path`` (Linux ``/proc/self/mounts``)."""
+    try:
+        mounts = Path("/proc/self/mounts").read_text(encoding="utf-8").splitlines()
+    except OSError:
+        return None
+    best, fs = "", None
+    target = str(path.resolve())
+    for line in mounts:
+        fields = line.split()
+        if len(fields) < 3:
+            continue
+        point = fields[1].replace("\\040", " ")
+        inside = target == point or target.startswith(point.rstrip("/") + "/")
+        if inside and len(point) >= len(best):
+            best, fs = point, fields[2]
+    return fs
+
+
+def check_output_dirs(cfg: RunConfig) -> None:
+    """Check that every directory the run writes can be created, before anything is written.
+
+    For each of ``logging.out_dir``, ``checkpoint.dir``, ``checkpoint.export_dir`` and
+    ``data.cache_dir`` the nearest existing ancestor must be a writable directory outside the
+    kernel's pseudo-filesystems (``/proc``, ``/sys``, ``/dev``).
+
+    Raises:
+        ConfigError: every unusable directory, named by its key.
+    """
+    wanted = [("logging.out_dir", Path(cfg.logging.out_dir))]  # the defaults of the others
+    if cfg.checkpoint.dir:
+        wanted.append(("checkpoint.dir", cfg.checkpoint_dir))
+    if cfg.checkpoint.export_dir and cfg.checkpoint.export_final:
+        wanted.append(("checkpoint.export_dir", cfg.export_dir))
+    wanted.append(("data.cache_dir", cfg.data.resolved_cache_dir()))
+    problems = []
+    for key, path in wanted:
+        existing = path.expanduser().absolute()
+        while not existing.exists() and existing != existing.parent:
+            existing = existing.parent
+        fs = _filesystem_type(existing)
+        if fs in _PSEUDO_FS:
+            why = f"{existing} is on the kernel's {fs} filesystem, where nothing can be written"
+        elif not existing.is_dir():
+            why = f"{existing} is not a directory"
+        elif not os.access(existing, os.W_OK | os.X_OK):
+            why = f"{existing} is not writable"
+        else:
+            continue
+        problems.append(f"{key}: cannot create {str(path)!r}: {why}. Choose another directory.")
+    if problems:
+        raise ConfigError(problems)
 
 
 def _field_type(cls: type, path: str) -> Any:
@@ -237,6 +367,7 @@ class Recipe:
         self.diag_records: list[tuple[int, dict[str, float]]] = []
         self.runner = None
         self._created_out_dir = False
+        self.signals = StopSignals()
 
     # -- setup --------------------------------------------------------------------------------
 
@@ -254,8 +385,13 @@ class Recipe:
         from layerfreeze.data.corpus import resolve_files
 
         resolve_files(cfg.data.paths, key="data.paths")
+        check_output_dirs(cfg)
         self.resume_from = self._find_resume()
         self.eval_benchmarks = self._load_eval_benchmarks()
+        try:  # one plain process: a free rendezvous port, or the given one if it is free
+            dist.single_process_rendezvous()
+        except ValueError as e:
+            raise ConfigError(str(e)) from None
 
         self.engine.init_distributed()
         if cfg.train.num_threads:
@@ -349,6 +485,7 @@ class Recipe:
         self.runner = self.engine.runner_from_run_config(
             cfg, schedule=self.schedule, vocab_size=len(self.tokenizer),
             lr_scheduler=lambda opt: WarmupDecayLR(opt, cfg.optim, cfg.train.steps),
+            special_ids=special_token_ids(self.tokenizer),  # not the model family's defaults
         )
         # 4. Data, sharded over data-parallel ranks (the ranks of one model replica read alike).
         self.world_size = self.runner.world_size
@@ -506,6 +643,11 @@ class Recipe:
         )
         t_last = time.perf_counter()
         while self.step < cfg.train.steps:
+            # Step boundary: every rank learns whether any rank got SIGTERM / SIGINT, so all of
+            # them stop here together (none enters a collective the others skip).
+            signum = self._agreed_signal()
+            if signum:
+                self._stop_on_signal(signum)
             phase_before = self.runner.phase
             next_step = self.step + 1
             every = cfg.logging.per_layer_every
@@ -586,6 +728,36 @@ class Recipe:
         )
         if result:
             self.metrics.log(self.step, result, kind="eval")
+
+    def _agreed_signal(self) -> int:
+        """The largest signal number any rank received (0: none); one all-reduce of one int."""
+        flag = torch.tensor([self.signals.received], dtype=torch.int64, device=self.runner.device)
+        if dist.is_dist() and dist.get_world_size() > 1:
+            torch.distributed.all_reduce(flag, op=torch.distributed.ReduceOp.MAX)
+        return int(flag.item())
+
+    def _stop_on_signal(self, signum: int) -> None:
+        """Save (``checkpoint.on_signal``), say so on rank 0 and raise :class:`TrainingInterrupted`."""
+        cfg = self.cfg
+        name = signal.Signals(signum).name
+        already = bool(self.saved) and self.saved[-1] == checkpoint_tag(self.step)
+        if cfg.checkpoint.on_signal and self.step > 0 and not already:
+            self._save()
+        found = list_checkpoints(self.ckpt_dir) if self.ckpt_dir.is_dir() else []
+        checkpoint = str(found[-1].path) if found else None
+        if checkpoint is None:
+            where = "no checkpoint to continue from yet; a resubmitted job starts over"
+        elif cfg.checkpoint.on_signal:
+            where = f"checkpoint {checkpoint}"
+        else:
+            where = (
+                f"no checkpoint saved (checkpoint.on_signal=false); the newest is {checkpoint}"
+            )
+        msg = (
+            f"stopped by {name} after step {self.step} of {cfg.train.steps}: {where}. Resubmit "
+            f"the same job (exit status {EXIT_INTERRUPTED}); checkpoint.resume: auto continues."
+        )
+        raise TrainingInterrupted(msg, name, self.step, checkpoint)
 
     def _stop_on_nan(self) -> None:
         cfg = self.cfg
@@ -759,11 +931,17 @@ def run_training(cfg: RunConfig) -> RunSummary:
     Raises:
         ConfigError: bad input (nothing is left in a newly created output directory).
         TrainingStopped: too many consecutive NaN/Inf losses.
+        TrainingInterrupted: SIGTERM / SIGINT; every rank stopped after the same step (and saved
+            a checkpoint when ``checkpoint.on_signal``).
     """
     recipe = Recipe(cfg)
+    recipe.signals.install()  # a signal during setup stops the run at the first step boundary
     try:
         recipe.setup()
         recipe.train()
         return recipe.finish()
     finally:
-        recipe.cleanup()
+        try:
+            recipe.cleanup()
+        finally:
+            recipe.signals.restore()

@@ -2,8 +2,10 @@
 
 Prints the resolved config as YAML (every default filled in), resolves the plan against the
 model's layer count (read from its config only, no weights), prints the DeepSpeed config the run
-would use (for ``WORLD_SIZE`` ranks, default 1), and with ``--schema`` prints every field with its
-type, default and docstring. Exit code 2 on any problem.
+would use (for ``WORLD_SIZE`` ranks, default 1) or, with ``engine: megatron``, runs Megatron's own
+config checks and prints its parallel layout (for ``WORLD_SIZE`` ranks, default TP x PP; CUDA is
+not required here), and with ``--schema`` prints every field with its type, default and
+docstring. Exit code 2 on any problem.
 """
 
 from __future__ import annotations
@@ -62,13 +64,35 @@ def run(args: argparse.Namespace) -> int:
         for line in resolve_run_plans(cfg):
             out.write(line + "\n")
         check_eval_subjects(cfg)
-        ds, replaced = build_deepspeed_config(cfg, get_world_size())
-        out.write(f"DeepSpeed config for {get_world_size()} rank(s):\n{json.dumps(ds, indent=2)}\n")
-        for line in replaced:
-            out.write(f"note: {line}\n")
+        if cfg.engine == "megatron":
+            for line in _megatron_report(cfg):
+                out.write(line + "\n")
+        else:
+            ds, replaced = build_deepspeed_config(cfg, get_world_size())
+            out.write(
+                f"DeepSpeed config for {get_world_size()} rank(s):\n{json.dumps(ds, indent=2)}\n"
+            )
+            for line in replaced:
+                out.write(f"note: {line}\n")
     except ConfigError as e:
         logger.error("%s", e)
         return 2
     out.write(f"OK: {args.config} is valid.\n")
     sys.stdout.write(out.getvalue())
     return 0
+
+
+def _megatron_report(cfg) -> list[str]:
+    """Megatron's config checks (``check_run_config``, without the CUDA requirement) and its
+    layout, for ``WORLD_SIZE`` ranks or, unset, the smallest world: TP x PP."""
+    import os
+
+    from layerfreeze.train import _load_engine
+
+    engine = _load_engine("megatron")
+    m = cfg.megatron
+    world = int(os.environ.get("WORLD_SIZE", "0")) or (
+        m.tensor_model_parallel_size * m.pipeline_model_parallel_size
+    )
+    notes = engine.check_run_config(cfg, world, check_device=False)
+    return engine.describe_layout(cfg, world) + [f"note: {n}" for n in notes]

@@ -59,6 +59,18 @@ def default_corpus_files() -> list[Path]:
     return files
 
 
+def _special_file_kind(p: Path) -> str:
+    """What a path that exists but is neither a file nor a directory is, in words."""
+    import stat
+
+    mode = p.stat().st_mode
+    for test, kind in ((stat.S_ISFIFO, "a FIFO"), (stat.S_ISCHR, "a character device"),
+                       (stat.S_ISBLK, "a block device"), (stat.S_ISSOCK, "a socket")):
+        if test(mode):
+            return kind
+    return "a special file"
+
+
 def resolve_files(paths: Sequence[str | Path], key: str = "data.paths") -> list[Path]:
     """Expand files, directories (recursive, sorted) and ``@bundled`` into a list of input files.
 
@@ -117,6 +129,12 @@ def resolve_files(paths: Sequence[str | Path], key: str = "data.paths") -> list[
                     f"Use {' or '.join(SUFFIXES)} files."
                 )
             out.append(p)
+        elif p.exists():  # a FIFO, device or socket: reading it blocks or never ends
+            kind = _special_file_kind(p)
+            problems.append(
+                f"{where}: not a regular file ({kind}), got '{entry}'. Use "
+                f"{' or '.join(SUFFIXES)} files."
+            )
         else:
             problems.append(f"{where}: no such file or directory, got '{entry}'. Check the path.")
     if problems:

@@ -57,7 +57,14 @@ from layerfreeze.optim import (
     group_specs,
     torch_groups,
 )
-from layerfreeze.utils.dist import barrier, broadcast_object, get_rank, get_world_size, is_dist
+from layerfreeze.utils.dist import (
+    barrier,
+    broadcast_object,
+    get_rank,
+    get_world_size,
+    is_dist,
+    single_process_rendezvous,
+)
 from layerfreeze.utils.logging import get_logger, log_rank0
 
 __all__ = [
@@ -106,10 +113,7 @@ def init_distributed(backend: str | None = None) -> None:
         return
     if backend is None:
         backend = "nccl" if torch.cuda.is_available() else "gloo"
-    if "RANK" not in os.environ:  # single plain process: make a world of one
-        os.environ.setdefault("MASTER_ADDR", "127.0.0.1")
-        os.environ.setdefault("MASTER_PORT", "29500")
-        os.environ.update({"RANK": "0", "LOCAL_RANK": "0", "WORLD_SIZE": "1"})
+    single_process_rendezvous()  # no launcher: a world of one on a free port
     if os.environ.get("TORCHELASTIC_USE_AGENT_STORE") == "True":
         # torchrun's c10d rendezvous hands the workers the agents' own store, which outlives a
         # restart of the group (--max-restarts): the restarted ranks would read the failed
@@ -991,7 +995,12 @@ def check_run_config(cfg: Any, world_size: int) -> list[str]:
 
 
 def runner_from_run_config(
-    cfg: Any, *, schedule: Any, vocab_size: int, lr_scheduler: Callable | None = None
+    cfg: Any,
+    *,
+    schedule: Any,
+    vocab_size: int,
+    lr_scheduler: Callable | None = None,
+    special_ids: dict[str, int] | None = None,
 ) -> DeepSpeedRunner:
     """Build the Hugging Face model of ``cfg.model``, apply every phase of ``schedule`` and
     return the :class:`DeepSpeedRunner` that trains it (what ``layerfreeze train`` calls).
@@ -1001,13 +1010,15 @@ def runner_from_run_config(
         schedule: the run's ``PlanSchedule`` (adapters of every phase installed up front).
         vocab_size: the tokenizer's size (a built model gets at least this vocabulary).
         lr_scheduler: callable ``optimizer -> scheduler``.
+        special_ids: the tokenizer's pad / bos / eos ids for a model built from
+            ``model.architecture`` (:func:`layerfreeze.modeling.special_token_ids`).
     """
     from layerfreeze.apply import apply_plan, enable_gradient_checkpointing
     from layerfreeze.engines.deepspeed_config import build_deepspeed_config
     from layerfreeze.modeling import build_model
 
     ds_config, _ = build_deepspeed_config(cfg, get_world_size())
-    model = build_model(cfg.model, vocab_size, cfg.train.seed)
+    model = build_model(cfg.model, vocab_size, cfg.train.seed, special_ids)
     plans = schedule.plans
     applied = apply_plan(model, plans[0], install=plans[1:])
     if cfg.model.gradient_checkpointing:

@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import errno
 import os
+import socket
 
 import torch
 import torch.distributed as dist
@@ -76,3 +78,57 @@ def default_device() -> torch.device:
     if torch.cuda.is_available():
         return torch.device("cuda", get_local_rank())
     return torch.device("cpu")
+
+
+def _port_in_use(addr: str, port: int) -> bool:
+    """True when something listens on ``addr:port`` (what the rank-0 TCPStore would bind)."""
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
+        s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)  # TIME_WAIT is not "in use"
+        try:
+            s.bind((addr, port))
+        except OSError as e:
+            return e.errno == errno.EADDRINUSE
+    return False
+
+
+def free_port(addr: str = "127.0.0.1") -> int:
+    """A TCP port nothing listens on at ``addr`` (the kernel's choice)."""
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
+        s.bind((addr, 0))
+        return s.getsockname()[1]
+
+
+def single_process_rendezvous() -> None:
+    """Set up the environment of a world of one when no launcher started this process.
+
+    Under ``torchrun`` / the ``deepspeed`` launcher (``RANK`` set) nothing changes. Otherwise
+    ``RANK``/``LOCAL_RANK``/``WORLD_SIZE`` become 0/0/1, ``MASTER_ADDR`` defaults to
+    ``127.0.0.1`` and ``MASTER_PORT``, when unset, to a free port (a fixed default such as
+    29500 makes two runs on one machine collide).
+
+    Raises:
+        ValueError: ``MASTER_PORT`` is not a port number, or something already listens on it.
+    """
+    if "RANK" in os.environ:
+        return
+    addr = os.environ.setdefault("MASTER_ADDR", "127.0.0.1")
+    given = os.environ.get("MASTER_PORT")
+    if given is None:
+        os.environ["MASTER_PORT"] = str(free_port())
+    else:
+        try:
+            port = int(given)
+            if not 0 < port < 65536:
+                raise ValueError
+        except ValueError:
+            raise ValueError(
+                f"MASTER_PORT: not a TCP port number, got {given!r}. Unset it (a free port is "
+                "picked) or give a number in 1-65535."
+            ) from None
+        if _port_in_use(addr, port):
+            raise ValueError(
+                f"MASTER_PORT: port {port} is in use on {addr} (another run?), got "
+                f"MASTER_PORT={given}. Unset MASTER_PORT to let layerfreeze pick a free port, or "
+                "choose another."
+            )
+    os.environ.update({"RANK": "0", "LOCAL_RANK": "0", "WORLD_SIZE": "1"})

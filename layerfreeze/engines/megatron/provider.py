@@ -26,7 +26,11 @@ from typing import Any
 
 from torch import nn
 
+from layerfreeze.utils.logging import get_logger, log_rank0
+
 __all__ = ["apply_megatron_plan", "optimizer_overrides", "plan_model_provider"]
+
+logger = get_logger(__name__)
 
 #: attribute of a provider-built model holding its ``AppliedPlan``
 APPLIED_ATTR = "layerfreeze_applied"
@@ -64,9 +68,106 @@ def apply_megatron_plan(
     if isinstance(model, (list, tuple)):
         model = chunks_module(model) if len(model) > 1 else model[0]
     chunks = list(model) if isinstance(model, nn.ModuleList) else model
-    applied = apply_plan(model, plan, install=tuple(install), layout=megatron_layout(chunks))
+    applied = apply_plan(
+        model, plan, install=tuple(install), layout=megatron_layout(chunks), log=False
+    )
     prepare_recompute(chunks)
+    chunk_list = chunks if isinstance(chunks, list) else [chunks]
+    log_rank0(logger, "%s", plan_totals_line(applied, chunk_list))
     return applied
+
+
+def _local_counts(applied: Any, chunks: Sequence[nn.Module]) -> tuple[int, int]:
+    """(trainable, total) parameter elements of this rank that no other rank of its model
+    replica also counts: a tensor-parallel shard counts on every TP rank, a TP-replicated
+    tensor on TP rank 0 only, and the last stage's copy of tied embeddings not at all."""
+    from megatron.core.tensor_parallel import param_is_not_tensor_parallel_duplicate
+
+    copies = set()
+    for chunk in chunks:
+        m = _unwrap(chunk)
+        tied = getattr(m, "share_embeddings_and_output_weights", False)
+        if tied and getattr(m, "post_process", False) and not getattr(m, "pre_process", False):
+            copies.add(id(m.output_layer.weight))
+    trainable = total = 0
+    for p in applied.model.parameters():
+        if id(p) in copies or not param_is_not_tensor_parallel_duplicate(p):
+            continue
+        total += p.numel()
+        trainable += p.numel() if p.requires_grad else 0
+    return trainable, total
+
+
+def _ranges(indices: list[int]) -> str:
+    """``[0, 1, 2, 5]`` -> ``"0-2, 5"``."""
+    out: list[str] = []
+    for i in sorted(indices):
+        if out and i == int(out[-1].split("-")[-1]) + 1:
+            out[-1] = f"{out[-1].split('-')[0]}-{i}"
+        else:
+            out.append(str(i))
+    return ", ".join(out)
+
+
+def _stage_parts(applied: Any) -> str:
+    """What this rank's stage holds: its global layers (as ranges) and the other modules."""
+    layout = applied.layout
+    parts = [f"layers {_ranges([x.index for x in layout.layers])}"] if layout.layers else []
+    if any("word_embeddings" in e for e in layout.embeddings):
+        parts.append("embeddings")
+    if layout.final_norm:
+        parts.append("final norm")
+    if layout.lm_head:
+        parts.append("output layer")
+    return ", ".join(parts) or "nothing"
+
+
+def plan_totals_line(applied: Any, chunks: Sequence[nn.Module]) -> str:
+    """The ``plan applied`` line with model-wide totals and what each pipeline stage holds.
+
+    A collective over the world when a process group is up (every rank must call it): each
+    rank's de-duplicated counts (:func:`_local_counts`) are gathered, the first data-parallel
+    replica's are summed over its tensor-parallel ranks per pipeline stage and over stages.
+    """
+    import torch.distributed as dist
+
+    trainable, total = _local_counts(applied, chunks)
+    mine = {"dp": 0, "pp": 0, "tp": 0, "counts": (trainable, total), "holds": _stage_parts(applied)}
+    rows = [mine]
+    if dist.is_available() and dist.is_initialized():
+        from megatron.core import parallel_state as ps
+
+        if ps.model_parallel_is_initialized():
+            mine.update(
+                dp=ps.get_data_parallel_rank(),
+                pp=ps.get_pipeline_model_parallel_rank(),
+                tp=ps.get_tensor_model_parallel_rank(),
+            )
+        rows = [None] * dist.get_world_size()
+        dist.all_gather_object(rows, mine)
+    stages: dict[int, list[int]] = {}
+    holds: dict[int, str] = {}
+    for r in rows:
+        if r["dp"] != 0:  # the other replicas hold the same model
+            continue
+        t = stages.setdefault(r["pp"], [0, 0])
+        t[0] += r["counts"][0]
+        t[1] += r["counts"][1]
+        if r["tp"] == 0:
+            holds[r["pp"]] = r["holds"]
+    tp_size = sum(1 for r in rows if r["dp"] == 0 and r["pp"] == 0)
+    all_t = sum(t for t, _ in stages.values())
+    all_n = sum(n for _, n in stages.values())
+    line = (
+        f"plan applied: {applied.plan} ({all_t} of {all_n} parameters trainable, model-wide: "
+        f"{len(stages)} pipeline stage(s) x {tp_size} tensor-parallel rank(s))"
+    )
+    if len(stages) > 1:
+        line += "; " + "; ".join(
+            f"stage {pp}: {holds.get(pp, '?')} ({t} of {n} trainable)"
+            for pp, (t, n) in sorted(stages.items())
+        )
+    return line
 
 
 def plan_model_provider(

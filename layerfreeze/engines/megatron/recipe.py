@@ -28,23 +28,55 @@ import torch
 from layerfreeze.errors import ConfigError
 from layerfreeze.utils.logging import get_logger, log_rank0
 
-__all__ = ["check_run_config", "init_distributed", "runner_from_run_config"]
+__all__ = [
+    "check_run_config",
+    "cuda_problem",
+    "describe_layout",
+    "init_distributed",
+    "runner_from_run_config",
+]
 
 logger = get_logger(__name__)
 
 
-def _hf_config(cfg: Any, vocab_size: int | None = None) -> Any:
+def _hf_config(
+    cfg: Any, vocab_size: int | None = None, special_ids: dict[str, int] | None = None
+) -> Any:
     from layerfreeze.modeling import hf_model_config
 
-    return hf_model_config(cfg.model, vocab_size=vocab_size)
+    return hf_model_config(cfg.model, vocab_size=vocab_size, special_ids=special_ids)
 
 
-def check_run_config(cfg: Any, world_size: int) -> list[str]:
+def cuda_problem() -> str | None:
+    """Why megatron-core cannot train here, or None.
+
+    megatron-core allocates its DDP gradient buffers on ``torch.cuda.current_device()``
+    (``_ParamAndGradBuffer``), which fails deep inside the run without CUDA (after the model is
+    built, with ``Torch not compiled with CUDA enabled``). The test suite's CPU shim
+    (``tests/helpers/megatron.py``) redirects that call, so asking it is the check.
+    """
+    if torch.cuda.is_available():
+        return None
+    try:
+        torch.cuda.current_device()
+    except (AssertionError, RuntimeError) as e:  # no CUDA build / no device
+        return (
+            f"engine: megatron needs CUDA (megatron-core allocates its gradient buffers on "
+            f"torch.cuda.current_device()), and this machine has none ({str(e).splitlines()[0]}). "
+            "Run on a CUDA machine, or use engine: deepspeed (runs on CPU); the CPU shim in "
+            "tests/helpers/megatron.py is for the test suite only."
+        )
+    return None
+
+
+def check_run_config(cfg: Any, world_size: int, *, check_device: bool = True) -> list[str]:
     """Validate the Megatron side of a run config before anything is written.
 
     Args:
         cfg: the validated ``RunConfig``.
         world_size: ranks the launcher started.
+        check_device: also require CUDA (:func:`cuda_problem`); ``layerfreeze validate`` checks
+            a config on any machine and passes False.
 
     Returns:
         Warning lines (settings that do not apply to this engine).
@@ -60,6 +92,8 @@ def check_run_config(cfg: Any, world_size: int) -> list[str]:
     tp, pp = m.tensor_model_parallel_size, m.pipeline_model_parallel_size
     problems: list[str] = []
     warnings: list[str] = []
+    if check_device and (no_cuda := cuda_problem()):
+        problems.append(no_cuda)
     if cfg.checkpoint.export_adapter:
         problems.append(
             "checkpoint.export_adapter: not available with engine: megatron (the merged Hugging "
@@ -99,6 +133,38 @@ def check_run_config(cfg: Any, world_size: int) -> list[str]:
     return warnings
 
 
+def describe_layout(cfg: Any, world_size: int) -> list[str]:
+    """The parallel layout of a run config, printable (``layerfreeze validate``): TP / PP / VP
+    and data-parallel sizes and which global layers each pipeline stage holds. Pure: call it
+    after :func:`check_run_config` (which rejects layouts that do not divide)."""
+    from layerfreeze.modeling import model_num_layers
+
+    m = cfg.megatron
+    tp, pp = m.tensor_model_parallel_size, m.pipeline_model_parallel_size
+    vp = m.virtual_pipeline_model_parallel_size or 1
+    layers = model_num_layers(cfg.model)
+    per_chunk = layers // (pp * vp)
+    lines = [
+        f"Megatron layout for {world_size} rank(s): tensor parallel {tp} x pipeline parallel "
+        f"{pp} (virtual chunks per stage: {vp}) x data parallel {world_size // (tp * pp)}; "
+        f"{layers} layers, {per_chunk} per model chunk"
+        + ("; sequence parallel" if m.sequence_parallel else "")
+        + ("; distributed optimizer" if m.use_distributed_optimizer else "")
+    ]
+    for stage in range(pp):
+        chunks = [stage + i * pp for i in range(vp)]  # interleaved: chunk c sits on stage c % pp
+        held = ", ".join(
+            str(c * per_chunk) if per_chunk == 1 else f"{c * per_chunk}-{(c + 1) * per_chunk - 1}"
+            for c in chunks
+        )
+        extra = [x for x, on in (("embeddings", stage == 0), ("final norm + output layer",
+                                                              stage == pp - 1)) if on]
+        lines.append(
+            f"  stage {stage}: layers {held}" + (f" + {', '.join(extra)}" if extra else "")
+        )
+    return lines
+
+
 def init_distributed(backend: str | None = None) -> None:
     """Initialise the default process group (no-op when up): NCCL with CUDA, gloo on CPU.
 
@@ -108,10 +174,9 @@ def init_distributed(backend: str | None = None) -> None:
 
     if dist.is_initialized():
         return
-    if "RANK" not in os.environ:
-        os.environ.setdefault("MASTER_ADDR", "127.0.0.1")
-        os.environ.setdefault("MASTER_PORT", "29500")
-        os.environ.update({"RANK": "0", "LOCAL_RANK": "0", "WORLD_SIZE": "1"})
+    from layerfreeze.utils.dist import single_process_rendezvous
+
+    single_process_rendezvous()  # no launcher: a world of one on a free port
     if backend is None:
         backend = "nccl" if torch.cuda.is_available() else "gloo"
     if backend == "nccl":
@@ -178,7 +243,12 @@ def _build_chunks(cfg: Any, hf_config: Any) -> list[torch.nn.Module]:
 
 
 def runner_from_run_config(
-    cfg: Any, *, schedule: Any, vocab_size: int, lr_scheduler: Callable | None = None
+    cfg: Any,
+    *,
+    schedule: Any,
+    vocab_size: int,
+    lr_scheduler: Callable | None = None,
+    special_ids: dict[str, int] | None = None,
 ):
     """Build this rank's Megatron model from the run config, load its weights, apply every
     phase of ``schedule`` and return the :class:`MegatronRunner` (what ``layerfreeze train``
@@ -189,6 +259,8 @@ def runner_from_run_config(
         schedule: the run's ``PlanSchedule``.
         vocab_size: the tokenizer's size (a built model gets at least this vocabulary).
         lr_scheduler: callable ``optimizer -> scheduler`` driving the unscaled base lr.
+        special_ids: the tokenizer's pad / bos / eos ids for a model built from
+            ``model.architecture`` (they also go into the merged export's config).
 
     Raises:
         ConfigError: a checkpoint whose vocabulary is smaller than the tokenizer's, or a plan
@@ -201,7 +273,7 @@ def runner_from_run_config(
     from layerfreeze.modeling import build_model
 
     _init_model_parallel(cfg)
-    hf_config = _hf_config(cfg, vocab_size=vocab_size)
+    hf_config = _hf_config(cfg, vocab_size=vocab_size, special_ids=special_ids)
     if hf_config.vocab_size < vocab_size:
         raise ConfigError(
             f"model: the model's vocab_size ({hf_config.vocab_size}) is smaller than the "
@@ -214,7 +286,7 @@ def runner_from_run_config(
     else:
         # The seeded Hugging Face initialisation the DeepSpeed engine trains from, converted:
         # the same run config starts from the same weights on either engine.
-        hf = build_model(cfg.model, vocab_size, cfg.train.seed)
+        hf = build_model(cfg.model, vocab_size, cfg.train.seed, special_ids)
         load_hf_weights(chunks, hf.state_dict(), hf_config, backend="layerfreeze")
         del hf
         source = f"seeded {hf_config.model_type} architecture (train.seed={cfg.train.seed})"
