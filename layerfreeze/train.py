@@ -376,7 +376,7 @@ class Recipe:
         cfg = self.cfg
         # 1. Everything checkable without a process group or a write: DeepSpeed config, plans
         #    against the model's layer count, data paths, the checkpoint to resume from.
-        self.engine = _load_engine(cfg.engine)
+        self.engine = load_engine(cfg.engine)
         # WORLD_SIZE from the launcher before init
         for line in self.engine.check_run_config(cfg, dist.get_world_size()):
             log_rank0(logger, line, level=logging.WARNING)
@@ -915,7 +915,7 @@ def _lr_settings(cfg: RunConfig) -> dict[str, Any]:
     }
 
 
-def _load_engine(name: str):
+def load_engine(name: str):
     """The adapter module of engine ``name`` (imports the engine package)."""
     from layerfreeze.engines import get_engine
 

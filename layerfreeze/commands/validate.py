@@ -87,9 +87,9 @@ def _megatron_report(cfg) -> list[str]:
     layout, for ``WORLD_SIZE`` ranks or, unset, the smallest world: TP x PP."""
     import os
 
-    from layerfreeze.train import _load_engine
+    from layerfreeze.train import load_engine
 
-    engine = _load_engine("megatron")
+    engine = load_engine("megatron")
     m = cfg.megatron
     world = int(os.environ.get("WORLD_SIZE", "0")) or (
         m.tensor_model_parallel_size * m.pipeline_model_parallel_size

@@ -40,6 +40,7 @@ __all__ = [
     "AngularDistances",
     "LayerInputRecorder",
     "angular_distance",
+    "hidden_arg",
     "trace_angular",
 ]
 
@@ -274,7 +275,7 @@ class AngularAccumulator:
         return AngularDistances(self.num_points, self.num_tokens, self.num_sequences, mean, last)
 
 
-def _hidden_arg(args: tuple, kwargs: Mapping[str, Any]) -> torch.Tensor:
+def hidden_arg(args: tuple, kwargs: Mapping[str, Any]) -> torch.Tensor:
     if args and isinstance(args[0], torch.Tensor):
         return args[0]
     h = kwargs.get("hidden_states")
@@ -310,7 +311,7 @@ class LayerInputRecorder:
     def _hook(self, point: int):
         def hook(_module: nn.Module, args: tuple, kwargs: dict) -> None:
             # A copy: some blocks add into their input in place after the hook has run.
-            self._states[point] = _hidden_arg(args, kwargs).detach().clone()
+            self._states[point] = hidden_arg(args, kwargs).detach().clone()
 
         return hook
 

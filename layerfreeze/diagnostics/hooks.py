@@ -64,8 +64,8 @@ from torch import nn
 from layerfreeze.diagnostics.angular import (
     AngularAccumulator,
     LayerInputRecorder,
-    _hidden_arg,
     angular_distance,
+    hidden_arg,
 )
 from layerfreeze.diagnostics.measures import batch_loss, is_partitioned, model_logits, no_gather
 from layerfreeze.diagnostics.probe import ProbeBatch
@@ -192,7 +192,7 @@ class LayerIORecorder:
 
                 def pre(_m: nn.Module, args: tuple, kwargs: dict, i: int = i) -> None:
                     if self.inputs[i] is None:
-                        self.inputs[i] = _hidden_arg(args, kwargs).detach().clone()
+                        self.inputs[i] = hidden_arg(args, kwargs).detach().clone()
 
                 def post(_m: nn.Module, args: tuple, kwargs: dict, out: Any, i: int = i) -> None:
                     if self.outputs[i] is None:
