@@ -335,12 +335,22 @@ MASTER_ADDR=${{HOSTS%%$'\\n'*}}
 MASTER_PORT=${{MASTER_PORT:-{port}}}
 export MASTER_ADDR MASTER_PORT
 ARGS=({train_args} "$@")
+# A rank stopped by a signal appends "rank N: 75 ..." to this file (on the shared log directory);
+# torchrun reports any stopped rank as 1, so the job's exit status comes from the file.
+export LAYERFREEZE_EXIT_FILE={exit_file}
+: >"$LAYERFREEZE_EXIT_FILE"
+status=0
 # No trap here: srun answers SIGTERM by SIGKILLing its tasks, so the batch shell must not pass
 # one on; the time-limit SIGTERM goes to the step's processes directly (--signal without B:).
 srun --kill-on-bad-exit=1 --ntasks-per-node=1 bash -c 'exec "${{PYTHON:-python3}}" -m torch.distributed.run \\
   --nnodes "$SLURM_NNODES" --node_rank "$SLURM_NODEID" --nproc_per_node {gpus} \\
   --rdzv_backend c10d --rdzv_endpoint "$MASTER_ADDR:$MASTER_PORT" --rdzv_id "$SLURM_JOB_ID" \\
-  -m layerfreeze "$@"' torchrun "${{ARGS[@]}}"
+  -m layerfreeze "$@"' torchrun "${{ARGS[@]}}" || status=$?
+if [ -s "$LAYERFREEZE_EXIT_FILE" ]; then
+  echo "layerfreeze: stopped by a signal after saving a checkpoint; submit the job again to continue (exit 75)" >&2
+  exit 75
+fi
+exit "$status"
 """
 
 
@@ -378,6 +388,7 @@ def render_slurm(job: JobSpec, out_name: str = "job.sbatch") -> str:
         logs=logs,
         workdir=_q(workdir) if workdir else '"${SLURM_SUBMIT_DIR:-.}"',
         mkdirs=" ".join(_q(p) for p in (job.checkpoint_dir, logs)),
+        exit_file=f'{_q(logs + "/.layerfreeze-exit.")}"$SLURM_JOB_ID"',  # one per job, shared
         data_check=" ".join(_q(p) for p in job.data_paths) or "",
         port=int(_opt(job, "master_port")),
         train_args=" ".join(_q(a) for a in job.train_args()),

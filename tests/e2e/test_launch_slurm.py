@@ -232,12 +232,15 @@ def test_rendered_slurm_job_stops_on_the_time_limit_sigterm_and_resumes(tmp_path
     finally:
         if job.poll() is None:
             job.kill()
-    # torchrun answers SIGTERM with SignalException (exit 1) whatever its ranks exit with, so
-    # the job ends failed and is not requeued; submitting it again resumes.
-    assert job.returncode != 0, text
+    # torchrun answers SIGTERM with SignalException (exit 1) whatever its ranks exit with; the
+    # ranks saved a checkpoint and wrote 75 to $LAYERFREEZE_EXIT_FILE, so the job exits 75 and
+    # is not requeued; submitting it again resumes from that checkpoint.
+    assert job.returncode == 75, text
+    assert "stopped by a signal after saving a checkpoint" in text, text
     assert not (logs / "scontrol.log").exists()
     stopped_at = max(_steps(out))
     assert EVERY <= stopped_at < STEPS
+    assert (ckpts / f"step_{stopped_at:08d}").is_dir()  # checkpoint.on_signal (the default)
     time.sleep(2)
     assert _procs_mentioning(str(config)) == []  # agents and ranks are gone
 
@@ -251,7 +254,7 @@ def test_rendered_slurm_job_stops_on_the_time_limit_sigterm_and_resumes(tmp_path
     both = "".join(node_logs.values())  # rank 0 may sit on either "node"
     assert "resumed from" in both, node_logs
     resumed_step = int(re.search(r"resumed from \S*step_(\d{8})", both).group(1))
-    assert EVERY <= resumed_step <= stopped_at and resumed_step % EVERY == 0
+    assert resumed_step == stopped_at  # the checkpoint saved on the signal
     steps = _steps(out)
     # the requeued job continued from the checkpoint to the end of the run
     assert steps[-(STEPS - resumed_step) :] == list(range(resumed_step + 1, STEPS + 1))

@@ -464,3 +464,55 @@ def test_renderers_refuse_control_characters_from_the_api(render):
     fn = render_slurm if render == "slurm" else render_pytorchjob
     with pytest.raises(ConfigError, match="logging.wandb_project: .*control character"):
         fn(job)
+
+
+@pytest.mark.parametrize(
+    "rank_status,exit_line,expected",
+    [(0, "", 0), (3, "", 3), (1, "rank 0: 75 stopped by SIGTERM after step 7", 75)],
+    ids=["done", "failed", "stopped-by-signal"],
+)
+def test_slurm_job_status_comes_from_the_exit_file(
+    tmp_path, monkeypatch, rank_status, exit_line, expected
+):
+    # torchrun turns a rank's 75 into 1: the rendered job reads $LAYERFREEZE_EXIT_FILE instead.
+    monkeypatch.chdir(REPO)
+    out = tmp_path / "job.sbatch"
+    assert (
+        main(
+            [
+                "launch",
+                "--scheduler",
+                "slurm",
+                "--config",
+                str(TINY),
+                f"--workdir={tmp_path}",
+                f"--out={out}",
+                f"logging.out_dir={tmp_path / 'logs'}",
+            ]
+        )
+        == 0
+    )
+    bin_dir, logs = _stubs(tmp_path)
+    rank = bin_dir / "python-rank"
+    rank.write_text(
+        "#!/usr/bin/env bash\n"
+        f'[ -z {shlex.quote(exit_line)} ] || echo {shlex.quote(exit_line)} >>"$LAYERFREEZE_EXIT_FILE"\n'
+        f"exit {rank_status}\n"
+    )
+    rank.chmod(0o755)
+    env = {k: v for k, v in os.environ.items() if not k.startswith("SLURM_")}
+    env.update(
+        PATH=f"{bin_dir}{os.pathsep}{env['PATH']}",
+        PYTHON=str(rank),
+        STUB_LOGS=str(logs),
+        SLURM_JOB_ID="77",
+        SLURM_JOB_NODELIST="node0",
+        SLURM_NNODES="1",
+    )
+    proc = subprocess.run(
+        ["bash", str(out)], cwd=tmp_path, env=env, capture_output=True, text=True, timeout=60
+    )
+    assert proc.returncode == expected, proc.stderr
+    assert ("exit 75" in proc.stderr) is (expected == 75)
+    exit_file = tmp_path / "logs" / ".layerfreeze-exit.77"
+    assert exit_file.read_text() == (exit_line + "\n" if exit_line else "")
