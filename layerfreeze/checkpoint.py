@@ -35,6 +35,8 @@ __all__ = [
     "CheckpointInfo",
     "LATEST_FILE",
     "MANIFEST_FILE",
+    "checkpoint_damage",
+    "checkpoint_dirs",
     "checkpoint_tag",
     "cleanup_staging",
     "commit_checkpoint",
@@ -43,6 +45,7 @@ __all__ = [
     "prune_checkpoints",
     "read_latest",
     "resolve_checkpoint",
+    "scan_checkpoints",
     "validate_checkpoint",
 ]
 
@@ -184,6 +187,59 @@ def commit_checkpoint(
     return CheckpointInfo(path=final, tag=tag, step=step, meta=manifest["meta"], files=files)
 
 
+def _read_manifest(path: Path) -> tuple[dict[str, Any] | None, str | None]:
+    """The manifest of checkpoint ``path`` and None, or None and why there is no usable one."""
+    if not path.is_dir():
+        return None, "the checkpoint directory does not exist"
+    manifest_path = path / MANIFEST_FILE
+    if not manifest_path.is_file():
+        return None, (
+            f"{MANIFEST_FILE} is missing (the save that wrote it was probably interrupted)"
+        )
+    try:
+        manifest = json.loads(manifest_path.read_text(encoding="utf-8"))
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
+        return None, f"unreadable checkpoint manifest {MANIFEST_FILE} ({e})"
+    if (
+        not isinstance(manifest, dict)
+        or manifest.get("format") != MANIFEST_FORMAT
+        or not isinstance(manifest.get("files"), dict)
+        or not isinstance(manifest.get("step"), int)
+    ):
+        return None, (
+            f"{MANIFEST_FILE} is not a layerfreeze checkpoint manifest (format "
+            f"{MANIFEST_FORMAT} with 'step' and 'files' expected)"
+        )
+    return manifest, None
+
+
+def _size_problems(path: Path, manifest: dict[str, Any]) -> list[str]:
+    problems = []
+    for rel, size in manifest["files"].items():
+        f = path / rel
+        if not f.is_file():
+            problems.append(f"{rel} is missing")
+        elif f.stat().st_size != size:
+            problems.append(f"{rel} has {f.stat().st_size} bytes, manifest says {size}")
+    return problems
+
+
+def _join(problems: list[str], limit: int = 5) -> str:
+    shown = "; ".join(problems[:limit])
+    return shown + (f"; and {len(problems) - limit} more" if len(problems) > limit else "")
+
+
+def checkpoint_damage(path: str | os.PathLike) -> str | None:
+    """Why the checkpoint directory ``path`` cannot be loaded (no manifest, a listed file missing
+    or of the wrong size), or None when it is complete. File sizes only, no content read."""
+    path = Path(path)
+    manifest, why = _read_manifest(path)
+    if manifest is None:
+        return why
+    problems = _size_problems(path, manifest)
+    return _join(problems) if problems else None
+
+
 def validate_checkpoint(path: str | os.PathLike) -> CheckpointInfo:
     """Check that ``path`` is a complete committed checkpoint and return its description.
 
@@ -194,42 +250,19 @@ def validate_checkpoint(path: str | os.PathLike) -> CheckpointInfo:
     path = Path(path)
     if not path.is_dir():
         raise CheckpointError(f"{path}: checkpoint directory does not exist.")
-    manifest_path = path / MANIFEST_FILE
-    if not manifest_path.is_file():
+    manifest, why = _read_manifest(path)
+    if manifest is None:
+        if not (path / MANIFEST_FILE).is_file():
+            why = f"{MANIFEST_FILE} is missing; the save that wrote it was probably interrupted"
         raise CheckpointError(
-            f"{path}: not a complete checkpoint ({MANIFEST_FILE} is missing; the save that wrote "
-            "it was probably interrupted). Resume from an earlier checkpoint or delete this one."
+            f"{path}: not a complete checkpoint ({why}). Resume from an earlier checkpoint or "
+            "delete this one."
         )
-    try:
-        manifest = json.loads(manifest_path.read_text(encoding="utf-8"))
-    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
-        raise CheckpointError(
-            f"{manifest_path}: unreadable checkpoint manifest ({e}). The checkpoint is corrupt; "
-            "resume from an earlier checkpoint or delete this one."
-        ) from None
-    if (
-        not isinstance(manifest, dict)
-        or manifest.get("format") != MANIFEST_FORMAT
-        or not isinstance(manifest.get("files"), dict)
-        or not isinstance(manifest.get("step"), int)
-    ):
-        raise CheckpointError(
-            f"{manifest_path}: not a layerfreeze checkpoint manifest (format {MANIFEST_FORMAT} with "
-            "'step' and 'files' expected). Resume from an earlier checkpoint or delete this one."
-        )
-    problems = []
-    for rel, size in manifest["files"].items():
-        f = path / rel
-        if not f.is_file():
-            problems.append(f"{rel} is missing")
-        elif f.stat().st_size != size:
-            problems.append(f"{rel} has {f.stat().st_size} bytes, manifest says {size}")
+    problems = _size_problems(path, manifest)
     if problems:
-        shown = "; ".join(problems[:5]) + (
-            f"; and {len(problems) - 5} more" if len(problems) > 5 else ""
-        )
         raise CheckpointError(
-            f"{path}: checkpoint is damaged: {shown}. Resume from an earlier checkpoint or delete this one."
+            f"{path}: checkpoint is damaged: {_join(problems)}. Resume from an earlier checkpoint "
+            "or delete this one."
         )
     return CheckpointInfo(
         path=path,
@@ -238,6 +271,36 @@ def validate_checkpoint(path: str | os.PathLike) -> CheckpointInfo:
         meta=manifest.get("meta") or {},
         files=manifest["files"],
     )
+
+
+def checkpoint_dirs(root: str | os.PathLike) -> list[Path]:
+    """Every ``step_*`` directory under ``root`` (complete or not), oldest step first."""
+    root = Path(root)
+    if not root.is_dir():
+        return []
+    return sorted(
+        (e for e in root.iterdir() if e.is_dir() and _TAG_RE.match(e.name)),
+        key=lambda e: int(_TAG_RE.match(e.name).group(1)),
+    )
+
+
+def scan_checkpoints(
+    root: str | os.PathLike,
+) -> tuple[list[CheckpointInfo], list[tuple[Path, str]]]:
+    """All checkpoints under ``root``, split into the complete ones and the damaged ones.
+
+    Returns:
+        ``(intact, damaged)``: intact checkpoints oldest step first (validated by file size), and
+        ``(directory, why)`` for every ``step_*`` directory that does not validate.
+    """
+    intact, damaged = [], []
+    for entry in checkpoint_dirs(root):
+        why = checkpoint_damage(entry)
+        if why is None:
+            intact.append(validate_checkpoint(entry))
+        else:
+            damaged.append((entry, why))
+    return sorted(intact, key=lambda c: c.step), damaged
 
 
 def list_checkpoints(root: str | os.PathLike) -> list[CheckpointInfo]:

@@ -272,19 +272,31 @@ class Recipe:
             raise
 
     def _find_resume(self):
-        from layerfreeze.checkpoint import CheckpointError, resolve_checkpoint
+        from layerfreeze.checkpoint import (
+            CheckpointError, checkpoint_dirs, resolve_checkpoint, scan_checkpoints,
+        )
 
         mode = self.cfg.checkpoint.resume
         if mode == "none":
-            if self.ckpt_dir.is_dir() and list_checkpoints(self.ckpt_dir):
+            if checkpoint_dirs(self.ckpt_dir):
                 raise ConfigError(
                     f"checkpoint.resume: 'none' but {self.ckpt_dir} already holds checkpoints. "
                     "Use resume=auto to continue, or choose a new logging.out_dir / checkpoint.dir."
                 )
             return None
         if mode == "auto":
-            if not self.ckpt_dir.is_dir() or not list_checkpoints(self.ckpt_dir):
+            intact, damaged = scan_checkpoints(self.ckpt_dir)
+            if not intact and not damaged:
                 return None
+            if not intact:  # never restart from step 0 over a run's damaged checkpoints
+                found = "; ".join(f"{path}: {why}" for path, why in damaged)
+                raise ConfigError(
+                    f"checkpoint.resume: auto found no intact checkpoint in {self.ckpt_dir} "
+                    f"({found}). Nothing was changed. To go on, resume from a copy you trust "
+                    "(checkpoint.resume=PATH), or start over in a new directory "
+                    "(checkpoint.resume=none logging.out_dir=NEW_DIR), or move the damaged "
+                    "checkpoints away."
+                )
             target = self.ckpt_dir
         else:
             target = Path(mode)
