@@ -253,10 +253,11 @@ class Recipe:
         from layerfreeze.data.corpus import resolve_files
 
         resolve_files(cfg.data.paths, key="data.paths")
-        self.resume_from = self._find_resume()
+        resume_candidates = self._find_resume()
         self.eval_benchmarks = self._load_eval_benchmarks()
 
         self.engine.init_distributed()
+        self.resume_from = self._verify_resume(resume_candidates)
         if cfg.train.num_threads:
             torch.set_num_threads(cfg.train.num_threads)
         seed_everything(cfg.train.seed)
@@ -271,9 +272,20 @@ class Recipe:
             self._remove_new_out_dir()
             raise
 
-    def _find_resume(self):
+    def _find_resume(self) -> list:
+        """The checkpoints to resume from, in order of preference (validated by file size; the
+        content is checked by :meth:`_verify_resume` once the process group is up). Empty for a
+        fresh start.
+
+        ``auto`` prefers the checkpoint ``latest`` names, then older ones, and warns about each
+        damaged checkpoint it passes over; a run that has checkpoints but none intact stops here
+        (exit 2) before anything is written. An explicit path is the only candidate."""
         from layerfreeze.checkpoint import (
-            CheckpointError, checkpoint_dirs, resolve_checkpoint, scan_checkpoints,
+            CheckpointError,
+            checkpoint_dirs,
+            read_latest,
+            resolve_checkpoint,
+            scan_checkpoints,
         )
 
         mode = self.cfg.checkpoint.resume
@@ -283,27 +295,81 @@ class Recipe:
                     f"checkpoint.resume: 'none' but {self.ckpt_dir} already holds checkpoints. "
                     "Use resume=auto to continue, or choose a new logging.out_dir / checkpoint.dir."
                 )
+            return []
+        if mode != "auto":
+            try:
+                return [resolve_checkpoint(Path(mode))]
+            except CheckpointError as e:
+                raise ConfigError(f"checkpoint.resume: {e}") from None
+        intact, damaged = scan_checkpoints(self.ckpt_dir)
+        if not intact and not damaged:
+            return []
+        if not intact:  # never restart from step 0 over a run's damaged checkpoints
+            raise ConfigError(self._no_intact_checkpoint(damaged))
+        latest = read_latest(self.ckpt_dir)
+        newest_first = sorted(intact, key=lambda c: c.step, reverse=True)
+        first = next((c for c in newest_first if c.tag == latest), None)
+        if first is not None:  # `latest` may lag behind a complete newer one; it decides
+            newest_first = [first] + [c for c in newest_first if c.step < first.step]
+        for path, why in damaged:
+            if int(path.name.split("_")[1]) > newest_first[0].step:
+                self._warn_damaged(path, why, newest_first[0])
+        return newest_first
+
+    def _no_intact_checkpoint(self, damaged: list) -> str:
+        found = "; ".join(f"{path}: {why}" for path, why in damaged)
+        return (
+            f"checkpoint.resume: auto found no intact checkpoint in {self.ckpt_dir} ({found}). "
+            "Nothing was changed. To go on, resume from a copy you trust "
+            "(checkpoint.resume=PATH), or start over in a new directory "
+            "(checkpoint.resume=none logging.out_dir=NEW_DIR), or move the damaged checkpoints "
+            "away."
+        )
+
+    def _warn_damaged(self, path: Path, why: str, instead) -> None:
+        note = (
+            f"checkpoint.resume: {path} is damaged ({why}); resuming from the newest intact "
+            f"checkpoint {instead.path} (step {instead.step}) instead"
+        )
+        self.notes.append(note)
+        log_rank0(logger, note, level=logging.WARNING)
+
+    def _verify_resume(self, candidates: list):
+        """The first candidate whose files match their sha256 (collective: the ranks share the
+        reading), warning about each one passed over; None for a fresh start.
+
+        Raises:
+            ConfigError: no candidate is intact (each named with its changed files).
+        """
+        from layerfreeze.checkpoint import scan_checkpoints
+        from layerfreeze.resume import verify_content
+
+        damaged = []
+        for info in candidates:
+            problems = verify_content(info)
+            if not problems:
+                if damaged and self.cfg.checkpoint.resume == "auto":
+                    for path, why in damaged:
+                        self._warn_damaged(path, why, info)
+                if not info.sha256:
+                    note = (
+                        f"checkpoint.resume: {info.path} has no content checksums (saved by an "
+                        "older layerfreeze): checked by file size only"
+                    )
+                    self.notes.append(note)
+                    log_rank0(logger, note)
+                return info
+            damaged.append((info.path, "; ".join(problems)))
+        if not damaged:
             return None
-        if mode == "auto":
-            intact, damaged = scan_checkpoints(self.ckpt_dir)
-            if not intact and not damaged:
-                return None
-            if not intact:  # never restart from step 0 over a run's damaged checkpoints
-                found = "; ".join(f"{path}: {why}" for path, why in damaged)
-                raise ConfigError(
-                    f"checkpoint.resume: auto found no intact checkpoint in {self.ckpt_dir} "
-                    f"({found}). Nothing was changed. To go on, resume from a copy you trust "
-                    "(checkpoint.resume=PATH), or start over in a new directory "
-                    "(checkpoint.resume=none logging.out_dir=NEW_DIR), or move the damaged "
-                    "checkpoints away."
-                )
-            target = self.ckpt_dir
-        else:
-            target = Path(mode)
-        try:
-            return resolve_checkpoint(target)
-        except CheckpointError as e:
-            raise ConfigError(f"checkpoint.resume: {e}") from None
+        if self.cfg.checkpoint.resume != "auto":
+            path, why = damaged[0]
+            raise ConfigError(
+                f"checkpoint.resume: {path} is damaged: {why}. Nothing was changed. Resume from "
+                "an earlier checkpoint of the run."
+            )
+        _intact, size_damaged = scan_checkpoints(self.ckpt_dir)
+        raise ConfigError(self._no_intact_checkpoint(sorted(size_damaged + damaged)))
 
     def _load_eval_benchmarks(self) -> dict[str, Any] | None:
         """Load the evaluation questions up front, so a bad ``eval`` section (an unknown subject,
@@ -370,7 +436,7 @@ class Recipe:
             from layerfreeze.checkpoint import CheckpointError
 
             try:
-                state = self.runner.load_checkpoint(self.resume_from.path)
+                state = self.runner.load_checkpoint(self.resume_from.path, verify=False)
                 self.loader.load_state_dict(state["data"])
             except (CheckpointError, KeyError, ValueError) as e:
                 raise ConfigError(

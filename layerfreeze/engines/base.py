@@ -139,9 +139,10 @@ class EngineAdapter(Protocol):
         ...
 
     def load_checkpoint(
-        self, ckpt_dir: str | os.PathLike, tag: str | None = None
+        self, ckpt_dir: str | os.PathLike, tag: str | None = None, verify: bool = True
     ) -> dict[str, Any]:
-        """Resume (phase, weights, optimizer, counters); returns this rank's client state."""
+        """Resume (phase, weights, optimizer, counters); returns this rank's client state.
+        ``verify`` checks the files' sha256 first (False: the caller has just done so)."""
         ...
 
     def evaluate_loss(self, micro_batch: Mapping[str, Any]) -> float:

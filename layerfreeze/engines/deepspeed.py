@@ -57,6 +57,7 @@ from layerfreeze.optim import (
     group_specs,
     torch_groups,
 )
+from layerfreeze.resume import check_content, staged_checksums
 from layerfreeze.utils.dist import barrier, broadcast_object, get_rank, get_world_size, is_dist
 from layerfreeze.utils.logging import get_logger, log_rank0
 
@@ -1534,6 +1535,7 @@ class DeepSpeedRunner:
         self._save_elastic(staging / _ELASTIC_DIR, trainable_only, trained_before)
         save_client_state(staging / "client", get_rank(), client_state or {})
         barrier()
+        checksums = staged_checksums(staging)  # each rank hashes a share of the files
         committed = None
         if get_rank() == 0:
             info = ckpt.commit_checkpoint(
@@ -1542,6 +1544,7 @@ class DeepSpeedRunner:
                 step,
                 {_META_KEY: self._meta(trainable_only, trained_before)},
                 keep_last=keep_last,
+                checksums=checksums,
             )
             committed = str(info.path)
         committed = broadcast_object(committed)
@@ -1549,7 +1552,7 @@ class DeepSpeedRunner:
         return Path(committed)
 
     def load_checkpoint(
-        self, ckpt_dir: str | os.PathLike, tag: str | None = None
+        self, ckpt_dir: str | os.PathLike, tag: str | None = None, verify: bool = True
     ) -> dict[str, Any]:
         """Resume from a checkpoint saved by :meth:`save_checkpoint` (all ranks must call it).
 
@@ -1559,6 +1562,9 @@ class DeepSpeedRunner:
         Args:
             ckpt_dir: checkpoint root (follows ``latest``) or one checkpoint directory.
             tag: checkpoint name under the root (``step_00000010``); default ``latest``.
+            verify: check every file against the sha256 in the manifest first (the ranks share
+                the reading; see :func:`layerfreeze.resume.verify_content`). The recipe passes
+                False for a checkpoint it has just verified.
 
         Returns:
             This rank's ``client_state`` as given to :meth:`save_checkpoint`.
@@ -1569,6 +1575,8 @@ class DeepSpeedRunner:
                 layout-independent part (the message says which).
         """
         info = ckpt.resolve_checkpoint(ckpt_dir, tag)
+        if verify:
+            check_content(info)
         meta = info.meta.get(_META_KEY)
         if not isinstance(meta, dict) or meta.get("format") != _META_FORMAT:
             raise ckpt.CheckpointError(
@@ -1621,11 +1629,24 @@ class DeepSpeedRunner:
 
     def _load_ds(self, path: Path, meta: Mapping[str, Any]) -> None:
         """Load DeepSpeed's own checkpoint (same world size and ZeRO stage as saved)."""
-        load_path, _ = self.engine.load_checkpoint(
-            str(path),
-            tag=_DS_TAG,
-            load_module_strict=not meta["trainable_only"],
-        )
+        try:
+            load_path, _ = self.engine.load_checkpoint(
+                str(path),
+                tag=_DS_TAG,
+                load_module_strict=not meta["trainable_only"],
+            )
+        except Exception as e:
+            # torch found a damaged file (a checkpoint without checksums, or one changed after
+            # it was verified): name the file instead of a deep traceback. Anything else that
+            # is not a file torch cannot read goes up unchanged.
+            damaged = _unreadable_ds_file(path / _DS_TAG)
+            if damaged is None:
+                raise
+            reason = str(e).splitlines()[0] if str(e) else type(e).__name__
+            raise ckpt.CheckpointError(
+                f"{path}: {damaged} cannot be loaded ({type(e).__name__}: {reason}): the "
+                "checkpoint is damaged. Resume from an earlier checkpoint or delete this one."
+            ) from None
         if load_path is None:
             raise ckpt.CheckpointError(
                 f"{path}: DeepSpeed could not load the checkpoint in '{_DS_TAG}/'."
@@ -1755,3 +1776,14 @@ class DeepSpeedRunner:
         self.engine.global_samples = step * int(self.engine.train_batch_size())
         self.engine.skipped_steps = int(index["skipped_steps"])
         barrier()
+
+
+def _unreadable_ds_file(directory: Path) -> str | None:
+    """The first file of a DeepSpeed checkpoint directory torch cannot load (relative to its
+    parent), or None when all load; only called after a load failed."""
+    for f in sorted(directory.glob("*.pt")):
+        try:
+            torch.load(str(f), map_location="cpu", weights_only=False)
+        except Exception:  # noqa: BLE001 - any failure marks the damaged file
+            return f"{directory.name}/{f.name}"
+    return None

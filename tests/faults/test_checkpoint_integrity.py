@@ -6,6 +6,8 @@ checkpoints on disk the way a full disk, a bad node or a stray copy does."""
 
 from __future__ import annotations
 
+import hashlib
+import json
 import shutil
 from pathlib import Path
 
@@ -66,3 +68,92 @@ def test_all_checkpoints_damaged_exits_2_and_touches_nothing(trained, tmp_path, 
     assert "checkpoint.resume=none" in line and "logging.out_dir" in line, line  # how to go on
     assert tree_snapshot(run) == before
     assert (run / "metrics.jsonl").read_bytes() == metrics
+
+
+def _flip(path: Path, offset: int | None = None) -> None:
+    """Change bytes in place, keeping the size (what a size check cannot see)."""
+    data = bytearray(path.read_bytes())
+    at = len(data) // 2 if offset is None else offset
+    for i in range(at, at + 16):
+        data[i] ^= 0xFF
+    path.write_bytes(bytes(data))
+
+
+def _drop_checksums(checkpoint: Path) -> None:
+    """Make a checkpoint look like one saved before layerfreeze recorded checksums."""
+    manifest = json.loads((checkpoint / "manifest.json").read_text())
+    manifest.pop("sha256")
+    (checkpoint / "manifest.json").write_text(json.dumps(manifest))
+
+
+def test_manifest_checksums_are_the_files_sha256(trained):
+    _config, out = trained
+    for checkpoint in sorted((out / "checkpoints").glob("step_*")):
+        manifest = json.loads((checkpoint / "manifest.json").read_text())
+        assert sorted(manifest["sha256"]) == sorted(manifest["files"])
+        for rel, digest in manifest["sha256"].items():
+            assert digest == hashlib.sha256((checkpoint / rel).read_bytes()).hexdigest(), rel
+
+
+def test_same_size_corruption_falls_back_to_newest_intact_with_a_warning(trained, tmp_path):
+    config, run = _copy(trained, tmp_path)
+    bad = run / "checkpoints" / "step_00000004"
+    _flip(bad / DS_FILE)
+
+    proc = train(config, f"logging.out_dir={run}", "train.steps=6")
+
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    warning = next(x for x in proc.stderr.splitlines() if "is damaged" in x)
+    assert "WARNING" in warning and str(bad) in warning and DS_FILE in warning, warning
+    assert str(run / "checkpoints" / "step_00000002") in warning, warning
+    assert f"resumed from {run / 'checkpoints' / 'step_00000002'} at step 2" in proc.stderr
+
+
+def test_same_size_corruption_of_every_checkpoint_exits_2_and_touches_nothing(trained, tmp_path):
+    config, run = _copy(trained, tmp_path)
+    ck = run / "checkpoints"
+    _flip(ck / "step_00000002" / "elastic" / "rank_00000.safetensors")
+    _flip(ck / "step_00000004" / DS_FILE)
+    before = tree_snapshot(run)
+
+    proc = train(config, f"logging.out_dir={run}", "train.steps=6")
+
+    assert proc.returncode == 2, proc.stderr[-3000:]
+    line = last_line(proc.stderr)
+    assert "Traceback" not in proc.stderr
+    assert f"{ck / 'step_00000002'}: elastic/rank_00000.safetensors content differs" in line, line
+    assert f"{ck / 'step_00000004'}: {DS_FILE} content differs" in line, line
+    assert tree_snapshot(run) == before
+
+
+def test_explicit_resume_path_with_changed_content_exits_2(trained, tmp_path):
+    config, run = _copy(trained, tmp_path)
+    bad = run / "checkpoints" / "step_00000004"
+    _flip(bad / "elastic" / "rank_00000.safetensors")
+    before = tree_snapshot(run)
+    proc = train(config, f"logging.out_dir={run}", f"checkpoint.resume={bad}", "train.steps=6")
+    assert proc.returncode == 2, proc.stderr[-3000:]
+    line = last_line(proc.stderr)
+    assert str(bad) in line and "elastic/rank_00000.safetensors content differs" in line, line
+    assert tree_snapshot(run) == before
+
+
+def test_manifest_without_checksums_is_accepted_with_a_note(trained, tmp_path):
+    config, run = _copy(trained, tmp_path)
+    _drop_checksums(run / "checkpoints" / "step_00000004")
+    proc = train(config, f"logging.out_dir={run}", "train.steps=6")
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert "has no content checksums (saved by an older layerfreeze)" in proc.stderr
+    assert "at step 4" in proc.stderr
+
+
+def test_torch_detected_corruption_is_one_line_naming_the_file(trained, tmp_path):
+    config, run = _copy(trained, tmp_path)
+    bad = run / "checkpoints" / "step_00000004"
+    _drop_checksums(bad)  # only torch itself can notice now
+    _flip(bad / DS_FILE, offset=0)  # the zip header of torch's file format
+    proc = train(config, f"logging.out_dir={run}", "train.steps=6")
+    assert proc.returncode == 2, proc.stderr[-3000:]
+    assert "Traceback" not in proc.stderr
+    line = last_line(proc.stderr)
+    assert f"{bad}: {DS_FILE} cannot be loaded" in line, line

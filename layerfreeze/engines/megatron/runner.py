@@ -53,6 +53,7 @@ from layerfreeze.engines.base import StepOutput
 from layerfreeze.engines.common import trained_then_frozen
 from layerfreeze.engines.megatron.provider import apply_megatron_plan, optimizer_overrides
 from layerfreeze.registry import POLICIES
+from layerfreeze.resume import check_content, staged_checksums
 from layerfreeze.utils.logging import get_logger, log_rank0
 
 __all__ = ["MegatronRunner", "optimizer_state_numel"]
@@ -1019,6 +1020,7 @@ class MegatronRunner:
         )
         save_client_state(staging / "client", self.rank, client_state or {})
         dist.barrier()
+        checksums = staged_checksums(staging)  # each rank hashes a share of the files
         committed = None
         if self.rank == 0:
             meta = {
@@ -1036,15 +1038,19 @@ class MegatronRunner:
                 "global_step": self.global_step,
             }
             info = ckpt.commit_checkpoint(
-                root, staging, step, {_META_KEY: meta}, keep_last=keep_last
+                root, staging, step, {_META_KEY: meta}, keep_last=keep_last, checksums=checksums
             )
             committed = str(info.path)
         committed = _broadcast(committed)
         log_rank0(logger, "saved checkpoint %s", committed)
         return Path(committed)
 
-    def _resolve(self, ckpt_dir: str | os.PathLike, tag: str | None) -> tuple[Any, dict[str, Any]]:
+    def _resolve(
+        self, ckpt_dir: str | os.PathLike, tag: str | None, verify: bool = True
+    ) -> tuple[Any, dict[str, Any]]:
         info = ckpt.resolve_checkpoint(ckpt_dir, tag)
+        if verify:  # sha256 of every file against the manifest, the reading shared by the ranks
+            check_content(info)
         meta = info.meta.get(_META_KEY)
         if (
             not isinstance(meta, dict)
@@ -1087,7 +1093,7 @@ class MegatronRunner:
         return loaded
 
     def load_checkpoint(
-        self, ckpt_dir: str | os.PathLike, tag: str | None = None
+        self, ckpt_dir: str | os.PathLike, tag: str | None = None, verify: bool = True
     ) -> dict[str, Any]:
         """Resume from a checkpoint saved by :meth:`save_checkpoint` on the same layout (every
         rank must call it): phase, weights, optimizer state, lr schedule and counters.
@@ -1095,6 +1101,8 @@ class MegatronRunner:
         Args:
             ckpt_dir: checkpoint root (follows ``latest``) or one checkpoint directory.
             tag: checkpoint name under the root (``step_00000010``); default ``latest``.
+            verify: check every file against the sha256 in the manifest first (the recipe
+                passes False for a checkpoint it has just verified).
 
         Returns:
             This rank's ``client_state`` as given to :meth:`save_checkpoint`.
@@ -1103,7 +1111,7 @@ class MegatronRunner:
             CheckpointError: nothing loadable, a damaged checkpoint, another schedule, or another
                 parallel layout (then use :meth:`load_trainable_weights`).
         """
-        info, meta = self._resolve(ckpt_dir, tag)
+        info, meta = self._resolve(ckpt_dir, tag, verify)
         problems = []
         if meta["schedule"] != self.schedule.to_dict():
             problems.append(
