@@ -26,6 +26,7 @@ import logging
 import shutil
 import time
 import typing
+import uuid
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -235,6 +236,8 @@ class Recipe:
         self.diag = None
         self.diag_records: list[tuple[int, dict[str, float]]] = []
         self.runner = None
+        self.lock = None
+        self.wandb_run_id: str | None = None
         self._created_out_dir = False
 
     # -- setup --------------------------------------------------------------------------------
@@ -253,22 +256,31 @@ class Recipe:
         from layerfreeze.data.corpus import resolve_files
 
         resolve_files(cfg.data.paths, key="data.paths")
-        resume_candidates = self._find_resume()
-        self.eval_benchmarks = self._load_eval_benchmarks()
 
-        self.engine.init_distributed()
-        self.resume_from = self._verify_resume(resume_candidates)
-        if cfg.train.num_threads:
-            torch.set_num_threads(cfg.train.num_threads)
-        seed_everything(cfg.train.seed)
-
-        # From here on files may be written; a failure before training starts removes an
-        # output directory this run created, so a bad input leaves nothing behind.
+        # One run per output directory (global rank 0 holds the lock until cleanup()). A
+        # failure before training starts releases it and removes an output directory this run
+        # created, so a bad input leaves nothing behind.
         self._created_out_dir = not self.out_dir.exists()
-        dist.barrier()
         try:
+            if dist.is_main_process():
+                from layerfreeze.runlock import RunLock
+
+                self.lock = RunLock(self.out_dir)
+                self.lock.acquire()
+            resume_candidates = self._find_resume()
+            self.eval_benchmarks = self._load_eval_benchmarks()
+
+            self.engine.init_distributed()
+            self.resume_from = self._verify_resume(resume_candidates)
+            if cfg.train.num_threads:
+                torch.set_num_threads(cfg.train.num_threads)
+            seed_everything(cfg.train.seed)
+            # a resumed run keeps its wandb run id (from the checkpoint); a new run gets its own
+            self.wandb_run_id = uuid.uuid4().hex[:12]
+            dist.barrier()
             self._build()
         except BaseException:
+            self._release_lock()
             self._remove_new_out_dir()
             raise
 
@@ -444,6 +456,7 @@ class Recipe:
                 ) from None
             self.step = self.runner.global_step
             self.skipped_steps = self.runner.skipped_steps
+            self.wandb_run_id = state.get("wandb_run_id") or self.wandb_run_id
             set_rng_state(state["rng"])
             saved = state.get("lr_schedule") or {}
             for key, value in _lr_settings(cfg).items():
@@ -469,7 +482,8 @@ class Recipe:
                 yaml.safe_dump(run_config, sort_keys=False, allow_unicode=True),
             )
         self.metrics = MetricsLogger(
-            cfg.logging, cfg.train.steps, self.step, run_config, enabled=dist.is_main_process()
+            cfg.logging, cfg.train.steps, self.step, run_config, enabled=dist.is_main_process(),
+            run_id=self.wandb_run_id,
         )
         self.metrics.log_plan(self.runner.applied.summary().rows, phase=phase)
         for line in self.plan_tables:
@@ -645,7 +659,7 @@ class Recipe:
     def _save(self) -> None:
         state = {
             "data": self.loader.state_dict(), "rng": get_rng_state(),
-            "lr_schedule": _lr_settings(self.cfg),
+            "lr_schedule": _lr_settings(self.cfg), "wandb_run_id": self.wandb_run_id,
         }
         path = self.runner.save_checkpoint(
             self.ckpt_dir, self.step, state, keep_last=self.cfg.checkpoint.keep_last,
@@ -766,12 +780,21 @@ class Recipe:
         if self._created_out_dir and dist.is_main_process() and self.out_dir.exists():
             shutil.rmtree(self.out_dir, ignore_errors=True)
 
+    def _release_lock(self) -> None:
+        if self.lock is not None:
+            self.lock.release()
+            self.lock = None
+
     def cleanup(self) -> None:
-        """Close metrics/wandb and release the engine (always called)."""
-        if self.metrics is not None:
-            self.metrics.close()
-        if self.runner is not None:
-            self.runner.close()
+        """Close metrics/wandb, release the engine and the run directory's lock (always
+        called)."""
+        try:
+            if self.metrics is not None:
+                self.metrics.close()
+            if self.runner is not None:
+                self.runner.close()
+        finally:
+            self._release_lock()
 
 
 def model_batch(batch: dict[str, torch.Tensor], device: Any = None) -> dict[str, torch.Tensor]:

@@ -65,6 +65,7 @@ def train_env() -> dict:
 
 
 def train_cmd(config: Path, *overrides: str) -> list[str]:
+    """The ``layerfreeze train`` command line (run it with :func:`train_env`)."""
     return [sys.executable, "-m", "layerfreeze", "train", "--config", str(config), *overrides]
 
 
