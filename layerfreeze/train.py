@@ -238,6 +238,7 @@ class Recipe:
         self.runner = None
         self.lock = None
         self.wandb_run_id: str | None = None
+        self.run_meta: dict[str, Any] = {}
         self._created_out_dir = False
 
     # -- setup --------------------------------------------------------------------------------
@@ -432,6 +433,12 @@ class Recipe:
         except ValueError as e:
             raise ConfigError(str(e)) from None
 
+        # Resume compatibility before any model is built: the engine and plan the checkpoint was
+        # saved with, its tokenizer and model architecture (each difference named by field).
+        self.run_meta = self._run_meta()
+        if self.resume_from is not None:
+            self._check_resume_compatible()
+
         # 3. Model, plan and engine: the engine builds (or loads) the model, installs every
         #    phase's adapters before it partitions anything, sets requires_grad from phase 0,
         #    and builds optimizer groups from the plan with the lr schedule in closed form.
@@ -490,6 +497,36 @@ class Recipe:
             log_rank0(logger, line)
         self._build_eval()
         self._build_diagnostics()
+
+    def _run_meta(self) -> dict[str, Any]:
+        """Engine-neutral metadata every checkpoint of this run records (see
+        :mod:`layerfreeze.resume`): the tokenizer's and the model architecture's fingerprints."""
+        from layerfreeze.modeling import hf_model_config
+        from layerfreeze.resume import model_fingerprint, tokenizer_fingerprint
+
+        return {
+            "tokenizer": tokenizer_fingerprint(self.tokenizer),
+            "model": model_fingerprint(hf_model_config(self.cfg.model, len(self.tokenizer))),
+        }
+
+    def _check_resume_compatible(self) -> None:
+        """Exit 2 (ConfigError) when the checkpoint was saved by another engine, with another
+        plan schedule, tokenizer or model architecture, naming each differing field."""
+        from layerfreeze.resume import engine_problems, run_problems
+
+        meta = self.resume_from.meta
+        problems = []
+        engine_meta = meta.get("layerfreeze")
+        if isinstance(engine_meta, dict):
+            problems += engine_problems(
+                engine_meta, engine=self.cfg.engine, schedule=self.schedule.to_dict()
+            )
+        problems += run_problems(meta.get("run") or {}, self.run_meta)
+        if problems:
+            raise ConfigError(
+                f"checkpoint.resume: cannot resume from {self.resume_from.path}: "
+                + "; ".join(problems) + "."
+            )
 
     def _build_loader(self, cache):
         from layerfreeze.data import DistributedBatchIterator, PackedDataset
@@ -663,7 +700,7 @@ class Recipe:
         }
         path = self.runner.save_checkpoint(
             self.ckpt_dir, self.step, state, keep_last=self.cfg.checkpoint.keep_last,
-            trainable_only=self.cfg.checkpoint.trainable_only,
+            trainable_only=self.cfg.checkpoint.trainable_only, run_meta=self.run_meta,
         )
         self.saved.append(path.name)
         self.metrics.message(f"step {self.step}: checkpoint {path}")

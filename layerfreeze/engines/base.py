@@ -134,8 +134,10 @@ class EngineAdapter(Protocol):
         client_state: Mapping[str, Any] | None = None,
         keep_last: int | None = None,
         trainable_only: bool = False,
+        run_meta: Mapping[str, Any] | None = None,
     ) -> Path:
-        """Atomic checkpoint under ``ckpt_dir``; returns the committed directory."""
+        """Atomic checkpoint under ``ckpt_dir``; returns the committed directory. ``run_meta``
+        (engine-neutral, e.g. tokenizer / model fingerprints) is stored beside the engine's."""
         ...
 
     def load_checkpoint(

@@ -57,7 +57,7 @@ from layerfreeze.optim import (
     group_specs,
     torch_groups,
 )
-from layerfreeze.resume import check_content, staged_checksums
+from layerfreeze.resume import check_content, engine_problems, staged_checksums
 from layerfreeze.utils.dist import barrier, broadcast_object, get_rank, get_world_size, is_dist
 from layerfreeze.utils.logging import get_logger, log_rank0
 
@@ -1485,6 +1485,7 @@ class DeepSpeedRunner:
         client_state: Mapping[str, Any] | None = None,
         keep_last: int | None = None,
         trainable_only: bool = False,
+        run_meta: Mapping[str, Any] | None = None,
     ) -> Path:
         """Save an atomic checkpoint (all ranks must call it).
 
@@ -1506,6 +1507,8 @@ class DeepSpeedRunner:
             keep_last: keep only this many newest checkpoints (None keeps all).
             trainable_only: store only parameters that are or were trainable (frozen base
                 weights are excluded; loading needs the same base model).
+            run_meta: engine-neutral run metadata stored beside the engine's (the recipe's
+                tokenizer and model fingerprints, see :mod:`layerfreeze.resume`).
 
         Returns:
             The committed checkpoint directory.
@@ -1542,7 +1545,10 @@ class DeepSpeedRunner:
                 root,
                 staging,
                 step,
-                {_META_KEY: self._meta(trainable_only, trained_before)},
+                {
+                    _META_KEY: self._meta(trainable_only, trained_before),
+                    "run": dict(run_meta or {}),
+                },
                 keep_last=keep_last,
                 checksums=checksums,
             )
@@ -1582,10 +1588,10 @@ class DeepSpeedRunner:
             raise ckpt.CheckpointError(
                 f"{info.path}: not a layerfreeze DeepSpeed checkpoint (no layerfreeze metadata)."
             )
-        problems = []
-        if meta["schedule"] != self.schedule.to_dict():
-            problems.append(
-                f"schedule {meta['schedule']} differs from this run's {self.schedule.to_dict()}"
+        problems = engine_problems(meta, engine="deepspeed", schedule=self.schedule.to_dict())
+        if problems:
+            raise ckpt.CheckpointError(
+                f"{info.path}: cannot resume this run from it: " + "; ".join(problems) + "."
             )
         elastic = meta["world_size"] != get_world_size() or meta["zero_stage"] != self.zero_stage
         if elastic and not (info.path / _ELASTIC_DIR / _ELASTIC_INDEX).is_file():

@@ -157,3 +157,53 @@ def test_torch_detected_corruption_is_one_line_naming_the_file(trained, tmp_path
     assert "Traceback" not in proc.stderr
     line = last_line(proc.stderr)
     assert f"{bad}: {DS_FILE} cannot be loaded" in line, line
+
+
+# ---------------------------------------------------------------------------------------------
+# resume compatibility: each difference named by its field, exit 2, nothing changed
+# ---------------------------------------------------------------------------------------------
+
+
+def _refused(config: Path, run: Path, *overrides: str) -> str:
+    before = tree_snapshot(run)
+    proc = train(config, f"logging.out_dir={run}", "train.steps=6", *overrides)
+    assert proc.returncode == 2, proc.stderr[-3000:]
+    assert "Traceback" not in proc.stderr
+    assert tree_snapshot(run) == before
+    line = last_line(proc.stderr)
+    assert f"checkpoint.resume: cannot resume from {run / 'checkpoints' / 'step_00000004'}" in line
+    return line
+
+
+def test_resume_with_another_tokenizer_of_the_same_size_names_the_tokenizer(trained, tmp_path):
+    from layerfreeze.cli import main
+    from layerfreeze.data.tokenizer import load_tokenizer
+
+    config, run = _copy(trained, tmp_path)
+    other = tmp_path / "bpe_tokenizer"
+    argv = ["tokenizer", "train", "--input", "@bundled", "--vocab-size", "1000",
+            "--model-type", "bpe", "--out", str(other)]
+    assert main(argv) == 0
+    assert len(load_tokenizer(other)) == len(load_tokenizer(run / "tokenizer"))  # same size
+    line = _refused(config, run, f"tokenizer.path={other}")
+    assert "another tokenizer (tokenizer vocabulary: sha256 " in line, line
+    assert "(same size, other pieces or ids)" in line and "tokenizer.path" in line, line
+
+
+def test_resume_with_another_model_architecture_names_the_field(trained, tmp_path):
+    config, run = _copy(trained, tmp_path)
+    line = _refused(config, run, "model.architecture.intermediate_size=96")
+    assert (
+        "another model architecture (model architecture.intermediate_size: 64 in the checkpoint, "
+        "96 in this run)" in line
+    ), line
+
+
+def test_resume_with_another_plan_names_only_the_differing_fields(trained, tmp_path):
+    config, run = _copy(trained, tmp_path)
+    line = _refused(config, run, "plan.spec=full")
+    assert (
+        "the plan differs (plan.schedule[0].plan.name: 'freeze_deep' in the checkpoint, 'full' "
+        "in this run;" in line
+    ), line
+    assert "{" not in line and len(line) < 700, line

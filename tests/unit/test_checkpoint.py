@@ -175,3 +175,24 @@ def test_scan_checkpoints_splits_intact_and_damaged(tmp_path):
         ("step_00000003", "manifest.json is missing (the save that wrote it was probably "
                           "interrupted)"),
     ]
+
+
+def test_engine_problems_name_the_engine_and_the_differing_plan_fields():
+    from layerfreeze.resume import engine_problems, field_diff
+
+    schedule = [{"plan": {"name": "freeze_deep", "default": "freeze"}, "until_step": None}]
+    assert engine_problems({"engine": "deepspeed", "schedule": schedule}, engine="deepspeed",
+                           schedule=schedule) == []
+    (wrong,) = engine_problems({"engine": "megatron", "schedule": schedule}, engine="deepspeed",
+                               schedule=schedule)
+    assert wrong.startswith("it was saved by engine 'megatron', this run uses engine: deepspeed")
+    other = [{"plan": {"name": "full", "default": "full"}, "until_step": None}]
+    (plan,) = engine_problems({"engine": "megatron", "schedule": schedule}, engine="megatron",
+                              schedule=other)
+    assert plan.startswith(
+        "the plan differs (plan.schedule[0].plan.name: 'freeze_deep' in the checkpoint, 'full' in "
+        "this run; plan.schedule[0].plan.default: 'freeze' in the checkpoint, 'full' in this run)"
+    )
+    assert field_diff({"a": [1, 2]}, {"a": [1, 3], "b": 0}, "x") == [
+        "x.a[1]: 2 in the checkpoint, 3 in this run", "x.b: '<unset>' in the checkpoint, 0 in this run"
+    ]

@@ -53,7 +53,7 @@ from layerfreeze.engines.base import StepOutput
 from layerfreeze.engines.common import trained_then_frozen
 from layerfreeze.engines.megatron.provider import apply_megatron_plan, optimizer_overrides
 from layerfreeze.registry import POLICIES
-from layerfreeze.resume import check_content, staged_checksums
+from layerfreeze.resume import check_content, engine_problems, field_diff, staged_checksums
 from layerfreeze.utils.logging import get_logger, log_rank0
 
 __all__ = ["MegatronRunner", "optimizer_state_numel"]
@@ -963,6 +963,7 @@ class MegatronRunner:
         client_state: Mapping[str, Any] | None = None,
         keep_last: int | None = None,
         trainable_only: bool = False,
+        run_meta: Mapping[str, Any] | None = None,
     ) -> Path:
         """Save an atomic checkpoint (every rank must call it, also stages with no trainable
         parameter).
@@ -980,6 +981,8 @@ class MegatronRunner:
             keep_last: keep only this many newest checkpoints (None keeps all).
             trainable_only: store only parameters that are, or were in an earlier phase,
                 trainable, plus every adapter (frozen base weights come from the base model).
+            run_meta: engine-neutral run metadata stored beside the engine's (the recipe's
+                tokenizer and model fingerprints, see :mod:`layerfreeze.resume`).
 
         Returns:
             The committed checkpoint directory.
@@ -1038,7 +1041,8 @@ class MegatronRunner:
                 "global_step": self.global_step,
             }
             info = ckpt.commit_checkpoint(
-                root, staging, step, {_META_KEY: meta}, keep_last=keep_last, checksums=checksums
+                root, staging, step, {_META_KEY: meta, "run": dict(run_meta or {})},
+                keep_last=keep_last, checksums=checksums,
             )
             committed = str(info.path)
         committed = _broadcast(committed)
@@ -1052,13 +1056,19 @@ class MegatronRunner:
         if verify:  # sha256 of every file against the manifest, the reading shared by the ranks
             check_content(info)
         meta = info.meta.get(_META_KEY)
-        if (
-            not isinstance(meta, dict)
-            or meta.get("engine") != "megatron"
-            or meta.get("format") != _META_FORMAT
-        ):
+        if not isinstance(meta, dict):
             raise ckpt.CheckpointError(
-                f"{info.path}: not a layerfreeze Megatron checkpoint (no layerfreeze megatron metadata)."
+                f"{info.path}: not a layerfreeze Megatron checkpoint (no layerfreeze metadata)."
+            )
+        wrong_engine = engine_problems(meta, engine="megatron", schedule=meta.get("schedule"))
+        if wrong_engine:
+            raise ckpt.CheckpointError(
+                f"{info.path}: cannot load it: " + "; ".join(wrong_engine) + "."
+            )
+        if meta.get("format") != _META_FORMAT:
+            raise ckpt.CheckpointError(
+                f"{info.path}: not a layerfreeze Megatron checkpoint (metadata format "
+                f"{meta.get('format')!r}, expected {_META_FORMAT!r})."
             )
         if meta["num_layers"] != self.applied.layout.num_layers:
             raise ckpt.CheckpointError(
@@ -1112,15 +1122,12 @@ class MegatronRunner:
                 parallel layout (then use :meth:`load_trainable_weights`).
         """
         info, meta = self._resolve(ckpt_dir, tag, verify)
-        problems = []
-        if meta["schedule"] != self.schedule.to_dict():
-            problems.append(
-                f"schedule {meta['schedule']} differs from this run's {self.schedule.to_dict()}"
-            )
+        problems = engine_problems(meta, engine="megatron", schedule=self.schedule.to_dict())
         if meta["layout"] != self._layout_meta():
+            diff = field_diff(meta["layout"], self._layout_meta(), "layout")
             problems.append(
-                f"saved with layout {meta['layout']}, this run has {self._layout_meta()} (to move "
-                "trained weights to another layout use load_trainable_weights)"
+                f"saved with another parallel layout ({'; '.join(diff)}) (to move trained "
+                "weights to another layout use load_trainable_weights)"
             )
         if problems:
             raise ckpt.CheckpointError(
