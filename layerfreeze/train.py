@@ -22,7 +22,9 @@ The recipe talks to the engine only through the ``EngineAdapter`` Protocol
 from __future__ import annotations
 
 import dataclasses
+import errno
 import logging
+import os
 import shutil
 import time
 import typing
@@ -258,6 +260,8 @@ class Recipe:
 
         resolve_files(cfg.data.paths, key="data.paths")
 
+        self._check_writable()  # every rank, before the process group starts
+
         # One run per output directory (global rank 0 holds the lock until cleanup()). A
         # failure before training starts releases it and removes an output directory this run
         # created, so a bad input leaves nothing behind.
@@ -284,6 +288,30 @@ class Recipe:
             self._release_lock()
             self._remove_new_out_dir()
             raise
+
+    def _check_writable(self) -> None:
+        """One line naming the directory when this process cannot write the run's outputs
+        there (read-only filesystem, no permission): checked by creating and removing a probe
+        file in the directory, or in the nearest existing parent of one not created yet."""
+        import tempfile
+
+        cfg = self.cfg
+        targets = [("logging.out_dir", self.out_dir), ("checkpoint.dir", self.ckpt_dir)]
+        if cfg.checkpoint.export_final:
+            targets.append(("checkpoint.export_dir", cfg.export_dir))
+        for key, path in targets:
+            existing = Path(path).absolute()
+            while not existing.exists() and existing != existing.parent:
+                existing = existing.parent
+            try:
+                fd, probe = tempfile.mkstemp(prefix=".layerfreeze-write-probe.", dir=existing)
+                os.close(fd)
+                os.unlink(probe)
+            except OSError as e:
+                raise ConfigError(
+                    f"{key}: cannot write to {path} ({e.strerror or e} in {existing}). Choose a "
+                    "directory this job can write to."
+                ) from None
 
     def _find_resume(self) -> list:
         """The checkpoints to resume from, in order of preference (validated by file size; the
@@ -698,10 +726,26 @@ class Recipe:
             "data": self.loader.state_dict(), "rng": get_rng_state(),
             "lr_schedule": _lr_settings(self.cfg), "wandb_run_id": self.wandb_run_id,
         }
-        path = self.runner.save_checkpoint(
-            self.ckpt_dir, self.step, state, keep_last=self.cfg.checkpoint.keep_last,
-            trainable_only=self.cfg.checkpoint.trainable_only, run_meta=self.run_meta,
-        )
+        try:
+            path = self.runner.save_checkpoint(
+                self.ckpt_dir, self.step, state, keep_last=self.cfg.checkpoint.keep_last,
+                trainable_only=self.cfg.checkpoint.trainable_only, run_meta=self.run_meta,
+            )
+        except Exception as e:
+            reason = _write_failure(e, self.ckpt_dir)
+            if reason is None:
+                raise
+            from layerfreeze.checkpoint import cleanup_staging, read_latest
+
+            if dist.is_main_process():
+                cleanup_staging(self.ckpt_dir)  # nothing half-written stays behind
+            previous = read_latest(self.ckpt_dir)
+            raise ConfigError(
+                f"checkpoint.dir: saving the step-{self.step} checkpoint into {self.ckpt_dir} "
+                f"failed: {reason}; the partial save was removed. Free space (or raise the quota) "
+                "there or set checkpoint.dir to a filesystem with room, then resume"
+                + (f" from {self.ckpt_dir / previous}" if previous else "") + "."
+            ) from None
         self.saved.append(path.name)
         self.metrics.message(f"step {self.step}: checkpoint {path}")
 
@@ -848,6 +892,45 @@ def model_batch(batch: dict[str, torch.Tensor], device: Any = None) -> dict[str,
     if device is not None:
         ids = ids.to(device, non_blocking=True)
     return {"input_ids": ids, "labels": ids}
+
+
+_WRITE_ERRNOS = {errno.ENOSPC: "no space left on the device", errno.EDQUOT: "disk quota exceeded",
+                 errno.EFBIG: "file too large for this filesystem or process limit"}
+# what torch's and safetensors' writers say when the OS refuses a write (they drop the errno)
+_WRITE_TEXTS = ("no space left", "disk quota", "file too large", "storagefull",
+                "file write failed", "failed writing file", "iostream error", "unexpected pos")
+
+
+def _write_failure(exc: BaseException, directory: Path) -> str | None:
+    """Why a save into ``directory`` failed when the filesystem refused the writes (disk full,
+    quota, file-size limit), else None. torch and safetensors wrap the OS error in their own
+    exception without its errno, so the chain and the message are searched, and then the
+    process file-size limit and the free space say which it was."""
+    import resource
+
+    seen: set[int] = set()
+    e: BaseException | None = exc
+    while e is not None and id(e) not in seen:
+        seen.add(id(e))
+        if isinstance(e, OSError) and e.errno in _WRITE_ERRNOS:
+            return f"{_WRITE_ERRNOS[e.errno]} ({e.filename or e.strerror})"
+        text = str(e).lower()
+        if any(t in text for t in _WRITE_TEXTS):
+            limit = resource.getrlimit(resource.RLIMIT_FSIZE)[0]
+            if limit != resource.RLIM_INFINITY:
+                return (
+                    f"file too large: this process may write files of {limit} bytes at most "
+                    "(ulimit -f)"
+                )
+            try:
+                free = shutil.disk_usage(directory).free
+            except OSError:
+                free = None
+            if free is not None and free < 256 << 20:
+                return f"no space left on the device ({free} bytes free)"
+            return f"the filesystem refused the write ({str(e).splitlines()[0][:200]})"
+        e = e.__cause__ or e.__context__
+    return None
 
 
 def _lr_settings(cfg: RunConfig) -> dict[str, Any]:

@@ -207,3 +207,60 @@ def test_resume_with_another_plan_names_only_the_differing_fields(trained, tmp_p
         "in this run;" in line
     ), line
     assert "{" not in line and len(line) < 700, line
+
+
+# ---------------------------------------------------------------------------------------------
+# save faults: the filesystem refuses the writes; an output directory that cannot be written
+# ---------------------------------------------------------------------------------------------
+
+# `layerfreeze train` whose file-size limit (RLIMIT_FSIZE, enforced by the kernel) drops to
+# argv[1] bytes when the first checkpoint save starts: every write past that offset fails with
+# EFBIG, as a full disk fails with ENOSPC. SIGXFSZ is ignored so the write returns the error.
+_LIMITED_TRAIN = """
+import resource, signal, sys
+signal.signal(signal.SIGXFSZ, signal.SIG_IGN)
+from layerfreeze import train as recipe
+limit, save = int(sys.argv[1]), recipe.Recipe._save
+def limited_save(self):
+    resource.setrlimit(resource.RLIMIT_FSIZE, (limit, limit))
+    return save(self)
+recipe.Recipe._save = limited_save
+from layerfreeze.cli import main
+sys.exit(main(sys.argv[2:]))
+"""
+
+
+def test_filesystem_refusing_a_save_removes_the_partial_save_and_exits_2(trained, tmp_path):
+    import subprocess
+    import sys
+
+    from tests.faults._train import REPO, train_env
+
+    config, run = _copy(trained, tmp_path)
+    ck = run / "checkpoints"
+    before = {p: tree_snapshot(ck / p) for p in ("step_00000002", "step_00000004")}
+    assert (ck / DS_FILE.join(["step_00000004/", ""])).stat().st_size > 100_000
+    proc = subprocess.run(
+        [sys.executable, "-c", _LIMITED_TRAIN, "100000", "train", "--config", str(config),
+         f"logging.out_dir={run}", "train.steps=6"],
+        cwd=REPO, env=train_env(), capture_output=True, text=True, timeout=600,
+    )
+    assert proc.returncode == 2, proc.stderr[-3000:]
+    assert "Traceback" not in proc.stderr
+    line = last_line(proc.stderr)
+    assert f"checkpoint.dir: saving the step-6 checkpoint into {ck} failed: " in line, line
+    assert "file too large" in line.lower() and f"resume from {ck / 'step_00000004'}" in line, line
+    assert sorted(p.name for p in ck.iterdir()) == ["latest", "step_00000002", "step_00000004"]
+    assert (ck / "latest").read_text().strip() == "step_00000004"
+    assert {p: tree_snapshot(ck / p) for p in before} == before
+
+
+def test_output_directory_that_cannot_be_written_is_one_line(trained, tmp_path):
+    config, _run = _copy(trained, tmp_path)
+    target = "/sys/layerfreeze-test-run"  # refused even to root (sysfs)
+    proc = train(config, f"logging.out_dir={target}")
+    assert proc.returncode == 2, proc.stderr[-3000:]
+    assert "Traceback" not in proc.stderr
+    line = last_line(proc.stderr)
+    assert f"logging.out_dir: cannot write to {target} (" in line and "in /sys)" in line, line
+    assert "init_distributed" not in proc.stderr and "Initializing" not in proc.stderr
