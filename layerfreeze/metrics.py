@@ -68,11 +68,15 @@ class MetricsLogger:
     Args:
         cfg: the ``logging`` section.
         total_steps: the run's last optimizer step (progress bar length, ETA).
-        start_step: optimizer steps already done (0, or the resumed checkpoint's step). Records
-            of later steps left in the JSONL by an interrupted run are dropped, so the file reads
-            as one uninterrupted run.
+        start_step: optimizer steps already done (0, or the resumed checkpoint's step). On a
+            resume, records of later steps left in the JSONL by an interrupted run are dropped
+            (an atomic rewrite; the run directory's lock keeps other writers out), so the file
+            reads as one uninterrupted run. A new run (0) moves an existing non-empty JSONL aside
+            (``<name>.<UTC time>``) instead of dropping its rows.
         run_config: the resolved run config (logged to wandb with secrets redacted).
         enabled: write anything at all (pass ``is_main_process()``).
+        run_id: the wandb run id: a resumed run passes the one its checkpoint recorded (the
+            same wandb run goes on), a new run a new one (None: a new random id).
     """
 
     def __init__(
@@ -82,6 +86,7 @@ class MetricsLogger:
         start_step: int = 0,
         run_config: dict[str, Any] | None = None,
         enabled: bool = True,
+        run_id: str | None = None,
     ) -> None:
         self.cfg = cfg
         self.enabled = enabled
@@ -97,8 +102,12 @@ class MetricsLogger:
         self._file = None
         if not enabled:
             return
+        self.run_id = run_id or uuid.uuid4().hex[:12]
         self.out_dir.mkdir(parents=True, exist_ok=True)
-        self._truncate_after(start_step)
+        if start_step > 0:
+            self._truncate_after(start_step)
+        else:
+            self._move_aside()
         self._file = open(self.jsonl_path, "a", encoding="utf-8")
         if cfg.wandb_project and cfg.wandb_mode != "disabled":
             self._start_wandb(redact_secrets(run_config or {}))
@@ -112,6 +121,13 @@ class MetricsLogger:
         kept = [r for r in read_jsonl(self.jsonl_path) if int(r.get("step", 0)) <= step]
         text = "".join(json.dumps(r, ensure_ascii=False) + "\n" for r in kept)
         atomic_write_text(self.jsonl_path, text)
+
+    def _move_aside(self) -> None:
+        if self.jsonl_path.is_file() and self.jsonl_path.stat().st_size > 0:
+            stamp = time.strftime("%Y%m%dT%H%M%SZ", time.gmtime())
+            kept = self.jsonl_path.with_name(f"{self.jsonl_path.name}.{stamp}")
+            os.replace(self.jsonl_path, kept)
+            log_rank0(logger, f"metrics: an earlier run's {self.jsonl_path.name} kept as {kept}")
 
     def _start_progress(self) -> None:
         # Bars redraw with carriage returns: in a log file (batch jobs, CI) they become one huge
@@ -144,13 +160,9 @@ class MetricsLogger:
 
         self.wandb_dir = self.out_dir / "wandb"
         self.wandb_dir.mkdir(parents=True, exist_ok=True)
-        # A stable id per out_dir makes a resumed run continue the same wandb run.
-        id_file = self.out_dir / ".wandb_run_id"
-        if id_file.exists():
-            run_id = id_file.read_text(encoding="utf-8").strip()
-        else:
-            run_id = uuid.uuid4().hex[:12]
-            atomic_write_text(id_file, run_id + "\n")
+        # The id comes from the recipe: a resumed run continues its wandb run, a new one starts
+        # its own (an id per out_dir gave two runs into one directory the same wandb run).
+        run_id = self.run_id
         self._wandb = wandb.init(
             project=self.cfg.wandb_project,
             name=self.cfg.wandb_run_name or self.out_dir.name,

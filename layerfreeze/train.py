@@ -22,6 +22,7 @@ The recipe talks to the engine only through the ``EngineAdapter`` Protocol
 from __future__ import annotations
 
 import dataclasses
+import errno
 import logging
 import os
 import shlex
@@ -30,6 +31,7 @@ import signal
 import threading
 import time
 import typing
+import uuid
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -265,13 +267,27 @@ def check_output_dirs(cfg: RunConfig) -> None:
             why = f"{existing} is on the kernel's {fs} filesystem, where nothing can be written"
         elif not existing.is_dir():
             why = f"{existing} is not a directory"
-        elif not os.access(existing, os.W_OK | os.X_OK):
-            why = f"{existing} is not writable"
+        elif (err := _write_probe(existing)) is not None:
+            why = f"{existing} is not writable ({err})"
         else:
             continue
         problems.append(f"{key}: cannot create {str(path)!r}: {why}. Choose another directory.")
     if problems:
         raise ConfigError(problems)
+
+
+def _write_probe(directory: Path) -> str | None:
+    """Why this process cannot create a file in ``directory`` (None when it can): a probe file
+    is created and removed, since ``os.access`` says yes to root on a read-only mount."""
+    import tempfile
+
+    try:
+        fd, probe = tempfile.mkstemp(prefix=".layerfreeze-write-probe.", dir=directory)
+        os.close(fd)
+        os.unlink(probe)
+    except OSError as e:
+        return e.strerror or str(e)
+    return None
 
 
 def _field_type(cls: type, path: str) -> Any:
@@ -366,6 +382,9 @@ class Recipe:
         self.diag = None
         self.diag_records: list[tuple[int, dict[str, float]]] = []
         self.runner = None
+        self.lock = None
+        self.wandb_run_id: str | None = None
+        self.run_meta: dict[str, Any] = {}
         self._created_out_dir = False
         self.signals = StopSignals()
 
@@ -385,50 +404,137 @@ class Recipe:
         from layerfreeze.data.corpus import resolve_files
 
         resolve_files(cfg.data.paths, key="data.paths")
-        check_output_dirs(cfg)
-        self.resume_from = self._find_resume()
-        self.eval_benchmarks = self._load_eval_benchmarks()
-        try:  # one plain process: a free rendezvous port, or the given one if it is free
-            dist.single_process_rendezvous()
-        except ValueError as e:
-            raise ConfigError(str(e)) from None
+        check_output_dirs(cfg)  # every rank, before the process group starts
 
-        self.engine.init_distributed()
-        if cfg.train.num_threads:
-            torch.set_num_threads(cfg.train.num_threads)
-        seed_everything(cfg.train.seed)
-
-        # From here on files may be written; a failure before training starts removes an
-        # output directory this run created, so a bad input leaves nothing behind.
+        # One run per output directory (global rank 0 holds the lock until cleanup()). A
+        # failure before training starts releases it and removes an output directory this run
+        # created, so a bad input leaves nothing behind.
         self._created_out_dir = not self.out_dir.exists()
-        dist.barrier()
         try:
+            if dist.is_main_process():
+                from layerfreeze.runlock import RunLock
+
+                self.lock = RunLock(self.out_dir)
+                self.lock.acquire()
+            resume_candidates = self._find_resume()
+            self.eval_benchmarks = self._load_eval_benchmarks()
+            try:  # one plain process: a free rendezvous port, or the given one if it is free
+                dist.single_process_rendezvous()
+            except ValueError as e:
+                raise ConfigError(str(e)) from None
+
+            self.engine.init_distributed()
+            self.resume_from = self._verify_resume(resume_candidates)
+            if cfg.train.num_threads:
+                torch.set_num_threads(cfg.train.num_threads)
+            seed_everything(cfg.train.seed)
+            # a resumed run keeps its wandb run id (from the checkpoint); a new run gets its own
+            self.wandb_run_id = uuid.uuid4().hex[:12]
+            dist.barrier()
             self._build()
         except BaseException:
+            self._release_lock()
             self._remove_new_out_dir()
             raise
 
-    def _find_resume(self):
-        from layerfreeze.checkpoint import CheckpointError, resolve_checkpoint
+    def _find_resume(self) -> list:
+        """The checkpoints to resume from, in order of preference (validated by file size; the
+        content is checked by :meth:`_verify_resume` once the process group is up). Empty for a
+        fresh start.
+
+        ``auto`` prefers the checkpoint ``latest`` names, then older ones, and warns about each
+        damaged checkpoint it passes over; a run that has checkpoints but none intact stops here
+        (exit 2) before anything is written. An explicit path is the only candidate."""
+        from layerfreeze.checkpoint import (
+            CheckpointError,
+            checkpoint_dirs,
+            read_latest,
+            resolve_checkpoint,
+            scan_checkpoints,
+        )
 
         mode = self.cfg.checkpoint.resume
         if mode == "none":
-            if self.ckpt_dir.is_dir() and list_checkpoints(self.ckpt_dir):
+            if checkpoint_dirs(self.ckpt_dir):
                 raise ConfigError(
                     f"checkpoint.resume: 'none' but {self.ckpt_dir} already holds checkpoints. "
                     "Use resume=auto to continue, or choose a new logging.out_dir / checkpoint.dir."
                 )
+            return []
+        if mode != "auto":
+            try:
+                return [resolve_checkpoint(Path(mode))]
+            except CheckpointError as e:
+                raise ConfigError(f"checkpoint.resume: {e}") from None
+        intact, damaged = scan_checkpoints(self.ckpt_dir)
+        if not intact and not damaged:
+            return []
+        if not intact:  # never restart from step 0 over a run's damaged checkpoints
+            raise ConfigError(self._no_intact_checkpoint(damaged))
+        latest = read_latest(self.ckpt_dir)
+        newest_first = sorted(intact, key=lambda c: c.step, reverse=True)
+        first = next((c for c in newest_first if c.tag == latest), None)
+        if first is not None:  # `latest` may lag behind a complete newer one; it decides
+            newest_first = [first] + [c for c in newest_first if c.step < first.step]
+        for path, why in damaged:
+            if int(path.name.split("_")[1]) > newest_first[0].step:
+                self._warn_damaged(path, why, newest_first[0])
+        return newest_first
+
+    def _no_intact_checkpoint(self, damaged: list) -> str:
+        found = "; ".join(f"{path}: {why}" for path, why in damaged)
+        return (
+            f"checkpoint.resume: auto found no intact checkpoint in {self.ckpt_dir} ({found}). "
+            "Nothing was changed. To go on, resume from a copy you trust "
+            "(checkpoint.resume=PATH), or start over in a new directory "
+            "(checkpoint.resume=none logging.out_dir=NEW_DIR), or move the damaged checkpoints "
+            "away."
+        )
+
+    def _warn_damaged(self, path: Path, why: str, instead) -> None:
+        note = (
+            f"checkpoint.resume: {path} is damaged ({why}); resuming from the newest intact "
+            f"checkpoint {instead.path} (step {instead.step}) instead"
+        )
+        self.notes.append(note)
+        log_rank0(logger, note, level=logging.WARNING)
+
+    def _verify_resume(self, candidates: list):
+        """The first candidate whose files match their sha256 (collective: the ranks share the
+        reading), warning about each one passed over; None for a fresh start.
+
+        Raises:
+            ConfigError: no candidate is intact (each named with its changed files).
+        """
+        from layerfreeze.checkpoint import scan_checkpoints
+        from layerfreeze.resume import verify_content
+
+        damaged = []
+        for info in candidates:
+            problems = verify_content(info)
+            if not problems:
+                if damaged and self.cfg.checkpoint.resume == "auto":
+                    for path, why in damaged:
+                        self._warn_damaged(path, why, info)
+                if not info.sha256:
+                    note = (
+                        f"checkpoint.resume: {info.path} has no content checksums (saved by an "
+                        "older layerfreeze): checked by file size only"
+                    )
+                    self.notes.append(note)
+                    log_rank0(logger, note)
+                return info
+            damaged.append((info.path, "; ".join(problems)))
+        if not damaged:
             return None
-        if mode == "auto":
-            if not self.ckpt_dir.is_dir() or not list_checkpoints(self.ckpt_dir):
-                return None
-            target = self.ckpt_dir
-        else:
-            target = Path(mode)
-        try:
-            return resolve_checkpoint(target)
-        except CheckpointError as e:
-            raise ConfigError(f"checkpoint.resume: {e}") from None
+        if self.cfg.checkpoint.resume != "auto":
+            path, why = damaged[0]
+            raise ConfigError(
+                f"checkpoint.resume: {path} is damaged: {why}. Nothing was changed. Resume from "
+                "an earlier checkpoint of the run."
+            )
+        _intact, size_damaged = scan_checkpoints(self.ckpt_dir)
+        raise ConfigError(self._no_intact_checkpoint(sorted(size_damaged + damaged)))
 
     def _load_eval_benchmarks(self) -> dict[str, Any] | None:
         """Load the evaluation questions up front, so a bad ``eval`` section (an unknown subject,
@@ -479,6 +585,12 @@ class Recipe:
         except ValueError as e:
             raise ConfigError(str(e)) from None
 
+        # Resume compatibility before any model is built: the engine and plan the checkpoint was
+        # saved with, its tokenizer and model architecture (each difference named by field).
+        self.run_meta = self._run_meta()
+        if self.resume_from is not None:
+            self._check_resume_compatible()
+
         # 3. Model, plan and engine: the engine builds (or loads) the model, installs every
         #    phase's adapters before it partitions anything, sets requires_grad from phase 0,
         #    and builds optimizer groups from the plan with the lr schedule in closed form.
@@ -496,7 +608,7 @@ class Recipe:
             from layerfreeze.checkpoint import CheckpointError
 
             try:
-                state = self.runner.load_checkpoint(self.resume_from.path)
+                state = self.runner.load_checkpoint(self.resume_from.path, verify=False)
                 self.loader.load_state_dict(state["data"])
             except (CheckpointError, KeyError, ValueError) as e:
                 raise ConfigError(
@@ -504,6 +616,7 @@ class Recipe:
                 ) from None
             self.step = self.runner.global_step
             self.skipped_steps = self.runner.skipped_steps
+            self.wandb_run_id = state.get("wandb_run_id") or self.wandb_run_id
             set_rng_state(state["rng"])
             saved = state.get("lr_schedule") or {}
             for key, value in _lr_settings(cfg).items():
@@ -529,13 +642,44 @@ class Recipe:
                 yaml.safe_dump(run_config, sort_keys=False, allow_unicode=True),
             )
         self.metrics = MetricsLogger(
-            cfg.logging, cfg.train.steps, self.step, run_config, enabled=dist.is_main_process()
+            cfg.logging, cfg.train.steps, self.step, run_config, enabled=dist.is_main_process(),
+            run_id=self.wandb_run_id,
         )
         self.metrics.log_plan(self.runner.applied.summary().rows, phase=phase)
         for line in self.plan_tables:
             log_rank0(logger, line)
         self._build_eval()
         self._build_diagnostics()
+
+    def _run_meta(self) -> dict[str, Any]:
+        """Engine-neutral metadata every checkpoint of this run records (see
+        :mod:`layerfreeze.resume`): the tokenizer's and the model architecture's fingerprints."""
+        from layerfreeze.modeling import hf_model_config
+        from layerfreeze.resume import model_fingerprint, tokenizer_fingerprint
+
+        return {
+            "tokenizer": tokenizer_fingerprint(self.tokenizer),
+            "model": model_fingerprint(hf_model_config(self.cfg.model, len(self.tokenizer))),
+        }
+
+    def _check_resume_compatible(self) -> None:
+        """Exit 2 (ConfigError) when the checkpoint was saved by another engine, with another
+        plan schedule, tokenizer or model architecture, naming each differing field."""
+        from layerfreeze.resume import engine_problems, run_problems
+
+        meta = self.resume_from.meta
+        problems = []
+        engine_meta = meta.get("layerfreeze")
+        if isinstance(engine_meta, dict):
+            problems += engine_problems(
+                engine_meta, engine=self.cfg.engine, schedule=self.schedule.to_dict()
+            )
+        problems += run_problems(meta.get("run") or {}, self.run_meta)
+        if problems:
+            raise ConfigError(
+                f"checkpoint.resume: cannot resume from {self.resume_from.path}: "
+                + "; ".join(problems) + "."
+            )
 
     def _build_loader(self, cache):
         from layerfreeze.data import DistributedBatchIterator, PackedDataset
@@ -710,12 +854,28 @@ class Recipe:
     def _save(self) -> None:
         state = {
             "data": self.loader.state_dict(), "rng": get_rng_state(),
-            "lr_schedule": _lr_settings(self.cfg),
+            "lr_schedule": _lr_settings(self.cfg), "wandb_run_id": self.wandb_run_id,
         }
-        path = self.runner.save_checkpoint(
-            self.ckpt_dir, self.step, state, keep_last=self.cfg.checkpoint.keep_last,
-            trainable_only=self.cfg.checkpoint.trainable_only,
-        )
+        try:
+            path = self.runner.save_checkpoint(
+                self.ckpt_dir, self.step, state, keep_last=self.cfg.checkpoint.keep_last,
+                trainable_only=self.cfg.checkpoint.trainable_only, run_meta=self.run_meta,
+            )
+        except Exception as e:
+            reason = _write_failure(e, self.ckpt_dir)
+            if reason is None:
+                raise
+            from layerfreeze.checkpoint import cleanup_staging, read_latest
+
+            if dist.is_main_process():
+                cleanup_staging(self.ckpt_dir)  # nothing half-written stays behind
+            previous = read_latest(self.ckpt_dir)
+            raise ConfigError(
+                f"checkpoint.dir: saving the step-{self.step} checkpoint into {self.ckpt_dir} "
+                f"failed: {reason}; the partial save was removed. Free space (or raise the quota) "
+                "there or set checkpoint.dir to a filesystem with room, then resume"
+                + (f" from {self.ckpt_dir / previous}" if previous else "") + "."
+            ) from None
         self.saved.append(path.name)
         self.metrics.message(f"step {self.step}: checkpoint {path}")
 
@@ -858,12 +1018,21 @@ class Recipe:
         if self._created_out_dir and dist.is_main_process() and self.out_dir.exists():
             shutil.rmtree(self.out_dir, ignore_errors=True)
 
+    def _release_lock(self) -> None:
+        if self.lock is not None:
+            self.lock.release()
+            self.lock = None
+
     def cleanup(self) -> None:
-        """Close metrics/wandb and release the engine (always called)."""
-        if self.metrics is not None:
-            self.metrics.close()
-        if self.runner is not None:
-            self.runner.close()
+        """Close metrics/wandb, release the engine and the run directory's lock (always
+        called)."""
+        try:
+            if self.metrics is not None:
+                self.metrics.close()
+            if self.runner is not None:
+                self.runner.close()
+        finally:
+            self._release_lock()
 
 
 def adapter_export_hint(applied: Any, adapter_dir: str | Path, base_model: str | None) -> str:
@@ -904,6 +1073,45 @@ def model_batch(batch: dict[str, torch.Tensor], device: Any = None) -> dict[str,
     if device is not None:
         ids = ids.to(device, non_blocking=True)
     return {"input_ids": ids, "labels": ids}
+
+
+_WRITE_ERRNOS = {errno.ENOSPC: "no space left on the device", errno.EDQUOT: "disk quota exceeded",
+                 errno.EFBIG: "file too large for this filesystem or process limit"}
+# what torch's and safetensors' writers say when the OS refuses a write (they drop the errno)
+_WRITE_TEXTS = ("no space left", "disk quota", "file too large", "storagefull",
+                "file write failed", "failed writing file", "iostream error", "unexpected pos")
+
+
+def _write_failure(exc: BaseException, directory: Path) -> str | None:
+    """Why a save into ``directory`` failed when the filesystem refused the writes (disk full,
+    quota, file-size limit), else None. torch and safetensors wrap the OS error in their own
+    exception without its errno, so the chain and the message are searched, and then the
+    process file-size limit and the free space say which it was."""
+    import resource
+
+    seen: set[int] = set()
+    e: BaseException | None = exc
+    while e is not None and id(e) not in seen:
+        seen.add(id(e))
+        if isinstance(e, OSError) and e.errno in _WRITE_ERRNOS:
+            return f"{_WRITE_ERRNOS[e.errno]} ({e.filename or e.strerror})"
+        text = str(e).lower()
+        if any(t in text for t in _WRITE_TEXTS):
+            limit = resource.getrlimit(resource.RLIMIT_FSIZE)[0]
+            if limit != resource.RLIM_INFINITY:
+                return (
+                    f"file too large: this process may write files of {limit} bytes at most "
+                    "(ulimit -f)"
+                )
+            try:
+                free = shutil.disk_usage(directory).free
+            except OSError:
+                free = None
+            if free is not None and free < 256 << 20:
+                return f"no space left on the device ({free} bytes free)"
+            return f"the filesystem refused the write ({str(e).splitlines()[0][:200]})"
+        e = e.__cause__ or e.__context__
+    return None
 
 
 def _lr_settings(cfg: RunConfig) -> dict[str, Any]:

@@ -27,6 +27,7 @@ from pathlib import Path
 from typing import Any
 
 from layerfreeze.errors import ConfigError
+from layerfreeze.utils.io import OVERWRITE_HELP, check_output_path
 from layerfreeze.utils.logging import get_logger
 
 logger = get_logger("layerfreeze.compose")
@@ -47,7 +48,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     )
     parser.add_argument("--map", help="YAML/JSON file with base, models and layers")
     parser.add_argument("--out", required=True, help="directory for the composed checkpoint")
-    parser.add_argument("--overwrite", action="store_true", help="replace an existing --out")
+    parser.add_argument("--overwrite", action="store_true", help=OVERWRITE_HELP)
     parser.add_argument("--json", action="store_true", help="print compose.json instead of a table")
 
 
@@ -116,11 +117,12 @@ def run(args: argparse.Namespace) -> int:
     from layerfreeze.modeling import check_weight_files
 
     try:
+        check_output_path(args.out, overwrite=args.overwrite)
         base, sources, layers = _resolve(args)
         for name, path in sources.items():  # a corrupt download, named before any loading
             if (Path(path) / "config.json").is_file():
                 check_weight_files(path, f"--model {name}")
-        report = compose_checkpoints(base, sources, layers, args.out, overwrite=args.overwrite)
+        report = compose_checkpoints(base, sources, layers, args.out, overwrite=True)
     except (ConfigError, ValueError, FileNotFoundError, FileExistsError) as e:
         logger.error("%s", e)
         return 2

@@ -18,6 +18,7 @@ import argparse
 import sys
 from pathlib import Path
 
+from layerfreeze.utils.io import OVERWRITE_HELP, check_output_path
 from layerfreeze.utils.logging import get_logger
 
 logger = get_logger(__name__)
@@ -48,6 +49,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--submission",
                         help="C-Eval test: write the official submission JSON here "
                              "(default with --split test: ceval_submission.json)")
+    parser.add_argument("--overwrite", action="store_true", help=OVERWRITE_HELP.replace(
+        "--out", "--out / --predictions / --submission file"))
     parser.add_argument("--per-subject", action="store_true", help="print every subject's score")
     parser.add_argument("--list-subjects", action="store_true",
                         help="print the subject keys with their names and categories, then exit")
@@ -90,13 +93,17 @@ def _load(args: argparse.Namespace):
         ("--predictions", args.predictions),
         ("--submission", args.submission),
     ):
-        if path and Path(path).is_dir():  # checked now, not after the whole evaluation
-            raise ValueError(f"{flag}: {path!r} is a directory; give a file path.")
+        if path:  # checked now, not after the whole evaluation
+            check_output_path(path, overwrite=args.overwrite, flag=flag, kind="file")
     from layerfreeze.modeling import check_weight_files
 
     check_weight_files(args.model, "--model")
     subjects = [s.strip() for s in args.subjects.split(",") if s.strip()] if args.subjects else None
     bench = load_benchmark(args.benchmark, args.data_dir, args.split, subjects)
+    if bench.name == "ceval" and bench.split == "test" and not args.submission:
+        check_output_path(
+            "ceval_submission.json", overwrite=args.overwrite, flag="--submission", kind="file"
+        )
     if args.submission and not (bench.name == "ceval" and bench.split == "test"):
         raise ValueError(
             "--submission: the official submission file is for --benchmark ceval --split test "

@@ -21,6 +21,7 @@ import argparse
 import sys
 
 from layerfreeze.errors import ConfigError
+from layerfreeze.utils.io import OVERWRITE_HELP, check_output_path
 from layerfreeze.utils.logging import get_logger
 
 logger = get_logger("layerfreeze.export")
@@ -40,7 +41,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         choices=["peft", "merged"],
         help="peft: PEFT LoRA adapter; merged: HF checkpoint (+ sidecar)",
     )
-    parser.add_argument("--out", required=True, help="output directory (replaced if it exists)")
+    parser.add_argument("--out", required=True, help="output directory (must be new or empty)")
+    parser.add_argument("--overwrite", action="store_true", help=OVERWRITE_HELP)
     parser.add_argument(
         "--base-name", help="peft: base_model_name_or_path to record (default: --model)"
     )
@@ -68,6 +70,11 @@ def run(args: argparse.Namespace) -> int:
             args.max_lora_rank,
         )
         return 2
+    try:
+        check_output_path(args.out, overwrite=args.overwrite)
+    except ValueError as e:
+        logger.error("%s", e)
+        return 2
     model_dir = Path(args.model)
     if not (model_dir / "config.json").is_file():
         logger.error(
@@ -79,12 +86,6 @@ def run(args: argparse.Namespace) -> int:
             "--adapter-dir %s: no such directory; pass one written by save_trainable "
             "(plan.json + adapter.safetensors).",
             args.adapter_dir,
-        )
-        return 2
-    if Path(args.out).exists() and not Path(args.out).is_dir():
-        logger.error(
-            "--out %s: exists and is a file; the export is a directory. Choose another path.",
-            args.out,
         )
         return 2
     try:

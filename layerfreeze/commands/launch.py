@@ -27,6 +27,7 @@ import subprocess
 import sys
 
 from layerfreeze.errors import ConfigError
+from layerfreeze.utils.io import OVERWRITE_HELP, check_output_path
 from layerfreeze.utils.logging import get_logger
 
 logger = get_logger("layerfreeze.launch")
@@ -58,6 +59,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         help="ranks per node (GPUs; CPU ranks when there is no GPU)",
     )
     parser.add_argument("--out", help="write the job file here (atomically) instead of stdout")
+    parser.add_argument("--overwrite", action="store_true", help=OVERWRITE_HELP)
     parser.add_argument("--image", help="k8s: container image (default layerfreeze:latest)")
     parser.add_argument(
         "--pvc",
@@ -150,8 +152,11 @@ def run(args: argparse.Namespace) -> int:
                 f"--time: not a Slurm time limit, got {args.time!r}. Use minutes, HH:MM:SS, "
                 "D-HH or D-HH:MM:SS (e.g. 48:00:00 or 2-00:00:00)."
             )
-        if args.out and os.path.isdir(args.out):
-            raise ConfigError(f"--out: {args.out!r} is a directory; give the job file's path.")
+        if args.out:
+            try:
+                check_output_path(args.out, overwrite=args.overwrite, kind="file")
+            except ValueError as e:
+                raise ConfigError(str(e)) from None
         for flag, value in (
             ("--cpus-per-task", args.cpus_per_task),
             ("--master-port", args.master_port),

@@ -19,6 +19,7 @@ import json
 import sys
 from pathlib import Path
 
+from layerfreeze.utils.io import OVERWRITE_HELP, check_output_path
 from layerfreeze.utils.logging import get_logger
 
 logger = get_logger("layerfreeze.prune")
@@ -56,7 +57,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         help="last: distance at each sequence's last token, as Gromov et al. "
         "(default); mean: mean over all tokens",
     )
-    parser.add_argument("--overwrite", action="store_true", help="replace an existing --out")
+    parser.add_argument("--overwrite", action="store_true", help=OVERWRITE_HELP)
     parser.add_argument("--json", action="store_true", help="print prune.json instead of a table")
 
 
@@ -73,6 +74,7 @@ def run(args: argparse.Namespace) -> int:
             )
             return 2
     try:
+        check_output_path(args.out, overwrite=args.overwrite)
         if (Path(args.model) / "config.json").is_file():  # else prune_checkpoint says so
             check_weight_files(args.model, "--model")
         report = prune_checkpoint(
@@ -88,7 +90,7 @@ def run(args: argparse.Namespace) -> int:
             max_tokens=args.max_tokens,
             batch_size=args.batch_size,
             last_token=args.score == "last",
-            overwrite=args.overwrite,
+            overwrite=True,  # check_output_path above applied --overwrite
         )
     except (ConfigError, ValueError, FileNotFoundError, FileExistsError) as e:
         logger.error("%s", e)

@@ -11,8 +11,8 @@ from __future__ import annotations
 
 import argparse
 import sys
-from pathlib import Path
 
+from layerfreeze.utils.io import OVERWRITE_HELP, check_output_path
 from layerfreeze.utils.logging import get_logger
 
 logger = get_logger(__name__)
@@ -26,7 +26,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                     help=".txt/.jsonl files or directories (recursive); "
                     "'@bundled' = the bundled corpus")
     tp.add_argument("--vocab-size", type=int, required=True, help="number of pieces (> 260)")
-    tp.add_argument("--out", required=True, help="output directory (replaced atomically)")
+    tp.add_argument("--out", required=True, help="output directory (must be new or empty)")
+    tp.add_argument("--overwrite", action="store_true", help=OVERWRITE_HELP)
     tp.add_argument("--model-type", choices=["unigram", "bpe"], default="unigram")
     tp.add_argument("--character-coverage", type=float, default=0.9995,
                     help="fraction of characters covered by pieces; rarer ones become bytes")
@@ -45,11 +46,10 @@ def run(args: argparse.Namespace) -> int:
         logger.error("--input-sentence-size: must be >= 0 (0: all lines), got %d.",
                      args.input_sentence_size)
         return 2
-    if Path(args.out).exists() and not Path(args.out).is_dir():
-        logger.error(
-            "--out: %r exists and is a file; the tokenizer is a directory. Choose another path.",
-            args.out,
-        )
+    try:
+        check_output_path(args.out, overwrite=args.overwrite)
+    except ValueError as e:
+        logger.error("%s", e)
         return 2
     try:
         out = train_tokenizer(

@@ -21,6 +21,7 @@ import sys
 from pathlib import Path
 
 from layerfreeze.errors import ConfigError
+from layerfreeze.utils.io import OVERWRITE_HELP, check_output_path
 from layerfreeze.utils.logging import get_logger
 
 logger = get_logger("layerfreeze.trace")
@@ -95,7 +96,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         "the probe set, rank 0 writes. gradient and stability are not available",
     )
     parser.add_argument("--out", required=True, help="output directory (created)")
-    parser.add_argument("--overwrite", action="store_true", help="replace an existing --out")
+    parser.add_argument("--overwrite", action="store_true", help=OVERWRITE_HELP)
     parser.add_argument(
         "--recommend",
         action="store_true",
@@ -111,18 +112,12 @@ def _check(args: argparse.Namespace):
     """Every user-input check that needs no model weights; returns (settings, scales)."""
     from layerfreeze.diagnostics.trace import TraceSettings
 
+    check_output_path(args.out, overwrite=args.overwrite)
     model = Path(args.model)
     if not model.is_dir() or not (model / "config.json").is_file():
         raise ValueError(
             f"--model: not a Hugging Face model directory (no config.json), got {args.model!r}."
         )
-    out = Path(args.out)
-    if out.exists() and not args.overwrite:
-        raise ValueError(
-            f"--out: {args.out!r} already exists. Choose a new directory or pass --overwrite."
-        )
-    if out.exists() and not out.is_dir():
-        raise ValueError(f"--out: {args.out!r} exists and is not a directory.")
     try:
         scales = tuple(float(s) for s in args.noise_scales.split(",") if s.strip())
     except ValueError:

@@ -134,14 +134,17 @@ class EngineAdapter(Protocol):
         client_state: Mapping[str, Any] | None = None,
         keep_last: int | None = None,
         trainable_only: bool = False,
+        run_meta: Mapping[str, Any] | None = None,
     ) -> Path:
-        """Atomic checkpoint under ``ckpt_dir``; returns the committed directory."""
+        """Atomic checkpoint under ``ckpt_dir``; returns the committed directory. ``run_meta``
+        (engine-neutral, e.g. tokenizer / model fingerprints) is stored beside the engine's."""
         ...
 
     def load_checkpoint(
-        self, ckpt_dir: str | os.PathLike, tag: str | None = None
+        self, ckpt_dir: str | os.PathLike, tag: str | None = None, verify: bool = True
     ) -> dict[str, Any]:
-        """Resume (phase, weights, optimizer, counters); returns this rank's client state."""
+        """Resume (phase, weights, optimizer, counters); returns this rank's client state.
+        ``verify`` checks the files' sha256 first (False: the caller has just done so)."""
         ...
 
     def evaluate_loss(self, micro_batch: Mapping[str, Any]) -> float:

@@ -57,6 +57,7 @@ from layerfreeze.optim import (
     group_specs,
     torch_groups,
 )
+from layerfreeze.resume import check_content, engine_problems, staged_checksums
 from layerfreeze.utils.dist import (
     barrier,
     broadcast_object,
@@ -1495,6 +1496,7 @@ class DeepSpeedRunner:
         client_state: Mapping[str, Any] | None = None,
         keep_last: int | None = None,
         trainable_only: bool = False,
+        run_meta: Mapping[str, Any] | None = None,
     ) -> Path:
         """Save an atomic checkpoint (all ranks must call it).
 
@@ -1516,6 +1518,8 @@ class DeepSpeedRunner:
             keep_last: keep only this many newest checkpoints (None keeps all).
             trainable_only: store only parameters that are or were trainable (frozen base
                 weights are excluded; loading needs the same base model).
+            run_meta: engine-neutral run metadata stored beside the engine's (the recipe's
+                tokenizer and model fingerprints, see :mod:`layerfreeze.resume`).
 
         Returns:
             The committed checkpoint directory.
@@ -1545,14 +1549,19 @@ class DeepSpeedRunner:
         self._save_elastic(staging / _ELASTIC_DIR, trainable_only, trained_before)
         save_client_state(staging / "client", get_rank(), client_state or {})
         barrier()
+        checksums = staged_checksums(staging)  # each rank hashes a share of the files
         committed = None
         if get_rank() == 0:
             info = ckpt.commit_checkpoint(
                 root,
                 staging,
                 step,
-                {_META_KEY: self._meta(trainable_only, trained_before)},
+                {
+                    _META_KEY: self._meta(trainable_only, trained_before),
+                    "run": dict(run_meta or {}),
+                },
                 keep_last=keep_last,
+                checksums=checksums,
             )
             committed = str(info.path)
         committed = broadcast_object(committed)
@@ -1560,7 +1569,7 @@ class DeepSpeedRunner:
         return Path(committed)
 
     def load_checkpoint(
-        self, ckpt_dir: str | os.PathLike, tag: str | None = None
+        self, ckpt_dir: str | os.PathLike, tag: str | None = None, verify: bool = True
     ) -> dict[str, Any]:
         """Resume from a checkpoint saved by :meth:`save_checkpoint` (all ranks must call it).
 
@@ -1570,6 +1579,9 @@ class DeepSpeedRunner:
         Args:
             ckpt_dir: checkpoint root (follows ``latest``) or one checkpoint directory.
             tag: checkpoint name under the root (``step_00000010``); default ``latest``.
+            verify: check every file against the sha256 in the manifest first (the ranks share
+                the reading; see :func:`layerfreeze.resume.verify_content`). The recipe passes
+                False for a checkpoint it has just verified.
 
         Returns:
             This rank's ``client_state`` as given to :meth:`save_checkpoint`.
@@ -1580,15 +1592,17 @@ class DeepSpeedRunner:
                 layout-independent part (the message says which).
         """
         info = ckpt.resolve_checkpoint(ckpt_dir, tag)
+        if verify:
+            check_content(info)
         meta = info.meta.get(_META_KEY)
         if not isinstance(meta, dict) or meta.get("format") != _META_FORMAT:
             raise ckpt.CheckpointError(
                 f"{info.path}: not a layerfreeze DeepSpeed checkpoint (no layerfreeze metadata)."
             )
-        problems = []
-        if meta["schedule"] != self.schedule.to_dict():
-            problems.append(
-                f"schedule {meta['schedule']} differs from this run's {self.schedule.to_dict()}"
+        problems = engine_problems(meta, engine="deepspeed", schedule=self.schedule.to_dict())
+        if problems:
+            raise ckpt.CheckpointError(
+                f"{info.path}: cannot resume this run from it: " + "; ".join(problems) + "."
             )
         elastic = meta["world_size"] != get_world_size() or meta["zero_stage"] != self.zero_stage
         if elastic and not (info.path / _ELASTIC_DIR / _ELASTIC_INDEX).is_file():
@@ -1632,11 +1646,24 @@ class DeepSpeedRunner:
 
     def _load_ds(self, path: Path, meta: Mapping[str, Any]) -> None:
         """Load DeepSpeed's own checkpoint (same world size and ZeRO stage as saved)."""
-        load_path, _ = self.engine.load_checkpoint(
-            str(path),
-            tag=_DS_TAG,
-            load_module_strict=not meta["trainable_only"],
-        )
+        try:
+            load_path, _ = self.engine.load_checkpoint(
+                str(path),
+                tag=_DS_TAG,
+                load_module_strict=not meta["trainable_only"],
+            )
+        except Exception as e:
+            # torch found a damaged file (a checkpoint without checksums, or one changed after
+            # it was verified): name the file instead of a deep traceback. Anything else that
+            # is not a file torch cannot read goes up unchanged.
+            damaged = _unreadable_ds_file(path / _DS_TAG)
+            if damaged is None:
+                raise
+            reason = str(e).splitlines()[0] if str(e) else type(e).__name__
+            raise ckpt.CheckpointError(
+                f"{path}: {damaged} cannot be loaded ({type(e).__name__}: {reason}): the "
+                "checkpoint is damaged. Resume from an earlier checkpoint or delete this one."
+            ) from None
         if load_path is None:
             raise ckpt.CheckpointError(
                 f"{path}: DeepSpeed could not load the checkpoint in '{_DS_TAG}/'."
@@ -1766,3 +1793,14 @@ class DeepSpeedRunner:
         self.engine.global_samples = step * int(self.engine.train_batch_size())
         self.engine.skipped_steps = int(index["skipped_steps"])
         barrier()
+
+
+def _unreadable_ds_file(directory: Path) -> str | None:
+    """The first file of a DeepSpeed checkpoint directory torch cannot load (relative to its
+    parent), or None when all load; only called after a load failed."""
+    for f in sorted(directory.glob("*.pt")):
+        try:
+            torch.load(str(f), map_location="cpu", weights_only=False)
+        except Exception:  # noqa: BLE001 - any failure marks the damaged file
+            return f"{directory.name}/{f.name}"
+    return None

@@ -1,10 +1,12 @@
-"""Atomic file and directory writes: readers see the old content or the new, never a half."""
+"""Atomic file and directory writes (readers see the old content or the new, never a half),
+and the one rule every command applies before writing an output (:func:`check_output_path`)."""
 
 from __future__ import annotations
 
 import contextlib
 import json
 import os
+import re
 import shutil
 import tempfile
 from collections.abc import Iterator
@@ -80,6 +82,81 @@ def atomic_write_json(path: str | os.PathLike, obj: Any, indent: int = 2) -> Non
     atomic_write_text(path, json.dumps(obj, indent=indent, ensure_ascii=False, sort_keys=False) + "\n")
 
 
+#: ``--overwrite``'s help, the same in every command that writes an output.
+OVERWRITE_HELP = (
+    "replace a non-empty --out (a directory holding a training run's checkpoints is never replaced)"
+)
+
+#: The lock file a training run holds in its output directory (see layerfreeze.runlock).
+RUN_LOCK_FILE = ".layerfreeze.lock"
+_STEP_DIR = re.compile(r"^step_\d{8,}$")
+
+
+def training_state_in(path: str | os.PathLike) -> str | None:
+    """What makes ``path`` (a directory) hold a training run's state, or None.
+
+    A run lock, a checkpoint ``latest`` pointer next to ``step_*`` directories, or a ``step_*``
+    directory with a ``manifest.json``, anywhere in the tree (a run directory keeps its
+    checkpoints in ``checkpoints/``). Such a directory is never replaced by an output.
+    """
+    root = Path(path)
+    if not root.is_dir() or root.is_symlink():
+        return None
+    for dirpath, dirs, files in os.walk(root):
+        here = Path(dirpath)
+        if RUN_LOCK_FILE in files:
+            return f"a run lock, {here / RUN_LOCK_FILE}"
+        for d in dirs:
+            if _STEP_DIR.match(d) and (here / d / "manifest.json").is_file():
+                return f"checkpoint {here / d}"
+        if "latest" in files and any(_STEP_DIR.match(d) for d in dirs):
+            return f"checkpoints in {here} ('latest' file)"
+        dirs[:] = [d for d in dirs if not d.startswith(".")]  # staging, trash: not a checkpoint
+    return None
+
+
+def check_output_path(
+    path: str | os.PathLike, *, overwrite: bool, flag: str = "--out", kind: str = "directory"
+) -> None:
+    """The output rule of every command that writes: call it before any work.
+
+    A missing path or an empty one is written; a non-empty one only with ``--overwrite``; a
+    directory that holds a training run's checkpoints or run lock never (not even with
+    ``--overwrite``); a file where a directory is expected (or the reverse) never.
+
+    Args:
+        path: the output path the user gave.
+        overwrite: the command's ``--overwrite`` flag.
+        flag: the option that named the path (for the message).
+        kind: ``"directory"`` or ``"file"``: what the command writes there.
+
+    Raises:
+        ValueError: the path may not be written (one line naming the flag, the path and the fix).
+    """
+    p = Path(path)
+    if not p.exists() and not p.is_symlink():
+        return
+    if kind == "directory" and not p.is_dir():
+        raise ValueError(
+            f"{flag}: {str(path)!r} exists and is a file; the output is a directory. Choose "
+            "another path."
+        )
+    if kind == "file" and p.is_dir():
+        raise ValueError(f"{flag}: {str(path)!r} is a directory; give a file path.")
+    held = training_state_in(p)
+    if held is not None:
+        raise ValueError(
+            f"{flag}: {str(path)!r} holds a training run ({held}); it is never replaced, not "
+            "even with --overwrite. Choose another path."
+        )
+    empty = not any(p.iterdir()) if p.is_dir() else p.stat().st_size == 0
+    if not empty and not overwrite:
+        raise ValueError(
+            f"{flag}: {str(path)!r} already exists and is not empty. Choose a new path or pass "
+            "--overwrite to replace it."
+        )
+
+
 @contextlib.contextmanager
 def atomic_directory(path: str | os.PathLike, overwrite: bool = True) -> Iterator[Path]:
     """Build a directory under a temp name and move it into place only if the block succeeds.
@@ -88,11 +165,17 @@ def atomic_directory(path: str | os.PathLike, overwrite: bool = True) -> Iterato
     replaced; on any exception the temporary directory is removed and ``path`` is untouched.
 
     Raises:
-        FileExistsError: ``path`` exists and ``overwrite`` is False.
+        FileExistsError: ``path`` exists and ``overwrite`` is False, or it holds a training run
+            (checkpoints or a run lock: never replaced).
     """
     path = Path(path)
     if path.exists() and not overwrite:
         raise FileExistsError(f"{path}: already exists; pass overwrite=True or choose another path.")
+    held = training_state_in(path)
+    if held is not None:
+        raise FileExistsError(
+            f"{path}: holds a training run ({held}); it is never replaced. Choose another path."
+        )
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent))
     try:

@@ -139,3 +139,60 @@ def test_process_killed_during_save_keeps_previous(tmp_path, when):
     _save(tmp_path, 3)
     assert not [p for p in tmp_path.iterdir() if p.name.startswith(".")]
     assert ckpt.resolve_checkpoint(tmp_path).step == 3
+
+
+def test_manifest_records_sha256_and_content_check_finds_same_size_changes(tmp_path):
+    import hashlib
+
+    info = _save(tmp_path, 3, payload=b"abc")
+    manifest = json.loads((info.path / "manifest.json").read_text())
+    assert manifest["sha256"] == {
+        rel: hashlib.sha256((info.path / rel).read_bytes()).hexdigest() for rel in manifest["files"]
+    }
+    assert ckpt.content_problems(ckpt.validate_checkpoint(info.path)) == []
+    (info.path / "ds" / "model.bin").write_bytes(b"abd" * 10)  # same size, other bytes
+    again = ckpt.validate_checkpoint(info.path)  # the size check cannot see it
+    assert ckpt.content_problems(again) == [
+        "ds/model.bin content differs from the checksum recorded at save time (same size, "
+        "changed bytes)"
+    ]
+    assert ckpt.content_problems(again, ["client.json"]) == []
+    manifest.pop("sha256")  # a manifest written before checksums: size check only
+    (info.path / "manifest.json").write_text(json.dumps(manifest))
+    old = ckpt.validate_checkpoint(info.path)
+    assert old.sha256 == {} and ckpt.content_problems(old) == []
+
+
+def test_scan_checkpoints_splits_intact_and_damaged(tmp_path):
+    _save(tmp_path, 1)
+    bad = _save(tmp_path, 2)
+    (bad.path / "ds" / "model.bin").write_bytes(b"x")
+    (tmp_path / "step_00000003").mkdir()
+    intact, damaged = ckpt.scan_checkpoints(tmp_path)
+    assert [c.step for c in intact] == [1]
+    assert [(p.name, why) for p, why in damaged] == [
+        ("step_00000002", "ds/model.bin has 1 bytes, manifest says 70"),
+        ("step_00000003", "manifest.json is missing (the save that wrote it was probably "
+                          "interrupted)"),
+    ]
+
+
+def test_engine_problems_name_the_engine_and_the_differing_plan_fields():
+    from layerfreeze.resume import engine_problems, field_diff
+
+    schedule = [{"plan": {"name": "freeze_deep", "default": "freeze"}, "until_step": None}]
+    assert engine_problems({"engine": "deepspeed", "schedule": schedule}, engine="deepspeed",
+                           schedule=schedule) == []
+    (wrong,) = engine_problems({"engine": "megatron", "schedule": schedule}, engine="deepspeed",
+                               schedule=schedule)
+    assert wrong.startswith("it was saved by engine 'megatron', this run uses engine: deepspeed")
+    other = [{"plan": {"name": "full", "default": "full"}, "until_step": None}]
+    (plan,) = engine_problems({"engine": "megatron", "schedule": schedule}, engine="megatron",
+                              schedule=other)
+    assert plan.startswith(
+        "the plan differs (plan.schedule[0].plan.name: 'freeze_deep' in the checkpoint, 'full' in "
+        "this run; plan.schedule[0].plan.default: 'freeze' in the checkpoint, 'full' in this run)"
+    )
+    assert field_diff({"a": [1, 2]}, {"a": [1, 3], "b": 0}, "x") == [
+        "x.a[1]: 2 in the checkpoint, 3 in this run", "x.b: '<unset>' in the checkpoint, 0 in this run"
+    ]

@@ -92,7 +92,9 @@ def test_export_bad_adapter_files_and_flags(ckpt, adapter, tmp_path, capsys):
     assert f"--adapter-dir {tmp_path / 'nope'}: no such directory" in line
     keep = tmp_path / "notes.txt"
     keep.write_text("mine", encoding="utf-8")
-    assert f"--out {keep}: exists and is a file" in export(adapter, out=keep)
+    assert f"--out: '{keep}' exists and is a file; the output is a directory" in export(
+        adapter, out=keep
+    )
     assert keep.read_text(encoding="utf-8") == "mine"  # not replaced by an export directory
     assert "--max-lora-rank: only used with --vllm" in export(adapter, "--max-lora-rank", "16")
     assert sorted(os.listdir(tmp_path)) == ["badjson", "cut", "notes.txt"]
@@ -184,7 +186,7 @@ def test_help_still_exits_0_on_stdout(capsys):
         (["--scheduler", "slurm", "--time", "two days"],
          "--time: not a Slurm time limit, got 'two days'. Use minutes, HH:MM:SS"),
         (["--scheduler", "slurm", "--out", "jobs"],
-         "--out: 'jobs' is a directory; give the job file's path."),
+         "--out: 'jobs' is a directory; give a file path."),
     ],
 )
 def test_launch_options_of_the_other_scheduler_and_bad_paths(capsys, monkeypatch, tmp_path,
@@ -285,7 +287,7 @@ def test_tokenizer_out_that_is_a_file_is_kept(tmp_path, capsys):
     f.write_text("mine", encoding="utf-8")
     line = error_line(capsys, ["tokenizer", "train", "--input", "@bundled", "--vocab-size",
                                 "400", "--out", str(f)])
-    assert f"--out: '{f}' exists and is a file; the tokenizer is a directory." in line
+    assert f"--out: '{f}' exists and is a file; the output is a directory." in line
     assert os.listdir(tmp_path) == ["notes.txt"] and f.read_text(encoding="utf-8") == "mine"
 
 

@@ -53,6 +53,7 @@ from layerfreeze.engines.base import StepOutput
 from layerfreeze.engines.common import trained_then_frozen
 from layerfreeze.engines.megatron.provider import apply_megatron_plan, optimizer_overrides
 from layerfreeze.registry import POLICIES
+from layerfreeze.resume import check_content, engine_problems, field_diff, staged_checksums
 from layerfreeze.utils.logging import get_logger, log_rank0
 
 __all__ = ["MegatronRunner", "optimizer_state_numel"]
@@ -962,6 +963,7 @@ class MegatronRunner:
         client_state: Mapping[str, Any] | None = None,
         keep_last: int | None = None,
         trainable_only: bool = False,
+        run_meta: Mapping[str, Any] | None = None,
     ) -> Path:
         """Save an atomic checkpoint (every rank must call it, also stages with no trainable
         parameter).
@@ -979,6 +981,8 @@ class MegatronRunner:
             keep_last: keep only this many newest checkpoints (None keeps all).
             trainable_only: store only parameters that are, or were in an earlier phase,
                 trainable, plus every adapter (frozen base weights come from the base model).
+            run_meta: engine-neutral run metadata stored beside the engine's (the recipe's
+                tokenizer and model fingerprints, see :mod:`layerfreeze.resume`).
 
         Returns:
             The committed checkpoint directory.
@@ -1019,6 +1023,7 @@ class MegatronRunner:
         )
         save_client_state(staging / "client", self.rank, client_state or {})
         dist.barrier()
+        checksums = staged_checksums(staging)  # each rank hashes a share of the files
         committed = None
         if self.rank == 0:
             meta = {
@@ -1036,23 +1041,34 @@ class MegatronRunner:
                 "global_step": self.global_step,
             }
             info = ckpt.commit_checkpoint(
-                root, staging, step, {_META_KEY: meta}, keep_last=keep_last
+                root, staging, step, {_META_KEY: meta, "run": dict(run_meta or {})},
+                keep_last=keep_last, checksums=checksums,
             )
             committed = str(info.path)
         committed = _broadcast(committed)
         log_rank0(logger, "saved checkpoint %s", committed)
         return Path(committed)
 
-    def _resolve(self, ckpt_dir: str | os.PathLike, tag: str | None) -> tuple[Any, dict[str, Any]]:
+    def _resolve(
+        self, ckpt_dir: str | os.PathLike, tag: str | None, verify: bool = True
+    ) -> tuple[Any, dict[str, Any]]:
         info = ckpt.resolve_checkpoint(ckpt_dir, tag)
+        if verify:  # sha256 of every file against the manifest, the reading shared by the ranks
+            check_content(info)
         meta = info.meta.get(_META_KEY)
-        if (
-            not isinstance(meta, dict)
-            or meta.get("engine") != "megatron"
-            or meta.get("format") != _META_FORMAT
-        ):
+        if not isinstance(meta, dict):
             raise ckpt.CheckpointError(
-                f"{info.path}: not a layerfreeze Megatron checkpoint (no layerfreeze megatron metadata)."
+                f"{info.path}: not a layerfreeze Megatron checkpoint (no layerfreeze metadata)."
+            )
+        wrong_engine = engine_problems(meta, engine="megatron", schedule=meta.get("schedule"))
+        if wrong_engine:
+            raise ckpt.CheckpointError(
+                f"{info.path}: cannot load it: " + "; ".join(wrong_engine) + "."
+            )
+        if meta.get("format") != _META_FORMAT:
+            raise ckpt.CheckpointError(
+                f"{info.path}: not a layerfreeze Megatron checkpoint (metadata format "
+                f"{meta.get('format')!r}, expected {_META_FORMAT!r})."
             )
         if meta["num_layers"] != self.applied.layout.num_layers:
             raise ckpt.CheckpointError(
@@ -1087,7 +1103,7 @@ class MegatronRunner:
         return loaded
 
     def load_checkpoint(
-        self, ckpt_dir: str | os.PathLike, tag: str | None = None
+        self, ckpt_dir: str | os.PathLike, tag: str | None = None, verify: bool = True
     ) -> dict[str, Any]:
         """Resume from a checkpoint saved by :meth:`save_checkpoint` on the same layout (every
         rank must call it): phase, weights, optimizer state, lr schedule and counters.
@@ -1095,6 +1111,8 @@ class MegatronRunner:
         Args:
             ckpt_dir: checkpoint root (follows ``latest``) or one checkpoint directory.
             tag: checkpoint name under the root (``step_00000010``); default ``latest``.
+            verify: check every file against the sha256 in the manifest first (the recipe
+                passes False for a checkpoint it has just verified).
 
         Returns:
             This rank's ``client_state`` as given to :meth:`save_checkpoint`.
@@ -1103,16 +1121,13 @@ class MegatronRunner:
             CheckpointError: nothing loadable, a damaged checkpoint, another schedule, or another
                 parallel layout (then use :meth:`load_trainable_weights`).
         """
-        info, meta = self._resolve(ckpt_dir, tag)
-        problems = []
-        if meta["schedule"] != self.schedule.to_dict():
-            problems.append(
-                f"schedule {meta['schedule']} differs from this run's {self.schedule.to_dict()}"
-            )
+        info, meta = self._resolve(ckpt_dir, tag, verify)
+        problems = engine_problems(meta, engine="megatron", schedule=self.schedule.to_dict())
         if meta["layout"] != self._layout_meta():
+            diff = field_diff(meta["layout"], self._layout_meta(), "layout")
             problems.append(
-                f"saved with layout {meta['layout']}, this run has {self._layout_meta()} (to move "
-                "trained weights to another layout use load_trainable_weights)"
+                f"saved with another parallel layout ({'; '.join(diff)}) (to move trained "
+                "weights to another layout use load_trainable_weights)"
             )
         if problems:
             raise ckpt.CheckpointError(

@@ -1,0 +1,91 @@
+"""Helpers for the fault tests: a tiny real ``layerfreeze train`` run in a subprocess and a
+byte-level snapshot of a directory tree."""
+
+from __future__ import annotations
+
+import hashlib
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import yaml
+
+from tests.helpers.dist import find_free_port
+
+REPO = Path(__file__).resolve().parents[2]
+
+
+def tiny_config(out_dir: Path, cache_dir: Path, **sections) -> dict:
+    """A 2-layer, hidden-32 Llama trained with DeepSpeed ZeRO-0 for 4 steps, checkpoints every 2."""
+    cfg = {
+        "model": {
+            "architecture": {
+                "model_type": "llama", "hidden_size": 32, "intermediate_size": 64,
+                "num_hidden_layers": 2, "num_attention_heads": 4, "num_key_value_heads": 2,
+                "max_position_embeddings": 128, "tie_word_embeddings": False,
+            },
+            "attn_implementation": "eager",
+        },
+        "tokenizer": {"vocab_size": 1000},
+        "data": {"paths": ["@bundled"], "seq_len": 16, "cache_dir": str(cache_dir)},
+        "plan": {"spec": "freeze_deep"},
+        "deepspeed": {
+            "zero_optimization": {"stage": 0},
+            "optimizer": {"type": "AdamW", "params": {"torch_adam": True}},
+            "steps_per_print": 1000000,
+        },
+        "optim": {"lr": 3e-3, "warmup_steps": 1},
+        "train": {"steps": 4, "micro_batch_size": 2, "grad_accum_steps": 1, "seed": 7,
+                  "num_threads": 1},
+        "logging": {"out_dir": str(out_dir), "log_every": 1, "progress": "none"},
+        "checkpoint": {"every_steps": 2, "keep_last": 3, "export_final": False},
+        "eval": {"every_steps": 0, "at_end": False},
+    }
+    for section, values in sections.items():
+        cfg.setdefault(section, {}).update(values)
+    return cfg
+
+
+def write_config(path: Path, cfg: dict) -> Path:
+    path.write_text(yaml.safe_dump(cfg, sort_keys=False), encoding="utf-8")
+    return path
+
+
+def train_env() -> dict:
+    env = dict(os.environ)
+    env.update({
+        "DS_ACCELERATOR": "cpu", "WANDB_MODE": "offline", "OMP_NUM_THREADS": "1",
+        "TOKENIZERS_PARALLELISM": "false", "PYTHONWARNINGS": "ignore", "PYTHONPATH": str(REPO),
+        "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(find_free_port()),
+    })
+    for k in ("RANK", "LOCAL_RANK", "WORLD_SIZE"):
+        env.pop(k, None)
+    return env
+
+
+def train_cmd(config: Path, *overrides: str) -> list[str]:
+    """The ``layerfreeze train`` command line (run it with :func:`train_env`)."""
+    return [sys.executable, "-m", "layerfreeze", "train", "--config", str(config), *overrides]
+
+
+def train(config: Path, *overrides: str, timeout: int = 300) -> subprocess.CompletedProcess:
+    """Run ``layerfreeze train`` in a subprocess (one process)."""
+    return subprocess.run(
+        train_cmd(config, *overrides), cwd=REPO, env=train_env(), capture_output=True, text=True,
+        timeout=timeout,
+    )
+
+
+def last_line(text: str) -> str:
+    lines = [x for x in text.splitlines() if x.strip()]
+    return lines[-1] if lines else ""
+
+
+def tree_snapshot(root: Path) -> dict[str, str]:
+    """Every path under ``root`` -> sha256 of its bytes (``dir`` for directories)."""
+    out = {}
+    for p in sorted(root.rglob("*")):
+        rel = p.relative_to(root).as_posix()
+        out[rel] = "dir" if p.is_dir() else hashlib.sha256(p.read_bytes()).hexdigest()
+    return out
