@@ -49,7 +49,7 @@ from torch import nn
 
 from layerfreeze import checkpoint as ckpt
 from layerfreeze.client_state import load_client_state, save_client_state
-from layerfreeze.engines.base import StepOutput
+from layerfreeze.engines.base import EngineCapabilities, StepOutput
 from layerfreeze.engines.common import trained_then_frozen
 from layerfreeze.engines.megatron.provider import apply_megatron_plan, optimizer_overrides
 from layerfreeze.registry import POLICIES
@@ -1184,13 +1184,51 @@ class MegatronRunner:
 
     # ---- whole parameters, export, teardown ---------------------------------------------------
 
+    @property
+    def capabilities(self) -> EngineCapabilities:
+        """No adapter export; the hook measures but ``grad_norm``; parameters are never
+        partitioned across data-parallel ranks, and stay TP/PP shards."""
+        from layerfreeze.engines.megatron.diagnostics import MEGATRON_MEASURES
+
+        return EngineCapabilities(
+            export_adapter=False,
+            sensitivity_measures=frozenset(MEGATRON_MEASURES),
+            unsupported_measures=((
+                "grad_norm",
+                "grad_norm is not computed with engine: megatron (a probe backward would go "
+                "through Megatron's DDP gradient buffers); the engine's per-layer gradient norms "
+                "(logging.per_layer_every) stand in",
+            ),),
+            partitioned_params=False,
+            model_parallel_params=True,
+        )
+
+    def sensitivity_hooks(self, probe_ids: torch.Tensor, measures: Sequence[str]) -> Any:
+        """:class:`~layerfreeze.engines.megatron.diagnostics.MegatronSensitivityHooks`: TP/PP
+        stages measured in place, merged over ranks (collective ``compute``)."""
+        from layerfreeze.engines.megatron.diagnostics import MegatronSensitivityHooks
+
+        return MegatronSensitivityHooks(self, probe_ids, list(measures))
+
+    def export_trainable(self, out_dir: str | os.PathLike) -> Path | None:
+        """Not offered (``capabilities.export_adapter`` is False): use :meth:`export_merged`.
+
+        Raises:
+            NotImplementedError: always.
+        """
+        raise NotImplementedError(
+            "export_trainable: the Megatron runner does not write layerfreeze's adapter format; "
+            "use export_merged (its sidecar holds the adapters)."
+        )
+
     @contextlib.contextmanager
     def gathered_parameters(
         self, names: Sequence[str] | None = None, modifier_rank: int | None = None
     ) -> Iterator[None]:
-        """Protocol context for whole parameters. Megatron parameters stay TP-sharded and
-        PP-split in place, so this context changes nothing; use :meth:`consolidated_state_dict`
-        or :meth:`export_merged` for whole tensors."""
+        """Protocol context (see :meth:`EngineAdapter.gathered_parameters`): Megatron never
+        partitions parameters across data-parallel ranks, so this context changes nothing;
+        TP shards and PP stages stay as they are (``capabilities.model_parallel_params``; use
+        :meth:`consolidated_state_dict` or :meth:`export_merged` for whole tensors)."""
         yield
 
     def consolidated_state_dict(self) -> dict[str, torch.Tensor] | None:
