@@ -175,3 +175,25 @@ def test_engine_neutral_code_names_no_engine(repo_root):
         "read runner.capabilities (layerfreeze.engines.base.EngineCapabilities) or call the "
         f"engine module instead of comparing engine names: {offenders}"
     )
+
+
+#: DeepSpeed's ZeRO-3 parameter attributes; only these files read them (the rest asks
+#: layerfreeze.engines.partition).
+DS_ATTRS = re.compile(r"\bds_(id|status|numel|shape|tensor)\b")
+DS_ATTR_ALLOWED = {"layerfreeze/engines/deepspeed.py", "layerfreeze/engines/partition.py"}
+
+
+def test_only_the_partition_helper_reads_zero3_attributes(repo_root):
+    offenders = {}
+    for path in sorted((repo_root / "layerfreeze").rglob("*.py")):
+        rel = path.relative_to(repo_root).as_posix()
+        if rel in DS_ATTR_ALLOWED:
+            continue
+        lines = path.read_text(encoding="utf-8").splitlines()
+        hits = [f"line {i}: {line.strip()}" for i, line in enumerate(lines, 1) if DS_ATTRS.search(line)]
+        if hits:
+            offenders[rel] = hits
+    assert not offenders, (
+        "ask layerfreeze.engines.partition (is_partitioned, whole_numel, full_shape, gathered) "
+        f"instead of reading DeepSpeed's ds_* attributes: {offenders}"
+    )

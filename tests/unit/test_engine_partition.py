@@ -13,7 +13,12 @@ from torch import nn
 
 def test_plain_parameters_are_whole():
     from layerfreeze.engines.partition import (
-        full_shape, gathered, is_partition_managed, is_partitioned, local_numel, whole_numel,
+        full_shape,
+        gathered,
+        is_partition_managed,
+        is_partitioned,
+        local_numel,
+        whole_numel,
     )
 
     lin = nn.Linear(3, 5)
