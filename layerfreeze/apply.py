@@ -20,6 +20,7 @@ from typing import Any
 import torch
 from torch import nn
 
+from layerfreeze.engines.partition import full_shape
 from layerfreeze.errors import ConfigError
 from layerfreeze.models import LayerInfo, ModelLayout, discover_layout, is_norm_module, param_numel
 from layerfreeze.plan import NON_LAYER_PARTS, LayerPlan, ResolvedPlan
@@ -394,7 +395,7 @@ class AppliedPlan:
             wd = opts.get("weight_decay")
             wd = weight_decay if wd is None else float(wd)
             no_decay = (
-                id(p) in norm_params or name.endswith(".bias") or len(getattr(p, "ds_shape", p.shape)) < 2
+                id(p) in norm_params or name.endswith(".bias") or len(full_shape(p)) < 2
                 or any("gate" in part for part in rel.split(".") if _is_adapter_name(part, _adapter_prefixes()))
             )
             if no_decay:
@@ -438,7 +439,7 @@ class AppliedPlan:
                 problems.append(f"missing adapter parameters {missing[:5]}{' ...' if len(missing) > 5 else ''}")
         for n, t in state_dict.items():
             if n in params:
-                want = tuple(getattr(params[n], "ds_shape", params[n].shape))
+                want = tuple(full_shape(params[n]))
                 if tuple(t.shape) != want:
                     problems.append(f"{n}: shape {tuple(t.shape)} does not match the model's {want}")
         if problems:

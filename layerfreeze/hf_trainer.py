@@ -15,6 +15,11 @@ Apply the plan before the ``Trainer`` is built, hand it the plan's optimizer, ad
 Under the Trainer's DeepSpeed integration (ZeRO 0-3), and to resume a run in a later phase, build
 the Trainer from :func:`plan_trainer` instead: a phase switch there rebuilds the DeepSpeed engine
 with the Adam state carried. See ``docs/hf_trainer.md``.
+
+This module drives the Trainer's DeepSpeed integration, so it needs DeepSpeed's own functions
+(``engine_from_optimizer``, ``switch_engine_plan``, ``gathered_parameters``); it gets them from
+the engine module ``layerfreeze.engines.get_engine("deepspeed")`` at the point of use and never
+imports ``layerfreeze.engines.deepspeed`` (the import guard, tests/unit/test_engine_imports.py).
 """
 
 from __future__ import annotations
@@ -297,8 +302,12 @@ def plan_trainer(trainer_cls: type | None = None) -> type:
             """Phase switch under the DeepSpeed integration: a new engine over ``new_plan``."""
             from accelerate.utils import DeepSpeedEngineWrapper, DeepSpeedOptimizerWrapper
 
-            from layerfreeze.engines.deepspeed import engine_from_optimizer, switch_engine_plan
+            from layerfreeze.engines import get_engine
             from layerfreeze.optim import group_specs
+
+            deepspeed = get_engine("deepspeed")
+            engine_from_optimizer = deepspeed.engine_from_optimizer
+            switch_engine_plan = deepspeed.switch_engine_plan
 
             old_engine, old_wrapper = self.model_wrapped, self.optimizer
             applied = self.layerfreeze_applied
@@ -528,9 +537,9 @@ class LayerfreezeCallback(TrainerCallback):
         """Under DeepSpeed, what the sensitivity hooks gather ZeRO-3 partitions with."""
         if not self._deepspeed:
             return None
-        from layerfreeze.engines.deepspeed import gathered_parameters
+        from layerfreeze.engines import get_engine
 
-        return functools.partial(gathered_parameters, self.applied.model)
+        return functools.partial(get_engine("deepspeed").gathered_parameters, self.applied.model)
 
     def resumed(self, phase: int) -> None:
         """Called by :func:`plan_trainer`'s ``train`` when it resumes in ``phase``."""
@@ -566,7 +575,9 @@ class LayerfreezeCallback(TrainerCallback):
             )
         known = {id(p) for p in self.applied.model.parameters()}
         held_tensors = [p for g in opt.param_groups for p in g["params"]]
-        if any(hasattr(p, "ds_id") for p in self.applied.model.parameters()) or any(
+        from layerfreeze.engines.partition import is_partition_managed
+
+        if any(is_partition_managed(p) for p in self.applied.model.parameters()) or any(
             id(p) not in known for p in held_tensors
         ):
             return  # ZeRO: flat partitions / swapped sub-groups; the groups came from the plan

@@ -40,6 +40,7 @@ from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
 from typing import Any, Literal
 
+from layerfreeze.engines.partition import full_shape
 from layerfreeze.errors import ConfigError
 
 __all__ = [
@@ -344,7 +345,7 @@ def activation_profile(applied: Any) -> tuple[list[LayerActivation], dict[str, b
                 base = rel[: rel.index("lora_adapter")]
                 prof.input_groups.add(_classify_linear(base))
                 if rel[-1] == "lora_a":
-                    rank = int(getattr(params[name], "ds_shape", params[name].shape)[0])
+                    rank = int(full_shape(params[name])[0])
                     prof.lora.append((rank, bool(getattr(spec.options, "gated", False))))
                 continue
             owner = modules.get(".".join(rel[:-1]))

@@ -16,6 +16,8 @@ from dataclasses import dataclass, field
 import torch
 from torch import nn
 
+from layerfreeze.engines.partition import full_shape, whole_numel
+
 __all__ = ["LayerInfo", "ModelLayout", "discover_layout", "is_norm_module", "param_numel"]
 
 _ATTN_NAME = re.compile(r"(^|_)(self_)?attn($|_)|attention", re.IGNORECASE)
@@ -24,9 +26,9 @@ _NORM_CLASS = re.compile(r"norm", re.IGNORECASE)
 
 
 def param_numel(p: torch.Tensor) -> int:
-    """Full element count of a parameter, also when ZeRO-3 partitioned it (``ds_numel``)."""
-    n = getattr(p, "ds_numel", None)
-    return int(n) if n is not None else p.numel()
+    """Full element count of a parameter, also when ZeRO-3 partitioned it
+    (:func:`layerfreeze.engines.partition.whole_numel`)."""
+    return whole_numel(p)
 
 
 def is_norm_module(module: nn.Module) -> bool:
@@ -37,7 +39,7 @@ def is_norm_module(module: nn.Module) -> bool:
         return True
     params = list(module.parameters(recurse=False))
     return bool(_NORM_CLASS.search(type(module).__name__)) and all(
-        len(getattr(p, "ds_shape", p.shape)) <= 1 for p in params
+        len(full_shape(p)) <= 1 for p in params
     )
 
 

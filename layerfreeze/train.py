@@ -42,7 +42,6 @@ import yaml
 from layerfreeze.checkpoint import checkpoint_tag, list_checkpoints
 from layerfreeze.config import RunConfig
 from layerfreeze.engines.common import trained_then_frozen
-from layerfreeze.engines.deepspeed_config import build_deepspeed_config
 from layerfreeze.errors import ConfigError
 from layerfreeze.modeling import build_model, model_num_layers, special_token_ids
 from layerfreeze.optim import WarmupDecayLR, lr_factor
@@ -67,7 +66,6 @@ __all__ = [
     "resolve_run_plans",
     "build_model",
     "lr_factor",
-    "build_deepspeed_config",
     "describe_schema",
 ]
 
@@ -701,52 +699,31 @@ class Recipe:
         d = self.cfg.diagnostics
         if not d.enabled:
             return
-        if self.cfg.engine not in ("deepspeed", "megatron"):
+        caps = self.runner.capabilities
+        if not caps.sensitivity_measures:
             raise ConfigError(
-                f"diagnostics.enabled: the sensitivity hooks run with engine: deepspeed or "
-                f"megatron, got engine: {self.cfg.engine}. Set diagnostics.enabled=false and run "
+                f"diagnostics.enabled: the sensitivity hooks do not run with engine: "
+                f"{self.cfg.engine}. Set diagnostics.enabled=false and run "
                 "`layerfreeze trace` on the exported checkpoint instead."
             )
-        from layerfreeze.diagnostics.hooks import SensitivityHooks
-        from layerfreeze.diagnostics.measures import is_partitioned
-
         dataset = self.loader.dataset
         first = self.runner.data_parallel_rank * d.probe_sequences
         ids = torch.stack(
             [dataset[(first + i) % len(dataset)]["input_ids"] for i in range(d.probe_sequences)]
         )
-        measures = list(d.measures)
-        self.diag_gather = None
-        if self.cfg.engine == "megatron":  # TP/PP stages measured in place, merged over ranks
-            if "grad_norm" in measures:
-                measures.remove("grad_norm")
-                note = (
-                    "diagnostics: grad_norm is not computed with engine: megatron (a probe "
-                    "backward would go through Megatron's DDP gradient buffers); the engine's "
-                    "per-layer gradient norms (logging.per_layer_every) stand in"
-                )
-                self.notes.append(note)
-                log_rank0(logger, note, level=logging.WARNING)
-            if not measures:
-                return
-            from layerfreeze.engines.megatron.diagnostics import MegatronSensitivityHooks
-
-            self.diag = MegatronSensitivityHooks(self.runner, ids, measures)
-            self._diagnose()
-            return
-        if is_partitioned(self.runner.model):  # ZeRO-3: layers gathered one at a time
-            self.diag_gather = self.runner.gathered_parameters
-            if "grad_norm" in measures:
-                measures.remove("grad_norm")
-                note = (
-                    "diagnostics: grad_norm needs whole parameters and ZeRO-3 partitions them; "
-                    "the engine's per-layer gradient norms (logging.per_layer_every) stand in"
-                )
-                self.notes.append(note)
-                log_rank0(logger, note, level=logging.WARNING)
+        measures = []
+        for m in d.measures:
+            if m in caps.sensitivity_measures:
+                measures.append(m)
+                continue
+            note = f"diagnostics: {caps.why_unsupported(m) or f'{m} is not computed by this engine'}"
+            self.notes.append(note)
+            log_rank0(logger, note, level=logging.WARNING)
+        # ZeRO-3: layers gathered one at a time
+        self.diag_gather = self.runner.gathered_parameters if caps.partitioned_params else None
         if not measures:
             return
-        self.diag = SensitivityHooks(self.runner.applied.layout, ids, measures)
+        self.diag = self.runner.sensitivity_hooks(ids, measures)
         self._diagnose()
 
     def _diagnose(self) -> None:
@@ -996,7 +973,7 @@ class Recipe:
         """``checkpoint.export_adapter``: the trained tensors + plan in ``<out_dir>/adapter``."""
         cfg = self.cfg
         want = cfg.checkpoint.export_adapter
-        if want is False or cfg.engine != "deepspeed":
+        if want is False or not self.runner.capabilities.export_adapter:
             return None
         applied = self.runner.applied
         if want is None and not applied.trains_adapters_only():

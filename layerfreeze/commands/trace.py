@@ -318,7 +318,8 @@ def _load_zero3(args: argparse.Namespace, dtype):
 
     import torch
 
-    from layerfreeze.engines.deepspeed import gathered_parameters, load_zero3_for_inference
+    from layerfreeze.engines import get_engine
+    from layerfreeze.engines.partition import local_numel, whole_numel
     from layerfreeze.export import SIDECAR_FILE, export_base_config, sidecar_info
     from layerfreeze.modeling import load_causal_lm
     from layerfreeze.utils.dist import get_rank, get_world_size
@@ -331,13 +332,14 @@ def _load_zero3(args: argparse.Namespace, dtype):
     if dtype == "auto":
         saved = getattr(export_base_config(args.model), "dtype", None)
         dtype = saved if isinstance(saved, torch.dtype) else torch.float32
-    model, engine = load_zero3_for_inference(
+    deepspeed = get_engine("deepspeed")  # --zero3 is DeepSpeed's inference partitioning
+    model, engine = deepspeed.load_zero3_for_inference(
         lambda: load_causal_lm(args.model, "--model", dtype=dtype), dtype
     )
-    held = sum(getattr(p, "ds_tensor", p).numel() for p in model.parameters())  # own partition
-    whole = sum(getattr(p, "ds_numel", p.numel()) for p in model.parameters())
+    held = sum(local_numel(p) for p in model.parameters())  # own partition
+    whole = sum(whole_numel(p) for p in model.parameters())
     logger.info(
         "zero3: rank %d of %d holds %d of %d weight elements", get_rank(), get_world_size(),
         held, whole,
     )
-    return model, functools.partial(gathered_parameters, model), get_rank() == 0, engine
+    return model, functools.partial(deepspeed.gathered_parameters, model), get_rank() == 0, engine

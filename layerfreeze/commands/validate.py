@@ -4,7 +4,8 @@ Prints the resolved config as YAML (every default filled in), resolves the plan 
 model's layer count (read from its config only, no weights), prints the DeepSpeed config the run
 would use (for ``WORLD_SIZE`` ranks, default 1) or, with ``engine: megatron``, runs Megatron's own
 config checks and prints its parallel layout (for ``WORLD_SIZE`` ranks, default TP x PP; CUDA is
-not required here), and with ``--schema`` prints every field with its type, default and
+not required here) -- both through the engine module's ``describe_run_config``
+(:class:`layerfreeze.engines.base.EngineModule`), and with ``--schema`` prints every field with its type, default and
 docstring. Exit code 2 on any problem.
 """
 
@@ -35,18 +36,16 @@ def run(args: argparse.Namespace) -> int:
     one leaves stdout empty and its one error line on stderr.
     """
     import io
-    import json
 
     import yaml
 
     from layerfreeze.config import RunConfig, load_config
     from layerfreeze.train import (
-        build_deepspeed_config,
         check_eval_subjects,
         describe_schema,
+        load_engine,
         resolve_run_plans,
     )
-    from layerfreeze.utils.dist import get_world_size
     from layerfreeze.utils.schema import to_dict
 
     out = io.StringIO()
@@ -64,35 +63,11 @@ def run(args: argparse.Namespace) -> int:
         for line in resolve_run_plans(cfg):
             out.write(line + "\n")
         check_eval_subjects(cfg)
-        if cfg.engine == "megatron":
-            for line in _megatron_report(cfg):
-                out.write(line + "\n")
-        else:
-            ds, replaced = build_deepspeed_config(cfg, get_world_size())
-            out.write(
-                f"DeepSpeed config for {get_world_size()} rank(s):\n{json.dumps(ds, indent=2)}\n"
-            )
-            for line in replaced:
-                out.write(f"note: {line}\n")
+        for line in load_engine(cfg.engine).describe_run_config(cfg):
+            out.write(line + "\n")
     except ConfigError as e:
         logger.error("%s", e)
         return 2
     out.write(f"OK: {args.config} is valid.\n")
     sys.stdout.write(out.getvalue())
     return 0
-
-
-def _megatron_report(cfg) -> list[str]:
-    """Megatron's config checks (``check_run_config``, without the CUDA requirement) and its
-    layout, for ``WORLD_SIZE`` ranks or, unset, the smallest world: TP x PP."""
-    import os
-
-    from layerfreeze.train import load_engine
-
-    engine = load_engine("megatron")
-    m = cfg.megatron
-    world = int(os.environ.get("WORLD_SIZE", "0")) or (
-        m.tensor_model_parallel_size * m.pipeline_model_parallel_size
-    )
-    notes = engine.check_run_config(cfg, world, check_device=False)
-    return engine.describe_layout(cfg, world) + [f"note: {n}" for n in notes]

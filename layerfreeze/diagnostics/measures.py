@@ -42,6 +42,7 @@ from layerfreeze.diagnostics.angular import (
     angular_distance,
 )
 from layerfreeze.diagnostics.probe import ProbeBatch, ProbeSet
+from layerfreeze.engines.partition import full_shape
 from layerfreeze.models import ModelLayout, param_numel
 
 __all__ = [
@@ -446,7 +447,7 @@ def _noise_seed(seed: int, layer: int, param_index: int) -> int:
 
 def _noise_targets(block: nn.Module) -> list[tuple[str, torch.nn.Parameter]]:
     return [
-        (n, p) for n, p in block.named_parameters() if len(getattr(p, "ds_shape", p.shape)) >= 2
+        (n, p) for n, p in block.named_parameters() if len(full_shape(p)) >= 2
     ]
 
 

@@ -1,4 +1,6 @@
-"""The ``EngineAdapter`` Protocol: what a training engine adapter offers the recipe (no base class).
+"""The engine seam: what an engine *module* offers (:class:`EngineModule`), what its runner
+offers (:class:`EngineAdapter`), and what the runner can do (:class:`EngineCapabilities`).
+No base classes: both engines satisfy the Protocols structurally.
 
 An adapter owns everything engine-specific (process groups, sharding, optimizer construction,
 checkpoint format) and nothing about policies: the plan is applied by
@@ -7,6 +9,12 @@ reads ``requires_grad`` and the plan's optimizer groups. ``DeepSpeedRunner`` in
 :mod:`layerfreeze.engines.deepspeed` and ``MegatronRunner`` in :mod:`layerfreeze.engines.megatron`
 satisfy it; ``train.py``, the evaluation callback and the diagnostics hooks talk to an engine
 only through it. :class:`StepOutput` is what one optimizer step reports, on every engine.
+
+``layerfreeze.engines.get_engine(name)`` returns the engine module, which satisfies
+:class:`EngineModule` (checks a run config, starts the process group, builds the runner,
+describes its config for ``layerfreeze validate``). Code outside ``layerfreeze/engines/`` names
+no engine: where behaviour differs between engines it reads the runner's
+:attr:`EngineAdapter.capabilities` instead of comparing engine names.
 """
 
 from __future__ import annotations
@@ -21,7 +29,75 @@ from typing import Any, Protocol, runtime_checkable
 import torch
 from torch import nn
 
-__all__ = ["EngineAdapter", "StepOutput"]
+__all__ = ["EngineAdapter", "EngineCapabilities", "EngineModule", "StepOutput"]
+
+
+@dataclass(frozen=True)
+class EngineCapabilities:
+    """What a runner supports, read by the recipe instead of engine-name checks.
+
+    Attributes:
+        export_adapter: ``export_trainable`` writes layerfreeze's adapter format
+            (``checkpoint.export_adapter``); False: the run exports only the merged checkpoint.
+        sensitivity_measures: the in-training sensitivity measures
+            (:data:`layerfreeze.diagnostics.hooks.HOOK_MEASURES`) this runner's
+            ``sensitivity_hooks`` compute; empty: no in-training diagnostics.
+        unsupported_measures: ``(measure, why)`` for each hook measure it does not compute (the
+            recipe logs the reason when a config asks for one).
+        partitioned_params: parameters are partitioned across data-parallel ranks (ZeRO-3):
+            whole-weight work runs under :meth:`EngineAdapter.gathered_parameters`.
+        model_parallel_params: parameters stay tensor-/pipeline-parallel shards even inside
+            ``gathered_parameters`` (Megatron); whole tensors come from
+            :meth:`EngineAdapter.consolidated_state_dict` / ``export_merged``.
+    """
+
+    export_adapter: bool
+    sensitivity_measures: frozenset[str]
+    unsupported_measures: tuple[tuple[str, str], ...] = ()
+    partitioned_params: bool = False
+    model_parallel_params: bool = False
+
+    def why_unsupported(self, measure: str) -> str | None:
+        """Why ``measure`` is not computed (None when it is, or no reason is recorded)."""
+        return dict(self.unsupported_measures).get(measure)
+
+
+@runtime_checkable
+class EngineModule(Protocol):
+    """What ``get_engine(name)`` returns: the engine's module-level entry points.
+
+    ``layerfreeze train`` calls ``check_run_config`` before writing anything, then
+    ``init_distributed`` and ``runner_from_run_config``; ``layerfreeze validate`` prints
+    ``describe_run_config``.
+    """
+
+    def check_run_config(self, cfg: Any, world_size: int) -> list[str]:
+        """Validate the engine's side of a ``RunConfig`` for ``world_size`` ranks; returns
+        warning lines (raises ``ConfigError`` on a bad value)."""
+        ...
+
+    def init_distributed(self, backend: str | None = None) -> None:
+        """Start (or join) the process group the engine needs."""
+        ...
+
+    def runner_from_run_config(
+        self,
+        cfg: Any,
+        *,
+        schedule: Any,
+        vocab_size: int,
+        lr_scheduler: Callable | None = None,
+        special_ids: dict[str, int] | None = None,
+    ) -> EngineAdapter:
+        """Build the model of ``cfg.model``, apply every phase of ``schedule`` and return the
+        runner (an :class:`EngineAdapter`)."""
+        ...
+
+    def describe_run_config(self, cfg: Any) -> list[str]:
+        """Lines ``layerfreeze validate`` prints for the engine (its resolved config or layout
+        and notes), for ``WORLD_SIZE`` ranks or the engine's smallest world; CUDA not required
+        (raises ``ConfigError`` on a bad value)."""
+        ...
 
 
 @dataclass
@@ -151,10 +227,30 @@ class EngineAdapter(Protocol):
         """Loss of one batch without training (mean over data-parallel ranks; collective)."""
         ...
 
+    @property
+    def capabilities(self) -> EngineCapabilities:
+        """What this runner supports (adapter export, diagnostics measures, partitioning)."""
+        ...
+
+    def sensitivity_hooks(self, probe_ids: torch.Tensor, measures: Sequence[str]) -> Any:
+        """The in-training sensitivity hooks (``compute(model, step, gather=)``) on the probe
+        batch ``probe_ids``; ``measures`` is a non-empty subset of
+        ``capabilities.sensitivity_measures``."""
+        ...
+
+    def export_trainable(self, out_dir: str | os.PathLike) -> Path | None:
+        """The trained tensors and the plan in layerfreeze's adapter format (collective); the
+        directory on rank 0, None elsewhere. Only when ``capabilities.export_adapter``."""
+        ...
+
     def gathered_parameters(
         self, names: Sequence[str] | None = None, modifier_rank: int | None = None
     ) -> AbstractContextManager[None]:
-        """Context in which parameters are whole on every rank (for export)."""
+        """Context in which the named parameters (default: all) are no longer partitioned
+        across data-parallel ranks (ZeRO-3 gathers them; on exit changes made on
+        ``modifier_rank`` are re-partitioned). Tensor-/pipeline-parallel shards stay shards
+        (``capabilities.model_parallel_params``): with tensor and pipeline parallel size 1,
+        every parameter is whole inside the context on every engine."""
         ...
 
     def consolidated_state_dict(self) -> dict[str, Any] | None:

@@ -14,10 +14,11 @@ from typing import Any
 
 import torch
 import torch.distributed as dist
+from torch import nn
 
 from layerfreeze.utils.dist import is_dist
 
-__all__ = ["agree_finite", "default_loss", "trained_then_frozen"]
+__all__ = ["agree_finite", "default_loss", "trained_then_frozen", "unwrap_module"]
 
 
 def agree_finite(loss: torch.Tensor, group: Any = None) -> tuple[bool, float]:
@@ -64,3 +65,19 @@ def trained_then_frozen(applied: Any, schedule: Any, phase: int) -> list[str]:
     for p in range(phase):
         earlier |= set(applied.trainable_names_for(schedule.plans[p]))
     return sorted(earlier - now)
+
+
+def unwrap_module(module: Any, stop_at: str | None = None) -> Any:
+    """The module under its training wrappers (torch DDP, a DeepSpeed engine, Megatron's DDP and
+    ``Float16Module``): follows ``.module`` while it is an ``nn.Module``.
+
+    Args:
+        module: a module, possibly wrapped (anything else comes back as it is).
+        stop_at: stop at the first module that has this attribute, even if it has a ``.module``
+            (Megatron: ``"decoder"``, the ``GPTModel``).
+    """
+    while not (stop_at is not None and hasattr(module, stop_at)) and isinstance(
+        getattr(module, "module", None), nn.Module
+    ):
+        module = module.module
+    return module

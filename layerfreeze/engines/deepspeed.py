@@ -46,7 +46,7 @@ from torch import nn
 
 from layerfreeze import checkpoint as ckpt
 from layerfreeze.client_state import load_client_state, save_client_state
-from layerfreeze.engines.base import StepOutput
+from layerfreeze.engines.base import EngineCapabilities, StepOutput
 from layerfreeze.engines.common import agree_finite, default_loss, trained_then_frozen
 from layerfreeze.models import param_numel
 from layerfreeze.optim import (
@@ -71,6 +71,7 @@ from layerfreeze.utils.logging import get_logger, log_rank0
 __all__ = [
     "DeepSpeedRunner",
     "check_run_config",
+    "describe_run_config",
     "engine_from_optimizer",
     "gathered_parameters",
     "runner_from_run_config",
@@ -995,6 +996,25 @@ def check_run_config(cfg: Any, world_size: int) -> list[str]:
     return build_deepspeed_config(cfg, world_size)[1]
 
 
+def describe_run_config(cfg: Any) -> list[str]:
+    """What ``layerfreeze validate`` prints for ``engine: deepspeed``: the DeepSpeed config the
+    run would use for ``WORLD_SIZE`` ranks (default 1), then one ``note:`` per value the run
+    config replaces.
+
+    Raises:
+        ConfigError: a missing or malformed DeepSpeed JSON file.
+    """
+    import json
+
+    from layerfreeze.engines.deepspeed_config import build_deepspeed_config
+
+    world = get_world_size()
+    ds, replaced = build_deepspeed_config(cfg, world)
+    return [f"DeepSpeed config for {world} rank(s):\n{json.dumps(ds, indent=2)}"] + [
+        f"note: {line}" for line in replaced
+    ]
+
+
 def runner_from_run_config(
     cfg: Any,
     *,
@@ -1189,6 +1209,37 @@ class DeepSpeedRunner:
             out = Path(export_merged(self.applied, out_dir, tokenizer=tokenizer))
         barrier()
         return out
+
+    @property
+    def capabilities(self) -> EngineCapabilities:
+        """Adapter export; every hook measure but ``grad_norm`` under ZeRO-3 (whose
+        partitioned parameters the hooks gather layer by layer)."""
+        from layerfreeze.diagnostics.hooks import HOOK_MEASURES
+        from layerfreeze.diagnostics.measures import is_partitioned
+
+        partitioned = is_partitioned(self.model)
+        unsupported: tuple[tuple[str, str], ...] = ()
+        if partitioned:
+            unsupported = ((
+                "grad_norm",
+                "grad_norm needs whole parameters and ZeRO-3 partitions them; the engine's "
+                "per-layer gradient norms (logging.per_layer_every) stand in",
+            ),)
+        skip = {m for m, _ in unsupported}
+        return EngineCapabilities(
+            export_adapter=True,
+            sensitivity_measures=frozenset(m for m in HOOK_MEASURES if m not in skip),
+            unsupported_measures=unsupported,
+            partitioned_params=partitioned,
+            model_parallel_params=False,
+        )
+
+    def sensitivity_hooks(self, probe_ids: torch.Tensor, measures: Sequence[str]) -> Any:
+        """:class:`~layerfreeze.diagnostics.hooks.SensitivityHooks` on this model's layout
+        (under ZeRO-3 pass ``gather=self.gathered_parameters`` to ``compute``)."""
+        from layerfreeze.diagnostics.hooks import SensitivityHooks
+
+        return SensitivityHooks(self.applied.layout, probe_ids, list(measures))
 
     def export_trainable(self, out_dir: str | os.PathLike) -> Path | None:
         """The trained tensors and the plan in layerfreeze's adapter format (collective).

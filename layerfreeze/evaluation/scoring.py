@@ -29,6 +29,8 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 
+from layerfreeze.engines.common import unwrap_module
+
 __all__ = [
     "ScoreRequest",
     "encode_request",
@@ -90,14 +92,6 @@ def is_hf_causal_lm(model: Any) -> bool:
     return isinstance(model, PreTrainedModel)
 
 
-def _unwrap(model: Any) -> Any:
-    """The module under a DeepSpeed engine / DDP wrapper (their ``.module``)."""
-    inner = model
-    while hasattr(inner, "module") and isinstance(inner.module, torch.nn.Module):
-        inner = inner.module
-    return inner
-
-
 def _logits_of(out: Any) -> torch.Tensor:
     if isinstance(out, torch.Tensor):
         return out
@@ -120,7 +114,7 @@ def _model_device(model: Any) -> torch.device:
 
 def default_max_length(model: Any, fallback: int = 2048) -> int:
     """The model's context length as lm-eval's HFLM finds it, else ``fallback``."""
-    cfg = getattr(_unwrap(model), "config", None)
+    cfg = getattr(unwrap_module(model), "config", None)
     for attr in ("n_positions", "max_position_embeddings", "n_ctx"):
         v = getattr(cfg, attr, None) if cfg is not None else None
         if isinstance(v, int) and v > 0:
@@ -219,7 +213,7 @@ class Scorer:
         if batch_size < 1:
             raise ValueError(f"batch_size: must be >= 1, got {batch_size}.")
         self.model = model
-        self.module = _unwrap(model)
+        self.module = unwrap_module(model)
         self.batch_size = batch_size
         self.max_length = max_length or default_max_length(model)
         hf = is_hf_causal_lm(self.module)

@@ -36,6 +36,7 @@ from safetensors.torch import load_file, save_file
 from torch import nn
 
 from layerfreeze.apply import AppliedPlan
+from layerfreeze.engines.partition import full_shape
 from layerfreeze.models import discover_layout
 from layerfreeze.plan import NON_LAYER_PARTS, LayerPlan
 from layerfreeze.policies.lora import iter_lora_adapters
@@ -274,10 +275,10 @@ def _check_whole(entries: list[_Entry], what: str) -> None:
     """Refuse ZeRO-3 partitioned LoRA weights (their local tensor is an empty shard)."""
     for e in entries:
         for p in (e.adapter.lora_a, e.adapter.lora_b):
-            if tuple(p.shape) != tuple(getattr(p, "ds_shape", p.shape)):
+            if tuple(p.shape) != tuple(full_shape(p)):
                 raise ValueError(
                     f"{what}: {e.name} is partitioned by ZeRO-3 (local shape {tuple(p.shape)}, "
-                    f"full {tuple(p.ds_shape)}); call it inside "
+                    f"full {tuple(full_shape(p))}); call it inside "
                     "deepspeed.zero.GatheredParameters over the LoRA parameters."
                 )
 

@@ -18,6 +18,8 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
+from layerfreeze.engines.partition import full_shape
+
 __all__ = [
     "delta_weight",
     "merge_delta",
@@ -108,5 +110,6 @@ def add_low_rank(
 
 
 def weight_shape(w: torch.Tensor) -> tuple[int, ...]:
-    """The full shape of a base weight (ZeRO-3 partitioned parameters keep it in ``ds_shape``)."""
-    return tuple(getattr(w, "ds_shape", w.shape))
+    """The full shape of a base weight, also when ZeRO-3 partitioned it
+    (:func:`layerfreeze.engines.partition.full_shape`)."""
+    return tuple(full_shape(w))

@@ -150,7 +150,7 @@ def test_file_errors_name_the_file(tmp_path):
 
 
 def test_deepspeed_json_path_and_owned_keys(tmp_path):
-    from layerfreeze.train import build_deepspeed_config
+    from layerfreeze.engines.deepspeed_config import build_deepspeed_config
 
     ds = tmp_path / "ds.json"
     ds.write_text(json.dumps({"zero_optimization": {"stage": 2}, "train_micro_batch_size_per_gpu": 4}))
@@ -172,7 +172,7 @@ def test_deepspeed_json_path_and_owned_keys(tmp_path):
 
 
 def test_shared_deepspeed_file_values_are_replaced_and_reported(tmp_path):
-    from layerfreeze.train import build_deepspeed_config
+    from layerfreeze.engines.deepspeed_config import build_deepspeed_config
 
     shared = {
         "train_micro_batch_size_per_gpu": 4, "gradient_accumulation_steps": 1, "gradient_clipping": 1.0,

@@ -9,7 +9,8 @@ from pathlib import Path
 import pytest
 
 from layerfreeze.config import load_config
-from layerfreeze.train import build_deepspeed_config, build_schedule
+from layerfreeze.engines.deepspeed_config import build_deepspeed_config
+from layerfreeze.train import build_schedule
 from tests.helpers.tiny_models import build_tiny_model
 
 REPO = Path(__file__).resolve().parents[2]

@@ -36,6 +36,7 @@ __all__ = [
     "MegatronPrefix",
     "prepare_recompute",
     "check_run_config",
+    "describe_run_config",
     "init_distributed",
     "runner_from_run_config",
 ]
@@ -49,6 +50,7 @@ _LAZY = {
     "prepare_recompute": "layerfreeze.engines.megatron.recompute",
     # the recipe's entry points (layerfreeze train engine=megatron)
     "check_run_config": "layerfreeze.engines.megatron.recipe",
+    "describe_run_config": "layerfreeze.engines.megatron.recipe",
     "init_distributed": "layerfreeze.engines.megatron.recipe",
     "runner_from_run_config": "layerfreeze.engines.megatron.recipe",
 }

@@ -57,6 +57,7 @@ import torch
 from safetensors import safe_open
 from safetensors.torch import save_file
 
+from layerfreeze.engines.common import unwrap_module
 from layerfreeze.utils.io import atomic_directory, atomic_write_json
 from layerfreeze.utils.logging import get_logger, log_rank0
 
@@ -758,15 +759,8 @@ def load_hf_state_dict(
     return out
 
 
-def _unwrap(model: torch.nn.Module) -> torch.nn.Module:
-    """Strip DDP / Float16Module-style wrappers (``.module``) down to the ``GPTModel``."""
-    while not hasattr(model, "decoder") and hasattr(model, "module"):
-        model = model.module
-    return model
-
-
 def _chunks(model: Any) -> list[torch.nn.Module]:
-    return [_unwrap(m) for m in (model if isinstance(model, (list, tuple)) else [model])]
+    return [unwrap_module(m, stop_at="decoder") for m in (model if isinstance(model, (list, tuple)) else [model])]
 
 
 def _stage_info(chunk: torch.nn.Module) -> tuple[list[int], bool, bool]:

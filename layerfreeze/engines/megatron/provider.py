@@ -26,6 +26,7 @@ from typing import Any
 
 from torch import nn
 
+from layerfreeze.engines.common import unwrap_module
 from layerfreeze.utils.logging import get_logger, log_rank0
 
 __all__ = ["apply_megatron_plan", "optimizer_overrides", "plan_model_provider"]
@@ -34,12 +35,6 @@ logger = get_logger(__name__)
 
 #: attribute of a provider-built model holding its ``AppliedPlan``
 APPLIED_ATTR = "layerfreeze_applied"
-
-
-def _unwrap(module: nn.Module) -> nn.Module:
-    while not hasattr(module, "decoder") and isinstance(getattr(module, "module", None), nn.Module):
-        module = module.module
-    return module
 
 
 def apply_megatron_plan(
@@ -85,7 +80,7 @@ def _local_counts(applied: Any, chunks: Sequence[nn.Module]) -> tuple[int, int]:
 
     copies = set()
     for chunk in chunks:
-        m = _unwrap(chunk)
+        m = unwrap_module(chunk, stop_at="decoder")
         tied = getattr(m, "share_embeddings_and_output_weights", False)
         if tied and getattr(m, "post_process", False) and not getattr(m, "pre_process", False):
             copies.add(id(m.output_layer.weight))
@@ -204,8 +199,8 @@ def plan_model_provider(
     @functools.wraps(model_provider)
     def provider(*args: Any, **kwargs: Any) -> nn.Module:
         model = model_provider(*args, **kwargs)
-        applied = apply_megatron_plan(_unwrap(model), first, install=rest)
-        _unwrap(model).__dict__[APPLIED_ATTR] = applied
+        applied = apply_megatron_plan(unwrap_module(model, stop_at="decoder"), first, install=rest)
+        unwrap_module(model, stop_at="decoder").__dict__[APPLIED_ATTR] = applied
         return model
 
     return provider
@@ -220,7 +215,7 @@ def _applied_plans(model: Any) -> list[Any]:
         if hasattr(item, "param_groups") and hasattr(item, "layout"):
             out.append(item)
             continue
-        applied = _unwrap(item).__dict__.get(APPLIED_ATTR)
+        applied = unwrap_module(item, stop_at="decoder").__dict__.get(APPLIED_ATTR)
         if applied is None:
             raise ValueError(
                 f"optimizer_overrides: {type(item).__name__} carries no layer plan. Build the "

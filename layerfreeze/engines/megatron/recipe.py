@@ -32,6 +32,7 @@ __all__ = [
     "check_run_config",
     "cuda_problem",
     "describe_layout",
+    "describe_run_config",
     "init_distributed",
     "runner_from_run_config",
 ]
@@ -163,6 +164,22 @@ def describe_layout(cfg: Any, world_size: int) -> list[str]:
             f"  stage {stage}: layers {held}" + (f" + {', '.join(extra)}" if extra else "")
         )
     return lines
+
+
+def describe_run_config(cfg: Any) -> list[str]:
+    """What ``layerfreeze validate`` prints for ``engine: megatron``: Megatron's config checks
+    (:func:`check_run_config` without the CUDA requirement) and :func:`describe_layout`, for
+    ``WORLD_SIZE`` ranks or, unset, the smallest world (TP x PP), then one ``note:`` per warning.
+
+    Raises:
+        ConfigError: a layout or setting Megatron cannot run.
+    """
+    m = cfg.megatron
+    world = int(os.environ.get("WORLD_SIZE", "0")) or (
+        m.tensor_model_parallel_size * m.pipeline_model_parallel_size
+    )
+    notes = check_run_config(cfg, world, check_device=False)
+    return describe_layout(cfg, world) + [f"note: {n}" for n in notes]
 
 
 def init_distributed(backend: str | None = None) -> None:

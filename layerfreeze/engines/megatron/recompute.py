@@ -22,6 +22,8 @@ from collections.abc import Sequence
 import torch
 from torch import nn
 
+from layerfreeze.engines.common import unwrap_module
+
 __all__ = ["prepare_recompute"]
 
 
@@ -29,12 +31,6 @@ def _require_grad_hook(module: nn.Module, args: tuple, output):
     if torch.is_grad_enabled() and isinstance(output, torch.Tensor) and not output.requires_grad:
         return output.requires_grad_()
     return output
-
-
-def _unwrap(model: nn.Module) -> nn.Module:
-    while not hasattr(model, "decoder") and isinstance(getattr(model, "module", None), nn.Module):
-        model = model.module
-    return model
 
 
 def prepare_recompute(model_or_chunks: nn.Module | Sequence[nn.Module]) -> int:
@@ -51,7 +47,7 @@ def prepare_recompute(model_or_chunks: nn.Module | Sequence[nn.Module]) -> int:
     chunks = list(model_or_chunks) if is_list else [model_or_chunks]
     count = 0
     for chunk in chunks:
-        model = _unwrap(chunk)
+        model = unwrap_module(chunk, stop_at="decoder")
         config = getattr(model, "config", None)
         embedding = getattr(model, "embedding", None)
         if getattr(config, "recompute_granularity", None) is None:

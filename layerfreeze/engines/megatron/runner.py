@@ -49,8 +49,8 @@ from torch import nn
 
 from layerfreeze import checkpoint as ckpt
 from layerfreeze.client_state import load_client_state, save_client_state
-from layerfreeze.engines.base import StepOutput
-from layerfreeze.engines.common import trained_then_frozen
+from layerfreeze.engines.base import EngineCapabilities, StepOutput
+from layerfreeze.engines.common import trained_then_frozen, unwrap_module
 from layerfreeze.engines.megatron.provider import apply_megatron_plan, optimizer_overrides
 from layerfreeze.registry import POLICIES
 from layerfreeze.resume import check_content, engine_problems, field_diff, staged_checksums
@@ -69,12 +69,6 @@ _IGNORE_INDEX = -100
 # --------------------------------------------------------------------------------------------
 # small helpers
 # --------------------------------------------------------------------------------------------
-
-
-def _unwrap(module: nn.Module) -> nn.Module:
-    while hasattr(module, "module") and isinstance(module.module, nn.Module):
-        module = module.module
-    return module
 
 
 def _inner_optimizers(optimizer: Any) -> list[Any]:
@@ -312,7 +306,7 @@ class MegatronRunner:
         # where the NaN/Inf values in its saved activations would turn a zero into NaN.
         self._hooks = []
         for chunk in self.chunks:
-            if getattr(_unwrap(chunk), "post_process", True):
+            if getattr(unwrap_module(chunk), "post_process", True):
                 for p in chunk.parameters():
                     if p.requires_grad:
                         self._hooks.append(p.register_hook(self._mask_grad))
@@ -582,7 +576,7 @@ class MegatronRunner:
             mb = next(data_iterator)
             ids, labels, loss_mask = self._batch(mb)
             pos = torch.arange(t, device=ids.device).unsqueeze(0).expand(b, t)
-            inner = _unwrap(model)
+            inner = unwrap_module(model)
             stage_input = getattr(getattr(inner, "decoder", None), "input_tensor", None)
             if (
                 not forward_only
@@ -812,7 +806,7 @@ class MegatronRunner:
         pipeline with ``forward_only`` and broadcast from the last stage)."""
         from megatron.core.tensor_parallel.mappings import gather_from_tensor_model_parallel_region
 
-        vocab = int(_unwrap(self.chunks[-1]).vocab_size)  # padded to a multiple of TP
+        vocab = int(unwrap_module(self.chunks[-1]).vocab_size)  # padded to a multiple of TP
         if self.hf_config is not None:
             vocab = min(vocab, int(self.hf_config.vocab_size))
 
@@ -1184,13 +1178,51 @@ class MegatronRunner:
 
     # ---- whole parameters, export, teardown ---------------------------------------------------
 
+    @property
+    def capabilities(self) -> EngineCapabilities:
+        """No adapter export; the hook measures but ``grad_norm``; parameters are never
+        partitioned across data-parallel ranks, and stay TP/PP shards."""
+        from layerfreeze.engines.megatron.diagnostics import MEGATRON_MEASURES
+
+        return EngineCapabilities(
+            export_adapter=False,
+            sensitivity_measures=frozenset(MEGATRON_MEASURES),
+            unsupported_measures=((
+                "grad_norm",
+                "grad_norm is not computed with engine: megatron (a probe backward would go "
+                "through Megatron's DDP gradient buffers); the engine's per-layer gradient norms "
+                "(logging.per_layer_every) stand in",
+            ),),
+            partitioned_params=False,
+            model_parallel_params=True,
+        )
+
+    def sensitivity_hooks(self, probe_ids: torch.Tensor, measures: Sequence[str]) -> Any:
+        """:class:`~layerfreeze.engines.megatron.diagnostics.MegatronSensitivityHooks`: TP/PP
+        stages measured in place, merged over ranks (collective ``compute``)."""
+        from layerfreeze.engines.megatron.diagnostics import MegatronSensitivityHooks
+
+        return MegatronSensitivityHooks(self, probe_ids, list(measures))
+
+    def export_trainable(self, out_dir: str | os.PathLike) -> Path | None:
+        """Not offered (``capabilities.export_adapter`` is False): use :meth:`export_merged`.
+
+        Raises:
+            NotImplementedError: always.
+        """
+        raise NotImplementedError(
+            "export_trainable: the Megatron runner does not write layerfreeze's adapter format; "
+            "use export_merged (its sidecar holds the adapters)."
+        )
+
     @contextlib.contextmanager
     def gathered_parameters(
         self, names: Sequence[str] | None = None, modifier_rank: int | None = None
     ) -> Iterator[None]:
-        """Protocol context for whole parameters. Megatron parameters stay TP-sharded and
-        PP-split in place, so this context changes nothing; use :meth:`consolidated_state_dict`
-        or :meth:`export_merged` for whole tensors."""
+        """Protocol context (see :meth:`EngineAdapter.gathered_parameters`): Megatron never
+        partitions parameters across data-parallel ranks, so this context changes nothing;
+        TP shards and PP stages stay as they are (``capabilities.model_parallel_params``; use
+        :meth:`consolidated_state_dict` or :meth:`export_merged` for whole tensors)."""
         yield
 
     def consolidated_state_dict(self) -> dict[str, torch.Tensor] | None:
