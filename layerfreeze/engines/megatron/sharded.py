@@ -321,10 +321,26 @@ def load_sharded_into(model: nn.Module, sharded: dict, directory: str) -> list[s
         The state-dict keys that were loaded.
 
     Raises:
-        ValueError: a loaded tensor's shape differs from its parameter's.
+        ValueError: the checkpoint lacks a tensor the model declares (another plan), or a
+            loaded tensor's shape differs from its parameter's. Nothing is copied then.
     """
     from megatron.core import dist_checkpointing
+    from megatron.core.dist_checkpointing.mapping import ShardedTensor, ShardedTensorFactory
 
+    saved = set(dist_checkpointing.load_tensors_metadata(directory))  # tensors, not objects
+    wanted = {
+        v.key
+        for v in _flatten(sharded).values()
+        if isinstance(v, (ShardedTensor, ShardedTensorFactory))
+    }
+    missing = sorted(wanted - saved)
+    if missing:
+        raise ValueError(
+            f"{directory}: the checkpoint has no {missing[0]}"
+            + (f" (and {len(missing) - 1} more tensors)" if len(missing) > 1 else "")
+            + f"; it holds {len(saved)} tensors such as {sorted(saved)[:2]}. Load it into a "
+            "model with the plan (and layer count) it was saved from."
+        )
     targets = {}
     for path, v in _flatten(sharded).items():
         data = getattr(v, "data", None)
