@@ -33,15 +33,21 @@ SAVE_SEED, FRESH_SEED = 3, 5
 
 
 def _randomise_adapters(model, seed: int = 11) -> None:
-    """Non-zero values for every adapter parameter, from a fixed generator (same draws on every
-    TP rank, so replicated tensors stay identical)."""
+    """Non-zero values for every adapter parameter from fixed generators: replicated tensors get
+    the same draws on every TP rank (they must stay identical), TP-split ones other draws on
+    each rank (the shards of one tensor differ, so a checkpoint that mixes them up shows)."""
+    from megatron.core import parallel_state
+
     from layerfreeze.apply import adapter_param_names
 
-    g = torch.Generator().manual_seed(seed)
+    tp_rank = parallel_state.get_tensor_model_parallel_rank()
+    replicated = torch.Generator().manual_seed(seed)
+    split = torch.Generator().manual_seed(seed + 1000 * (tp_rank + 1))
     params = dict(model.named_parameters())
     with torch.no_grad():
         for name in sorted(adapter_param_names(model)):
             p = params[name]
+            g = split if getattr(p, "tensor_model_parallel", False) else replicated
             p.copy_(torch.randn(p.shape, generator=g) * 0.3)
 
 
