@@ -154,7 +154,9 @@ def _merge_ranks(results):
 def tp_results(tmp_path_factory):
     tmp = str(tmp_path_factory.mktemp("tp"))
     res = run_distributed(
-        _roundtrip_body, world_size=2, args=(tmp, (2, 1), [(2, 1), (1, 1)], PLANS),
+        _roundtrip_body,
+        world_size=2,
+        args=(tmp, (2, 1), [(2, 1), (1, 1)], PLANS),
         timeout=300,
     )
     return _merge_ranks(res)
@@ -164,7 +166,9 @@ def tp_results(tmp_path_factory):
 def pp_results(tmp_path_factory):
     tmp = str(tmp_path_factory.mktemp("pp"))
     res = run_distributed(
-        _roundtrip_body, world_size=2, args=(tmp, (1, 2), [(1, 2), (1, 1)], PP_PLANS),
+        _roundtrip_body,
+        world_size=2,
+        args=(tmp, (1, 2), [(1, 2), (1, 1)], PP_PLANS),
         timeout=300,
     )
     return _merge_ranks(res)
@@ -208,17 +212,13 @@ def test_pp2_checkpoint_loads_at_pp1(pp_results, kind):
 # a separate (pretrained, plan-free) checkpoint.
 
 #: a fully trained layer among frozen ones, plus every adapter kind.
-TRAINED_PLAN = (
-    "0:full,1:lora(r=4,target=mlp),2:lora(r=4,target=all,gated),3:prefix(tokens=2,gated)"
-)
+TRAINED_PLAN = "0:full,1:lora(r=4,target=mlp),2:lora(r=4,target=all,gated),3:prefix(tokens=2,gated)"
 
 
 def _dir_bytes(path: str) -> int:
     import os
 
-    return sum(
-        os.path.getsize(os.path.join(d, f)) for d, _, files in os.walk(path) for f in files
-    )
+    return sum(os.path.getsize(os.path.join(d, f)) for d, _, files in os.walk(path) for f in files)
 
 
 def _trained_body(rank, world_size, tmp):
@@ -288,8 +288,13 @@ def test_adapter_only_checkpoint_roundtrip_and_size(tmp_path):
     r0, r1 = run_distributed(_trained_body, world_size=2, args=(str(tmp_path),), timeout=600)
     # exactly what the plan trains: the full layer 0 and the adapters, nothing else
     assert r0["trained_keys"] == r0["trainable"] == r0["loaded_trained_keys"]
-    assert any(k.startswith("decoder.layers.0.self_attention.linear_qkv.weight") for k in r0["trained_keys"])
-    assert not any(k.startswith("decoder.layers.3.") and "prefix_" not in k for k in r0["trained_keys"])
+    assert any(
+        k.startswith("decoder.layers.0.self_attention.linear_qkv.weight")
+        for k in r0["trained_keys"]
+    )
+    assert not any(
+        k.startswith("decoder.layers.3.") and "prefix_" not in k for k in r0["trained_keys"]
+    )
     assert not any("adapter" in k or "lora_gate" in k for k in r0["base_keys"])
     saved = torch.from_numpy(r0["saved"])
     for tp in (2, 1):
@@ -306,7 +311,9 @@ def test_adapter_only_checkpoint_roundtrip_and_size(tmp_path):
 # A Megatron-LM-style loop: plan_model_provider, megatron-core's DDP and optimizer with the
 # plan's overrides, model + optimizer state saved with dist_checkpointing and resumed.
 
-RESUME_PLAN = "0:freeze,1:lora(r=4,target=mlp),2:lora(r=4,target=all,gated),3:prefix(tokens=2,gated)"
+RESUME_PLAN = (
+    "0:freeze,1:lora(r=4,target=mlp),2:lora(r=4,target=all,gated),3:prefix(tokens=2,gated)"
+)
 
 
 def _megatron_lm_setup(tp: int, seed: int):

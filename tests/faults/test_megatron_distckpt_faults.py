@@ -22,7 +22,9 @@ def test_adapter_key_refuses_offsets_it_cannot_place():
         "decoder.layers.3.mlp.lora_gate.bias"
     )
     with pytest.raises(ValueError, match=r"lora_b: layerfreeze adapters expect only megatron's"):
-        _per_layer_key("decoder.layers.1.mlp.linear_fc1.lora_adapter.", "lora_b", [(0, 3, 4), (1, 0, 2)])
+        _per_layer_key(
+            "decoder.layers.1.mlp.linear_fc1.lora_adapter.", "lora_b", [(0, 3, 4), (1, 0, 2)]
+        )
     with pytest.raises(ValueError, match=r"no 'layers.<index>.' part"):
         _per_layer_key("mlp.linear_fc1.lora_adapter.", "lora_b", [(0, 3, 4)])
 

@@ -98,16 +98,14 @@ def _per_layer_key(prefix: str, name: str, sharded_offsets: Iterable) -> str:
             "Call sharded_state_dict on the model (or pass "
             "metadata={'non_homogeneous_layers': True})."
         )
-    match = None
-    for match in _LAYER.finditer(prefix):
-        pass
-    if match is None:
+    matches = list(_LAYER.finditer(prefix))
+    if not matches:
         raise ValueError(
             f"{prefix}{name}: got the layer-stacking offset {offsets[0]} but the prefix has no "
             "'layers.<index>.' part to put the global layer index into. Call sharded_state_dict "
             "on the model or its TransformerBlock."
         )
-    cut = match.end()
+    cut = matches[-1].end()
     return f"{prefix[:cut]}{offsets[0][1]}.{prefix[cut:]}{name}"
 
 
@@ -372,7 +370,9 @@ def save_trained(model: nn.Module, directory: str, trained: Iterable[str] | None
     dist_checkpointing.save(trained_sharded_state_dict(model, trained), directory)
 
 
-def load_trained(model: nn.Module, directory: str, trained: Iterable[str] | None = None) -> list[str]:
+def load_trained(
+    model: nn.Module, directory: str, trained: Iterable[str] | None = None
+) -> list[str]:
     """Load a :func:`save_trained` checkpoint into ``model`` (same plan applied; any TP/PP
     layout). Returns the state-dict keys loaded."""
     return load_sharded_into(model, trained_sharded_state_dict(model, trained), directory)
