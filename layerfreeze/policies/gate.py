@@ -70,6 +70,16 @@ class TokenGate(nn.Module):
         """Forget the gate of the finished forward pass (frees the activation)."""
         self.value = None
 
+    def sharded_state_dict(
+        self, prefix: str = "", sharded_offsets: tuple = (), metadata: dict | None = None
+    ) -> dict:
+        """megatron-core's distributed-checkpoint view of the gate (megatron models only; the
+        ``MLP`` / attention calls it on every child): both tensors replicated over tensor
+        parallelism, keyed per layer (:mod:`layerfreeze.engines.megatron.sharded`)."""
+        from layerfreeze.engines.megatron.sharded import adapter_sharded_state_dict
+
+        return adapter_sharded_state_dict(self, prefix, sharded_offsets, metadata)
+
     def extra_repr(self) -> str:
         return f"hidden_size={self.weight.shape[0]}"
 

@@ -203,6 +203,20 @@ class ParallelLoRAAdapter(nn.Module):
             unmerge_delta(base.weight, self.delta_weight())
             self.merged = False
 
+    def sharded_state_dict(
+        self, prefix: str = "", sharded_offsets: tuple = (), metadata: dict | None = None
+    ) -> dict:
+        """megatron-core's distributed-checkpoint view of ``lora_a`` / ``lora_b``: the split one
+        with its global shape and this rank's offset (``B`` along its output rows with the base
+        weight's stride, or ``A`` along its input columns), the other replicated over TP; keys
+        per layer with the global layer index (see :mod:`layerfreeze.engines.megatron.sharded`).
+        """
+        from layerfreeze.engines.megatron.sharded import adapter_sharded_state_dict
+
+        return adapter_sharded_state_dict(
+            self, prefix, sharded_offsets, metadata, tp_group=self.__dict__["_tp_group"]
+        )
+
     def extra_repr(self) -> str:
         return (
             f"{self.parallel}-parallel, in={self.in_features}, out={self.out_features}, "
@@ -268,7 +282,12 @@ def _build(parallel: str):
         if problem is not None:
             where = gate.where if gate is not None else type(base).__name__
             raise ValueError(f"{where}: {problem}.")
-        return ParallelLoRAAdapter(base, parallel, r=r, alpha=alpha, dropout=dropout, gate=gate)
+        adapter = ParallelLoRAAdapter(base, parallel, r=r, alpha=alpha, dropout=dropout, gate=gate)
+        # the linear's own sharded_state_dict would declare the adapter's shards as replicated
+        from layerfreeze.engines.megatron.sharded import install_linear_sharded_state_dict
+
+        install_linear_sharded_state_dict(base)
+        return adapter
 
     return build
 

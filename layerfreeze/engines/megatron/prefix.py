@@ -139,6 +139,19 @@ class MegatronPrefix(PrefixAdapter):
         for p in split:
             set_tensor_model_parallel_attributes(p, is_parallel=True, dim=0, stride=1)
 
+    def sharded_state_dict(
+        self, prefix: str = "", sharded_offsets: tuple = (), metadata: dict | None = None
+    ) -> dict:
+        """megatron-core's distributed-checkpoint view: ``prefix_key`` / ``prefix_value`` /
+        ``prefix_gating_factor`` split along their head / group axis with their global shape,
+        the gate (and any reparameterisation) replicated over TP; keys per layer with the global
+        layer index (see :mod:`layerfreeze.engines.megatron.sharded`)."""
+        from layerfreeze.engines.megatron.sharded import adapter_sharded_state_dict
+
+        return adapter_sharded_state_dict(
+            self, prefix, sharded_offsets, metadata, tp_group=self.__dict__["_tp_group"]
+        )
+
     def branch(self, query: torch.Tensor, scaling: float) -> torch.Tensor:
         """The scaled branch for megatron's query ``[s, b, heads_local, head_dim]``, returned as
         ``[s, b, heads_local * head_dim]`` in fp32."""
