@@ -232,6 +232,13 @@ class LoggingConfig:
             raise ConfigError(problems)
 
 
+#: Model config fields that change what the same weights compute without changing their
+#: shapes: the only ones ``checkpoint.allow_model_change`` may name.
+CHANGEABLE_MODEL_FIELDS = (
+    "hidden_act", "rms_norm_eps", "layer_norm_eps", "layer_norm_epsilon", "rope_theta",
+)
+
+
 @dataclass
 class CheckpointConfig:
     """Periodic checkpoints, resuming and the final export."""
@@ -260,6 +267,12 @@ class CheckpointConfig:
     """Export the final model as a standard Hugging Face checkpoint (adapters merged)."""
     export_dir: str | None = None
     """Export directory; null means ``<logging.out_dir>/export``."""
+    allow_model_change: list[str] = field(default_factory=list)
+    """Model config fields a resume may change on purpose, e.g. ``[rope_theta]`` when raising
+    the RoPE base for longer context (one of: hidden_act, rms_norm_eps, layer_norm_eps,
+    layer_norm_epsilon, rope_theta). A resume with any other difference from the checkpoint's
+    model config (or in a field not listed here) exits 2 naming the field; fields that fix
+    parameter shapes can never change."""
     export_adapter: bool | None = None
     """Also write the trained tensors and the plan (layerfreeze's adapter format,
     ``<logging.out_dir>/adapter``; ``layerfreeze export --adapter-dir`` turns plain-LoRA ones into
@@ -274,6 +287,13 @@ class CheckpointConfig:
             problems.append(f"checkpoint.keep_last: must be >= 1, got {self.keep_last!r}.")
         if not self.resume:
             problems.append("checkpoint.resume: must be auto, none or a checkpoint path, got ''.")
+        for name in self.allow_model_change:
+            if name not in CHANGEABLE_MODEL_FIELDS:
+                problems.append(
+                    f"checkpoint.allow_model_change: {name!r} cannot change on resume (valid: "
+                    f"{', '.join(CHANGEABLE_MODEL_FIELDS)}; fields that fix parameter shapes "
+                    "never can)."
+                )
         for key in ("dir", "export_dir"):
             value = getattr(self, key)
             if value and os.path.exists(value) and not os.path.isdir(value):

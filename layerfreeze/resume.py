@@ -16,10 +16,12 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+from collections.abc import Iterable
 from pathlib import Path
 from typing import Any
 
 from layerfreeze import checkpoint as ckpt
+from layerfreeze.config import CHANGEABLE_MODEL_FIELDS
 from layerfreeze.utils import dist
 
 __all__ = [
@@ -34,13 +36,18 @@ __all__ = [
 ]
 
 #: Hugging Face config fields that decide a model's parameters (what a checkpoint must match).
-_ARCH_KEYS = (
+#: Fields that fix the parameters' shapes and layout: a checkpoint never loads across them.
+SHAPE_KEYS = (
     "model_type", "vocab_size", "hidden_size", "intermediate_size", "num_hidden_layers",
     "num_attention_heads", "num_key_value_heads", "head_dim", "max_position_embeddings",
-    "tie_word_embeddings", "hidden_act", "rms_norm_eps", "layer_norm_eps", "layer_norm_epsilon",
-    "rope_theta", "n_embd", "n_layer", "n_head", "n_inner", "n_positions", "num_experts",
-    "num_local_experts", "moe_intermediate_size",
+    "tie_word_embeddings", "n_embd", "n_layer", "n_head", "n_inner", "n_positions",
+    "num_experts", "num_local_experts", "moe_intermediate_size",
 )
+#: Fields that change what the same weights compute: a resume refuses a change unless the run
+#: names the field in ``checkpoint.allow_model_change`` (e.g. a RoPE base raised for longer
+#: context on purpose).
+CHANGEABLE_KEYS = CHANGEABLE_MODEL_FIELDS
+_ARCH_KEYS = SHAPE_KEYS + CHANGEABLE_KEYS
 
 
 def _share(names: list[str]) -> list[str]:
@@ -159,9 +166,13 @@ def model_fingerprint(hf_config: Any) -> dict[str, Any]:
     return {k: d[k] for k in _ARCH_KEYS if k in d}
 
 
-def run_problems(saved: dict[str, Any], current: dict[str, Any]) -> list[str]:
+def run_problems(
+    saved: dict[str, Any], current: dict[str, Any], allow_model_change: Iterable[str] = ()
+) -> list[str]:
     """Tokenizer and model-architecture differences between the run metadata a checkpoint
-    recorded (``saved``; empty for checkpoints written before it was recorded) and this run's."""
+    recorded (``saved``; empty for checkpoints written before it was recorded) and this run's.
+    Fields named in ``allow_model_change`` (a subset of :data:`CHANGEABLE_KEYS`) may differ; the
+    caller logs them (:func:`allowed_model_changes`)."""
     problems = []
     old_tok, new_tok = saved.get("tokenizer"), current.get("tokenizer")
     if old_tok and new_tok and old_tok != new_tok:
@@ -180,9 +191,29 @@ def run_problems(saved: dict[str, Any], current: dict[str, Any]) -> list[str]:
         )
     old_model, new_model = saved.get("model"), current.get("model")
     if old_model and new_model and old_model != new_model:
-        diff = field_diff(old_model, new_model, "model architecture")
-        problems.append(
-            "another model architecture (" + "; ".join(diff) + "): resume with the "
-            "checkpoint's model, or start a new run"
+        allowed = set(allow_model_change)
+        keys = [k for k in list(old_model) + list(new_model) if k not in allowed]
+        diff = field_diff(
+            {k: old_model.get(k, "<unset>") for k in dict.fromkeys(keys)},
+            {k: new_model.get(k, "<unset>") for k in dict.fromkeys(keys)},
+            "model architecture",
         )
+        if diff:
+            problems.append(
+                "another model architecture (" + "; ".join(diff) + "): resume with the "
+                "checkpoint's model, start a new run, or, for a deliberate change of "
+                f"{', '.join(CHANGEABLE_KEYS)}, name the field in checkpoint.allow_model_change"
+            )
     return problems
+
+
+def allowed_model_changes(
+    saved: dict[str, Any], current: dict[str, Any], allow_model_change: Iterable[str]
+) -> list[str]:
+    """The ``checkpoint.allow_model_change`` fields that do differ, each as ``field_diff``
+    words it, for the resume log line."""
+    old_model, new_model = saved.get("model") or {}, current.get("model") or {}
+    return [
+        d for k in allow_model_change
+        for d in field_diff(old_model.get(k, "<unset>"), new_model.get(k, "<unset>"), f"model.{k}")
+    ]

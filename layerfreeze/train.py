@@ -663,7 +663,7 @@ class Recipe:
     def _check_resume_compatible(self) -> None:
         """Exit 2 (ConfigError) when the checkpoint was saved by another engine, with another
         plan schedule, tokenizer or model architecture, naming each differing field."""
-        from layerfreeze.resume import engine_problems, run_problems
+        from layerfreeze.resume import allowed_model_changes, engine_problems, run_problems
 
         meta = self.resume_from.meta
         problems = []
@@ -672,7 +672,14 @@ class Recipe:
             problems += engine_problems(
                 engine_meta, engine=self.cfg.engine, schedule=self.schedule.to_dict()
             )
-        problems += run_problems(meta.get("run") or {}, self.run_meta)
+        allowed = self.cfg.checkpoint.allow_model_change
+        problems += run_problems(meta.get("run") or {}, self.run_meta, allowed)
+        changed = allowed_model_changes(meta.get("run") or {}, self.run_meta, allowed)
+        if changed and not problems:
+            log_rank0(
+                logger, "resuming with a changed model config (checkpoint.allow_model_change): %s",
+                "; ".join(changed), level=logging.WARNING,
+            )
         if problems:
             raise ConfigError(
                 f"checkpoint.resume: cannot resume from {self.resume_from.path}: "

@@ -311,9 +311,19 @@ def test_nan_losses_stop_the_run_and_name_last_good_checkpoint(tmp_path):
     assert good.is_dir()
     # Continue the same run for 4 more steps with a model whose RMSNorm epsilon is negative:
     # mean(x^2) + eps < 0, so rsqrt is NaN and so is every loss from step 3 on.
-    proc = _train(config, "train.steps=6", "model.architecture.rms_norm_eps=-1.0")
+    # (a change a resume refuses unless named in checkpoint.allow_model_change)
+    refused = _train(config, "train.steps=6", "model.architecture.rms_norm_eps=-1.0")
+    assert refused.returncode == 2, refused.stderr[-6000:]
+    assert "model architecture.rms_norm_eps: 1e-06 in the checkpoint, -1.0 in this run" in (
+        refused.stderr
+    )
+    proc = _train(
+        config, "train.steps=6", "model.architecture.rms_norm_eps=-1.0",
+        "checkpoint.allow_model_change=[rms_norm_eps]",
+    )
     assert proc.returncode == 3, proc.stderr[-6000:]
     err = proc.stderr
+    assert "changed model config (checkpoint.allow_model_change): model.rms_norm_eps" in err
     assert "training stopped at step 4" in err, err[-3000:]
     assert "NaN/Inf for 2 consecutive steps (train.nan_tolerance=2" in err
     assert f"The last good checkpoint is {good} (step 2)" in err

@@ -196,3 +196,30 @@ def test_engine_problems_name_the_engine_and_the_differing_plan_fields():
     assert field_diff({"a": [1, 2]}, {"a": [1, 3], "b": 0}, "x") == [
         "x.a[1]: 2 in the checkpoint, 3 in this run", "x.b: '<unset>' in the checkpoint, 0 in this run"
     ]
+
+
+def test_allow_model_change_lets_only_the_named_non_shape_fields_differ():
+    from layerfreeze.resume import allowed_model_changes, run_problems
+
+    saved = {"model": {"hidden_size": 64, "rope_theta": 10000.0, "rms_norm_eps": 1e-6}}
+    current = {"model": {"hidden_size": 64, "rope_theta": 500000.0, "rms_norm_eps": 1e-5}}
+    problems = run_problems(saved, current)
+    assert len(problems) == 1 and "rope_theta: 10000.0 in the checkpoint" in problems[0]
+    assert "rms_norm_eps" in problems[0] and "checkpoint.allow_model_change" in problems[0]
+    only_eps = run_problems(saved, current, ["rope_theta"])
+    assert "rope_theta: " not in only_eps[0] and "rms_norm_eps: " in only_eps[0]
+    assert run_problems(saved, current, ["rope_theta", "rms_norm_eps"]) == []
+    assert allowed_model_changes(saved, current, ["rope_theta"]) == [
+        "model.rope_theta: 10000.0 in the checkpoint, 500000.0 in this run"
+    ]
+
+
+def test_allow_model_change_refuses_shape_fields_by_name():
+    import pytest
+
+    from layerfreeze.config import CheckpointConfig
+    from layerfreeze.errors import ConfigError
+
+    assert CheckpointConfig(allow_model_change=["rope_theta"]).allow_model_change == ["rope_theta"]
+    with pytest.raises(ConfigError, match=r"checkpoint.allow_model_change: 'hidden_size' cannot"):
+        CheckpointConfig(allow_model_change=["hidden_size"])
