@@ -17,6 +17,19 @@ from torch import nn
 __all__ = ["TokenGate", "block_input", "has_hook"]
 
 
+#: ``fn(gate, prefix, sharded_offsets, metadata) -> dict``: how an engine whose checkpointing
+#: asks every child module for ``sharded_state_dict`` (megatron-core's dist_checkpointing)
+#: describes a gate; set by that engine package (:func:`register_sharded_state_dict`), so this
+#: engine-neutral module imports no engine.
+_SHARDED_STATE_DICT: Callable[..., dict] | None = None
+
+
+def register_sharded_state_dict(fn: Callable[..., dict]) -> None:
+    """Make ``TokenGate.sharded_state_dict`` call ``fn`` (idempotent for the same ``fn``)."""
+    global _SHARDED_STATE_DICT
+    _SHARDED_STATE_DICT = fn
+
+
 class TokenGate(nn.Module):
     """The HLPT input-dependent gate ``g = sigmoid(w . h + b)``, one value per token, in fp32.
 
@@ -76,9 +89,13 @@ class TokenGate(nn.Module):
         """megatron-core's distributed-checkpoint view of the gate (megatron models only; the
         ``MLP`` / attention calls it on every child): both tensors replicated over tensor
         parallelism, keyed per layer (:mod:`layerfreeze.engines.megatron.sharded`)."""
-        from layerfreeze.engines.megatron.sharded import adapter_sharded_state_dict
-
-        return adapter_sharded_state_dict(self, prefix, sharded_offsets, metadata)
+        if _SHARDED_STATE_DICT is None:
+            raise RuntimeError(
+                f"{getattr(self, 'where', 'TokenGate')}: sharded_state_dict is megatron-core's "
+                "distributed-checkpoint view; no engine registered it (the Megatron engine does "
+                "when it installs a plan: layerfreeze.engines.megatron.megatron_layout)."
+            )
+        return _SHARDED_STATE_DICT(self, prefix, sharded_offsets, metadata)
 
     def extra_repr(self) -> str:
         return f"hidden_size={self.weight.shape[0]}"

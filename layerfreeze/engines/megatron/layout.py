@@ -36,9 +36,12 @@ def register_megatron_policies() -> None:
     """Register the tensor-parallel LoRA dispatchers and the megatron prefix installer
     (idempotent)."""
     from layerfreeze.engines.megatron import lora, prefix
+    from layerfreeze.engines.megatron.sharded import adapter_sharded_state_dict
+    from layerfreeze.policies.gate import register_sharded_state_dict
 
     lora.register()
     prefix.register()
+    register_sharded_state_dict(adapter_sharded_state_dict)  # gates in megatron checkpoints
 
 
 def chunks_module(chunks: Sequence[nn.Module]) -> nn.ModuleList:
