@@ -52,6 +52,20 @@ def write_config(path: Path, cfg: dict) -> Path:
     return path
 
 
+def launcher_env(**extra: str) -> dict:
+    """The test environment for a child that starts its own ranks (torchrun, the deepspeed
+    launcher, a one-process ``layerfreeze train`` picking its port): no rendezvous variables."""
+    env = dict(os.environ)
+    for k in ("RANK", "LOCAL_RANK", "WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT"):
+        env.pop(k, None)
+    env.update({
+        "DS_ACCELERATOR": "cpu", "WANDB_MODE": "offline", "OMP_NUM_THREADS": "1",
+        "TOKENIZERS_PARALLELISM": "false", "PYTHONWARNINGS": "ignore", "PYTHONPATH": str(REPO),
+        **extra,
+    })
+    return env
+
+
 def train_env() -> dict:
     env = dict(os.environ)
     env.update({

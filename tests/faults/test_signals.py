@@ -29,6 +29,8 @@ from pathlib import Path
 import pytest
 import yaml
 
+from tests.faults._train import launcher_env
+
 REPO = Path(__file__).resolve().parents[2]
 STEPS = 40
 
@@ -61,18 +63,6 @@ def _config(tmp: Path, out: Path, **checkpoint) -> Path:
     path = tmp / f"{out.name}.yaml"
     path.write_text(yaml.safe_dump(cfg, sort_keys=False), encoding="utf-8")
     return path
-
-
-def _env(**extra: str) -> dict:
-    env = dict(os.environ)
-    for k in ("RANK", "LOCAL_RANK", "WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT"):
-        env.pop(k, None)
-    env.update({
-        "DS_ACCELERATOR": "cpu", "WANDB_MODE": "offline", "OMP_NUM_THREADS": "1",
-        "TOKENIZERS_PARALLELISM": "false", "PYTHONWARNINGS": "ignore", "PYTHONPATH": str(REPO),
-        **extra,
-    })
-    return env
 
 
 def _cmd(config: Path, nproc: int, module: str = "layerfreeze") -> list[str]:
@@ -108,7 +98,7 @@ def _signal_mid_run(config: Path, out: Path, sig: int, nproc: int = 1, env: dict
                     module: str = "layerfreeze"):
     """Start the run in its own process group, send ``sig`` to the whole group after step 2."""
     proc = subprocess.Popen(
-        _cmd(config, nproc, module), cwd=REPO, env=env or _env(), stdout=subprocess.PIPE,
+        _cmd(config, nproc, module), cwd=REPO, env=env or launcher_env(), stdout=subprocess.PIPE,
         stderr=subprocess.PIPE, text=True, start_new_session=True,
     )
     deadline = time.monotonic() + 300
@@ -162,7 +152,7 @@ def test_sigterm_two_ranks_torchrun_then_resume_matches_straight_run(tmp_path):
     exit_file = tmp_path / "exit_status"
     out = tmp_path / "run"
     config = _config(tmp_path, out)
-    env = _env(LAYERFREEZE_EXIT_FILE=str(exit_file))
+    env = launcher_env(LAYERFREEZE_EXIT_FILE=str(exit_file))
     rc, stderr = _signal_mid_run(config, out, signal.SIGTERM, nproc=2, env=env)
     # torchrun's agent gets the SIGTERM too: it forwards it to the workers, waits for them and
     # exits 1 (SignalException); the workers' 75 reaches the job script through the file.
@@ -175,13 +165,13 @@ def test_sigterm_two_ranks_torchrun_then_resume_matches_straight_run(tmp_path):
     assert ckpt.is_dir() and where.startswith(f"checkpoint {ckpt}.")
 
     # resubmit: the same command continues from that checkpoint (resume: auto)
-    resumed = subprocess.run(_cmd(config, 2), cwd=REPO, env=_env(), capture_output=True,
+    resumed = subprocess.run(_cmd(config, 2), cwd=REPO, env=launcher_env(), capture_output=True,
                              text=True, timeout=600)
     assert resumed.returncode == 0, resumed.stderr[-4000:]
     assert f"resumed from {ckpt} at step {step}" in resumed.stderr
 
     straight_out = tmp_path / "straight"
-    straight = subprocess.run(_cmd(_config(tmp_path, straight_out), 2), cwd=REPO, env=_env(),
+    straight = subprocess.run(_cmd(_config(tmp_path, straight_out), 2), cwd=REPO, env=launcher_env(),
                               capture_output=True, text=True, timeout=600)
     assert straight.returncode == 0, straight.stderr[-4000:]
     expected, got = _losses(straight_out), _losses(out)
@@ -203,7 +193,7 @@ def test_sigterm_megatron_pipeline_stops_both_stages_at_one_step(tmp_path):
     cfg["train"]["grad_accum_steps"] = 2  # the 1F1B schedule needs >= PP micro-batches
     config.write_text(yaml.safe_dump(cfg, sort_keys=False), encoding="utf-8")
     entry = "tests.helpers.megatron_train_entry"  # the CPU shim megatron-core needs here
-    env = _env(LAYERFREEZE_EXIT_FILE=str(exit_file))
+    env = launcher_env(LAYERFREEZE_EXIT_FILE=str(exit_file))
     rc, stderr = _signal_mid_run(config, out, signal.SIGTERM, nproc=2, env=env, module=entry)
     assert rc == 1, stderr[-4000:]  # torchrun's own status (see the DeepSpeed test)
     step, where = _stop_line(stderr, "SIGTERM")
@@ -212,7 +202,7 @@ def test_sigterm_megatron_pipeline_stops_both_stages_at_one_step(tmp_path):
     assert all(f"after step {step} of" in s for s in statuses), statuses
     ckpt = out / "checkpoints" / f"step_{step:08d}"
     assert ckpt.is_dir() and where.startswith(f"checkpoint {ckpt}.")
-    resumed = subprocess.run(_cmd(config, 2, entry), cwd=REPO, env=_env(), capture_output=True,
+    resumed = subprocess.run(_cmd(config, 2, entry), cwd=REPO, env=launcher_env(), capture_output=True,
                              text=True, timeout=600)
     assert resumed.returncode == 0, resumed.stderr[-4000:]
     assert f"resumed from {ckpt} at step {step}" in resumed.stderr

@@ -31,6 +31,7 @@ import pytest
 import torch
 import yaml
 
+from tests.faults._train import launcher_env
 from tests.helpers.cli import error_line
 from tests.helpers.tiny_models import TINY_FAMILIES
 
@@ -66,18 +67,6 @@ def _config(tmp: Path, out: Path, arch: dict | None = None, **sections) -> Path:
     path = tmp / f"{out.name}.yaml"
     path.write_text(yaml.safe_dump(cfg, sort_keys=False), encoding="utf-8")
     return path
-
-
-def _env(**extra: str) -> dict:
-    env = dict(os.environ)
-    for k in ("RANK", "LOCAL_RANK", "WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT"):
-        env.pop(k, None)
-    env.update({
-        "DS_ACCELERATOR": "cpu", "WANDB_MODE": "offline", "OMP_NUM_THREADS": "1",
-        "TOKENIZERS_PARALLELISM": "false", "PYTHONWARNINGS": "ignore", "PYTHONPATH": str(REPO),
-        **extra,
-    })
-    return env
 
 
 @pytest.fixture
@@ -117,7 +106,7 @@ def test_unset_port_picks_a_free_one_while_29500_is_taken(tmp_path):
         out = tmp_path / "run"
         proc = subprocess.run(
             [sys.executable, "-m", "layerfreeze", "train", "--config", str(_config(tmp_path, out))],
-            cwd=REPO, env=_env(), capture_output=True, text=True, timeout=600,
+            cwd=REPO, env=launcher_env(), capture_output=True, text=True, timeout=600,
         )
     finally:
         held.close()
@@ -190,7 +179,7 @@ def test_phi3_trains_from_the_tiny_config(tmp_path):
     config = _config(tmp_path, out, arch=dict(ARCH, model_type="phi3"))
     proc = subprocess.run(
         [sys.executable, "-m", "layerfreeze", "train", "--config", str(config)],
-        cwd=REPO, env=_env(), capture_output=True, text=True, timeout=600,
+        cwd=REPO, env=launcher_env(), capture_output=True, text=True, timeout=600,
     )
     assert proc.returncode == 0, proc.stderr[-4000:]
     assert "Traceback" not in proc.stderr
@@ -303,7 +292,7 @@ def test_megatron_plan_log_counts_the_whole_model(tmp_path, tp, pp):
     config = _megatron_config(tmp_path, out, tp=tp, pp=pp)
     cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node",
            "2", "-m", MEGATRON_ENTRY, "train", "--config", str(config)]
-    proc = subprocess.run(cmd, cwd=REPO, env=_env(), capture_output=True, text=True, timeout=600)
+    proc = subprocess.run(cmd, cwd=REPO, env=launcher_env(), capture_output=True, text=True, timeout=600)
     assert proc.returncode == 0, proc.stderr[-6000:]
     lines = [x for x in proc.stderr.splitlines() if "plan applied:" in x]
     assert len(lines) == 1, lines  # rank 0, once
