@@ -224,3 +224,25 @@ def test_prune_cli_heals_with_nf4_and_saves_a_plain_merged_checkpoint(tokenizer_
     assert not quantized_linears(model) and "lora" not in json.dumps(list(model.state_dict()))
     assert (out / "tokenizer_config.json").is_file()
     assert not [p for p in tmp_path.iterdir() if p.name.startswith(".healed")]  # no staging left
+
+
+def test_eval_forward_runs_the_trained_4bit_model():
+    """bitsandbytes repacks a Linear4bit for its CPU inference kernel at the first eval-mode
+    no-grad forward on CPUs with AVX512-BF16, rounding the scales to bf16; quantize_model keeps
+    that off, so evaluating (held-out loss, the export check) runs the model that trained: the
+    eval logits equal the train-mode logits and the stored 4-bit state is unchanged."""
+    model = tiny()
+    quantize_model(model)
+    q = model.get_submodule(quantized_linears(model)[0])
+    packed, absmax = q.weight.data.clone(), q.weight.quant_state.absmax.clone()
+    x = tiny_batch(VOCAB, batch=2, seq=8)
+    model.train()
+    with torch.no_grad():
+        train_logits = model(input_ids=x).logits
+    model.eval()
+    with torch.no_grad():
+        eval_logits = model(input_ids=x).logits
+    assert torch.equal(eval_logits, train_logits)
+    assert not getattr(q.weight.quant_state, "packing_format_for_cpu", False)
+    assert torch.equal(q.weight.data, packed) and torch.equal(q.weight.quant_state.absmax, absmax)
+    assert q.support_avx512bf16_for_cpu is False  # the attribute bitsandbytes reads
