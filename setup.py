@@ -1,7 +1,8 @@
 """layerfreeze: per-layer training plans (freeze / full / gated LoRA / gated prefix) for CPT.
 
 Install: ``pip install -e .[dev] -c constraints.txt`` (``launch/setup_env.sh`` does it, CPU torch
-first; see README.md). ``dev`` holds everything the tests import, both engines included.
+first; see README.md). ``dev`` holds everything the tests import, both engines and bitsandbytes
+(``quant``) included.
 """
 
 from setuptools import find_packages, setup
@@ -10,6 +11,9 @@ _ENGINE_DEEPSPEED = ["deepspeed>=0.15"]
 _ENGINE_MEGATRON = ["megatron-core>=0.12"]
 _WANDB = ["wandb>=0.17"]
 _EVAL_REF = ["lm-eval>=0.4.5", "datasets>=2.19"]
+# NF4 frozen base for healing (prune --heal-quantize nf4); Linear4bit forward and backward on
+# CPU checked on 0.50.2.
+_QUANT = ["bitsandbytes>=0.50"]
 _DEV = [
     "pytest>=8",
     "pytest-timeout>=2.3",
@@ -19,6 +23,7 @@ _DEV = [
     *_ENGINE_MEGATRON,
     *_WANDB,
     *_EVAL_REF,
+    *_QUANT,
 ]
 
 setup(
@@ -50,6 +55,7 @@ setup(
         "megatron": _ENGINE_MEGATRON,
         "wandb": _WANDB,
         "eval": _EVAL_REF,
+        "quant": _QUANT,
         "dev": _DEV,
     },
     entry_points={"console_scripts": ["layerfreeze=layerfreeze.cli:main"]},

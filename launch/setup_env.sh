@@ -4,8 +4,8 @@
 #   bash launch/setup_env.sh            # used by launch/quickstart.sh and tests/run.sh
 # Env: PYTHON (default python3), TORCH_SPEC (default torch==2.13.0: the CPU build path on our
 # machines; set e.g. TORCH_SPEC=torch to let pip choose), LAYERFREEZE_EXTRAS (default dev: the
-# test tools, DeepSpeed, megatron-core, wandb, lm-eval, peft), LAYERFREEZE_CONSTRAINTS (default
-# constraints.txt; empty = let pip resolve the ranges in setup.py).
+# test tools, DeepSpeed, megatron-core, wandb, lm-eval, peft, bitsandbytes),
+# LAYERFREEZE_CONSTRAINTS (default constraints.txt; empty = let pip resolve the ranges in setup.py).
 # LAYERFREEZE_WITH_VLLM=1 also installs vLLM 0.33 for tests/unit/test_vllm_lora_load.py into its
 # own directory LAYERFREEZE_VLLM_DIR (default ~/.cache/layerfreeze/vllm), with --no-deps: its
 # wheel pins a CUDA torch. ~340 MB download, ~1 GB on disk; VLLM_SPEC may name a local wheel.
@@ -32,7 +32,7 @@ if os.path.dirname(os.path.dirname(os.path.realpath(layerfreeze.__file__))) != o
     sys.exit("layerfreeze is installed from another checkout")
 if extras == "dev":
     for mod in ("deepspeed", "megatron.core", "peft", "lm_eval", "wandb", "sentencepiece",
-                "pytest_timeout", "datasets"):
+                "pytest_timeout", "datasets", "bitsandbytes"):
         importlib.import_module(mod)
 if os.path.isfile(constraints):
     for line in open(constraints, encoding="utf-8"):

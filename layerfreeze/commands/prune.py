@@ -6,9 +6,12 @@ Examples::
     layerfreeze prune --model ckpt/ --num-layers 8 --probe ceval --data-dir data/ --out pruned/
     layerfreeze prune --model ckpt/ --num-layers 8 --probe notes.txt more/ --out pruned/
     layerfreeze prune --model ckpt/ --num-layers 8 --strategy deepest --out pruned/
+    layerfreeze prune --model ckpt/ --num-layers 8 --out healed/ --heal --heal-quantize nf4 \
+        --heal-data corpus/ --heal-steps 200            # QLoRA healing, merged export saved
 
 The chosen block and its angular distance go to stdout (a table) and ``prune.json`` in the
-saved checkpoint. Heal the pruned model with a short LoRA run (docs/diagnostics-prune.md).
+saved checkpoint. ``--heal`` heals the pruned model with a short LoRA run over an optionally
+NF4-quantized base and saves its merged export instead (docs/diagnostics-prune.md).
 Exit code 2 on bad input, with nothing written.
 """
 
@@ -57,6 +60,24 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         help="last: distance at each sequence's last token, as Gromov et al. "
         "(default); mean: mean over all tokens",
     )
+    heal = parser.add_argument_group(
+        "healing", "--heal: a short LoRA run on the pruned model (Gromov et al.); --out gets "
+        "its merged export"
+    )
+    heal.add_argument("--heal", action="store_true", help="heal the pruned model before saving")
+    heal.add_argument("--heal-data", nargs="+", metavar="FILES", help="text to heal on "
+                      "(.txt/.jsonl files or directories; default @bundled)")
+    heal.add_argument("--heal-plan", help="LoRA plan (default lora_all: every linear, r=16)")
+    heal.add_argument("--heal-quantize", help="frozen base: none (default) or nf4 (QLoRA, "
+                      "needs bitsandbytes)")
+    heal.add_argument("--heal-steps", type=int, help="optimizer steps (default 100)")
+    heal.add_argument("--heal-lr", type=float, help="AdamW learning rate (default 2e-4)")
+    heal.add_argument("--heal-batch-size", type=int, help="sequences per step (default 4)")
+    heal.add_argument("--heal-seq-len", type=int, help="tokens per sequence (default 256)")
+    heal.add_argument("--heal-max-tokens", type=int, help="tokens read in all (default 262144)")
+    heal.add_argument("--heal-heldout-fraction", type=float,
+                      help="share of sequences held out for the loss (default 0.1)")
+    heal.add_argument("--heal-seed", type=int, help="seed (default 0)")
     parser.add_argument("--overwrite", action="store_true", help=OVERWRITE_HELP)
     parser.add_argument("--json", action="store_true", help="print prune.json instead of a table")
 
@@ -74,6 +95,7 @@ def run(args: argparse.Namespace) -> int:
             )
             return 2
     try:
+        heal = _heal_config(args)
         check_output_path(args.out, overwrite=args.overwrite)
         if (Path(args.model) / "config.json").is_file():  # else prune_checkpoint says so
             check_weight_files(args.model, "--model")
@@ -91,6 +113,7 @@ def run(args: argparse.Namespace) -> int:
             batch_size=args.batch_size,
             last_token=args.score == "last",
             overwrite=True,  # check_output_path above applied --overwrite
+            heal=heal,
         )
     except (ConfigError, ValueError, FileNotFoundError, FileExistsError) as e:
         logger.error("%s", e)
@@ -99,3 +122,20 @@ def run(args: argparse.Namespace) -> int:
         (json.dumps(report.to_dict(), indent=2) if args.json else report.table()) + "\n"
     )
     return 0
+
+
+def _heal_config(args: argparse.Namespace):
+    """The :class:`HealConfig` of ``--heal`` (None without it); ``--heal-*`` alone is an error."""
+    from layerfreeze.diagnostics.heal import HealConfig
+
+    given = {
+        name: getattr(args, f"heal_{name}")
+        for name in HealConfig.field_names()
+        if getattr(args, f"heal_{name}", None) is not None
+    }
+    if not args.heal:
+        if given:
+            flag = "--heal-" + next(iter(given)).replace("_", "-")
+            raise ValueError(f"{flag}: given without --heal. Add --heal, or drop {flag}.")
+        return None
+    return HealConfig(**given)

@@ -4,8 +4,10 @@ Choose the block of ``n`` consecutive layers ``[l, l + n)`` whose removal change
 stream least, measured by the angular distance ``d(l, n)`` between the input of layer ``l`` and
 the input of layer ``l + n`` on a probe set (``l + n = L`` is the input of the final norm), or
 take the paper's baseline, the deepest ``n`` layers before the last one. Then remove it, fix the
-config and save a standard Hugging Face checkpoint. Healing is a short ``layerfreeze train`` run
-with a LoRA plan on the pruned checkpoint (docs/diagnostics-prune.md).
+config and save a standard Hugging Face checkpoint. Healing (``--heal``) is a short LoRA run on
+the pruned model, over an optionally NF4-quantized frozen base, in this process
+(:mod:`layerfreeze.diagnostics.heal`); the merged export is saved instead. A longer healing run
+is a ``layerfreeze train`` run with a LoRA plan on the pruned checkpoint (docs/diagnostics-prune.md).
 
 This module also holds the layer surgery that :mod:`layerfreeze.diagnostics.compose` reuses:
 :func:`restack_layers` (a new list of blocks, renumbered) and :func:`relayer_config` (per-layer
@@ -34,6 +36,7 @@ import torch
 from torch import nn
 
 from layerfreeze.diagnostics.angular import AngularDistances, trace_angular
+from layerfreeze.diagnostics.heal import HealConfig
 from layerfreeze.models import ModelLayout, discover_layout
 from layerfreeze.utils.logging import get_logger, log_rank0
 
@@ -477,9 +480,14 @@ class PruneReport:
     probe: dict[str, Any]
     config_changed: list[str]
     seconds: float
+    heal: dict[str, Any] | None = None
+    """The healing run (:class:`layerfreeze.diagnostics.heal.HealReport`), None without one."""
 
     def to_dict(self) -> dict[str, Any]:
-        return asdict(self)
+        out = asdict(self)
+        if out["heal"] is None:
+            del out["heal"]
+        return out
 
     def table(self) -> str:
         """Console table: one row per candidate block, the chosen one marked."""
@@ -496,6 +504,13 @@ class PruneReport:
                 lines.append(f"{f'{l0}-{l0 + n - 1}':>9}  {s:8.4f}{mark}")
         dist = "n/a (no probe)" if self.distance is None else f"{self.distance:.4f}"
         lines.append(f"removed layers {self.removed[0]}-{self.removed[-1]}, distance {dist}")
+        if self.heal is not None:
+            h = self.heal
+            lines.append(
+                f"healed: {h['config']['plan']}, base {h['config']['quantize']}, "
+                f"{h['config']['steps']} steps; held-out loss {h['heldout_loss_before']:.4f} -> "
+                f"{h['heldout_loss_after']:.4f}"
+            )
         return "\n".join(lines)
 
 
@@ -513,11 +528,14 @@ def prune_checkpoint(
     batch_size: int = 4,
     last_token: bool = True,
     overwrite: bool = False,
+    heal: HealConfig | None = None,
 ) -> PruneReport:
     """Choose, remove and save: the whole ``layerfreeze prune`` job.
 
     The angular strategy needs a probe; without one it reads the bundled corpus. Every input is
-    checked before weights are loaded, and nothing is written unless the job succeeds.
+    checked before weights are loaded, and nothing is written unless the job succeeds. With
+    ``heal``, the pruned model is healed (:func:`layerfreeze.diagnostics.heal.heal_model`) and
+    its merged export (a 4-bit base dequantized first) is saved, with the report in prune.json.
 
     Raises:
         ValueError, FileNotFoundError, FileExistsError: bad input (the message names it).
@@ -550,11 +568,17 @@ def prune_checkpoint(
         log_rank0(logger, "no --probe given: measuring on the bundled corpus")
     batches: list[dict[str, torch.Tensor]] | None = None
     probe_info: dict[str, Any] = {"source": None}
+    if (probe or heal is not None) and not has_tokenizer(model_path):
+        raise ValueError(
+            f"--model {model_path}: {'a probe' if probe else '--heal'} needs the model's "
+            "tokenizer; none in this directory."
+        )
+    if heal is not None and sidecar_meta is not None:
+        raise ValueError(
+            f"--model {model_path}: --heal needs a plain checkpoint, but this export carries "
+            "layerfreeze adapters in its sidecar. Heal with `layerfreeze train` and a plan instead."
+        )
     if probe:
-        if not has_tokenizer(model_path):
-            raise ValueError(
-                f"--model {model_path}: a probe needs the model's tokenizer; none in this directory."
-            )
         batches, probe_info = build_probe(
             probe,
             load_tokenizer(str(model_path)),
@@ -565,6 +589,7 @@ def prune_checkpoint(
             max_tokens,
             batch_size,
         )
+    heal_blocks = _check_heal(heal, config, model_path) if heal is not None else None
     model = load_causal_lm(model_path)
     before = model.config.to_dict()
     distances = None
@@ -590,6 +615,9 @@ def prune_checkpoint(
         config_changed=changed,
         seconds=0.0,
     )
+    if heal is not None:
+        _heal_and_save(model, model_path, out, heal, heal_blocks, report, overwrite, t0)
+        return report
     report.seconds = round(time.perf_counter() - t0, 3)
     # The removed layers' sidecar entries go with them; the kept ones are renumbered.
     sidecar_plan = restack_sidecar_plan(
@@ -604,3 +632,59 @@ def prune_checkpoint(
         sidecar_plan=sidecar_plan,
     )
     return report
+
+
+def _check_heal(cfg: HealConfig, config: Any, model_path: Path) -> torch.Tensor:
+    """Check a healing run before any weight is loaded; return its token blocks."""
+    from transformers import AutoModelForCausalLM
+
+    from layerfreeze.data.tokenizer import load_tokenizer
+    from layerfreeze.diagnostics.heal import token_blocks
+
+    if cfg.quantize == "nf4":
+        from layerfreeze.quant import check_quantizable
+
+        with torch.device("meta"):
+            skeleton = AutoModelForCausalLM.from_config(copy.deepcopy(config))
+        check_quantizable(skeleton, "--heal-quantize")
+    max_pos = getattr(config, "max_position_embeddings", None) or getattr(
+        config, "n_positions", None
+    )
+    seq_len = min(cfg.seq_len, max_pos) if isinstance(max_pos, int) else cfg.seq_len
+    return token_blocks(cfg.data, load_tokenizer(str(model_path)), seq_len, cfg.max_tokens)
+
+
+def _heal_and_save(
+    model: nn.Module,
+    model_path: Path,
+    out: Path,
+    cfg: HealConfig,
+    blocks: torch.Tensor,
+    report: PruneReport,
+    overwrite: bool,
+    t0: float,
+) -> None:
+    """Heal the pruned ``model``, then write its merged export and prune.json to ``out``, atomically."""
+    import os
+
+    from layerfreeze.data.tokenizer import load_tokenizer
+    from layerfreeze.diagnostics.heal import finish_healing, heal_model
+    from layerfreeze.export import export_merged
+    from layerfreeze.utils.io import atomic_directory
+
+    tokenizer = load_tokenizer(str(model_path))
+    log_rank0(logger, f"healing: {cfg.plan}, base {cfg.quantize}, {cfg.steps} steps")
+    applied, heal = heal_model(model, blocks, cfg)
+    finish_healing(model)
+    check_structure(model)
+    report.heal = heal.to_dict()
+    report.seconds = round(time.perf_counter() - t0, 3)
+    with atomic_directory(out, overwrite=overwrite) as tmp:
+        # export_merged writes its own directory atomically: build it inside ours, then lift it.
+        export_merged(applied, tmp / "export", tokenizer)
+        for f in (tmp / "export").iterdir():
+            os.replace(f, tmp / f.name)
+        (tmp / "export").rmdir()
+        (tmp / "prune.json").write_text(
+            json.dumps(report.to_dict(), indent=2, ensure_ascii=False) + "\n", encoding="utf-8"
+        )
