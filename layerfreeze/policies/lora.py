@@ -384,8 +384,10 @@ def _in_out(base: nn.Module) -> tuple[int, int] | None:
     w = getattr(base, "weight", None)
     if _is_conv1d(base) and w is not None:
         return weight_shape(w)[0], weight_shape(w)[1]
-    if isinstance(base, nn.Linear):
+    if isinstance(base, nn.Linear) and not hasattr(w, "quant_state"):
         return weight_shape(w)[1], weight_shape(w)[0]
+    # Everything else (a 4-bit bitsandbytes Linear4bit stores its weight packed as uint8 with a
+    # ``quant_state``; Megatron / custom linears) reports its logical widths as attributes.
     i, o = getattr(base, "in_features", None), getattr(base, "out_features", None)
     return (i, o) if isinstance(i, int) and isinstance(o, int) else None
 

@@ -246,3 +246,29 @@ def test_eval_forward_runs_the_trained_4bit_model():
     assert not getattr(q.weight.quant_state, "packing_format_for_cpu", False)
     assert torch.equal(q.weight.data, packed) and torch.equal(q.weight.quant_state.absmax, absmax)
     assert q.support_avx512bf16_for_cpu is False  # the attribute bitsandbytes reads
+
+
+@pytest.mark.parametrize("target", ["mlp", "down", "attn"])
+def test_lora_kinds_resolve_the_4bit_layers_logical_shape(target):
+    """LoRA's role names (down, mlp, attn) find the 4-bit layers by their logical (in, out)
+    widths, not the packed uint8 weight's shape; the adapters get the base layer's widths."""
+    model = tiny(num_layers=2)
+    quantize_model(model)
+    apply_plan(model, f"all:lora(r=4,target={target})", log=False)
+    shapes = {
+        n: tuple(p.shape) for n, p in model.named_parameters()
+        if n.endswith((".lora_a", ".lora_b"))
+    }
+    assert shapes, target
+    cfg = model.config
+    widths = {
+        "down_proj": (cfg.intermediate_size, cfg.hidden_size),
+        "up_proj": (cfg.hidden_size, cfg.intermediate_size),
+        "gate_proj": (cfg.hidden_size, cfg.intermediate_size),
+    }
+    for n, shape in shapes.items():
+        layer = next((k for k in widths if f".{k}." in n), None)
+        if layer is None:
+            continue
+        fan_in, fan_out = widths[layer]
+        assert shape == ((4, fan_in) if n.endswith(".lora_a") else (fan_out, 4)), (n, shape)
