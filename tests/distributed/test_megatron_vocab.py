@@ -177,3 +177,38 @@ def test_tp2_padded_vocab_masked_gives_hf_per_token_losses():
         exact, unmasked = _expected(hf, ids, padded)
         for r in results:
             _check(r[divisible_by], exact, unmasked, padded)
+
+
+# ---------------------------------------------------------------------------------------------
+# The recipe (layerfreeze train engine=megatron) masks by default: at TP=2 with a 999-token
+# vocabulary (padded to 1000) the step-1 loss is the DeepSpeed engine's, and with
+# megatron.mask_padded_vocab=false it is not.
+
+
+@pytest.mark.slow
+def test_train_tp2_odd_vocab_step1_loss_equals_deepspeed(tmp_path, eval_data_dir):
+    from tests.e2e.test_train_cli import _config, _losses, _train, _write
+    from tests.e2e.test_train_megatron import _mconfig, _mtrain
+
+    common = dict(train={"steps": 1, "grad_accum_steps": 1},
+                  checkpoint={"every_steps": 0, "export_final": False})
+    cache = tmp_path / "cache"
+    dcfg = _config(tmp_path / "d", cache, plan={"spec": "full"}, logging={"wandb_project": None},
+                   **common)
+    dcfg["tokenizer"]["vocab_size"] = 999
+    dcfg["model"]["attn_implementation"] = "sdpa"
+    proc = _train(_write(tmp_path / "d.yaml", dcfg))
+    assert proc.returncode == 0, proc.stderr[-6000:]
+    deepspeed = _losses(tmp_path / "d")[1]
+    runs = {}
+    for mask in ("true", "false"):
+        out = tmp_path / f"m_{mask}"
+        cfg = _mconfig(out, cache, 2, 1, eval_data_dir, plan={"spec": "full"}, **common)
+        cfg["tokenizer"]["vocab_size"] = 999
+        cfg["eval"] = {"every_steps": 0, "at_end": False}
+        proc = _mtrain(_write(tmp_path / f"m_{mask}.yaml", cfg),
+                       f"megatron.mask_padded_vocab={mask}")
+        assert proc.returncode == 0, proc.stderr[-6000:]
+        runs[mask] = _losses(out)[1]
+    assert runs["true"] == pytest.approx(deepspeed, rel=1e-5)
+    assert abs(runs["false"] - deepspeed) > 1e-4  # one zero padded row: log(1 + 1/sum exp)

@@ -148,7 +148,8 @@ def check_run_config(cfg: Any, world_size: int, *, check_device: bool = True) ->
 
 def describe_layout(cfg: Any, world_size: int) -> list[str]:
     """The parallel layout of a run config, printable (``layerfreeze validate``): TP / PP / VP
-    and data-parallel sizes and which global layers each pipeline stage holds. Pure: call it
+    and data-parallel sizes, the padded-vocabulary masking, and which global layers each
+    pipeline stage holds. Pure: call it
     after :func:`check_run_config` (which rejects layouts that do not divide)."""
     from layerfreeze.modeling import model_num_layers
 
@@ -161,8 +162,12 @@ def describe_layout(cfg: Any, world_size: int) -> list[str]:
         f"Megatron layout for {world_size} rank(s): tensor parallel {tp} x pipeline parallel "
         f"{pp} (virtual chunks per stage: {vp}) x data parallel {world_size // (tp * pp)}; "
         f"{layers} layers, {per_chunk} per model chunk"
-        + ("; sequence parallel" if m.sequence_parallel else "")
         + ("; distributed optimizer" if m.use_distributed_optimizer else "")
+        + (
+            "; padded vocabulary rows masked out of the softmax"
+            if m.mask_padded_vocab
+            else "; padded vocabulary rows in the softmax (megatron.mask_padded_vocab: false)"
+        )
     ]
     for stage in range(pp):
         chunks = [stage + i * pp for i in range(vp)]  # interleaved: chunk c sits on stage c % pp
