@@ -27,15 +27,27 @@ PLAN = "0:full,1:lora(r=4,target=all,gated),2-3:prefix(tokens=2,gated)"
 
 def _run(nproc: int, *args: str) -> list[dict]:
     cmd = [
-        sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node",
-        str(nproc), "launch/megatron_example.py", "--cpu-shim", "--plan", PLAN, "--steps", "4",
+        sys.executable,
+        "-m",
+        "torch.distributed.run",
+        "--standalone",
+        "--nproc_per_node",
+        str(nproc),
+        "launch/megatron_example.py",
+        "--cpu-shim",
+        "--plan",
+        PLAN,
+        "--steps",
+        "4",
         # megatron-core 0.16.1's distributed optimizer cannot build its load state dict before
         # the first step without Apex / Transformer Engine (DistributedOptimizer.state_dict
         # asserts on the empty Adam state): the CPU run uses the plain megatron optimizer
-        "--no-distributed-optimizer", *args,
+        "--no-distributed-optimizer",
+        *args,
     ]
-    proc = subprocess.run(cmd, cwd=REPO, env=launcher_env(), capture_output=True, text=True,
-                          timeout=900)
+    proc = subprocess.run(
+        cmd, cwd=REPO, env=launcher_env(), capture_output=True, text=True, timeout=900
+    )
     assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-6000:]
     return [json.loads(x) for x in proc.stdout.splitlines() if x.startswith("{")]
 
@@ -48,7 +60,7 @@ def test_example_saves_at_tp2_and_resumes_at_tp1(tmp_path):
     assert (ckpt / "latest_checkpointed_iteration.txt").read_text() == "4"
     resumed = _run(1, "--tp", "1", "--load", str(ckpt), "--ckpt-step", "2")
     assert [r["step"] for r in resumed] == [3, 4]
-    for a, b in zip(straight[2:], resumed):
+    for a, b in zip(straight[2:], resumed, strict=True):
         assert b["loss"] == pytest.approx(a["loss"], abs=2e-6), (a, b)
         assert b["lr"] == pytest.approx(a["lr"], rel=1e-9)
         assert b["grad_norm"] == pytest.approx(a["grad_norm"], abs=2e-6)

@@ -55,7 +55,11 @@ def _body(rank, world_size, hf_dir, tmp):
 
     def provider(pre_process=True, post_process=True, vp_stage=None, load_hf=True):
         model = C.build_gpt_from_hf_config(
-            hf_config, pre_process, post_process, vp_stage, config_overrides=CPU,
+            hf_config,
+            pre_process,
+            post_process,
+            vp_stage,
+            config_overrides=CPU,
             make_vocab_size_divisible_by=1,
         ).eval()
         if load_hf:  # path (a): the base weights come in before the plan is applied
@@ -99,8 +103,9 @@ def test_base_weights_under_a_plan_hf_in_provider_and_dist_checkpoint(tmp_path):
     ids = tiny_batch(VOCAB)
     with torch.no_grad():
         exact = F.cross_entropy(hf(ids).logits.transpose(1, 2), ids.roll(-1, 1), reduction="none")
-    results = run_distributed(_body, world_size=2, args=(str(tmp_path / "hf"), str(tmp_path)),
-                              timeout=600)
+    results = run_distributed(
+        _body, world_size=2, args=(str(tmp_path / "hf"), str(tmp_path)), timeout=600
+    )
     for r in results:
         torch.testing.assert_close(r["a"], exact, rtol=0, atol=1e-5)  # (a)
         assert (r["ref"] - exact).abs().max() > 1e-2  # the adapters matter

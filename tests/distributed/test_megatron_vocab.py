@@ -34,8 +34,9 @@ def _expected(hf, ids: torch.Tensor, padded: int) -> tuple[torch.Tensor, torch.T
     labels = ids.roll(-1, 1)
     exact = F.cross_entropy(logits.transpose(1, 2), labels, reduction="none")
     zeros = torch.zeros(*logits.shape[:-1], padded - VOCAB)
-    unmasked = F.cross_entropy(torch.cat([logits, zeros], -1).transpose(1, 2), labels,
-                               reduction="none")
+    unmasked = F.cross_entropy(
+        torch.cat([logits, zeros], -1).transpose(1, 2), labels, reduction="none"
+    )
     return exact, unmasked
 
 
@@ -131,7 +132,11 @@ def _check(out: dict, exact: torch.Tensor, unmasked: torch.Tensor, padded: int) 
 
 @pytest.fixture
 def tp1():
-    from tests.helpers.megatron import destroy_model_parallel, init_model_parallel, megatron_cpu_shim
+    from tests.helpers.megatron import (
+        destroy_model_parallel,
+        init_model_parallel,
+        megatron_cpu_shim,
+    )
 
     with megatron_cpu_shim():
         init_model_parallel(tp=1, pp=1)
@@ -150,7 +155,11 @@ def test_tp1_padded_vocab_masked_gives_hf_per_token_losses(tp1):
 
 
 def _tp2_body(rank, world_size, hf_sd, hf_config, ids):
-    from tests.helpers.megatron import destroy_model_parallel, init_model_parallel, megatron_cpu_shim
+    from tests.helpers.megatron import (
+        destroy_model_parallel,
+        init_model_parallel,
+        megatron_cpu_shim,
+    )
 
     res = {}
     with megatron_cpu_shim():
@@ -190,11 +199,14 @@ def test_train_tp2_odd_vocab_step1_loss_equals_deepspeed(tmp_path, eval_data_dir
     from tests.e2e.test_train_cli import _config, _losses, _train, _write
     from tests.e2e.test_train_megatron import _mconfig, _mtrain
 
-    common = dict(train={"steps": 1, "grad_accum_steps": 1},
-                  checkpoint={"every_steps": 0, "export_final": False})
+    common = dict(
+        train={"steps": 1, "grad_accum_steps": 1},
+        checkpoint={"every_steps": 0, "export_final": False},
+    )
     cache = tmp_path / "cache"
-    dcfg = _config(tmp_path / "d", cache, plan={"spec": "full"}, logging={"wandb_project": None},
-                   **common)
+    dcfg = _config(
+        tmp_path / "d", cache, plan={"spec": "full"}, logging={"wandb_project": None}, **common
+    )
     dcfg["tokenizer"]["vocab_size"] = 999
     dcfg["model"]["attn_implementation"] = "sdpa"
     proc = _train(_write(tmp_path / "d.yaml", dcfg))
@@ -206,8 +218,9 @@ def test_train_tp2_odd_vocab_step1_loss_equals_deepspeed(tmp_path, eval_data_dir
         cfg = _mconfig(out, cache, 2, 1, eval_data_dir, plan={"spec": "full"}, **common)
         cfg["tokenizer"]["vocab_size"] = 999
         cfg["eval"] = {"every_steps": 0, "at_end": False}
-        proc = _mtrain(_write(tmp_path / f"m_{mask}.yaml", cfg),
-                       f"megatron.mask_padded_vocab={mask}")
+        proc = _mtrain(
+            _write(tmp_path / f"m_{mask}.yaml", cfg), f"megatron.mask_padded_vocab={mask}"
+        )
         assert proc.returncode == 0, proc.stderr[-6000:]
         runs[mask] = _losses(out)[1]
     assert runs["true"] == pytest.approx(deepspeed, rel=1e-5)

@@ -31,8 +31,12 @@ def _cli(module: str, *args: str) -> subprocess.CompletedProcess:
 
     env = launcher_env(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(find_free_port()))
     return subprocess.run(
-        [sys.executable, "-m", module, *args], cwd=REPO, env=env, capture_output=True,
-        text=True, timeout=300,
+        [sys.executable, "-m", module, *args],
+        cwd=REPO,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=300,
     )
 
 
