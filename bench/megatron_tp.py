@@ -9,7 +9,11 @@ interleaved over rounds (the order rotates each round) and medians are reported.
 * optimizer state: the Adam moments the Megatron optimizer actually holds, summed over the TP
   ranks, next to the *expected* 8 B per trainable element held on a rank (TP shards once,
   replicated norms on both ranks), and the DDP gradient-buffer bytes;
-* ratios to ``full``.
+* ratios to ``full``;
+* checkpoint size on disk and save time (slowest rank) of megatron-core distributed checkpoints
+  (``dist_checkpointing.save``, ``torch_dist``) after training, model weights only: the
+  adapter-only one (``layerfreeze.engines.megatron.sharded.save_trained``: what the plan
+  trains) against the full ``model.sharded_state_dict()``.
 
 CPU runs use the megatron-core CUDA shim of ``tests/helpers/megatron.py`` (a source checkout;
 the library never patches megatron-core). Writes ``bench/results/megatron_tp.{json,md}``.
@@ -49,6 +53,54 @@ def _window(step: int, gas: int, batch: int, seq: int, vocab: int) -> list[dict]
     for _ in range(gas):
         ids = torch.randint(0, vocab, (batch, seq), generator=g)
         out.append({"input_ids": ids, "labels": ids.clone()})
+    return out
+
+
+def _dir_bytes(path: str) -> int:
+    return sum(os.path.getsize(os.path.join(d, f)) for d, _, files in os.walk(path) for f in files)
+
+
+def _checkpoint_sizes(model: Any, rank: int) -> dict[str, float]:
+    """Save the adapter-only and the full distributed checkpoint of ``model`` (every rank);
+    bytes on disk and the slowest rank's save time of each."""
+    import shutil
+    import tempfile
+
+    import torch
+    import torch.distributed as dist
+    from megatron.core import dist_checkpointing
+
+    from layerfreeze.engines.megatron.sharded import save_trained
+
+    root = [tempfile.mkdtemp(prefix="lf_bench_ckpt_") if rank == 0 else None]
+    dist.broadcast_object_list(root, src=0)
+    out: dict[str, float] = {}
+    savers = {
+        "adapter_only": lambda d: save_trained(model, d),
+        # per-layer keys: a plan training some layers' weights would otherwise be refused by
+        # the trained-only save, and the full one is kept comparable
+        "full": lambda d: dist_checkpointing.save(
+            model.sharded_state_dict(metadata={"non_homogeneous_layers": True}), d
+        ),
+    }
+    for kind, save in savers.items():
+        times = []
+        for rep in range(2):  # the faster of two saves: the first pays one-time start-up costs
+            d = os.path.join(root[0], f"{kind}_{rep}")
+            if rank == 0:
+                os.makedirs(d)
+            dist.barrier()
+            t0 = time.perf_counter()
+            save(d)
+            t = torch.tensor([time.perf_counter() - t0])
+            dist.all_reduce(t, op=dist.ReduceOp.MAX)
+            dist.barrier()
+            times.append(float(t[0]))
+        out[f"{kind}_save_s"] = min(times)
+        out[f"{kind}_bytes"] = float(_dir_bytes(d)) if rank == 0 else 0.0
+    dist.barrier()
+    if rank == 0:
+        shutil.rmtree(root[0], ignore_errors=True)
     return out
 
 
@@ -113,6 +165,7 @@ def _body(rank: int, world_size: int, a: dict[str, Any]) -> dict[str, Any]:
                     rec["trainable_elements"] = int(local[0])
                     rec["grad_buffer_elements"] = int(local[1])
                     rec["total_elements"] = int(local[2])
+                    rec["checkpoint"] = _checkpoint_sizes(model, rank)
                 runner.close()
     return out
 
@@ -199,6 +252,9 @@ def main(argv: list[str] | None = None) -> int:
                 "grad_buffer_bytes": 4 * r["grad_buffer_elements"],
                 "grad_buffer_ratio": r["grad_buffer_elements"] / base["grad_buffer_elements"],
                 "loss_at_step0": r["loss0"],
+                **{f"ckpt_{k}": v for k, v in r["checkpoint"].items()},
+                "ckpt_size_ratio": r["checkpoint"]["adapter_only_bytes"]
+                / r["checkpoint"]["full_bytes"],
                 "wall_samples": r["wall"],
                 "cpu_samples": r["cpu"],
             }
@@ -250,6 +306,26 @@ def main(argv: list[str] | None = None) -> int:
             f"{_fmt_bytes(r['optimizer_state_bytes'])} | {r['optimizer_state_ratio']:.3f} | "
             f"{_fmt_bytes(r['expected_state_bytes'])} | {_fmt_bytes(r['grad_buffer_bytes'])} | "
             f"{r['grad_buffer_ratio']:.3f} | {r['loss_at_step0']:.4f} |"
+        )
+    lines += [
+        "",
+        "## Distributed checkpoints: adapter-only vs full (TP=2)",
+        "",
+        "megatron-core `dist_checkpointing.save` (`torch_dist`) of the trained model's weights "
+        "(no optimizer state), once per plan after round 0's steps, on both ranks: "
+        "*adapter-only* = `layerfreeze.engines.megatron.sharded.save_trained` (what the plan "
+        "trains: adapters and fully trained layers), *full* = `model.sharded_state_dict()` "
+        "(per-layer keys). Size = bytes on disk; save time = slowest rank, the faster of two "
+        "saves (the first pays one-time start-up costs; noisy on the shared machine).",
+        "",
+        "| plan | adapter-only MiB | full MiB | size ratio | adapter-only save s | full save s |",
+        "| --- | ---: | ---: | ---: | ---: | ---: |",
+    ]
+    for r in rows:
+        lines.append(
+            f"| {r['plan']} | {_fmt_bytes(r['ckpt_adapter_only_bytes'])} | "
+            f"{_fmt_bytes(r['ckpt_full_bytes'])} | {r['ckpt_size_ratio']:.3f} | "
+            f"{r['ckpt_adapter_only_save_s']:.3f} | {r['ckpt_full_save_s']:.3f} |"
         )
     lines += ["", "## Plans", ""]
     from layerfreeze.plan import PRESETS, LayerPlan

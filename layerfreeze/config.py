@@ -317,9 +317,16 @@ class MegatronConfig:
     virtual_pipeline_model_parallel_size: int | None = None
     """Model chunks per pipeline stage (interleaved schedule); null for one chunk."""
     sequence_parallel: bool = False
-    """Megatron sequence parallelism (needs tensor_model_parallel_size > 1)."""
+    """Megatron sequence parallelism (needs tensor_model_parallel_size > 1). Not supported yet:
+    ``layerfreeze validate`` / ``train`` refuse true (the adapters do not handle
+    sequence-sharded activations; the local layer spec's norms refuse it)."""
     use_distributed_optimizer: bool = False
     """Shard optimizer state over data-parallel ranks (Megatron's distributed optimizer)."""
+    mask_padded_vocab: bool = True
+    """Keep megatron's padded vocabulary rows (the vocabulary is padded to a multiple of the
+    tensor-parallel size) out of the softmax: the loss and the evaluation logits are the
+    Hugging Face model's. false keeps megatron-core's behaviour (padded rows at logit 0 enter
+    the softmax, as in Megatron-LM)."""
 
     def __post_init__(self) -> None:
         problems = []

@@ -22,6 +22,7 @@ if TYPE_CHECKING:  # for type checkers and linters only: the runner imports mega
     from layerfreeze.engines.megatron.layout import megatron_layout  # noqa: F401
     from layerfreeze.engines.megatron.provider import (  # noqa: F401
         apply_megatron_plan,
+        load_base_checkpoint,
         optimizer_overrides,
         plan_model_provider,
     )
@@ -29,10 +30,13 @@ if TYPE_CHECKING:  # for type checkers and linters only: the runner imports mega
         MegatronRunner,
         optimizer_state_numel,
     )
+    from layerfreeze.engines.megatron.vocab import mask_padded_vocab  # noqa: F401
 
 __all__ = [
     "MegatronRunner",
     "apply_megatron_plan",
+    "load_base_checkpoint",
+    "mask_padded_vocab",
     "megatron_layout",
     "optimizer_overrides",
     "optimizer_state_numel",
@@ -43,6 +47,8 @@ _WHERE = {
     "MegatronRunner": "layerfreeze.engines.megatron.runner",
     "optimizer_state_numel": "layerfreeze.engines.megatron.runner",
     "apply_megatron_plan": "layerfreeze.engines.megatron.provider",
+    "load_base_checkpoint": "layerfreeze.engines.megatron.provider",
+    "mask_padded_vocab": "layerfreeze.engines.megatron.vocab",
     "optimizer_overrides": "layerfreeze.engines.megatron.provider",
     "plan_model_provider": "layerfreeze.engines.megatron.provider",
     "megatron_layout": "layerfreeze.engines.megatron.layout",

@@ -10,7 +10,11 @@ installed. Modules:
   (registered as a LoRA dispatcher);
 * ``prefix``   the prefix branch on megatron ``SelfAttention`` (registered as a prefix installer);
 * ``recompute`` ``prepare_recompute(model)``: with activation recomputation, let gradients reach
-  adapters in layers above frozen embeddings (call it after ``apply_plan``).
+  adapters in layers above frozen embeddings (call it after ``apply_plan``);
+* ``vocab``    ``mask_padded_vocab(model, vocab_size)``: megatron's padded vocabulary rows kept
+  out of the softmax (loss and logits equal the Hugging Face model's);
+* ``provider`` ``plan_model_provider`` / ``optimizer_overrides`` / ``load_base_checkpoint`` for
+  existing Megatron-LM scripts (``docs/megatron.md``).
 
 ``register_megatron_policies()`` registers both (``megatron_layout`` calls it).
 
@@ -35,6 +39,8 @@ __all__ = [
     "ParallelLoRAAdapter",
     "MegatronPrefix",
     "prepare_recompute",
+    "mask_padded_vocab",
+    "load_base_checkpoint",
     "check_run_config",
     "describe_run_config",
     "init_distributed",
@@ -48,6 +54,8 @@ _LAZY = {
     "ParallelLoRAAdapter": "layerfreeze.engines.megatron.lora",
     "MegatronPrefix": "layerfreeze.engines.megatron.prefix",
     "prepare_recompute": "layerfreeze.engines.megatron.recompute",
+    "mask_padded_vocab": "layerfreeze.engines.megatron.vocab",
+    "load_base_checkpoint": "layerfreeze.engines.megatron.provider",
     # the recipe's entry points (layerfreeze train engine=megatron)
     "check_run_config": "layerfreeze.engines.megatron.recipe",
     "describe_run_config": "layerfreeze.engines.megatron.recipe",

@@ -29,7 +29,12 @@ from torch import nn
 from layerfreeze.engines.common import unwrap_module
 from layerfreeze.utils.logging import get_logger, log_rank0
 
-__all__ = ["apply_megatron_plan", "optimizer_overrides", "plan_model_provider"]
+__all__ = [
+    "apply_megatron_plan",
+    "load_base_checkpoint",
+    "optimizer_overrides",
+    "plan_model_provider",
+]
 
 logger = get_logger(__name__)
 
@@ -166,7 +171,7 @@ def plan_totals_line(applied: Any, chunks: Sequence[nn.Module]) -> str:
 
 
 def plan_model_provider(
-    model_provider: Callable[..., nn.Module], plan: Any
+    model_provider: Callable[..., nn.Module], plan: Any, *, vocab_size: int | None = None
 ) -> Callable[..., nn.Module]:
     """Wrap a Megatron-LM model provider so every model it builds trains under ``plan``.
 
@@ -178,6 +183,10 @@ def plan_model_provider(
             spec. For a schedule, phase 0 is applied and every phase's adapters are installed;
             phase switches need :class:`~layerfreeze.engines.megatron.runner.MegatronRunner`
             (Megatron-LM's ``pretrain`` builds DDP and the optimizer once).
+        vocab_size: the tokenizer's real vocabulary. Given, the padded vocabulary rows are kept
+            out of the softmax (:func:`~layerfreeze.engines.megatron.vocab.mask_padded_vocab`):
+            the loss and logits are the Hugging Face model's. None keeps megatron-core's
+            behaviour (padded rows at logit 0 in the softmax).
 
     Returns:
         A provider with the same call signature; the model it returns carries its
@@ -199,8 +208,13 @@ def plan_model_provider(
     @functools.wraps(model_provider)
     def provider(*args: Any, **kwargs: Any) -> nn.Module:
         model = model_provider(*args, **kwargs)
-        applied = apply_megatron_plan(unwrap_module(model, stop_at="decoder"), first, install=rest)
-        unwrap_module(model, stop_at="decoder").__dict__[APPLIED_ATTR] = applied
+        inner = unwrap_module(model, stop_at="decoder")
+        applied = apply_megatron_plan(inner, first, install=rest)
+        inner.__dict__[APPLIED_ATTR] = applied
+        if vocab_size is not None:
+            from layerfreeze.engines.megatron.vocab import mask_padded_vocab
+
+            mask_padded_vocab(inner, vocab_size)
         return model
 
     return provider
@@ -288,3 +302,52 @@ def optimizer_overrides(
         )
         out[ParamKey(predicate=predicate)] = override
     return out
+
+
+def load_base_checkpoint(model: nn.Module, directory: str) -> list[str]:
+    """Load a megatron-core distributed checkpoint of the model *without* adapters (a
+    pretrained base, ``torch_dist``) into a model that already carries a plan.
+
+    Every tensor the model declares (``model.sharded_state_dict()``) is loaded, at any TP/PP
+    layout; the adapter tensors, and only those, may be absent from the checkpoint (a base
+    checkpoint has none) and then keep their values (LoRA ``B`` and gates start at zero, so the
+    planned model computes the base model). A checkpoint that holds the adapters (one saved
+    from a planned model) loads them too. A collective call: every rank of the model calls it.
+
+    Args:
+        model: the planned ``GPTModel`` of this rank (DDP / Float16 wrappers are unwrapped).
+        directory: the checkpoint directory (``dist_checkpointing.save`` output).
+
+    Returns:
+        The state-dict keys loaded.
+
+    Raises:
+        ValueError: the checkpoint lacks a tensor that is not an adapter's (named, with the
+            number of others), or a loaded tensor's shape differs from the model's.
+    """
+    from megatron.core import dist_checkpointing
+    from megatron.core.dist_checkpointing.mapping import ShardedTensor, ShardedTensorFactory
+
+    from layerfreeze.apply import adapter_param_names
+    from layerfreeze.engines.megatron.sharded import load_sharded_into
+
+    inner = unwrap_module(model, stop_at="decoder")
+    names = set(adapter_param_names(inner))
+    adapters = {id(p) for n, p in inner.named_parameters() if n in names}
+    saved = set(dist_checkpointing.load_tensors_metadata(directory))
+    sharded = inner.sharded_state_dict()
+    missing_base, keep = [], {}
+    for name, v in sharded.items():
+        if isinstance(v, (ShardedTensor, ShardedTensorFactory)) and v.key not in saved:
+            if id(getattr(v, "data", None)) in adapters:
+                continue  # an adapter tensor a base checkpoint cannot hold
+            missing_base.append(v.key)
+        keep[name] = v
+    if missing_base:
+        more = f" (and {len(missing_base) - 1} more)" if len(missing_base) > 1 else ""
+        raise ValueError(
+            f"{directory}: the checkpoint has no {sorted(missing_base)[0]}{more}, which is not "
+            "an adapter tensor (only adapter tensors may be absent from a base checkpoint). "
+            "Load a checkpoint of the same architecture and layer count."
+        )
+    return load_sharded_into(inner, keep, directory)

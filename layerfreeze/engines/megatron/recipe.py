@@ -70,6 +70,16 @@ def cuda_problem() -> str | None:
     return None
 
 
+#: why ``megatron.sequence_parallel: true`` is refused before a run starts (one line)
+SEQUENCE_PARALLEL_REFUSED = (
+    "megatron.sequence_parallel: not supported yet, got true. layerfreeze's LoRA and prefix "
+    "adapters on sequence-parallel (sequence-sharded) activations are not implemented, and the "
+    "engine builds megatron-core's local layer spec, whose torch norms megatron-core refuses "
+    "under sequence parallelism (the Transformer Engine spec needs CUDA; there is no TE on CPU). "
+    "Set megatron.sequence_parallel: false; tensor parallelism works without it."
+)
+
+
 def check_run_config(cfg: Any, world_size: int, *, check_device: bool = True) -> list[str]:
     """Validate the Megatron side of a run config before anything is written.
 
@@ -85,7 +95,7 @@ def check_run_config(cfg: Any, world_size: int, *, check_device: bool = True) ->
     Raises:
         ConfigError: every problem at once (layout vs world size, an architecture without a
             Hugging Face <-> Megatron mapping, heads / query groups not divisible by the
-            tensor-parallel size, a pipeline deeper than the model).
+            tensor-parallel size, a pipeline deeper than the model, sequence parallelism).
     """
     from layerfreeze.engines.megatron.convert import megatron_config_kwargs
 
@@ -95,6 +105,8 @@ def check_run_config(cfg: Any, world_size: int, *, check_device: bool = True) ->
     warnings: list[str] = []
     if check_device and (no_cuda := cuda_problem()):
         problems.append(no_cuda)
+    if m.sequence_parallel:
+        problems.append(SEQUENCE_PARALLEL_REFUSED)
     if cfg.checkpoint.export_adapter:
         problems.append(
             "checkpoint.export_adapter: not available with engine: megatron (the merged Hugging "
@@ -136,7 +148,8 @@ def check_run_config(cfg: Any, world_size: int, *, check_device: bool = True) ->
 
 def describe_layout(cfg: Any, world_size: int) -> list[str]:
     """The parallel layout of a run config, printable (``layerfreeze validate``): TP / PP / VP
-    and data-parallel sizes and which global layers each pipeline stage holds. Pure: call it
+    and data-parallel sizes, the padded-vocabulary masking, and which global layers each
+    pipeline stage holds. Pure: call it
     after :func:`check_run_config` (which rejects layouts that do not divide)."""
     from layerfreeze.modeling import model_num_layers
 
@@ -149,8 +162,12 @@ def describe_layout(cfg: Any, world_size: int) -> list[str]:
         f"Megatron layout for {world_size} rank(s): tensor parallel {tp} x pipeline parallel "
         f"{pp} (virtual chunks per stage: {vp}) x data parallel {world_size // (tp * pp)}; "
         f"{layers} layers, {per_chunk} per model chunk"
-        + ("; sequence parallel" if m.sequence_parallel else "")
         + ("; distributed optimizer" if m.use_distributed_optimizer else "")
+        + (
+            "; padded vocabulary rows masked out of the softmax"
+            if m.mask_padded_vocab
+            else "; padded vocabulary rows in the softmax (megatron.mask_padded_vocab: false)"
+        )
     ]
     for stage in range(pp):
         chunks = [stage + i * pp for i in range(vp)]  # interleaved: chunk c sits on stage c % pp
@@ -246,8 +263,8 @@ def _build_chunks(cfg: Any, hf_config: Any) -> list[torch.nn.Module]:
             build_gpt_from_hf_config(
                 hf_config, pre, post, stage, config_overrides=overrides,
                 seq_length=cfg.data.seq_len,
-                # pad the vocabulary only to a multiple of the TP size: padded logits would
-                # enter the softmax and change the loss against the Hugging Face model
+                # pad the vocabulary only to a multiple of the TP size (the fewest padded
+                # rows; megatron.mask_padded_vocab keeps them out of the softmax)
                 make_vocab_size_divisible_by=1,
                 # the local-spec model: the tensor-parallel LoRA / prefix installers target its
                 # parallel linears and attention (a Megatron-Bridge build uses TE layers)
@@ -297,6 +314,12 @@ def runner_from_run_config(
             f"tokenizer's ({vocab_size}). Use the tokenizer that came with the checkpoint."
         )
     chunks = _build_chunks(cfg, hf_config)
+    if cfg.megatron.mask_padded_vocab:
+        # the padded rows (vocabulary padded to a multiple of TP) stay out of the softmax:
+        # per-token losses and evaluation logits are the Hugging Face model's on every TP size
+        from layerfreeze.engines.megatron.vocab import mask_padded_vocab
+
+        mask_padded_vocab(chunks, int(hf_config.vocab_size))
     if cfg.model.path is not None:
         load_hf_weights(chunks, cfg.model.path, hf_config, backend="layerfreeze")
         source = cfg.model.path
