@@ -10,7 +10,7 @@ pipeline-parallel). layerfreeze only touches the model provider and the optimize
 Run (2 processes; tensor-parallel 2, or pipeline-parallel 2 with ``--pp 2 --tp 1``)::
 
     torchrun --nproc_per_node 2 launch/megatron_example.py --tp 2 --plan freeze_deep --steps 5
-    torchrun --nproc_per_node 2 launch/megatron_example.py --tp 1 --pp 2 --plan hlpt --cpu-shim
+    torchrun --nproc_per_node 2 launch/megatron_example.py --tp 1 --pp 2 --plan hlpt_branch --cpu-shim
 
 On GPUs (NCCL) it runs as is. megatron-core 0.16 allocates a few buffers on the current CUDA
 device even for CPU models, so a CPU-only run (gloo) needs ``--cpu-shim``: it imports the test
