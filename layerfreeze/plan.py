@@ -23,6 +23,10 @@ Ranges: ``a-b`` / ``a:b`` are inclusive 0-based global layer indices, negative o
 the end (``-1`` is the last layer), ``all`` is every layer. Percent endpoints are *boundaries*
 between layers: ``p%`` is boundary ``floor(p/100 * N + 1/2)`` (round half up, computed exactly),
 so ``0%-25%`` covers layers ``[0, b(25%))`` and ``25%-100%`` covers the rest without overlap.
+
+Length: over the ~700-line guide because the presets' option dataclasses (one documented field
+per option, read by ``validate`` / ``--help``) live next to the grammar they build on; moving
+them out is a candidate split (``plan_presets.py``) that would change no behaviour.
 """
 
 from __future__ import annotations
