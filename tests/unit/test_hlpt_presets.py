@@ -218,9 +218,10 @@ def test_initial_change_of_each_form():
     b = 0, so g = 0.5; prefix keys/values ~ N(0, 1)): the prefix changes the logits from step 0;
     gate_bias=-30 closes the gate and gives the base model back to float rounding."""
     assert _initial_change("hlpt_branch(r=2,tokens=4)") == 0.0
-    paper = _initial_change("hlpt(r=2,tokens=4)")
-    assert paper > 1e-3
-    assert _initial_change("hlpt(r=2,tokens=4,gated=false)") > 1e-3  # g = 1: a larger shift
+    assert _initial_change("hlpt(r=2,tokens=4)") > 0.1  # measured 0.57 (docs/plans.md)
+    assert _initial_change("hlpt(r=2,tokens=4,gated=false)") > 0.1  # g = 1: measured 0.59
+    assert _initial_change("hlpt(r=2,tokens=4,gate_at=value)") > 0.1  # measured 0.34
+    assert _initial_change("hlpt(r=2,tokens=4,prefix={gate_bias: -8})") < 1e-2  # 1.5e-3
     assert _initial_change("hlpt(r=2,tokens=4,prefix={gate_bias: -30})") < 1e-6
 
 
