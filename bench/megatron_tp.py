@@ -42,7 +42,8 @@ _HERE = Path(__file__).resolve().parent
 if str(_HERE.parent) not in sys.path:  # run from a checkout without installing layerfreeze
     sys.path.insert(0, str(_HERE.parent))
 
-PLANS = ["full", "freeze_deep", "freeze_shallow", "hlpt", "h2lpt"]
+# megatron runs the prefix in the branch form only (hlpt / h2lpt use the paper form)
+PLANS = ["full", "freeze_deep", "freeze_shallow", "hlpt_branch", "h2lpt_branch"]
 
 
 def _window(step: int, gas: int, batch: int, seq: int, vocab: int) -> list[dict]:

@@ -73,9 +73,14 @@ CONFIGS: dict[str, BenchConfig] = {
             "hlpt",
             "layerfreeze",
             "hlpt",
-            description="gated LoRA FFN bottom 3/4, gated prefix top 1/4",
+            description="gated LoRA FFN bottom 3/4, gated prefix (paper form) top 1/4",
         ),
-        BenchConfig("h2lpt", "layerfreeze", "h2lpt", description="HLPT split on half the layers"),
+        BenchConfig(
+            "h2lpt",
+            "layerfreeze",
+            "h2lpt",
+            description="gated LoRA FFN bottom 1/4, middle half frozen, gated prefix top 1/4",
+        ),
         BenchConfig("lora_all", "layerfreeze", "lora_all", description="plain LoRA on every layer"),
         BenchConfig(
             "hlpt_lora",
@@ -168,7 +173,8 @@ def dims_of(args: argparse.Namespace) -> flops.LlamaDims:
 
 def preset_plan(name: str):
     """The layerfreeze preset ``name`` at its defaults (freeze fractions 0.5; hlpt: gated LoRA
-    r=16 on the FFN of the bottom 3/4, gated 16-token prefix on the top 1/4; lora_all: r=16)."""
+    r=16 on the FFN of the bottom 3/4, gated 16-token prefix (paper form) on the top 1/4; h2lpt:
+    the same on the bottom and top quarters, the middle half frozen; lora_all: r=16)."""
     from layerfreeze.plan import LayerPlan
 
     return LayerPlan.from_preset(name)

@@ -12,7 +12,7 @@ provider and the optimizer overrides.
 Run (2 processes; tensor-parallel 2, or pipeline-parallel 2 with ``--pp 2 --tp 1``)::
 
     torchrun --nproc_per_node 2 launch/megatron_example.py --tp 2 --plan freeze_deep --steps 5
-    torchrun --nproc_per_node 2 launch/megatron_example.py --tp 1 --pp 2 --plan hlpt --cpu-shim
+    torchrun --nproc_per_node 2 launch/megatron_example.py --tp 1 --pp 2 --plan hlpt_branch --cpu-shim
 
 Save and resume (here: saved at TP=2, resumed at TP=1 on one process; the adapters' tensors are
 declared with their global shapes, so the checkpoint reshards)::

@@ -23,6 +23,10 @@ Ranges: ``a-b`` / ``a:b`` are inclusive 0-based global layer indices, negative o
 the end (``-1`` is the last layer), ``all`` is every layer. Percent endpoints are *boundaries*
 between layers: ``p%`` is boundary ``floor(p/100 * N + 1/2)`` (round half up, computed exactly),
 so ``0%-25%`` covers layers ``[0, b(25%))`` and ``25%-100%`` covers the rest without overlap.
+
+Length: over the ~700-line guide because the presets' option dataclasses (one documented field
+per option, read by ``validate`` / ``--help``) live next to the grammar they build on; moving
+them out is a candidate split (``plan_presets.py``) that would change no behaviour.
 """
 
 from __future__ import annotations
@@ -651,7 +655,8 @@ class LayerPlan:
     @classmethod
     def from_preset(cls, name: str, path: str | None = None, **options: Any) -> LayerPlan:
         """Build a preset plan (``full``, ``freeze_deep``, ``freeze_shallow``, ``hlpt``,
-        ``h2lpt``, ``lora_all``); see docs/plans.md for sources and allocations.
+        ``hlpt_branch``, ``h2lpt``, ``h2lpt_3to1``, ``h2lpt_branch``, ``lora_all``); see
+        docs/plans.md for sources and allocations.
 
         Raises:
             ConfigError: unknown preset (lists them) or preset option (did-you-mean).
@@ -744,9 +749,29 @@ class FreezeShallowArgs(FreezeDeepArgs):
     (``freeze``), norm/head the top (``full``))."""
 
 
+_PREFIX_FORMS = ("paper", "branch")
+_GATE_AT = ("logit", "value")
+
+
+def _check_prefix_form(form: str, gate_at: str, gated: bool, problems: list[str]) -> None:
+    if form not in _PREFIX_FORMS:
+        problems.append(
+            f"form: must be paper (HLPT's gated virtual tokens) or branch (the zero-initialised "
+            f"branch), got {form!r}."
+        )
+    if gate_at not in _GATE_AT:
+        problems.append(f"gate_at: must be logit or value, got {gate_at!r}.")
+    elif gate_at == "value" and (form != "paper" or not gated):
+        problems.append(
+            f"gate_at: value is read by the gated paper form only, got form={form}, "
+            f"gated={str(gated).lower()}. Use form=paper with gated=true, or drop gate_at."
+        )
+
+
 @dataclass
 class HLPTArgs:
-    """``hlpt`` options."""
+    """``hlpt`` options (HLPT, Gu et al., EMNLP 2024: gated LoRA on the FFN of the bottom layers,
+    gated prefix on the top layers, the prefix in the paper's form)."""
 
     lora_fraction: float = 0.75
     """Bottom fraction of layers with gated LoRA on the FFN; the rest get gated prefix."""
@@ -756,7 +781,17 @@ class HLPTArgs:
     """Prefix virtual tokens per layer."""
     gated: bool = True
     """HLPT's input-dependent gate on the LoRA and the prefix layers; false is the paper's
-    no-gate ablation (plain LoRA; prefix scaled by its zero-initialised per-head factor only)."""
+    no-gate ablation: plain LoRA (``alpha / r`` only) and, in the paper form, plain prefix tuning
+    (weight 1 in the one softmax; no gate, no factor). The branch form keeps its zero-initialised
+    per-head factor without gates (it is what makes that form the identity at init)."""
+    form: str = "paper"
+    """The prefix's form: ``paper`` (HLPT: the prefix prepended to the layer's own keys/values,
+    one softmax, the gate on the prefix) or ``branch`` (a separate zero-initialised attention
+    branch, LLaMA-Adapter style; the base model exactly at init; the form the Megatron engine and
+    inline-attention models support). See docs/plans.md."""
+    gate_at: str = "logit"
+    """Where the paper form's gate acts: ``logit`` (``log g`` on the prefix's attention logits)
+    or ``value`` (``g`` scales the prefix's values). Paper form with ``gated`` only."""
     lora_target: str = "mlp"
     """What the LoRA layers adapt: ``mlp`` (HLPT: the FFN), ``attn`` (ablation: attention
     instead of the FFN), ``down`` (ablation: the FFN's down projection only) or ``all``."""
@@ -766,7 +801,8 @@ class HLPTArgs:
     lora: dict = field(default_factory=dict)
     """Extra LoRA options (alpha, dropout, ...), merged over ``{r, target, gated}``."""
     prefix: dict = field(default_factory=dict)
-    """Extra prefix options, merged over ``{tokens, gated}``."""
+    """Extra prefix options (gate_bias, reparam, ...), merged over ``{tokens, gated, form,
+    gate_at}``."""
     embeddings: str = "freeze"
     """Policy of the embeddings."""
     final_norm: str = "freeze"
@@ -778,30 +814,45 @@ class HLPTArgs:
         problems: list[str] = []
         _check_fraction("lora_fraction", self.lora_fraction, problems, allow_zero=True)
         _check_lora_target(self.lora_target, problems)
+        _check_prefix_form(self.form, self.gate_at, self.gated, problems)
         if problems:
             raise ConfigError(problems)
 
 
 @dataclass
-class H2LPTArgs:
-    """``h2lpt`` options: HLPT's 3:1 split on half the layers, the middle frozen."""
+class HLPTBranchArgs(HLPTArgs):
+    """``hlpt_branch`` options: ``hlpt`` with the prefix in the branch form (identity at init)."""
 
-    lora_fraction: float = 0.375
-    """Bottom fraction with gated LoRA on the FFN (HLPT's 3/4 of half the layers)."""
-    prefix_fraction: float = 0.125
-    """Top fraction with gated prefix (HLPT's 1/4 of half the layers)."""
+    form: str = "branch"
+    """The prefix's form (``branch`` here; ``paper`` makes this ``hlpt``)."""
+
+
+@dataclass
+class H2LPTArgs:
+    """``h2lpt`` options (H²LPT, Gu et al., EMNLP 2024): gated LoRA on the FFN of the bottom
+    quarter, the middle half frozen, gated prefix (paper form) on the top quarter."""
+
+    lora_fraction: float = 0.25
+    """Bottom fraction with gated LoRA on the FFN (the paper's bottom-most quarter)."""
+    prefix_fraction: float = 0.25
+    """Top fraction with gated prefix (the paper's top-most quarter)."""
     r: int = 16
     """LoRA rank."""
     tokens: int = 16
     """Prefix virtual tokens per layer."""
     gated: bool = True
-    """HLPT's input-dependent gate on the LoRA and the prefix layers (false: no gates)."""
+    """HLPT's input-dependent gate on the LoRA and the prefix layers (false: the gate-free
+    ablation, as for ``hlpt``)."""
+    form: str = "paper"
+    """The prefix's form: ``paper`` or ``branch`` (as for ``hlpt``)."""
+    gate_at: str = "logit"
+    """Where the paper form's gate acts: ``logit`` or ``value`` (as for ``hlpt``)."""
     lora_target: str = "mlp"
     """What the LoRA layers adapt: ``mlp`` (the FFN), ``attn``, ``down`` or ``all``."""
     lora: dict = field(default_factory=dict)
     """Extra LoRA options, merged over ``{r, target, gated}``."""
     prefix: dict = field(default_factory=dict)
-    """Extra prefix options, merged over ``{tokens, gated}``."""
+    """Extra prefix options, merged over ``{tokens, gated, form, gate_at}``."""
     embeddings: str = "freeze"
     """Policy of the embeddings."""
     final_norm: str = "freeze"
@@ -814,6 +865,7 @@ class H2LPTArgs:
         _check_fraction("lora_fraction", self.lora_fraction, problems, allow_zero=True)
         _check_fraction("prefix_fraction", self.prefix_fraction, problems, allow_zero=True)
         _check_lora_target(self.lora_target, problems)
+        _check_prefix_form(self.form, self.gate_at, self.gated, problems)
         if not problems and self.lora_fraction + self.prefix_fraction > 1:
             problems.append(
                 f"lora_fraction + prefix_fraction: must be at most 1, got "
@@ -821,6 +873,25 @@ class H2LPTArgs:
             )
         if problems:
             raise ConfigError(problems)
+
+
+@dataclass
+class H2LPT3to1Args(H2LPTArgs):
+    """``h2lpt_3to1`` options: HLPT's 3 : 1 split on half the layers (bottom 3/8 LoRA, top 1/8
+    prefix, middle half frozen), the layout ``h2lpt`` had before it followed the paper."""
+
+    lora_fraction: float = 0.375
+    """Bottom fraction with gated LoRA on the FFN (HLPT's 3/4 of half the layers)."""
+    prefix_fraction: float = 0.125
+    """Top fraction with gated prefix (HLPT's 1/4 of half the layers)."""
+
+
+@dataclass
+class H2LPTBranchArgs(H2LPTArgs):
+    """``h2lpt_branch`` options: ``h2lpt`` with the prefix in the branch form."""
+
+    form: str = "branch"
+    """The prefix's form (``branch`` here; ``paper`` makes this ``h2lpt``)."""
 
 
 @dataclass
@@ -877,7 +948,11 @@ def _lora_rule(layers: str, args) -> dict:
 
 
 def _prefix_rule(layers: str, args) -> dict:
-    return {"layers": layers, "policy": "prefix", "tokens": args.tokens, "gated": args.gated, **args.prefix}
+    rule = {"layers": layers, "policy": "prefix", "tokens": args.tokens, "gated": args.gated,
+            "form": args.form}
+    if args.form == "paper":
+        rule["gate_at"] = args.gate_at
+    return {**rule, **args.prefix}
 
 
 def _preset_hlpt(args: HLPTArgs) -> dict:
@@ -910,9 +985,15 @@ PRESETS: dict[str, tuple[type, Callable[[Any], dict], str]] = {
     "freeze_shallow": (FreezeShallowArgs, _preset_freeze_shallow,
                        "the opposite: train the top fraction in full, freeze the shallow layers"),
     "hlpt": (HLPTArgs, _preset_hlpt,
-             "gated LoRA on the FFN of the bottom 3/4, gated prefix on the top 1/4"),
+             "HLPT: gated LoRA on the FFN of the bottom 3/4, gated prefix (paper form) on the top 1/4"),
+    "hlpt_branch": (HLPTBranchArgs, _preset_hlpt,
+                    "hlpt with the prefix as a zero-initialised branch (identity at init; Megatron)"),
     "h2lpt": (H2LPTArgs, _preset_h2lpt,
-              "HLPT's split on half the layers: bottom 3/8 gated LoRA, top 1/8 gated prefix, middle frozen"),
+              "H2LPT: bottom 1/4 gated LoRA, middle half frozen, top 1/4 gated prefix (paper form)"),
+    "h2lpt_3to1": (H2LPT3to1Args, _preset_h2lpt,
+                   "HLPT's 3:1 split on half the layers: bottom 3/8 LoRA, top 1/8 prefix, middle frozen"),
+    "h2lpt_branch": (H2LPTBranchArgs, _preset_h2lpt,
+                     "h2lpt with the prefix as a zero-initialised branch (identity at init; Megatron)"),
     "lora_all": (LoRAAllArgs, _preset_lora_all, "plain LoRA on every layer"),
 }
 

@@ -7,6 +7,8 @@ Run::
     layerfreeze plan --model config.json --plan plan.yaml        # a plan, or a list of phases
     layerfreeze plan --model config.json --preset freeze_deep --memory --world-size 64 \
         --zero-stage 3 --micro-batch 1 --seq-len 4096 --dtype bf16 --gradient-checkpointing
+    layerfreeze plan --model llama7b_config.json --preset h2lpt --count   # one line of counts
+    layerfreeze plan --list                                              # the presets
 
 The model is built on the ``meta`` device from its config alone (no weights, no memory), so a
 70B config plans in seconds; counts come from parameter shapes. ``--memory`` adds the per-rank
@@ -29,15 +31,22 @@ logger = get_logger("layerfreeze.plan")
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     """Register ``--model``, ``--preset`` / ``--preset-arg`` or ``--plan``, and ``--json``."""
-    parser.add_argument("--model", required=True,
-                        help="Hugging Face checkpoint directory or its config.json")
+    from layerfreeze.plan import PRESETS
+
+    parser.add_argument("--model",
+                        help="Hugging Face checkpoint directory or its config.json (required "
+                             "except with --list)")
     src = parser.add_mutually_exclusive_group(required=True)
-    src.add_argument("--preset", help="preset name: full, freeze_deep, freeze_shallow, hlpt, h2lpt, lora_all")
+    src.add_argument("--preset", help=f"preset name: {', '.join(PRESETS)} (--list describes them)")
+    src.add_argument("--list", action="store_true", help="list the presets with a line each and exit")
     src.add_argument("--plan", help="plan file (YAML/JSON: a plan or a list of schedule phases) or "
                                     "a compact plan string such as '0-7:full,8-31:freeze'")
     parser.add_argument("--preset-arg", action="append", default=[], metavar="KEY=VALUE",
                         help="preset option, repeatable (e.g. --preset-arg fraction=0.25)")
     parser.add_argument("--json", action="store_true", help="print JSON instead of a table")
+    parser.add_argument("--count", action="store_true",
+                        help="print one line instead of the table: trainable parameters, total "
+                             "parameters and the trainable percentage (per phase for a schedule)")
     mem = parser.add_argument_group("memory (with --memory)")
     mem.add_argument("--memory", action="store_true",
                      help="also estimate per-rank memory of each phase (see docs/memory.md)")
@@ -190,7 +199,18 @@ def run(args: argparse.Namespace) -> int:
     from layerfreeze.utils.schema import apply_overrides
 
     out = sys.stdout
+    if getattr(args, "list", False):
+        from layerfreeze.plan import PRESETS
+
+        width = max(map(len, PRESETS))
+        out.write("".join(f"{name:<{width}}  {doc}\n" for name, (_, _, doc) in PRESETS.items()))
+        return 0
     try:
+        if not args.model:
+            raise ConfigError("--model: required with --preset or --plan, got none. Pass a "
+                              "checkpoint directory or its config.json.")
+        if args.count and (args.json or args.memory):
+            raise ConfigError("--count: prints one line; drop --json / --memory, or drop --count.")
         setup = _memory_setup(args)
         model = build_meta_model(args.model)
         if args.preset:
@@ -209,7 +229,9 @@ def run(args: argparse.Namespace) -> int:
                     previous=previous,
                 )
                 phases.append((phase.until_step, data, text))
-            if args.json:
+            if args.count:
+                out.write("".join(_count_line(d) for _u, d, _t in phases))
+            elif args.json:
                 out.write(json.dumps({"phases": [dict(until_step=u, **d) for u, d, _ in phases]}, indent=2) + "\n")
             else:
                 start = 0
@@ -221,5 +243,15 @@ def run(args: argparse.Namespace) -> int:
     except (ConfigError, ValueError, FileNotFoundError) as e:
         logger.error("%s", e)
         return 2
+    if args.count:
+        out.write(_count_line(data))
+        return 0
     out.write((json.dumps(data, indent=2) if args.json else text) + "\n")
     return 0
+
+
+def _count_line(data: dict) -> str:
+    """``<trainable> trainable of <total> parameters (<pct>%): <plan>`` for ``--count``."""
+    trainable, total = data["trainable_params"], data["total_params"]
+    pct = 100.0 * trainable / total if total else 0.0
+    return f"{trainable:,} trainable of {total:,} parameters ({pct:.4f}%): {data['plan']}\n"

@@ -16,9 +16,9 @@ The rule (docs/diagnostics.md, "Recommendation"), deterministic for fixed inputs
 2. ``freeze``: train the shallow block ``0 .. k-1`` in full, freeze the rest (embeddings, final
    norm and head frozen), ``k = min(b, k_budget)`` where ``k_budget`` is the largest ``k``
    whose layers fit in ``budget * total parameters``.
-3. ``hlpt``: gated LoRA on the FFN of layers ``0 .. b-1`` and gated prefix on ``b .. L-1``;
-   the largest LoRA rank in 64, 32, ..., 1 (``alpha = r``) and then the most prefix tokens in
-   16, 8, 4, 2, 1 that fit the budget.
+3. ``hlpt``: gated LoRA on the FFN of layers ``0 .. b-1`` and gated prefix (the paper form, as
+   the ``hlpt`` preset) on ``b .. L-1``; the largest LoRA rank in 64, 32, ..., 1
+   (``alpha = r``) and then the most prefix tokens in 16, 8, 4, 2, 1 that fit the budget.
 
 Budgets count trainable parameters (adapters included, as ``apply_plan`` reports them) against
 the base model's parameter count, on a ``meta``-device copy of the architecture.
@@ -230,8 +230,9 @@ def recommend(
                 }
             ]
             if b < n:
-                rules.append(
-                    {"layers": f"{b}-{n - 1}", "policy": "prefix", "tokens": t, "gated": True}
+                rules.append(  # HLPT's prefix: the paper form, as the hlpt preset (#17)
+                    {"layers": f"{b}-{n - 1}", "policy": "prefix", "tokens": t, "gated": True,
+                     "form": "paper"}
                 )
             return LayerPlan.parse({"name": "recommended_hlpt", "rules": rules})
 

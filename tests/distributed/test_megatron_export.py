@@ -41,7 +41,7 @@ _ADAPTER_PREFIXES = ("lora_", "prefix_")
 
 #: (preset, options): gated LoRA on the FFN (layers 0-2) + gated prefix (layer 3); gated LoRA
 #: on every linear (the fused QKV too); plain LoRA on every linear (merged, empty sidecar).
-HLPT = ("hlpt", {"r": 4, "tokens": 3})
+HLPT = ("hlpt_branch", {"r": 4, "tokens": 3})  # megatron: the branch form
 GATED_ALL = ("lora_all", {"r": 4, "lora": {"gated": True}})
 LORA_ALL = ("lora_all", {"r": 4})
 

@@ -477,7 +477,8 @@ def test_trainable_checkpoint_moves_between_tp_and_pp_layouts():
 
 
 # ------------------------------------------------------------------------------------------
-# LoRA + prefix adapters (hlpt) trained at TP=2 reproduce their logits at TP=1, PP=2
+# LoRA + prefix adapters (hlpt_branch: megatron runs the branch form) trained at TP=2 reproduce
+# their logits at TP=1, PP=2
 
 
 def _adapters_body(rank, world_size):
@@ -489,14 +490,14 @@ def _adapters_body(rank, world_size):
     with megatron_cpu_shim():
         tmp = _shared_tmp()
         full = _reference_weights()
-        runner = _runner(_model(tp=2, pp=1, full=full), plan="hlpt", lr=2e-2)
+        runner = _runner(_model(tp=2, pp=1, full=full), plan="hlpt_branch", lr=2e-2)
         _train(runner, 2)
         trained = runner.eval_model()(ids)
         runner.save_checkpoint(os.path.join(tmp, "hlpt"), trainable_only=True)
         keys = sorted(runner._global_keys()[n] for n in runner.applied.trainable_names())
         runner.close()
 
-        runner = _runner(_model(tp=1, pp=2, full=full), plan="hlpt", lr=2e-2)
+        runner = _runner(_model(tp=1, pp=2, full=full), plan="hlpt_branch", lr=2e-2)
         base = runner.eval_model()(ids)
         loaded = runner.load_trainable_weights(os.path.join(tmp, "hlpt"))
         moved = runner.eval_model()(ids)

@@ -3,8 +3,8 @@
 The real CLI runs under torchrun through ``tests/helpers/megatron_train_entry.py`` (the CPU shim
 megatron-core needs lives in the tests, never in the library):
 
-* TP=2 with the ``hlpt`` plan (tensor-parallel gated LoRA on the FFN, gated prefix on the
-  attention): trains, checkpoints, scores C-Eval and CMMLU at the checkpoint (logits gathered
+* TP=2 with the ``hlpt_branch`` plan (tensor-parallel gated LoRA on the FFN, gated prefix on
+  the attention in the branch form, the one megatron supports): trains, checkpoints, scores C-Eval and CMMLU at the checkpoint (logits gathered
   across the tensor-parallel ranks), exports a merged Hugging Face checkpoint that
   ``AutoModelForCausalLM`` loads;
 * PP=2 with ``freeze_deep`` from a Hugging Face checkpoint (``model.path``): the stage holding
@@ -70,7 +70,7 @@ def _eval_files(out: Path) -> list[dict]:
 
 def test_tp2_hlpt_trains_evaluates_and_exports(tmp_path, eval_data_dir):
     out = tmp_path / "run"
-    cfg = _mconfig(out, tmp_path / "cache", 2, 1, eval_data_dir, plan={"spec": "hlpt"})
+    cfg = _mconfig(out, tmp_path / "cache", 2, 1, eval_data_dir, plan={"spec": "hlpt_branch"})
     proc = _mtrain(_write(tmp_path / "run.yaml", cfg))
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-8000:]
     losses = _losses(out)
@@ -84,7 +84,7 @@ def test_tp2_hlpt_trains_evaluates_and_exports(tmp_path, eval_data_dir):
 
     from layerfreeze.export import load_export
 
-    # hlpt's gated LoRA and prefix stay in the sidecar: the export is guarded (a plain load
+    # hlpt_branch's gated LoRA and prefix stay in the sidecar: the export is guarded (a plain load
     # refuses it, tests/faults/test_sidecar_loading.py); layerfreeze loads it with them.
     with pytest.raises(ValueError, match="trust_remote_code=True"):
         AutoModelForCausalLM.from_pretrained(out / "export")

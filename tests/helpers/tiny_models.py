@@ -181,10 +181,11 @@ def hand_lora_params(family: str, cfg: PretrainedConfig, r: int, target: str, ga
     return sum(r * (i + o) for sub in parts for i, o in sub) + (h + 1) * len(parts) * int(gated)
 
 
-def hand_prefix_params(cfg: PretrainedConfig, tokens: int, gated: bool) -> int:
-    """Prefix parameters of one layer: keys + values per kv head, a factor per head, the gate."""
+def hand_prefix_params(cfg: PretrainedConfig, tokens: int, gated: bool, form: str = "branch") -> int:
+    """Prefix parameters of one layer: keys + values per kv head, a factor per head (the branch
+    form only), the gate."""
     h, heads, kv, hd, _ = _geometry(cfg)
-    return 2 * kv * tokens * hd + heads + (h + 1) * int(gated)
+    return 2 * kv * tokens * hd + (heads if form == "branch" else 0) + (h + 1) * int(gated)
 
 
 # ------------------------------------------------------------------ the family matrix

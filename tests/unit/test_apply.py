@@ -22,8 +22,12 @@ from tests.helpers.tiny_models import (
     tiny_batch,
 )
 
-PRESETS = ["full", "freeze_deep", "freeze_shallow", "hlpt", "h2lpt", "lora_all"]
-SMALL = {"hlpt": {"r": 4, "tokens": 4}, "h2lpt": {"r": 4, "tokens": 4}, "lora_all": {"r": 4}}
+PRESETS = ["full", "freeze_deep", "freeze_shallow", "hlpt", "h2lpt", "hlpt_branch", "h2lpt_branch",
+           "h2lpt_3to1", "lora_all"]
+#: The base model exactly at init: hlpt / h2lpt / h2lpt_3to1 put the prefix in the paper form,
+#: which shifts attention from step 0 (tests/unit/test_hlpt_presets.py measures by how much).
+IDENTITY_PRESETS = [p for p in PRESETS if p not in ("hlpt", "h2lpt", "h2lpt_3to1")]
+SMALL = {p: {"r": 4, "tokens": 4} for p in PRESETS if "lpt" in p} | {"lora_all": {"r": 4}}
 MIXED = "0:full(lr_scale=0.5),1:lora(r=2,gated),2:prefix(tokens=3,gated),3:freeze,embeddings:full"
 
 
@@ -46,10 +50,10 @@ def _loss(model, ids):
 # ----------------------------------------------------------------------------- identity at init
 
 @pytest.mark.parametrize("family", TINY_FAMILIES)
-@pytest.mark.parametrize("plan", [*PRESETS, MIXED])
+@pytest.mark.parametrize("plan", [*IDENTITY_PRESETS, MIXED])
 def test_identity_at_init(family, plan):
     for impl in ("eager", "sdpa"):
-        model = build_tiny_model(family, num_layers=8 if plan == "h2lpt" else 4, attn_implementation=impl)
+        model = build_tiny_model(family, num_layers=8 if "h2lpt" in plan else 4, attn_implementation=impl)
         ids = tiny_batch(model)
         with torch.no_grad():
             before = model(ids).logits
@@ -65,7 +69,7 @@ def test_identity_at_init(family, plan):
 @pytest.mark.parametrize("plan", [*PRESETS, MIXED])
 def test_adamw_steps_touch_exactly_the_trainable_set(family, plan):
     torch.manual_seed(0)
-    model = build_tiny_model(family, num_layers=8 if plan == "h2lpt" else 4)
+    model = build_tiny_model(family, num_layers=8 if "h2lpt" in plan else 4)
     model.train()
     applied = apply_plan(model, _plan(plan))
     trainable = set(applied.trainable_names())
@@ -101,7 +105,7 @@ def _expected_layer(family, cfg, spec):
         o = spec.options
         return hand_lora_params(family, cfg, o.r, o.target, o.gated)
     if spec.name == "prefix":
-        return hand_prefix_params(cfg, spec.options.tokens, spec.options.gated)
+        return hand_prefix_params(cfg, spec.options.tokens, spec.options.gated, spec.options.form)
     return 0
 
 
@@ -465,7 +469,7 @@ def test_other_families_train_or_fail_clearly(model_type, kw):
                 vocab_size=128, pad_token_id=0, bos_token_id=0, eos_token_id=0)
     cfg = AutoConfig.for_model(model_type, **{**base, **kw})
     ids = tiny_batch(128, seq=6)
-    for plan in ("freeze_deep", "lora_all(r=2)", "hlpt(r=2,tokens=2)"):
+    for plan in ("freeze_deep", "lora_all(r=2)", "hlpt_branch(r=2,tokens=2)"):  # identity at init
         torch.manual_seed(0)
         model = AutoModelForCausalLM.from_config(cfg, attn_implementation="eager").eval()
         with torch.no_grad():
@@ -488,9 +492,13 @@ def test_other_families_train_or_fail_clearly(model_type, kw):
 
 @pytest.mark.parametrize("family", TINY_FAMILIES)
 def test_h2lpt_trains_half_of_hlpt(family):
-    # With 8 | N the split is exact: half the LoRA layers and half the prefix layers.
-    counts = {}
-    for preset in ("hlpt", "h2lpt"):
-        model = build_tiny_model(family, num_layers=8)
-        counts[preset] = apply_plan(model, LayerPlan.from_preset(preset, r=4, tokens=4)).num_trainable_params()
-    assert counts["h2lpt"] * 2 == counts["hlpt"] > 0
+    # h2lpt_3to1 (HLPT's 3:1 split on half the layers), 8 | N: half the LoRA and prefix layers.
+    # h2lpt (the paper's quarters), N = 8: 2 LoRA + 2 prefix layers, each as one layer alone.
+    def count(plan):
+        return apply_plan(build_tiny_model(family, num_layers=8), plan).num_trainable_params()
+
+    counts = {p: count(LayerPlan.from_preset(p, r=4, tokens=4)) for p in ("hlpt", "h2lpt_3to1", "h2lpt")}
+    assert counts["h2lpt_3to1"] * 2 == counts["hlpt"] > 0
+    lora, prefix = count("0:lora(r=4,target=mlp,gated)"), count("0:prefix(tokens=4,gated,form=paper)")
+    assert counts["h2lpt"] == 2 * lora + 2 * prefix
+    assert counts["hlpt"] == 6 * lora + 2 * prefix

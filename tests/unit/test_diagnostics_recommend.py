@@ -81,6 +81,7 @@ def test_hlpt_split_and_largest_rank_within_budget(model):
         rules = rec.plan.to_dict()["rules"]
         assert [r["layers"] for r in rules] == ["0-3", "4-5"]
         assert rules[0]["policy"] == "lora" and rules[1]["policy"] == "prefix"
+        assert rules[1]["form"] == "paper" and rules[1]["gated"]  # HLPT's prefix, as hlpt (#17)
         r, t = rules[0]["r"], rules[1]["tokens"]
         trainable, _ = _count(model, rec.plan)
         assert trainable == rec.trainable_params <= budget * total

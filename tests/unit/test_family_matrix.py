@@ -38,14 +38,17 @@ from tests.helpers.tiny_models import (
 torch.set_num_threads(1)
 
 R, TOKENS = 2, 2
-#: Preset -> arguments. 4 layers: hlpt = LoRA 0-2 + prefix 3; h2lpt with quarter fractions =
-#: LoRA 0, freeze 1-2, prefix 3 (its 3/8 + 1/8 default would give no prefix layer at N = 4).
+#: Preset -> arguments. 4 layers: hlpt = LoRA 0-2 + prefix 3; h2lpt (quarters) = LoRA 0,
+#: freeze 1-2, prefix 3. hlpt / h2lpt put the prefix in the paper form (not the base model at
+#: init); the _branch variants keep the zero-initialised branch (the base model exactly).
 PRESETS = {
     "full": {},
     "freeze_deep": {},
     "freeze_shallow": {},
     "hlpt": dict(r=R, tokens=TOKENS),
-    "h2lpt": dict(r=R, tokens=TOKENS, lora_fraction=0.25, prefix_fraction=0.25),
+    "h2lpt": dict(r=R, tokens=TOKENS),
+    "hlpt_branch": dict(r=R, tokens=TOKENS),
+    "h2lpt_branch": dict(r=R, tokens=TOKENS),
     "lora_all": dict(r=R),
 }
 
@@ -234,7 +237,8 @@ def expected_trainable(family: str, cfg, plan: LayerPlan) -> int:
             total += (h + 1) * len(subs) * int(o.gated)
         elif spec.name == "prefix":
             kv = layer.kv_heads * o.tokens * (layer.qk_dim + layer.v_dim)
-            total += kv + layer.heads + (h + 1) * int(o.gated)
+            factor = layer.heads if o.form == "branch" else 0  # the paper form has none
+            total += kv + factor + (h + 1) * int(o.gated)
         else:
             assert spec.name == "freeze"
     parts = non_layer_formula(family, cfg)
@@ -276,11 +280,22 @@ def test_preset_identity_training_and_counts(family_model, preset):
     family, base, ids, base_logits = family_model
     model = copy.deepcopy(base)
     plan = LayerPlan.from_preset(preset, **PRESETS[preset])
-    applied = apply_plan(model, plan)
+    paper = any(r.spec.name == "prefix" and r.spec.options.form == "paper" for r in plan.rules)
+    try:
+        applied = apply_plan(model, plan)
+    except ConfigError as e:
+        # The paper form needs the registry call with eager/sdpa: refused with the way out.
+        assert paper, (family, preset, e)
+        assert all("form=branch" in p and "hlpt_branch" in p for p in e.problems), e.problems
+        assert not [n for n, _ in model.named_parameters() if "lora_" in n or "prefix_" in n]
+        return
 
-    # 1. Identity at initialisation.
+    # 1. Identity at initialisation (the branch form); the paper form shifts attention at init.
     with torch.no_grad():
-        assert torch.equal(model(ids).logits, base_logits), (family, preset)
+        if paper:
+            assert not torch.equal(model(ids).logits, base_logits), (family, preset)
+        else:
+            assert torch.equal(model(ids).logits, base_logits), (family, preset)
 
     # 2. Counts: the applied plan, the live requires_grad flags and the config formula agree.
     expected = expected_trainable(family, base.config, plan)
@@ -601,6 +616,7 @@ def test_cli_plan_freeze_deep_on_opt(tmp_path, capsys):
 
 def test_cli_plan_hlpt_on_falcon(tmp_path, capsys):
     cfg = _save_config(tmp_path, "falcon")
+    preset = _hlpt(build_matrix_model("falcon")).split("(")[0]  # paper form where it runs
     assert (
         main(
             [
@@ -608,7 +624,7 @@ def test_cli_plan_hlpt_on_falcon(tmp_path, capsys):
                 "--model",
                 str(cfg),
                 "--preset",
-                "hlpt",
+                preset,
                 "--preset-arg",
                 "r=2",
                 "--preset-arg",
@@ -620,7 +636,7 @@ def test_cli_plan_hlpt_on_falcon(tmp_path, capsys):
     )
     data = json.loads(capsys.readouterr().out)
     assert [r["policy"].split("(")[0] for r in data["layers"]] == ["lora"] * 3 + ["prefix"]
-    plan = LayerPlan.from_preset("hlpt", r=2, tokens=2)
+    plan = LayerPlan.from_preset(preset, r=2, tokens=2)
     assert data["trainable_params"] == expected_trainable("falcon", matrix_config("falcon"), plan)
 
 
@@ -657,9 +673,11 @@ def test_hlpt_ablations_resolve_and_apply(preset):
         if spec.name == "lora":
             assert spec.options.target == target
     applied = apply_plan(model, plan)
-    with torch.no_grad():
-        assert torch.equal(model(ids).logits, base)
+    with torch.no_grad():  # the paper form's prefix shifts attention at init (docs/plans.md)
+        assert not torch.equal(model(ids).logits, base)
     assert applied.num_trainable_params() == expected_trainable("llama", model.config, plan)
+    if not gated:  # the gate-free ablation: no gate and no factor anywhere
+        assert not [n for n in applied.trainable_names() if "_gate." in n or "factor" in n]
     names = applied.trainable_names()
     if target == "down":
         assert {n.split(".")[-3] for n in names if ".lora_adapter." in n} == {"down_proj"}
@@ -706,10 +724,17 @@ def _randomize_adapters(model, seed=7):
                 p.copy_(torch.randn(p.shape, generator=g) * (0.3 if "gate" in n else 1.0))
 
 
+def _hlpt(model, args: str = "r=2,tokens=2") -> str:
+    """``hlpt`` (the paper form) where the attention dispatches through transformers' registry,
+    else ``hlpt_branch`` (the projection route: BLOOM, Falcon before transformers 5.25)."""
+    attn = discover_layout(model).layers[0].attn
+    return f"hlpt{'' if dispatches_through_registry(attn) else '_branch'}({args})"
+
+
 @pytest.mark.parametrize("family", ["falcon", "bloom", "opt"])
 def test_kv_cache_generation_matches_full_recomputation(family):
     model = build_matrix_model(family)
-    apply_plan(model, "hlpt(r=2,tokens=2)")
+    apply_plan(model, _hlpt(model))
     _randomize_adapters(model)
     prompt = tiny_batch(128, batch=2, seq=4)
     kwargs = dict(max_new_tokens=6, do_sample=False, pad_token_id=0, eos_token_id=None)
@@ -731,7 +756,7 @@ def test_kv_cache_generation_matches_full_recomputation(family):
 def test_gradient_checkpointing_gives_the_same_gradients(family):
     def grads(checkpointing):
         model = build_matrix_model(family)
-        applied = apply_plan(model, "hlpt(r=2,tokens=2)")
+        applied = apply_plan(model, _hlpt(model))
         _randomize_adapters(model)
         model.train()
         if checkpointing:
@@ -753,7 +778,7 @@ def test_save_and_load_trainable_reproduce_the_logits(family, tmp_path):
     from layerfreeze.export import load_trainable, save_trainable
 
     model = build_matrix_model(family)
-    applied = apply_plan(model, "hlpt(r=2,tokens=2)")
+    applied = apply_plan(model, _hlpt(model))
     _randomize_adapters(model)
     ids = tiny_batch(128, batch=2, seq=5)
     with torch.no_grad():
@@ -905,8 +930,8 @@ def test_gated_experts_lora_is_not_merged_and_round_trips(tmp_path):
 def test_h2lpt_takes_the_same_gate_and_target_options():
     plan = LayerPlan.parse("h2lpt(r=2,tokens=2,gated=false,lora_target=attn)")
     layers = plan.resolve(8).layers
-    assert [s.name for s in layers] == ["lora"] * 3 + ["freeze"] * 4 + ["prefix"]
+    assert [s.name for s in layers] == ["lora"] * 2 + ["freeze"] * 4 + ["prefix"] * 2
     assert layers[0].options.target == "attn" and not layers[0].options.gated
-    assert not layers[7].options.gated
+    assert not layers[7].options.gated and layers[7].options.form == "paper"
     with pytest.raises(ConfigError, match="lora_target: must be one of mlp, attn, down, all"):
         LayerPlan.parse("h2lpt(lora_target=ffn)")

@@ -148,6 +148,10 @@ def test_preset_allocations(n):
     assert {r.embeddings.name, r.final_norm.name, r.lm_head.name} == {"freeze"}
 
     r = LayerPlan.from_preset("h2lpt").resolve(n)
+    lo, hi = b(0.25), b(0.75)
+    assert _names(r) == ["lora"] * lo + ["freeze"] * (hi - lo) + ["prefix"] * (n - hi)
+
+    r = LayerPlan.from_preset("h2lpt_3to1").resolve(n)
     lo, hi = b(0.375), b(0.875)
     assert _names(r) == ["lora"] * lo + ["freeze"] * (hi - lo) + ["prefix"] * (n - hi)
 
@@ -157,9 +161,11 @@ def test_preset_allocations(n):
 
 def test_h2lpt_is_half_of_hlpt_at_32_layers():
     hl = LayerPlan.from_preset("hlpt").resolve(32)
-    h2 = LayerPlan.from_preset("h2lpt").resolve(32)
+    h2 = LayerPlan.from_preset("h2lpt_3to1").resolve(32)
     assert (_count(hl, "lora"), _count(hl, "prefix")) == (24, 8)
     assert (_count(h2, "lora"), _count(h2, "prefix"), _count(h2, "freeze")) == (12, 4, 16)
+    h2 = LayerPlan.from_preset("h2lpt").resolve(32)  # the paper's: bottom / top quarter
+    assert (_count(h2, "lora"), _count(h2, "prefix"), _count(h2, "freeze")) == (8, 8, 16)
 
 
 def test_preset_options_and_overrides():

@@ -18,7 +18,14 @@ scales how much attention mass the prefix takes from the real tokens, query by q
 balance between prefix and input tokens that adaptive prefix tuning's gate controls). The stored
 descriptions of the HLPT paper (Gu et al., EMNLP 2024) say the prefix is "enhanced ... with a
 learnable adaptive mechanism" without a formula we could read, so the placement of the gate is
-our reading, chosen because it is the one placement for which a closed gate is the identity.
+our reading. That is ``gate_at=logit`` (the default: the one placement for which a closed gate is
+the identity); ``gate_at=value`` is the other reading, the gate scaling the prefix's value
+vectors inside the same softmax::
+
+    out_t    = softmax([ q_t . P_k^T * s | q_t . K^T * s + M_t ]) @ [ g_t P_v ; V ]
+
+(the prefix keeps its attention mass whatever ``g``; a closed gate leaves the real tokens'
+weights shrunk by that mass, so no gate value gives the base layer back).
 
 No zero-initialised factor: at initialisation the layer is **not** the base layer unless the
 gate starts closed. ``gate_bias`` sets the gate's initial bias ``b`` (``w = 0``), so ``g =
@@ -93,18 +100,35 @@ def paper_form_problems(
     mismatch = form_mismatch(layer, "paper")
     if mismatch:
         return mismatch
-    branch = PolicySpec(spec.name, dataclasses.replace(spec.options, form="branch"))
+    branch = PolicySpec(
+        spec.name, dataclasses.replace(spec.options, form="branch", gate_at="logit")
+    )
     problems = list(policy.check(layer, branch, layout))
     if problems == form_mismatch(layer, "branch"):  # our own paper adapter, already installed
         problems = []
     attn = layer.attn
     where = f"layer {layer.index} ({layer.name}.{layer.attn_name}, {type(attn).__name__})"
+    existing = attn._modules.get(ADAPTER_ATTR)
+    gate_at = spec.options.gate_at
+    if existing is not None and getattr(existing, "gate_at", "logit") != gate_at:
+        problems.append(
+            f"{where}: already carries a prefix adapter with gate_at="
+            f"{getattr(existing, 'gate_at', 'logit')}, this plan asks for gate_at={gate_at}; use "
+            "the same prefix options in every plan that covers this layer."
+        )
+    dropout = getattr(attn, "attention_dropout", 0.0)
+    if gate_at == "value" and isinstance(dropout, (int, float)) and dropout > 0:
+        problems.append(
+            f"{where}: prefix(gate_at=value) reads the prefix's attention mass from the attention "
+            f"output, which attention dropout ({dropout}) would perturb; set attention_dropout=0 "
+            "or use gate_at=logit."
+        )
     # Installers (other engines) and query routes (inline attention) bypass the registry call.
     if find_installer(attn) is not None or find_route(attn):
         problems.append(
             f"{where}: prefix(form=paper) extends the keys/values inside transformers' "
             "ALL_ATTENTION_FUNCTIONS call, which this attention module does not make; use "
-            "form=branch here."
+            "form=branch here (presets: hlpt_branch, h2lpt_branch, or hlpt(form=branch))."
         )
         return problems
     config = getattr(attn, "config", None)
@@ -114,15 +138,20 @@ def paper_form_problems(
             f"{where}: prefix(form=paper) needs attn_implementation "
             f"{' or '.join(PAPER_IMPLEMENTATIONS)} (the gate enters as an additive bias on the "
             f"prefix columns of the attention mask), got {impl!r}. Load the model with "
-            "attn_implementation='sdpa', or use form=branch (any implementation)."
+            "attn_implementation='sdpa', or use form=branch (any implementation; presets "
+            "hlpt_branch, h2lpt_branch)."
         )
     return problems
 
 
-def configure_adapter(adapter: nn.Module, form: str, gate_bias: float) -> None:
-    """Finish a newly built ``PrefixAdapter``: record ``form``, set the gate's initial bias, and
-    for ``form=paper`` drop the zero-initialised factor (the paper form has none)."""
+def configure_adapter(
+    adapter: nn.Module, form: str, gate_bias: float, gate_at: str = "logit"
+) -> None:
+    """Finish a newly built ``PrefixAdapter``: record ``form`` and ``gate_at``, set the gate's
+    initial bias, and for ``form=paper`` drop the zero-initialised factor (the paper form has
+    none)."""
     adapter.form = form
+    adapter.gate_at = gate_at
     gate = getattr(adapter, "prefix_gate", None)
     if gate is not None:
         with torch.no_grad():
@@ -214,6 +243,8 @@ def paper_attention(
     )
     mask = mask.expand(batch, mask.shape[1], q_len, kv_len)
     gate = adapter.prefix_gate
+    if gate is not None and getattr(adapter, "gate_at", "logit") == "value":
+        return _value_gated(fn, module, adapter, query, key, value, mask, tokens, **kwargs)
     if gate is not None:
         g = gate.current(query[:, 0, :, :1])  # (batch, q_len, 1) fp32
         # Clamp so that a gate that underflowed to 0 gives a finite bias and gradient.
@@ -223,6 +254,46 @@ def paper_attention(
         bias = mask.new_zeros(batch, mask.shape[1], q_len, tokens)
     mask = torch.cat([bias, mask], dim=-1)
     return fn(module, query, key, value, mask, **kwargs)
+
+
+def _value_gated(
+    fn: Any,
+    module: nn.Module,
+    adapter: nn.Module,
+    query: torch.Tensor,
+    key: torch.Tensor,
+    value: torch.Tensor,
+    mask: torch.Tensor,
+    tokens: int,
+    **kwargs: Any,
+) -> tuple[torch.Tensor, Any]:
+    """``gate_at=value``: ``softmax([q P_k^T s | q K^T s + M]) @ [g P_v ; V]``, ``g`` per query.
+
+    ``fn`` cannot scale values per query, so the values get one extra column (1 on the prefix
+    rows, 0 on the real ones): the output's last column is the prefix's attention mass ``m``.
+    Within the one softmax the prefix rows weigh ``m * softmax(q P_k^T s)`` (their own softmax
+    times their mass), so the prefix's share of the output is ``m * R`` with ``R`` the prefix
+    read-out computed here, and ``out - (1 - g) m R`` is the value-gated output.
+    """
+    batch = query.shape[0]
+    ones = value.new_ones(*value.shape[:-1], 1)
+    ones[:, :, tokens:] = 0
+    value = torch.cat([value, ones], dim=-1)
+    bias = mask.new_zeros(batch, mask.shape[1], mask.shape[2], tokens)
+    out, weights = fn(module, query, key, value, torch.cat([bias, mask], dim=-1), **kwargs)
+    # transformers' eager and sdpa return (batch, q_len, heads, value_dim + 1).
+    mass, out = out[..., -1:], out[..., :-1]
+    pk, pv = adapter.keys_values()
+    groups = query.shape[1] // pk.shape[0]
+    pk = pk.float().repeat_interleave(groups, dim=0)
+    pv = pv.float().repeat_interleave(groups, dim=0)
+    scaling = kwargs.get("scaling")
+    scaling = query.shape[-1] ** -0.5 if scaling is None else scaling
+    scores = torch.einsum("bhtd,hpd->bhtp", query.float(), pk) * scaling
+    readout = torch.einsum("bhtp,hpd->bthd", torch.softmax(scores, dim=-1), pv)
+    g = adapter.prefix_gate.current(query[:, 0, :, :1]).unsqueeze(-1)  # (batch, q_len, 1, 1)
+    out = out - ((1 - g) * mass.float() * readout).to(out.dtype)
+    return out, weights
 
 
 PREFIX_FORMS["paper"] = paper_attention

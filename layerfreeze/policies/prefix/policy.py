@@ -52,11 +52,24 @@ class PrefixConfig:
     gate_bias: float = 0.0
     """Initial bias ``b`` of the gate (``w = 0``): ``g = sigmoid(b)`` at init. With form=paper a
     very negative value (e.g. -30) starts the gate closed, i.e. the base model."""
+    gate_at: str = "logit"
+    """Where the gate acts in ``form=paper`` (with ``gated``): ``logit`` adds ``log g`` to the
+    prefix's attention logits (scales their unnormalised attention weights; a closed gate is the
+    base attention), ``value`` scales the prefix's value vectors by ``g`` inside the same softmax
+    (the prefix keeps its attention mass). See docs/plans.md. The branch form reads no
+    ``gate_at`` (its gate scales the branch output)."""
 
     def __post_init__(self):
         problems = []
         if self.form not in ("branch", "paper"):
             problems.append(f"form: must be branch or paper, got {self.form!r}.")
+        if self.gate_at not in ("logit", "value"):
+            problems.append(f"gate_at: must be logit or value, got {self.gate_at!r}.")
+        elif self.gate_at == "value" and (self.form != "paper" or not self.gated):
+            problems.append(
+                f"gate_at: value is read by the gated paper form only, got form={self.form}, "
+                f"gated={str(self.gated).lower()}. Add form=paper,gated or drop gate_at."
+            )
         if isinstance(self.gate_bias, bool) or not isinstance(self.gate_bias, (int, float)):
             problems.append(f"gate_bias: must be a number, got {self.gate_bias!r}.")
         if isinstance(self.tokens, bool) or not isinstance(self.tokens, int) or self.tokens < 1:
@@ -155,7 +168,7 @@ class PrefixPolicy:
             adapter.where = f"layer {layer.index} ({layer.name}.{layer.attn_name})"
             if adapter.prefix_gate is not None:
                 adapter.prefix_gate.where = adapter.where
-            configure_adapter(adapter, opts.form, opts.gate_bias)
+            configure_adapter(adapter, opts.form, opts.gate_bias, opts.gate_at)
             attn.add_module(ADAPTER_ATTR, adapter)
         install_attention(attn, adapter)
         return {f"{layer.attn_name}.{ADAPTER_ATTR}.{n}" for n, _ in adapter.named_parameters()}
