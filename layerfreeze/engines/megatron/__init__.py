@@ -12,6 +12,18 @@ installed. Modules:
 * ``recompute`` ``prepare_recompute(model)``: with activation recomputation, let gradients reach
   adapters in layers above frozen embeddings (call it after ``apply_plan``).
 
+The training engine:
+
+* ``runner``     :class:`MegatronRunner`, the training loop (DDP, optimizer, NaN-guarded steps);
+* ``optim_state`` where a parameter's master weight / Adam moments live (read / write whole);
+* ``switch``     the plan-schedule phase switch (optimizer state carried);
+* ``checkpoint`` the runner's atomic checkpoints (weights by global key, resume);
+* ``evaluation`` loss and whole logits without training;
+* ``convert``    HF config -> ``TransformerConfig`` / ``GPTModel`` (re-exports the two below);
+* ``hf_weights`` HF <-> megatron tensor mapping, loading HF checkpoints;
+* ``hf_export``  the merged HF export and its sidecar;
+* ``sharded``    megatron-core distributed-checkpoint state dicts of the adapters.
+
 ``register_megatron_policies()`` registers both (``megatron_layout`` calls it).
 
 Example::
