@@ -18,6 +18,8 @@ The training engine:
 * ``optim_state`` where a parameter's master weight / Adam moments live (read / write whole);
 * ``switch``     the plan-schedule phase switch (optimizer state carried);
 * ``checkpoint`` the runner's atomic checkpoints (weights by global key, resume);
+* ``dist_checkpoint`` the ``checkpoint.format: dist`` payload (megatron-core distributed
+  checkpointing: full resume at another TP / PP layout);
 * ``evaluation`` loss and whole logits without training;
 * ``convert``    HF config -> ``TransformerConfig`` / ``GPTModel`` (re-exports the two below);
 * ``hf_weights`` HF <-> megatron tensor mapping, loading HF checkpoints;

@@ -7,7 +7,10 @@ Weights are stored by *global* key ``<part>.<owner>.<path>``
 ``embeddings.base.embedding.word_embeddings.weight``; ``owner`` is the adapter's policy or
 ``base``), tensor-parallel shards gathered into whole tensors, so a trainable-only checkpoint
 loads into any TP/PP layout (:func:`load_trainable_weights`). Optimizer state is stored per rank;
-full resume (:func:`load_checkpoint`) needs the same layout. Every checkpoint is committed
+full resume (:func:`load_checkpoint`) needs the same layout. With the runner's
+``checkpoint_format="dist"`` weights and optimizer state go through megatron-core's distributed
+checkpointing instead (:mod:`~layerfreeze.engines.megatron.dist_checkpoint`: full resume at
+another layout); the metadata's ``storage`` says which, and loading reads either. Every checkpoint is committed
 atomically with a sha256 manifest (:mod:`layerfreeze.checkpoint`, :mod:`layerfreeze.resume`).
 
 The functions take the :class:`~layerfreeze.engines.megatron.runner.MegatronRunner` whose
@@ -31,6 +34,7 @@ from safetensors.torch import save_file
 from layerfreeze import checkpoint as ckpt
 from layerfreeze.client_state import load_client_state, save_client_state
 from layerfreeze.engines.common import trained_then_frozen
+from layerfreeze.engines.megatron.dist_checkpoint import load_dist, load_weights_dist, save_dist
 from layerfreeze.engines.megatron.optim_state import ADAM_KEYS, inner_optimizers
 from layerfreeze.registry import POLICIES
 from layerfreeze.resume import check_content, engine_problems, field_diff, staged_checksums
@@ -259,26 +263,21 @@ def save_checkpoint(
     step = runner.global_step if step is None else step
     staging = ckpt.prepare_staging(root, step) if runner.rank == 0 else None
     staging = Path(broadcast_object(str(staging) if staging else None))
-    trained_before = trained_then_frozen(runner.applied, runner.schedule, runner.phase)
-    names = None
-    if trainable_only:
-        from layerfreeze.apply import adapter_param_names
-
-        names = sorted(
-            set(runner.applied.trainable_names())
-            | set(adapter_param_names(runner._root))
-            | set(trained_before)
-        )
-    write_weights(runner, staging / "weights", names)
-    keys = global_keys(runner)
-    params = dict(runner._root.named_parameters())
-    optim: dict[str, torch.Tensor] = {}
-    for n in runner.applied.trainable_names():
-        local, _ = runner._local_state(params[n])
-        for k, v in local.items():
-            optim[f"{keys[n]}::{k}"] = v.detach().reshape(v.shape).cpu().contiguous().clone()
-    (staging / "optim").mkdir(parents=True, exist_ok=True)
-    save_file(optim, str(staging / "optim" / f"rank_{runner.rank:05d}.safetensors"))
+    names = _saved_names(runner) if trainable_only else None
+    storage = runner.checkpoint_format
+    if storage == "dist":
+        save_dist(runner, staging, names)
+    else:
+        write_weights(runner, staging / "weights", names)
+        keys = global_keys(runner)
+        params = dict(runner._root.named_parameters())
+        optim: dict[str, torch.Tensor] = {}
+        for n in runner.applied.trainable_names():
+            local, _ = runner._local_state(params[n])
+            for k, v in local.items():
+                optim[f"{keys[n]}::{k}"] = v.detach().reshape(v.shape).cpu().contiguous().clone()
+        (staging / "optim").mkdir(parents=True, exist_ok=True)
+        save_file(optim, str(staging / "optim" / f"rank_{runner.rank:05d}.safetensors"))
     save_client_state(
         staging / "runner",
         runner.rank,
@@ -304,6 +303,7 @@ def save_checkpoint(
             "layout": layout_meta(runner),
             "num_layers": runner.applied.layout.num_layers,
             "trainable_only": trainable_only,
+            "storage": storage,
             "bad_micro_batches": runner.bad_micro_batches,
             "skipped_steps": runner.skipped_steps,
             "global_step": runner.global_step,
@@ -373,9 +373,12 @@ def load_trainable_weights(
     """
     from layerfreeze.apply import adapter_param_names
 
-    info, _meta = resolve(runner, ckpt_dir, tag)
+    info, meta = resolve(runner, ckpt_dir, tag)
     required = adapter_param_names(runner._root) if strict else []
-    loaded = read_weights(runner, info.path / "weights", required)
+    if meta.get("storage", "safetensors") == "dist":
+        loaded = load_weights_dist(runner, info.path, required)
+    else:
+        loaded = read_weights(runner, info.path / "weights", required)
     runner.optimizer.reload_model_params()
     dist.barrier()
     return loaded
@@ -402,7 +405,14 @@ def load_checkpoint(
     """
     info, meta = resolve(runner, ckpt_dir, tag, verify)
     problems = engine_problems(meta, engine="megatron", schedule=runner.schedule.to_dict())
-    if meta["layout"] != layout_meta(runner):
+    storage = meta.get("storage", "safetensors")
+    if storage == "dist":  # reshards to any layout, with the plain optimizer
+        if runner._opt_kwargs["use_distributed_optimizer"]:
+            problems.append(
+                "it was saved in checkpoint.format dist, which needs the plain optimizer, and "
+                "this run uses megatron.use_distributed_optimizer: true"
+            )
+    elif meta["layout"] != layout_meta(runner):
         diff = field_diff(meta["layout"], layout_meta(runner), "layout")
         problems.append(
             f"saved with another parallel layout ({'; '.join(diff)}) (to move trained "
@@ -414,12 +424,34 @@ def load_checkpoint(
         )
     if int(meta["phase"]) != runner.phase:
         runner._switch_phase(int(meta["phase"]), carry=False)
+    if storage == "dist":
+        load_dist(runner, info.path, _saved_names(runner) if meta["trainable_only"] else None)
+    else:
+        _load_safetensors_state(runner, info.path, meta)
+    return _finish_resume(runner, info, meta)
+
+
+def _saved_names(runner: MegatronRunner) -> list[str]:
+    """What a trainable-only checkpoint holds: parameters that are, or were in an earlier
+    phase, trainable, plus every adapter (frozen base weights come from the base model)."""
+    from layerfreeze.apply import adapter_param_names
+
+    trained_before = trained_then_frozen(runner.applied, runner.schedule, runner.phase)
+    return sorted(
+        set(runner.applied.trainable_names())
+        | set(adapter_param_names(runner._root))
+        | set(trained_before)
+    )
+
+
+def _load_safetensors_state(runner: MegatronRunner, root: Path, meta: dict[str, Any]) -> None:
+    """Weights and per-rank optimizer state of a ``safetensors`` checkpoint (same layout)."""
     required = [] if meta["trainable_only"] else list(dict(runner._root.named_parameters()))
-    read_weights(runner, info.path / "weights", required)
+    read_weights(runner, root / "weights", required)
     runner.optimizer.reload_model_params()
     keys = global_keys(runner)
     params = dict(runner._root.named_parameters())
-    path = info.path / "optim" / f"rank_{runner.rank:05d}.safetensors"
+    path = root / "optim" / f"rank_{runner.rank:05d}.safetensors"
     if not path.exists():
         raise ckpt.CheckpointError(f"{path}: missing; the checkpoint is incomplete.")
     with safe_open(str(path), framework="pt") as h:
@@ -443,7 +475,20 @@ def load_checkpoint(
         for opt in inner_optimizers(runner.optimizer):  # master -> model params
             if hasattr(opt, "_copy_main_params_to_model_params"):
                 opt._copy_main_params_to_model_params()
-    runner_state = load_client_state(info.path / "runner", runner.rank)
+
+
+def _own_or_rank0(directory: Path, rank: int) -> int:
+    """``rank`` when its per-rank file exists in ``directory``, else 0 (a ``dist`` checkpoint
+    loaded on more ranks than saved it: the lr schedule is the same on every rank, and client
+    state falls back to rank 0's)."""
+    return rank if (directory / f"rank_{rank:05d}.json").exists() else 0
+
+
+def _finish_resume(runner: MegatronRunner, info: Any, meta: dict[str, Any]) -> dict[str, Any]:
+    """lr schedule, counters and client state of either format; returns this rank's client
+    state."""
+    runner_dir = info.path / "runner"
+    runner_state = load_client_state(runner_dir, _own_or_rank0(runner_dir, runner.rank))
     if runner.lr_scheduler is not None and runner_state.get("scheduler"):
         runner.lr_scheduler.load_state_dict(runner_state["scheduler"])
     runner._tracker.param_groups[0]["lr"] = float(runner_state["base_lr"])
@@ -451,10 +496,8 @@ def load_checkpoint(
     runner.global_step = int(meta["global_step"])
     runner.bad_micro_batches = int(meta["bad_micro_batches"])
     runner.skipped_steps = int(meta["skipped_steps"])
-    rank = runner.rank
-    if not (info.path / "client" / f"rank_{rank:05d}.json").exists():
-        rank = 0
-    state = load_client_state(info.path / "client", rank)
+    client_dir = info.path / "client"
+    state = load_client_state(client_dir, _own_or_rank0(client_dir, runner.rank))
     dist.barrier()
     log_rank0(
         logger, "resumed from %s (step %d, phase %d)", info.path, runner.global_step, runner.phase

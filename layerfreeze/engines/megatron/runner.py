@@ -16,8 +16,9 @@ the training recipe drives, the way ``DeepSpeedRunner`` does for DeepSpeed:
 * checkpoints (:mod:`~layerfreeze.engines.megatron.checkpoint`) are atomic, weights by global
   key with TP shards gathered (a trainable-only checkpoint loads into any TP/PP layout with
   :meth:`MegatronRunner.load_trainable_weights`); full resume
-  (:meth:`MegatronRunner.load_checkpoint`) needs the same layout. Optimizer-state access lives in
-  :mod:`~layerfreeze.engines.megatron.optim_state`.
+  (:meth:`MegatronRunner.load_checkpoint`) needs the same layout, unless the runner saves with
+  ``checkpoint_format="dist"`` (:mod:`~layerfreeze.engines.megatron.dist_checkpoint`).
+  Optimizer-state access lives in :mod:`~layerfreeze.engines.megatron.optim_state`.
 
 Why this module is over 700 lines: it is one class, the ``EngineAdapter`` surface the recipe
 drives, and its training step (DDP / optimizer build, the NaN guard agreed across ranks, the
@@ -52,6 +53,7 @@ from layerfreeze.engines.base import EngineCapabilities, StepOutput
 from layerfreeze.engines.common import unwrap_module
 from layerfreeze.engines.megatron import checkpoint as mcheckpoint
 from layerfreeze.engines.megatron import evaluation, optim_state
+from layerfreeze.engines.megatron.dist_checkpoint import FORMATS, check_supported
 from layerfreeze.engines.megatron.optim_state import optimizer_state_numel
 from layerfreeze.engines.megatron.provider import apply_megatron_plan, optimizer_overrides
 from layerfreeze.engines.megatron.switch import switch_phase
@@ -115,6 +117,12 @@ class MegatronRunner:
             ``input_ids``; the runner shifts them by one, the last position is ignored). False:
             ``labels[t]`` already is the token after ``input_ids[t]`` (Megatron's convention and
             that of layerfreeze's ``PackedDataset``). Label ``-100`` is ignored either way.
+        checkpoint_format: how :meth:`save_checkpoint` stores weights and optimizer state:
+            ``safetensors`` (whole tensors by global key, optimizer state per rank: full resume
+            needs the same layout) or ``dist`` (megatron-core distributed checkpointing: full
+            resume at another TP / PP / virtual-pipeline layout; plain optimizer only, see
+            :mod:`~layerfreeze.engines.megatron.dist_checkpoint`). :meth:`load_checkpoint`
+            reads either.
     """
 
     def __init__(
@@ -139,6 +147,7 @@ class MegatronRunner:
         ddp_config: Mapping[str, Any] | None = None,
         hf_config: Any = None,
         shift_labels: bool = True,
+        checkpoint_format: str = "safetensors",
     ):
         from layerfreeze.schedule import PlanSchedule
 
@@ -185,6 +194,12 @@ class MegatronRunner:
                 f"MegatronRunner: applied= trains {applied.plan} but the schedule starts with "
                 f"{self.schedule.plans[0]}. Apply the schedule's first plan (install= the others)."
             )
+        if checkpoint_format not in FORMATS:
+            raise ValueError(
+                f"checkpoint.format: must be one of {', '.join(FORMATS)}, got "
+                f"{checkpoint_format!r}."
+            )
+        self.checkpoint_format = checkpoint_format
         self.applied = applied
         self.hf_config = hf_config
         self.shift_labels = bool(shift_labels)
@@ -228,6 +243,8 @@ class MegatronRunner:
         self.optimizer: Any = None
         self._backward_bad = [False]  # set at the start of each loss backward (see _build)
         self._hooks: list[Any] = []
+        if checkpoint_format == "dist":
+            check_supported(self)
         self._build()
 
     # ---- construction ----------------------------------------------------------------------
