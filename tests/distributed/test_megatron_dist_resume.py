@@ -37,7 +37,7 @@ PLAN = {
     "final_norm": "full",
     "lm_head": "full",
 }
-#: (save layout, resume layout, trainable_only) as (tp, pp) pairs
+#: (save layout, resume layout, trainable_only); a layout is (tp, pp) or (tp, pp, virtual chunks)
 CASES = [
     ((2, 1), (2, 1), False),  # same layout: exact
     ((2, 1), (1, 1), False),  # TP2 -> TP1
@@ -45,6 +45,8 @@ CASES = [
     ((1, 2), (1, 1), False),  # PP2 -> PP1
     ((1, 1), (1, 2), False),  # PP1 -> PP2
     ((2, 1), (1, 2), True),  # TP2 -> PP2, trainable-only (frozen weights from the base model)
+    ((1, 2, 2), (2, 1), False),  # PP2 x 2 virtual chunks -> TP2
+    ((2, 1), (1, 2, 2), False),  # TP2 -> PP2 x 2 virtual chunks
 ]
 SAVE_STEPS, MORE_STEPS = 2, 2
 
@@ -67,10 +69,20 @@ def _runner(layout, full):
     from layerfreeze.engines.megatron.runner import MegatronRunner
     from tests.helpers.megatron import build_tiny_gpt, init_model_parallel, load_full_weights
 
-    tp, pp = layout
-    init_model_parallel(tp=tp, pp=pp)
-    model = build_tiny_gpt(tp=tp, pp=pp, seed=3)
-    load_full_weights(model, full)
+    tp, pp, vp = (*layout, None)[:3]
+    if vp is None:
+        init_model_parallel(tp=tp, pp=pp)
+        model = build_tiny_gpt(tp=tp, pp=pp, seed=3)
+        load_full_weights(model, full)
+    else:  # interleaved pipeline: this rank's virtual chunks
+        init_model_parallel(tp=tp, pp=pp, virtual_pipeline_model_parallel_size=vp)
+        model = []
+        for v in range(vp):
+            chunk = build_tiny_gpt(
+                tp=tp, pp=pp, seed=3, vp_stage=v, virtual_pipeline_model_parallel_size=vp
+            )
+            load_full_weights(chunk, full)
+            model.append(chunk)
     return MegatronRunner(
         model,
         plan=PLAN,
