@@ -255,6 +255,13 @@ class CheckpointConfig:
     resume: str = "auto"
     """``auto``: resume from the newest checkpoint in ``dir`` if there is one; ``none``: start
     fresh (error if ``dir`` already holds checkpoints); or a path to one checkpoint."""
+    format: Literal["safetensors", "dist"] = "safetensors"
+    """How ``engine: megatron`` stores weights and optimizer state: ``safetensors`` (whole
+    tensors by global key, optimizer state per rank; a full resume needs the same parallel
+    layout) or ``dist`` (megatron-core distributed checkpointing: a full resume may change
+    tensor / pipeline / virtual-pipeline sizes; needs ``megatron.use_distributed_optimizer:
+    false``). A resume reads either. The DeepSpeed engine has its own format (``safetensors``
+    only)."""
     save_final: bool = True
     """Save a checkpoint after the last step."""
     on_signal: bool = True
@@ -425,6 +432,17 @@ class RunConfig:
     """Per-layer sensitivity hooks during training (logged to the metrics JSONL and wandb)."""
 
     def __post_init__(self) -> None:
+        if self.checkpoint.format == "dist" and self.engine != "megatron":
+            raise ConfigError(
+                f"checkpoint.format: dist is megatron-core's distributed checkpoint, got engine "
+                f"{self.engine!r}. Use checkpoint.format: safetensors or engine: megatron."
+            )
+        if self.checkpoint.format == "dist" and self.megatron.use_distributed_optimizer:
+            raise ConfigError(
+                "checkpoint.format: dist does not support megatron.use_distributed_optimizer: "
+                "true (megatron-core 0.16.1 cannot reshard the distributed optimizer's state). "
+                "Set use_distributed_optimizer: false or checkpoint.format: safetensors."
+            )
         if isinstance(self.deepspeed, str) and not self.deepspeed.endswith(".json"):
             raise ConfigError(
                 f"deepspeed: expected an inline mapping or a path to a .json file, got "

@@ -26,7 +26,7 @@ from __future__ import annotations
 import dataclasses
 import json
 import os
-from collections.abc import Callable, Collection, Iterable
+from collections.abc import Callable, Collection, Iterable, Mapping
 from contextlib import AbstractContextManager, nullcontext
 from pathlib import Path
 from typing import Any
@@ -50,6 +50,10 @@ __all__ = [
     "load_trainable",
     "export_merged",
     "write_sidecar",
+    "tensors_for_file",
+    "write_safetensors_index",
+    "fully_merged_policies",
+    "sidecar_plan_json",
     "sidecar_info",
     "export_base_config",
     "load_export",
@@ -85,9 +89,25 @@ def _plan_json(applied: AppliedPlan, plan: LayerPlan, install: list[LayerPlan], 
     }
 
 
-def _tensors_for_file(sd: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
-    # safetensors refuses shared storage; every tensor is cloned to its own contiguous CPU copy.
+def tensors_for_file(sd: Mapping[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """``sd`` ready for ``safetensors.torch.save_file``: every tensor detached and cloned to its
+    own contiguous CPU copy (safetensors refuses shared storage). Every layerfreeze writer of
+    weights (trainable state, sidecars, the megatron HF export) goes through it."""
     return {k: v.detach().to("cpu").contiguous().clone() for k, v in sd.items()}
+
+
+def write_safetensors_index(directory: Path, weight_map: Mapping[str, str], total_size: int) -> None:
+    """Write Hugging Face's ``model.safetensors.index.json`` of a sharded checkpoint.
+
+    Args:
+        directory: the checkpoint (staging) directory holding the shards.
+        weight_map: tensor name -> shard file name.
+        total_size: bytes of all tensors together.
+    """
+    atomic_write_json(
+        Path(directory) / "model.safetensors.index.json",
+        {"metadata": {"total_size": int(total_size)}, "weight_map": dict(weight_map)},
+    )
 
 
 def save_trainable(applied: AppliedPlan, directory: str | os.PathLike) -> Path:
@@ -103,7 +123,7 @@ def save_trainable(applied: AppliedPlan, directory: str | os.PathLike) -> Path:
     directory = Path(directory)
     # Every installed plan (the schedule's phases), so reloading recreates every adapter.
     install = [p for p, _ in applied.installed if p != applied.plan]
-    sd = _tensors_for_file(applied.trainable_state_dict())
+    sd = tensors_for_file(applied.trainable_state_dict())
     with atomic_directory(directory) as tmp:
         save_file(sd, str(tmp / ADAPTER_FILE), metadata={"format": _FORMAT})
         atomic_write_json(tmp / PLAN_FILE, _plan_json(applied, applied.plan, install, "trainable"))
@@ -365,10 +385,7 @@ def _export_streaming(
                     total_size += v.numel() * v.element_size()
             del shard
         if is_writer:
-            atomic_write_json(
-                tmp / "model.safetensors.index.json",
-                {"metadata": {"total_size": total_size}, "weight_map": weight_map},
-            )
+            write_safetensors_index(tmp, weight_map, total_size)
             config = copy.deepcopy(model.config)
             config.architectures = [type(model).__name__]
             config.save_pretrained(str(tmp))
@@ -438,7 +455,7 @@ def write_sidecar(
         meta: the ``plan.json`` content (``format``, ``kind: merged_sidecar``, ``plan``, ...).
     """
     directory = Path(directory)
-    save_file(_tensors_for_file(tensors), str(directory / SIDECAR_FILE), metadata={"format": _FORMAT})
+    save_file(tensors_for_file(tensors), str(directory / SIDECAR_FILE), metadata={"format": _FORMAT})
     grant_umask_mode(directory / SIDECAR_FILE)  # safetensors writes 0600; Megatron writes in place
     atomic_write_json(directory / PLAN_FILE, dict(meta))
     if not tensors:

@@ -16,6 +16,20 @@ installed. Modules:
 * ``provider`` ``plan_model_provider`` / ``optimizer_overrides`` / ``load_base_checkpoint`` for
   existing Megatron-LM scripts (``docs/megatron.md``).
 
+The training engine:
+
+* ``runner``     :class:`MegatronRunner`, the training loop (DDP, optimizer, NaN-guarded steps);
+* ``optim_state`` where a parameter's master weight / Adam moments live (read / write whole);
+* ``switch``     the plan-schedule phase switch (optimizer state carried);
+* ``checkpoint`` the runner's atomic checkpoints (weights by global key, resume);
+* ``dist_checkpoint`` the ``checkpoint.format: dist`` payload (megatron-core distributed
+  checkpointing: full resume at another TP / PP layout);
+* ``evaluation`` loss and whole logits without training;
+* ``convert``    HF config -> ``TransformerConfig`` / ``GPTModel`` (re-exports the two below);
+* ``hf_weights`` HF <-> megatron tensor mapping, loading HF checkpoints;
+* ``hf_export``  the merged HF export and its sidecar;
+* ``sharded``    megatron-core distributed-checkpoint state dicts of the adapters.
+
 ``register_megatron_policies()`` registers both (``megatron_layout`` calls it).
 
 Example::

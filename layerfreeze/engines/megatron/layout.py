@@ -51,7 +51,12 @@ def chunks_module(chunks: Sequence[nn.Module]) -> nn.ModuleList:
 
 
 def _unwrap(model: nn.Module) -> tuple[nn.Module, str]:
-    """The ``GPTModel`` inside DDP / Float16Module wrappers and the name prefix they add."""
+    """The ``GPTModel`` inside DDP / Float16Module wrappers and the name prefix they add.
+
+    Not :func:`layerfreeze.engines.common.unwrap_module` (the one wrapper peeler) because the
+    layout names parameters as the *wrapped* model does: it needs the ``module.`` prefix each
+    wrapper adds, and checks that what is inside is a ``GPTModel``.
+    """
     prefix = ""
     while not hasattr(model, "decoder") and isinstance(getattr(model, "module", None), nn.Module):
         model, prefix = model.module, prefix + "module."

@@ -355,5 +355,6 @@ def runner_from_run_config(
         lr_scheduler=lr_scheduler,
         hf_config=hf_config,
         shift_labels=True,  # the recipe's micro-batches follow the HF convention (train.model_batch)
+        checkpoint_format=cfg.checkpoint.format,
     )
     return runner

@@ -13,13 +13,18 @@ the training recipe drives, the way ``DeepSpeedRunner`` does for DeepSpeed:
   with a NaN/Inf guard agreed across data-parallel ranks;
 * plan-schedule phase switches rebuild DDP and the optimizer and carry the fp32 master weights
   and Adam moments of parameters that stay trainable;
-* checkpoints are atomic (:mod:`layerfreeze.checkpoint`). Weights are stored by *global* key
-  ``<part>.<owner>.<path>`` (``layers.3.lora.mlp.linear_fc1.lora_a.weight``,
-  ``layers.3.base.self_attention.linear_qkv.weight``, ``embeddings.base.embedding.word_embeddings.weight``;
-  ``owner`` is the adapter's policy or ``base``), tensor-parallel shards gathered into whole
-  tensors, so a trainable-only checkpoint loads into any TP/PP layout
-  (:meth:`MegatronRunner.load_trainable_weights`). Optimizer state is stored per rank; full
-  resume (:meth:`MegatronRunner.load_checkpoint`) needs the same layout.
+* checkpoints (:mod:`~layerfreeze.engines.megatron.checkpoint`) are atomic, weights by global
+  key with TP shards gathered (a trainable-only checkpoint loads into any TP/PP layout with
+  :meth:`MegatronRunner.load_trainable_weights`); full resume
+  (:meth:`MegatronRunner.load_checkpoint`) needs the same layout, unless the runner saves with
+  ``checkpoint_format="dist"`` (:mod:`~layerfreeze.engines.megatron.dist_checkpoint`).
+  Optimizer-state access lives in :mod:`~layerfreeze.engines.megatron.optim_state`.
+
+Why this module is over 700 lines: it is one class, the ``EngineAdapter`` surface the recipe
+drives, and its training step (DDP / optimizer build, the NaN guard agreed across ranks, the
+per-layer gradient norms) shares private state that would only be passed around if cut up; the
+bodies of checkpoints, optimizer-state access, the phase switch, evaluation and the merged
+export live in the sibling modules named above.
 
 The caller initialises megatron's model-parallel state (``parallel_state.initialize_model_parallel``)
 and builds the model for this rank's stage; :meth:`MegatronRunner.close` tears it down.
@@ -28,7 +33,6 @@ and builds the model for this rank's stage; :meth:`MegatronRunner.close` tears i
 from __future__ import annotations
 
 import contextlib
-import logging
 import math
 import os
 from collections.abc import Callable, Iterator, Mapping, Sequence
@@ -43,61 +47,23 @@ from megatron.core.distributed.finalize_model_grads import finalize_model_grads
 from megatron.core.optimizer import OptimizerConfig, get_megatron_optimizer
 from megatron.core.pipeline_parallel import get_forward_backward_func
 from megatron.core.tensor_parallel import ColumnParallelLinear, RowParallelLinear
-from safetensors import safe_open
-from safetensors.torch import save_file
 from torch import nn
 
-from layerfreeze import checkpoint as ckpt
-from layerfreeze.client_state import load_client_state, save_client_state
 from layerfreeze.engines.base import EngineCapabilities, StepOutput
-from layerfreeze.engines.common import trained_then_frozen, unwrap_module
+from layerfreeze.engines.common import unwrap_module
+from layerfreeze.engines.megatron import checkpoint as mcheckpoint
+from layerfreeze.engines.megatron import evaluation, optim_state
+from layerfreeze.engines.megatron.dist_checkpoint import FORMATS, check_supported
+from layerfreeze.engines.megatron.optim_state import optimizer_state_numel
 from layerfreeze.engines.megatron.provider import apply_megatron_plan, optimizer_overrides
-from layerfreeze.registry import POLICIES
-from layerfreeze.resume import check_content, engine_problems, field_diff, staged_checksums
-from layerfreeze.utils.logging import get_logger, log_rank0
+from layerfreeze.engines.megatron.switch import switch_phase
+from layerfreeze.utils.logging import get_logger
 
 __all__ = ["MegatronRunner", "optimizer_state_numel"]
 
 logger = get_logger(__name__)
 
-_ADAM_KEYS = ("exp_avg", "exp_avg_sq")
-_META_KEY = "layerfreeze"
-_META_FORMAT = 1
 _IGNORE_INDEX = -100
-
-
-# --------------------------------------------------------------------------------------------
-# small helpers
-# --------------------------------------------------------------------------------------------
-
-
-def _inner_optimizers(optimizer: Any) -> list[Any]:
-    """The per-buffer Megatron optimizers inside a ``ChainedOptimizer`` (or itself)."""
-    return list(getattr(optimizer, "chained_optimizers", [optimizer]))
-
-
-def _split_full(full: torch.Tensor, param: torch.Tensor, rank: int, world: int) -> torch.Tensor:
-    """This TP rank's shard of a whole tensor (megatron's ``partition_dim`` / ``partition_stride``:
-    the whole tensor is cut into ``world * stride`` chunks dealt round-robin to the ranks)."""
-    if world == 1 or not getattr(param, "tensor_model_parallel", False):
-        return full
-    dim, stride = int(param.partition_dim), int(getattr(param, "partition_stride", 1))
-    chunk = full.shape[dim] // (world * stride)
-    pieces = torch.split(full, chunk, dim=dim)
-    return torch.cat(pieces[rank::world], dim=dim)
-
-
-def _gather_tp(param: torch.Tensor, group: Any, world: int) -> torch.Tensor:
-    """The whole tensor of a TP-split parameter (collective over the TP group); others as is."""
-    local = param.detach()
-    if world == 1 or not getattr(param, "tensor_model_parallel", False):
-        return local.clone()
-    dim, stride = int(param.partition_dim), int(getattr(param, "partition_stride", 1))
-    shards = [torch.empty_like(local) for _ in range(world)]
-    dist.all_gather(shards, local.contiguous(), group=group)
-    chunk = local.shape[dim] // stride
-    split = [torch.split(s, chunk, dim=dim) for s in shards]  # split[r][j] = chunk j*world + r
-    return torch.cat([split[r][j] for j in range(stride) for r in range(world)], dim=dim)
 
 
 # --------------------------------------------------------------------------------------------
@@ -151,6 +117,12 @@ class MegatronRunner:
             ``input_ids``; the runner shifts them by one, the last position is ignored). False:
             ``labels[t]`` already is the token after ``input_ids[t]`` (Megatron's convention and
             that of layerfreeze's ``PackedDataset``). Label ``-100`` is ignored either way.
+        checkpoint_format: how :meth:`save_checkpoint` stores weights and optimizer state:
+            ``safetensors`` (whole tensors by global key, optimizer state per rank: full resume
+            needs the same layout) or ``dist`` (megatron-core distributed checkpointing: full
+            resume at another TP / PP / virtual-pipeline layout; plain optimizer only, see
+            :mod:`~layerfreeze.engines.megatron.dist_checkpoint`). :meth:`load_checkpoint`
+            reads either.
     """
 
     def __init__(
@@ -175,6 +147,7 @@ class MegatronRunner:
         ddp_config: Mapping[str, Any] | None = None,
         hf_config: Any = None,
         shift_labels: bool = True,
+        checkpoint_format: str = "safetensors",
     ):
         from layerfreeze.schedule import PlanSchedule
 
@@ -221,6 +194,12 @@ class MegatronRunner:
                 f"MegatronRunner: applied= trains {applied.plan} but the schedule starts with "
                 f"{self.schedule.plans[0]}. Apply the schedule's first plan (install= the others)."
             )
+        if checkpoint_format not in FORMATS:
+            raise ValueError(
+                f"checkpoint.format: must be one of {', '.join(FORMATS)}, got "
+                f"{checkpoint_format!r}."
+            )
+        self.checkpoint_format = checkpoint_format
         self.applied = applied
         self.hf_config = hf_config
         self.shift_labels = bool(shift_labels)
@@ -264,6 +243,8 @@ class MegatronRunner:
         self.optimizer: Any = None
         self._backward_bad = [False]  # set at the start of each loss backward (see _build)
         self._hooks: list[Any] = []
+        if checkpoint_format == "dist":
+            check_supported(self)
         self._build()
 
     # ---- construction ----------------------------------------------------------------------
@@ -399,89 +380,23 @@ class MegatronRunner:
     # ---- optimizer state access --------------------------------------------------------------
 
     def _owner(self, param: nn.Parameter) -> Any:
-        for opt in _inner_optimizers(self.optimizer):
-            if hasattr(opt, "model_param_group_index_map"):  # distributed optimizer
-                if param in getattr(opt, "model_param_gbuf_map", {}):
-                    return opt
-            elif getattr(opt, "optimizer", None) is not None:
-                if any(param is q for g in _float16_pairs(opt) for q in g[0]) or any(
-                    param is q for g in opt.optimizer.param_groups for q in g["params"]
-                ):
-                    return opt
-        return None
+        return optim_state.owner(self.optimizer, param)
 
     def _local_state(self, param: nn.Parameter) -> tuple[dict[str, torch.Tensor], slice | None]:
-        """This rank's (master, Adam moments, step) of ``param`` and the flat range it covers
-        (None: the whole parameter; an empty dict: this rank holds none of it)."""
-        opt = self._owner(param)
-        if opt is None:
-            return {}, None
-        if hasattr(opt, "model_param_group_index_map"):
-            if param not in opt.model_param_group_index_map:
-                return {}, slice(0, 0)
-            rng = opt._get_model_param_range_map(param)["param"]
-            gi, go = opt.model_param_group_index_map[param]
-            main = opt.optimizer.param_groups[gi]["params"][go]
-            state = opt.optimizer.state.get(main, {})
-            return {"master": main, **state}, slice(rng.start, rng.end)
-        main = param
-        for lp_group, hp_group in _float16_pairs(opt):
-            for lp, hp in zip(lp_group, hp_group, strict=True):
-                if lp is param:
-                    main = hp
-        return {"master": main, **opt.optimizer.state.get(main, {})}, None
+        """See :func:`~layerfreeze.engines.megatron.optim_state.local_state`."""
+        return optim_state.local_state(self.optimizer, param)
 
     def _full_state(self, param: nn.Parameter) -> dict[str, torch.Tensor]:
-        """Whole fp32 master, Adam moments and step of ``param`` on this rank (collective over the
+        """See :func:`~layerfreeze.engines.megatron.optim_state.full_state` (collective over the
         data-parallel group under the distributed optimizer)."""
-        local, rng = self._local_state(param)
-        if not self._opt_kwargs["use_distributed_optimizer"]:
-            out = {k: v.detach().float().clone() for k, v in local.items()}
-            if "step" in out:
-                out["step"] = out["step"].reshape(())
-            return out
-        n = param.numel()
-        flat = torch.zeros(3, n, dtype=torch.float32, device=param.device)
-        step = torch.zeros(1, dtype=torch.float64, device=param.device)
-        if local and rng is not None and rng.stop > rng.start:
-            for row, key in enumerate(("master", *_ADAM_KEYS)):
-                if key in local:
-                    flat[row, rng] = local[key].detach().float().view(-1)
-            if "step" in local:
-                step[0] = float(local["step"])
-        group = ps.get_data_parallel_group()
-        dist.all_reduce(flat, group=group)
-        dist.all_reduce(step, op=dist.ReduceOp.MAX, group=group)
-        out = {"master": flat[0].view_as(param)}
-        if step[0] > 0:
-            out.update({k: flat[i + 1].view_as(param) for i, k in enumerate(_ADAM_KEYS)})
-            out["step"] = torch.tensor(float(step[0]))
-        return out
+        distributed = bool(self._opt_kwargs["use_distributed_optimizer"])
+        return optim_state.full_state(self.optimizer, param, distributed)
 
     def _set_state(self, param: nn.Parameter, full: Mapping[str, torch.Tensor]) -> None:
-        """Write whole master / moments / step into this rank's optimizer (its range of them)."""
-        local, rng = self._local_state(param)
-        if not local or (rng is not None and rng.stop <= rng.start):
-            return
-        opt = self._owner(param)
-        main = local["master"]
-
-        def piece(t: torch.Tensor) -> torch.Tensor:
-            t = t.to(device=main.device, dtype=torch.float32)
-            return t.reshape(-1)[rng].view_as(main) if rng is not None else t.view_as(main)
-
-        with torch.no_grad():
-            main.copy_(piece(full["master"]).to(main.dtype))
-            if main is not param and rng is None:
-                param.copy_(full["master"].to(device=param.device, dtype=param.dtype))
-            if "step" in full:
-                st = opt.optimizer.state[main]
-                st["step"] = torch.tensor(float(full["step"]), dtype=torch.float32)
-                for k in _ADAM_KEYS:
-                    st[k] = piece(full[k]).clone().to(main.dtype)
+        optim_state.set_state(self.optimizer, param, full)
 
     def optimizer_state_numel(self) -> dict[str, int]:
-        """See :func:`optimizer_state_numel` (collective)."""
+        """See :func:`.optim_state.optimizer_state_numel` (collective)."""
         return optimizer_state_numel(self.optimizer)
 
     def grad_buffer_numel(self) -> int:
@@ -509,28 +424,7 @@ class MegatronRunner:
         return True
 
     def _switch_phase(self, target: int, carry: bool) -> None:
-        new_plan = self.schedule.plans[target]
-        params = dict(self._root.named_parameters())
-        stay = set(self.applied.trainable_names()) & set(self.applied.trainable_names_for(new_plan))
-        carried: dict[str, dict[str, torch.Tensor]] = {}
-        if carry:
-            for n in self.applied.trainable_names():  # same order on every rank
-                if n in stay:
-                    carried[n] = self._full_state(params[n])
-        self._teardown()
-        self.applied = self.applied.switch_plan(new_plan)
-        self.phase = target
-        self._build()
-        for n, state in carried.items():
-            self._set_state(params[n], state)
-        log_rank0(
-            logger,
-            "plan-schedule phase %d: %s (%d trainable params on this rank, %d carried)",
-            target,
-            new_plan,
-            sum(params[n].numel() for n in self.applied.trainable_names()),
-            len(carried),
-        )
+        switch_phase(self, target, carry)
 
     # ---- forward / backward ------------------------------------------------------------------
 
@@ -743,7 +637,7 @@ class MegatronRunner:
         for group, names in self.applied.layer_groups().items():
             for n in names:
                 p = params[n]
-                if _is_tied_copy(n, p):
+                if mcheckpoint.is_tied_copy(n, p):
                     continue
                 has[index[group]] = 1.0
                 if not getattr(p, "tensor_model_parallel", False) and tp_rank != 0:
@@ -766,189 +660,24 @@ class MegatronRunner:
             dist.all_reduce(has, op=dist.ReduceOp.MAX)
         return {k: math.sqrt(float(sq[i])) for i, k in enumerate(keys) if has[i] > 0}
 
-    # ---- evaluation ---------------------------------------------------------------------------
+    # ---- evaluation (layerfreeze.engines.megatron.evaluation) --------------------------------
 
-    @torch.no_grad()
     def evaluate_loss(self, micro_batch: Mapping[str, Any]) -> float:
         """Loss of one batch without training: mean over data-parallel ranks, on every rank
-        (collective)."""
-        out: list[float] = []
-
-        def loss_func(output: torch.Tensor, loss_mask: torch.Tensor):
-            loss = self._loss_fn(output.float(), loss_mask)
-            out.append(float(loss))
-            return loss, {"loss": loss.detach()}
-
-        for c in self.ddp_chunks:
-            c.eval()
-        try:
-            self._run([micro_batch] * self._eval_copies, forward_only=True, loss_func=loss_func)
-        finally:
-            for c in self.ddp_chunks:
-                c.train()
-        t = torch.tensor([out[0] if out else 0.0], dtype=torch.float64)
-        t = self._from_last_stage(t)
-        dist.all_reduce(t, group=ps.get_data_parallel_group())
-        return float(t[0]) / ps.get_data_parallel_world_size()
-
-    @property
-    def _eval_copies(self) -> int:
-        """Micro-batches one evaluation forward needs: the interleaved (virtual-pipeline)
-        schedule wants at least as many as pipeline stages, so the batch is repeated and the
-        first result used."""
-        return ps.get_pipeline_model_parallel_world_size() if len(self.chunks) > 1 else 1
+        (collective); see :func:`.evaluation.evaluate_loss`."""
+        return evaluation.evaluate_loss(self, micro_batch)
 
     def eval_model(self) -> Callable[[torch.Tensor], torch.Tensor]:
         """A callable ``input_ids [B, T] -> logits [B, T, V]`` (float32, CPU) for the scorer and
-        diagnostics (``V``: the Hugging Face vocabulary when ``hf_config`` is known, else the
-        model's padded one). Every rank of the model-parallel group must call it in lockstep with the
-        same ``input_ids``; each gets the whole logits (gathered across TP, run through the
-        pipeline with ``forward_only`` and broadcast from the last stage)."""
-        from megatron.core.tensor_parallel.mappings import gather_from_tensor_model_parallel_region
+        diagnostics, called in lockstep by the model-parallel group; see
+        :func:`.evaluation.eval_model`."""
+        return evaluation.eval_model(self)
 
-        vocab = int(unwrap_module(self.chunks[-1]).vocab_size)  # padded to a multiple of TP
-        if self.hf_config is not None:
-            vocab = min(vocab, int(self.hf_config.vocab_size))
-
-        @torch.no_grad()
-        def logits_of(input_ids: torch.Tensor) -> torch.Tensor:
-            got: list[torch.Tensor] = []
-
-            def loss_func(output: torch.Tensor, loss_mask: Any):
-                whole = gather_from_tensor_model_parallel_region(output)
-                got.append(whole.float())
-                return output.sum() * 0.0, {}
-
-            ids = input_ids.to(self.device)
-            for c in self.ddp_chunks:
-                c.eval()
-            try:
-                self._run(
-                    [{"input_ids": ids}] * self._eval_copies, forward_only=True, loss_func=loss_func
-                )
-            finally:
-                for c in self.ddp_chunks:
-                    c.train()
-            b, t = ids.shape
-            out = (
-                got[0][..., :vocab].contiguous()
-                if got
-                else torch.empty(b, t, vocab, dtype=torch.float32, device=ids.device)
-            )
-            return self._from_last_stage(out).cpu()
-
-        return logits_of
-
-    # ---- weights by global key ------------------------------------------------------------------
+    # ---- checkpoints (layerfreeze.engines.megatron.checkpoint) -------------------------------
 
     def _global_keys(self) -> dict[str, str]:
-        """Local parameter name -> global key ``<part>.<owner>.<path>`` (see module docstring)."""
-        prefixes = {p.param_prefix: name for name, p in POLICIES.items() if p.param_prefix}
-        layers = {f"layers.{x.index}": x for x in self.applied.layout.layers}
-        chunk_prefix = len(self.chunks) > 1
-        out = {}
-        for part, names in self.applied._partition().items():
-            for n in names:
-                if part in layers:
-                    rel = n[len(layers[part].name) + 1 :]
-                else:
-                    rel = n.split(".", 1)[1] if chunk_prefix else n
-                owner = "base"
-                for piece in rel.split("."):
-                    hit = next(
-                        (pol for pre, pol in prefixes.items() if piece.startswith(pre)), None
-                    )
-                    if hit:
-                        owner = hit
-                        break
-                out[n] = f"{part}.{owner}.{rel}"
-        return out
-
-    def _stage_tensors(self, names: Sequence[str] | None) -> dict[str, torch.Tensor]:
-        """Whole (TP-gathered) tensors of this rank's ``names`` (all parameters when None), by
-        global key; collective over the TP group. Tied output copies are left out."""
-        keys = self._global_keys()
-        params = dict(self._root.named_parameters())
-        group, world = (
-            ps.get_tensor_model_parallel_group(),
-            ps.get_tensor_model_parallel_world_size(),
-        )
-        wanted = list(params) if names is None else [n for n in params if n in set(names)]
-        out = {}
-        for n in wanted:
-            if _is_tied_copy(n, params[n]):
-                continue
-            out[keys[n]] = _gather_tp(params[n], group, world).cpu().contiguous()
-        return out
-
-    def _write_weights(self, directory: Path, names: Sequence[str] | None) -> None:
-        tensors = self._stage_tensors(names)
-        if ps.get_tensor_model_parallel_rank() == 0 and ps.get_data_parallel_rank() == 0:
-            directory.mkdir(parents=True, exist_ok=True)
-            pp = ps.get_pipeline_model_parallel_rank()
-            save_file(tensors, str(directory / f"stage_{pp:03d}.safetensors"))
-
-    @torch.no_grad()
-    def _read_weights(self, directory: Path, required: Sequence[str]) -> list[str]:
-        """Copy every tensor this rank holds from ``directory`` (any TP/PP layout); returns the
-        local names that were loaded. Raises when a name in ``required`` has no tensor."""
-        files = sorted(directory.glob("stage_*.safetensors"))
-        if not files:
-            raise ckpt.CheckpointError(f"{directory}: no weight files (stage_*.safetensors).")
-        keys = self._global_keys()
-        params = dict(self._root.named_parameters())
-        rank, world = ps.get_tensor_model_parallel_rank(), ps.get_tensor_model_parallel_world_size()
-        loaded = []
-        with contextlib.ExitStack() as stack:
-            found: dict[str, tuple[Path, Any]] = {}
-            for f in files:
-                h = stack.enter_context(safe_open(str(f), framework="pt"))
-                found.update({k: (f, h) for k in h.keys()})
-            for n, p in params.items():
-                key = keys[n]
-                if _is_tied_copy(n, p):  # the last stage's copy of tied embeddings
-                    key = next(
-                        (k for k in found if k.endswith(".embedding.word_embeddings.weight")), key
-                    )
-                if key not in found:
-                    continue
-                f, h = found[key]
-                full = h.get_tensor(key)
-                rows = p.shape[0] * world
-                if (
-                    n.endswith(_VOCAB_PARAMS)
-                    and getattr(p, "tensor_model_parallel", False)
-                    and 0 < abs(full.shape[0] - rows) < _MAX_VOCAB_PADDING
-                ):
-                    full = _fit_vocab(full, rows)  # layouts pad the vocabulary differently
-                shard = _split_full(full, p, rank, world)
-                if tuple(shard.shape) != tuple(p.shape):
-                    raise ckpt.CheckpointError(
-                        f"{f}: {key} has shape {tuple(full.shape)}, which does not fit {n} "
-                        f"{tuple(p.shape)} at tensor-parallel size {world}. The checkpoint belongs "
-                        "to another model."
-                    )
-                p.copy_(shard.to(device=p.device, dtype=p.dtype))
-                loaded.append(n)
-        missing = sorted(set(required) - set(loaded))
-        if missing:
-            raise ckpt.CheckpointError(
-                f"{directory}: no tensor for {[keys[n] for n in missing][:5]}"
-                f"{' ...' if len(missing) > 5 else ''}. The checkpoint was saved for another plan."
-            )
-        return loaded
-
-    # ---- checkpoints ------------------------------------------------------------------------------
-
-    def _layout_meta(self) -> dict[str, Any]:
-        return {
-            "tensor_parallel": ps.get_tensor_model_parallel_world_size(),
-            "pipeline_parallel": ps.get_pipeline_model_parallel_world_size(),
-            "virtual_chunks": len(self.chunks),
-            "data_parallel": ps.get_data_parallel_world_size(),
-            "world_size": dist.get_world_size() if dist.is_initialized() else 1,
-            "distributed_optimizer": bool(self._opt_kwargs["use_distributed_optimizer"]),
-        }
+        """Local parameter name -> global key (see :func:`.checkpoint.global_keys`)."""
+        return mcheckpoint.global_keys(self)
 
     def save_checkpoint(
         self,
@@ -960,124 +689,29 @@ class MegatronRunner:
         run_meta: Mapping[str, Any] | None = None,
     ) -> Path:
         """Save an atomic checkpoint (every rank must call it, also stages with no trainable
-        parameter).
-
-        Layout: ``weights/stage_<pp>.safetensors`` (whole tensors by global key, written by TP
-        rank 0 of data-parallel replica 0 of each stage), ``optim/rank_<r>.*`` (this rank's
-        master weights, Adam moments and steps), ``client/rank_<r>.*`` (``client_state``), and
-        the layerfreeze metadata (plan, schedule, phase, layout, counters) in the manifest.
+        parameter); see :func:`layerfreeze.engines.megatron.checkpoint.save_checkpoint`.
 
         Args:
             ckpt_dir: checkpoint root.
             step: step to name the checkpoint by (default ``global_step``).
-            client_state: per-rank state (tensors, numpy arrays, numbers, strings, lists, tuples,
-                str-keyed dicts), returned by :meth:`load_checkpoint`.
+            client_state: per-rank state, returned by :meth:`load_checkpoint`.
             keep_last: keep only this many newest checkpoints (None keeps all).
             trainable_only: store only parameters that are, or were in an earlier phase,
                 trainable, plus every adapter (frozen base weights come from the base model).
-            run_meta: engine-neutral run metadata stored beside the engine's (the recipe's
-                tokenizer and model fingerprints, see :mod:`layerfreeze.resume`).
+            run_meta: engine-neutral run metadata stored beside the engine's.
 
         Returns:
             The committed checkpoint directory.
         """
-        root = Path(ckpt_dir)
-        step = self.global_step if step is None else step
-        staging = ckpt.prepare_staging(root, step) if self.rank == 0 else None
-        staging = Path(_broadcast(str(staging) if staging else None))
-        trained_before = trained_then_frozen(self.applied, self.schedule, self.phase)
-        names = None
-        if trainable_only:
-            from layerfreeze.apply import adapter_param_names
-
-            names = sorted(
-                set(self.applied.trainable_names())
-                | set(adapter_param_names(self._root))
-                | set(trained_before)
-            )
-        self._write_weights(staging / "weights", names)
-        keys = self._global_keys()
-        params = dict(self._root.named_parameters())
-        optim: dict[str, torch.Tensor] = {}
-        for n in self.applied.trainable_names():
-            local, _ = self._local_state(params[n])
-            for k, v in local.items():
-                optim[f"{keys[n]}::{k}"] = v.detach().reshape(v.shape).cpu().contiguous().clone()
-        (staging / "optim").mkdir(parents=True, exist_ok=True)
-        save_file(optim, str(staging / "optim" / f"rank_{self.rank:05d}.safetensors"))
-        save_client_state(
-            staging / "runner",
-            self.rank,
-            {
-                "scheduler": self.lr_scheduler.state_dict()
-                if self.lr_scheduler is not None
-                else {},
-                "base_lr": self.base_lr,
-            },
+        return mcheckpoint.save_checkpoint(
+            self, ckpt_dir, step, client_state, keep_last, trainable_only, run_meta
         )
-        save_client_state(staging / "client", self.rank, client_state or {})
-        dist.barrier()
-        checksums = staged_checksums(staging)  # each rank hashes a share of the files
-        committed = None
-        if self.rank == 0:
-            meta = {
-                "format": _META_FORMAT,
-                "engine": "megatron",
-                "step": step,
-                "phase": self.phase,
-                "schedule": self.schedule.to_dict(),
-                "plan": self.schedule.plans[self.phase].to_dict(),
-                "layout": self._layout_meta(),
-                "num_layers": self.applied.layout.num_layers,
-                "trainable_only": trainable_only,
-                "bad_micro_batches": self.bad_micro_batches,
-                "skipped_steps": self.skipped_steps,
-                "global_step": self.global_step,
-            }
-            info = ckpt.commit_checkpoint(
-                root, staging, step, {_META_KEY: meta, "run": dict(run_meta or {})},
-                keep_last=keep_last, checksums=checksums,
-            )
-            committed = str(info.path)
-        committed = _broadcast(committed)
-        log_rank0(logger, "saved checkpoint %s", committed)
-        return Path(committed)
-
-    def _resolve(
-        self, ckpt_dir: str | os.PathLike, tag: str | None, verify: bool = True
-    ) -> tuple[Any, dict[str, Any]]:
-        info = ckpt.resolve_checkpoint(ckpt_dir, tag)
-        if verify:  # sha256 of every file against the manifest, the reading shared by the ranks
-            check_content(info)
-        meta = info.meta.get(_META_KEY)
-        if not isinstance(meta, dict):
-            raise ckpt.CheckpointError(
-                f"{info.path}: not a layerfreeze Megatron checkpoint (no layerfreeze metadata)."
-            )
-        wrong_engine = engine_problems(meta, engine="megatron", schedule=meta.get("schedule"))
-        if wrong_engine:
-            raise ckpt.CheckpointError(
-                f"{info.path}: cannot load it: " + "; ".join(wrong_engine) + "."
-            )
-        if meta.get("format") != _META_FORMAT:
-            raise ckpt.CheckpointError(
-                f"{info.path}: not a layerfreeze Megatron checkpoint (metadata format "
-                f"{meta.get('format')!r}, expected {_META_FORMAT!r})."
-            )
-        if meta["num_layers"] != self.applied.layout.num_layers:
-            raise ckpt.CheckpointError(
-                f"{info.path}: saved for a {meta['num_layers']}-layer model, this model has "
-                f"{self.applied.layout.num_layers} layers."
-            )
-        return info, meta
 
     def load_trainable_weights(
         self, ckpt_dir: str | os.PathLike, tag: str | None = None, strict: bool = True
     ) -> list[str]:
-        """Load the weights of a checkpoint saved under *any* TP/PP layout (e.g. adapters trained
-        at TP=2, PP=1 into a TP=1, PP=2 model): every tensor whose global key this rank holds is
-        copied (its TP shard). Optimizer state and counters are not touched; the optimizer's
-        master copies are refreshed from the new weights. Collective-free except the final sync.
+        """Load the weights of a checkpoint saved under *any* TP/PP layout; optimizer state and
+        counters are not touched (see :func:`.checkpoint.load_trainable_weights`).
 
         Args:
             ckpt_dir: checkpoint root (follows ``latest``) or one checkpoint directory.
@@ -1087,26 +721,19 @@ class MegatronRunner:
         Returns:
             Local names of the parameters that were loaded.
         """
-        from layerfreeze.apply import adapter_param_names
-
-        info, _meta = self._resolve(ckpt_dir, tag)
-        required = adapter_param_names(self._root) if strict else []
-        loaded = self._read_weights(info.path / "weights", required)
-        self.optimizer.reload_model_params()
-        dist.barrier()
-        return loaded
+        return mcheckpoint.load_trainable_weights(self, ckpt_dir, tag, strict)
 
     def load_checkpoint(
         self, ckpt_dir: str | os.PathLike, tag: str | None = None, verify: bool = True
     ) -> dict[str, Any]:
         """Resume from a checkpoint saved by :meth:`save_checkpoint` on the same layout (every
-        rank must call it): phase, weights, optimizer state, lr schedule and counters.
+        rank must call it): phase, weights, optimizer state, lr schedule and counters (see
+        :func:`.checkpoint.load_checkpoint`).
 
         Args:
             ckpt_dir: checkpoint root (follows ``latest``) or one checkpoint directory.
             tag: checkpoint name under the root (``step_00000010``); default ``latest``.
-            verify: check every file against the sha256 in the manifest first (the recipe
-                passes False for a checkpoint it has just verified).
+            verify: check every file against the sha256 in the manifest first.
 
         Returns:
             This rank's ``client_state`` as given to :meth:`save_checkpoint`.
@@ -1115,66 +742,7 @@ class MegatronRunner:
             CheckpointError: nothing loadable, a damaged checkpoint, another schedule, or another
                 parallel layout (then use :meth:`load_trainable_weights`).
         """
-        info, meta = self._resolve(ckpt_dir, tag, verify)
-        problems = engine_problems(meta, engine="megatron", schedule=self.schedule.to_dict())
-        if meta["layout"] != self._layout_meta():
-            diff = field_diff(meta["layout"], self._layout_meta(), "layout")
-            problems.append(
-                f"saved with another parallel layout ({'; '.join(diff)}) (to move trained "
-                "weights to another layout use load_trainable_weights)"
-            )
-        if problems:
-            raise ckpt.CheckpointError(
-                f"{info.path}: cannot resume this run from it: " + "; ".join(problems) + "."
-            )
-        if int(meta["phase"]) != self.phase:
-            self._switch_phase(int(meta["phase"]), carry=False)
-        required = [] if meta["trainable_only"] else list(dict(self._root.named_parameters()))
-        self._read_weights(info.path / "weights", required)
-        self.optimizer.reload_model_params()
-        keys = self._global_keys()
-        params = dict(self._root.named_parameters())
-        path = info.path / "optim" / f"rank_{self.rank:05d}.safetensors"
-        if not path.exists():
-            raise ckpt.CheckpointError(f"{path}: missing; the checkpoint is incomplete.")
-        with safe_open(str(path), framework="pt") as h:
-            saved = {k: h.get_tensor(k) for k in h.keys()}
-        with torch.no_grad():
-            for n in self.applied.trainable_names():
-                local, _ = self._local_state(params[n])
-                if not local:
-                    continue
-                opt = self._owner(params[n])
-                main = local["master"]
-                src = saved.get(f"{keys[n]}::master")
-                if src is None:
-                    raise ckpt.CheckpointError(f"{path}: no optimizer state for {keys[n]}.")
-                main.copy_(src.to(main.dtype))
-                if f"{keys[n]}::step" in saved:
-                    st = opt.optimizer.state[main]
-                    st["step"] = saved[f"{keys[n]}::step"].clone()
-                    for k in _ADAM_KEYS:
-                        st[k] = saved[f"{keys[n]}::{k}"].to(device=main.device, dtype=main.dtype)
-            for opt in _inner_optimizers(self.optimizer):  # master -> model params
-                if hasattr(opt, "_copy_main_params_to_model_params"):
-                    opt._copy_main_params_to_model_params()
-        runner_state = load_client_state(info.path / "runner", self.rank)
-        if self.lr_scheduler is not None and runner_state.get("scheduler"):
-            self.lr_scheduler.load_state_dict(runner_state["scheduler"])
-        self._tracker.param_groups[0]["lr"] = float(runner_state["base_lr"])
-        self._apply_lr()
-        self.global_step = int(meta["global_step"])
-        self.bad_micro_batches = int(meta["bad_micro_batches"])
-        self.skipped_steps = int(meta["skipped_steps"])
-        rank = self.rank
-        if not (info.path / "client" / f"rank_{rank:05d}.json").exists():
-            rank = 0
-        state = load_client_state(info.path / "client", rank)
-        dist.barrier()
-        log_rank0(
-            logger, "resumed from %s (step %d, phase %d)", info.path, self.global_step, self.phase
-        )
-        return state
+        return mcheckpoint.load_checkpoint(self, ckpt_dir, tag, verify)
 
     # ---- whole parameters, export, teardown ---------------------------------------------------
 
@@ -1228,7 +796,7 @@ class MegatronRunner:
     def consolidated_state_dict(self) -> dict[str, torch.Tensor] | None:
         """The whole model by global key (TP gathered, every stage) on rank 0; None elsewhere.
         Collective over all ranks."""
-        tensors = self._stage_tensors(None)
+        tensors = mcheckpoint.stage_tensors(self, None)
         writer = ps.get_tensor_model_parallel_rank() == 0 and ps.get_data_parallel_rank() == 0
         parts = [None] * dist.get_world_size()
         dist.gather_object(tensors if writer else {}, parts if self.rank == 0 else None, dst=0)
@@ -1240,15 +808,8 @@ class MegatronRunner:
         return out
 
     def export_merged(self, out_dir: str | os.PathLike, tokenizer: Any = None) -> Path | None:
-        """Write a merged Hugging Face checkpoint (collective; every rank calls it).
-
-        Mergeable LoRA is folded into the base weights for the export (and unfolded after);
-        the base weights go through :func:`layerfreeze.engines.megatron.convert.export_hf_checkpoint`
-        (TP gathered, every stage, written atomically by rank 0). Adapters that cannot be merged
-        (gated LoRA, prefixes, their gates) go to the sidecar in Hugging Face naming
-        (``layerfreeze_sidecar.safetensors`` + ``plan.json``, as ``layerfreeze.export.export_merged``
-        writes them): ``load_trainable(AutoModelForCausalLM.from_pretrained(dir), dir)`` restores
-        the adapted model.
+        """Write a merged Hugging Face checkpoint (collective; every rank calls it): see
+        :func:`layerfreeze.engines.megatron.hf_export.export_runner_to_hf`.
 
         Returns:
             The export directory on rank 0, None on other ranks.
@@ -1256,51 +817,9 @@ class MegatronRunner:
         Raises:
             ValueError: the runner was built without ``hf_config``.
         """
-        if self.hf_config is None:
-            raise ValueError(
-                "export_merged: the Megatron runner needs the model's Hugging Face config to "
-                "name the exported weights; pass hf_config= (e.g. AutoConfig.from_pretrained(path)) "
-                "to MegatronRunner."
-            )
-        from layerfreeze.apply import adapter_param_names
-        from layerfreeze.engines.megatron.convert import export_hf_checkpoint
+        from layerfreeze.engines.megatron.hf_export import export_runner_to_hf
 
-        prefixes = tuple(p.param_prefix for p in POLICIES.values() if p.param_prefix)
-
-        def is_adapter(name: str) -> bool:
-            return any(part.startswith(prefixes) for part in name.split("."))
-
-        merged = self.applied.merge()
-        try:
-            kept = sorted(
-                set(adapter_param_names(self._root))
-                - set(self.applied.merged_adapter_param_names())
-            )
-            if kept:
-                keys = self._global_keys()
-                log_rank0(
-                    logger,
-                    "export_merged: %d adapter tensors cannot be merged into Hugging Face weights "
-                    "(gated LoRA / prefix), e.g. %s; they go to the export's sidecar.",
-                    len(kept),
-                    [keys[n] for n in kept[:3]],
-                    level=logging.INFO,
-                )
-            base = [
-                {k: v for k, v in c.state_dict().items() if not is_adapter(k)} for c in self.chunks
-            ]
-            path = export_hf_checkpoint(
-                self.chunks,
-                self.hf_config,
-                out_dir,
-                tokenizer=tokenizer,
-                state_dict=base,
-                applied=self.applied,
-            )
-        finally:
-            if merged:
-                self.applied.unmerge()
-        return Path(path) if self.rank == 0 else None
+        return export_runner_to_hf(self, out_dir, tokenizer=tokenizer)
 
     def close(self, destroy_model_parallel: bool = True) -> None:
         """Release DDP buffers and the optimizer; tear down megatron's model-parallel state
@@ -1330,72 +849,7 @@ class _MarkBackward(torch.autograd.Function):
         return grad, None, None
 
 
-def _float16_pairs(opt: Any) -> list[tuple[list[torch.Tensor], list[torch.Tensor]]]:
-    lp, hp = getattr(opt, "float16_groups", None), getattr(opt, "fp32_from_float16_groups", None)
-    if lp is None or hp is None:
-        return []
-    return list(zip(lp, hp, strict=True))
-
-
-#: vocabulary-parallel parameters (rows = the padded vocabulary, split over TP)
-_VOCAB_PARAMS = ("word_embeddings.weight", "output_layer.weight")
-#: most padding rows two layouts can differ by (Megatron-LM pads to 128 x TP size)
-_MAX_VOCAB_PADDING = 128 * 8
-
-
-def _fit_vocab(full: torch.Tensor, rows: int) -> torch.Tensor:
-    """``full`` with its vocabulary rows cut or zero-padded to ``rows`` (layouts pad the
-    vocabulary to different multiples of their TP size; the padding rows carry no token)."""
-    if full.shape[0] >= rows:
-        return full[:rows]
-    pad = full.new_zeros((rows - full.shape[0], *full.shape[1:]))
-    return torch.cat([full, pad], dim=0)
-
-
-def _is_tied_copy(name: str, param: torch.Tensor) -> bool:
-    """The last pipeline stage's copy of tied word embeddings (kept in sync by Megatron)."""
-    return bool(getattr(param, "shared_embedding", False)) and name.endswith("output_layer.weight")
-
-
 def _masked_mean(token_losses: torch.Tensor, loss_mask: torch.Tensor) -> torch.Tensor:
     """Mean per-token loss over unmasked tokens (the Hugging Face causal-LM loss)."""
     mask = loss_mask.to(token_losses.dtype)
     return (token_losses * mask).sum() / mask.sum().clamp(min=1.0)
-
-
-def _broadcast(obj: Any) -> Any:
-    if not dist.is_initialized():
-        return obj
-    box = [obj]
-    dist.broadcast_object_list(box, src=0)
-    return box[0]
-
-
-def optimizer_state_numel(optimizer: Any) -> dict[str, int]:
-    """Elements held in optimizer state summed over all ranks, per key (``master`` counts the
-    tensors the torch optimizer updates; Adam moments once materialised). Collective.
-
-    A frozen parameter adds nothing: gradient buffers, master copies and moments exist only
-    for parameters with ``requires_grad`` when Megatron built them.
-    """
-    counts = {"master": 0, "exp_avg": 0, "exp_avg_sq": 0}
-    for opt in _inner_optimizers(optimizer):
-        torch_opt = getattr(opt, "optimizer", None)
-        if torch_opt is None:
-            continue
-        for g in torch_opt.param_groups:
-            for p in g["params"]:
-                counts["master"] += p.numel()
-                for k in _ADAM_KEYS:
-                    v = torch_opt.state.get(p, {}).get(k)
-                    if isinstance(v, torch.Tensor):
-                        counts[k] += v.numel()
-    keys = sorted(counts)
-    t = torch.tensor([counts[k] for k in keys], dtype=torch.float64)
-    if dist.is_initialized():
-        # replicas hold identical copies without the distributed optimizer: count one replica
-        if not any(hasattr(o, "model_param_group_index_map") for o in _inner_optimizers(optimizer)):
-            if ps.get_data_parallel_rank() != 0:
-                t.zero_()
-        dist.all_reduce(t)
-    return {k: int(v) for k, v in zip(keys, t.tolist(), strict=True)}

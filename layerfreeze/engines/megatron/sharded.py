@@ -44,6 +44,8 @@ from collections.abc import Iterable
 import torch
 from torch import nn
 
+from layerfreeze.engines.common import unwrap_module
+
 __all__ = [
     "adapter_sharded_state_dict",
     "linear_sharded_state_dict",
@@ -245,12 +247,6 @@ def _flatten(d: dict, out: dict | None = None, path: tuple = ()) -> dict:
     return out
 
 
-def _unwrap(model: nn.Module) -> nn.Module:
-    while hasattr(model, "module") and not hasattr(model, "decoder"):
-        model = model.module
-    return model
-
-
 def trained_sharded_state_dict(model: nn.Module, trained: Iterable[str] | None = None) -> dict:
     """The sharded state dict of only what a plan trains (adapters and fully trained layers).
 
@@ -269,7 +265,7 @@ def trained_sharded_state_dict(model: nn.Module, trained: Iterable[str] | None =
     Raises:
         ValueError: a name in ``trained`` is not a parameter of ``model``, or nothing is trained.
     """
-    model = _unwrap(model)
+    model = unwrap_module(model, stop_at="decoder")
     named = dict(model.named_parameters())
     if trained is None:
         keep = {id(p) for p in named.values() if p.requires_grad}
@@ -300,7 +296,7 @@ def base_sharded_state_dict(model: nn.Module, metadata: dict | None = None) -> d
     already carries one (:func:`load_sharded_into`)."""
     from layerfreeze.apply import adapter_param_names
 
-    model = _unwrap(model)
+    model = unwrap_module(model, stop_at="decoder")
     adapters = {id(p) for n, p in model.named_parameters() if n in set(adapter_param_names(model))}
     sd = model.sharded_state_dict(metadata=metadata)
     return {
