@@ -28,7 +28,7 @@ logger = get_logger("layerfreeze.trace")
 
 _BENCHMARKS = ("ceval", "cmmlu")
 #: measures that need whole weights and their gradients on one rank (refused with --zero3)
-_WHOLE_WEIGHTS = ("gradient", "stability")
+_WHOLE_WEIGHTS = ("gradient", "stability", "layer_stability")
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -65,7 +65,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument(
         "--measures",
         help=f"comma-separated subset of: {', '.join(MEASURES)} (default: all; with --zero3 all "
-        "but gradient and stability)",
+        "but gradient, stability and layer_stability)",
     )
     parser.add_argument(
         "--noise-scales",
@@ -73,8 +73,26 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         help="relative weight-noise scales (comma-separated)",
     )
     parser.add_argument("--seed", type=int, default=0, help="seed of the noise draws")
-    parser.add_argument("--stability-steps", type=int, default=4, help="AdamW steps (stability)")
+    parser.add_argument(
+        "--stability-steps",
+        type=int,
+        default=4,
+        help="AdamW steps (stability; layer_stability with --layer-stability steps)",
+    )
     parser.add_argument("--stability-lr", type=float, default=1e-4, help="their learning rate")
+    parser.add_argument(
+        "--layer-stability",
+        choices=["perturb", "steps"],
+        default="perturb",
+        help="layer_stability: change each layer alone by a relative weight perturbation "
+        "(default) or by --stability-steps AdamW steps on that layer only",
+    )
+    parser.add_argument(
+        "--layer-stability-scale",
+        type=float,
+        default=0.05,
+        help="relative weight perturbation of --layer-stability perturb (default 0.05)",
+    )
     parser.add_argument(
         "--tolerance",
         type=float,
@@ -93,7 +111,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         action="store_true",
         help="shard the weights over the ranks of a torchrun/deepspeed launch with DeepSpeed "
         "ZeRO-3 from the moment they load (models too large for one device); every rank runs "
-        "the probe set, rank 0 writes. gradient and stability are not available",
+        "the probe set, rank 0 writes. gradient, stability and layer_stability are not available",
     )
     parser.add_argument("--out", required=True, help="output directory (created)")
     parser.add_argument("--overwrite", action="store_true", help=OVERWRITE_HELP)
@@ -146,6 +164,8 @@ def _check(args: argparse.Namespace):
         seed=args.seed,
         stability_steps=args.stability_steps,
         stability_lr=args.stability_lr,
+        layer_stability_mode=args.layer_stability,
+        layer_stability_scale=args.layer_stability_scale,
         tolerance=args.tolerance,
     )
     if args.recommend:
