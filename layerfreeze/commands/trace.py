@@ -5,7 +5,7 @@ Examples::
     layerfreeze trace --model runs/x/export --probe corpus.txt --max-tokens 8192 --out trace/
     layerfreeze trace --model M --probe ceval --data-dir data --subjects law,physician --out t/
     layerfreeze trace --model M --probe en.txt zh.txt --measures angular,logit_lens --out t/ \\
-        --recommend --budget 0.25 --family freeze
+        --recommend --budget 0.25 --family freeze --score-weights lens=0.5,sensitivity=0.5
     torchrun --nproc_per_node 8 -m layerfreeze trace --model 70B/ --probe ceval --data-dir data \\
         --zero3 --out t/          # each rank holds 1/8 of the weights (DeepSpeed ZeRO-3)
 
@@ -124,6 +124,12 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument(
         "--family", choices=["freeze", "hlpt"], default="freeze", help="plan family for --recommend"
     )
+    parser.add_argument(
+        "--score-weights",
+        metavar="lens=W,sensitivity=W,stability=W",
+        help="weights of the per-layer score behind --recommend (components not named get 0; "
+        "default lens=0.4,sensitivity=0.3,stability=0.3, see docs/diagnostics.md)",
+    )
 
 
 def _check(args: argparse.Namespace):
@@ -168,7 +174,12 @@ def _check(args: argparse.Namespace):
         layer_stability_scale=args.layer_stability_scale,
         tolerance=args.tolerance,
     )
+    if args.score_weights is not None and not args.recommend:
+        raise ValueError("--score-weights: only used with --recommend; add --recommend.")
     if args.recommend:
+        from layerfreeze.diagnostics.recommend import parse_weights
+
+        args.score_weights = parse_weights(args.score_weights)
         if args.budget is None:
             raise ValueError("--budget: required with --recommend (a fraction such as 0.25).")
         if not 0 < args.budget <= 1:
@@ -294,7 +305,7 @@ def run(args: argparse.Namespace) -> int:
         probe = _build_probe(args, tokenizer, is_bench, default_max_length(model))
         if args.recommend:  # a budget too small for the family fails before the long run
             n = model.config.get_text_config().num_hidden_layers
-            recommend({"layers": [{}] * n}, model, args.budget, args.family)
+            recommend({"layers": [{}] * n}, model, args.budget, args.family, args.score_weights)
     except (ValueError, ConfigError) as e:
         logger.error("%s", e)
         return 2
@@ -310,7 +321,7 @@ def run(args: argparse.Namespace) -> int:
     rec = None
     if args.recommend:
         try:
-            rec = recommend(result, model, args.budget, args.family)
+            rec = recommend(result, model, args.budget, args.family, args.score_weights)
         except (ValueError, ConfigError) as e:
             logger.error("%s", e)
             return 2

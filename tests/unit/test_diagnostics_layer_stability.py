@@ -36,7 +36,9 @@ def _compare(ref, changed, layer: int, probe) -> tuple[float, float]:
     """(relative output change, token-mean angle) of ``layer`` between two whole models."""
     num = den = ang = 0.0
     n = 0
-    for y, y2, b in zip(_outputs(ref, layer, probe), _outputs(changed, layer, probe), probe.batches):
+    for y, y2, b in zip(
+        _outputs(ref, layer, probe), _outputs(changed, layer, probe), probe.batches, strict=True
+    ):
         keep = b.attention_mask != 0
         num += float((y2 - y)[keep].double().pow(2).sum())
         den += float(y[keep].double().pow(2).sum())
@@ -69,7 +71,9 @@ def test_perturb_mode_matches_an_in_place_perturbation_of_one_layer(family):
         assert got["output_angle"][li] == pytest.approx(angle, rel=1e-3, abs=1e-7)
         w0 = [p.detach() for p in info.module.parameters()]
         w1 = [p.detach() for p in block.parameters()]
-        num = math.sqrt(sum(float((a - b).double().pow(2).sum()) for a, b in zip(w1, w0)))
+        num = math.sqrt(
+            sum(float((a - b).double().pow(2).sum()) for a, b in zip(w1, w0, strict=True))
+        )
         den = math.sqrt(sum(float(b.double().pow(2).sum()) for b in w0))
         assert got["weight_change"][li] == pytest.approx(num / den, rel=1e-5)
 
@@ -109,7 +113,9 @@ def test_steps_mode_matches_adamw_on_that_layer_alone():
                 assert all(
                     torch.equal(a, b)
                     for a, b in zip(
-                        ref.model.layers[lj].parameters(), model.model.layers[lj].parameters()
+                        ref.model.layers[lj].parameters(),
+                        model.model.layers[lj].parameters(),
+                        strict=True,
                     )
                 )
 
