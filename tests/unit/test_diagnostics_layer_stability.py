@@ -47,7 +47,7 @@ def _compare(ref, changed, layer: int, probe) -> tuple[float, float]:
     return math.sqrt(num / den), ang / n
 
 
-@pytest.mark.parametrize("family", ["llama", "gpt2"])
+@pytest.mark.parametrize("family", ["llama", "qwen2", "gpt2", "gpt_neox"])
 def test_perturb_mode_matches_an_in_place_perturbation_of_one_layer(family):
     model = build_tiny_model(family, num_layers=3, hidden=32).eval()
     layout = discover_layout(model)
@@ -168,3 +168,15 @@ def test_run_trace_reports_both_stabilities_clearly_named():
         TraceSettings(layer_stability_mode="grad")
     with pytest.raises(ValueError, match="--layer-stability-scale"):
         TraceSettings(layer_stability_scale=float("nan"))
+
+
+@pytest.mark.parametrize("mode", ["perturb", "steps"])
+def test_bf16_model_both_modes_finite_and_untouched(mode):
+    model = build_tiny_model("llama", num_layers=2, hidden=32).to(torch.bfloat16)
+    before = {n: p.detach().clone() for n, p in model.named_parameters()}
+    probe = _probe(model.config.vocab_size)
+    got = layer_stability(model, discover_layout(model), probe, mode=mode, steps=2, lr=1e-2)
+    for key in ("output_change", "output_angle", "weight_change"):
+        assert all(math.isfinite(v) and v > 0 for v in got[key]), (key, got[key])
+    for n, p in model.named_parameters():
+        assert p.dtype == torch.bfloat16 and torch.equal(p, before[n]), n
