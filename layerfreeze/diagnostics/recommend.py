@@ -236,7 +236,7 @@ def layer_scores(
         ``weights`` (as given), ``weights_used`` (the components the trace has, renormalised to
         sum 1), ``components`` (per layer, or None when absent), ``score`` (per layer, None
         when no component is present), ``lens_source`` (where the lens step came from),
-        ``unused`` (weighted components the trace lacks, with the measure that would give them).
+        ``unused`` (weighted components the trace lacks, each with the reason).
     """
     weights = parse_weights(weights)
     rows = trace.get("layers", [])
@@ -257,7 +257,15 @@ def layer_scores(
     if iso.get("output_change"):
         comps["stability"] = _relative(iso["output_change"])
     present = {c: w for c, w in weights.items() if w > 0 and comps[c] is not None}
-    need = {"lens": "logit_lens", "sensitivity": "skip or noise", "stability": "layer_stability"}
+    need = {
+        "lens": (
+            "the logit lens shows no decodable or converged layer"
+            if trace.get("logit_lens")
+            else "the trace has no logit_lens"
+        ),
+        "sensitivity": "the trace has no skip or noise",
+        "stability": "the trace has no layer_stability",
+    }
     unused = {c: need[c] for c, w in weights.items() if w > 0 and comps[c] is None}
     total = sum(present.values())
     used = {c: w / total for c, w in present.items()} if total > 0 else {}
@@ -429,7 +437,12 @@ def recommend(
         if b < n:
             why.append(f"{_layers(b, n)}: gated prefix, {t} tokens ({_span(rows, b, n)}).")
         why.append(f"boundary: {source}.")
-        why.append(f"rank {r} and {t} prefix tokens are the largest that fit the budget.")
+        why.append(
+            f"rank {r} and {t} prefix tokens are the largest that fit the budget."
+            if b < n
+            else f"rank {r} is the largest that fits the budget; no prefix layer (the cut is at "
+            "the top)."
+        )
     trainable = _count(meta.config, plan)
     assert trainable <= limit, (trainable, limit)
     why.append(
@@ -442,8 +455,8 @@ def recommend(
             + ", ".join(f"{v:.2f}" for v in scores["score"])
             + "."
         )
-    for comp, measure in scores["unused"].items():
-        why.append(f"{comp} weight {weights[comp]:g} unused: the trace has no {measure}.")
+    for comp, reason in scores["unused"].items():
+        why.append(f"{comp} weight {weights[comp]:g} unused: {reason}.")
     return Recommendation(
         family, float(budget), plan, b, source, trainable, total, why, score=scores
     )

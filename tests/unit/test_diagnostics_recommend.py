@@ -192,7 +192,11 @@ def test_layer_scores_follow_the_documented_formula():
     del trace["layer_stability"]
     got = layer_scores(trace, 4)
     assert got["weights_used"] == pytest.approx({"lens": 4 / 7, "sensitivity": 3 / 7})
-    assert got["unused"] == {"stability": "layer_stability"}
+    assert got["unused"] == {"stability": "the trace has no layer_stability"}
+    del trace["logit_lens"]["decodable_layer"]  # the lens ran but shows no task layer
+    assert layer_scores(trace, 4)["unused"]["lens"] == (
+        "the logit lens shows no decodable or converged layer"
+    )
     assert got["score"] == pytest.approx(
         [(0.4 * a + 0.3 * b) / 0.7 for a, b in zip(lens, sens, strict=True)]
     )
@@ -297,6 +301,11 @@ def test_fragile_then_identity_deepest_layer_moves_the_split_on_a_real_model():
     ri = recommend(ti, identity, 1.0, "freeze", weights)
     assert ri.score["score"][5] == 0.0
     assert ri.boundary == _brute_cut(ri.score["score"]) > rf.boundary
+    # here every layer trains again: hlpt then has no prefix layer and says so
+    assert ri.boundary == 6
+    hl = recommend(ti, identity, 0.5, "hlpt", weights)
+    assert [r["policy"] for r in hl.plan.to_dict()["rules"]] == ["lora"]
+    assert any("no prefix layer" in line for line in hl.rationale)
 
 
 def test_default_score_on_a_real_trace_identity_and_fragile_components():
