@@ -180,3 +180,28 @@ def test_bf16_model_both_modes_finite_and_untouched(mode):
         assert all(math.isfinite(v) and v > 0 for v in got[key]), (key, got[key])
     for n, p in model.named_parameters():
         assert p.dtype == torch.bfloat16 and torch.equal(p, before[n]), n
+
+
+def test_memory_formula_counts_one_layers_reference_inputs():
+    from layerfreeze.diagnostics.isolated import block_reference_inputs
+    from layerfreeze.diagnostics.trace import trace_memory
+
+    model = build_tiny_model("llama", num_layers=3, hidden=32).eval()
+    layout = discover_layout(model)
+    probe = _probe(model.config.vocab_size, lengths=(8, 8), batch_size=2)
+    args, kwargs = block_reference_inputs(model, layout.layers[1].module, probe.batches[0])
+    hidden = args[0] if args else kwargs["hidden_states"]
+    assert hidden.numel() * hidden.element_size() == 2 * 8 * 32 * 4  # B*T*H*s
+    per_layer = sum(p.numel() for p in layout.layers[0].module.parameters())
+    kw = {"batch": 2, "seq": 8, "vocab": 128, "layer_params": 3 * per_layer}
+    mem = trace_memory(3, 32, measures=("layer_stability",), **kw)
+    assert mem["layer_stability"] == 2 * 8 * 32 * (4 + 8) + per_layer * 4
+    steps = trace_memory(3, 32, measures=("layer_stability",), layer_stability_steps=True, **kw)
+    assert steps["layer_stability"] == mem["layer_stability"] + 16 * per_layer
+    # no term grows with the number of probe batches or of layers (one layer at a time)
+    assert (
+        trace_memory(
+            30, 32, measures=("layer_stability",), **{**kw, "layer_params": 30 * per_layer}
+        )["layer_stability"]
+        == mem["layer_stability"]
+    )
