@@ -5,7 +5,7 @@ Examples::
     layerfreeze trace --model runs/x/export --probe corpus.txt --max-tokens 8192 --out trace/
     layerfreeze trace --model M --probe ceval --data-dir data --subjects law,physician --out t/
     layerfreeze trace --model M --probe en.txt zh.txt --measures angular,logit_lens --out t/ \\
-        --recommend --budget 0.25 --family freeze
+        --recommend --budget 0.25 --family freeze --score-weights lens=0.5,sensitivity=0.5
     torchrun --nproc_per_node 8 -m layerfreeze trace --model 70B/ --probe ceval --data-dir data \\
         --zero3 --out t/          # each rank holds 1/8 of the weights (DeepSpeed ZeRO-3)
 
@@ -28,7 +28,7 @@ logger = get_logger("layerfreeze.trace")
 
 _BENCHMARKS = ("ceval", "cmmlu")
 #: measures that need whole weights and their gradients on one rank (refused with --zero3)
-_WHOLE_WEIGHTS = ("gradient", "stability")
+_WHOLE_WEIGHTS = ("gradient", "stability", "layer_stability")
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -65,7 +65,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument(
         "--measures",
         help=f"comma-separated subset of: {', '.join(MEASURES)} (default: all; with --zero3 all "
-        "but gradient and stability)",
+        "but gradient, stability and layer_stability)",
     )
     parser.add_argument(
         "--noise-scales",
@@ -73,8 +73,26 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         help="relative weight-noise scales (comma-separated)",
     )
     parser.add_argument("--seed", type=int, default=0, help="seed of the noise draws")
-    parser.add_argument("--stability-steps", type=int, default=4, help="AdamW steps (stability)")
+    parser.add_argument(
+        "--stability-steps",
+        type=int,
+        default=4,
+        help="AdamW steps (stability; layer_stability with --layer-stability steps)",
+    )
     parser.add_argument("--stability-lr", type=float, default=1e-4, help="their learning rate")
+    parser.add_argument(
+        "--layer-stability",
+        choices=["perturb", "steps"],
+        default="perturb",
+        help="layer_stability: change each layer alone by a relative weight perturbation "
+        "(default) or by --stability-steps AdamW steps on that layer only",
+    )
+    parser.add_argument(
+        "--layer-stability-scale",
+        type=float,
+        default=0.05,
+        help="relative weight perturbation of --layer-stability perturb (default 0.05)",
+    )
     parser.add_argument(
         "--tolerance",
         type=float,
@@ -93,7 +111,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         action="store_true",
         help="shard the weights over the ranks of a torchrun/deepspeed launch with DeepSpeed "
         "ZeRO-3 from the moment they load (models too large for one device); every rank runs "
-        "the probe set, rank 0 writes. gradient and stability are not available",
+        "the probe set, rank 0 writes. gradient, stability and layer_stability are not available",
     )
     parser.add_argument("--out", required=True, help="output directory (created)")
     parser.add_argument("--overwrite", action="store_true", help=OVERWRITE_HELP)
@@ -105,6 +123,12 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--budget", type=float, help="trainable-parameter fraction (0, 1]")
     parser.add_argument(
         "--family", choices=["freeze", "hlpt"], default="freeze", help="plan family for --recommend"
+    )
+    parser.add_argument(
+        "--score-weights",
+        metavar="lens=W,sensitivity=W,stability=W",
+        help="weights of the per-layer score behind --recommend (components not named get 0; "
+        "default lens=0.4,sensitivity=0.3,stability=0.3, see docs/diagnostics.md)",
     )
 
 
@@ -146,9 +170,16 @@ def _check(args: argparse.Namespace):
         seed=args.seed,
         stability_steps=args.stability_steps,
         stability_lr=args.stability_lr,
+        layer_stability_mode=args.layer_stability,
+        layer_stability_scale=args.layer_stability_scale,
         tolerance=args.tolerance,
     )
+    if args.score_weights is not None and not args.recommend:
+        raise ValueError("--score-weights: only used with --recommend; add --recommend.")
     if args.recommend:
+        from layerfreeze.diagnostics.recommend import parse_weights
+
+        args.score_weights = parse_weights(args.score_weights)
         if args.budget is None:
             raise ValueError("--budget: required with --recommend (a fraction such as 0.25).")
         if not 0 < args.budget <= 1:
@@ -274,7 +305,7 @@ def run(args: argparse.Namespace) -> int:
         probe = _build_probe(args, tokenizer, is_bench, default_max_length(model))
         if args.recommend:  # a budget too small for the family fails before the long run
             n = model.config.get_text_config().num_hidden_layers
-            recommend({"layers": [{}] * n}, model, args.budget, args.family)
+            recommend({"layers": [{}] * n}, model, args.budget, args.family, args.score_weights)
     except (ValueError, ConfigError) as e:
         logger.error("%s", e)
         return 2
@@ -290,7 +321,7 @@ def run(args: argparse.Namespace) -> int:
     rec = None
     if args.recommend:
         try:
-            rec = recommend(result, model, args.budget, args.family)
+            rec = recommend(result, model, args.budget, args.family, args.score_weights)
         except (ValueError, ConfigError) as e:
             logger.error("%s", e)
             return 2

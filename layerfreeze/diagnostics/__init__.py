@@ -24,6 +24,8 @@ _LAZY = {
     "TraceSettings": "layerfreeze.diagnostics.trace",
     "run_trace": "layerfreeze.diagnostics.trace",
     "trace_memory": "layerfreeze.diagnostics.trace",
+    "layer_stability": "layerfreeze.diagnostics.isolated",
+    "layer_scores": "layerfreeze.diagnostics.recommend",
     "write_trace": "layerfreeze.diagnostics.report",
     "summary_table": "layerfreeze.diagnostics.report",
     "Recommendation": "layerfreeze.diagnostics.recommend",

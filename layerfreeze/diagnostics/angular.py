@@ -21,6 +21,12 @@ Run::
     dist = trace_angular(model, [{"input_ids": ids, "attention_mask": mask}])
     dist.d(3, 2)            # mean over tokens of d(3, 2)
     dist.best_block(4)      # (l, distance): the 4-layer block whose removal changes least
+
+Block scores (:meth:`AngularDistances.block_scores`, :meth:`AngularDistances.best_block`) use
+the last token of each sequence by default, as Gromov et al. do (the last token is the one that
+sees the whole sequence, and the one whose prediction matters for their QA tasks); the token
+mean is the option ``last_token=False``. :meth:`AngularDistances.d` keeps the token mean by
+default: it is the representation-evolution map, not the pruning score.
 """
 
 from __future__ import annotations
@@ -121,18 +127,22 @@ class AngularDistances:
             )
         return float((self.last if last_token else self.mean)[layer, layer + n])
 
-    def block_scores(self, n: int, last_token: bool = False) -> list[float]:
-        """``[d(0, n), d(1, n), ...]``: one score per block of ``n`` consecutive layers."""
+    def block_scores(self, n: int, last_token: bool = True) -> list[float]:
+        """``[d(0, n), d(1, n), ...]``: one score per block of ``n`` consecutive layers.
+
+        Scored on the last token by default (Gromov et al.); ``last_token=False``: token mean.
+        """
         return [self.d(layer, n, last_token) for layer in range(self.num_points - n)]
 
     def best_block(
-        self, n: int, last_token: bool = False, max_end: int | None = None
+        self, n: int, last_token: bool = True, max_end: int | None = None
     ) -> tuple[int, float]:
         """The first layer and distance of the ``n``-layer block with the smallest ``d(l, n)``.
 
         Args:
             n: block length (layers removed).
-            last_token: score by the last-token mean instead of the token mean.
+            last_token: score by the last-token mean (default, Gromov et al.'s choice);
+                False: by the mean over all tokens.
             max_end: only blocks whose point ``l + n`` is at most this (default: all).
 
         Ties go to the shallowest block, so the result is deterministic.

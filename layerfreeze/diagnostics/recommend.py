@@ -1,4 +1,4 @@
-"""Plans from evidence: a trace's numbers -> a layer plan within a trainable-parameter budget.
+"""Plans from evidence: a trace's numbers -> a per-layer score -> a layer plan within a budget.
 
 Run::
 
@@ -9,14 +9,29 @@ Run::
 
 The rule (docs/diagnostics.md, "Recommendation"), deterministic for fixed inputs:
 
-1. **Boundary** ``b``: the first layer from which the task is already done, from the logit
-   lens: the *decodable* layer on multiple-choice probes, else the layer where the lens loss
-   has *converged* on text probes; without lens evidence ``L // 2`` (freeze) or
-   ``round(0.75 L)`` (hlpt, the HLPT split); clamped to ``1 .. L``.
-2. ``freeze``: train the shallow block ``0 .. k-1`` in full, freeze the rest (embeddings, final
+1. **Score** per layer ``i`` (:func:`layer_scores`), a weighted mean of three components in
+   ``[0, 1]``, high = keep the layer as it is (freeze / only steer it), low = train it:
+
+   * ``lens`` (task execution, LayerTracer's task particle): 1 for the layers from the first
+     layer whose output carries the answer (the *decodable* layer on multiple-choice probes,
+     else the layer where the lens loss has *converged* on text probes), 0 below;
+   * ``sensitivity``: the mean of skip and largest-scale noise sensitivity, each made relative;
+   * ``stability`` (fragility): the per-layer stability in isolation (``layer_stability``, the
+     relative change of the layer's own output), made relative;
+
+   relative: clipped at 0, divided by twice the median over the layers and clipped at 1, so a
+   typical layer has 1/2 and one at least twice the typical value has 1.
+
+   ``score_i = sum_c w_c X_c,i / sum_c w_c`` over the components the trace has
+   (:data:`DEFAULT_WEIGHTS`: lens 0.4, sensitivity 0.3, stability 0.3).
+2. **Boundary** ``b``: the cut ``1 <= b <= L`` minimising ``sum_{i<b} score_i +
+   sum_{i>=b} (1 - score_i)`` (the score of the layers it trains plus the train-score of the
+   layers it keeps; ties: the smallest ``b``). Each layer votes: score above 1/2 keep, below
+   train. Without any component: ``L // 2`` (freeze) or ``round(0.75 L)`` (hlpt).
+3. ``freeze``: train the shallow block ``0 .. k-1`` in full, freeze the rest (embeddings, final
    norm and head frozen), ``k = min(b, k_budget)`` where ``k_budget`` is the largest ``k``
    whose layers fit in ``budget * total parameters``.
-3. ``hlpt``: gated LoRA on the FFN of layers ``0 .. b-1`` and gated prefix (the paper form, as
+4. ``hlpt``: gated LoRA on the FFN of layers ``0 .. b-1`` and gated prefix (the paper form, as
    the ``hlpt`` preset) on ``b .. L-1``; the largest LoRA rank in 64, 32, ..., 1
    (``alpha = r``) and then the most prefix tokens in 16, 8, 4, 2, 1 that fit the budget.
 
@@ -36,9 +51,25 @@ from torch import nn
 
 from layerfreeze.plan import LayerPlan
 
-__all__ = ["FAMILIES", "Recommendation", "recommend", "write_recommendation"]
+__all__ = [
+    "DEFAULT_WEIGHTS",
+    "FAMILIES",
+    "Recommendation",
+    "layer_scores",
+    "parse_weights",
+    "recommend",
+    "score_boundary",
+    "write_recommendation",
+]
 
 FAMILIES = ("freeze", "hlpt")
+#: Score components and their default weights. The lens (where the task is executed) leads:
+#: it is the evidence behind "freeze deep, train shallow", and with a typical sensitivity and
+#: stability (1/2 each) a layer votes as the lens says (0.4 + 0.3 = 0.7 keep, 0.3 train).
+#: Sensitivity and stability together outweigh it, so they can overturn it for one layer: a
+#: deep layer that is neither sensitive nor fragile (``sens + stab < 1/3``: a near-identity) is
+#: trained, a shallow layer that is both (``sens + stab > 5/3``) is kept.
+DEFAULT_WEIGHTS: dict[str, float] = {"lens": 0.4, "sensitivity": 0.3, "stability": 0.3}
 _RANKS = (64, 32, 16, 8, 4, 2, 1)
 _TOKENS = (16, 8, 4, 2, 1)
 
@@ -55,6 +86,7 @@ class Recommendation:
         trainable_params: what ``apply_plan`` makes trainable.
         total_params: the base model's parameters.
         rationale: short lines tied to the trace's numbers.
+        score: :func:`layer_scores` of the trace (weights, components, per-layer score).
     """
 
     family: str
@@ -65,6 +97,7 @@ class Recommendation:
     trainable_params: int
     total_params: int
     rationale: list[str] = field(default_factory=list)
+    score: dict[str, Any] = field(default_factory=dict)
 
     def to_dict(self) -> dict[str, Any]:
         """JSON-ready form (the plan as its dict and its compact string)."""
@@ -80,6 +113,7 @@ class Recommendation:
             "plan_compact": str(self.plan),
             "train_override": f"plan.spec={str(self.plan)}",
             "rationale": self.rationale,
+            "score": self.score,
         }
 
 
@@ -112,29 +146,168 @@ def _mean(values: list[float]) -> float:
     return sum(vals) / len(vals) if vals else math.nan
 
 
-def _boundary(trace: dict[str, Any], n: int, family: str) -> tuple[int, str]:
+def parse_weights(text: str | dict[str, float] | None) -> dict[str, float]:
+    """Score weights from ``"lens=0.4,sensitivity=0.3,stability=0.3"`` (or a dict).
+
+    Components not named get weight 0; None gives :data:`DEFAULT_WEIGHTS`.
+
+    Raises:
+        ValueError: an unknown component, a value that is not a finite number >= 0, or
+            weights that are all 0.
+    """
+    if text is None:
+        return dict(DEFAULT_WEIGHTS)
+    valid = ", ".join(DEFAULT_WEIGHTS)
+    if isinstance(text, dict):
+        items = list(text.items())
+    else:
+        items = []
+        for part in (p.strip() for p in str(text).split(",")):
+            if not part:
+                continue
+            key, eq, value = part.partition("=")
+            if not eq:
+                raise ValueError(
+                    f"--score-weights: expected name=value pairs such as lens=0.4, got {part!r}."
+                )
+            items.append((key.strip(), value.strip()))
+    out = dict.fromkeys(DEFAULT_WEIGHTS, 0.0)
+    for key, value in items:
+        if key not in DEFAULT_WEIGHTS:
+            raise ValueError(f"--score-weights: unknown component {key!r}. Valid: {valid}.")
+        try:
+            w = float(value)
+        except (TypeError, ValueError):
+            w = math.nan
+        if not (math.isfinite(w) and w >= 0):
+            raise ValueError(f"--score-weights: {key} must be a finite number >= 0, got {value!r}.")
+        out[key] = w
+    if sum(out.values()) <= 0:
+        raise ValueError(f"--score-weights: every weight is 0, got {text!r}. Give one > 0.")
+    return out
+
+
+def _relative(values: list[float]) -> list[float]:
+    """Clip at 0, divide by twice the median over the layers, clip at 1: a typical layer
+    gets 1/2, a layer twice as large as the typical one or more gets 1. When the median is 0
+    the mean stands in; all 0 when nothing is positive."""
+    import statistics
+
+    vals = [max(float(v), 0.0) if v is not None and not math.isnan(v) else 0.0 for v in values]
+    ref = statistics.median(vals) if vals else 0.0
+    if ref <= 0:
+        ref = sum(vals) / len(vals) if vals else 0.0
+    return [min(v / (2 * ref), 1.0) for v in vals] if ref > 0 else [0.0] * len(vals)
+
+
+def _task_layer(trace: dict[str, Any]) -> tuple[int | None, str]:
     lens = trace.get("logit_lens", {})
     if lens.get("decodable_layer") is not None:
         b, acc = lens["decodable_layer"], lens["accuracy"]
-        src = (
+        return b, (
             f"answer decodable from layer {b} (lens accuracy {acc[b]:.3f} there, "
             f"{acc[-1]:.3f} at the last layer)"
         )
-    elif lens.get("converged_layer") is not None:
+    if lens.get("converged_layer") is not None:
         b, loss = lens["converged_layer"], lens["loss"]
-        src = (
+        return b, (
             f"lens loss converged from layer {b} ({loss[b]:.3f} there, {loss[-1]:.3f} at the "
             "last layer)"
         )
-    else:
+    why = (
+        "the logit lens did not run (add the logit_lens measure)"
+        if not lens
+        else "the logit lens shows no decodable or converged layer"
+    )
+    return None, why
+
+
+def layer_scores(
+    trace: dict[str, Any], n: int, weights: dict[str, float] | None = None
+) -> dict[str, Any]:
+    """The per-layer keep score of a trace (module docstring, step 1).
+
+    Args:
+        trace: a :func:`~layerfreeze.diagnostics.trace.run_trace` result (or its JSON).
+        n: the model's layer count.
+        weights: component weights (default :data:`DEFAULT_WEIGHTS`).
+
+    Returns:
+        ``weights`` (as given), ``weights_used`` (the components the trace has, renormalised to
+        sum 1), ``components`` (per layer, or None when absent), ``score`` (per layer, None
+        when no component is present), ``lens_source`` (where the lens step came from),
+        ``unused`` (weighted components the trace lacks, each with the reason).
+    """
+    weights = parse_weights(weights)
+    rows = trace.get("layers", [])
+    comps: dict[str, list[float] | None] = dict.fromkeys(DEFAULT_WEIGHTS)
+    task, lens_source = _task_layer(trace)
+    if task is not None:
+        comps["lens"] = [1.0 if i >= task else 0.0 for i in range(n)]
+    sens_parts = []
+    if rows and all("skip" in r for r in rows):
+        sens_parts.append(_relative([r["skip"] for r in rows]))
+    noise = trace.get("sensitivity", {}).get("noise") or {}
+    if noise:
+        largest = max(noise, key=float)
+        sens_parts.append(_relative(noise[largest]))
+    if sens_parts:
+        comps["sensitivity"] = [sum(p[i] for p in sens_parts) / len(sens_parts) for i in range(n)]
+    iso = trace.get("layer_stability", {})
+    if iso.get("output_change"):
+        comps["stability"] = _relative(iso["output_change"])
+    present = {c: w for c, w in weights.items() if w > 0 and comps[c] is not None}
+    need = {
+        "lens": (
+            "the logit lens shows no decodable or converged layer"
+            if trace.get("logit_lens")
+            else "the trace has no logit_lens"
+        ),
+        "sensitivity": "the trace has no skip or noise",
+        "stability": "the trace has no layer_stability",
+    }
+    unused = {c: need[c] for c, w in weights.items() if w > 0 and comps[c] is None}
+    total = sum(present.values())
+    used = {c: w / total for c, w in present.items()} if total > 0 else {}
+    score = [sum(w * comps[c][i] for c, w in used.items()) for i in range(n)] if used else None
+    return {
+        "weights": weights,
+        "weights_used": used,
+        "components": comps,
+        "score": score,
+        "lens_source": lens_source,
+        "unused": unused,
+        "rule": "score_i = sum_c w_c X_c,i / sum_c w_c; b minimises "
+        "sum_{i<b} score_i + sum_{i>=b} (1 - score_i), 1 <= b <= L (ties: smallest b)",
+    }
+
+
+def score_boundary(score: list[float]) -> int:
+    """The cut ``b`` in ``1 .. L`` minimising ``sum_{i<b} s_i + sum_{i>=b} (1 - s_i)``."""
+    n = len(score)
+    cost = sum(1.0 - s for s in score)
+    best_b, best = 0, math.inf
+    for b in range(1, n + 1):
+        cost += 2.0 * score[b - 1] - 1.0  # layer b-1 moves from kept to trained
+        if cost < best - 1e-12:
+            best_b, best = b, cost
+    return best_b
+
+
+def _boundary(
+    trace: dict[str, Any], n: int, family: str, weights: dict[str, float] | None
+) -> tuple[int, str, dict[str, Any]]:
+    scores = layer_scores(trace, n, weights)
+    if scores["score"] is None:
         b = n // 2 if family == "freeze" else math.floor(0.75 * n + 0.5)
-        why = (
-            "the logit lens did not run (add the logit_lens measure)"
-            if not lens
-            else "the logit lens shows no decodable or converged layer"
+        src = (
+            f"no score component in the trace ({scores['lens_source']}); default split at layer {b}"
         )
-        src = f"{why}; default split at layer {b}"
-    return min(max(int(b), 1), n), src
+        return min(max(int(b), 1), n), src, scores
+    b = score_boundary(scores["score"])
+    used = ", ".join(f"{c} {w:.2f}" for c, w in scores["weights_used"].items())
+    src = f"score cut at layer {b} (weights used: {used}; lens: {scores['lens_source']})"
+    return b, src, scores
 
 
 def _span(rows: list[dict[str, Any]], lo: int, hi: int) -> str:
@@ -145,8 +318,9 @@ def _span(rows: list[dict[str, Any]], lo: int, hi: int) -> str:
         ("angular_next", "d(l,1)"),
         ("skip", "skip sensitivity"),
         ("grad_norm", "grad norm"),
-        ("weight_change", "weight change"),
-        ("drift", "drift"),
+        ("layer_stability", "output change alone"),
+        ("weight_change", "whole-model weight change"),
+        ("drift", "whole-model drift"),
     ):
         vals = [r[key] for r in part if key in r]
         if vals:
@@ -159,7 +333,11 @@ def _layers(lo: int, hi: int) -> str:
 
 
 def recommend(
-    trace: dict[str, Any], model_or_config: Any, budget: float, family: str
+    trace: dict[str, Any],
+    model_or_config: Any,
+    budget: float,
+    family: str,
+    weights: dict[str, float] | str | None = None,
 ) -> Recommendation:
     """Turn a trace into a plan for ``budget`` (fraction of parameters trainable).
 
@@ -168,18 +346,20 @@ def recommend(
         model_or_config: the traced model or its ``transformers`` config (counted on ``meta``).
         budget: trainable-parameter fraction, ``0 < budget <= 1``.
         family: ``freeze`` or ``hlpt``.
+        weights: score weights (:func:`parse_weights`; default :data:`DEFAULT_WEIGHTS`).
 
     Returns:
         The :class:`Recommendation`.
 
     Raises:
-        ValueError: bad budget or family, a trace of another layer count, or a budget too small
-            for any plan of the family (the message gives the smallest that fits).
+        ValueError: bad budget, family or weights, a trace of another layer count, or a budget
+            too small for any plan of the family (the message gives the smallest that fits).
     """
     if family not in FAMILIES:
         raise ValueError(f"--family: expected one of {', '.join(FAMILIES)}, got {family!r}.")
     if not (isinstance(budget, (int, float)) and 0 < budget <= 1):
         raise ValueError(f"--budget: must be a fraction in (0, 1], got {budget!r}.")
+    weights = parse_weights(weights)
     meta = _meta_model(model_or_config)
     from layerfreeze.models import discover_layout
 
@@ -190,7 +370,7 @@ def recommend(
         raise ValueError(f"trace: has {len(rows)} layers but the model has {n}; trace this model.")
     total = sum(p.numel() for p in {id(p): p for p in meta.parameters()}.values())
     limit = budget * total
-    b, source = _boundary(trace, n, family)
+    b, source, scores = _boundary(trace, n, family, weights)
     if family == "freeze":
         per_layer = [sum(p.numel() for p in info.module.parameters()) for info in layout.layers]
         k_budget, acc = 0, 0
@@ -258,14 +438,29 @@ def recommend(
         if b < n:
             why.append(f"{_layers(b, n)}: gated prefix, {t} tokens ({_span(rows, b, n)}).")
         why.append(f"boundary: {source}.")
-        why.append(f"rank {r} and {t} prefix tokens are the largest that fit the budget.")
+        why.append(
+            f"rank {r} and {t} prefix tokens are the largest that fit the budget."
+            if b < n
+            else f"rank {r} is the largest that fits the budget; no prefix layer (the cut is at "
+            "the top)."
+        )
     trainable = _count(meta.config, plan)
     assert trainable <= limit, (trainable, limit)
     why.append(
         f"trainable {trainable:,} of {total:,} parameters "
         f"({100 * trainable / total:.2f}%, budget {100 * budget:.2f}%)."
     )
-    return Recommendation(family, float(budget), plan, b, source, trainable, total, why)
+    if scores["score"] is not None:
+        why.append(
+            "keep score per layer (high: keep, low: train): "
+            + ", ".join(f"{v:.2f}" for v in scores["score"])
+            + "."
+        )
+    for comp, reason in scores["unused"].items():
+        why.append(f"{comp} weight {weights[comp]:g} unused: {reason}.")
+    return Recommendation(
+        family, float(budget), plan, b, source, trainable, total, why, score=scores
+    )
 
 
 def write_recommendation(rec: Recommendation, directory: str | Path) -> list[str]:

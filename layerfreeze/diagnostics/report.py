@@ -7,7 +7,8 @@ directory that it renames into place only when everything succeeded):
 * ``layers.csv``: one row per layer (:func:`~layerfreeze.diagnostics.trace.per_layer_rows`);
 * ``angular_mean.csv`` / ``angular_last_token.csv``: ``d(l, n)``, rows ``l``, columns ``n``;
 * ``angular_heatmap.png``, ``logit_lens.png``, ``sensitivity.png``, ``stability.png`` (each
-  when its measures ran).
+  when its measures ran; ``stability.png`` has one panel for the whole-model drift and one for
+  the per-layer stability in isolation).
 """
 
 from __future__ import annotations
@@ -126,20 +127,38 @@ def _plots(result: dict[str, Any], directory: Path) -> list[str]:
         ax.legend(h1 + h2, l1 + l2, fontsize=8)
         ax.set_title("sensitivity")
         save(fig, ax, "sensitivity.png")
-    stab = result.get("stability")
-    if stab:
-        fig, ax = plt.subplots(figsize=(6, 4))
-        ax.plot(layers, stab["weight_change"], marker="o", label="relative weight change")
-        ax.set_xlabel("layer")
-        ax.set_ylabel("||W_k - W_0|| / ||W_0||")
-        ax2 = ax.twinx()
-        ax2.plot(layers, stab["drift"], marker="s", color="tab:red", label="output drift")
-        ax2.set_ylabel("angular distance to untrained")
-        h1, l1 = ax.get_legend_handles_labels()
-        h2, l2 = ax2.get_legend_handles_labels()
-        ax.legend(h1 + h2, l1 + l2, fontsize=8)
-        ax.set_title(f"stability after {stab['steps']} AdamW steps (lr {stab['lr']:g})")
-        save(fig, ax, "stability.png")
+    stab, iso = result.get("stability"), result.get("layer_stability")
+    if stab or iso:
+        panels = [x for x in (stab, iso) if x]
+        fig, axes = plt.subplots(1, len(panels), figsize=(6 * len(panels), 4), squeeze=False)
+        if stab:
+            ax = axes[0][0]
+            ax.plot(layers, stab["weight_change"], marker="o", label="relative weight change")
+            ax.set_xlabel("layer")
+            ax.set_ylabel("||W_k - W_0|| / ||W_0||")
+            ax2 = ax.twinx()
+            ax2.plot(layers, stab["drift"], marker="s", color="tab:red", label="output drift")
+            ax2.set_ylabel("angular distance to untrained")
+            h1, l1 = ax.get_legend_handles_labels()
+            h2, l2 = ax2.get_legend_handles_labels()
+            ax.legend(h1 + h2, l1 + l2, fontsize=8)
+            ax.set_title(
+                f"whole-model drift: all layers, {stab['steps']} AdamW steps (lr {stab['lr']:g})",
+                fontsize=9,
+            )
+            ax.xaxis.set_major_locator(MaxNLocator(integer=True))
+        if iso:
+            ax = axes[0][-1]
+            ax.plot(layers, iso["output_change"], marker="o", color="tab:purple")
+            ax.set_xlabel("layer")
+            ax.set_ylabel("||y' - y|| / ||y|| of the layer's own output")
+            how = (
+                f"perturbed by {iso['scale']:g}"
+                if iso["mode"] == "perturb"
+                else f"{iso['steps']} AdamW steps"
+            )
+            ax.set_title(f"per-layer stability in isolation: one layer {how}", fontsize=9)
+        save(fig, axes[0][0], "stability.png")
     return written
 
 
@@ -168,8 +187,9 @@ _SHORT = {
     "skip": "skip",
     "grad_norm": "grad",
     "fisher_mean": "fisher/param",
-    "weight_change": "dW/W",
-    "drift": "drift",
+    "weight_change": "dW/W(all)",
+    "drift": "drift(all)",
+    "layer_stability": "dY/Y(alone)",
 }
 
 
@@ -213,4 +233,8 @@ def summary_table(result: dict[str, Any]) -> str:
     sens = result.get("sensitivity", {})
     if "base_loss" in sens:
         out.append(f"probe loss: {sens['base_loss']:.4f}")
+    if "stability" in result:
+        out.append("drift(all), dW/W(all): " + result["stability"]["measure"])
+    if "layer_stability" in result:
+        out.append("dY/Y(alone): " + result["layer_stability"]["measure"])
     return "\n".join(out)

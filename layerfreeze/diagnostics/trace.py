@@ -9,7 +9,9 @@ Run::
 
 Order of work: one streaming pass (angular distances, consecutive CKA, logit lens), then the
 sensitivity passes (skip, noise: one probe pass per layer and scale), the gradient pass (one
-backward per sequence) and the stability steps (on a copy). The model is left as it was.
+backward per sequence), the whole-model stability steps (on a copy) and the per-layer stability
+in isolation (one layer at a time, :mod:`layerfreeze.diagnostics.isolated`). The model is left
+as it was.
 
 Memory, besides the model and its forward activations (``P = L + 1`` points, ``B`` batch,
 ``T`` sequence length, ``H`` hidden size, ``V`` vocabulary, ``s`` bytes per model element;
@@ -21,7 +23,11 @@ Memory, besides the model and its forward activations (``P = L + 1`` points, ``B
 * noise: a copy of one layer's matrices; gradient: one gradient per layer parameter (``s``
   bytes) + float32 sums (4 bytes per layer parameter);
 * stability: a float32 copy of the model with its gradients and AdamW moments (16 bytes per
-  parameter), plus a float32 reference copy (4 bytes per parameter) for non-float32 models.
+  parameter), plus a float32 reference copy (4 bytes per parameter) for non-float32 models;
+* layer_stability: one batch's inputs of one layer (``B*T*H*s``), two float32 outputs of it
+  (``2*B*T*H*4``), a copy of one layer's parameters (``s`` bytes each); mode ``steps`` adds
+  16 bytes per layer parameter (float32 masters, gradients, AdamW moments) and the backward's
+  activations of one batch.
 """
 
 from __future__ import annotations
@@ -58,6 +64,7 @@ MEASURES: tuple[str, ...] = (
     "noise",
     "gradient",
     "stability",
+    "layer_stability",
 )
 _STREAM = ("angular", "cka", "logit_lens")
 _CHANCE = 0.25  # four letters
@@ -92,8 +99,13 @@ class TraceSettings:
         measures: subset of :data:`MEASURES`.
         noise_scales: relative weight-noise scales ``s`` (``W + s * rms(W) * N(0, 1)``).
         seed: seed of the noise draws.
-        stability_steps: AdamW steps of the stability measure.
+        stability_steps: AdamW steps of the stability measure (whole model, and per layer in
+            ``layer_stability_mode="steps"``).
         stability_lr: their learning rate.
+        layer_stability_mode: how ``layer_stability`` changes each layer alone: ``perturb``
+            (relative weight noise of size ``layer_stability_scale``) or ``steps`` (AdamW steps
+            on that layer only, the rest frozen).
+        layer_stability_scale: relative perturbation size of ``perturb``.
         tolerance: decodability tolerance: accuracy points for choice probes, fraction of the
             embedding-to-final lens-loss drop for text probes (see :func:`first_stable_layer`).
         cka_device: device of the CKA moment matrices (CPU by default: ``(2L+1) H^2`` float64).
@@ -104,6 +116,8 @@ class TraceSettings:
     seed: int = 0
     stability_steps: int = 4
     stability_lr: float = 1e-4
+    layer_stability_mode: str = "perturb"
+    layer_stability_scale: float = 0.05
     tolerance: float = 0.05
     cka_device: str = "cpu"
 
@@ -119,6 +133,16 @@ class TraceSettings:
             raise ValueError(f"--stability-steps: must be >= 1, got {self.stability_steps}.")
         if not (self.stability_lr > 0 and math.isfinite(self.stability_lr)):
             raise ValueError(f"--stability-lr: must be > 0, got {self.stability_lr}.")
+        from layerfreeze.diagnostics.isolated import LAYER_STABILITY_MODES
+
+        if self.layer_stability_mode not in LAYER_STABILITY_MODES:
+            raise ValueError(
+                f"--layer-stability: unknown mode {self.layer_stability_mode!r}; choose "
+                f"{' or '.join(LAYER_STABILITY_MODES)}."
+            )
+        scale = self.layer_stability_scale
+        if not (isinstance(scale, (int, float)) and math.isfinite(scale) and scale >= 0):
+            raise ValueError(f"--layer-stability-scale: must be finite and >= 0, got {scale}.")
         if not 0 <= self.tolerance < 1:
             raise ValueError(f"--tolerance: must be in [0, 1), got {self.tolerance}.")
 
@@ -140,6 +164,7 @@ def trace_memory(
     layer_params: int = 0,
     measures: Sequence[str] = MEASURES,
     final_norm: bool = True,
+    layer_stability_steps: bool = False,
 ) -> dict[str, int]:
     """Bytes a trace needs on top of the model and its forward activations (see module doc).
 
@@ -154,6 +179,7 @@ def trace_memory(
         layer_params: parameters of all decoder layers together (for ``gradient`` / ``noise``).
         measures: the measures that run.
         final_norm: the model has a final norm (``P = L + 1``; else ``P = L``).
+        layer_stability_steps: ``layer_stability`` trains each layer (mode ``steps``).
 
     Returns:
         Per component, bytes; ``persistent`` sums the accumulators that live for the whole
@@ -180,6 +206,11 @@ def trace_memory(
         out["gradient"] = layer_params * (dtype_bytes + 4)
     if "stability" in measures:
         out["stability"] = num_params * (16 + (4 if dtype_bytes != 4 else 0))
+    if "layer_stability" in measures:
+        per_layer = -(-layer_params // max(num_layers, 1))
+        out["layer_stability"] = n * hidden * (dtype_bytes + 8) + per_layer * dtype_bytes
+        if layer_stability_steps:
+            out["layer_stability"] += per_layer * 16
     out["persistent"] = sum(out.get(k, 0) for k in ("angular_sums", "cka_sums", "lens_sums"))
     stream_peak = (
         out["persistent"]
@@ -187,7 +218,11 @@ def trace_memory(
         + max(out.get("angular_update", 0), out.get("lens_logits", 0))
     )
     out["peak"] = max(
-        stream_peak, out.get("noise_copy", 0), out.get("gradient", 0), out.get("stability", 0)
+        stream_peak,
+        out.get("noise_copy", 0),
+        out.get("gradient", 0),
+        out.get("stability", 0),
+        out.get("layer_stability", 0),
     )
     return out
 
@@ -242,6 +277,9 @@ def _work_units(settings: TraceSettings, nb: int, num_layers: int, num_seq_batch
         n += num_seq_batches
     if "stability" in m:
         n += settings.stability_steps + nb
+    if "layer_stability" in m:
+        steps = settings.stability_steps if settings.layer_stability_mode == "steps" else 0
+        n += num_layers * (nb + steps)
     return n
 
 
@@ -267,7 +305,8 @@ def run_trace(
             ``gathered_parameters(names, modifier_rank)``. Every rank then runs the whole
             probe set in lockstep (the model's forward gathers one layer at a time; the lens
             gathers the final norm and head, noise one layer) and gets the same numbers.
-            ``gradient`` and ``stability`` need whole parameters and are refused.
+            ``gradient``, ``stability`` and ``layer_stability`` need whole parameters and are
+            refused.
 
     Returns:
         A JSON-ready dict: ``model``, ``probe``, ``settings``, ``memory``, the measures'
@@ -283,7 +322,7 @@ def run_trace(
         raise ValueError("probe: empty probe set (no tokens). Pass files with text or questions.")
     m = settings.measures
     if M.is_partitioned(model):
-        refused = [x for x in ("gradient", "stability") if x in m]
+        refused = [x for x in ("gradient", "stability", "layer_stability") if x in m]
         if gather is None or refused:
             raise ValueError(
                 "measures: the model's parameters are partitioned (ZeRO-3); "
@@ -342,6 +381,7 @@ def run_trace(
             layer_params,
             m,
             layout.final_norm is not None,
+            settings.layer_stability_mode == "steps",
         ),
     }
     try:
@@ -387,10 +427,30 @@ def run_trace(
             result["sensitivity"] = sens
         if "stability" in m:
             ts = time.perf_counter()
-            result["stability"] = M.stability(
-                model, layout, probe, settings.stability_steps, settings.stability_lr, tick=tick
-            )
+            result["stability"] = {
+                "measure": "whole-model drift: every layer trained together on a copy; each "
+                "layer's output drift includes the drift of every layer below it",
+                **M.stability(
+                    model, layout, probe, settings.stability_steps, settings.stability_lr, tick=tick
+                ),
+            }
             timings["stability"] = time.perf_counter() - ts
+        if "layer_stability" in m:
+            from layerfreeze.diagnostics.isolated import layer_stability
+
+            ts = time.perf_counter()
+            result["layer_stability"] = layer_stability(
+                model,
+                layout,
+                probe,
+                settings.layer_stability_mode,
+                settings.layer_stability_scale,
+                settings.seed,
+                settings.stability_steps,
+                settings.stability_lr,
+                tick,
+            )
+            timings["layer_stability"] = time.perf_counter() - ts
     finally:
         model.train(was_training)
         if bar is not None:
@@ -474,4 +534,13 @@ def per_layer_rows(result: dict[str, Any], n_layers: int, indices: Sequence[int]
         if key in stab:
             for i in range(n_layers):
                 rows[i][key] = stab[key][i]
+    iso = result.get("layer_stability", {})
+    for key, col in (
+        ("output_change", "layer_stability"),
+        ("output_angle", "layer_stability_angle"),
+        ("weight_change", "layer_stability_weight_change"),
+    ):
+        if key in iso:
+            for i in range(n_layers):
+                rows[i][col] = iso[key][i]
     return rows

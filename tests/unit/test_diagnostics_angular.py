@@ -176,3 +176,33 @@ def test_zeroed_layer_has_zero_distance_across_it():
     assert res.d(2, 1) == 0.0 and res.d(2, 1, last_token=True) == 0.0
     assert all(res.d(i, 1) > 1e-3 for i in (0, 1, 3))
     assert res.best_block(1) == (2, 0.0)
+
+
+def _distances(mean_rows: list[list[float]], last_rows: list[list[float]]):
+    """AngularDistances with ``mean[l][n-1]`` / ``last[l][n-1]`` given as ragged rows."""
+    from layerfreeze.diagnostics.angular import AngularDistances
+
+    p = len(mean_rows) + 1
+    mean = torch.full((p, p), float("nan"), dtype=torch.float64)
+    last = mean.clone()
+    for i, (mr, lr) in enumerate(zip(mean_rows, last_rows, strict=True)):
+        for n, (a, b) in enumerate(zip(mr, lr, strict=True), start=1):
+            mean[i, i + n], last[i, i + n] = a, b
+    return AngularDistances(p, 10, 2, mean, last)
+
+
+def test_best_block_scores_the_last_token_by_default_as_gromov_et_al():
+    # 3 layers; blocks of one layer: the token mean prefers layer 0, the last token layer 2
+    dist = _distances(
+        [[0.10, 0.5, 0.6], [0.30, 0.5], [0.20]],
+        [[0.40, 0.5, 0.6], [0.30, 0.5], [0.05]],
+    )
+    assert dist.block_scores(1) == [0.40, 0.30, 0.05]  # last token, the paper's choice
+    assert dist.best_block(1) == (2, 0.05)
+    # the token mean stays available
+    assert dist.block_scores(1, last_token=False) == [0.10, 0.30, 0.20]
+    assert dist.best_block(1, last_token=False) == (0, 0.10)
+    # the pruning entry point agrees with best_block's default
+    from layerfreeze.diagnostics.prune import choose_block
+
+    assert choose_block(3, 1, "angular", dist).start == dist.best_block(1)[0] == 2

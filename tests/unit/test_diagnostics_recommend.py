@@ -142,3 +142,193 @@ def test_plan_file_is_accepted_by_plan_and_train_config(model, tmp_path, capsys)
     cfg_file = tmp_path / "run.yaml"
     cfg_file.write_text(yaml.safe_dump(data))
     assert LayerPlan.parse(load_config(cfg_file).plan.spec) == rec.plan
+
+
+# ------------------------------------------------------------------------------ the score
+
+
+def _brute_cut(score: list[float]) -> int:
+    """Independent: the cost of every cut written out, ties to the smallest cut."""
+    costs = [(sum(score[:b]) + sum(1 - s for s in score[b:]), b) for b in range(1, len(score) + 1)]
+    return min(costs)[1]
+
+
+def test_score_boundary_is_the_cheapest_cut():
+    from layerfreeze.diagnostics.recommend import score_boundary
+
+    g = torch.Generator().manual_seed(0)
+    for n in (1, 2, 5, 9):
+        for _ in range(20):
+            s = torch.rand(n, generator=g).tolist()
+            assert score_boundary(s) == _brute_cut(s)
+    assert score_boundary([0.0, 0.0, 1.0, 1.0]) == 2
+    assert score_boundary([1.0, 1.0, 1.0]) == 1  # at least one layer trains
+    assert score_boundary([0.0, 0.0, 0.0]) == 3
+    assert score_boundary([0.2, 0.5, 0.9]) == 1  # a tie (score 1/2) goes to the smaller cut
+
+
+def test_layer_scores_follow_the_documented_formula():
+    from layerfreeze.diagnostics.recommend import layer_scores
+
+    rows = [{"layer": i, "skip": v} for i, v in enumerate([0.4, -0.1, 0.2, 0.8])]
+    trace = {
+        "layers": rows,
+        "logit_lens": {"accuracy": [0.3, 0.4, 0.7, 0.7], "decodable_layer": 2},
+        "sensitivity": {"noise": {"0.01": [9, 9, 9, 9], "0.1": [0.1, 0.5, 0.0, -0.2]}},
+        "layer_stability": {"output_change": [0.05, 0.1, 0.2, 0.4]},
+    }
+    got = layer_scores(trace, 4)
+    # relative: clip at 0, divide by twice the median, clip at 1
+    skip = [0.4 / 0.6, 0.0, 0.2 / 0.6, 1.0]  # clipped [0.4, 0, 0.2, 0.8], median 0.3
+    noise = [1.0, 1.0, 0.0, 0.0]  # the largest scale (0.1): [0.1, 0.5, 0, 0], median 0.05
+    sens = [(a + b) / 2 for a, b in zip(skip, noise, strict=True)]
+    stab = [0.05 / 0.3, 0.1 / 0.3, 0.2 / 0.3, 1.0]  # median 0.15
+    lens = [0.0, 0.0, 1.0, 1.0]
+    expect = [0.4 * a + 0.3 * b + 0.3 * c for a, b, c in zip(lens, sens, stab, strict=True)]
+    assert got["components"]["sensitivity"] == pytest.approx(sens)
+    assert got["components"]["stability"] == pytest.approx(stab)
+    assert got["components"]["lens"] == lens
+    assert got["score"] == pytest.approx(expect)
+    # a component the trace lacks drops out; the others are renormalised
+    del trace["layer_stability"]
+    got = layer_scores(trace, 4)
+    assert got["weights_used"] == pytest.approx({"lens": 4 / 7, "sensitivity": 3 / 7})
+    assert got["unused"] == {"stability": "the trace has no layer_stability"}
+    del trace["logit_lens"]["decodable_layer"]  # the lens ran but shows no task layer
+    assert layer_scores(trace, 4)["unused"]["lens"] == (
+        "the logit lens shows no decodable or converged layer"
+    )
+    assert got["score"] == pytest.approx(
+        [(0.4 * a + 0.3 * b) / 0.7 for a, b in zip(lens, sens, strict=True)]
+    )
+
+
+def test_sensitivity_and_stability_move_the_split_and_the_weights_choose(model):
+    # lens: answer decodable from layer 4; layer 3 is by far the most sensitive and fragile
+    n = 6
+    rows = [{"layer": i, "skip": 1.0 if i == 3 else 0.05} for i in range(n)]
+    iso = [1.0 if i == 3 else 0.05 for i in range(n)]
+    trace = {
+        "layers": rows,
+        "logit_lens": {"accuracy": [0.3] * 4 + [0.8, 0.8], "decodable_layer": 4},
+        "layer_stability": {"output_change": iso},
+    }
+    # relative values: typical layers 1/2, layer 3 is 1; score_3 = 0.3 + 0.3 = 0.6 > 1/2 (keep),
+    # layers 0-2 0.3 (train), 4-5 0.4 + 0.3 = 0.7 (keep): the cut moves down to 3
+    rec = recommend(trace, model, 1.0, "freeze")
+    assert rec.boundary == 3 and str(rec.plan) == "0-2:full"
+    assert rec.score["score"][3] == pytest.approx(0.6)
+    # the lens alone puts the cut at the decodable layer
+    assert recommend(trace, model, 1.0, "freeze", "lens=1").boundary == 4
+    # hlpt: LoRA below the cut, prefix from it
+    rules = recommend(trace, model, 0.5, "hlpt").plan.to_dict()["rules"]
+    assert [r["layers"] for r in rules] == ["0-2", "3-5"]
+    # a deep layer that is neither sensitive nor fragile (a near-identity) is trained:
+    # score_4 = 0.4 + 0 < 1/2, so the cut moves up past it (layers 0-3: 0.3, layer 5: 1.0)
+    rows[3]["skip"] = 0.05
+    iso[3] = 0.05
+    rows[4]["skip"], iso[4] = 0.0, 0.0
+    rows[5]["skip"], iso[5] = 1.0, 1.0
+    rec = recommend(trace, model, 1.0, "freeze")
+    assert rec.score["score"][4] == pytest.approx(0.4)
+    assert rec.boundary == 5
+    assert recommend(trace, model, 1.0, "freeze", {"lens": 1.0}).boundary == 4
+
+
+def test_score_weights_are_validated():
+    from layerfreeze.diagnostics.recommend import parse_weights
+
+    assert parse_weights(None) == {"lens": 0.4, "sensitivity": 0.3, "stability": 0.3}
+    assert parse_weights("lens=1, stability=0.5") == {
+        "lens": 1.0,
+        "sensitivity": 0.0,
+        "stability": 0.5,
+    }
+    with pytest.raises(ValueError, match=r"unknown component 'lense'. Valid: lens"):
+        parse_weights("lense=1")
+    with pytest.raises(ValueError, match="lens must be a finite number >= 0, got 'nan'"):
+        parse_weights("lens=nan")
+    with pytest.raises(ValueError, match="every weight is 0"):
+        parse_weights("lens=0")
+    with pytest.raises(ValueError, match="name=value"):
+        parse_weights("lens")
+
+
+# ------------------------------------------------------------------------------ real models
+
+
+def _stab_probe(vocab: int) -> ProbeSet:
+    from tests.unit.test_diagnostics_measures import _probe as measures_probe
+
+    return measures_probe(vocab, lengths=(12, 10, 12, 9), batch_size=2)
+
+
+def test_fragile_then_identity_deepest_layer_moves_the_split_on_a_real_model():
+    """Stability-only weights on a tiny real Llama; the changed layer is the deepest, so (by the
+    isolation of ``layer_stability``) every other layer's raw value stays bit for bit the same
+    and only the changed layer's own score moves. Expected directions from the formula: a
+    score >= 1/2 votes keep (the cut below it is at least as cheap, ties go down), a score of 0
+    votes train."""
+    from tests.unit.test_diagnostics_layer_stability import make_fragile
+    from tests.unit.test_diagnostics_measures import _zero_residual
+
+    settings = TraceSettings(measures=("layer_stability",), layer_stability_scale=0.05)
+    weights = "stability=1"
+    base = build_tiny_model("llama", num_layers=6, hidden=32).eval()
+    probe = _stab_probe(base.config.vocab_size)
+    t0 = run_trace(base, probe, settings)
+    r0 = recommend(t0, base, 1.0, "freeze", weights)
+    assert r0.boundary == _brute_cut(r0.score["score"]) == 6  # every layer trains
+
+    fragile = copy.deepcopy(base)
+    make_fragile(fragile, 5)
+    tf = run_trace(fragile, probe, settings)
+    raw0, rawf = t0["layer_stability"]["output_change"], tf["layer_stability"]["output_change"]
+    assert rawf[:5] == raw0[:5]  # isolation: the layers below are untouched
+    rf = recommend(tf, fragile, 1.0, "freeze", weights)
+    assert rf.score["components"]["stability"][5] == 1.0  # >= twice the typical layer
+    assert rf.boundary == _brute_cut(rf.score["score"]) < r0.boundary
+    assert str(rf.plan) == f"0-{rf.boundary - 1}:full"
+    rules = recommend(tf, fragile, 0.5, "hlpt", weights).plan.to_dict()["rules"]
+    b = rf.boundary
+    assert rules[-1]["policy"] == "prefix" and rules[-1]["layers"] == ("5" if b == 5 else f"{b}-5")
+
+    # the same kept layer made an identity instead: it adds nothing, its score is 0, the cut
+    # moves up again and the layer is trained
+    identity = copy.deepcopy(base)
+    _zero_residual(identity, "llama", 5)
+    ti = run_trace(identity, probe, settings)
+    assert ti["layer_stability"]["output_change"][5] == 0.0
+    ri = recommend(ti, identity, 1.0, "freeze", weights)
+    assert ri.score["score"][5] == 0.0
+    assert ri.boundary == _brute_cut(ri.score["score"]) > rf.boundary
+    # here every layer trains again: hlpt then has no prefix layer and says so
+    assert ri.boundary == 6
+    hl = recommend(ti, identity, 0.5, "hlpt", weights)
+    assert [r["policy"] for r in hl.plan.to_dict()["rules"]] == ["lora"]
+    assert any("no prefix layer" in line for line in hl.rationale)
+
+
+def test_default_score_on_a_real_trace_identity_and_fragile_components():
+    """All three components from a real trace with the default weights: an identity layer has
+    sensitivity and stability exactly 0 (its score is its lens part alone, < 1/2), a fragile
+    layer has stability 1, and the cut is the cheapest one for the score."""
+    from tests.unit.test_diagnostics_layer_stability import make_fragile
+    from tests.unit.test_diagnostics_measures import _zero_residual
+
+    m = build_tiny_model("llama", num_layers=6, hidden=32).eval()
+    _zero_residual(m, "llama", 2)
+    make_fragile(m, 5)
+    probe = _stab_probe(m.config.vocab_size)
+    settings = TraceSettings(
+        measures=("logit_lens", "skip", "noise", "layer_stability"), noise_scales=(0.1,)
+    )
+    t = run_trace(m, probe, settings)
+    rec = recommend(t, m, 1.0, "freeze")
+    comps = rec.score["components"]
+    assert comps["sensitivity"][2] == 0.0 and comps["stability"][2] == 0.0
+    lens_part = rec.score["weights_used"].get("lens", 0.0) * (comps["lens"] or [0.0] * 6)[2]
+    assert rec.score["score"][2] == pytest.approx(lens_part) and rec.score["score"][2] < 0.5
+    assert comps["stability"][5] == 1.0
+    assert rec.boundary == _brute_cut(rec.score["score"])
+    assert rec.to_dict()["score"]["weights"] == {"lens": 0.4, "sensitivity": 0.3, "stability": 0.3}

@@ -155,6 +155,38 @@ def test_cli_text_probe_end_to_end(saved, tmp_path, capsys):
     assert "d(l,1)" in stdout and "recommended plan" in stdout
     assert (out / "angular_heatmap.png").read_bytes()[:4] == b"\x89PNG"
     assert not [p for p in tmp_path.iterdir() if p.name.startswith(".")]  # no staging left
+    # both stabilities, each named for what it measures, in the JSON, the CSV and the table
+    assert "whole-model" in data["stability"]["measure"]
+    assert data["layer_stability"]["mode"] == "perturb" and data["layer_stability"]["scale"] == 0.05
+    assert float(rows[2]["layer_stability"]) == pytest.approx(
+        data["layer_stability"]["output_change"][2]
+    )
+    assert "drift(all)" in stdout and "dY/Y(alone)" in stdout
+    assert data["recommendation"]["score"]["weights"] == {
+        "lens": 0.4,
+        "sensitivity": 0.3,
+        "stability": 0.3,
+    }
+
+
+def test_cli_score_weights_and_layer_stability_steps(saved, tmp_path, capsys):
+    out = tmp_path / "out"
+    rc, stdout, _ = _run(
+        [
+            "--model", saved / "model", "--probe", saved / "probe.txt", "--max-tokens", 100,
+            "--seq-len", 50, "--measures", "skip,layer_stability", "--layer-stability", "steps",
+            "--stability-steps", 1, "--out", out, "--recommend", "--budget", 1.0,
+            "--score-weights", "stability=1",
+        ],
+        capsys,
+    )
+    assert rc == 0
+    data = json.loads((out / "trace.json").read_text())
+    iso = data["layer_stability"]
+    assert iso["mode"] == "steps" and iso["steps"] == 1 and "trained" in iso["measure"]
+    score = data["recommendation"]["score"]
+    assert score["weights_used"] == {"stability": 1.0}
+    assert data["recommendation"]["boundary"] >= 1 and "score cut at layer" in stdout
 
 
 def test_cli_ceval_probe(saved, tmp_path, capsys, eval_data_dir):
