@@ -118,6 +118,16 @@ def detect_kind(base: str | Path) -> str:
             "and/or tokenizer.json + tokenizer_config.json)."
         )
     if (base / "tokenizer.model").is_file():
+        from layerfreeze.data.tokenizer import _load_proto
+
+        try:
+            _load_proto(base / "tokenizer.model")
+        except ValueError as e:
+            raise ValueError(
+                f"base: {e} Give a tokenizer directory whose tokenizer.model is a "
+                "SentencePiece model (or remove it next to a byte-level BPE "
+                "tokenizer.json)."
+            ) from None
         return "sentencepiece"
     tj = base / "tokenizer.json"
     if not tj.is_file():
@@ -530,7 +540,13 @@ def extend_tokenizer(
     kind = detect_kind(base)
     files = resolve_files(corpus, key="--corpus")
     held_files = resolve_files(held_out, key="--held-out") if held_out is not None else None
-    base_tok = auto_tokenizer(base)
+    try:
+        base_tok = auto_tokenizer(base)
+    except (OSError, ValueError) as e:
+        raise ValueError(
+            f"base: AutoTokenizer cannot load {base} ({' '.join(str(e).split())}). Give a "
+            "directory that AutoTokenizer.from_pretrained loads."
+        ) from None
     base_cls = type(base_tok).__name__
     if not getattr(base_tok, "is_fast", False):
         raise _unsupported(base, f"a {base_cls} (not a fast tokenizer)")
