@@ -200,3 +200,51 @@ def test_cli_extend_prints_summary_and_json(tmp_path, capsys):
     assert data["added"] == 100 and data["kind"] == "byte_level_bpe"
     assert data["tokens_per_zh_char_after"] < data["tokens_per_zh_char_before"]
     assert Path(data["out"]) == tmp_path / "b"
+
+
+def test_layerfreeze_trained_unigram_base(tmp_path):
+    """A tokenizer from `layerfreeze tokenizer train` (SentencePiece unigram, TokenizersBackend)
+    extends too: old ids kept, tokenizer.model and tokenizer.json agree, Chinese gets shorter."""
+    import sentencepiece as spm
+    from transformers import AutoTokenizer
+
+    from layerfreeze.data.tokenizer import train_tokenizer
+
+    base_dir = train_tokenizer([bundled("en.txt")], tmp_path / "base", vocab_size=700)
+    report = extend_tokenizer(base_dir, [bundled("zh.txt")], tmp_path / "out", vocab_size=1200)
+    base = AutoTokenizer.from_pretrained(str(base_dir))
+    new = AutoTokenizer.from_pretrained(str(tmp_path / "out"))
+    assert type(new) is type(base) and report.kind == "sentencepiece" and report.added > 100
+    ids = list(range(len(base)))
+    assert new.convert_ids_to_tokens(ids) == base.convert_ids_to_tokens(ids)
+    sp = spm.SentencePieceProcessor(model_file=str(tmp_path / "out" / "tokenizer.model"))
+    for text in _zh_docs(100) + MIXED:
+        ids = new(text, add_special_tokens=False)["input_ids"]
+        assert sp.encode(text) == ids and new.decode(ids) == text
+    assert report.tokens_per_zh_char_after < 0.5 * report.tokens_per_zh_char_before
+
+
+def test_docs_command_shape_runs(tmp_path, capsys):
+    """The documented call (docs/data.md), on the local fixtures: --max-new, --held-out, --json."""
+    base = build_qwen_style(tmp_path / "base")
+    argv = [
+        "tokenizer",
+        "extend",
+        "--base",
+        str(base),
+        "--corpus",
+        str(bundled("zh.txt")),
+        str(bundled("mixed.jsonl")),
+        "--vocab-size",
+        "900",
+        "--max-new",
+        "80",
+        "--held-out",
+        str(bundled("mixed.jsonl")),
+        "--out",
+        str(tmp_path / "tok-zh"),
+        "--json",
+    ]
+    assert main(argv) == 0
+    data = json.loads(capsys.readouterr().out)
+    assert data["added"] == 80 and data["held_out"].endswith("mixed.jsonl")
