@@ -23,6 +23,7 @@ tokens per Chinese character of held-out text before and after.
 
 from __future__ import annotations
 
+import itertools
 import json
 import re
 import shutil
@@ -51,6 +52,9 @@ _HAN = re.compile("[\u3400-\u4dbf\u4e00-\u9fff\uf900-\ufaff\U00020000-\U0002ebef
 HELD_OUT_EVERY = 10
 _HELD_OUT_MAX_CHARS = 2_000_000
 _SPACE_MARKERS = ("▁", "Ġ", " ")
+_BYTE_PIECE = re.compile("<0x[0-9A-Fa-f]{2}>")
+# Seconds between progress lines while the corpus is fed to the trainer.
+PROGRESS_SECONDS = 30.0
 _NORMAL, _SP_BPE, _SP_UNIGRAM = 1, 2, 1
 
 
@@ -158,8 +162,9 @@ def tokens_per_zh_char(tokenizer: Any, docs: Sequence[str]) -> tuple[float, int]
 
     A token counts when its character span (the fast tokenizer's offsets) holds at least one Han
     character, so English words in mixed text are left out, and each byte-fallback piece of a
-    character counts. A lone space marker (the ``▁`` dummy prefix, whose offsets point at the
-    first character) is not counted.
+    character counts (when a run of unknown characters falls back to bytes with the run's span,
+    the bytes of its Han characters). A lone space marker (the ``▁`` dummy prefix, whose offsets
+    point at the first character) is not counted.
 
     Returns:
         ``(tokens per character, number of Han characters)``; ``(nan, 0)`` without any.
@@ -172,11 +177,18 @@ def tokens_per_zh_char(tokenizer: Any, docs: Sequence[str]) -> tuple[float, int]
         chars += n
         enc = tokenizer(doc, add_special_tokens=False, return_offsets_mapping=True)
         pieces = tokenizer.convert_ids_to_tokens(enc["input_ids"])
-        tokens += sum(
-            1
-            for (s, e), piece in zip(enc["offset_mapping"], pieces, strict=True)
-            if piece not in _SPACE_MARKERS and _HAN.search(doc[s:e])
-        )
+        spans = zip(enc["offset_mapping"], pieces, strict=True)
+        for (s, e), group in itertools.groupby(spans, key=lambda sp: tuple(sp[0])):
+            group = [piece for _, piece in group]
+            span = doc[s:e]
+            if not _HAN.search(span):
+                continue
+            if len(group) > 1 and all(_BYTE_PIECE.fullmatch(g) for g in group):
+                # byte fallback of a run of unknown characters: every byte token carries the
+                # whole run's span; count the bytes of its Han characters only
+                tokens += sum(len(c.encode("utf-8")) for c in _HAN.findall(span))
+            else:
+                tokens += sum(1 for g in group if g not in _SPACE_MARKERS)
     return (tokens / chars if chars else float("nan")), chars
 
 
@@ -193,8 +205,9 @@ class _Corpus:
         from layerfreeze.data.corpus import iter_documents
         from layerfreeze.data.tokenizer import _MAX_SENTENCE_BYTES, _cut_line
 
-        held_chars = 0
+        held_chars = lines = size = 0
         self.held, self.documents = [], 0
+        start = last = time.monotonic()
         for path in self.files:
             for doc in iter_documents(
                 path, text_key=self.text_key, txt_documents=self.txt_documents
@@ -208,6 +221,21 @@ class _Corpus:
                 for line in doc.splitlines():
                     if line.strip():
                         yield from (p for p in _cut_line(line, _MAX_SENTENCE_BYTES) if p.strip())
+                        lines += 1
+                        size += len(line)
+                now = time.monotonic()
+                if now - last >= PROGRESS_SECONDS:
+                    last = now
+                    log_rank0(
+                        logger,
+                        "training: fed %d lines (%.1f M characters, %d documents) from "
+                        "%s in %.0f s",
+                        lines,
+                        size / 1e6,
+                        self.documents,
+                        path.name,
+                        now - start,
+                    )
 
 
 def _read_held_out(files: Sequence[Path], text_key: str, txt_documents: str) -> list[str]:

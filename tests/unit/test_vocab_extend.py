@@ -222,6 +222,26 @@ def test_layerfreeze_trained_unigram_base(tmp_path):
         ids = new(text, add_special_tokens=False)["input_ids"]
         assert sp.encode(text) == ids and new.decode(ids) == text
     assert report.tokens_per_zh_char_after < 0.5 * report.tokens_per_zh_char_before
+    # the base falls back to bytes for every Han character (runs of them share one offset span
+    # in a Unigram model): the count is their UTF-8 length
+    held = _zh_docs(10**6)[9::10]
+    han = [c for d in held for c in _HAN.findall(d)]
+    utf8 = sum(len(c.encode("utf-8")) for c in han) / len(han)
+    assert report.tokens_per_zh_char_before == pytest.approx(utf8, abs=1e-4)
+
+
+def test_training_progress_is_logged(tmp_path, monkeypatch, caplog):
+    import logging
+
+    from layerfreeze.data import vocab_extend
+
+    monkeypatch.setattr(vocab_extend, "PROGRESS_SECONDS", 0.0)
+    base = build_qwen_style(tmp_path / "base")
+    with caplog.at_level(logging.INFO, logger="layerfreeze"):
+        extend_tokenizer(base, [bundled("zh.txt")], tmp_path / "out", vocab_size=700)
+    progress = [r.getMessage() for r in caplog.records if "training: fed" in r.getMessage()]
+    assert len(progress) > 10 and "zh.txt" in progress[-1]
+    assert any(r.getMessage().startswith("extended ") for r in caplog.records)
 
 
 def test_docs_command_shape_runs(tmp_path, capsys):
