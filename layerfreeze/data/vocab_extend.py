@@ -275,7 +275,7 @@ def _train_sp_pieces(lines: Iterator[str], proto: Any, vocab_size: int, seed: in
 
     import sentencepiece as spm
 
-    from layerfreeze.data.tokenizer import _explain_training_error, _load_proto
+    from layerfreeze.data.tokenizer import _explain_training_error
 
     spec, norm = proto.trainer_spec, proto.normalizer_spec
     model_type = {_SP_BPE: "bpe"}.get(spec.model_type, "unigram")
@@ -302,21 +302,11 @@ def _train_sp_pieces(lines: Iterator[str], proto: Any, vocab_size: int, seed: in
         )
     except RuntimeError as e:
         raise _explain_training_error(e, vocab_size) from None
-    tmp = Path(_tmp_name("pieces.model"))
-    try:
-        tmp.write_bytes(buf.getvalue())
-        return _load_proto(tmp)
-    finally:
-        tmp.unlink(missing_ok=True)
+    from sentencepiece import sentencepiece_model_pb2
 
-
-def _tmp_name(name: str) -> str:
-    import os
-    import tempfile
-
-    fd, path = tempfile.mkstemp(suffix=name)
-    os.close(fd)
-    return path
+    trained = sentencepiece_model_pb2.ModelProto()
+    trained.ParseFromString(buf.getvalue())
+    return trained
 
 
 def _select_sp(proto: Any, trained: Any, max_new: int | None) -> list[tuple[str, float]]:

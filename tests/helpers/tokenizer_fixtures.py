@@ -90,3 +90,47 @@ def build_qwen_style(directory: Path, vocab_size: int = 600) -> Path:
     directory.mkdir(parents=True, exist_ok=True)
     hf.save_pretrained(str(directory))
     return directory
+
+
+# Llama-3's pre-tokenizer split pattern (tokenizer.json of meta-llama/Meta-Llama-3-8B).
+LLAMA3_PATTERN = (
+    r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}{1,3}| ?[^\s\p{L}\p{N}]+[\r\n]*|"
+    r"\s*[\r\n]+|\s+(?!\S)|\s+"
+)
+
+
+def build_llama3_style(directory: Path, vocab_size: int = 600) -> Path:
+    """Byte-level BPE with ``ignore_merges`` (a whole pre-token in the vocabulary is taken as
+    is), ``<|begin_of_text|>`` / ``<|end_of_text|>`` after the vocabulary, BOS added by a
+    template post-processor, saved as the generic fast tokenizer (Llama-3's own class)."""
+    from tokenizers import Regex, Tokenizer, decoders, models, pre_tokenizers, processors, trainers
+    from transformers import PreTrainedTokenizerFast
+
+    tok = Tokenizer(models.BPE(ignore_merges=True))
+    tok.pre_tokenizer = pre_tokenizers.Sequence(
+        [
+            pre_tokenizers.Split(Regex(LLAMA3_PATTERN), behavior="isolated", invert=False),
+            pre_tokenizers.ByteLevel(add_prefix_space=False, trim_offsets=True, use_regex=False),
+        ]
+    )
+    tok.decoder = decoders.ByteLevel()
+    trainer = trainers.BpeTrainer(
+        vocab_size=vocab_size,
+        initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
+        show_progress=False,
+        special_tokens=[],
+    )
+    tok.train_from_iterator(_english_lines(), trainer)
+    tok.add_special_tokens(["<|begin_of_text|>", "<|end_of_text|>"])
+    bos = tok.token_to_id("<|begin_of_text|>")
+    tok.post_processor = processors.TemplateProcessing(
+        single="<|begin_of_text|> $A",
+        pair="<|begin_of_text|> $A <|begin_of_text|> $B",
+        special_tokens=[("<|begin_of_text|>", bos)],
+    )
+    hf = PreTrainedTokenizerFast(
+        tokenizer_object=tok, bos_token="<|begin_of_text|>", eos_token="<|end_of_text|>"
+    )
+    directory.mkdir(parents=True, exist_ok=True)
+    hf.save_pretrained(str(directory))
+    return directory

@@ -11,9 +11,20 @@ import pytest
 
 from layerfreeze.cli import main
 from layerfreeze.data.vocab_extend import _HAN, REPORT_FILE, extend_tokenizer
-from tests.helpers.tokenizer_fixtures import build_llama2_style, build_qwen_style, bundled
+from tests.helpers.tokenizer_fixtures import (
+    build_llama2_style,
+    build_llama3_style,
+    build_qwen_style,
+    bundled,
+)
 
 KINDS = {"sentencepiece": build_llama2_style, "byte_level_bpe": build_qwen_style}
+# base fixture -> (builder, kind, class AutoTokenizer loads)
+BASES = {
+    "llama2": (build_llama2_style, "sentencepiece", "LlamaTokenizer"),
+    "qwen2": (build_qwen_style, "byte_level_bpe", "Qwen2Tokenizer"),
+    "llama3": (build_llama3_style, "byte_level_bpe", "TokenizersBackend"),
+}
 MIXED = [
     "混合文本：Hello 世界, layerfreeze 训练 2026 年 — the quick brown fox 跳过 13 只 lazy dogs!",
     "长颈鹿的脖子很长，可以吃到高处的树叶。 The giraffe's neck is long.\n夏天的时候，天气很热。",
@@ -28,15 +39,17 @@ def _zh_docs(n: int = 200) -> list[str]:
     return [p for p in text.split("\n\n") if p.strip()][:n]
 
 
-@pytest.fixture(scope="module", params=sorted(KINDS))
+@pytest.fixture(scope="module", params=sorted(BASES))
 def extended(request, tmp_path_factory):
     from transformers import AutoTokenizer
 
+    build, kind, cls = BASES[request.param]
     root = tmp_path_factory.mktemp(request.param)
-    base = KINDS[request.param](root / "base")
+    base = build(root / "base")
     report = extend_tokenizer(base, [bundled("zh.txt")], root / "out", vocab_size=1200)
     return {
-        "kind": request.param,
+        "kind": kind,
+        "cls": cls,
         "base_dir": base,
         "out": root / "out",
         "report": report,
@@ -49,10 +62,7 @@ def test_detected_kind_and_class_family(extended):
     base, new, report = extended["base"], extended["new"], extended["report"]
     assert report.kind == extended["kind"]
     assert type(new) is type(base)
-    assert (
-        type(base).__name__
-        == {"sentencepiece": "LlamaTokenizer", "byte_level_bpe": "Qwen2Tokenizer"}[extended["kind"]]
-    )
+    assert type(base).__name__ == extended["cls"]
     assert report.added > 100
     assert len(new) == len(base) + report.added == report.new_size
 
@@ -69,10 +79,21 @@ def test_every_old_id_keeps_its_token(extended):
         assert getattr(new, name) == getattr(base, name), name
 
 
-def test_english_text_keeps_its_ids(extended):
-    base, new = extended["base"], extended["new"]
+def test_english_text_only_changes_where_new_pieces_apply(extended):
+    """New merges come after the old ones (new SentencePiece scores below the old): a text that
+    uses no new piece encodes exactly as before, one that does takes fewer tokens. (Pieces from
+    the Chinese corpus can apply to English text: numbers, Latin words in it.)"""
+    base, new, n = extended["base"], extended["new"], len(extended["base"])
     en = [x for x in bundled("en.txt").read_text(encoding="utf-8").splitlines() if x.strip()][:200]
-    assert [new(x)["input_ids"] for x in en] == [base(x)["input_ids"] for x in en]
+    unchanged = 0
+    for text in en:
+        old_ids, new_ids = base(text)["input_ids"], new(text)["input_ids"]
+        if all(i < n for i in new_ids):
+            assert new_ids == old_ids, text
+            unchanged += 1
+        else:
+            assert len(new_ids) < len(old_ids) and new.decode(new_ids) == base.decode(old_ids)
+    assert unchanged > 100
 
 
 def test_new_pieces_appear_in_chinese_text_and_roundtrip(extended):
@@ -116,7 +137,7 @@ def test_report_file_and_save_reload(extended, tmp_path):
         assert again(text)["input_ids"] == new(text)["input_ids"]
 
 
-@pytest.mark.parametrize("extended", ["sentencepiece"], indirect=True)
+@pytest.mark.parametrize("extended", ["llama2"], indirect=True)
 def test_sentencepiece_model_and_tokenizer_json_agree(extended):
     import sentencepiece as spm
     from sentencepiece import sentencepiece_model_pb2
@@ -135,7 +156,7 @@ def test_sentencepiece_model_and_tokenizer_json_agree(extended):
         assert sp.encode(text) == new(text, add_special_tokens=False)["input_ids"], text
 
 
-@pytest.mark.parametrize("extended", ["byte_level_bpe"], indirect=True)
+@pytest.mark.parametrize("extended", ["llama3", "qwen2"], indirect=True)
 def test_byte_level_tokens_are_bpe_entries_with_merges(extended):
     from tokenizers import pre_tokenizers
 
