@@ -94,7 +94,7 @@ class ExtendReport:
 
 def _unsupported(base: Path, what: str) -> ValueError:
     return ValueError(
-        f"base: {base} holds {what}. Valid bases: a SentencePiece tokenizer (tokenizer.model, "
+        f"--base: {base} holds {what}. Valid bases: a SentencePiece tokenizer (tokenizer.model, "
         "Llama-2/Mistral style) or a byte-level BPE tokenizer.json (ByteLevel pre-tokenizer + "
         "BPE model, Llama-3/Qwen style)."
     )
@@ -118,7 +118,7 @@ def detect_kind(base: str | Path) -> str:
     base = Path(base)
     if not base.is_dir():
         raise ValueError(
-            f"base: {str(base)!r} is not a directory. Give a tokenizer directory (tokenizer.model "
+            f"--base: {str(base)!r} is not a directory. Give a tokenizer directory (tokenizer.model "
             "and/or tokenizer.json + tokenizer_config.json)."
         )
     if (base / "tokenizer.model").is_file():
@@ -128,7 +128,7 @@ def detect_kind(base: str | Path) -> str:
             _load_proto(base / "tokenizer.model")
         except ValueError as e:
             raise ValueError(
-                f"base: {e} Give a tokenizer directory whose tokenizer.model is a "
+                f"--base: {e} Give a tokenizer directory whose tokenizer.model is a "
                 "SentencePiece model (or remove it next to a byte-level BPE "
                 "tokenizer.json)."
             ) from None
@@ -151,9 +151,9 @@ def _read_json(path: Path) -> dict[str, Any]:
     try:
         data = json.loads(path.read_text(encoding="utf-8"))
     except (OSError, ValueError) as e:
-        raise ValueError(f"base: {path} is not readable JSON ({e}).") from None
+        raise ValueError(f"--base: {path} is not readable JSON ({e}).") from None
     if not isinstance(data, dict):
-        raise ValueError(f"base: {path} is not a tokenizer.json (top level is not an object).")
+        raise ValueError(f"--base: {path} is not a tokenizer.json (top level is not an object).")
     return data
 
 
@@ -389,7 +389,7 @@ def _extend_sp(
         used = _used_ids(tj)
         if used and max(used) >= first_id:
             raise ValueError(
-                f"base: {base / 'tokenizer.json'} uses ids up to {max(used)} but tokenizer.model "
+                f"--base: {base / 'tokenizer.json'} uses ids up to {max(used)} but tokenizer.model "
                 f"has {first_id} pieces: new pieces would take ids already in use. Extend a "
                 "tokenizer whose tokenizer.json has no added tokens past the SentencePiece pieces."
             )
@@ -562,7 +562,7 @@ def extend_tokenizer(
         base_tok = auto_tokenizer(base)
     except (OSError, ValueError) as e:
         raise ValueError(
-            f"base: AutoTokenizer cannot load {base} ({' '.join(str(e).split())}). Give a "
+            f"--base: AutoTokenizer cannot load {base} ({' '.join(str(e).split())}). Give a "
             "directory that AutoTokenizer.from_pretrained loads."
         ) from None
     base_cls = type(base_tok).__name__

@@ -159,3 +159,11 @@ def test_added_tokens_past_the_sentencepiece_pieces(bases, tmp_path, capsys):
     line = error_line(capsys, _argv(base, tmp_path / "out"))
     assert "uses ids up to 600" in line and "600 pieces" in line
     _nothing_written(tmp_path, tmp_path / "out")
+
+
+def test_broken_tokenizer_json(tmp_path, capsys):
+    (tmp_path / "bad").mkdir()
+    (tmp_path / "bad" / "tokenizer.json").write_text('{"model": {"type": "BPE", ')
+    line = error_line(capsys, _argv(tmp_path / "bad", tmp_path / "out"))
+    assert "--base:" in line and "tokenizer.json is not readable JSON" in line
+    _nothing_written(tmp_path, tmp_path / "out")
