@@ -25,7 +25,7 @@ COMMANDS: dict[str, tuple[str, str]] = {
     "eval": ("layerfreeze.commands.eval", "score a model on C-Eval or CMMLU"),
     "plan": ("layerfreeze.commands.plan", "resolve a layer plan against a model and print it"),
     "validate": ("layerfreeze.commands.validate", "check a training config and print the schema"),
-    "tokenizer": ("layerfreeze.commands.tokenizer", "train a SentencePiece tokenizer for AutoTokenizer"),
+    "tokenizer": ("layerfreeze.commands.tokenizer", "train a SentencePiece tokenizer, or extend a base one with new pieces"),
     "launch": ("layerfreeze.commands.launch", "render a Slurm / Kubernetes job for a config, or run it locally"),
     "trace": ("layerfreeze.commands.trace", "per-layer diagnostics on a probe set (and a plan from them)"),
     "prune": ("layerfreeze.commands.prune", "remove the layers that change the residual stream least"),

@@ -22,16 +22,19 @@ from layerfreeze.data.tokenizer import (
     tokenizer_fingerprint,
     train_tokenizer,
 )
+from layerfreeze.data.vocab_extend import ExtendReport, extend_tokenizer
 
 __all__ = [
     "BUNDLED",
     "DataConfig",
     "DistributedBatchIterator",
+    "ExtendReport",
     "PackedDataset",
     "TokenCache",
     "TokenizerConfig",
     "build_token_cache",
     "default_corpus_files",
+    "extend_tokenizer",
     "iter_documents",
     "load_tokenizer",
     "prepare_tokenizer",
