@@ -86,7 +86,9 @@ __all__ = [
     "switch_engine_plan",
 ]
 
-logger = get_logger(__name__)
+#: The package's logger: records keep the name ``layerfreeze.engines.deepspeed`` whichever module
+#: of the package logs them (what users and tests filter on).
+logger = get_logger("layerfreeze.engines.deepspeed")
 
 #: Optimizer-state tensors carried over at a phase switch (Adam / AdamW).
 _ADAM_STATE_KEYS = ("exp_avg", "exp_avg_sq")
