@@ -21,6 +21,7 @@ from deepspeed.utils import safe_set_full_fp32_param, safe_set_full_optimizer_st
 from safetensors.torch import load_file, save_file
 
 from layerfreeze import checkpoint as ckpt
+from layerfreeze.checkpoint_meta import META_FORMAT, META_KEY, CheckpointMeta
 from layerfreeze.client_state import load_client_state, save_client_state
 from layerfreeze.engines.deepspeed.zero_state import (
     _ADAM_STATE_KEYS,
@@ -42,8 +43,13 @@ if TYPE_CHECKING:
 logger = get_logger("layerfreeze.engines.deepspeed")
 
 _DS_TAG = "ds"
-_META_KEY = "layerfreeze"
-_META_FORMAT = 1
+#: DeepSpeed's own fields of the checkpoint metadata (:class:`CheckpointMeta.engine_state`).
+_ENGINE_STATE = {
+    "zero_stage": int,
+    "world_size": int,
+    "trained_frozen_params": list,
+    "groups": list,
+}
 #: Layout-independent part of a checkpoint (see :func:`_save_elastic`).
 _ELASTIC_DIR = "elastic"
 _ELASTIC_INDEX = "index.json"
@@ -52,22 +58,24 @@ _ELASTIC_FORMAT = "layerfreeze.elastic/1"
 
 def _meta(
     runner: DeepSpeedRunner, trainable_only: bool, trained_before: list[str]
-) -> dict[str, Any]:
-    return {
-        "format": _META_FORMAT,
-        "engine": "deepspeed",
-        "step": runner.global_step,
-        "phase": runner.phase,
-        "schedule": runner.schedule.to_dict(),
-        "plan": runner.schedule.plans[runner.phase].to_dict(),
-        "zero_stage": runner.zero_stage,
-        "world_size": get_world_size(),
-        "trainable_only": trainable_only,
-        "trained_frozen_params": trained_before,
-        "groups": [s.to_dict() for s in runner._specs],
-        "bad_micro_batches": runner.bad_micro_batches,
-        "skipped_steps": runner.skipped_steps,
-    }
+) -> CheckpointMeta:
+    """The checkpoint metadata of ``runner`` now (the manifest's ``"layerfreeze"`` object)."""
+    return CheckpointMeta(
+        engine="deepspeed",
+        step=runner.global_step,
+        phase=runner.phase,
+        schedule=runner.schedule.to_dict(),
+        plan=runner.schedule.plans[runner.phase].to_dict(),
+        trainable_only=trainable_only,
+        bad_micro_batches=runner.bad_micro_batches,
+        skipped_steps=runner.skipped_steps,
+        engine_state={
+            "zero_stage": runner.zero_stage,
+            "world_size": get_world_size(),
+            "trained_frozen_params": trained_before,
+            "groups": [s.to_dict() for s in runner._specs],
+        },
+    )
 
 
 def save_checkpoint(
@@ -88,7 +96,7 @@ def save_checkpoint(
     runner.engine.save_checkpoint(
         str(staging),
         tag=_DS_TAG,
-        client_state={_META_KEY: {"step": step, "phase": runner.phase}},
+        client_state={META_KEY: {"step": step, "phase": runner.phase}},
         save_latest=False,
         exclude_frozen_parameters=trainable_only,
     )
@@ -113,7 +121,7 @@ def save_checkpoint(
             staging,
             step,
             {
-                _META_KEY: _meta(runner, trainable_only, trained_before),
+                META_KEY: _meta(runner, trainable_only, trained_before).to_dict(),
                 "run": dict(run_meta or {}),
             },
             keep_last=keep_last,
@@ -135,20 +143,24 @@ def load_checkpoint(
     info = ckpt.resolve_checkpoint(ckpt_dir, tag)
     if verify:
         check_content(info)
-    meta = info.meta.get(_META_KEY)
-    if not isinstance(meta, dict) or meta.get("format") != _META_FORMAT:
+    raw = info.meta.get(META_KEY)
+    if not isinstance(raw, dict) or raw.get("format") != META_FORMAT:
         raise ckpt.CheckpointError(
             f"{info.path}: not a layerfreeze DeepSpeed checkpoint (no layerfreeze metadata)."
         )
+    meta = CheckpointMeta.from_dict(raw, source=str(info.path))
     problems = engine_problems(meta, engine="deepspeed", schedule=runner.schedule.to_dict())
     if problems:
         raise ckpt.CheckpointError(
             f"{info.path}: cannot resume this run from it: " + "; ".join(problems) + "."
         )
-    elastic = meta["world_size"] != get_world_size() or meta["zero_stage"] != runner.zero_stage
+    meta.check_engine_state(_ENGINE_STATE, source=str(info.path))
+    saved = meta.engine_state
+    specs = _saved_groups(saved["groups"], info.path)
+    elastic = saved["world_size"] != get_world_size() or saved["zero_stage"] != runner.zero_stage
     if elastic and not (info.path / _ELASTIC_DIR / _ELASTIC_INDEX).is_file():
         problems.append(
-            f"saved with {meta['world_size']} ranks at ZeRO stage {meta['zero_stage']}, this "
+            f"saved with {saved['world_size']} ranks at ZeRO stage {saved['zero_stage']}, this "
             f"run has {get_world_size()} at stage {runner.zero_stage}, and the checkpoint has no "
             f"layout-independent '{_ELASTIC_DIR}/' part (older layerfreeze); resume it on "
             "its own layout"
@@ -157,23 +169,22 @@ def load_checkpoint(
         raise ckpt.CheckpointError(
             f"{info.path}: cannot resume this run from it: " + "; ".join(problems) + "."
         )
-    specs = [GroupSpec(**g) for g in meta["groups"]]
-    if meta["phase"] != runner.phase or [s.to_dict() for s in specs] != [
+    if meta.phase != runner.phase or [s.to_dict() for s in specs] != [
         s.to_dict() for s in runner._specs
     ]:
-        runner._switch_phase(int(meta["phase"]), carry=False, specs=specs)
+        runner._switch_phase(meta.phase, carry=False, specs=specs)
     if elastic:
         log_rank0(
             logger,
             "elastic resume: checkpoint of %d ranks at ZeRO-%d onto %d ranks at ZeRO-%d",
-            meta["world_size"], meta["zero_stage"], get_world_size(), runner.zero_stage,
+            saved["world_size"], saved["zero_stage"], get_world_size(), runner.zero_stage,
         )
-        _load_elastic(runner, info.path / _ELASTIC_DIR, int(meta["step"]))
+        _load_elastic(runner, info.path / _ELASTIC_DIR, meta.step)
     else:
         _load_ds(runner, info.path, meta)
-    runner.global_step = int(meta["step"])
-    runner.bad_micro_batches = int(meta["bad_micro_batches"])
-    runner.skipped_steps = int(meta["skipped_steps"])
+    runner.global_step = meta.step
+    runner.bad_micro_batches = meta.bad_micro_batches
+    runner.skipped_steps = meta.skipped_steps
     client_dir = info.path / "client"
     rank = get_rank()
     if not (client_dir / f"rank_{rank:05d}.json").exists():
@@ -186,13 +197,28 @@ def load_checkpoint(
     return state
 
 
-def _load_ds(runner: DeepSpeedRunner, path: Path, meta: Mapping[str, Any]) -> None:
+def _saved_groups(groups: list[Any], path: Path) -> list[GroupSpec]:
+    """The optimizer groups a checkpoint recorded, each checked to be a ``GroupSpec``."""
+    specs = []
+    for i, g in enumerate(groups):
+        try:
+            specs.append(GroupSpec(**g))
+        except TypeError as e:  # not a mapping, or other keys than GroupSpec's
+            raise ckpt.CheckpointError(
+                f"{path}: manifest.json {META_KEY}.groups[{i}]: not an optimizer group ({e}), "
+                f"got {g!r}. The checkpoint's metadata is damaged or was not written by "
+                "layerfreeze; resume from another checkpoint."
+            ) from None
+    return specs
+
+
+def _load_ds(runner: DeepSpeedRunner, path: Path, meta: CheckpointMeta) -> None:
     """Load DeepSpeed's own checkpoint (same world size and ZeRO stage as saved)."""
     try:
         load_path, _ = runner.engine.load_checkpoint(
             str(path),
             tag=_DS_TAG,
-            load_module_strict=not meta["trainable_only"],
+            load_module_strict=not meta.trainable_only,
         )
     except Exception as e:
         # torch found a damaged file (a checkpoint without checksums, or one changed after
@@ -210,10 +236,10 @@ def _load_ds(runner: DeepSpeedRunner, path: Path, meta: Mapping[str, Any]) -> No
         raise ckpt.CheckpointError(
             f"{path}: DeepSpeed could not load the checkpoint in '{_DS_TAG}/'."
         )
-    if meta["trained_frozen_params"]:
+    if meta.engine_state["trained_frozen_params"]:
         tensors = load_file(str(path / "trained_frozen.safetensors"))
         params = dict(runner.model.named_parameters())
-        for n in meta["trained_frozen_params"]:  # one parameter gathered at a time
+        for n in meta.engine_state["trained_frozen_params"]:  # one parameter gathered at a time
             with runner.gathered_parameters([n], modifier_rank=0):
                 # ZeRO-3 re-partitions rank 0's values on exit; other stages hold whole copies
                 if get_rank() == 0 or runner.zero_stage != 3:

@@ -48,6 +48,9 @@ from safetensors.torch import save_file
 from torch import nn
 
 from layerfreeze import checkpoint as ckpt
+from layerfreeze.checkpoint_meta import META_FORMAT as _META_FORMAT
+from layerfreeze.checkpoint_meta import META_KEY as _META_KEY
+from layerfreeze.checkpoint_meta import CheckpointMeta
 from layerfreeze.client_state import load_client_state, save_client_state
 from layerfreeze.engines.base import EngineCapabilities, StepOutput
 from layerfreeze.engines.common import trained_then_frozen, unwrap_module
@@ -61,8 +64,8 @@ __all__ = ["MegatronRunner", "optimizer_state_numel"]
 logger = get_logger(__name__)
 
 _ADAM_KEYS = ("exp_avg", "exp_avg_sq")
-_META_KEY = "layerfreeze"
-_META_FORMAT = 1
+#: Megatron's own fields of the checkpoint metadata (``CheckpointMeta.engine_state``).
+_ENGINE_STATE = {"layout": dict, "num_layers": int, "global_step": int}
 _IGNORE_INDEX = -100
 
 
@@ -1020,22 +1023,23 @@ class MegatronRunner:
         checksums = staged_checksums(staging)  # each rank hashes a share of the files
         committed = None
         if self.rank == 0:
-            meta = {
-                "format": _META_FORMAT,
-                "engine": "megatron",
-                "step": step,
-                "phase": self.phase,
-                "schedule": self.schedule.to_dict(),
-                "plan": self.schedule.plans[self.phase].to_dict(),
-                "layout": self._layout_meta(),
-                "num_layers": self.applied.layout.num_layers,
-                "trainable_only": trainable_only,
-                "bad_micro_batches": self.bad_micro_batches,
-                "skipped_steps": self.skipped_steps,
-                "global_step": self.global_step,
-            }
+            meta = CheckpointMeta(
+                engine="megatron",
+                step=step,
+                phase=self.phase,
+                schedule=self.schedule.to_dict(),
+                plan=self.schedule.plans[self.phase].to_dict(),
+                trainable_only=trainable_only,
+                bad_micro_batches=self.bad_micro_batches,
+                skipped_steps=self.skipped_steps,
+                engine_state={
+                    "layout": self._layout_meta(),
+                    "num_layers": self.applied.layout.num_layers,
+                    "global_step": self.global_step,
+                },
+            )
             info = ckpt.commit_checkpoint(
-                root, staging, step, {_META_KEY: meta, "run": dict(run_meta or {})},
+                root, staging, step, {_META_KEY: meta.to_dict(), "run": dict(run_meta or {})},
                 keep_last=keep_last, checksums=checksums,
             )
             committed = str(info.path)
@@ -1045,7 +1049,7 @@ class MegatronRunner:
 
     def _resolve(
         self, ckpt_dir: str | os.PathLike, tag: str | None, verify: bool = True
-    ) -> tuple[Any, dict[str, Any]]:
+    ) -> tuple[Any, CheckpointMeta]:
         info = ckpt.resolve_checkpoint(ckpt_dir, tag)
         if verify:  # sha256 of every file against the manifest, the reading shared by the ranks
             check_content(info)
@@ -1064,9 +1068,12 @@ class MegatronRunner:
                 f"{info.path}: not a layerfreeze Megatron checkpoint (metadata format "
                 f"{meta.get('format')!r}, expected {_META_FORMAT!r})."
             )
-        if meta["num_layers"] != self.applied.layout.num_layers:
+        meta = CheckpointMeta.from_dict(meta, source=str(info.path))
+        meta.check_engine_state(_ENGINE_STATE, source=str(info.path))
+        num_layers = meta.engine_state["num_layers"]
+        if num_layers != self.applied.layout.num_layers:
             raise ckpt.CheckpointError(
-                f"{info.path}: saved for a {meta['num_layers']}-layer model, this model has "
+                f"{info.path}: saved for a {num_layers}-layer model, this model has "
                 f"{self.applied.layout.num_layers} layers."
             )
         return info, meta
@@ -1117,8 +1124,8 @@ class MegatronRunner:
         """
         info, meta = self._resolve(ckpt_dir, tag, verify)
         problems = engine_problems(meta, engine="megatron", schedule=self.schedule.to_dict())
-        if meta["layout"] != self._layout_meta():
-            diff = field_diff(meta["layout"], self._layout_meta(), "layout")
+        if meta.engine_state["layout"] != self._layout_meta():
+            diff = field_diff(meta.engine_state["layout"], self._layout_meta(), "layout")
             problems.append(
                 f"saved with another parallel layout ({'; '.join(diff)}) (to move trained "
                 "weights to another layout use load_trainable_weights)"
@@ -1127,9 +1134,9 @@ class MegatronRunner:
             raise ckpt.CheckpointError(
                 f"{info.path}: cannot resume this run from it: " + "; ".join(problems) + "."
             )
-        if int(meta["phase"]) != self.phase:
-            self._switch_phase(int(meta["phase"]), carry=False)
-        required = [] if meta["trainable_only"] else list(dict(self._root.named_parameters()))
+        if meta.phase != self.phase:
+            self._switch_phase(meta.phase, carry=False)
+        required = [] if meta.trainable_only else list(dict(self._root.named_parameters()))
         self._read_weights(info.path / "weights", required)
         self.optimizer.reload_model_params()
         keys = self._global_keys()
@@ -1163,9 +1170,9 @@ class MegatronRunner:
             self.lr_scheduler.load_state_dict(runner_state["scheduler"])
         self._tracker.param_groups[0]["lr"] = float(runner_state["base_lr"])
         self._apply_lr()
-        self.global_step = int(meta["global_step"])
-        self.bad_micro_batches = int(meta["bad_micro_batches"])
-        self.skipped_steps = int(meta["skipped_steps"])
+        self.global_step = meta.engine_state["global_step"]
+        self.bad_micro_batches = meta.bad_micro_batches
+        self.skipped_steps = meta.skipped_steps
         rank = self.rank
         if not (info.path / "client" / f"rank_{rank:05d}.json").exists():
             rank = 0
