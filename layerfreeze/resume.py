@@ -16,11 +16,12 @@ from __future__ import annotations
 import hashlib
 import json
 import os
-from collections.abc import Iterable
+from collections.abc import Iterable, Mapping
 from pathlib import Path
 from typing import Any
 
 from layerfreeze import checkpoint as ckpt
+from layerfreeze.checkpoint_meta import CheckpointMeta
 from layerfreeze.config import CHANGEABLE_MODEL_FIELDS
 from layerfreeze.utils import dist
 
@@ -124,17 +125,30 @@ def field_diff(saved: Any, current: Any, path: str) -> list[str]:
     return []
 
 
-def engine_problems(meta: dict[str, Any], *, engine: str, schedule: Any) -> list[str]:
+def engine_problems(
+    meta: CheckpointMeta | Mapping[str, Any], *, engine: str, schedule: Any
+) -> list[str]:
     """What stops ``engine`` from resuming a checkpoint with layerfreeze metadata ``meta``:
-    another engine saved it, or the plan schedule differs (each differing field named)."""
-    saved_engine = meta.get("engine")
+    another engine saved it, or the plan schedule differs (each differing field named).
+
+    Args:
+        meta: the checkpoint's :class:`~layerfreeze.checkpoint_meta.CheckpointMeta`, or the
+            stored ``"layerfreeze"`` object as read (what the recipe checks before an engine
+            reads it; a missing field reads as unset).
+        engine: this run's engine.
+        schedule: this run's ``PlanSchedule.to_dict()``.
+    """
+    if isinstance(meta, CheckpointMeta):
+        saved_engine, saved_schedule = meta.engine, meta.schedule
+    else:
+        saved_engine, saved_schedule = meta.get("engine"), meta.get("schedule")
     if saved_engine != engine:
         return [
             f"it was saved by engine {saved_engine!r}, this run uses engine: {engine} (resume "
             f"with engine: {saved_engine}, or convert the weights and start a new run)"
         ]
-    if meta.get("schedule") != schedule:
-        diff = field_diff(meta.get("schedule"), schedule, "plan.schedule")
+    if saved_schedule != schedule:
+        diff = field_diff(saved_schedule, schedule, "plan.schedule")
         return [
             "the plan differs (" + "; ".join(diff[:6])
             + (f"; and {len(diff) - 6} more" if len(diff) > 6 else "")

@@ -37,6 +37,7 @@ from layerfreeze.engines.common import trained_then_frozen
 from layerfreeze.engines.megatron.dist_checkpoint import load_dist, load_weights_dist, save_dist
 from layerfreeze.engines.megatron.optim_state import ADAM_KEYS, inner_optimizers
 from layerfreeze.registry import POLICIES
+from layerfreeze.checkpoint_meta import META_FORMAT, META_KEY, CheckpointMeta
 from layerfreeze.resume import check_content, engine_problems, field_diff, staged_checksums
 from layerfreeze.utils.logging import get_logger, log_rank0
 
@@ -58,10 +59,10 @@ __all__ = [
 
 logger = get_logger(__name__)
 
-#: Manifest key of the runner's metadata, and its format version.
-META_KEY = "layerfreeze"
-META_FORMAT = 1
 _META_KEY, _META_FORMAT = META_KEY, META_FORMAT
+#: Megatron's own fields of the checkpoint metadata (``CheckpointMeta.engine_state``);
+#: ``storage`` (``safetensors`` / ``dist``) is optional: checkpoints before it are safetensors.
+_ENGINE_STATE = {"layout": dict, "num_layers": int, "global_step": int}
 #: vocabulary-parallel parameters (rows = the padded vocabulary, split over TP)
 _VOCAB_PARAMS = ("word_embeddings.weight", "output_layer.weight")
 #: most padding rows two layouts can differ by (Megatron-LM pads to 128 x TP size)
@@ -293,21 +294,22 @@ def save_checkpoint(
     checksums = staged_checksums(staging)  # each rank hashes a share of the files
     committed = None
     if runner.rank == 0:
-        meta = {
-            "format": _META_FORMAT,
-            "engine": "megatron",
-            "step": step,
-            "phase": runner.phase,
-            "schedule": runner.schedule.to_dict(),
-            "plan": runner.schedule.plans[runner.phase].to_dict(),
-            "layout": layout_meta(runner),
-            "num_layers": runner.applied.layout.num_layers,
-            "trainable_only": trainable_only,
-            "storage": storage,
-            "bad_micro_batches": runner.bad_micro_batches,
-            "skipped_steps": runner.skipped_steps,
-            "global_step": runner.global_step,
-        }
+        meta = CheckpointMeta(
+            engine="megatron",
+            step=step,
+            phase=runner.phase,
+            schedule=runner.schedule.to_dict(),
+            plan=runner.schedule.plans[runner.phase].to_dict(),
+            trainable_only=trainable_only,
+            bad_micro_batches=runner.bad_micro_batches,
+            skipped_steps=runner.skipped_steps,
+            engine_state={
+                "layout": layout_meta(runner),
+                "num_layers": runner.applied.layout.num_layers,
+                "storage": storage,
+                "global_step": runner.global_step,
+            },
+        ).to_dict()
         info = ckpt.commit_checkpoint(
             root,
             staging,
@@ -324,7 +326,7 @@ def save_checkpoint(
 
 def resolve(
     runner: MegatronRunner, ckpt_dir: str | os.PathLike, tag: str | None, verify: bool = True
-) -> tuple[Any, dict[str, Any]]:
+) -> tuple[Any, CheckpointMeta]:
     """``(CheckpointInfo, runner metadata)`` of a layerfreeze Megatron checkpoint for this
     model (sha256-verified unless ``verify`` is False).
 
@@ -347,9 +349,12 @@ def resolve(
             f"{info.path}: not a layerfreeze Megatron checkpoint (metadata format "
             f"{meta.get('format')!r}, expected {_META_FORMAT!r})."
         )
-    if meta["num_layers"] != runner.applied.layout.num_layers:
+    meta = CheckpointMeta.from_dict(meta, source=str(info.path))
+    meta.check_engine_state(_ENGINE_STATE, source=str(info.path))
+    num_layers = meta.engine_state["num_layers"]
+    if num_layers != runner.applied.layout.num_layers:
         raise ckpt.CheckpointError(
-            f"{info.path}: saved for a {meta['num_layers']}-layer model, this model has "
+            f"{info.path}: saved for a {num_layers}-layer model, this model has "
             f"{runner.applied.layout.num_layers} layers."
         )
     return info, meta
@@ -375,7 +380,7 @@ def load_trainable_weights(
 
     info, meta = resolve(runner, ckpt_dir, tag)
     required = adapter_param_names(runner._root) if strict else []
-    if meta.get("storage", "safetensors") == "dist":
+    if _storage(meta) == "dist":
         loaded = load_weights_dist(runner, info.path, required)
     else:
         loaded = read_weights(runner, info.path / "weights", required)
@@ -405,15 +410,15 @@ def load_checkpoint(
     """
     info, meta = resolve(runner, ckpt_dir, tag, verify)
     problems = engine_problems(meta, engine="megatron", schedule=runner.schedule.to_dict())
-    storage = meta.get("storage", "safetensors")
+    storage = _storage(meta)
     if storage == "dist":  # reshards to any layout, with the plain optimizer
         if runner._opt_kwargs["use_distributed_optimizer"]:
             problems.append(
                 "it was saved in checkpoint.format dist, which needs the plain optimizer, and "
                 "this run uses megatron.use_distributed_optimizer: true"
             )
-    elif meta["layout"] != layout_meta(runner):
-        diff = field_diff(meta["layout"], layout_meta(runner), "layout")
+    elif meta.engine_state["layout"] != layout_meta(runner):
+        diff = field_diff(meta.engine_state["layout"], layout_meta(runner), "layout")
         problems.append(
             f"saved with another parallel layout ({'; '.join(diff)}) (to move trained "
             "weights to another layout use load_trainable_weights)"
@@ -422,10 +427,10 @@ def load_checkpoint(
         raise ckpt.CheckpointError(
             f"{info.path}: cannot resume this run from it: " + "; ".join(problems) + "."
         )
-    if int(meta["phase"]) != runner.phase:
-        runner._switch_phase(int(meta["phase"]), carry=False)
+    if meta.phase != runner.phase:
+        runner._switch_phase(meta.phase, carry=False)
     if storage == "dist":
-        load_dist(runner, info.path, _saved_names(runner) if meta["trainable_only"] else None)
+        load_dist(runner, info.path, _saved_names(runner) if meta.trainable_only else None)
     else:
         _load_safetensors_state(runner, info.path, meta)
     return _finish_resume(runner, info, meta)
@@ -444,9 +449,20 @@ def _saved_names(runner: MegatronRunner) -> list[str]:
     )
 
 
-def _load_safetensors_state(runner: MegatronRunner, root: Path, meta: dict[str, Any]) -> None:
+def _storage(meta: CheckpointMeta) -> str:
+    """``safetensors`` or ``dist`` (checkpoints written before the dist format have no field)."""
+    storage = meta.engine_state.get("storage", "safetensors")
+    if storage not in ("safetensors", "dist"):
+        raise ckpt.CheckpointError(
+            f"manifest.json {META_KEY}.storage: must be safetensors or dist, got {storage!r}. "
+            "The checkpoint's metadata is damaged; resume from another checkpoint."
+        )
+    return storage
+
+
+def _load_safetensors_state(runner: MegatronRunner, root: Path, meta: CheckpointMeta) -> None:
     """Weights and per-rank optimizer state of a ``safetensors`` checkpoint (same layout)."""
-    required = [] if meta["trainable_only"] else list(dict(runner._root.named_parameters()))
+    required = [] if meta.trainable_only else list(dict(runner._root.named_parameters()))
     read_weights(runner, root / "weights", required)
     runner.optimizer.reload_model_params()
     keys = global_keys(runner)
@@ -484,7 +500,7 @@ def _own_or_rank0(directory: Path, rank: int) -> int:
     return rank if (directory / f"rank_{rank:05d}.json").exists() else 0
 
 
-def _finish_resume(runner: MegatronRunner, info: Any, meta: dict[str, Any]) -> dict[str, Any]:
+def _finish_resume(runner: MegatronRunner, info: Any, meta: CheckpointMeta) -> dict[str, Any]:
     """lr schedule, counters and client state of either format; returns this rank's client
     state."""
     runner_dir = info.path / "runner"
@@ -493,9 +509,9 @@ def _finish_resume(runner: MegatronRunner, info: Any, meta: dict[str, Any]) -> d
         runner.lr_scheduler.load_state_dict(runner_state["scheduler"])
     runner._tracker.param_groups[0]["lr"] = float(runner_state["base_lr"])
     runner._apply_lr()
-    runner.global_step = int(meta["global_step"])
-    runner.bad_micro_batches = int(meta["bad_micro_batches"])
-    runner.skipped_steps = int(meta["skipped_steps"])
+    runner.global_step = meta.engine_state["global_step"]
+    runner.bad_micro_batches = meta.bad_micro_batches
+    runner.skipped_steps = meta.skipped_steps
     client_dir = info.path / "client"
     state = load_client_state(client_dir, _own_or_rank0(client_dir, runner.rank))
     dist.barrier()
