@@ -17,6 +17,10 @@ Hugging Face export, and a summary of where everything went.
 The recipe talks to the engine only through the ``EngineAdapter`` Protocol
 (:mod:`layerfreeze.engines.base`); each engine module also provides ``check_run_config``,
 ``init_distributed`` and ``runner_from_run_config`` for the recipe.
+
+Length: over the ~700-line guide on purpose: the recipe is meant to be read top to bottom in one
+file, as torchtune's recipes are (setup checks, the loop, checkpoints, signals, evaluation and the
+final export in the order they run); each piece it calls lives in its own module.
 """
 
 from __future__ import annotations

@@ -21,6 +21,9 @@ Measures here (the formulas are in docs/diagnostics.md):
   parameters, so neither ``requires_grad`` nor any ``.grad`` of the model changes.
 * :func:`stability`: ``k`` AdamW steps on a copy (``apply_plan(copy, "full").param_groups``),
   relative weight change and output drift per layer (:func:`output_drift`).
+
+Length: just over the ~700-line guide; the measures share their forward and capture helpers, so
+they stay together (the per-layer isolated stability is in :mod:`.isolated`).
 """
 
 from __future__ import annotations
