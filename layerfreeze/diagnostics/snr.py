@@ -57,7 +57,9 @@ __all__ = [
     "mp_median",
     "scan_checkpoint",
     "scan_model",
+    "snr_summary",
     "spectrum_snr",
+    "write_snr",
 ]
 
 #: The layer matrices of Llama-2-7B: (rows, cols, count) for 32 layers.
@@ -66,6 +68,8 @@ LLAMA_7B_SHAPES: tuple[tuple[int, int, int], ...] = (
     (11008, 4096, 2 * 32),  # gate, up
     (4096, 11008, 32),  # down
 )
+#: below this smaller side the time of an SVD call is mostly fixed cost, not O(m n min(m, n))
+_CALIBRATED_SIDE = 1024
 _LAYER_RE = re.compile(r"(?:^|\.)(?:layers|h|blocks|layer)\.(\d+)\.(.+)\.weight$")
 REFERENCE = (
     "Hartford et al. 2024, Spectrum: Targeted Training on Signal to Noise Ratio "
@@ -199,6 +203,15 @@ def _section(
     )
     measured = [(r["shape"][0], r["shape"][1], r["seconds"]) for r in records]
     est = estimate_seconds(measured, LLAMA_7B_SHAPES)
+    largest = max(
+        (r["shape"] for r in records), key=lambda sh: sh[0] * sh[1] * min(sh), default=[0, 0]
+    )
+    note = (
+        f"measured on matrices no larger than {largest[0]}x{largest[1]}, where the fixed cost "
+        "of a call dominates: likely an over-estimate"
+        if min(largest) < _CALIBRATED_SIDE
+        else "measured on matrices of realistic size"
+    )
     return {
         "method": {
             "snr": "sum(s > edge) / sum(s <= edge), edge = median(s) (1 + sqrt(beta)) / "
@@ -211,17 +224,37 @@ def _section(
         "matrices": records,
         "per_layer": per_layer,
         "per_type": per_type,
-        "top_layers": {"percent": top_percent, "layers": sorted(order[:k])},
+        "top_layers": {
+            "percent": top_percent,
+            "layers": sorted(order[:k]),
+            "plan": _top_plan(sorted(order[:k])),
+        },
         "timing": {
             "seconds": seconds,
             "matrices": len(records),
             "seconds_per_unit": est["seconds_per_unit"],
             "llama7b_estimate_seconds": est["seconds"],
             "llama7b_shapes": [list(s) for s in LLAMA_7B_SHAPES],
+            "largest_measured_shape": list(largest),
+            "note": note,
             "rule": "t = c * sum(count * m * n * min(m, n)), c = sum(t_j) / sum(m_j n_j "
             "min(m_j, n_j)) over the matrices measured here",
         },
     }
+
+
+def _top_plan(layers: list[int]) -> dict[str, Any]:
+    """A plan spec training ``layers`` in full (one rule per contiguous run), the rest frozen:
+    Spectrum's choice at layer granularity (Spectrum also trains embeddings and LM head; add
+    ``embeddings:full`` / ``lm_head:full`` rules for that)."""
+    runs: list[list[int]] = []
+    for i in layers:
+        if runs and i == runs[-1][-1] + 1:
+            runs[-1].append(i)
+        else:
+            runs.append([i])
+    rules = [{"layers": f"{r[0]}-{r[-1]}", "policy": "full"} for r in runs]
+    return {"name": "snr_top_layers", "rules": rules}
 
 
 def _scan(
@@ -287,7 +320,7 @@ def scan_checkpoint(
             "only. Re-save the model with save_pretrained(safe_serialization=True)."
         )
     found = []
-    for name, load, shape in _matrices_of_checkpoint(path, opener):
+    for name, _load, shape in _matrices_of_checkpoint(path, opener):
         m = _LAYER_RE.search(name)
         if m and len(shape) == 2 and int(m.group(1)) < num_layers:
             found.append(name)
@@ -322,3 +355,62 @@ def scan_model(
     ]
     items = ((n, i, k, functools.partial(lambda q: q.detach(), p)) for n, i, k, p in mats)
     return _scan(items, len(mats), layout.num_layers, top_percent, progress)
+
+
+def snr_summary(section: dict[str, Any]) -> str:
+    """Per-layer table (mean SNR, then one column per module type) and the timing lines."""
+    types = list(section["per_type"])
+    header = ["layer", "snr(mean)", *types]
+    body = []
+    for i, v in enumerate(section["per_layer"]):
+        cells = [str(i), f"{v:.4f}"]
+        cells += [
+            "-" if section["per_type"][t][i] is None else f"{section['per_type'][t][i]:.4f}"
+            for t in types
+        ]
+        body.append(cells)
+    widths = [max(len(h), *(len(b[j]) for b in body)) for j, h in enumerate(header)]
+    line = lambda cells: "  ".join(c.rjust(w) for c, w in zip(cells, widths, strict=True))  # noqa: E731
+    t = section["timing"]
+    top = section["top_layers"]
+    return "\n".join(
+        [
+            "weight SNR (Marchenko-Pastur edge, no probe): signal / noise singular-value sums",
+            line(header),
+            "  ".join("-" * w for w in widths),
+            *(line(b) for b in body),
+            f"top {top['percent']:g}% layers by SNR (Spectrum's pick): {top['layers']} "
+            f"(plan: {', '.join(r['layers'] + ':full' for r in top['plan']['rules'])})",
+            f"snr time: {t['seconds']:.2f} s for {t['matrices']} matrices; estimated "
+            f"{t['llama7b_estimate_seconds']:.0f} s for a Llama-7B-shaped model on this device "
+            f"(from the measured time per matrix, O(m n min(m, n)) per SVD; {t['note']})",
+        ]
+    )
+
+
+def write_snr(section: dict[str, Any], directory: str | Path) -> list[str]:
+    """Write ``snr.json`` (the section) and ``snr.png`` (per-layer and per-type SNR)."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    from layerfreeze.utils.io import atomic_write_json
+
+    directory = Path(directory)
+    directory.mkdir(parents=True, exist_ok=True)
+    atomic_write_json(directory / "snr.json", section)
+    fig, ax = plt.subplots(figsize=(6, 3.5))
+    x = list(range(len(section["per_layer"])))
+    ax.plot(x, section["per_layer"], "k-o", lw=2, label="mean")
+    for kind, vals in section["per_type"].items():
+        pts = [(i, v) for i, v in enumerate(vals) if v is not None]
+        ax.plot([p[0] for p in pts], [p[1] for p in pts], lw=1, alpha=0.7, label=kind)
+    ax.set_xlabel("layer")
+    ax.set_ylabel("SNR (signal / noise singular values)")
+    ax.set_title("weight SNR against the Marchenko-Pastur edge", fontsize=9)
+    ax.legend(fontsize=6, ncol=2)
+    fig.tight_layout()
+    fig.savefig(directory / "snr.png", dpi=100)
+    plt.close(fig)
+    return ["snr.json", "snr.png"]

@@ -151,9 +151,7 @@ def test_checkpoint_scan_reads_one_tensor_at_a_time(tmp_path):
     model.save_pretrained(tmp_path)
     opener = _Counting()
     got = scan_checkpoint(tmp_path, 2, opener=opener)
-    layer_mats = [
-        n for n, p in model.named_parameters() if ".layers." in n and p.ndim == 2
-    ]
+    layer_mats = [n for n, p in model.named_parameters() if ".layers." in n and p.ndim == 2]
     assert opener.calls == len(layer_mats) == len(got["matrices"])
     assert opener.held_max == 0  # no earlier matrix alive when the next one is read
     assert sorted(got["per_type"]) == sorted({n.split(".")[-2] for n in layer_mats})
@@ -165,10 +163,130 @@ def test_checkpoint_scan_reads_one_tensor_at_a_time(tmp_path):
         assert got["per_layer"][i] == pytest.approx(sum(vals) / len(vals))
     t = got["timing"]
     units = sum(r["shape"][0] * r["shape"][1] * min(r["shape"]) for r in got["matrices"])
-    assert t["seconds_per_unit"] == pytest.approx(sum(r["seconds"] for r in got["matrices"]) / units)
+    assert t["seconds_per_unit"] == pytest.approx(
+        sum(r["seconds"] for r in got["matrices"]) / units
+    )
     assert t["llama7b_estimate_seconds"] > 0
 
 
 def test_checkpoint_without_safetensors_is_refused(tmp_path):
     with pytest.raises(ValueError, match=r"no \*\.safetensors weight file"):
         scan_checkpoint(tmp_path, 2)
+
+
+# ------------------------------------------------------------------------------ CLI
+
+
+from layerfreeze.cli import main as cli_main  # noqa: E402
+from tests.unit.test_diagnostics_trace_cli import saved  # noqa: E402, F401 - tiny saved model
+
+
+def _relative(values):
+    ref = float(np.median(values))
+    return [min(v / (2 * ref), 1.0) for v in values]
+
+
+def test_cli_snr_alone_needs_no_probe_and_recommends(saved, tmp_path, capsys):  # noqa: F811
+    import json
+
+    out = tmp_path / "out"
+    args = ["trace", "--model", str(saved / "model"), "--measures", "snr", "--out", str(out)]
+    rc = cli_main([*args, "--recommend", "--budget", "0.5"])
+    cap = capsys.readouterr()
+    assert rc == 0, cap.err
+    assert {"trace.json", "snr.json", "snr.png", "plan.yaml", "recommendation.json"} == {
+        p.name for p in out.iterdir()
+    }
+    data = json.loads((out / "trace.json").read_text())
+    snr = data["snr"]["per_layer"]
+    assert len(snr) == 3 and [r["snr"] for r in data["layers"]] == snr
+    assert (out / "snr.png").read_bytes()[:4] == b"\x89PNG"
+    assert data["snr"]["timing"]["llama7b_estimate_seconds"] > 0
+    assert "Llama-7B" in cap.out and "weight SNR" in cap.out and "recommended plan" in cap.out
+    assert "snr" in cap.err  # the progress bar
+    score = data["recommendation"]["score"]
+    assert score["weights_used"] == {"snr": 1.0}
+    assert score["score"] == pytest.approx([1 - x for x in _relative(snr)])
+    # the per-matrix numbers equal an in-memory scan of the same weights
+    from transformers import AutoModelForCausalLM
+
+    model = AutoModelForCausalLM.from_pretrained(saved / "model")
+    assert snr == pytest.approx(scan_model(model)["per_layer"], rel=1e-6)
+
+
+def test_cli_snr_with_probe_measures_adds_the_component(saved, tmp_path, capsys):  # noqa: F811
+    import json
+
+    out = tmp_path / "out"
+    rc = cli_main(
+        [
+            "trace",
+            "--model",
+            str(saved / "model"),
+            "--probe",
+            str(saved / "probe.txt"),
+            "--max-tokens",
+            "64",
+            "--measures",
+            "logit_lens,skip,snr",
+            "--out",
+            str(out),
+            "--recommend",
+            "--budget",
+            "0.5",
+        ]
+    )
+    cap = capsys.readouterr()
+    assert rc == 0, cap.err
+    data = json.loads((out / "trace.json").read_text())
+    assert data["settings"]["measures"] == ["logit_lens", "skip", "snr"]
+    assert len(data["snr"]["per_layer"]) == 3 and "snr" in data["layers"][0]
+    assert data["recommendation"]["score"]["weights"] == {
+        "lens": 0.4,
+        "sensitivity": 0.3,
+        "stability": 0.3,
+        "snr": 0.25,
+    }
+    assert "snr" in data["recommendation"]["score"]["weights_used"]
+    assert {"snr.json", "snr.png", "layers.csv"} <= {p.name for p in out.iterdir()}
+
+
+def test_top_layers_plan_is_a_valid_plan_of_exactly_those_layers():
+    from layerfreeze.apply import apply_plan
+    from layerfreeze.plan import LayerPlan
+
+    model = build_tiny_model("llama", num_layers=4, hidden=32)
+    with torch.no_grad():  # plant a strong low-rank signal in layers 0 and 2
+        for i in (0, 2):
+            w = model.model.layers[i].mlp.up_proj.weight
+            w += _planted(*w.shape, 20.0, seed=i) * w.std()
+    got = scan_model(model, top_percent=50)
+    assert got["top_layers"]["layers"] == [0, 2]
+    plan = LayerPlan.parse(got["top_layers"]["plan"])
+    apply_plan(model, plan)
+    trained = {
+        int(n.split(".")[2])
+        for n, p in model.named_parameters()
+        if p.requires_grad and ".layers." in n
+    }
+    assert trained == {0, 2}
+    assert not any(p.requires_grad for n, p in model.named_parameters() if ".layers." not in n)
+
+
+def test_layer_scores_snr_component_and_default_weights():
+    from layerfreeze.diagnostics.recommend import DEFAULT_WEIGHTS, layer_scores, parse_weights
+
+    snr = [0.1, 0.4, 0.2, 0.0]
+    rows = [{"skip": s} for s in (1.0, 2.0, 3.0, 4.0)]
+    trace = {"layers": rows, "snr": {"per_layer": snr}}
+    got = layer_scores(trace, 4)
+    x_snr = [1 - min(v / (2 * 0.15), 1.0) for v in snr]  # median 0.15
+    x_sens = [min(v / (2 * 2.5), 1.0) for v in (1.0, 2.0, 3.0, 4.0)]
+    assert got["weights"] == {**DEFAULT_WEIGHTS, "snr": 0.25}
+    assert got["weights_used"] == pytest.approx({"sensitivity": 0.3 / 0.55, "snr": 0.25 / 0.55})
+    want = [(0.3 * a + 0.25 * b) / 0.55 for a, b in zip(x_sens, x_snr, strict=True)]
+    assert got["score"] == pytest.approx(want)
+    # a trace without snr keeps the old defaults; named weights are as given
+    assert layer_scores({"layers": rows}, 4)["weights"] == DEFAULT_WEIGHTS
+    assert parse_weights("snr=1") == {**dict.fromkeys(DEFAULT_WEIGHTS, 0.0), "snr": 1.0}
+    assert layer_scores(trace, 4, "snr=1")["score"] == pytest.approx(x_snr)
