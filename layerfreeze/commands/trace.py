@@ -6,12 +6,15 @@ Examples::
     layerfreeze trace --model M --probe ceval --data-dir data --subjects law,physician --out t/
     layerfreeze trace --model M --probe en.txt zh.txt --measures angular,logit_lens --out t/ \\
         --recommend --budget 0.25 --family freeze --score-weights lens=0.5,sensitivity=0.5
+    layerfreeze trace --model M --measures snr --out t/ --recommend --budget 0.25  # no probe
     torchrun --nproc_per_node 8 -m layerfreeze trace --model 70B/ --probe ceval --data-dir data \\
         --zero3 --out t/          # each rank holds 1/8 of the weights (DeepSpeed ZeRO-3)
 
 Writes ``trace.json``, CSV files and PNG plots into ``--out`` (built in a staging directory
 and renamed into place, so a failed run leaves nothing), prints the per-layer summary table on
-stdout and a progress bar on stderr. Exit code 2 on bad input (one clear line, nothing written).
+stdout and a progress bar on stderr. ``--measures snr`` (weight-only signal-to-noise,
+:mod:`layerfreeze.diagnostics.snr`) reads the safetensors files one matrix at a time, needs no
+probe and writes ``snr.json`` / ``snr.png``; alone it loads neither the model nor a tokenizer. Exit code 2 on bad input (one clear line, nothing written).
 """
 
 from __future__ import annotations
@@ -29,6 +32,8 @@ logger = get_logger("layerfreeze.trace")
 _BENCHMARKS = ("ceval", "cmmlu")
 #: measures that need whole weights and their gradients on one rank (refused with --zero3)
 _WHOLE_WEIGHTS = ("gradient", "stability", "layer_stability")
+#: measures computed from the checkpoint's weights alone (no probe, no model load)
+_WEIGHT_ONLY = ("snr",)
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -39,10 +44,10 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--tokenizer", help="tokenizer directory (default: --model)")
     parser.add_argument(
         "--probe",
-        required=True,
         nargs="+",
         metavar="FILE|ceval|cmmlu",
-        help="text files (.txt, or .jsonl with a 'text' field), or ceval / cmmlu",
+        help="text files (.txt, or .jsonl with a 'text' field), or ceval / cmmlu (required "
+        "unless --measures is snr alone)",
     )
     parser.add_argument("--data-dir", help="C-Eval/CMMLU released data folder (or its parent)")
     parser.add_argument("--subjects", help="comma-separated subject keys (default: all)")
@@ -64,8 +69,15 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--batch-size", type=int, default=8, help="sequences per forward")
     parser.add_argument(
         "--measures",
-        help=f"comma-separated subset of: {', '.join(MEASURES)} (default: all; with --zero3 all "
-        "but gradient, stability and layer_stability)",
+        help=f"comma-separated subset of: {', '.join(MEASURES + _WEIGHT_ONLY)} (default: all "
+        "but snr; with --zero3 all but gradient, stability and layer_stability). snr: "
+        "weight-only signal-to-noise per matrix, no probe needed",
+    )
+    parser.add_argument(
+        "--snr-top-percent",
+        type=float,
+        default=50.0,
+        help="snr: share of layers listed as the top layers by SNR (Spectrum's pick; default 50)",
     )
     parser.add_argument(
         "--noise-scales",
@@ -154,6 +166,45 @@ def _check(args: argparse.Namespace):
         measures = tuple(m for m in MEASURES if not (args.zero3 and m in _WHOLE_WEIGHTS))
     else:
         measures = tuple(m.strip() for m in args.measures.split(",") if m.strip())
+    for name in measures:
+        if name not in MEASURES + _WEIGHT_ONLY:
+            from layerfreeze.utils.schema import suggest
+
+            hint = suggest(name, MEASURES + _WEIGHT_ONLY)
+            hint = hint if "Did you mean" in hint else ""
+            raise ValueError(
+                f"--measures: unknown measure {name!r}.{hint} Valid: "
+                f"{', '.join(MEASURES + _WEIGHT_ONLY)}."
+            )
+    args.snr = "snr" in measures
+    if args.snr:
+        measures = tuple(m for m in measures if m != "snr")
+        if not 0 < args.snr_top_percent <= 100:
+            raise ValueError(
+                f"--snr-top-percent: must be in (0, 100], got {args.snr_top_percent:g}."
+            )
+        if not list(model.glob("*.safetensors")):
+            raise ValueError(
+                f"--model {args.model}: no *.safetensors weight file; --measures snr reads "
+                "safetensors only. Re-save with save_pretrained(safe_serialization=True)."
+            )
+        if not measures:  # weight-only: no probe, no model load
+            if args.probe:
+                raise ValueError(
+                    "--probe: not used by --measures snr alone (a weight-only measure); drop "
+                    "--probe or add a probe measure."
+                )
+            if args.zero3:
+                raise ValueError("--zero3: not used by --measures snr alone; drop --zero3.")
+    elif not measures:
+        from layerfreeze.diagnostics.trace import check_measures
+
+        check_measures(measures)  # the "empty list" message
+    if measures and not args.probe:
+        raise ValueError(
+            f"--probe: required by the measures {', '.join(measures)}; give text files or "
+            "ceval / cmmlu, or use --measures snr alone (no probe)."
+        )
     if args.zero3:
         bad = [m for m in measures if m in _WHOLE_WEIGHTS]
         if bad:
@@ -164,6 +215,8 @@ def _check(args: argparse.Namespace):
             )
         if args.device is not None:
             raise ValueError("--device: not used with --zero3 (each rank uses its local device).")
+    if not measures:
+        return _check_snr_only(args), False
     settings = TraceSettings(
         measures=measures,
         noise_scales=scales,
@@ -179,7 +232,8 @@ def _check(args: argparse.Namespace):
     if args.recommend:
         from layerfreeze.diagnostics.recommend import parse_weights
 
-        args.score_weights = parse_weights(args.score_weights)
+        if args.score_weights is not None:  # None: the defaults of the trace's components
+            args.score_weights = parse_weights(args.score_weights)
         if args.budget is None:
             raise ValueError("--budget: required with --recommend (a fraction such as 0.25).")
         if not 0 < args.budget <= 1:
@@ -210,6 +264,75 @@ def _check(args: argparse.Namespace):
 
     check_weight_files(args.model, "--model")
     return settings, is_bench
+
+
+def _check_snr_only(args: argparse.Namespace) -> None:
+    """The checks of ``--measures snr`` alone (no probe, no model load)."""
+    if args.score_weights is not None and not args.recommend:
+        raise ValueError("--score-weights: only used with --recommend; add --recommend.")
+    if args.recommend:
+        from layerfreeze.diagnostics.recommend import parse_weights
+
+        if args.score_weights is not None:
+            args.score_weights = parse_weights(args.score_weights)
+        if args.budget is None:
+            raise ValueError("--budget: required with --recommend (a fraction such as 0.25).")
+        if not 0 < args.budget <= 1:
+            raise ValueError(f"--budget: must be a fraction in (0, 1], got {args.budget}.")
+    elif args.budget is not None:
+        raise ValueError("--budget: only used with --recommend; add --recommend.")
+    from layerfreeze.modeling import check_weight_files
+
+    check_weight_files(args.model, "--model")
+    return None
+
+
+def _run_snr_only(args: argparse.Namespace) -> int:
+    """``--measures snr`` alone: scan the checkpoint, recommend from it, write atomically."""
+    from layerfreeze.diagnostics.recommend import recommend, write_recommendation
+    from layerfreeze.diagnostics.snr import scan_checkpoint, snr_summary, write_snr
+    from layerfreeze.export import export_base_config
+    from layerfreeze.utils.io import atomic_directory, atomic_write_json
+
+    try:
+        config = export_base_config(args.model)
+        n = config.get_text_config().num_hidden_layers
+        if args.recommend:  # a budget too small for the family fails before the scan
+            recommend({"layers": [{}] * n}, config, args.budget, args.family, args.score_weights)
+        section = scan_checkpoint(args.model, n, top_percent=args.snr_top_percent, progress=True)
+    except (OSError, ValueError, ConfigError) as e:
+        logger.error("%s", " ".join(str(e).split()))
+        return 2
+    result = {
+        "model": {"path": str(Path(args.model).resolve()), "num_layers": n},
+        "settings": {"measures": ["snr"]},
+        "layers": [{"layer": i, "snr": v} for i, v in enumerate(section["per_layer"])],
+        "snr": section,
+    }
+    rec = None
+    if args.recommend:
+        try:
+            rec = recommend(result, config, args.budget, args.family, args.score_weights)
+        except (ValueError, ConfigError) as e:
+            logger.error("%s", e)
+            return 2
+        result["recommendation"] = rec.to_dict()
+    with atomic_directory(args.out, overwrite=True) as staging:
+        atomic_write_json(Path(staging) / "trace.json", result)
+        files = ["trace.json", *write_snr(section, staging)]
+        if rec is not None:
+            files += write_recommendation(rec, staging)
+    _print_tail(snr_summary(section), rec, files, args.out)
+    return 0
+
+
+def _print_tail(table: str, rec, files: list[str], out_dir: str) -> None:
+    out = sys.stdout
+    out.write(table + "\n")
+    if rec is not None:
+        out.write(f"\nrecommended plan ({rec.family}, budget {rec.budget:g}): {rec.plan}\n")
+        out.write("".join(f"  - {line}\n" for line in rec.rationale))
+    out.write(f"\nwrote {', '.join(files)} to {out_dir}\n")
 
 
 def _check_device(name: str) -> None:
@@ -268,6 +391,8 @@ def run(args: argparse.Namespace) -> int:
     except (ValueError, ConfigError) as e:
         logger.error("%s", e)
         return 2
+    if settings is None:
+        return _run_snr_only(args)
 
     import torch
 
@@ -314,6 +439,16 @@ def run(args: argparse.Namespace) -> int:
     )
     result = run_trace(model, probe, settings, progress=writer, gather=gather)
     result["model"]["path"] = str(Path(args.model).resolve())
+    if args.snr:  # from the checkpoint files, one matrix at a time (any --zero3 rank alike)
+        from layerfreeze.diagnostics.snr import scan_checkpoint
+
+        n = len(result["layers"])
+        result["snr"] = scan_checkpoint(
+            args.model, n, top_percent=args.snr_top_percent, progress=writer
+        )
+        result["settings"]["measures"] = [*result["settings"]["measures"], "snr"]
+        for row, v in zip(result["layers"], result["snr"]["per_layer"], strict=True):
+            row["snr"] = v
     if args.zero3:
         from layerfreeze.utils.dist import get_world_size
 
@@ -331,14 +466,15 @@ def run(args: argparse.Namespace) -> int:
         return 0
     with atomic_directory(args.out, overwrite=True) as staging:
         files = write_trace(result, staging)
+        table = summary_table(result)
+        if args.snr:
+            from layerfreeze.diagnostics.snr import snr_summary, write_snr
+
+            files += write_snr(result["snr"], staging)
+            table += "\n" + snr_summary(result["snr"])
         if rec is not None:
             files += write_recommendation(rec, staging)
-    out = sys.stdout
-    out.write(summary_table(result) + "\n")
-    if rec is not None:
-        out.write(f"\nrecommended plan ({rec.family}, budget {rec.budget:g}): {rec.plan}\n")
-        out.write("".join(f"  - {line}\n" for line in rec.rationale))
-    out.write(f"\nwrote {', '.join(files)} to {args.out}\n")
+    _print_tail(table, rec, files, args.out)
     return 0
 
 

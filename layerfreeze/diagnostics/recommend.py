@@ -18,6 +18,10 @@ The rule (docs/diagnostics.md, "Recommendation"), deterministic for fixed inputs
    * ``sensitivity``: the mean of skip and largest-scale noise sensitivity, each made relative;
    * ``stability`` (fragility): the per-layer stability in isolation (``layer_stability``, the
      relative change of the layer's own output), made relative;
+   * ``snr`` (data-free, only when the trace has the ``snr`` measure): ``1 - relative(SNR)``
+     of the layer's weight matrices (:mod:`layerfreeze.diagnostics.snr`); Spectrum trains
+     high-SNR layers, so high SNR lowers the keep score. Default weight
+     :data:`SNR_DEFAULT_WEIGHT` (0.25) beside the three above; alone it is the whole score;
 
    relative: clipped at 0, divided by twice the median over the layers and clipped at 1, so a
    typical layer has 1/2 and one at least twice the typical value has 1.
@@ -52,7 +56,10 @@ from torch import nn
 from layerfreeze.plan import LayerPlan
 
 __all__ = [
+    "COMPONENTS",
     "DEFAULT_WEIGHTS",
+    "SNR_DEFAULT_WEIGHT",
+    "default_weights",
     "FAMILIES",
     "Recommendation",
     "layer_scores",
@@ -70,6 +77,12 @@ FAMILIES = ("freeze", "hlpt")
 #: deep layer that is neither sensitive nor fragile (``sens + stab < 1/3``: a near-identity) is
 #: trained, a shallow layer that is both (``sens + stab > 5/3``) is kept.
 DEFAULT_WEIGHTS: dict[str, float] = {"lens": 0.4, "sensitivity": 0.3, "stability": 0.3}
+#: Weight of the data-free ``snr`` component (weight-only SNR, :mod:`.snr`) when the trace has
+#: it and no weights are given: one quarter of the probe-based total (1), so the probe evidence
+#: (what the model does on the task's text) leads and the weight spectrum breaks near-ties.
+#: Alone (a trace with only ``snr``) it is the whole score after renormalisation.
+SNR_DEFAULT_WEIGHT = 0.25
+COMPONENTS = (*DEFAULT_WEIGHTS, "snr")
 _RANKS = (64, 32, 16, 8, 4, 2, 1)
 _TOKENS = (16, 8, 4, 2, 1)
 
@@ -149,7 +162,8 @@ def _mean(values: list[float]) -> float:
 def parse_weights(text: str | dict[str, float] | None) -> dict[str, float]:
     """Score weights from ``"lens=0.4,sensitivity=0.3,stability=0.3"`` (or a dict).
 
-    Components not named get weight 0; None gives :data:`DEFAULT_WEIGHTS`.
+    Components not named get weight 0 (``snr`` appears only when named); None gives
+    :data:`DEFAULT_WEIGHTS`.
 
     Raises:
         ValueError: an unknown component, a value that is not a finite number >= 0, or
@@ -157,7 +171,7 @@ def parse_weights(text: str | dict[str, float] | None) -> dict[str, float]:
     """
     if text is None:
         return dict(DEFAULT_WEIGHTS)
-    valid = ", ".join(DEFAULT_WEIGHTS)
+    valid = ", ".join(COMPONENTS)
     if isinstance(text, dict):
         items = list(text.items())
     else:
@@ -173,7 +187,7 @@ def parse_weights(text: str | dict[str, float] | None) -> dict[str, float]:
             items.append((key.strip(), value.strip()))
     out = dict.fromkeys(DEFAULT_WEIGHTS, 0.0)
     for key, value in items:
-        if key not in DEFAULT_WEIGHTS:
+        if key not in COMPONENTS:
             raise ValueError(f"--score-weights: unknown component {key!r}. Valid: {valid}.")
         try:
             w = float(value)
@@ -185,6 +199,15 @@ def parse_weights(text: str | dict[str, float] | None) -> dict[str, float]:
     if sum(out.values()) <= 0:
         raise ValueError(f"--score-weights: every weight is 0, got {text!r}. Give one > 0.")
     return out
+
+
+def default_weights(trace: dict[str, Any]) -> dict[str, float]:
+    """:data:`DEFAULT_WEIGHTS`, plus ``snr`` at :data:`SNR_DEFAULT_WEIGHT` when the trace has
+    the weight-only SNR."""
+    weights = dict(DEFAULT_WEIGHTS)
+    if trace.get("snr"):
+        weights["snr"] = SNR_DEFAULT_WEIGHT
+    return weights
 
 
 def _relative(values: list[float]) -> list[float]:
@@ -230,7 +253,7 @@ def layer_scores(
     Args:
         trace: a :func:`~layerfreeze.diagnostics.trace.run_trace` result (or its JSON).
         n: the model's layer count.
-        weights: component weights (default :data:`DEFAULT_WEIGHTS`).
+        weights: component weights (default :func:`default_weights` of the trace).
 
     Returns:
         ``weights`` (as given), ``weights_used`` (the components the trace has, renormalised to
@@ -238,9 +261,9 @@ def layer_scores(
         when no component is present), ``lens_source`` (where the lens step came from),
         ``unused`` (weighted components the trace lacks, each with the reason).
     """
-    weights = parse_weights(weights)
+    weights = default_weights(trace) if weights is None else parse_weights(weights)
     rows = trace.get("layers", [])
-    comps: dict[str, list[float] | None] = dict.fromkeys(DEFAULT_WEIGHTS)
+    comps: dict[str, list[float] | None] = dict.fromkeys(COMPONENTS)
     task, lens_source = _task_layer(trace)
     if task is not None:
         comps["lens"] = [1.0 if i >= task else 0.0 for i in range(n)]
@@ -256,6 +279,9 @@ def layer_scores(
     iso = trace.get("layer_stability", {})
     if iso.get("output_change"):
         comps["stability"] = _relative(iso["output_change"])
+    snr = trace.get("snr", {}).get("per_layer")
+    if snr:  # Spectrum trains high-SNR layers: high SNR = low keep score
+        comps["snr"] = [1.0 - x for x in _relative(snr)]
     present = {c: w for c, w in weights.items() if w > 0 and comps[c] is not None}
     need = {
         "lens": (
@@ -265,6 +291,7 @@ def layer_scores(
         ),
         "sensitivity": "the trace has no skip or noise",
         "stability": "the trace has no layer_stability",
+        "snr": "the trace has no snr",
     }
     unused = {c: need[c] for c, w in weights.items() if w > 0 and comps[c] is None}
     total = sum(present.values())
@@ -319,6 +346,7 @@ def _span(rows: list[dict[str, Any]], lo: int, hi: int) -> str:
         ("skip", "skip sensitivity"),
         ("grad_norm", "grad norm"),
         ("layer_stability", "output change alone"),
+        ("snr", "weight SNR"),
         ("weight_change", "whole-model weight change"),
         ("drift", "whole-model drift"),
     ):
@@ -346,7 +374,7 @@ def recommend(
         model_or_config: the traced model or its ``transformers`` config (counted on ``meta``).
         budget: trainable-parameter fraction, ``0 < budget <= 1``.
         family: ``freeze`` or ``hlpt``.
-        weights: score weights (:func:`parse_weights`; default :data:`DEFAULT_WEIGHTS`).
+        weights: score weights (:func:`parse_weights`; default :func:`default_weights`).
 
     Returns:
         The :class:`Recommendation`.
@@ -359,7 +387,7 @@ def recommend(
         raise ValueError(f"--family: expected one of {', '.join(FAMILIES)}, got {family!r}.")
     if not (isinstance(budget, (int, float)) and 0 < budget <= 1):
         raise ValueError(f"--budget: must be a fraction in (0, 1], got {budget!r}.")
-    weights = parse_weights(weights)
+    weights = default_weights(trace) if weights is None else parse_weights(weights)
     meta = _meta_model(model_or_config)
     from layerfreeze.models import discover_layout
 

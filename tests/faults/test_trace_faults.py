@@ -94,3 +94,51 @@ def test_layer_stability_leaves_no_hook_after_an_error_and_refuses_bad_modes():
     finally:
         handle.remove()
     assert all(not m._forward_pre_hooks for m in model.modules())
+
+
+@pytest.mark.parametrize(
+    ("extra", "expect"),
+    [
+        (["--measures", "snr,skip"], "--probe: required by the measures skip"),
+        (["--measures", "snr", "--probe", "x.txt"], "--probe: not used by --measures snr alone"),
+        (["--measures", "snrr"], "--measures: unknown measure 'snrr'. Did you mean 'snr'"),
+        (["--measures", "snr", "--snr-top-percent", "0"], "--snr-top-percent: must be in (0, 100]"),
+        (
+            ["--measures", "snr", "--recommend", "--budget", "0.5", "--score-weights", "snr=-1"],
+            "--score-weights: snr must be a finite number >= 0",
+        ),
+        (["--measures", "snr", "--budget", "0.5"], "--budget: only used with --recommend"),
+        ([], "--probe: required by the measures angular"),
+    ],
+    ids=[
+        "snr_and_skip_no_probe",
+        "snr_with_probe",
+        "typo",
+        "top_percent",
+        "weights",
+        "budget",
+        "default_no_probe",
+    ],
+)
+def test_bad_snr_options_exit_2(saved, tmp_path, capsys, extra, expect):  # noqa: F811
+    out = tmp_path / "out"
+    args = ["trace", "--model", str(saved / "model"), "--out", str(out), *extra]
+    assert cli_main(args) == 2
+    errors = [line for line in capsys.readouterr().err.splitlines() if " ERROR " in line]
+    assert len(errors) == 1 and expect in errors[0], errors
+    assert not out.exists()
+
+
+def test_snr_without_a_weights_file_exits_2(saved, tmp_path, capsys):  # noqa: F811
+    """A checkpoint with no safetensors file (config only, or pytorch_model.bin): one line."""
+    import shutil
+
+    model = tmp_path / "model"
+    model.mkdir()
+    shutil.copy(saved / "model" / "config.json", model / "config.json")
+    out = tmp_path / "out"
+    args = ["trace", "--model", str(model), "--measures", "snr", "--out", str(out)]
+    assert cli_main(args) == 2
+    errors = [line for line in capsys.readouterr().err.splitlines() if " ERROR " in line]
+    assert len(errors) == 1 and "no *.safetensors weight file" in errors[0], errors
+    assert not out.exists()
