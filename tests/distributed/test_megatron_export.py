@@ -254,7 +254,7 @@ def _tp2_body(rank, world_size, hf_dir, root):
     with megatron_cpu_shim():
         init_model_parallel(tp=2, pp=1)
         try:
-            for spec in (HLPT, GATED_ALL, LORA_ALL):
+            for spec in (HLPT, HLPT_PAPER, GATED_ALL, LORA_ALL):
                 name = f"{spec[0]}_{'gated' if spec is GATED_ALL else 'plain'}"
                 out[name] = _export_body(2, spec, hf_dir, f"{root}/{name}")
         finally:
@@ -269,7 +269,8 @@ def test_tp2_export_with_sidecar_gives_megatron_logits(tmp_path):
         _tp2_body, world_size=2, args=(str(tmp_path / "hf"), str(tmp_path))
     )
     for name, spec in (
-        ("hlpt_plain", HLPT),
+        ("hlpt_branch_plain", HLPT),
+        ("hlpt_plain", HLPT_PAPER),
         ("lora_all_gated", GATED_ALL),
         ("lora_all_plain", LORA_ALL),
     ):
