@@ -90,10 +90,10 @@ def _megatron(hf_dir: str, tp: int, plan: str, weights: dict | None):
     return model
 
 
-def _losses(model, ids, backward: bool = False):
+def _losses(model, ids, backward: bool = False, mask: torch.Tensor | None = None):
     from tests.helpers.megatron import position_ids
 
-    loss = model(ids, position_ids(ids), None, labels=ids.roll(-1, 1))[:, :-1]
+    loss = model(ids, position_ids(ids), mask, labels=ids.roll(-1, 1))[:, :-1]
     if backward:
         loss.sum().backward()
     return loss.detach().clone()
@@ -118,6 +118,10 @@ def _body(rank, world_size, hf_dir, tmp, plans, weights):
                     }, "params": sorted(
                         n for n, p in model.named_parameters() if ".prefix_adapter." in n
                     )}
+                    # megatron's explicit boolean mask (True = masked), as Megatron-LM passes it
+                    s = ids.shape[1]
+                    causal = torch.triu(torch.ones(1, 1, s, s, dtype=torch.bool), diagonal=1)
+                    res[tp]["masked"] = _losses(model, ids, mask=causal)
                     if tp == 2:
                         ckpt = os.path.join(tmp, name)
                         os.makedirs(ckpt, exist_ok=True)
@@ -160,6 +164,7 @@ def test_paper_form_gives_hf_losses_and_gradients(results, kind, tp):
         got = r[kind][tp]
         assert not any("prefix_gating_factor" in n for n in got["params"]), got["params"]
         torch.testing.assert_close(got["losses"], ref_losses, rtol=0, atol=ATOL)
+        torch.testing.assert_close(got["masked"], ref_losses, rtol=0, atol=ATOL)
         assert len(got["grads"]) == len(ref_grads)
         for i in range(1, 4):
             for n, g in ref_grads.items():
