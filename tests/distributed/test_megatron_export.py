@@ -41,7 +41,8 @@ _ADAPTER_PREFIXES = ("lora_", "prefix_")
 
 #: (preset, options): gated LoRA on the FFN (layers 0-2) + gated prefix (layer 3); gated LoRA
 #: on every linear (the fused QKV too); plain LoRA on every linear (merged, empty sidecar).
-HLPT = ("hlpt_branch", {"r": 4, "tokens": 3})  # megatron: the branch form
+HLPT = ("hlpt_branch", {"r": 4, "tokens": 3})  # the branch form
+HLPT_PAPER = ("hlpt", {"r": 4, "tokens": 3})  # the paper form (no per-head factor)
 GATED_ALL = ("lora_all", {"r": 4, "lora": {"gated": True}})
 LORA_ALL = ("lora_all", {"r": 4})
 
@@ -192,7 +193,9 @@ def tp1():
             destroy_model_parallel()
 
 
-@pytest.mark.parametrize("spec", [HLPT, LORA_ALL], ids=["hlpt", "lora_all"])
+@pytest.mark.parametrize(
+    "spec", [HLPT, HLPT_PAPER, LORA_ALL], ids=["hlpt_branch", "hlpt_paper", "lora_all"]
+)
 def test_tp1_export_with_sidecar_gives_megatron_logits(tp1, tmp_path, spec):
     _hf().save_pretrained(str(tmp_path / "hf"), safe_serialization=True)
     r = _export_body(1, spec, str(tmp_path / "hf"), str(tmp_path / "exported"))
@@ -251,7 +254,7 @@ def _tp2_body(rank, world_size, hf_dir, root):
     with megatron_cpu_shim():
         init_model_parallel(tp=2, pp=1)
         try:
-            for spec in (HLPT, GATED_ALL, LORA_ALL):
+            for spec in (HLPT, HLPT_PAPER, GATED_ALL, LORA_ALL):
                 name = f"{spec[0]}_{'gated' if spec is GATED_ALL else 'plain'}"
                 out[name] = _export_body(2, spec, hf_dir, f"{root}/{name}")
         finally:
@@ -266,7 +269,8 @@ def test_tp2_export_with_sidecar_gives_megatron_logits(tmp_path):
         _tp2_body, world_size=2, args=(str(tmp_path / "hf"), str(tmp_path))
     )
     for name, spec in (
-        ("hlpt_plain", HLPT),
+        ("hlpt_branch_plain", HLPT),
+        ("hlpt_plain", HLPT_PAPER),
         ("lora_all_gated", GATED_ALL),
         ("lora_all_plain", LORA_ALL),
     ):

@@ -109,7 +109,10 @@ def test_one_layer_holds_one_gate_placement_across_plans():
     apply_plan(model, "hlpt(r=2,tokens=2)")  # the same options again are fine
 
 
-def test_megatron_refuses_the_paper_form_and_names_the_branch_variant(megatron_cpu):  # noqa: F811
+def test_megatron_takes_the_paper_form_and_refuses_what_it_cannot_run(megatron_cpu):  # noqa: F811
+    """hlpt / h2lpt (form=paper) now install on megatron (equivalence with the HF form:
+    tests/distributed/test_megatron_prefix_paper.py); what the megatron paper form cannot run
+    (attention dropout, another gate_at or form on an installed adapter) is refused per layer."""
     from layerfreeze.engines.megatron import megatron_layout
     from tests.helpers.megatron import build_tiny_gpt, destroy_model_parallel, init_model_parallel
 
@@ -117,14 +120,31 @@ def test_megatron_refuses_the_paper_form_and_names_the_branch_variant(megatron_c
     try:
         model = build_tiny_gpt(num_layers=4)
         layout = megatron_layout(model)
-        problems = _problems(lambda: apply_plan(model, "hlpt(r=2,tokens=2)", layout=layout))
-        assert problems and all(
-            "form=paper" in p and "hlpt_branch" in p and "layer 3 (decoder.layers.3." in p
-            for p in problems
+        apply_plan(model, "hlpt(r=2,tokens=2)", layout=layout)
+        adapter = model.decoder.layers[3].self_attention.prefix_adapter
+        assert (adapter.form, adapter.gate_at, adapter.gated) == ("paper", "logit", True)
+        assert "prefix_gating_factor" not in dict(adapter.named_parameters())
+        problems = _problems(
+            lambda: apply_plan(model, "hlpt(r=2,tokens=2,gate_at=value)", layout=layout)
+        )
+        assert any(
+            "layer 3 (decoder.layers.3." in p
+            and "already carries a prefix adapter with gate_at=logit" in p for p in problems
         ), problems
-        assert _no_adapters(model)
-        apply_plan(model, "hlpt_branch(r=2,tokens=2)", layout=layout)
-        assert not _no_adapters(model)
+        problems = _problems(lambda: apply_plan(model, "hlpt_branch(r=2,tokens=2)", layout=layout))
+        assert any("form=paper" in p and "form=branch" in p for p in problems), problems
+        apply_plan(model, "hlpt(r=2,tokens=2)", layout=layout)  # the same options again are fine
+
+        dropout = build_tiny_gpt(num_layers=4, attention_dropout=0.1)
+        dlayout = megatron_layout(dropout)
+        problems = _problems(lambda: apply_plan(dropout, "hlpt(r=2,tokens=2)", layout=dlayout))
+        assert problems and all(
+            "layer 3 (decoder.layers.3." in p and "attention dropout (0.1)" in p
+            and "attention_dropout=0" in p and "form=branch" in p for p in problems
+        ), problems
+        assert _no_adapters(dropout)
+        apply_plan(dropout, "hlpt_branch(r=2,tokens=2)", layout=dlayout)
+        assert not _no_adapters(dropout)
     finally:
         destroy_model_parallel()
 

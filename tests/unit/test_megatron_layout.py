@@ -255,8 +255,9 @@ def test_prefix_options_on_megatron(mp):
     from layerfreeze.engines.megatron import megatron_layout
 
     model = build_tiny_gpt(num_layers=2)
-    with pytest.raises(ConfigError, match="form=branch"):
-        apply_plan(model, "0:prefix(tokens=2,form=paper)", layout=megatron_layout(model))
+    # form=paper installs on megatron (HF equivalence: test_megatron_prefix_paper.py)
+    apply_plan(model, "1:prefix(tokens=2,form=paper)", layout=megatron_layout(model))
+    assert model.decoder.layers[1].self_attention.prefix_adapter.form == "paper"
     apply_plan(model, "0:prefix(tokens=2,gated,gate_bias=-3)", layout=megatron_layout(model))
     gate = model.decoder.layers[0].self_attention.prefix_adapter.prefix_gate
     assert gate.bias.item() == -3.0 and not gate.weight.any()

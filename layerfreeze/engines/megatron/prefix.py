@@ -1,4 +1,4 @@
-"""The ``prefix`` policy's branch on megatron-core ``SelfAttention``, per tensor-parallel rank.
+"""The ``prefix`` policy on megatron-core ``SelfAttention``, per tensor-parallel rank: the branch form.
 
 Same maths as on Hugging Face models (``layerfreeze/policies/prefix/branch.py``)::
 
@@ -23,10 +23,16 @@ rank) and sliced, so a TP=T model starts with the TP=1 prefix's shards.
 Refused with a clear error: TP sizes that do not divide the heads / query groups,
 ``reparam`` with TP > 1, sequence parallelism, context parallelism, selective recomputation of
 ``core_attn`` (its reentrant checkpoint gives the prefix no gradient when the inputs need none),
-``form`` other than ``branch``, a ``SelfAttention`` without a ``core_attention`` child.
+a ``SelfAttention`` without a ``core_attention`` child.
+
+``form=paper`` (HLPT's prefix inside the layer's own softmax) shares this installer, the adapter
+(without the factor) and the gate hooks; its attention and its own refusals are in
+:mod:`layerfreeze.engines.megatron.prefix_paper`.
 """
 
 from __future__ import annotations
+
+from dataclasses import dataclass
 
 import torch
 from torch import nn
@@ -40,6 +46,7 @@ from layerfreeze.policies.prefix import (
     PrefixInstaller,
     register_prefix_installer,
 )
+from layerfreeze.policies.prefix.paper import configure_adapter
 
 __all__ = ["MegatronPrefix", "register", "split_heads"]
 
@@ -208,13 +215,37 @@ def _attn_post_hook(module: nn.Module, args: tuple, output) -> None:
         )
 
 
+def _paper_adapter(module: nn.Module):
+    attn = module.__dict__.get(_REF)
+    adapter = attn._modules.get(_ADAPTER_ATTR) if attn is not None else None
+    return adapter if getattr(adapter, "form", "branch") == "paper" else None
+
+
+def _core_attention_pre_hook(module: nn.Module, args: tuple, kwargs: dict):
+    if _paper_adapter(module) is None:
+        return None
+    from layerfreeze.engines.megatron.prefix_paper import stash_inputs
+
+    return stash_inputs(module, args, kwargs)
+
+
 def _core_attention_hook(module: nn.Module, args: tuple, kwargs: dict, output):
     attn = module.__dict__.get(_REF)
     adapter = attn._modules.get(_ADAPTER_ATTR) if attn is not None else None
     if adapter is None:
         return output
-    query = args[0] if args else kwargs["query"]
     adapter.pending = False
+    if getattr(adapter, "form", "branch") == "paper":
+        from megatron.core.transformer.enums import AttnMaskType
+
+        from layerfreeze.engines.megatron.prefix_paper import paper_attention, take_inputs
+
+        query, key, value, mask = take_inputs(module)
+        causal = getattr(module, "attn_mask_type", None) == AttnMaskType.causal
+        scaling = module.__dict__["_layerfreeze_prefix_scaling"]
+        out = paper_attention(adapter, query, key, value, mask, causal, scaling)
+        return (out, *output[1:]) if isinstance(output, tuple) else out
+    query = args[0] if args else kwargs["query"]
     branch = adapter.branch(query, module.__dict__["_layerfreeze_prefix_scaling"])
     if isinstance(output, tuple):  # keep any extra outputs as they are
         return (output[0] + branch.to(output[0].dtype), *output[1:])
@@ -279,12 +310,10 @@ def _check(layer: LayerInfo, spec: PolicySpec, layout: ModelLayout) -> list[str]
             "it get no gradient when those inputs need none (frozen layers below). Use full "
             "recomputation or drop core_attn from recompute_modules."
         )
-    form = getattr(opts, "form", "branch")
-    if form != "branch":
-        problems.append(
-            f"{where}: prefix form={form} is not supported on megatron attention; use "
-            "form=branch (the default zero-initialised branch)."
-        )
+    if getattr(opts, "form", "branch") == "paper":
+        from layerfreeze.engines.megatron.prefix_paper import paper_problems
+
+        problems += paper_problems(attn, where, opts.gate_at)
     if getattr(config, "context_parallel_size", 1) > 1:
         problems.append(f"{where}: prefix does not support context parallelism.")
     existing = attn._modules.get(_ADAPTER_ATTR)
@@ -321,10 +350,9 @@ def _install(layer: LayerInfo, spec: PolicySpec, layout: ModelLayout) -> nn.Modu
             device=w.device,
             dtype=w.dtype,
         )
-        gate_bias = getattr(opts, "gate_bias", 0.0)  # g = sigmoid(gate_bias) at init
-        if adapter.prefix_gate is not None and gate_bias:
-            with torch.no_grad():
-                adapter.prefix_gate.bias.fill_(float(gate_bias))
+        # form, gate_at, the gate's initial bias g = sigmoid(gate_bias); form=paper drops the
+        # zero-initialised factor (as on Hugging Face models).
+        configure_adapter(adapter, opts.form, opts.gate_bias, opts.gate_at)
         attn.add_module(_ADAPTER_ATTR, adapter)
     core = attn.core_attention
     core.__dict__[_REF] = attn  # plain reference: the hook reads the attention's adapter
@@ -332,6 +360,7 @@ def _install(layer: LayerInfo, spec: PolicySpec, layout: ModelLayout) -> nn.Modu
         attn.config.softmax_scale or attn.config.kv_channels**-0.5
     )
     if not has_hook(core._forward_hooks, _core_attention_hook):
+        core.register_forward_pre_hook(_core_attention_pre_hook, with_kwargs=True)
         core.register_forward_hook(_core_attention_hook, with_kwargs=True)
     if not has_hook(attn._forward_pre_hooks, _attn_pre_hook):
         attn.register_forward_pre_hook(_attn_pre_hook, with_kwargs=True)
@@ -339,7 +368,14 @@ def _install(layer: LayerInfo, spec: PolicySpec, layout: ModelLayout) -> nn.Modu
     return adapter
 
 
-INSTALLER = PrefixInstaller("megatron.SelfAttention", _is_megatron_attention, _check, _install)
+@dataclass(frozen=True)
+class _MegatronInstaller(PrefixInstaller):
+    """The installer, serving both prefix forms (``forms``: read by the paper form's check)."""
+
+    forms: tuple[str, ...] = ("branch", "paper")
+
+
+INSTALLER = _MegatronInstaller("megatron.SelfAttention", _is_megatron_attention, _check, _install)
 
 
 def register() -> None:

@@ -100,6 +100,9 @@ def paper_form_problems(
     mismatch = form_mismatch(layer, "paper")
     if mismatch:
         return mismatch
+    installer = find_installer(layer.attn)
+    if installer is not None and "paper" in getattr(installer, "forms", ("branch",)):
+        return list(installer.check(layer, spec, layout))  # it checks the paper form itself
     branch = PolicySpec(
         spec.name, dataclasses.replace(spec.options, form="branch", gate_at="logit")
     )
