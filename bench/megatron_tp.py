@@ -42,8 +42,8 @@ _HERE = Path(__file__).resolve().parent
 if str(_HERE.parent) not in sys.path:  # run from a checkout without installing layerfreeze
     sys.path.insert(0, str(_HERE.parent))
 
-# megatron runs the prefix in the branch form only (hlpt / h2lpt use the paper form)
-PLANS = ["full", "freeze_deep", "freeze_shallow", "hlpt_branch", "h2lpt_branch"]
+# hlpt / h2lpt: the paper form (prefix inside the layer's own attention); *_branch: the branch form
+PLANS = ["full", "freeze_deep", "freeze_shallow", "hlpt", "h2lpt", "hlpt_branch"]
 
 
 def _window(step: int, gas: int, batch: int, seq: int, vocab: int) -> list[dict]:
