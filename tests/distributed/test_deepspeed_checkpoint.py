@@ -51,7 +51,7 @@ _CHILD = textwrap.dedent(
     loss = runner.train_step(batch(1)).loss
     with open(os.path.join(root, "..", "child_loss.json"), "w") as f:
         json.dump({"loss": loss}, f)
-    import layerfreeze.engines.deepspeed as lfds
+    import layerfreeze.engines.deepspeed.checkpoint as lfds
     owner, attr = (torch, "save") if sys.argv[4] == "ds" else (lfds, "save_file")
     real_save = getattr(owner, attr)
     def save_then_die(*args, **kwargs):

@@ -287,7 +287,7 @@ def _poisoned(batch: dict) -> dict:
 
 def _adam_state(runner):
     """Full Adam moments of every trainable parameter and the per-group step counts."""
-    from layerfreeze.engines.deepspeed import _relink_optimizer_state
+    from layerfreeze.engines.deepspeed.zero_state import _relink_optimizer_state
 
     _relink_optimizer_state(runner.engine.optimizer)
     params = dict(runner.model.named_parameters())
@@ -413,7 +413,7 @@ def _body_misc(rank: int, world: int) -> dict:
 
 
 def test_lr_scales_nan_guard_checkpointing_precision():
-    from layerfreeze.engines.deepspeed import _check_config, load_config
+    from layerfreeze.engines.deepspeed.config import _check_config, load_config
 
     shipped = sorted((REPO / "configs" / "deepspeed").glob("*.json"))
     assert {p.stem for p in shipped} >= {"zero0", "zero1", "zero2", "zero3", "zero3_offload"}
