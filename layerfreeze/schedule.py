@@ -42,9 +42,20 @@ class Phase:
 
 @dataclass(frozen=True)
 class PlanSchedule:
-    """Ordered phases with strictly increasing end steps; the last one is open-ended."""
+    """Ordered phases with strictly increasing end steps; the last one is open-ended.
+
+    ``optimizer_state`` says what a phase switch does with optimizer state: ``carry`` (the
+    parameters trainable in both phases keep theirs; the others have none) or ``reset`` (every
+    parameter starts fresh). Rotating schedules (``layerfreeze.rotation``) set it.
+    """
 
     phases: tuple[Phase, ...]
+    optimizer_state: str = "carry"
+
+    @property
+    def carry_state(self) -> bool:
+        """Whether a phase switch carries optimizer state (``optimizer_state == "carry"``)."""
+        return self.optimizer_state != "reset"
 
     @classmethod
     def single(cls, plan: LayerPlan | str | Mapping[str, Any]) -> PlanSchedule:
