@@ -1,0 +1,105 @@
+"""Rotating-layer (LISA / BAdam) schedules on DeepSpeed ZeRO-2 over 2 gloo ranks (CPU).
+
+Over each interval exactly the interval's layers (from :func:`lisa_layers` / :func:`badam_layers`)
+plus the always-trained parts change; every other parameter stays bit-identical, including
+layers that were frozen when the engine was first built (LISA callbacks that only flip
+``requires_grad`` never train those). ``optimizer_state: reset`` carries nothing across a
+boundary, ``carry`` carries the always-trained parts' state.
+"""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from tests.helpers.dist import run_distributed
+
+pytestmark = pytest.mark.slow
+
+LAYERS = 4
+INTERVAL = 2
+INTERVALS = 3
+GAS = 1
+
+
+def _cfg() -> dict:
+    return {
+        "train_micro_batch_size_per_gpu": 2,
+        "gradient_accumulation_steps": GAS,
+        "optimizer": {"type": "AdamW", "params": {"lr": 1e-2, "weight_decay": 0.0,
+                                                  "torch_adam": True}},
+        "zero_optimization": {"stage": 2},
+        "steps_per_print": 10**6,
+    }
+
+
+def _window(step: int, rank: int) -> list[dict]:
+    g = torch.Generator().manual_seed(1000 * step + rank)
+    ids = torch.randint(0, 128, (2, 8), generator=g)
+    return [{"input_ids": ids, "labels": ids.clone()}]
+
+
+def _snapshot(model) -> dict[str, torch.Tensor]:
+    return {n: p.detach().clone() for n, p in model.named_parameters()}
+
+
+def _body(rank: int, world: int, specs: list[dict]) -> list[dict]:
+    from layerfreeze.engines.deepspeed import DeepSpeedRunner
+    from layerfreeze.rotation import RotationConfig, build_rotation_schedule
+    from tests.helpers.tiny_models import build_tiny_model
+
+    out = []
+    for spec in specs:
+        cfg = RotationConfig.parse(spec)
+        schedule = build_rotation_schedule(cfg, LAYERS, INTERVAL * INTERVALS)
+        model = build_tiny_model("llama", num_layers=LAYERS, tie_word_embeddings=False)
+        runner = DeepSpeedRunner(model, _cfg(), schedule=schedule)
+        changed, carried = [], []
+        for j in range(INTERVALS):
+            before = _snapshot(runner.model)
+            for s in range(j * INTERVAL, (j + 1) * INTERVAL):
+                runner.train_step(_window(s, rank))
+                if s == j * INTERVAL and j > 0:
+                    carried.append(runner.switch_carry_bytes)
+            after = _snapshot(runner.model)
+            changed.append(sorted(n for n in after if not torch.equal(after[n], before[n])))
+        out.append({"changed": changed, "carried": carried,
+                    "names": sorted(_snapshot(runner.model))})
+        runner.engine.destroy()
+    return out
+
+
+def _expected(names: list[str], layers: tuple[int, ...], always: tuple[str, ...]) -> list[str]:
+    prefixes = [f"model.layers.{i}." for i in layers]
+    parts = {"embeddings": "model.embed_tokens.", "lm_head": "lm_head.", "final_norm": "model.norm."}
+    prefixes += [parts[p] for p in always]
+    return sorted(n for n in names if any(n.startswith(p) for p in prefixes))
+
+
+def test_changed_layers_are_exactly_the_rotation():
+    from layerfreeze.rotation import RotationConfig, interval_layers
+
+    specs = [
+        {"rotate": "lisa", "layers": 1, "interval": INTERVAL, "seed": 3},
+        {"rotate": "badam", "block": 2, "interval": INTERVAL, "always": ["lm_head"],
+         "optimizer_state": "reset"},
+    ]
+    per_rank = run_distributed(_body, world_size=2, args=(specs,), timeout=1500)
+    # ZeRO-2 replicas agree bit for bit on which parameters changed
+    assert [r["changed"] for r in per_rank[0]] == [r["changed"] for r in per_rank[1]]
+    for spec, res in zip(specs, per_rank[0], strict=True):
+        cfg = RotationConfig.parse(spec)
+        for j in range(INTERVALS):
+            want = _expected(res["names"], interval_layers(cfg, j, LAYERS), cfg.always)
+            assert res["changed"][j] == want, (spec["rotate"], j)
+        if cfg.optimizer_state == "reset":  # lm_head stays trainable, yet nothing is carried
+            assert res["carried"] == [0] * (INTERVALS - 1)
+    lisa = per_rank[0][0]
+    # Seed 3 samples layer 2, then 1, 1: layer 1 was frozen when the first engine was built and
+    # still trains (checked above). carry: the always-trained embeddings and lm_head keep their
+    # optimizer state across the boundary (the same run with reset carries 0 bytes, checked
+    # above; with the runner's carry flag forced on, that check fails with [98304, 98304]).
+    assert [interval_layers(RotationConfig.parse(specs[0]), j, LAYERS) for j in range(3)] == [
+        (2,), (1,), (1,)
+    ]
+    assert lisa["carried"][0] > 0, lisa["carried"]
