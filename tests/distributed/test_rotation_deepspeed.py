@@ -1,4 +1,4 @@
-"""Rotating-layer (LISA / BAdam) schedules on DeepSpeed ZeRO-2 over 2 gloo ranks (CPU).
+"""Rotating-layer (LISA / BAdam) schedules on DeepSpeed ZeRO-2 and ZeRO-3 over 2 gloo ranks (CPU).
 
 Over each interval exactly the interval's layers (from :func:`lisa_layers` / :func:`badam_layers`)
 plus the always-trained parts change; every other parameter stays bit-identical, including
@@ -22,13 +22,13 @@ INTERVALS = 3
 GAS = 1
 
 
-def _cfg() -> dict:
+def _cfg(stage: int) -> dict:
     return {
         "train_micro_batch_size_per_gpu": 2,
         "gradient_accumulation_steps": GAS,
         "optimizer": {"type": "AdamW", "params": {"lr": 1e-2, "weight_decay": 0.0,
                                                   "torch_adam": True}},
-        "zero_optimization": {"stage": 2},
+        "zero_optimization": {"stage": stage},
         "steps_per_print": 10**6,
     }
 
@@ -40,10 +40,15 @@ def _window(step: int, rank: int) -> list[dict]:
 
 
 def _snapshot(model) -> dict[str, torch.Tensor]:
-    return {n: p.detach().clone() for n, p in model.named_parameters()}
+    """Full parameters (gathered under ZeRO-3, where each rank holds a shard)."""
+    import deepspeed
+
+    params = list(model.named_parameters())
+    with deepspeed.zero.GatheredParameters([p for _, p in params]):
+        return {n: p.detach().clone() for n, p in params}
 
 
-def _body(rank: int, world: int, specs: list[dict]) -> list[dict]:
+def _body(rank: int, world: int, specs: list[dict], stage: int) -> list[dict]:
     from layerfreeze.engines.deepspeed import DeepSpeedRunner
     from layerfreeze.rotation import RotationConfig, build_rotation_schedule
     from tests.helpers.tiny_models import build_tiny_model
@@ -53,7 +58,7 @@ def _body(rank: int, world: int, specs: list[dict]) -> list[dict]:
         cfg = RotationConfig.parse(spec)
         schedule = build_rotation_schedule(cfg, LAYERS, INTERVAL * INTERVALS)
         model = build_tiny_model("llama", num_layers=LAYERS, tie_word_embeddings=False)
-        runner = DeepSpeedRunner(model, _cfg(), schedule=schedule)
+        runner = DeepSpeedRunner(model, _cfg(stage), schedule=schedule)
         changed, carried = [], []
         for j in range(INTERVALS):
             before = _snapshot(runner.model)
@@ -76,7 +81,8 @@ def _expected(names: list[str], layers: tuple[int, ...], always: tuple[str, ...]
     return sorted(n for n in names if any(n.startswith(p) for p in prefixes))
 
 
-def test_changed_layers_are_exactly_the_rotation():
+@pytest.mark.parametrize("stage", [2, 3])
+def test_changed_layers_are_exactly_the_rotation(stage):
     from layerfreeze.rotation import RotationConfig, interval_layers
 
     specs = [
@@ -84,8 +90,8 @@ def test_changed_layers_are_exactly_the_rotation():
         {"rotate": "badam", "block": 2, "interval": INTERVAL, "always": ["lm_head"],
          "optimizer_state": "reset"},
     ]
-    per_rank = run_distributed(_body, world_size=2, args=(specs,), timeout=1500)
-    # ZeRO-2 replicas agree bit for bit on which parameters changed
+    per_rank = run_distributed(_body, world_size=2, args=(specs, stage), timeout=1500)
+    # the ranks agree bit for bit on which parameters changed
     assert [r["changed"] for r in per_rank[0]] == [r["changed"] for r in per_rank[1]]
     for spec, res in zip(specs, per_rank[0], strict=True):
         cfg = RotationConfig.parse(spec)
