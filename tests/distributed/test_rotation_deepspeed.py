@@ -109,3 +109,29 @@ def test_changed_layers_are_exactly_the_rotation(stage):
         (2,), (1,), (1,)
     ]
     assert lisa["carried"][0] > 0, lisa["carried"]
+
+
+def test_recipe_resume_mid_interval_continues_the_sample_sequence(tmp_path):
+    """``layerfreeze train`` (2 ranks) with a LISA schedule, interval 2: a resume from the
+    step-3 checkpoint (mid-interval) reproduces the straight run's losses of steps 4-6, across
+    the next boundary, so it trains the same layers as the straight run did."""
+    from layerfreeze.rotation import lisa_layers
+    from tests.e2e.test_train_cli import _config, _losses, _train, _write
+
+    # steps 1-2, 3-4 train layer 0, steps 5-6 layer 1: the resume crosses a layer change
+    assert [lisa_layers(1, i, 2, 1) for i in range(3)] == [(0,), (0,), (1,)]
+    out = tmp_path / "run"
+    cfg = _config(out, tmp_path / "cache", plan={
+        "spec": None, "schedule": {"rotate": "lisa", "layers": 1, "interval": 2, "seed": 1}})
+    config = _write(tmp_path / "run.yaml", cfg)
+    proc = _train(config, "checkpoint.export_final=false", nproc=2, timeout=900)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-6000:]
+    out_b = tmp_path / "resumed"
+    proc = _train(config, f"logging.out_dir={out_b}",
+                  f"checkpoint.resume={out / 'checkpoints' / 'step_00000003'}",
+                  "checkpoint.export_final=false", nproc=2, timeout=900)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-6000:]
+    straight, resumed = _losses(out), _losses(out_b)
+    assert sorted(resumed) == [4, 5, 6]
+    for step in (4, 5, 6):
+        assert resumed[step] == pytest.approx(straight[step], rel=1e-6, abs=1e-7), (step, straight)
