@@ -115,3 +115,24 @@ def test_plan_config_accepts_the_rotation_mapping():
 
     cfg = PlanConfig(schedule={"rotate": "lisa", "layers": 2, "interval": 50, "seed": 0})
     assert cfg.schedule["rotate"] == "lisa"
+
+
+def test_long_rotation_installs_each_distinct_plan_once_and_tracks_trained_layers():
+    """1000 intervals on a 4-layer model: apply_plan installs the <= 6 distinct plans once (not
+    1000 times), and the parameters trained in an earlier interval but frozen now are the
+    layers the formula sampled before, minus the current interval's."""
+    from layerfreeze.apply import apply_plan
+    from layerfreeze.engines.common import trained_then_frozen
+    from tests.helpers.tiny_models import build_tiny_model
+
+    cfg = RotationConfig.parse({"rotate": "lisa", "layers": 2, "interval": 1, "seed": 5})
+    sched = build_rotation_schedule(cfg, 4, 1000)
+    applied = apply_plan(build_tiny_model("llama", num_layers=4), sched.plans[0],
+                         install=tuple(sched.plans[1:]))
+    assert len(applied.installed) <= 1 + 6  # plans[0] + C(4, 2)
+    last = len(sched.phases) - 1
+    now = set(interval_layers(cfg, 999, 4))
+    before = {i for idx in range(999) for i in interval_layers(cfg, idx, 4)} - now
+    want = sorted(n for n, _ in applied.model.named_parameters()
+                  if any(n.startswith(f"model.layers.{i}.") for i in before))
+    assert trained_then_frozen(applied, sched, last) == want
