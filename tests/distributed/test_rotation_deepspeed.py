@@ -1,4 +1,4 @@
-"""Rotating-layer (LISA / BAdam) schedules on DeepSpeed ZeRO-2 and ZeRO-3 over 2 gloo ranks (CPU).
+"""Rotating-layer (LISA / BAdam) schedules on DeepSpeed ZeRO 0-3 over 2 gloo ranks (CPU).
 
 Over each interval exactly the interval's layers (from :func:`lisa_layers` / :func:`badam_layers`)
 plus the always-trained parts change; every other parameter stays bit-identical, including
@@ -81,7 +81,7 @@ def _expected(names: list[str], layers: tuple[int, ...], always: tuple[str, ...]
     return sorted(n for n in names if any(n.startswith(p) for p in prefixes))
 
 
-@pytest.mark.parametrize("stage", [2, 3])
+@pytest.mark.parametrize("stage", [0, 1, 2, 3])
 def test_changed_layers_are_exactly_the_rotation(stage):
     from layerfreeze.rotation import RotationConfig, interval_layers
 
