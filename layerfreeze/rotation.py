@@ -245,4 +245,7 @@ def build_rotation_schedule(
             phases.append(phase)
         last = layers
     phases[-1] = Phase(phases[-1].plan, None)
-    return PlanSchedule(tuple(phases), optimizer_state=cfg.optimizer_state)
+    # Recorded in checkpoints: the spec and the layer count determine every phase; the run
+    # length only where the list ends, so a resume may extend train.steps.
+    source = {**cfg.to_dict(), "num_layers": num_layers}
+    return PlanSchedule(tuple(phases), optimizer_state=cfg.optimizer_state, source=source)

@@ -15,7 +15,7 @@ from __future__ import annotations
 
 import bisect
 from collections.abc import Mapping, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 from layerfreeze.errors import ConfigError
@@ -51,6 +51,9 @@ class PlanSchedule:
 
     phases: tuple[Phase, ...]
     optimizer_state: str = "carry"
+    #: The generator's spec for a generated (rotating) schedule; ``to_dict`` records it instead
+    #: of thousands of phases.
+    source: Mapping[str, Any] | None = field(default=None, compare=False)
 
     @property
     def carry_state(self) -> bool:
@@ -150,6 +153,9 @@ class PlanSchedule:
         """The plan active at ``step``."""
         return self.phases[self.phase_at(step)].plan
 
-    def to_dict(self) -> list[dict[str, Any]]:
-        """List form; ``PlanSchedule.parse(s.to_dict()) == s``."""
+    def to_dict(self) -> list[dict[str, Any]] | dict[str, Any]:
+        """List form; ``PlanSchedule.parse(s.to_dict()) == s``. A generated schedule gives its
+        ``source`` mapping instead (what checkpoints record and a resume compares)."""
+        if self.source is not None:
+            return dict(self.source)
         return [{"plan": p.plan.to_dict(), "until_step": p.until_step} for p in self.phases]

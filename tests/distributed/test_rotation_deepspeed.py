@@ -135,3 +135,11 @@ def test_recipe_resume_mid_interval_continues_the_sample_sequence(tmp_path):
     assert sorted(resumed) == [4, 5, 6]
     for step in (4, 5, 6):
         assert resumed[step] == pytest.approx(straight[step], rel=1e-6, abs=1e-7), (step, straight)
+    # the checkpoint records the rotation spec, not the phase list (which ends at train.steps):
+    # a longer run may resume it
+    out_c = tmp_path / "longer"
+    proc = _train(config, f"logging.out_dir={out_c}", "train.steps=10",
+                  f"checkpoint.resume={out / 'checkpoints' / 'step_00000003'}",
+                  "checkpoint.export_final=false", nproc=2, timeout=900)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-6000:]
+    assert sorted(_losses(out_c)) == list(range(4, 11))  # interval 4 adds a phase

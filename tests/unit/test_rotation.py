@@ -136,3 +136,17 @@ def test_long_rotation_installs_each_distinct_plan_once_and_tracks_trained_layer
     want = sorted(n for n, _ in applied.model.named_parameters()
                   if any(n.startswith(f"model.layers.{i}.") for i in before))
     assert trained_then_frozen(applied, sched, last) == want
+
+
+def test_to_dict_records_the_spec_not_the_phases():
+    """Checkpoints record the generator's spec (a resume compares it), not 20k phases; the run
+    length is left out, so a resume may extend train.steps."""
+    spec = {"rotate": "lisa", "layers": 2, "interval": 50, "seed": 0}
+    cfg = RotationConfig.parse(spec)
+    short, long = build_rotation_schedule(cfg, 32, 1000), build_rotation_schedule(cfg, 32, 10**6)
+    want = {**spec, "always": ["embeddings", "lm_head"], "optimizer_state": "carry",
+            "num_layers": 32}
+    assert short.to_dict() == long.to_dict() == want
+    # extending the run keeps the phase indices of the steps both cover
+    assert all(short.phase_at(s) == long.phase_at(s) for s in range(0, 1000, 7))
+    assert build_rotation_schedule(cfg, 16, 1000).to_dict() != want  # another model
