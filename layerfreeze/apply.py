@@ -554,11 +554,16 @@ def apply_plan(
         ValueError: the model's structure cannot be discovered.
     """
     layout = layout or discover_layout(model)
-    plans = [LayerPlan.parse(plan)] + [LayerPlan.parse(p, path=f"install[{i}]") for i, p in enumerate(install)]
+    # The same plan object listed again (a rotating schedule's phases share plans) installs once.
+    unique: dict[int, tuple[int, Any]] = {}
+    for i, p in enumerate(install):
+        unique.setdefault(id(p), (i, p))
+    paths = ["plan"] + [f"install[{i}]" for i, _ in unique.values()]
+    plans = [LayerPlan.parse(plan)] + [LayerPlan.parse(p, path=f"install[{i}]") for i, p in unique.values()]
     problems: list[str] = []
     resolved: list[ResolvedPlan | None] = []
     for i, p in enumerate(plans):
-        path = "plan" if i == 0 else f"install[{i - 1}]"
+        path = paths[i]
         try:
             r = p.resolve(layout.num_layers, path=path)
         except ConfigError as e:
@@ -573,7 +578,7 @@ def apply_plan(
         if layout.tied_embeddings and r.lm_head.name != r.embeddings.name:
             log_rank0(
                 logger,
-                f"{'plan' if i == 0 else f'install[{i - 1}]'}: the LM head is tied to the token "
+                f"{paths[i]}: the LM head is tied to the token "
                 f"embeddings, so the shared weight follows embeddings ({r.embeddings.name}), not "
                 f"lm_head ({r.lm_head.name}).",
                 level=logging.WARNING,

@@ -85,9 +85,13 @@ class PlanConfig:
     ending in ``.yaml``/``.yml``/``.json``, as ``layerfreeze plan --plan`` takes), or holding a
     list of phases (then the run's schedule). The file is read when the config is loaded, and
     the run records its content. Set exactly one of ``spec`` and ``schedule``."""
-    schedule: list[dict[str, Any]] | None = None
+    schedule: list[dict[str, Any]] | dict[str, Any] | None = None
     """Phases, each ``{plan: <plan spec>, until_step: <int>}`` (the last phase has
-    ``until_step: null``): e.g. a short ``full`` warm phase, then ``freeze_deep``."""
+    ``until_step: null``): e.g. a short ``full`` warm phase, then ``freeze_deep``. Or a
+    rotating-layer schedule: ``{rotate: lisa, layers: 2, interval: 50, seed: 0}`` (k layers
+    sampled per interval, embeddings and lm_head always trained) or ``{rotate: badam, block: 2,
+    interval: 50}`` (blocks in order); both take ``optimizer_state: carry | reset`` and
+    ``always: [<non-layer parts>]`` (see ``layerfreeze.rotation``)."""
 
     def __post_init__(self) -> None:
         if (self.spec is None) == (self.schedule is None):
@@ -110,9 +114,13 @@ class PlanConfig:
 
             LayerPlan.parse(self.spec, path="plan.spec")
         else:
+            from layerfreeze.rotation import RotationConfig, is_rotation
             from layerfreeze.schedule import PlanSchedule
 
-            PlanSchedule.parse(self.schedule, path="plan.schedule")
+            if is_rotation(self.schedule):
+                RotationConfig.parse(self.schedule, path="plan.schedule")
+            else:
+                PlanSchedule.parse(self.schedule, path="plan.schedule")
 
 
 @dataclass

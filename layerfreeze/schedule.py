@@ -15,7 +15,7 @@ from __future__ import annotations
 
 import bisect
 from collections.abc import Mapping, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 from layerfreeze.errors import ConfigError
@@ -42,9 +42,23 @@ class Phase:
 
 @dataclass(frozen=True)
 class PlanSchedule:
-    """Ordered phases with strictly increasing end steps; the last one is open-ended."""
+    """Ordered phases with strictly increasing end steps; the last one is open-ended.
+
+    ``optimizer_state`` says what a phase switch does with optimizer state: ``carry`` (the
+    parameters trainable in both phases keep theirs; the others have none) or ``reset`` (every
+    parameter starts fresh). Rotating schedules (``layerfreeze.rotation``) set it.
+    """
 
     phases: tuple[Phase, ...]
+    optimizer_state: str = "carry"
+    #: The generator's spec for a generated (rotating) schedule; ``to_dict`` records it instead
+    #: of thousands of phases.
+    source: Mapping[str, Any] | None = field(default=None, compare=False)
+
+    @property
+    def carry_state(self) -> bool:
+        """Whether a phase switch carries optimizer state (``optimizer_state == "carry"``)."""
+        return self.optimizer_state != "reset"
 
     @classmethod
     def single(cls, plan: LayerPlan | str | Mapping[str, Any]) -> PlanSchedule:
@@ -139,6 +153,9 @@ class PlanSchedule:
         """The plan active at ``step``."""
         return self.phases[self.phase_at(step)].plan
 
-    def to_dict(self) -> list[dict[str, Any]]:
-        """List form; ``PlanSchedule.parse(s.to_dict()) == s``."""
+    def to_dict(self) -> list[dict[str, Any]] | dict[str, Any]:
+        """List form; ``PlanSchedule.parse(s.to_dict()) == s``. A generated schedule gives its
+        ``source`` mapping instead (what checkpoints record and a resume compares)."""
+        if self.source is not None:
+            return dict(self.source)
         return [{"plan": p.plan.to_dict(), "until_step": p.until_step} for p in self.phases]

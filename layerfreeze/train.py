@@ -36,6 +36,7 @@ import threading
 import time
 import typing
 import uuid
+from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -151,6 +152,11 @@ class StopSignals:
 def build_schedule(cfg: RunConfig) -> PlanSchedule:
     """The run's plan schedule (a single open-ended phase when ``plan.spec`` is used)."""
     if cfg.plan.schedule is not None:
+        from layerfreeze.rotation import RotationConfig, build_rotation_schedule, is_rotation
+
+        if is_rotation(cfg.plan.schedule):  # one phase per interval, up to train.steps
+            rot = RotationConfig.parse(cfg.plan.schedule, path="plan.schedule")
+            return build_rotation_schedule(rot, model_num_layers(cfg.model), cfg.train.steps)
         return PlanSchedule.parse(cfg.plan.schedule, path="plan.schedule")
     return PlanSchedule.single(LayerPlan.parse(cfg.plan.spec, path="plan.spec"))
 
@@ -202,7 +208,10 @@ def resolve_run_plans(cfg: RunConfig) -> list[str]:
     n = model_num_layers(cfg.model)
     lines: list[str] = []
     problems: list[str] = []
-    for i, phase in enumerate(schedule.phases):
+    phases = schedule.phases
+    if isinstance(cfg.plan.schedule, Mapping) and len(phases) > 2:  # rotation: fits by build
+        phases = phases[:2]
+    for i, phase in enumerate(phases):
         path = "plan.spec" if cfg.plan.spec is not None else f"plan.schedule[{i}].plan"
         try:
             resolved = phase.plan.resolve(n, path=path)
@@ -212,6 +221,8 @@ def resolve_run_plans(cfg: RunConfig) -> list[str]:
         end = "end" if phase.until_step is None else f"step {phase.until_step}"
         lines.append(f"phase {i} ({phase.plan}) until {end} on a {n}-layer model:")
         lines.append(resolved.table())
+    if len(phases) < len(schedule.phases):
+        lines.append(f"... {len(schedule.phases) - len(phases)} more rotation phases")
     if problems:
         raise ConfigError(problems)
     return lines

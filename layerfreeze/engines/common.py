@@ -62,8 +62,9 @@ def trained_then_frozen(applied: Any, schedule: Any, phase: int) -> list[str]:
     """
     now = set(applied.trainable_names_for(schedule.plans[phase]))
     earlier: set[str] = set()
-    for p in range(phase):
-        earlier |= set(applied.trainable_names_for(schedule.plans[p]))
+    plans = schedule.plans[:phase]
+    for plan in {id(p): p for p in plans}.values():  # rotating schedules' phases share plans
+        earlier |= set(applied.trainable_names_for(plan))
     return sorted(earlier - now)
 
 

@@ -353,7 +353,7 @@ class DeepSpeedRunner:
         target = self.schedule.phase_at(step)
         if target == self.phase:
             return False
-        self._switch_phase(target, carry=True)
+        self._switch_phase(target, carry=self.schedule.carry_state)
         return True
 
     def _switch_phase(
