@@ -65,7 +65,8 @@ class CheckpointMeta:
         engine: the engine that saved it (``deepspeed`` / ``megatron``).
         step: the step the checkpoint is named by.
         phase: the plan-schedule phase it was saved in (an index into ``schedule``).
-        schedule: ``PlanSchedule.to_dict()`` of the run.
+        schedule: ``PlanSchedule.to_dict()`` of the run: the list of phases, or for a generated
+            (rotating-layer) schedule its spec mapping (``{"rotate": ..., "num_layers": ...}``).
         plan: ``LayerPlan.to_dict()`` of the phase's plan.
         trainable_only: only trainable (and once-trained) weights were stored.
         bad_micro_batches: micro-batches skipped for a NaN/Inf loss so far.
@@ -78,7 +79,7 @@ class CheckpointMeta:
     engine: str
     step: int
     phase: int
-    schedule: list[dict[str, Any]]
+    schedule: list[dict[str, Any]] | dict[str, Any]
     plan: dict[str, Any]
     trainable_only: bool
     bad_micro_batches: int
@@ -119,7 +120,7 @@ class CheckpointMeta:
                 f"{type(data).__name__}. {_HOW_TO_FIX}."
             )
         kinds: dict[str, type | tuple[type, ...]] = {
-            "format": int, "engine": str, "step": int, "phase": int, "schedule": list,
+            "format": int, "engine": str, "step": int, "phase": int, "schedule": (list, dict),
             "plan": dict, "trainable_only": bool, "bad_micro_batches": int, "skipped_steps": int,
         }
         problems = _problems(data, kinds)
@@ -129,7 +130,13 @@ class CheckpointMeta:
                     f"format: unknown metadata format, got {data['format']!r} (this layerfreeze "
                     f"reads {META_FORMAT})"
                 )
-            if not data["schedule"] or not all(isinstance(p, dict) for p in data["schedule"]):
+            if isinstance(data["schedule"], dict):  # a rotating-layer schedule's spec
+                if "rotate" not in data["schedule"]:
+                    problems.append(
+                        "schedule: a mapping must be a rotating-layer schedule spec with a "
+                        f"'rotate' key, got {data['schedule']!r}"
+                    )
+            elif not data["schedule"] or not all(isinstance(p, dict) for p in data["schedule"]):
                 problems.append(
                     f"schedule: must be a non-empty list of phase objects, got {data['schedule']!r}"
                 )
@@ -143,7 +150,10 @@ class CheckpointMeta:
             engine=data["engine"],
             step=data["step"],
             phase=data["phase"],
-            schedule=list(data["schedule"]),
+            schedule=(
+                dict(data["schedule"]) if isinstance(data["schedule"], dict)
+                else list(data["schedule"])
+            ),
             plan=dict(data["plan"]),
             trainable_only=data["trainable_only"],
             bad_micro_batches=data["bad_micro_batches"],

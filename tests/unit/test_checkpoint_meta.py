@@ -103,3 +103,23 @@ def test_engine_problems_reads_the_schema_and_plain_dicts_alike():
 
 def test_constants_are_the_format_one_names():
     assert (META_KEY, META_FORMAT) == ("layerfreeze", 1)
+
+
+def test_rotating_schedule_spec_reads_and_writes_back():
+    """A rotating-layer schedule records its spec mapping, not a phase list (schedule.py
+    ``PlanSchedule.to_dict``); the metadata of its checkpoints reads back unchanged, and a
+    mapping that is not such a spec is named."""
+    from layerfreeze.checkpoint import CheckpointError
+    from layerfreeze.rotation import RotationConfig, build_rotation_schedule
+
+    schedule = build_rotation_schedule(
+        RotationConfig.parse({"rotate": "lisa", "layers": 1, "interval": 2, "seed": 1}),
+        num_layers=4, total_steps=8,
+    )
+    stored = dict(LEGACY_DEEPSPEED, schedule=schedule.to_dict(), phase=3)
+    stored = json.loads(json.dumps(stored))
+    meta = CheckpointMeta.from_dict(stored, source="ckpt")
+    assert meta.schedule == schedule.to_dict() and meta.schedule["rotate"] == "lisa"
+    assert meta.to_dict() == stored
+    with pytest.raises(CheckpointError, match="schedule: a mapping must be a rotating-layer"):
+        CheckpointMeta.from_dict(dict(stored, schedule={"plan": "full"}), source="ckpt")
