@@ -9,7 +9,8 @@ NaN/Inf on any rank of ``group``.
 from __future__ import annotations
 
 import math
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
+from pathlib import Path
 from typing import Any
 
 import torch
@@ -18,7 +19,14 @@ from torch import nn
 
 from layerfreeze.utils.dist import is_dist
 
-__all__ = ["agree_finite", "default_loss", "trained_then_frozen", "unwrap_module"]
+__all__ = [
+    "agree_finite",
+    "commit_engine_checkpoint",
+    "default_loss",
+    "maybe_switch_phase",
+    "trained_then_frozen",
+    "unwrap_module",
+]
 
 
 def agree_finite(loss: torch.Tensor, group: Any = None) -> tuple[bool, float]:
@@ -82,3 +90,57 @@ def unwrap_module(module: Any, stop_at: str | None = None) -> Any:
     ):
         module = module.module
     return module
+
+
+def maybe_switch_phase(runner: Any, global_step: int | None = None) -> bool:
+    """What both runners' ``maybe_switch_phase`` do: switch ``runner`` to the plan-schedule phase
+    ``global_step`` falls in (default: its current step) when that is another phase, carrying
+    optimizer state as the schedule says (``schedule.carry_state``).
+
+    Returns:
+        True when a switch happened.
+    """
+    step = runner.global_step if global_step is None else global_step
+    target = runner.schedule.phase_at(step)
+    if target == runner.phase:
+        return False
+    runner._switch_phase(target, carry=runner.schedule.carry_state)
+    return True
+
+
+def commit_engine_checkpoint(
+    root: Path,
+    staging: Path,
+    step: int,
+    build_meta: Callable[[], Any],
+    *,
+    run_meta: Mapping[str, Any] | None,
+    keep_last: int | None,
+    logger: Any,
+) -> Path:
+    """The collective end of both engines' ``save_checkpoint``, once every rank has staged its
+    files: each rank hashes a share of them, global rank 0 commits the checkpoint atomically with
+    the engine's :class:`~layerfreeze.checkpoint_meta.CheckpointMeta` (``build_meta()``, called
+    on rank 0 only) and the run metadata, and every rank returns the committed directory.
+    """
+    from layerfreeze import checkpoint as ckpt
+    from layerfreeze.checkpoint_meta import META_KEY
+    from layerfreeze.resume import staged_checksums
+    from layerfreeze.utils.dist import broadcast_object, get_rank
+    from layerfreeze.utils.logging import log_rank0
+
+    checksums = staged_checksums(staging)  # each rank hashes a share of the files
+    committed = None
+    if get_rank() == 0:
+        info = ckpt.commit_checkpoint(
+            root,
+            staging,
+            step,
+            {META_KEY: build_meta().to_dict(), "run": dict(run_meta or {})},
+            keep_last=keep_last,
+            checksums=checksums,
+        )
+        committed = str(info.path)
+    committed = broadcast_object(committed)
+    log_rank0(logger, "saved checkpoint %s", committed)
+    return Path(committed)

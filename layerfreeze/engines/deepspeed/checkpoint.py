@@ -23,6 +23,7 @@ from safetensors.torch import load_file, save_file
 from layerfreeze import checkpoint as ckpt
 from layerfreeze.checkpoint_meta import META_FORMAT, META_KEY, CheckpointMeta
 from layerfreeze.client_state import load_client_state, save_client_state
+from layerfreeze.engines.common import commit_engine_checkpoint
 from layerfreeze.engines.deepspeed.zero_state import (
     _ADAM_STATE_KEYS,
     _balanced_owners,
@@ -31,7 +32,7 @@ from layerfreeze.engines.deepspeed.zero_state import (
     _torch_optimizer,
 )
 from layerfreeze.optim import GroupSpec
-from layerfreeze.resume import check_content, engine_problems, staged_checksums
+from layerfreeze.resume import check_content, engine_problems
 from layerfreeze.utils.dist import barrier, broadcast_object, get_rank, get_world_size
 from layerfreeze.utils.logging import get_logger, log_rank0
 
@@ -113,24 +114,15 @@ def save_checkpoint(
     _save_elastic(runner, staging / _ELASTIC_DIR, trainable_only, trained_before)
     save_client_state(staging / "client", get_rank(), client_state or {})
     barrier()
-    checksums = staged_checksums(staging)  # each rank hashes a share of the files
-    committed = None
-    if get_rank() == 0:
-        info = ckpt.commit_checkpoint(
-            root,
-            staging,
-            step,
-            {
-                META_KEY: _meta(runner, trainable_only, trained_before).to_dict(),
-                "run": dict(run_meta or {}),
-            },
-            keep_last=keep_last,
-            checksums=checksums,
-        )
-        committed = str(info.path)
-    committed = broadcast_object(committed)
-    log_rank0(logger, "saved checkpoint %s", committed)
-    return Path(committed)
+    return commit_engine_checkpoint(
+        root,
+        staging,
+        step,
+        lambda: _meta(runner, trainable_only, trained_before),
+        run_meta=run_meta,
+        keep_last=keep_last,
+        logger=logger,
+    )
 
 
 def load_checkpoint(

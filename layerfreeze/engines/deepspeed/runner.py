@@ -24,7 +24,12 @@ from deepspeed.utils import safe_get_full_grad
 from torch import nn
 
 from layerfreeze.engines.base import EngineCapabilities, StepOutput
-from layerfreeze.engines.common import agree_finite, default_loss, trained_then_frozen
+from layerfreeze.engines.common import (
+    agree_finite,
+    default_loss,
+    maybe_switch_phase,
+    trained_then_frozen,
+)
 from layerfreeze.engines.deepspeed import checkpoint as _ckpt
 from layerfreeze.engines.deepspeed.config import _check_config, _zero_stage, load_config
 from layerfreeze.engines.deepspeed.dropin import _apply_plan
@@ -349,12 +354,7 @@ class DeepSpeedRunner:
         Returns:
             True when a switch happened.
         """
-        step = self.global_step if global_step is None else global_step
-        target = self.schedule.phase_at(step)
-        if target == self.phase:
-            return False
-        self._switch_phase(target, carry=self.schedule.carry_state)
-        return True
+        return maybe_switch_phase(self, global_step)
 
     def _switch_phase(
         self, target: int, carry: bool, specs: list[GroupSpec] | None = None

@@ -32,13 +32,14 @@ from safetensors import safe_open
 from safetensors.torch import save_file
 
 from layerfreeze import checkpoint as ckpt
+from layerfreeze.checkpoint_meta import META_FORMAT, META_KEY, CheckpointMeta
 from layerfreeze.client_state import load_client_state, save_client_state
-from layerfreeze.engines.common import trained_then_frozen
+from layerfreeze.engines.common import commit_engine_checkpoint, trained_then_frozen
 from layerfreeze.engines.megatron.dist_checkpoint import load_dist, load_weights_dist, save_dist
 from layerfreeze.engines.megatron.optim_state import ADAM_KEYS, inner_optimizers
 from layerfreeze.registry import POLICIES
-from layerfreeze.checkpoint_meta import META_FORMAT, META_KEY, CheckpointMeta
-from layerfreeze.resume import check_content, engine_problems, field_diff, staged_checksums
+from layerfreeze.resume import check_content, engine_problems, field_diff
+from layerfreeze.utils.dist import broadcast_object
 from layerfreeze.utils.logging import get_logger, log_rank0
 
 if TYPE_CHECKING:
@@ -105,15 +106,6 @@ def fit_vocab(full: torch.Tensor, rows: int) -> torch.Tensor:
 def is_tied_copy(name: str, param: torch.Tensor) -> bool:
     """The last pipeline stage's copy of tied word embeddings (kept in sync by Megatron)."""
     return bool(getattr(param, "shared_embedding", False)) and name.endswith("output_layer.weight")
-
-
-def broadcast_object(obj: Any) -> Any:
-    """Rank 0's ``obj`` on every rank (as is without a process group)."""
-    if not dist.is_initialized():
-        return obj
-    box = [obj]
-    dist.broadcast_object_list(box, src=0)
-    return box[0]
 
 
 def global_keys(runner: MegatronRunner) -> dict[str, str]:
@@ -291,10 +283,11 @@ def save_checkpoint(
     )
     save_client_state(staging / "client", runner.rank, client_state or {})
     dist.barrier()
-    checksums = staged_checksums(staging)  # each rank hashes a share of the files
-    committed = None
-    if runner.rank == 0:
-        meta = CheckpointMeta(
+    return commit_engine_checkpoint(
+        root,
+        staging,
+        step,
+        lambda: CheckpointMeta(
             engine="megatron",
             step=step,
             phase=runner.phase,
@@ -309,19 +302,11 @@ def save_checkpoint(
                 "storage": storage,
                 "global_step": runner.global_step,
             },
-        ).to_dict()
-        info = ckpt.commit_checkpoint(
-            root,
-            staging,
-            step,
-            {_META_KEY: meta, "run": dict(run_meta or {})},
-            keep_last=keep_last,
-            checksums=checksums,
-        )
-        committed = str(info.path)
-    committed = broadcast_object(committed)
-    log_rank0(logger, "saved checkpoint %s", committed)
-    return Path(committed)
+        ),
+        run_meta=run_meta,
+        keep_last=keep_last,
+        logger=logger,
+    )
 
 
 def resolve(

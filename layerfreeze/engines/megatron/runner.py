@@ -50,7 +50,7 @@ from megatron.core.tensor_parallel import ColumnParallelLinear, RowParallelLinea
 from torch import nn
 
 from layerfreeze.engines.base import EngineCapabilities, StepOutput
-from layerfreeze.engines.common import unwrap_module
+from layerfreeze.engines.common import maybe_switch_phase, unwrap_module
 from layerfreeze.engines.megatron import checkpoint as mcheckpoint
 from layerfreeze.engines.megatron import evaluation, optim_state
 from layerfreeze.engines.megatron.dist_checkpoint import FORMATS, check_supported
@@ -416,12 +416,7 @@ class MegatronRunner:
         Returns:
             True when a switch happened.
         """
-        step = self.global_step if global_step is None else global_step
-        target = self.schedule.phase_at(step)
-        if target == self.phase:
-            return False
-        self._switch_phase(target, carry=self.schedule.carry_state)
-        return True
+        return maybe_switch_phase(self, global_step)
 
     def _switch_phase(self, target: int, carry: bool) -> None:
         switch_phase(self, target, carry)
