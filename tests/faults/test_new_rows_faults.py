@@ -1,0 +1,59 @@
+"""Hostile inputs to resize_for_new_tokens: each is refused with one error naming the argument,
+and the model is left unchanged."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from layerfreeze.data.vocab_extend import extend_tokenizer
+from layerfreeze.vocab_resize import resize_for_new_tokens
+from tests.helpers.tiny_models import build_tiny_model
+from tests.helpers.tokenizer_fixtures import build_llama2_style, build_qwen_style, bundled
+
+
+@pytest.fixture(scope="module")
+def toks(tmp_path_factory):
+    from transformers import AutoTokenizer
+
+    root = tmp_path_factory.mktemp("rows")
+    base = build_llama2_style(root / "base")
+    extend_tokenizer(base, [bundled("zh.txt")], root / "out", vocab_size=900, max_new=10)
+    other = build_qwen_style(root / "qwen")
+    return tuple(AutoTokenizer.from_pretrained(str(p)) for p in (base, root / "out", other))
+
+
+def _model(n):
+    return build_tiny_model("llama", num_layers=2, hidden=32, num_heads=2, num_kv_heads=1,
+                            vocab_size=n)
+
+
+def _refused(model, old, new, match, **kw):
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    with pytest.raises(ValueError, match=match):
+        resize_for_new_tokens(model, old, new, **kw)
+    after = model.state_dict()
+    assert before.keys() == after.keys()
+    assert all(torch.equal(before[k], after[k]) for k in before)
+
+
+def test_unknown_init(toks):
+    old, new, _ = toks
+    _refused(_model(len(old)), old, new, r"^init: unknown init 'zeros'\. Valid: subtoken_mean, mean",
+             init="zeros")
+
+
+def test_swapped_tokenizers(toks):
+    old, new, _ = toks
+    _refused(_model(len(old)), new, old, r"^new_tokenizer: has \d+ tokens, fewer than")
+
+
+def test_unrelated_tokenizer_moves_old_ids(toks):
+    old, _, qwen = toks
+    assert len(qwen) >= len(old)
+    _refused(_model(len(old)), old, qwen, r"^new_tokenizer: old token .* keeps every old id")
+
+
+def test_embedding_smaller_than_old_tokenizer(toks):
+    old, new, _ = toks
+    _refused(_model(len(old) - 3), old, new, r"^model: the embedding has \d+ rows, fewer than")
