@@ -79,7 +79,9 @@ def subtoken_ids(old_tokenizer: Any, new_tokenizer: Any, new_id: int) -> list[in
 
 
 def _is_partitioned(param: torch.Tensor) -> bool:
-    return hasattr(param, "ds_id") or param.numel() == 0
+    from layerfreeze.engines.partition import is_partition_managed
+
+    return is_partition_managed(param) or param.numel() == 0
 
 
 def resize_for_new_tokens(

@@ -57,3 +57,29 @@ def test_unrelated_tokenizer_moves_old_ids(toks):
 def test_embedding_smaller_than_old_tokenizer(toks):
     old, new, _ = toks
     _refused(_model(len(old) - 3), old, new, r"^model: the embedding has \d+ rows, fewer than")
+
+
+# ----------------------------------------------------------------- plan part new_rows
+
+
+def test_plan_from_id_past_the_vocabulary_is_refused_before_training():
+    from layerfreeze.apply import apply_plan
+    from layerfreeze.errors import ConfigError
+
+    model = _model(128)
+    with pytest.raises(ConfigError, match=r"plan\.embeddings: new_rows from_id=128 is out of range "
+                                          r"for 128 rows \(valid 0-127\)"):
+        apply_plan(model, "0:full,embeddings:new_rows(from_id=128)", log=False)
+    assert not any("new_rows" in n for n, _ in model.named_parameters())
+
+
+def test_plan_two_from_ids_in_one_schedule_are_refused():
+    from layerfreeze.apply import apply_plan
+    from layerfreeze.errors import ConfigError
+
+    model = _model(128)
+    with pytest.raises(ConfigError, match=r"install\[0\]\.embeddings: new_rows\(from_id=90\) "
+                                          r"differs from from_id=100 in plan\.embeddings"):
+        apply_plan(model, "embeddings:new_rows(from_id=100)",
+                   install=["embeddings:new_rows(from_id=90)"], log=False)
+    assert not any("new_rows" in n for n, _ in model.named_parameters())

@@ -104,3 +104,104 @@ def test_padded_embedding_reuses_rows_without_growing(tokenizers):
     assert emb.shape[0] == n_new + 5 and report.new_rows == n_new + 5
     assert torch.equal(emb[:n_old], emb0[:n_old]) and torch.equal(emb[n_new:], emb0[n_new:])
     torch.testing.assert_close(emb[n_old], emb0[:n_old].mean(0), rtol=0, atol=1e-6)
+
+
+# ----------------------------------------------------------------- plan part new_rows(from_id=)
+
+FROM = 100
+VOCAB = 128
+
+
+def _train(model, applied, steps=3, wd=0.1):
+    opt = torch.optim.AdamW(applied.param_groups(lr=1e-2, weight_decay=wd))
+    gen = torch.Generator().manual_seed(0)
+    for _ in range(steps):
+        # Every batch mixes old and new ids, so old rows would move if they were trained.
+        ids = torch.randint(0, VOCAB, (2, 12), generator=gen)
+        loss = model(input_ids=ids, labels=ids).loss
+        loss.backward()
+        opt.step()
+        opt.zero_grad()
+    return opt
+
+
+@pytest.mark.parametrize("tied", [True, False], ids=["tied", "untied"])
+@pytest.mark.parametrize("layers", ["0:full", "1:lora(r=4)"])
+def test_only_new_rows_train_and_only_they_hold_adam_state(tied, layers):
+    from layerfreeze.apply import apply_plan
+
+    model = _model(VOCAB, tied)
+    model.train()
+    emb0 = model.get_input_embeddings().weight.detach().clone()
+    head0 = model.get_output_embeddings().weight.detach().clone()
+    plan = f"{layers},embeddings:new_rows(from_id={FROM}),lm_head:new_rows(from_id={FROM})"
+    applied = apply_plan(model, plan, log=False)
+    opt = _train(model, applied)
+
+    n_new, hidden = VOCAB - FROM, 32
+    row_params = [n for n in applied.trainable_names() if n.endswith("new_rows_weight")]
+    assert len(row_params) == (1 if tied else 2)
+    # Adam moments: exp_avg + exp_avg_sq of new rows x hidden per trained matrix, nothing else
+    # of the embedding / head.
+    params = dict(model.named_parameters())
+    state_numel = sum(
+        t.numel() for n in row_params for k, t in opt.state[params[n]].items() if k != "step"
+    )
+    assert state_numel == len(row_params) * 2 * n_new * hidden
+    emb_w, head_w = model.get_input_embeddings().weight, model.get_output_embeddings().weight
+    assert emb_w not in opt.state and head_w not in opt.state
+    # The full matrices did not move at all (old rows bit-identical); the new rows did.
+    assert torch.equal(emb_w.detach(), emb0) and torch.equal(head_w.detach(), head0)
+    for n in row_params:
+        base = emb0 if "embed" in n else head0
+        assert not torch.equal(params[n].detach(), base[FROM:])
+    # Weight decay reaches the trained rows only (their group carries it).
+    groups = [g for g in opt.param_groups if any(p is params[row_params[0]] for p in g["params"])]
+    assert groups[0]["weight_decay"] == 0.1
+
+    # Merged export: the full matrix with the trained rows in place, old rows untouched; a plain
+    # model loaded from the merged base state dict gives the same logits.
+    from layerfreeze.apply import base_state_dict
+
+    ids = torch.tensor([[1, 5, FROM, VOCAB - 1, 50, FROM + 3]])
+    model.eval()
+    with torch.no_grad():
+        want = model(input_ids=ids).logits
+    applied.merge()
+    merged = base_state_dict(model)
+    emb_key = next(k for k in merged if k.endswith("embed_tokens.weight"))
+    assert torch.equal(merged[emb_key][:FROM], emb0[:FROM])
+    emb_rows = next(params[n] for n in row_params if "embed" in n)
+    assert torch.equal(merged[emb_key][FROM:], emb_rows.detach())
+    if not tied:
+        head_rows = next(params[n] for n in row_params if "lm_head" in n)
+        assert torch.equal(merged["lm_head.weight"][:FROM], head0[:FROM])
+        assert torch.equal(merged["lm_head.weight"][FROM:], head_rows.detach())
+    plain = _model(VOCAB, tied)
+    missing, unexpected = plain.load_state_dict(
+        {k: v for k, v in merged.items() if "lora" not in k}, strict=False
+    )
+    assert not unexpected
+    if layers.startswith("0"):  # full layer: nothing unmerged, the plain model is the export
+        with torch.no_grad():
+            torch.testing.assert_close(plain(input_ids=ids).logits, want, rtol=0, atol=1e-5)
+    applied.unmerge()
+    assert torch.equal(model.get_input_embeddings().weight.detach(), emb0)
+
+
+def test_new_rows_plan_grammar():
+    from layerfreeze.errors import ConfigError
+    from layerfreeze.plan import LayerPlan
+
+    p = LayerPlan.parse("0:full,embeddings:new_rows(from_id=7),lm_head:new_rows(from_id=7)")
+    assert LayerPlan.parse(p.to_dict()) == p and LayerPlan.parse(str(p)) == p
+    assert p.embeddings.options.from_id == 7
+    for text, match in [
+        ("embeddings:new_rows", r"from_id: required key is missing"),
+        ("embeddings:new_rows(from_id=-1)", r"from_id: must be the first new token id"),
+        ("final_norm:new_rows(from_id=3)", r"policy must be one of freeze, full for this part"),
+        ("0-1:new_rows(from_id=3)", r"applies to the embeddings / lm_head parts only"),
+        ("default:new_rows(from_id=3)", r"applies to the embeddings / lm_head parts only"),
+    ]:
+        with pytest.raises(ConfigError, match=match):
+            LayerPlan.parse(text)
