@@ -205,3 +205,22 @@ def test_new_rows_plan_grammar():
     ]:
         with pytest.raises(ConfigError, match=match):
             LayerPlan.parse(text)
+
+
+def test_docs_example_runs(repo_root, tokenizers):
+    """The python block of docs/plans.md "New vocabulary rows" runs and gives a plan that applies."""
+    import re
+
+    from layerfreeze.apply import apply_plan
+
+    doc = (repo_root / "docs" / "plans.md").read_text(encoding="utf-8")
+    section = doc.split("## New vocabulary rows", 1)[1].split("\n## ", 1)[0]
+    code = re.findall(r"```python\n(.*?)```", section, re.S)[0]
+    _, old, new = tokenizers
+    model = build_tiny_model("llama", num_layers=4, hidden=32, num_heads=2, num_kv_heads=1,
+                             vocab_size=len(old))
+    ns = {"model": model, "old_tokenizer": old, "new_tokenizer": new}
+    exec(code, ns)
+    applied = apply_plan(model, ns["plan"], log=False)
+    assert "model.embed_tokens.new_rows_weight" in applied.trainable_names()
+    assert model.get_input_embeddings().new_rows_weight.shape == (len(new) - len(old), 32)
