@@ -29,6 +29,7 @@ from layerfreeze.policies.new_rows import PARAM as NEW_ROWS_PARAM
 from layerfreeze.policies.new_rows import check_plans as check_new_rows
 from layerfreeze.policies.new_rows import install_for_plan as install_new_rows_for_plan
 from layerfreeze.policies.new_rows import merge_new_rows, unmerge_new_rows
+from layerfreeze.policies.new_rows import merged_param_names as merged_new_rows_param_names
 from layerfreeze.registry import POLICIES, get_policy, load_builtin_policies
 from layerfreeze.utils.logging import get_logger, log_rank0
 from layerfreeze.utils.schema import to_dict
@@ -526,7 +527,7 @@ class AppliedPlan:
         for name, mod in self.model.named_modules():
             if getattr(mod, "merged", False) is True and callable(getattr(mod, "unmerge", None)):
                 out.extend(f"{name}.{n}" for n, _ in mod.named_parameters())
-        return out
+        return out + merged_new_rows_param_names(self.model)
 
 
 # --------------------------------------------------------------------------- entry point

@@ -240,3 +240,11 @@ def check_plans(model: nn.Module, layout: ModelLayout, plans: list[tuple[str, An
                 )
             seen.setdefault(key, (start, where))
     return problems
+
+
+def merged_param_names(model: nn.Module) -> list[str]:
+    """Qualified names of the ``new_rows_weight`` parameters currently merged into their full
+    weight (each once; a tied head's shared parameter under its first name)."""
+    merged = {id(getattr(m, PARAM)) for m in model.modules()
+              if _STATE in m.__dict__ and m.__dict__[_STATE]["orig"] is not None}
+    return [n for n, p in model.named_parameters() if id(p) in merged]

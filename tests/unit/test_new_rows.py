@@ -224,3 +224,35 @@ def test_docs_example_runs(repo_root, tokenizers):
     applied = apply_plan(model, ns["plan"], log=False)
     assert "model.embed_tokens.new_rows_weight" in applied.trainable_names()
     assert model.get_input_embeddings().new_rows_weight.shape == (len(new) - len(old), 32)
+
+
+@pytest.mark.parametrize("tied", [True, False], ids=["tied", "untied"])
+def test_export_merged_is_a_plain_checkpoint_with_the_trained_rows(tmp_path, tied):
+    """export_merged: new rows fold into the full matrices, no sidecar is needed, a plain
+    AutoModelForCausalLM load gives the trained model's logits, the model is left unmerged."""
+    from transformers import AutoModelForCausalLM
+
+    from layerfreeze.apply import apply_plan
+    from layerfreeze.export import export_merged
+
+    model = _model(VOCAB, tied).train()
+    emb0 = model.get_input_embeddings().weight.detach().clone()
+    applied = apply_plan(model, f"0:full,embeddings:new_rows(from_id={FROM}),"
+                                f"lm_head:new_rows(from_id={FROM})", log=False)
+    _train(model, applied)
+    model.eval()
+    ids = torch.tensor([[1, 5, FROM, VOCAB - 1, 50, FROM + 3]])
+    with torch.no_grad():
+        want = model(input_ids=ids).logits
+    out = export_merged(applied, tmp_path / "exp")
+    cfg = (out / "config.json").read_text()
+    from safetensors.torch import load_file
+
+    assert "auto_map" not in cfg and "layerfreeze" not in cfg
+    assert load_file(str(out / "layerfreeze_sidecar.safetensors")) == {}
+    plain = AutoModelForCausalLM.from_pretrained(str(out)).eval()
+    assert len(plain.get_input_embeddings()._forward_hooks) == 0
+    torch.testing.assert_close(plain.get_input_embeddings().weight[:FROM], emb0[:FROM], rtol=0, atol=0)
+    with torch.no_grad():
+        torch.testing.assert_close(plain(input_ids=ids).logits, want, rtol=0, atol=1e-5)
+    assert torch.equal(model.get_input_embeddings().weight.detach(), emb0)  # unmerged again
