@@ -1,4 +1,4 @@
-"""`embeddings` / `lm_head` `new_rows` under DeepSpeed ZeRO-2 on 2 gloo ranks: only the new rows
+"""`embeddings` / `lm_head` `new_rows` under DeepSpeed ZeRO-2 and ZeRO-3 on 2 gloo ranks: only the new rows
 move (the full matrices stay bit-identical on every rank), the optimizer holds state for the
 new rows only (master + 2 Adam moments), and the new rows follow a single-process AdamW run on
 the same global batches."""
@@ -31,34 +31,35 @@ def _micro(step: int, micro: int, rank: int) -> dict:
     return {"input_ids": ids, "labels": ids.clone()}
 
 
-def _cfg() -> dict:
+def _cfg(stage: int) -> dict:
     return {
         "train_micro_batch_size_per_gpu": 2,
         "gradient_accumulation_steps": GAS,
         "optimizer": {"type": "AdamW",
                       "params": {"lr": LR, "weight_decay": WD, "eps": EPS, "torch_adam": True}},
-        "zero_optimization": {"stage": 2},
+        "zero_optimization": {"stage": stage},
         "steps_per_print": 10**6,
     }
 
 
-def _body(rank: int, world: int) -> dict:
+def _body(rank: int, world: int, stage: int) -> dict:
     from layerfreeze.engines.deepspeed import DeepSpeedRunner
+    from layerfreeze.engines.partition import gathered
 
     model = _model()
-    runner = DeepSpeedRunner(model, _cfg(), plan=PLAN)
+    runner = DeepSpeedRunner(model, _cfg(stage), plan=PLAN)
     for s in range(STEPS):
         runner.train_step([_micro(s, m, rank) for m in range(GAS)])
     counts = runner.optimizer_state_numel()
     mod = runner.engine.module
-    return {
-        "emb": mod.get_input_embeddings().weight.detach().clone(),
-        "head": mod.get_output_embeddings().weight.detach().clone(),
-        "emb_rows": mod.get_input_embeddings().new_rows_weight.detach().clone(),
-        "head_rows": mod.get_output_embeddings().new_rows_weight.detach().clone(),
-        "counts": counts,
-        "trainable": sorted(n for n, p in mod.named_parameters() if p.requires_grad),
-    }
+    emb, head = mod.get_input_embeddings(), mod.get_output_embeddings()
+    tensors = [emb.weight, head.weight, emb.new_rows_weight, head.new_rows_weight]
+    with gathered(tensors):
+        out = dict(zip(["emb", "head", "emb_rows", "head_rows"],
+                       [t.detach().clone() for t in tensors], strict=True))
+    out["counts"] = counts
+    out["trainable"] = sorted(n for n, p in mod.named_parameters() if p.requires_grad)
+    return out
 
 
 def _reference() -> dict:
@@ -77,8 +78,9 @@ def _reference() -> dict:
             "head_rows": model.get_output_embeddings().new_rows_weight.detach()}
 
 
-def test_zero2_trains_only_new_rows_and_holds_state_for_them_only():
-    res = run_distributed(_body, world_size=WORLD)
+@pytest.mark.parametrize("stage", [2, 3])
+def test_zero_trains_only_new_rows_and_holds_state_for_them_only(stage):
+    res = run_distributed(_body, world_size=WORLD, args=(stage,))
     ref = _reference()
     base = _model()
     emb0 = base.get_input_embeddings().weight.detach()
