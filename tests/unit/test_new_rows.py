@@ -256,3 +256,27 @@ def test_export_merged_is_a_plain_checkpoint_with_the_trained_rows(tmp_path, tie
     with torch.no_grad():
         torch.testing.assert_close(plain(input_ids=ids).logits, want, rtol=0, atol=1e-5)
     assert torch.equal(model.get_input_embeddings().weight.detach(), emb0)  # unmerged again
+
+
+def test_save_and_load_trainable_restores_the_new_rows(tmp_path):
+    """save_trainable / load_trainable (the resume path's trainable state) round-trip the
+    new rows onto a fresh base model: same logits, old rows still the base's."""
+    from layerfreeze.apply import apply_plan
+    from layerfreeze.export import load_trainable, save_trainable
+
+    plan = f"1:full,embeddings:new_rows(from_id={FROM}),lm_head:new_rows(from_id={FROM})"
+    model = _model(VOCAB, False).train()
+    applied = apply_plan(model, plan, log=False)
+    _train(model, applied)
+    model.eval()
+    ids = torch.tensor([[1, 5, FROM, VOCAB - 1, 50, FROM + 3]])
+    with torch.no_grad():
+        want = model(input_ids=ids).logits
+    save_trainable(applied, tmp_path / "t")
+    fresh = _model(VOCAB, False).eval()
+    emb0 = fresh.get_input_embeddings().weight.detach().clone()
+    loaded = load_trainable(fresh, tmp_path / "t")
+    assert "lm_head.new_rows_weight" in loaded.trainable_names()
+    with torch.no_grad():
+        torch.testing.assert_close(fresh(input_ids=ids).logits, want, rtol=0, atol=0)
+    assert torch.equal(fresh.get_input_embeddings().weight.detach(), emb0)
