@@ -15,8 +15,9 @@ each new row:
   ``len(old_tokenizer)``).
 
 Rows of the old ids are bit-identical afterwards. Means are computed in float32 and cast to the
-weight's dtype. Partitioned (ZeRO-3) parameters and Megatron's vocabulary-parallel embedding
-are not handled here and are refused with a clear error.
+weight's dtype. Under DeepSpeed ZeRO-3 (a model loaded with a live ``HfDeepSpeedConfig``, so
+transformers' resize gathers the partitions) the rows are written on gathered weights; call it
+on every rank. Megatron's vocabulary-parallel embedding is not handled here.
 """
 
 from __future__ import annotations
@@ -25,6 +26,9 @@ from dataclasses import dataclass
 from typing import Any
 
 import torch
+from transformers.integrations import is_deepspeed_zero3_enabled
+
+from layerfreeze.engines.partition import full_shape, gathered, is_partition_managed
 
 INITS = ("subtoken_mean", "mean")
 
@@ -78,10 +82,6 @@ def subtoken_ids(old_tokenizer: Any, new_tokenizer: Any, new_id: int) -> list[in
     return list(old_tokenizer.encode(text, add_special_tokens=False))
 
 
-def _is_partitioned(param: torch.Tensor) -> bool:
-    from layerfreeze.engines.partition import is_partition_managed
-
-    return is_partition_managed(param) or param.numel() == 0
 
 
 def resize_for_new_tokens(
@@ -94,7 +94,7 @@ def resize_for_new_tokens(
 
     Args:
         model: a transformers ``PreTrainedModel`` (causal LM) whose embedding has at least
-            ``len(old_tokenizer)`` rows, on one process (not ZeRO-3 partitioned).
+            ``len(old_tokenizer)`` rows (ZeRO-3 partitioned: call on every rank).
         old_tokenizer: the tokenizer the model was trained with.
         new_tokenizer: the same tokenizer with new tokens appended (every old id kept).
         init: ``"subtoken_mean"`` or ``"mean"`` (see the module docstring).
@@ -104,8 +104,8 @@ def resize_for_new_tokens(
 
     Raises:
         ValueError: an unknown ``init``, a new tokenizer that drops or moves an old id or is
-            smaller than the old one, an embedding smaller than the old tokenizer, or
-            partitioned (ZeRO-3) parameters.
+            smaller than the old one, an embedding smaller than the old tokenizer, or ZeRO-3
+            parameters without transformers' ZeRO-3 integration.
     """
     if init not in INITS:
         raise ValueError(f"init: unknown init {init!r}. Valid: {', '.join(INITS)}.")
@@ -118,13 +118,13 @@ def resize_for_new_tokens(
     _check_prefix(old_tokenizer, new_tokenizer)
     emb = model.get_input_embeddings()
     head = model.get_output_embeddings()
-    if _is_partitioned(emb.weight) or (head is not None and _is_partitioned(head.weight)):
+    if is_partition_managed(emb.weight) and not is_deepspeed_zero3_enabled():
         raise ValueError(
-            "model: the embedding is partitioned (DeepSpeed ZeRO-3); resize_for_new_tokens "
-            "runs on the full model before the engine is built. Resize first, then initialise "
-            "DeepSpeed."
+            "model: the embedding is a DeepSpeed ZeRO-3 parameter but transformers' ZeRO-3 "
+            "integration is off (no live HfDeepSpeedConfig), so resize_token_embeddings cannot "
+            "gather it. Keep an HfDeepSpeedConfig alive while loading and resizing the model."
         )
-    old_rows = emb.weight.shape[0]
+    old_rows = full_shape(emb.weight)[0]
     if old_rows < n_old:
         raise ValueError(
             f"model: the embedding has {old_rows} rows, fewer than the old tokenizer's "
@@ -153,14 +153,18 @@ def resize_for_new_tokens(
     targets = [emb.weight]
     if head is not None and not tied:
         targets.append(head.weight)
-    with torch.no_grad():
+    bias = getattr(head, "bias", None) if head is not None else None
+    # ZeRO-3 (parameters still partitioned, e.g. no growth was needed): write on a gathered
+    # copy, rank 0's values broadcast; a no-op for plain parameters (transformers' resize
+    # builds plain ones).
+    with gathered([*targets, *([bias] if bias is not None else [])], modifier_rank=0), \
+            torch.no_grad():
         for weight in targets:
             old = weight[:n_old].float()
             mean = old.mean(dim=0)
             for i in new_ids:
                 row = old[subs[i]].mean(dim=0) if i in subs else mean
                 weight[i] = row.to(weight.dtype)
-        bias = getattr(head, "bias", None) if head is not None else None
         if bias is not None and bias.shape[0] >= n_new:
             old_b = bias[:n_old].float()
             for i in new_ids:
@@ -168,7 +172,7 @@ def resize_for_new_tokens(
                 bias[i] = val.to(bias.dtype)
     return ResizeReport(
         old_rows=old_rows,
-        new_rows=model.get_input_embeddings().weight.shape[0],
+        new_rows=full_shape(model.get_input_embeddings().weight)[0],
         first_new_id=n_old,
         initialised=len(new_ids),
         init=init,
