@@ -83,3 +83,32 @@ def test_plan_two_from_ids_in_one_schedule_are_refused():
         apply_plan(model, "embeddings:new_rows(from_id=100)",
                    install=["embeddings:new_rows(from_id=90)"], log=False)
     assert not any("new_rows" in n for n, _ in model.named_parameters())
+
+
+def test_peft_export_refuses_new_rows_instead_of_dropping_them(tmp_path):
+    """A PEFT LoRA adapter cannot carry trained vocabulary rows: the export says so (naming the
+    part) and writes nothing."""
+    from layerfreeze.apply import apply_plan
+    from layerfreeze.interop.peft import export_peft
+
+    applied = apply_plan(_model(128), "0:lora(r=2),embeddings:new_rows(from_id=100)", log=False)
+    with pytest.raises(ValueError, match=r"embeddings: new_rows\(from_id=100\)"):
+        export_peft(applied, tmp_path / "peft")
+    assert not (tmp_path / "peft").exists()
+
+
+def test_cli_plan_from_id_out_of_range_exits_2_with_one_line(tmp_path):
+    import subprocess
+    import sys
+
+    _model(128).save_pretrained(str(tmp_path / "m"))
+    r = subprocess.run(
+        [sys.executable, "-m", "layerfreeze", "plan", "--model", str(tmp_path / "m"), "--plan",
+         "0:full,embeddings:new_rows(from_id=200)", "--count"],
+        capture_output=True, text=True, timeout=600,
+    )
+    assert r.returncode == 2, r.stderr
+    errors = [x for x in r.stderr.splitlines() if "ERROR" in x or "error" in x.lower()]
+    assert len(errors) == 1 and "plan.embeddings: new_rows from_id=200 is out of range for 128 " \
+        "rows (valid 0-127)" in errors[0]
+    assert "Traceback" not in r.stderr
