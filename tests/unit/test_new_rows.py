@@ -226,10 +226,14 @@ def test_docs_example_runs(repo_root, tokenizers):
     assert model.get_input_embeddings().new_rows_weight.shape == (len(new) - len(old), 32)
 
 
+@pytest.mark.parametrize("streamed", [False, True], ids=["whole", "streamed"])
 @pytest.mark.parametrize("tied", [True, False], ids=["tied", "untied"])
-def test_export_merged_is_a_plain_checkpoint_with_the_trained_rows(tmp_path, tied):
-    """export_merged: new rows fold into the full matrices, no sidecar is needed, a plain
-    AutoModelForCausalLM load gives the trained model's logits, the model is left unmerged."""
+def test_export_merged_is_a_plain_checkpoint_with_the_trained_rows(tmp_path, tied, streamed):
+    """export_merged (whole, and streamed one layer group at a time as under ZeRO-3): new rows
+    fold into the full matrices, no sidecar is needed, a plain AutoModelForCausalLM load gives
+    the trained model's logits, the model is left unmerged."""
+    from contextlib import nullcontext
+
     from transformers import AutoModelForCausalLM
 
     from layerfreeze.apply import apply_plan
@@ -244,7 +248,8 @@ def test_export_merged_is_a_plain_checkpoint_with_the_trained_rows(tmp_path, tie
     ids = torch.tensor([[1, 5, FROM, VOCAB - 1, 50, FROM + 3]])
     with torch.no_grad():
         want = model(input_ids=ids).logits
-    out = export_merged(applied, tmp_path / "exp")
+    gather = (lambda names: nullcontext()) if streamed else None
+    out = export_merged(applied, tmp_path / "exp", gather=gather)
     cfg = (out / "config.json").read_text()
     from safetensors.torch import load_file
 
