@@ -212,11 +212,20 @@ def check_plans(model: nn.Module, layout: ModelLayout, plans: list[tuple[str, An
     module across the plans of a schedule."""
     problems: list[str] = []
     seen: dict[str, tuple[int, str]] = {}
+    full = {part: next((p for p, r in plans if r.non_layer(part).name == "full"), None)
+            for part in ("embeddings", "lm_head")}
     for path, resolved in plans:
         for part in ("embeddings", "lm_head"):
             spec = resolved.non_layer(part)
             if spec.name != "new_rows":
                 continue
+            if full[part] is not None:
+                # The hook would keep overriding rows >= from_id with the (then frozen) new-rows
+                # parameter, so `full` would silently not train them.
+                problems.append(
+                    f"{path}.{part}: new_rows cannot share a schedule with {part}: full (in "
+                    f"{full[part]}). Use new_rows or freeze for {part} in every phase."
+                )
             where = f"{path}.{part}"
             get = "get_input_embeddings" if part == "embeddings" else "get_output_embeddings"
             if not callable(getattr(model, get, None)) or getattr(model, get)() is None:

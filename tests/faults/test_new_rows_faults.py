@@ -112,3 +112,15 @@ def test_cli_plan_from_id_out_of_range_exits_2_with_one_line(tmp_path):
     assert len(errors) == 1 and "plan.embeddings: new_rows from_id=200 is out of range for 128 " \
         "rows (valid 0-127)" in errors[0]
     assert "Traceback" not in r.stderr
+
+
+def test_schedule_mixing_new_rows_and_full_on_one_part_is_refused():
+    from layerfreeze.apply import apply_plan
+    from layerfreeze.errors import ConfigError
+
+    model = _model(128)
+    with pytest.raises(ConfigError, match=r"plan\.embeddings: new_rows cannot share a schedule "
+                                          r"with embeddings: full \(in install\[0\]\)"):
+        apply_plan(model, "embeddings:new_rows(from_id=100)", install=["embeddings:full"],
+                   log=False)
+    assert not any("new_rows" in n for n, _ in model.named_parameters())

@@ -285,3 +285,25 @@ def test_save_and_load_trainable_restores_the_new_rows(tmp_path):
     with torch.no_grad():
         torch.testing.assert_close(fresh(input_ids=ids).logits, want, rtol=0, atol=0)
     assert torch.equal(fresh.get_input_embeddings().weight.detach(), emb0)
+
+
+def test_schedule_switch_new_rows_then_freeze():
+    """A schedule phase with embeddings new_rows, then one with embeddings frozen: the rows move
+    in the first phase only; a layer trained in both phases keeps training."""
+    from layerfreeze.apply import apply_plan
+
+    model = _model(VOCAB, False).train()
+    p0 = f"0:full,embeddings:new_rows(from_id={FROM})"
+    p1 = "0:full"
+    applied = apply_plan(model, p0, install=[p1], log=False)
+    rows = model.get_input_embeddings().new_rows_weight
+    start = rows.detach().clone()
+    _train(model, applied, steps=2)
+    after0 = rows.detach().clone()
+    assert not torch.equal(after0, start)
+    applied.switch_plan(p1)
+    assert not rows.requires_grad
+    q0 = model.model.layers[0].self_attn.q_proj.weight.detach().clone()
+    _train(model, applied, steps=2)
+    assert torch.equal(rows.detach(), after0)
+    assert not torch.equal(model.model.layers[0].self_attn.q_proj.weight.detach(), q0)
