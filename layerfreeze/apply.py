@@ -25,6 +25,11 @@ from layerfreeze.errors import ConfigError
 from layerfreeze.models import LayerInfo, ModelLayout, discover_layout, is_norm_module, param_numel
 from layerfreeze.plan import NON_LAYER_PARTS, LayerPlan, ResolvedPlan
 from layerfreeze.policies.base import PolicySpec
+from layerfreeze.policies.new_rows import PARAM as NEW_ROWS_PARAM
+from layerfreeze.policies.new_rows import check_plans as check_new_rows
+from layerfreeze.policies.new_rows import install_for_plan as install_new_rows_for_plan
+from layerfreeze.policies.new_rows import merge_new_rows, unmerge_new_rows
+from layerfreeze.policies.new_rows import merged_param_names as merged_new_rows_param_names
 from layerfreeze.registry import POLICIES, get_policy, load_builtin_policies
 from layerfreeze.utils.logging import get_logger, log_rank0
 from layerfreeze.utils.schema import to_dict
@@ -255,8 +260,11 @@ class AppliedPlan:
             trainable.update(f"{layer.name}.{n}" for n in self._layer_names(layer, spec))
         parts = self._partition()
         for part in NON_LAYER_PARTS:
-            if resolved.non_layer(part).name == "full":
-                trainable.update(parts[part])
+            name = resolved.non_layer(part).name
+            if name == "full":
+                trainable.update(n for n in parts[part] if not n.endswith(f".{NEW_ROWS_PARAM}"))
+            elif name == "new_rows":  # only the separate new-rows parameter trains
+                trainable.update(n for n in parts[part] if n.endswith(f".{NEW_ROWS_PARAM}"))
         return trainable
 
     def _resolve_installed(self, plan: LayerPlan | str | Mapping) -> tuple[LayerPlan, ResolvedPlan]:
@@ -476,11 +484,13 @@ class AppliedPlan:
         Returns:
             Qualified names of the base modules that now hold a merged update.
         """
-        return self._merge_or_unmerge(merge=True, layers=layers)
+        done = self._merge_or_unmerge(merge=True, layers=layers)
+        return done + (merge_new_rows(self.model) if layers is None else [])
 
     def unmerge(self, layers: Iterable[int] | None = None) -> list[str]:
         """Undo :meth:`merge` (exact up to float rounding). Returns the unmerged module names."""
-        return self._merge_or_unmerge(merge=False, layers=layers)
+        done = self._merge_or_unmerge(merge=False, layers=layers)
+        return done + (unmerge_new_rows(self.model) if layers is None else [])
 
     def _merge_or_unmerge(self, merge: bool, layers: Iterable[int] | None = None) -> list[str]:
         done: list[str] = []
@@ -517,7 +527,7 @@ class AppliedPlan:
         for name, mod in self.model.named_modules():
             if getattr(mod, "merged", False) is True and callable(getattr(mod, "unmerge", None)):
                 out.extend(f"{name}.{n}" for n, _ in mod.named_parameters())
-        return out
+        return out + merged_new_rows_param_names(self.model)
 
 
 # --------------------------------------------------------------------------- entry point
@@ -572,6 +582,9 @@ def apply_plan(
             continue
         problems.extend(check_plan(r, layout, path=path))
         resolved.append(r)
+    paths = ["plan"] + [f"install[{i}]" for i in range(len(plans) - 1)]
+    named = [(q, r) for q, r in zip(paths, resolved, strict=True) if r is not None]
+    problems.extend(check_new_rows(model, layout, named))
     if problems:
         raise ConfigError(problems)
     for i, r in enumerate(resolved):
@@ -592,6 +605,7 @@ def apply_plan(
         for layer, spec in _layer_specs(layout, r):
             names = get_policy(spec.name).apply(layer, spec, layout)
             applied._names[(layer.index, _spec_key(spec))] = frozenset(names)
+        install_new_rows_for_plan(model, layout, r, "plan" if p is plans[0] else "install")
     applied._set_requires_grad()
     if log:
         log_rank0(

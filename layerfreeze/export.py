@@ -41,6 +41,7 @@ from layerfreeze.data.tokenizer import save_tokenizer
 from layerfreeze.models import LayerInfo
 from layerfreeze.plan import LayerPlan, LayerRange, LayerRule
 from layerfreeze.policies.base import PolicySpec
+from layerfreeze.policies.new_rows import merge_new_rows, unmerge_new_rows
 from layerfreeze.registry import get_policy
 from layerfreeze.utils.io import atomic_directory, atomic_write_json, grant_umask_mode
 from layerfreeze.utils.logging import get_logger, log_rank0
@@ -355,7 +356,9 @@ def _export_streaming(
             with gather(names):
                 base = base_state_dict(model)  # inside the gather: the whole tensors
                 snapshot = {k: base[k].clone() for k in keys} if layer is not None else {}
-                merged = applied.merge(layers=[layer.index]) if layer is not None else []
+                # The group of non-layer parts holds the embeddings / head: fold new_rows there.
+                merged = (applied.merge(layers=[layer.index]) if layer is not None
+                          else merge_new_rows(model))
                 try:
                     merged_params = set(applied.merged_adapter_param_names())
                     if is_writer:
@@ -371,6 +374,8 @@ def _export_streaming(
                             fully_merged_policies(applied, [layer], all_adapters, merged_params)
                         )
                 finally:
+                    if layer is None:
+                        unmerge_new_rows(model)
                     if layer is not None:
                         applied.unmerge(layers=[layer.index])
                         with torch.no_grad():

@@ -63,6 +63,15 @@ PLAN_FILE_SUFFIXES: tuple[str, ...] = (".yaml", ".yml", ".json")
 #: Non-layer parts a plan gives an explicit policy (``freeze`` or ``full``).
 NON_LAYER_PARTS: tuple[str, ...] = ("embeddings", "final_norm", "lm_head")
 _NON_LAYER_POLICIES = ("freeze", "full")
+#: Policies only a non-layer part may use, with the parts that accept them.
+_PART_ONLY_POLICIES: dict[str, tuple[str, ...]] = {"new_rows": ("embeddings", "lm_head")}
+
+
+def _part_policies(key: str) -> tuple[str, ...] | None:
+    """Policies the plan key accepts (None: any layer policy)."""
+    if key == "default":
+        return None
+    return _NON_LAYER_POLICIES + tuple(n for n, ps in _PART_ONLY_POLICIES.items() if key in ps)
 _PLAN_KEYS = ("name", "default", *NON_LAYER_PARTS, "rules", "preset", "preset_args")
 
 _ENDPOINT = r"-?\d+(?:\.\d+)?%?"
@@ -231,6 +240,13 @@ def _policy_options(name: str, options: Mapping[str, Any], path: str, problems: 
                     allowed: tuple[str, ...] | None = None) -> PolicySpec | None:
     from layerfreeze.registry import get_policy, registered_names
 
+    if allowed is None and name in _PART_ONLY_POLICIES:
+        parts = " / ".join(_PART_ONLY_POLICIES[name])
+        problems.append(
+            f"{path}: policy {name!r} applies to the {parts} parts only, not to layers. Write "
+            f"e.g. embeddings: {name}(from_id=32000)."
+        )
+        return None
     if allowed is not None and name not in allowed:
         problems.append(
             f"{path}: policy must be one of {', '.join(allowed)} for this part, got {name!r}."
@@ -459,7 +475,7 @@ class LayerPlan:
             overrides: dict[str, PolicySpec] = {}
             for key in ("default", *NON_LAYER_PARTS):
                 if key in data:
-                    allowed = None if key == "default" else _NON_LAYER_POLICIES
+                    allowed = _part_policies(key)
                     s = parse_policy_spec(data[key], f"{path}.{key}", problems, allowed)
                     if s is not None:
                         overrides[key] = s
@@ -471,7 +487,7 @@ class LayerPlan:
         kwargs: dict[str, Any] = {}
         for key in ("default", *NON_LAYER_PARTS):
             if key in data:
-                allowed = None if key == "default" else _NON_LAYER_POLICIES
+                allowed = _part_policies(key)
                 s = parse_policy_spec(data[key], f"{path}.{key}", problems, allowed)
                 if s is not None:
                     kwargs[key] = s
@@ -563,7 +579,7 @@ class LayerPlan:
             if key in ("default", *NON_LAYER_PARTS):
                 if key in kwargs:
                     problems.append(f"{epath}: {key} given twice. Keep one entry.")
-                allowed = None if key == "default" else _NON_LAYER_POLICIES
+                allowed = _part_policies(key)
                 s = parse_policy_spec(pol, epath, problems, allowed)
                 if s is not None:
                     kwargs[key] = s

@@ -14,6 +14,7 @@ BUILTIN_POLICY_MODULES: tuple[str, ...] = (
     "layerfreeze.policies.full",
     "layerfreeze.policies.lora",
     "layerfreeze.policies.prefix",
+    "layerfreeze.policies.new_rows",
 )
 
 
