@@ -39,6 +39,7 @@ __all__ = [
     "PlanSummary",
     "apply_plan",
     "check_plan",
+    "refresh_base_tensors",
     "enable_gradient_checkpointing",
     "adapter_param_names",
     "ADAM_STATE_BYTES_PER_PARAM",
@@ -81,6 +82,15 @@ def _record_base_tensors(model: nn.Module) -> None:
         tensors = dict(model.state_dict(keep_vars=True))
         prefixes = _adapter_prefixes()
         model.__dict__[_BASE_ATTR] = {k: v for k, v in tensors.items() if not _is_adapter_name(k, prefixes)}
+
+
+def refresh_base_tensors(model: nn.Module) -> None:
+    """Re-record the base tensors after base modules were replaced in place (e.g. 4-bit layers
+    de-quantized back to ``nn.Linear`` by :func:`layerfreeze.quant.dequantize_model`): the record
+    holds the old modules' tensors by reference. No-op when nothing was recorded yet."""
+    if _BASE_ATTR in model.__dict__:
+        del model.__dict__[_BASE_ATTR]
+        _record_base_tensors(model)
 
 
 def base_state_dict(model: nn.Module) -> dict[str, torch.Tensor]:

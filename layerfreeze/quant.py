@@ -206,7 +206,7 @@ def dequantize_model(model: nn.Module) -> list[str]:
     Returns:
         Qualified names of the dequantized linears.
     """
-    from layerfreeze import apply as _apply
+    from layerfreeze.apply import refresh_base_tensors
 
     names = quantized_linears(model)
     for name in names:
@@ -219,10 +219,8 @@ def dequantize_model(model: nn.Module) -> list[str]:
             lin.bias = nn.Parameter(q.bias.detach().clone(), requires_grad=q.bias.requires_grad)
         lin.train(q.training)
         _replace(model, name, q, lin)
-    if names and _apply._BASE_ATTR in model.__dict__:
-        # The record holds the 4-bit tensors by reference; the export must read the new ones.
-        del model.__dict__[_apply._BASE_ATTR]
-        _apply._record_base_tensors(model)
+    if names:  # the base record holds the 4-bit tensors by reference; the export reads the new
+        refresh_base_tensors(model)
     return names
 
 
