@@ -22,6 +22,7 @@ from __future__ import annotations
 import argparse
 import sys
 from pathlib import Path
+from typing import Any
 
 from layerfreeze.errors import ConfigError
 from layerfreeze.utils.io import OVERWRITE_HELP, check_output_path
@@ -309,14 +310,9 @@ def _run_snr_only(args: argparse.Namespace) -> int:
         "layers": [{"layer": i, "snr": v} for i, v in enumerate(section["per_layer"])],
         "snr": section,
     }
-    rec = None
-    if args.recommend:
-        try:
-            rec = recommend(result, config, args.budget, args.family, args.score_weights)
-        except (ValueError, ConfigError) as e:
-            logger.error("%s", e)
-            return 2
-        result["recommendation"] = rec.to_dict()
+    rec, failed = _recommend_into(result, config, args)
+    if failed:
+        return 2
     with atomic_directory(args.out, overwrite=True) as staging:
         atomic_write_json(Path(staging) / "trace.json", result)
         files = ["trace.json", *write_snr(section, staging)]
@@ -453,14 +449,9 @@ def run(args: argparse.Namespace) -> int:
         from layerfreeze.utils.dist import get_world_size
 
         result["model"]["zero3_world_size"] = get_world_size()
-    rec = None
-    if args.recommend:
-        try:
-            rec = recommend(result, model, args.budget, args.family, args.score_weights)
-        except (ValueError, ConfigError) as e:
-            logger.error("%s", e)
-            return 2
-        result["recommendation"] = rec.to_dict()
+    rec, failed = _recommend_into(result, model, args)
+    if failed:
+        return 2
     del engine  # --zero3: no forward after this point
     if not writer:  # --zero3: every rank computed the same numbers; rank 0 writes them
         return 0
@@ -510,3 +501,19 @@ def _load_zero3(args: argparse.Namespace, dtype):
         held, whole,
     )
     return model, functools.partial(deepspeed.gathered_parameters, model), get_rank() == 0, engine
+
+
+def _recommend_into(result: dict, model_or_config: Any, args: argparse.Namespace) -> tuple[Any, bool]:
+    """``--recommend``: the plan from ``result`` stored in it as ``recommendation``; returns
+    ``(recommendation or None, failed)``, the error logged in one line when it failed."""
+    if not args.recommend:
+        return None, False
+    from layerfreeze.diagnostics.recommend import recommend
+
+    try:
+        rec = recommend(result, model_or_config, args.budget, args.family, args.score_weights)
+    except (ValueError, ConfigError) as e:
+        logger.error("%s", e)
+        return None, True
+    result["recommendation"] = rec.to_dict()
+    return rec, False
