@@ -59,23 +59,6 @@ def _megatron_logits(model, ids) -> torch.Tensor:
         return model(ids, position_ids(ids), None)
 
 
-@pytest.fixture
-def tp1():
-    """megatron-core on the CPU with TP=1, PP=1 in this process (torn down afterwards)."""
-    from tests.helpers.megatron import (
-        destroy_model_parallel,
-        init_model_parallel,
-        megatron_cpu_shim,
-    )
-
-    with megatron_cpu_shim():
-        init_model_parallel(tp=1, pp=1)
-        try:
-            yield
-        finally:
-            destroy_model_parallel()
-
-
 def _sd_without_tied_head(hf) -> dict[str, torch.Tensor]:
     sd = dict(hf.state_dict())
     if hf.config.tie_word_embeddings:

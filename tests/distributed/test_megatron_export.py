@@ -177,22 +177,6 @@ def _export_body(tp: int, spec, hf_dir: str, out_dir: str, seed_shift: int = 0):
 # ------------------------------------------------------------------ single process (TP=1)
 
 
-@pytest.fixture
-def tp1():
-    from tests.helpers.megatron import (
-        destroy_model_parallel,
-        init_model_parallel,
-        megatron_cpu_shim,
-    )
-
-    with megatron_cpu_shim():
-        init_model_parallel(tp=1, pp=1)
-        try:
-            yield
-        finally:
-            destroy_model_parallel()
-
-
 @pytest.mark.parametrize(
     "spec", [HLPT, HLPT_PAPER, LORA_ALL], ids=["hlpt_branch", "hlpt_paper", "lora_all"]
 )

@@ -130,22 +130,6 @@ def _check(out: dict, exact: torch.Tensor, unmasked: torch.Tensor, padded: int) 
     torch.testing.assert_close(out["trained_loss"], out["trained_real_ce"], rtol=0, atol=1e-5)
 
 
-@pytest.fixture
-def tp1():
-    from tests.helpers.megatron import (
-        destroy_model_parallel,
-        init_model_parallel,
-        megatron_cpu_shim,
-    )
-
-    with megatron_cpu_shim():
-        init_model_parallel(tp=1, pp=1)
-        try:
-            yield
-        finally:
-            destroy_model_parallel()
-
-
 def test_tp1_padded_vocab_masked_gives_hf_per_token_losses(tp1):
     hf = _hf()
     ids = tiny_batch(VOCAB, batch=2, seq=8)
