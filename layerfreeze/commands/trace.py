@@ -228,19 +228,7 @@ def _check(args: argparse.Namespace):
         layer_stability_scale=args.layer_stability_scale,
         tolerance=args.tolerance,
     )
-    if args.score_weights is not None and not args.recommend:
-        raise ValueError("--score-weights: only used with --recommend; add --recommend.")
-    if args.recommend:
-        from layerfreeze.diagnostics.recommend import parse_weights
-
-        if args.score_weights is not None:  # None: the defaults of the trace's components
-            args.score_weights = parse_weights(args.score_weights)
-        if args.budget is None:
-            raise ValueError("--budget: required with --recommend (a fraction such as 0.25).")
-        if not 0 < args.budget <= 1:
-            raise ValueError(f"--budget: must be a fraction in (0, 1], got {args.budget}.")
-    elif args.budget is not None:
-        raise ValueError("--budget: only used with --recommend; add --recommend.")
+    _check_recommend_options(args)
     is_bench = len(args.probe) == 1 and args.probe[0] in _BENCHMARKS
     if not is_bench and any(p in _BENCHMARKS for p in args.probe):
         raise ValueError(
@@ -267,14 +255,14 @@ def _check(args: argparse.Namespace):
     return settings, is_bench
 
 
-def _check_snr_only(args: argparse.Namespace) -> None:
-    """The checks of ``--measures snr`` alone (no probe, no model load)."""
+def _check_recommend_options(args: argparse.Namespace) -> None:
+    """``--recommend`` / ``--budget`` / ``--score-weights`` (parsed in place), for every path."""
     if args.score_weights is not None and not args.recommend:
         raise ValueError("--score-weights: only used with --recommend; add --recommend.")
     if args.recommend:
         from layerfreeze.diagnostics.recommend import parse_weights
 
-        if args.score_weights is not None:
+        if args.score_weights is not None:  # None: the defaults of the trace's components
             args.score_weights = parse_weights(args.score_weights)
         if args.budget is None:
             raise ValueError("--budget: required with --recommend (a fraction such as 0.25).")
@@ -282,6 +270,11 @@ def _check_snr_only(args: argparse.Namespace) -> None:
             raise ValueError(f"--budget: must be a fraction in (0, 1], got {args.budget}.")
     elif args.budget is not None:
         raise ValueError("--budget: only used with --recommend; add --recommend.")
+
+
+def _check_snr_only(args: argparse.Namespace) -> None:
+    """The checks of ``--measures snr`` alone (no probe, no model load)."""
+    _check_recommend_options(args)
     from layerfreeze.modeling import check_weight_files
 
     check_weight_files(args.model, "--model")
