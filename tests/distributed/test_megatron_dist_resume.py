@@ -105,26 +105,12 @@ def _token_losses(runner) -> torch.Tensor:
     ).view(2, -1)
 
 
-def _weights(seed: int) -> dict:
-    from tests.helpers.megatron import (
-        build_tiny_gpt,
-        destroy_model_parallel,
-        full_state_dict,
-        init_model_parallel,
-    )
-
-    init_model_parallel(tp=1, pp=1)
-    full = full_state_dict(build_tiny_gpt(tp=1, seed=seed))
-    destroy_model_parallel()
-    return full
-
-
 def _body(rank, world_size, tmp):
-    from tests.helpers.megatron import megatron_cpu_shim
+    from tests.helpers.megatron import megatron_cpu_shim, reference_weights
 
     out: dict = {"straight": {}, "cases": []}
     with megatron_cpu_shim():
-        base, other = _weights(3), _weights(9)
+        base, other = reference_weights(3), reference_weights(9)
         for layout in sorted({a for a, _, _ in CASES}):
             r = _runner(layout, base)
             out["straight"][layout] = [r.train_step(_window(s)).loss for s in range(4)]

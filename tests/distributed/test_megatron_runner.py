@@ -63,20 +63,6 @@ def _model(tp: int, pp: int, full: dict | None = None, seed: int = 3):
     return model
 
 
-def _reference_weights(seed: int = 3) -> dict:
-    from tests.helpers.megatron import (
-        build_tiny_gpt,
-        destroy_model_parallel,
-        full_state_dict,
-        init_model_parallel,
-    )
-
-    init_model_parallel(tp=1, pp=1)
-    full = full_state_dict(build_tiny_gpt(tp=1, seed=seed))
-    destroy_model_parallel()
-    return full
-
-
 def _np(tensors):
     """Tensors as numpy arrays (returned from a spawned rank by value, not shared memory)."""
     if tensors is None:
@@ -249,11 +235,11 @@ def test_tp2_matches_tp1_and_keeps_frozen_weights_bit_identical():
 def _pp_body(rank, world_size):
     from megatron.core import parallel_state as ps
 
-    from tests.helpers.megatron import megatron_cpu_shim
+    from tests.helpers.megatron import megatron_cpu_shim, reference_weights
 
     steps = 2
     with megatron_cpu_shim():
-        full = _reference_weights()
+        full = reference_weights()
         out = {}
         for pp in (1, 2):
             runner = _runner(_model(tp=1, pp=pp, full=full), plan=BOUNDARY_PLAN)
@@ -409,11 +395,11 @@ def test_phase_switch_carries_optimizer_state_and_resume_is_exact():
 def _layouts_body(rank, world_size):
     import os
 
-    from tests.helpers.megatron import megatron_cpu_shim
+    from tests.helpers.megatron import megatron_cpu_shim, reference_weights
 
     with megatron_cpu_shim():
         tmp = _shared_tmp()
-        full = _reference_weights()
+        full = reference_weights()
         out = {}
         runner = _runner(_model(tp=2, pp=1, full=full), plan="freeze_deep")
         _train(runner, 2)
@@ -484,12 +470,12 @@ def test_trainable_checkpoint_moves_between_tp_and_pp_layouts():
 def _adapters_body(rank, world_size):
     import os
 
-    from tests.helpers.megatron import megatron_cpu_shim, tiny_tokens
+    from tests.helpers.megatron import megatron_cpu_shim, reference_weights, tiny_tokens
 
     ids = tiny_tokens(batch=2, seq=8, seed=77)
     with megatron_cpu_shim():
         tmp = _shared_tmp()
-        full = _reference_weights()
+        full = reference_weights()
         runner = _runner(_model(tp=2, pp=1, full=full), plan="hlpt_branch", lr=2e-2)
         _train(runner, 2)
         trained = runner.eval_model()(ids)
@@ -803,13 +789,14 @@ def _vp_body(rank, world_size):
         init_model_parallel,
         load_full_weights,
         megatron_cpu_shim,
+        reference_weights,
         tiny_tokens,
     )
 
     ids = tiny_tokens(batch=2, seq=8, seed=31)
     with megatron_cpu_shim():
         tmp = _shared_tmp()
-        full = _reference_weights()
+        full = reference_weights()
         runner = _runner(_model(tp=1, pp=1, full=full), plan=BOUNDARY_PLAN)
         ref = _train(runner, 2)
         ref_logits = runner.eval_model()(ids)

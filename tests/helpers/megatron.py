@@ -47,6 +47,7 @@ __all__ = [
     "forward_logits",
     "gather_tp_logits",
     "full_state_dict",
+    "reference_weights",
     "load_full_weights",
 ]
 
@@ -376,6 +377,15 @@ def _global_key(model, name: str) -> str:
 def full_state_dict(model) -> dict[str, torch.Tensor]:
     """Parameters of a TP=1 single-stage model keyed by global name (cloned)."""
     return {_global_key(model, n): p.detach().clone() for n, p in model.named_parameters()}
+
+
+def reference_weights(seed: int = 3) -> dict[str, torch.Tensor]:
+    """The TP=1 tiny model's weights for ``seed`` by global name, built in a TP=1 model-parallel
+    state that is torn down again (every layout then loads the same model)."""
+    init_model_parallel(tp=1, pp=1)
+    full = full_state_dict(build_tiny_gpt(tp=1, seed=seed))
+    destroy_model_parallel()
+    return full
 
 
 def _shard(param: torch.Tensor, full: torch.Tensor) -> torch.Tensor:
