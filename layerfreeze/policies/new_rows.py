@@ -135,6 +135,12 @@ def install_new_rows(module: nn.Module, from_id: int, kind: str, path: str,
     return shared
 
 
+def new_rows_from_id(module: nn.Module) -> int | None:
+    """The ``from_id`` of the ``new_rows_weight`` installed on ``module`` (None: not installed)."""
+    state = module.__dict__.get(_STATE)
+    return None if state is None else state["from_id"]
+
+
 def new_rows_modules(model: nn.Module) -> list[nn.Module]:
     """Modules of ``model`` carrying ``new_rows_weight`` (each once)."""
     return [m for m in model.modules() if _STATE in m.__dict__]
