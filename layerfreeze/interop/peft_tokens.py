@@ -217,6 +217,12 @@ def read_token_entries(cfg: dict, tokens: dict[str, torch.Tensor], where: str) -
     spec = cfg.get(TOKENS_CONFIG_KEY)
     if not spec and not tokens:
         return []
+    if spec is None:
+        raise ValueError(
+            f"{where}: trainable-token tensors for {sorted(tokens)} have no "
+            f"{TOKENS_CONFIG_KEY} in the config; the adapter is incomplete."
+        )
+    labels = {}
     if isinstance(spec, list):
         if len(tokens) != 1:
             raise ValueError(
@@ -224,6 +230,7 @@ def read_token_entries(cfg: dict, tokens: dict[str, torch.Tensor], where: str) -
                 f"hold trainable tokens for {sorted(tokens) or 'no module'}."
             )
         spec = {next(iter(tokens)): spec}
+        labels[next(iter(tokens))] = f"{TOKENS_CONFIG_KEY} (a list: {next(iter(tokens))})"
     if not isinstance(spec, dict):
         raise ValueError(
             f"{where}: {TOKENS_CONFIG_KEY} must be a list of token ids or a dict of module name -> "
@@ -231,33 +238,34 @@ def read_token_entries(cfg: dict, tokens: dict[str, torch.Tensor], where: str) -
         )
     entries, used = [], set()
     for key, idx in spec.items():
+        label = labels.get(key, f"{TOKENS_CONFIG_KEY}[{key!r}]")
         if not (
             isinstance(idx, list)
             and idx
             and all(isinstance(i, int) and not isinstance(i, bool) and i >= 0 for i in idx)
         ):
             raise ValueError(
-                f"{where}: {TOKENS_CONFIG_KEY}[{key!r}] must be a non-empty list of token ids "
+                f"{where}: {label} must be a non-empty list of token ids "
                 f"(ints >= 0), got {idx!r}."
             )
         start = idx[0]
         if idx != list(range(start, start + len(idx))):
             raise ValueError(
-                f"{where}: {TOKENS_CONFIG_KEY}[{key!r}] is not one ascending run of ids (got "
+                f"{where}: {label} is not one ascending run of ids (got "
                 f"{idx[:6]}{' ...' if len(idx) > 6 else ''}); layerfreeze's new_rows(from_id=N) "
                 "trains the contiguous rows from N to the last row only."
             )
         match = [n for n in tokens if n == key or n.endswith("." + key)]
         if len(match) != 1:
             raise ValueError(
-                f"{where}: {TOKENS_CONFIG_KEY}[{key!r}] matches {len(match)} trainable-token "
+                f"{where}: {label} matches {len(match)} trainable-token "
                 f"tensors ({sorted(tokens)}); expected one."
             )
         rows = tokens[match[0]]
         if rows.dim() != 2 or rows.shape[0] != len(idx):
             raise ValueError(
                 f"{where}: {match[0]}{_SUFFIX} has shape {tuple(rows.shape)}, but "
-                f"{TOKENS_CONFIG_KEY}[{key!r}] lists {len(idx)} ids; expected ({len(idx)}, hidden)."
+                f"{label} lists {len(idx)} ids; expected ({len(idx)}, hidden)."
             )
         used.add(match[0])
         entries.append(TokenEntry(match[0], start, start + len(idx), rows))
