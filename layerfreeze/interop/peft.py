@@ -176,7 +176,14 @@ def peft_export_problems(applied: AppliedPlan) -> list[str]:
     problems += tokens_fmt.token_export_problems(applied)
     entries = _entries(applied)
     if not entries and not problems:
-        problems.append("the plan installs no LoRA adapter, so there is nothing to export")
+        rows = tokens_fmt.token_parts(applied)
+        problems.append(
+            f"{rows[0].part}: new_rows(from_id={rows[0].from_id}) without any LoRA adapter: "
+            "PEFT's LoRA format needs target modules, and rows alone are a PEFT TRAINABLE_TOKENS "
+            "adapter, which export_peft does not write; add a lora rule to the plan"
+            if rows
+            else "the plan installs no LoRA adapter, so there is nothing to export"
+        )
     merged = [e.name for e in entries if getattr(e.adapter, "merged", False)]
     if merged:
         problems.append(

@@ -245,8 +245,7 @@ def read_token_entries(cfg: dict, tokens: dict[str, torch.Tensor], where: str) -
             and all(isinstance(i, int) and not isinstance(i, bool) and i >= 0 for i in idx)
         ):
             raise ValueError(
-                f"{where}: {label} must be a non-empty list of token ids "
-                f"(ints >= 0), got {idx!r}."
+                f"{where}: {label} must be a non-empty list of token ids (ints >= 0), got {idx!r}."
             )
         start = idx[0]
         if idx != list(range(start, start + len(idx))):

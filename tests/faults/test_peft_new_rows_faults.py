@@ -159,3 +159,16 @@ def test_biased_head_is_refused_on_export_and_nothing_is_written(tmp_path):
     assert lines == ["  - lm_head: the output head has a bias, which PEFT's trainable tokens drop "
                      "when they compute the head's logits (F.linear without bias)"]
     assert not (tmp_path / "out").exists()
+
+
+def test_new_rows_without_lora_is_refused_saying_what_would_work(tmp_path):
+    """PEFT's LoraConfig needs target modules (an empty list fails in get_peft_model); the rows
+    alone would be another PEFT type, which export_peft does not write: say so, name the part."""
+    applied = apply_plan(_model(), f"embeddings:new_rows(from_id={FROM})", log=False)
+    with pytest.raises(ValueError) as e:
+        export_peft(applied, tmp_path / "out")
+    lines = [x for x in str(e.value).splitlines() if x.startswith("  - ")]
+    assert len(lines) == 1
+    assert lines[0].startswith("  - embeddings: new_rows(from_id=100) without any LoRA adapter")
+    assert "TRAINABLE_TOKENS" in lines[0] and "add a lora rule" in lines[0]
+    assert not (tmp_path / "out").exists()
