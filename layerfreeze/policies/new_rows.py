@@ -82,8 +82,11 @@ def _embedding_hook(module: nn.Module, args: tuple, output: torch.Tensor) -> tor
     ids = args[0]
     new = getattr(module, PARAM)
     mask = ids >= start
-    rows = F.embedding((ids - start).clamp(min=0), new).to(output.dtype)
-    return torch.where(mask.unsqueeze(-1), rows, output)
+    rows = F.embedding((ids - start).clamp(min=0), new)
+    scale = getattr(module, "embed_scale", None)  # scaled embeddings (Gemma3) scale in forward
+    if scale is not None:
+        rows = rows * scale.to(new.dtype)
+    return torch.where(mask.unsqueeze(-1), rows.to(output.dtype), output)
 
 
 def _head_hook(module: nn.Module, args: tuple, output: torch.Tensor) -> torch.Tensor:

@@ -238,3 +238,29 @@ def test_cli_export_peft_carries_the_new_rows(tmp_path, capsys):
     assert cfg["trainable_token_indices"] == indices
     peft_model = PeftModel.from_pretrained(_fresh(tied, base), str(tmp_path / "out")).eval()
     torch.testing.assert_close(_logits(peft_model), ours, rtol=0, atol=1e-5)
+
+
+def test_scaled_embedding_new_rows_keep_the_scale_and_match_peft(tmp_path):
+    """Gemma3 scales its embedding output by embed_scale inside the module; the new rows must be
+    scaled too (PEFT's trainable tokens apply embed_scale): the model is unchanged at apply time,
+    and after training PEFT's model equals ours."""
+    from transformers import Gemma3ForCausalLM, Gemma3TextConfig
+
+    cfg = Gemma3TextConfig(hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+                           num_attention_heads=2, num_key_value_heads=1, head_dim=16,
+                           vocab_size=VOCAB)
+    torch.manual_seed(0)
+    model = Gemma3ForCausalLM(cfg).eval()
+    assert model.get_input_embeddings().embed_scale != 1
+    base = {k: v.clone() for k, v in model.state_dict().items()}
+    before = _logits(model)
+    applied = apply_plan(model, f"0-1:lora(r=2,alpha=4,target=[q_proj]),"
+                                f"embeddings:new_rows(from_id={FROM})", log=False)
+    torch.testing.assert_close(_logits(model), before, rtol=0, atol=0)
+    _train(model, applied, steps=2)
+    ours = _logits(model)
+    out = export_peft(applied, tmp_path / "a")
+    fresh = Gemma3ForCausalLM(cfg).eval()
+    fresh.load_state_dict(base)
+    peft_model = PeftModel.from_pretrained(fresh, str(out)).eval()
+    torch.testing.assert_close(_logits(peft_model), ours, rtol=0, atol=1e-5)
