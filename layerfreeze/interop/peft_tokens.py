@@ -207,6 +207,11 @@ class TokenEntry:
     rows: torch.Tensor
 
 
+def _matching(tokens: dict[str, torch.Tensor], key: str) -> list[str]:
+    """Token tensors a ``trainable_token_indices`` key selects (PEFT matches name suffixes)."""
+    return [n for n in tokens if n == key or n.endswith("." + key)]
+
+
 def read_token_entries(cfg: dict, tokens: dict[str, torch.Tensor], where: str) -> list[TokenEntry]:
     """Check ``trainable_token_indices`` against the token tensors.
 
@@ -254,7 +259,13 @@ def read_token_entries(cfg: dict, tokens: dict[str, torch.Tensor], where: str) -
                 f"{idx[:6]}{' ...' if len(idx) > 6 else ''}); layerfreeze's new_rows(from_id=N) "
                 "trains the contiguous rows from N to the last row only."
             )
-        match = [n for n in tokens if n == key or n.endswith("." + key)]
+        match = _matching(tokens, key)
+        if not match and any(
+            v == idx and _matching(tokens, k) for k, v in spec.items() if k != key
+        ):
+            # PEFT saves a head tied to the embedding through the embedding's rows only
+            # (same indices); it follows them
+            continue
         if len(match) != 1:
             raise ValueError(
                 f"{where}: {label} matches {len(match)} trainable-token "

@@ -172,3 +172,19 @@ def test_new_rows_without_lora_is_refused_saying_what_would_work(tmp_path):
     assert lines[0].startswith("  - embeddings: new_rows(from_id=100) without any LoRA adapter")
     assert "TRAINABLE_TOKENS" in lines[0] and "add a lora rule" in lines[0]
     assert not (tmp_path / "out").exists()
+
+
+def test_indices_without_any_rows_are_refused(tmp_path):
+    """A config naming both modules (same ids) with the rows tensor removed: not a tied head
+    PEFT saved through the embedding, but an incomplete adapter."""
+    d = _peft_adapter(tmp_path, list(range(FROM, VOCAB)))
+    cfg = json.loads((d / "adapter_config.json").read_text())
+    cfg["trainable_token_indices"] = {"embed_tokens": list(range(FROM, VOCAB)),
+                                      "lm_head": list(range(FROM, VOCAB))}
+    (d / "adapter_config.json").write_text(json.dumps(cfg))
+    tensors = load_file(str(d / "adapter_model.safetensors"))
+    save_file({k: v for k, v in tensors.items() if "token_adapter" not in k},
+              str(d / "adapter_model.safetensors"))
+    with pytest.raises(ValueError, match=r"trainable_token_indices\['embed_tokens'\] matches 0 "
+                                         r"trainable-token tensors"):
+        peft_plan(_model(), d)

@@ -167,15 +167,19 @@ def test_round_trip_through_peft_plan_and_load(tmp_path, case):
     torch.testing.assert_close(_logits(fresh), ours, rtol=0, atol=1e-6)
 
 
-@pytest.mark.parametrize("tied", [True, False], ids=["tied", "untied"])
-def test_peft_written_trainable_tokens_load_into_a_plan(tmp_path, tied):
+@pytest.mark.parametrize(
+    "tied, form", [(True, "list"), (True, "dict"), (False, "dict")],
+    ids=["tied-list", "tied-dict", "untied-dict"],
+)
+def test_peft_written_trainable_tokens_load_into_a_plan(tmp_path, tied, form):
     """An adapter PEFT itself saved with trainable_token_indices (a tail of rows; LoRA with a
-    trained B) loads into the plan peft_plan builds: our logits equal PEFT's."""
+    trained B) loads into the plan peft_plan builds: our logits equal PEFT's. With a tied head
+    and the dict form naming both modules, PEFT saves the embedding's rows only."""
     model = _model(tied)
     base = {k: v.clone() for k, v in model.state_dict().items()}
     tti = (
         list(range(FROM, VOCAB))
-        if tied
+        if form == "list"
         else {"embed_tokens": list(range(FROM, VOCAB)), "lm_head": list(range(FROM, VOCAB))}
     )
     pm = get_peft_model(
