@@ -268,3 +268,34 @@ def test_scaled_embedding_new_rows_keep_the_scale_and_match_peft(tmp_path):
     fresh.load_state_dict(base)
     peft_model = PeftModel.from_pretrained(fresh, str(out)).eval()
     torch.testing.assert_close(_logits(peft_model), ours, rtol=0, atol=1e-5)
+
+
+@pytest.mark.slow
+def test_vllm_refuses_the_trainable_tokens_as_vllm_compatibility_says(tmp_path):
+    """vLLM's own LoRA loader (0.33, CPU child process, tests/helpers/vllm_lora.py) on our
+    export of LoRA + new rows: refused on the trainable-token tensors, as vllm_compatibility
+    reports (vllm-project/vllm#36501)."""
+    import os
+
+    from tests.helpers.vllm_lora import VllmUnavailable, run_vllm_lora_jobs, vllm_missing
+
+    def unavailable(why):
+        if os.environ.get("LAYERFREEZE_WITH_VLLM") == "1":
+            pytest.fail(f"LAYERFREEZE_WITH_VLLM=1 but vLLM's LoRA loader is not available: {why}")
+        pytest.skip(f"vLLM's LoRA loader is not available: {why}")
+
+    if vllm_missing():
+        unavailable(vllm_missing())
+    _b, model, applied, _ = _trained(False, CASES["untied-both"][1])
+    assert any("vllm-project/vllm#36501" in p for p in vllm_compatibility(applied, 8))
+    model.config.architectures = [type(model).__name__]
+    model.config.save_pretrained(tmp_path / "base")
+    export_peft(applied, tmp_path / "adapter")
+    job = {"model_dir": str(tmp_path / "base"), "adapter_dir": str(tmp_path / "adapter"),
+           "max_lora_rank": 8, "out": str(tmp_path / "t.safetensors"), "lora_dtype": "auto"}
+    try:
+        res = run_vllm_lora_jobs([job], tmp_path / "child")["jobs"][0]
+    except VllmUnavailable as e:
+        unavailable(str(e))
+    assert res["status"] == "refused", res
+    assert "token_adapter.trainable_tokens_delta is unsupported LoRA weight" in res["error"], res
