@@ -97,7 +97,7 @@ def token_export_problems(applied: AppliedPlan) -> list[str]:
         return []
     problems = []
     model = applied.model
-    emb, head = _io_modules(model)
+    _emb, head = _io_modules(model)
     for p in parts:
         module = model.get_submodule(p.module)
         kind = nn.Embedding if p.part == "embeddings" else nn.Linear
