@@ -9,8 +9,9 @@ Examples::
 
 ``--adapter-dir`` is a directory written by ``layerfreeze.export.save_trainable`` (``plan.json``
 + ``adapter.safetensors``); ``--model`` the base checkpoint it was trained from. ``peft`` writes
-``adapter_config.json`` + ``adapter_model.safetensors`` (plain LoRA plans only; anything else is
-refused with the reasons); ``merged`` folds mergeable LoRA into the weights and keeps the rest
+``adapter_config.json`` + ``adapter_model.safetensors`` (plain LoRA plans, with ``embeddings`` /
+``lm_head`` ``new_rows`` carried as PEFT ``trainable_token_indices`` plus a ``README.md``: PEFT needs
+the base resized to the new vocabulary first; anything else is refused with the reasons); ``merged`` folds mergeable LoRA into the weights and keeps the rest
 in a sidecar. The output path goes to stdout; exit code 2 on any user error, and nothing is
 left behind (the output directory is written atomically).
 """
@@ -39,7 +40,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         "--format",
         required=True,
         choices=["peft", "merged"],
-        help="peft: PEFT LoRA adapter; merged: HF checkpoint (+ sidecar)",
+        help="peft: PEFT LoRA adapter (new_rows as trainable_token_indices; load it on the "
+        "resized base); merged: HF checkpoint (+ sidecar)",
     )
     parser.add_argument("--out", required=True, help="output directory (must be new or empty)")
     parser.add_argument("--overwrite", action="store_true", help=OVERWRITE_HELP)

@@ -8,15 +8,22 @@
   scales every update by ``lora_alpha / r``, as layerfreeze does.
 * :func:`vllm_compatibility` lists why vLLM's LoRA loader would refuse or misread the export
   (``export_peft(..., vllm=True)`` refuses with those reasons).
+* ``embeddings`` / ``lm_head`` ``new_rows`` travel with the LoRA weights in PEFT's own
+  ``trainable_token_indices`` format (:mod:`layerfreeze.interop.peft_tokens`); the base model
+  must then be resized to the new vocabulary first (PEFT does not resize).
 * :func:`peft_plan` builds the layer plan that matches a PEFT adapter, and
   :func:`load_peft_adapter` copies the adapter's tensors into an applied plan, so training
   continues under the plan from the PEFT weights (equal logits at load time).
 
 Only plain (ungated) LoRA on frozen base weights has a PEFT equivalent: the HLPT gate makes the
 update depend on the input, a prefix adds attention over learned keys/values, and ``full``
-layers change the base weights, none of which a PEFT LoRA adapter can carry. Such plans are
+layers change the base weights, none of which a PEFT LoRA adapter can carry (nor ``full`` on
+the embeddings / head; ``new_rows`` there is carried as trainable tokens). Such plans are
 refused with the reasons; :func:`layerfreeze.export.export_merged` exports them instead.
 No ``peft`` import: the format is written and read directly.
+
+(~740 lines, over the ~700 guideline: export and import share this format's private helpers;
+the new-rows half of the format lives in :mod:`layerfreeze.interop.peft_tokens`.)
 """
 
 from __future__ import annotations
@@ -37,9 +44,11 @@ from torch import nn
 
 from layerfreeze.apply import AppliedPlan
 from layerfreeze.engines.partition import full_shape
+from layerfreeze.interop import peft_tokens as tokens_fmt
 from layerfreeze.models import discover_layout
 from layerfreeze.plan import NON_LAYER_PARTS, LayerPlan
 from layerfreeze.policies.lora import iter_lora_adapters
+from layerfreeze.policies.new_rows import PARAM as NEW_ROWS_PARAM
 from layerfreeze.utils.io import atomic_directory, atomic_write_json
 from layerfreeze.utils.logging import get_logger, log_rank0
 
@@ -156,7 +165,7 @@ def peft_export_problems(applied: AppliedPlan) -> list[str]:
                 reason = f"policy {spec.describe()} has no PEFT LoRA equivalent"
             by_reason.setdefault(reason, []).append(layer.index)
         for part in NON_LAYER_PARTS:
-            if resolved.non_layer(part).name != "freeze":
+            if resolved.non_layer(part).name not in ("freeze", "new_rows"):
                 msg = (
                     f"{part}: {resolved.non_layer(part).describe()} trains base weights, which a "
                     "PEFT adapter does not carry"
@@ -164,9 +173,17 @@ def peft_export_problems(applied: AppliedPlan) -> list[str]:
                 if msg not in parts:
                     parts.append(msg)
     problems = [f"layers {_ranges(ix)}: {r}" for r, ix in by_reason.items()] + parts
+    problems += tokens_fmt.token_export_problems(applied)
     entries = _entries(applied)
     if not entries and not problems:
-        problems.append("the plan installs no LoRA adapter, so there is nothing to export")
+        rows = tokens_fmt.token_parts(applied)
+        problems.append(
+            f"{rows[0].part}: new_rows(from_id={rows[0].from_id}) without any LoRA adapter: "
+            "PEFT's LoRA format needs target modules, and rows alone are a PEFT TRAINABLE_TOKENS "
+            "adapter, which export_peft does not write; add a lora rule to the plan"
+            if rows
+            else "the plan installs no LoRA adapter, so there is nothing to export"
+        )
     merged = [e.name for e in entries if getattr(e.adapter, "merged", False)]
     if merged:
         problems.append(
@@ -208,7 +225,8 @@ def vllm_compatibility(applied: AppliedPlan, max_lora_rank: int | None = None) -
     them, so this check is stricter than 0.33 needs); every adapted module's
     name is one vLLM's implementation of this ``model_type`` accepts LoRA on
     (:data:`VLLM_LORA_MODULES`; other model types are reported as unchecked). The export
-    never has ``modules_to_save``, a LoRA bias or DoRA, which vLLM refuses.
+    never has ``modules_to_save``, a LoRA bias or DoRA, which vLLM refuses; new rows
+    (``trainable_token_indices``) it does have, and vLLM refuses those.
 
     Args:
         applied: the applied plan.
@@ -226,6 +244,7 @@ def vllm_compatibility(applied: AppliedPlan, max_lora_rank: int | None = None) -
             f"{max_lora_rank!r}."
         )
     problems = list(peft_export_problems(applied))
+    problems += tokens_fmt.vllm_problem(tokens_fmt.token_parts(applied))
     entries = _entries(applied)
     if not entries:
         return problems
@@ -321,7 +340,9 @@ def _targets(applied: AppliedPlan, entries: list[_Entry]) -> dict[str, Any]:
     return {"target_modules": sorted(wanted), "layers_to_transform": None, "layers_pattern": None}
 
 
-def _peft_config(applied: AppliedPlan, entries: list[_Entry], base_name: str | None) -> dict:
+def _peft_config(
+    applied: AppliedPlan, entries: list[_Entry], base_name: str | None, rows: list
+) -> dict:
     pairs = Counter((e.adapter.r, e.adapter.alpha) for e in entries)
     r, alpha = pairs.most_common(1)[0][0]
     rank_pattern = {e.name: e.adapter.r for e in entries if e.adapter.r != r}
@@ -356,6 +377,7 @@ def _peft_config(applied: AppliedPlan, entries: list[_Entry], base_name: str | N
         "init_lora_weights": True,
         "layer_replication": None,
         "exclude_modules": None,
+        **({tokens_fmt.TOKENS_CONFIG_KEY: tokens_fmt.token_config(rows)} if rows else {}),
     }
 
 
@@ -369,7 +391,9 @@ def export_peft(
 ) -> Path:
     """Write the plan's LoRA adapters as a PEFT LoRA adapter directory (atomically).
 
-    Under ZeRO-3 call it inside the engine's gathered-parameters context (it reads whole
+    ``embeddings`` / ``lm_head`` ``new_rows`` are written with them as PEFT's
+    ``trainable_token_indices`` (rows ``from_id`` to the last), plus a ``README.md`` saying that
+    the base must be resized to the new vocabulary first (PEFT does not resize). Under ZeRO-3 call it inside the engine's gathered-parameters context (it reads whole
     tensors).
 
     Args:
@@ -396,6 +420,8 @@ def export_peft(
         )
     entries = _entries(applied)
     _check_whole(entries, "export_peft")
+    rows = tokens_fmt.token_parts(applied)
+    tokens_fmt.check_whole(rows, "export_peft")
     if base_model_name_or_path is None:
         config = getattr(applied.model, "config", None)
         base_model_name_or_path = getattr(config, "_name_or_path", None) or None
@@ -403,18 +429,28 @@ def export_peft(
         # a local checkpoint: absolute, so the adapter loads from any working directory (a hub
         # id such as "org/model" is not a local path and is kept as given)
         base_model_name_or_path = os.path.abspath(Path(base_model_name_or_path).expanduser())
-    config = _peft_config(applied, entries, base_model_name_or_path)
+    config = _peft_config(applied, entries, base_model_name_or_path, rows)
     tensors: dict[str, torch.Tensor] = {}
     for e in entries:
         for kind, p in (("lora_A", e.adapter.lora_a), ("lora_B", e.adapter.lora_b)):
             tensors[f"{_KEY_PREFIX}{e.name}.{kind}.weight"] = (
                 p.detach().to("cpu").contiguous().clone()
             )
+    tensors.update(tokens_fmt.token_tensors(rows))
     directory = Path(directory)
     with atomic_directory(directory) as tmp:
         save_file(tensors, str(tmp / ADAPTER_WEIGHTS_FILE), metadata={"format": "pt"})
         atomic_write_json(tmp / ADAPTER_CONFIG_FILE, config)
-    log_rank0(logger, "exported %d LoRA modules in PEFT format to %s", len(entries), directory)
+        if rows:
+            text = tokens_fmt.token_readme(rows, base_model_name_or_path)
+            (tmp / "README.md").write_text(text, encoding="utf-8")
+    log_rank0(
+        logger,
+        "exported %d LoRA modules%s in PEFT format to %s",
+        len(entries),
+        f" + new rows of {', '.join(p.module for p in rows)}" if rows else "",
+        directory,
+    )
     return directory
 
 
@@ -442,8 +478,11 @@ class _PeftModule:
         return int(self.a.shape[0])
 
 
-def _read_peft(directory: str | os.PathLike) -> tuple[dict, dict[str, _PeftModule]]:
-    """Read and check a PEFT LoRA adapter directory; return its config and modules by name."""
+def _read_peft(
+    directory: str | os.PathLike,
+) -> tuple[dict, dict[str, _PeftModule], list[tokens_fmt.TokenEntry]]:
+    """Read and check a PEFT LoRA adapter directory; return its config, modules by name and
+    trainable tokens."""
     directory = Path(directory)
     cfg_path = directory / ADAPTER_CONFIG_FILE
     if not cfg_path.is_file():
@@ -467,7 +506,6 @@ def _read_peft(directory: str | os.PathLike) -> tuple[dict, dict[str, _PeftModul
         "into the base model and use full on them",
         "target_parameters": "target_parameters (LoRA on raw parameters) is not supported",
         "layer_replication": "layer_replication changes the model's layers",
-        "trainable_token_indices": "trainable_token_indices changes embeddings",
         "use_qalora": "QA-LoRA is not supported",
         "alora_invocation_tokens": "activated LoRA (alora_invocation_tokens) is input-dependent",
     }
@@ -490,6 +528,8 @@ def _read_peft(directory: str | os.PathLike) -> tuple[dict, dict[str, _PeftModul
         raise FileNotFoundError(
             f"{directory}: neither {ADAPTER_WEIGHTS_FILE} nor {_ADAPTER_WEIGHTS_BIN}."
         )
+    tensors, token_rows = tokens_fmt.split_token_tensors(tensors)
+    token_entries = tokens_fmt.read_token_entries(cfg, token_rows, str(cfg_path))
     parts: dict[str, dict[str, torch.Tensor]] = {}
     bad = []
     for key, t in tensors.items():
@@ -539,7 +579,7 @@ def _read_peft(directory: str | os.PathLike) -> tuple[dict, dict[str, _PeftModul
         modules[name] = _PeftModule(name, a, b, float(scaling))
     if not modules:
         raise ValueError(f"{directory}: the adapter holds no LoRA weights.")
-    return cfg, modules
+    return cfg, modules, token_entries
 
 
 def peft_plan(model: nn.Module, directory: str | os.PathLike) -> LayerPlan:
@@ -547,15 +587,19 @@ def peft_plan(model: nn.Module, directory: str | os.PathLike) -> LayerPlan:
 
     One ``lora(r, alpha, dropout, target=[paths in the block])`` rule per run of layers with
     the same adapter (``alpha`` is chosen so that ``alpha / r`` equals PEFT's scale, also
-    under rsLoRA); every other layer is frozen. Apply it with ``apply_plan`` (or merge it into a
-    bigger plan), then :func:`load_peft_adapter`.
+    under rsLoRA); every other layer is frozen. ``trainable_token_indices`` (one run of ids up to
+    the last row) become ``embeddings`` / ``lm_head`` ``new_rows(from_id=first id)``. Apply it
+    with ``apply_plan`` (or merge it into a bigger plan), then :func:`load_peft_adapter`.
 
     Raises:
-        ValueError: a module outside the decoder blocks, or ranks / scales that differ inside
-            one layer (a layerfreeze layer holds one LoRA spec).
+        ValueError: a module outside the decoder blocks, ranks / scales that differ inside
+            one layer (a layerfreeze layer holds one LoRA spec), or trainable tokens that are
+            not a tail of rows of a model of that vocabulary size (resize the base first).
     """
-    cfg, modules = _read_peft(directory)
+    cfg, modules, token_entries = _read_peft(directory)
     layout = discover_layout(model)
+    where = str(Path(directory) / ADAPTER_CONFIG_FILE)
+    parts = tokens_fmt.plan_parts(model, token_entries, layout.tied_embeddings, where)
     per_layer: dict[int, dict[str, _PeftModule]] = {}
     outside = []
     for name, mod in modules.items():
@@ -594,6 +638,7 @@ def peft_plan(model: nn.Module, directory: str | os.PathLike) -> LayerPlan:
             rules.append({"_first": index, "_last": index, "_opts": opts})
     plan = {
         "default": "freeze",
+        **parts,
         "rules": [{"layers": f"{x['_first']}-{x['_last']}", **x["_opts"]} for x in rules],
     }
     return LayerPlan.parse(plan, path=f"peft_plan({directory})")
@@ -607,13 +652,16 @@ def load_peft_adapter(
     Every PEFT module must have an installed, ungated layerfreeze LoRA adapter of the same
     rank and the same scale (``alpha / r``, or ``alpha / sqrt(r)`` under rsLoRA), so the
     model's logits equal the PEFT model's right after loading. :func:`peft_plan` builds such a
-    plan. Under ZeRO-3 call it inside the engine's gathered-parameters context.
+    plan. Trainable tokens (``trainable_token_indices``) load into the plan's ``new_rows`` of the
+    same module with ``from_id`` equal to their first id. Under ZeRO-3 call it inside the
+    engine's gathered-parameters context.
 
     Args:
         applied: the applied plan to load into.
         directory: a directory written by PEFT's ``save_pretrained`` (or :func:`export_peft`).
         strict: also require every installed LoRA adapter to be in the PEFT adapter (with
-            False, adapters it lacks keep their initial zero update).
+            False, adapters it lacks keep their initial zero update; likewise new rows the
+            adapter lacks keep their values).
 
     Returns:
         The qualified names of the modules loaded.
@@ -624,11 +672,13 @@ def load_peft_adapter(
             not match the plan (a module the plan has no LoRA on, another rank or scale, a gated
             adapter, or with ``strict`` a plan adapter the file lacks); every mismatch is listed.
     """
-    _cfg, modules = _read_peft(directory)
+    _cfg, modules, token_entries = _read_peft(directory)
     entries = _entries(applied)
     _check_whole(entries, "load_peft_adapter")
     ours = {e.name: e for e in entries}
-    problems = []
+    rows = {p.module: p for p in tokens_fmt.token_parts(applied)}
+    tokens_fmt.check_whole(list(rows.values()), "load_peft_adapter")
+    problems = tokens_fmt.load_problems(applied, token_entries, rows, strict, str(directory))
     for name, mod in sorted(modules.items()):
         e = ours.get(name)
         if e is None:
@@ -646,7 +696,9 @@ def load_peft_adapter(
             )
         use = f"use lora(r={mod.r}, alpha={_num(mod.scaling * mod.r):g})"
         if ad.r != mod.r:  # (the A/B shapes then differ too: the rank says why)
-            problems.append(f"{name}: rank {mod.r} in the PEFT adapter, r={ad.r} in the plan; {use}")
+            problems.append(
+                f"{name}: rank {mod.r} in the PEFT adapter, r={ad.r} in the plan; {use}"
+            )
         elif not math.isclose(ad.scaling, mod.scaling, rel_tol=1e-6):
             problems.append(
                 f"{name}: PEFT scales the update by {mod.scaling:g}, the plan by "
@@ -678,5 +730,14 @@ def load_peft_adapter(
             ad = ours[name].adapter
             ad.lora_a.copy_(mod.a.to(device=ad.lora_a.device, dtype=ad.lora_a.dtype))
             ad.lora_b.copy_(mod.b.to(device=ad.lora_b.device, dtype=ad.lora_b.dtype))
-    log_rank0(logger, "loaded %d PEFT LoRA modules from %s", len(modules), directory)
-    return sorted(modules)
+        for t in token_entries:
+            w = rows[t.module].weight
+            w.copy_(t.rows.to(device=w.device, dtype=w.dtype))
+    log_rank0(
+        logger,
+        "loaded %d PEFT LoRA modules (+ new rows of %d) from %s",
+        len(modules),
+        len(token_entries),
+        directory,
+    )
+    return sorted(modules) + sorted(f"{t.module}.{NEW_ROWS_PARAM}" for t in token_entries)

@@ -82,8 +82,11 @@ def _embedding_hook(module: nn.Module, args: tuple, output: torch.Tensor) -> tor
     ids = args[0]
     new = getattr(module, PARAM)
     mask = ids >= start
-    rows = F.embedding((ids - start).clamp(min=0), new).to(output.dtype)
-    return torch.where(mask.unsqueeze(-1), rows, output)
+    rows = F.embedding((ids - start).clamp(min=0), new)
+    scale = getattr(module, "embed_scale", None)  # scaled embeddings (Gemma3) scale in forward
+    if scale is not None:
+        rows = rows * scale.to(new.dtype)
+    return torch.where(mask.unsqueeze(-1), rows.to(output.dtype), output)
 
 
 def _head_hook(module: nn.Module, args: tuple, output: torch.Tensor) -> torch.Tensor:
@@ -133,6 +136,12 @@ def install_new_rows(module: nn.Module, from_id: int, kind: str, path: str,
     hook = module.register_forward_hook(_embedding_hook if kind == "embedding" else _head_hook)
     module.__dict__[_STATE] = {"from_id": from_id, "hook": hook, "orig": None}
     return shared
+
+
+def new_rows_from_id(module: nn.Module) -> int | None:
+    """The ``from_id`` of the ``new_rows_weight`` installed on ``module`` (None: not installed)."""
+    state = module.__dict__.get(_STATE)
+    return None if state is None else state["from_id"]
 
 
 def new_rows_modules(model: nn.Module) -> list[nn.Module]:

@@ -85,16 +85,25 @@ def test_plan_two_from_ids_in_one_schedule_are_refused():
     assert not any("new_rows" in n for n, _ in model.named_parameters())
 
 
-def test_peft_export_refuses_new_rows_instead_of_dropping_them(tmp_path):
-    """A PEFT LoRA adapter cannot carry trained vocabulary rows: the export says so (naming the
-    part) and writes nothing."""
+def test_peft_export_carries_new_rows_instead_of_dropping_them(tmp_path):
+    """A PEFT export of a new-rows plan never drops the trained vocabulary rows: they travel as
+    PEFT's trainable_token_indices (issue #18; tests/unit/test_peft_new_rows.py loads them in
+    PEFT), next to a README saying the base must be resized first."""
+    import json
+
+    from safetensors.torch import load_file
+
     from layerfreeze.apply import apply_plan
     from layerfreeze.interop.peft import export_peft
 
     applied = apply_plan(_model(128), "0:lora(r=2),embeddings:new_rows(from_id=100)", log=False)
-    with pytest.raises(ValueError, match=r"embeddings: new_rows\(from_id=100\)"):
-        export_peft(applied, tmp_path / "peft")
-    assert not (tmp_path / "peft").exists()
+    out = export_peft(applied, tmp_path / "peft")
+    cfg = json.loads((out / "adapter_config.json").read_text())
+    assert cfg["trainable_token_indices"] == list(range(100, 128))
+    rows = load_file(str(out / "adapter_model.safetensors"))[
+        "base_model.model.model.embed_tokens.token_adapter.trainable_tokens_delta"]
+    assert torch.equal(rows, applied.model.get_input_embeddings().new_rows_weight.detach())
+    assert "vocab_size=128" in (out / "README.md").read_text()
 
 
 def test_cli_plan_from_id_out_of_range_exits_2_with_one_line(tmp_path):
