@@ -37,6 +37,15 @@ PLANS = {
     "gated_lora": {
         "rules": [{"layers": "all", "policy": "lora", "r": 4, "target": "all", "gated": True}],
     },
+    # gated LoRA on the FFN of layers 0-2, gated prefix (paper form, gate on the logits) on 3
+    "hlpt": "hlpt(r=4,tokens=2)",
+    # gated LoRA on layer 0, layers 1-2 frozen, gated prefix (paper form) on layer 3
+    "h2lpt": "h2lpt(r=4,tokens=2)",
+    # the branch form (gate and per-head factor outside the softmax) and the value gate
+    "prefix_branch": (
+        "0:freeze,1-2:prefix(tokens=2,gated,form=branch),"
+        "3:prefix(tokens=2,gated,form=paper,gate_at=value)"
+    ),
 }
 
 
