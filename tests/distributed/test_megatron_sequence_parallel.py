@@ -149,7 +149,7 @@ def test_sequence_parallel_matches_tp_without_it(name):
                     off["grads"][step][n],
                     atol=ATOL,
                     rtol=1e-4,
-                    msg=lambda m, n=n, step=step: f"rank {rank} step {step} grad of {n}: {m}",
+                    msg=lambda m, n=n, s=step, r=rank: f"rank {r} step {s} grad of {n}: {m}",
                 )
         assert on["steps"] == pytest.approx(off["steps"], abs=ATOL)
         torch.testing.assert_close(on["after"], off["after"], atol=ATOL, rtol=0)
@@ -157,3 +157,53 @@ def test_sequence_parallel_matches_tp_without_it(name):
         assert on["frozen_same"] and off["frozen_same"]
         assert not off["sp_marked"]
         assert on["sp_marked"]  # replicated adapter tensors fed by sequence shards
+
+
+# ---------------------------------------------------------------------------------------------
+# `layerfreeze train engine=megatron megatron.sequence_parallel=true`: trains, evaluates, resumes
+
+
+def test_cli_trains_evaluates_and_resumes_with_sequence_parallel(tmp_path, eval_data_dir):
+    from tests.e2e.test_train_cli import _losses, _write
+    from tests.e2e.test_train_megatron import _eval_files, _mconfig, _mtrain
+
+    runs = {}
+    for name, sp in (("sp", True), ("tp", False)):
+        out = tmp_path / name
+        cfg = _mconfig(out, tmp_path / "cache", 2, 1, eval_data_dir, plan={"spec": "hlpt"})
+        cfg["megatron"]["sequence_parallel"] = sp
+        config = _write(tmp_path / f"{name}.yaml", cfg)
+        proc = _mtrain(config, timeout=900)
+        assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-8000:]
+        runs[name] = (config, out)
+    sp_losses, tp_losses = _losses(runs["sp"][1]), _losses(runs["tp"][1])
+    assert sorted(sp_losses) == [1, 2, 3, 4]
+    for step in sp_losses:  # the same training with and without sequence parallelism
+        assert sp_losses[step] == pytest.approx(tp_losses[step], abs=1e-5), (sp_losses, tp_losses)
+    # C-Eval / CMMLU prompts of any length (padded to a multiple of TP for the forward)
+    sp_evals, tp_evals = _eval_files(runs["sp"][1]), _eval_files(runs["tp"][1])
+    assert [e["step"] for e in sp_evals] == [2, 4]
+    for a, b in zip(sp_evals, tp_evals, strict=True):
+        assert a.keys() == b.keys()
+        assert json_round(a) == json_round(b)
+
+    config, out = runs["sp"]
+    resumed = tmp_path / "resumed"
+    ckpt = out / "checkpoints" / "step_00000002"
+    proc = _mtrain(config, f"logging.out_dir={resumed}", f"checkpoint.resume={ckpt}", timeout=900)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-8000:]
+    again = _losses(resumed)
+    assert sorted(again) == [3, 4]
+    for step in again:
+        assert again[step] == pytest.approx(sp_losses[step], rel=1e-6, abs=1e-7), (again, sp_losses)
+
+
+def json_round(obj, digits: int = 4):
+    """Floats rounded (scores computed from logits equal to float32 rounding); other values kept."""
+    if isinstance(obj, float):
+        return round(obj, digits)
+    if isinstance(obj, dict):
+        return {k: json_round(v, digits) for k, v in obj.items() if k not in ("time", "seconds")}
+    if isinstance(obj, list):
+        return [json_round(v, digits) for v in obj]
+    return obj
