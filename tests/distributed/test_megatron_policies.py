@@ -328,14 +328,6 @@ def _bad_body(rank, world_size):
             model = build_tiny_gpt(num_layers=2, tp=2)
             attempt("reparam", model, "0:prefix(tokens=2,reparam=8)")
             attempt("range", model, "0-5:lora(r=4,target=mlp)")
-            # Sequence parallelism: the local spec's torch norms refuse it at build time on
-            # this machine (apex / TE are CUDA-only), so switch it on the built modules.
-            model.config.sequence_parallel = True
-            for mod in model.modules():
-                if hasattr(mod, "sequence_parallel"):
-                    mod.sequence_parallel = True
-            attempt("sp_lora", model, "0:lora(r=4,target=mlp,gated)")
-            attempt("sp_prefix", model, "1:prefix(tokens=2,gated)")
             errors["untouched"] = str(
                 [n for n, _ in model.named_parameters() if ".lora_" in n or ".prefix_" in n]
             )
@@ -350,9 +342,4 @@ def test_bad_input_fails_with_clear_errors():
     assert "2 tensor-parallel ranks, but 2 does not divide 1 query groups" in errors["groups"]
     assert "reparam=8 is not supported with tensor parallelism (TP=2)" in errors["reparam"]
     assert "layer 5" in errors["range"] or "0-5" in errors["range"]
-    assert "layer 0 (decoder.layers.0): lora cannot wrap mlp.linear_fc1" in errors["sp_lora"]
-    assert "sequence parallelism" in errors["sp_lora"]
-    assert "mlp.linear_fc2" in errors["sp_lora"]
-    assert "layer 1 (decoder.layers.1.self_attention)" in errors["sp_prefix"]
-    assert "sequence parallelism" in errors["sp_prefix"]
     assert errors["untouched"] == "[]"  # nothing was installed by the failed plans

@@ -387,9 +387,12 @@ def build_gpt_from_hf_config(
     extra: dict[str, Any] = {"vp_stage": vp_stage}
     if pg_collection is not None:
         extra["pg_collection"] = pg_collection
+    spec: Any = get_gpt_layer_local_spec(normalization="RMSNorm")
+    if config.sequence_parallel:
+        spec = _sequence_parallel_spec(spec, config, vp_stage)
     model = GPTModel(
         config=config,
-        transformer_layer_spec=get_gpt_layer_local_spec(normalization="RMSNorm"),
+        transformer_layer_spec=spec,
         pre_process=pre_process,
         post_process=post_process,
         parallel_output=parallel_output,
@@ -398,6 +401,45 @@ def build_gpt_from_hf_config(
     )
     setattr(model, _BACKEND_ATTR, "layerfreeze")
     return model
+
+
+class SequenceParallelTorchNorm:
+    """megatron-core's ``WrappedTorchNorm`` (a plain ``torch.nn.RMSNorm`` / ``LayerNorm``) for
+    sequence parallelism, which ``WrappedTorchNorm`` refuses: its parameters carry
+    ``sequence_parallel = True``, as megatron-core's ``FusedLayerNorm`` and ``TENorm`` mark
+    theirs, so ``finalize_model_grads`` sums their gradients (each rank normalises its sequence
+    shard) over the tensor-parallel ranks."""
+
+    def __new__(cls, config: Any, hidden_size: int, eps: float = 1e-5, **kwargs: Any):
+        if config.normalization == "RMSNorm":
+            norm: torch.nn.Module = torch.nn.RMSNorm(hidden_size, eps=eps)
+        else:
+            norm = torch.nn.LayerNorm(hidden_size, eps=eps)
+        for p in norm.parameters():
+            p.sequence_parallel = bool(config.sequence_parallel)
+        return norm
+
+
+def _sequence_parallel_spec(spec: Any, config: Any, vp_stage: int | None) -> Any:
+    """The local layer spec with :class:`SequenceParallelTorchNorm` in place of its torch norms
+    (the decoder layers' two norms and the final norm)."""
+    import dataclasses
+
+    from megatron.core.transformer.transformer_block import (
+        TransformerBlockSubmodules,
+        get_num_layers_to_build,
+    )
+
+    sub = dataclasses.replace(
+        spec.submodules,
+        input_layernorm=SequenceParallelTorchNorm,
+        pre_mlp_layernorm=SequenceParallelTorchNorm,
+    )
+    layer = dataclasses.replace(spec, submodules=sub)
+    return TransformerBlockSubmodules(
+        layer_specs=[layer] * get_num_layers_to_build(config, vp_stage=vp_stage),
+        layer_norm=SequenceParallelTorchNorm,
+    )
 
 
 def _bridge_build(hf_path, pre_process, post_process, vp_stage, overrides):  # pragma: no cover

@@ -75,6 +75,12 @@ def eval_model(runner: MegatronRunner) -> Callable[[torch.Tensor], torch.Tensor]
             return output.sum() * 0.0, {}
 
         ids = input_ids.to(runner.device)
+        b, t = ids.shape
+        tp = ps.get_tensor_model_parallel_world_size()
+        if getattr(runner.chunks[0].config, "sequence_parallel", False) and t % tp:
+            # sequence parallelism splits the sequence over TP: pad on the right (the causal
+            # model's logits of the real positions do not see it) and cut the logits back
+            ids = torch.cat([ids, ids[:, -1:].expand(b, tp - t % tp)], dim=1)
         for c in runner.ddp_chunks:
             c.eval()
         try:
@@ -84,9 +90,8 @@ def eval_model(runner: MegatronRunner) -> Callable[[torch.Tensor], torch.Tensor]
         finally:
             for c in runner.ddp_chunks:
                 c.train()
-        b, t = ids.shape
         out = (
-            got[0][..., :vocab].contiguous()
+            got[0][:, :t, :vocab].contiguous()
             if got
             else torch.empty(b, t, vocab, dtype=torch.float32, device=ids.device)
         )

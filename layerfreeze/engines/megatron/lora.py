@@ -32,10 +32,31 @@ rank, as megatron's CPU initialisation needs) and sliced, so a TP=T model starts
 adapter's shards. The gate reads the sub-block input (the normed hidden states, replicated across
 TP without sequence parallelism), so it is identical on every rank.
 
-Sequence parallelism is refused (the gate would see each rank's sequence shard while the
-column-parallel input is gathered); so are column-parallel linears with ``gather_output``,
-row-parallel linears without ``input_is_parallel``, expert (MoE) linears and Transformer
-Engine linears (models built from the local spec are supported; TE needs CUDA, untested here).
+Under sequence parallelism (``base.sequence_parallel``) the sub-block input, and so the gate,
+is this rank's sequence shard ``[s/T, b, h]``; the update is gathered or scattered along the
+sequence where megatron-core's linear gathers its input or reduce-scatters its output:
+
+* column-parallel: ``x_t`` is the sequence shard that the linear all-gathers. The low-rank
+  ``h_t = g_t * s * dropout(x_t) A^T`` is computed on the shard (per token, so it equals the
+  rows of the gathered input's ``h``) and all-gathered along the sequence before ``B_t``
+  (``gather_from_sequence_parallel_region``: all-gather forward, reduce-scatter backward, the
+  same op pair as the linear's own input; ``r`` wide instead of ``h``)::
+
+      y_t = base_t(x) + gather_seq(h_t) B_t^T
+
+* row-parallel: the base output is reduce-scattered to sequence shards, and so is the rank-r
+  partial product (``reduce_scatter_to_sequence_parallel_region``) before the gate of this
+  rank's tokens and the replicated ``B``::
+
+      y_t = base(x)_t + g_t * s * reduce_scatter_seq(dropout(x) A_t^T) B^T
+
+The replicated parameters whose gradient then comes from this rank's tokens only (``A`` of a
+column-parallel linear, ``B`` of a row-parallel one, the gate) carry ``sequence_parallel = True``,
+as megatron-core marks its layer-norm weights, so ``finalize_model_grads`` sums them over TP.
+
+Refused: column-parallel linears with ``gather_output``, row-parallel linears without
+``input_is_parallel``, expert (MoE) linears and Transformer Engine linears (models built from
+the local spec are supported; TE needs CUDA, untested here).
 """
 
 from __future__ import annotations
@@ -136,6 +157,12 @@ class ParallelLoRAAdapter(nn.Module):
         self.lora_dropout = nn.Dropout(dropout) if dropout > 0 else nn.Identity()
         self.merged = False
         self.__dict__["_gate"] = gate  # owned by the sub-block (see LoRAAdapter)
+        self.sequence_parallel = bool(getattr(base, "sequence_parallel", False)) and size > 1
+        if self.sequence_parallel:
+            # gradients from this rank's sequence shard only: finalize_model_grads sums them
+            replicated = self.lora_a if parallel == "column" else self.lora_b
+            for p in (replicated, *(gate.parameters() if gate is not None else ())):
+                p.sequence_parallel = True
 
     @property
     def gate(self) -> TokenGate | None:
@@ -150,7 +177,9 @@ class ParallelLoRAAdapter(nn.Module):
     def _update(self, x: torch.Tensor, out: torch.Tensor) -> torch.Tensor:
         from megatron.core.tensor_parallel.mappings import (
             copy_to_tensor_model_parallel_region,
+            gather_from_sequence_parallel_region,
             reduce_from_tensor_model_parallel_region,
+            reduce_scatter_to_sequence_parallel_region,
         )
 
         group = self.__dict__["_tp_group"]
@@ -160,11 +189,17 @@ class ParallelLoRAAdapter(nn.Module):
             x = x.to(self.lora_a.dtype)
         h = F.linear(x, self.lora_a)  # [s, b, r]: partial sums on row-parallel ranks
         if self.parallel == "row" and self.tp_size > 1:
-            h = reduce_from_tensor_model_parallel_region(h, group=group)
+            if self.sequence_parallel:  # -> [s/T, b, r], where the base output is scattered
+                h = reduce_scatter_to_sequence_parallel_region(h, group=group)
+            else:
+                h = reduce_from_tensor_model_parallel_region(h, group=group)
         gate = self.gate
-        h, scale = scale_low_rank(h, self.scaling, gate.current(x) if gate is not None else None)
+        h, scale = scale_low_rank(h, self.scaling, gate.current(h) if gate is not None else None)
         if self.parallel == "column" and self.tp_size > 1:
-            h = copy_to_tensor_model_parallel_region(h, group=group)
+            if self.sequence_parallel:  # [s/T, b, r] -> [s, b, r], where the input is gathered
+                h = gather_from_sequence_parallel_region(h, group=group)
+            else:
+                h = copy_to_tensor_model_parallel_region(h, group=group)
         return add_low_rank(out, h, self.lora_b, scale)
 
     def forward(self, x: torch.Tensor, base_out):
@@ -221,6 +256,7 @@ class ParallelLoRAAdapter(nn.Module):
         return (
             f"{self.parallel}-parallel, in={self.in_features}, out={self.out_features}, "
             f"r={self.r}, alpha={self.alpha}, tp={self.tp_size}, gated={self.gate is not None}"
+            + (", sequence_parallel=True" if self.sequence_parallel else "")
         )
 
 
@@ -254,12 +290,6 @@ def parallel_lora_problem(base: nn.Module) -> str | None:
     name = type(base).__name__
     if getattr(base, "weight", None) is None:
         return f"{name} has no weight of its own (skip_weight_param_allocation)"
-    if getattr(base, "sequence_parallel", False):
-        return (
-            f"{name} runs with sequence parallelism, which layerfreeze's tensor-parallel LoRA "
-            "does not support (the gate and the adapter input would be sequence shards); set "
-            "sequence_parallel=False or use freeze/full on this layer"
-        )
     if getattr(base, "is_expert", False):
         return f"{name} is an expert (MoE) linear; LoRA on experts is not supported"
     if kind == "column" and getattr(base, "gather_output", False):

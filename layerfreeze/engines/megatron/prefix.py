@@ -17,11 +17,21 @@ The gate ``g`` is computed in fp32 from the attention input (the normed hidden s
 replicated over TP without sequence parallelism) and passed through
 ``copy_to_tensor_model_parallel_region`` (identity forward, all-reduce backward): each rank's
 heads contribute to its gradient, so the gate's parameters get the full gradient on every rank.
+
+Under sequence parallelism the attention input, and so the gate, is this rank's sequence shard
+``[s/T, b, h]`` while ``core_attention`` sees whole sequences (the QKV column-parallel linear
+gathered them). The gate is all-gathered along the sequence where that linear gathers its input
+(``gather_from_sequence_parallel_region``: all-gather forward, reduce-scatter backward, which
+sums the heads' gradients over the ranks and keeps this rank's tokens); the branch output goes
+to ``linear_proj``, which reduce-scatters it back to sequence shards. The gate's parameters then
+get the gradient of this rank's tokens only and carry ``sequence_parallel = True``, as
+megatron-core marks its layer-norm weights, so ``finalize_model_grads`` sums them over TP.
+The prefix keys/values see whole sequences and need nothing more.
 Prefix keys/values are drawn full-size from the default torch generator (in step on every TP
 rank) and sliced, so a TP=T model starts with the TP=1 prefix's shards.
 
 Refused with a clear error: TP sizes that do not divide the heads / query groups,
-``reparam`` with TP > 1, sequence parallelism, context parallelism, selective recomputation of
+``reparam`` with TP > 1, context parallelism, selective recomputation of
 ``core_attn`` (its reentrant checkpoint gives the prefix no gradient when the inputs need none),
 a ``SelfAttention`` without a ``core_attention`` child.
 
@@ -86,6 +96,8 @@ class MegatronPrefix(PrefixAdapter):
         gated: add the input-dependent gate.
         tp_group: the tensor-parallel process group (None: TP size 1).
         reparam: reparameterisation width (TP size 1 only).
+        sequence_parallel: the attention input is sequence-sharded (megatron's
+            ``sequence_parallel`` with TP > 1): the gate is gathered along the sequence.
         where: layer description for errors.
         device: parameter device.
         dtype: dtype of the prefix matrices (factor and gate stay fp32).
@@ -101,6 +113,7 @@ class MegatronPrefix(PrefixAdapter):
         gated: bool = False,
         tp_group=None,
         reparam: int | None = None,
+        sequence_parallel: bool = False,
         where: str = "",
         device: torch.device | str | None = None,
         dtype: torch.dtype | None = None,
@@ -128,8 +141,12 @@ class MegatronPrefix(PrefixAdapter):
         self.__dict__["_tp_group"] = tp_group
         self.tp_size = tp
         self.where = where
+        self.sequence_parallel = bool(sequence_parallel) and tp > 1
         if self.prefix_gate is not None:
             self.prefix_gate.where = where
+            if self.sequence_parallel:  # gradient from this rank's tokens: summed over TP
+                for p in self.prefix_gate.parameters():
+                    p.sequence_parallel = True
         if reparam is None:
             # Redraw full-size (same draws as an unsplit adapter) and keep this rank's groups.
             torch.set_rng_state(state)
@@ -159,6 +176,15 @@ class MegatronPrefix(PrefixAdapter):
             self, prefix, sharded_offsets, metadata, tp_group=self.__dict__["_tp_group"]
         )
 
+    def sequence_gate(self, query: torch.Tensor) -> torch.Tensor:
+        """Under sequence parallelism: the gate of this rank's sequence shard gathered to the
+        whole sequence of ``query`` ``[s, b, ...]``, ``(s, b, 1)`` fp32 (reduce-scatter in
+        backward)."""
+        from megatron.core.tensor_parallel.mappings import gather_from_sequence_parallel_region
+
+        g = self.prefix_gate.current(query[: query.shape[0] // self.tp_size, :, 0, :1])
+        return gather_from_sequence_parallel_region(g, group=self.__dict__["_tp_group"])
+
     def branch(self, query: torch.Tensor, scaling: float) -> torch.Tensor:
         """The scaled branch for megatron's query ``[s, b, heads_local, head_dim]``, returned as
         ``[s, b, heads_local * head_dim]`` in fp32."""
@@ -174,7 +200,9 @@ class MegatronPrefix(PrefixAdapter):
         scores = torch.einsum("sbhd,hpd->sbhp", query.float(), k) * scaling
         out = torch.einsum("sbhp,hpd->sbhd", torch.softmax(scores, dim=-1), v)
         scale = self.prefix_gating_factor.float().view(1, 1, -1, 1)
-        if self.prefix_gate is not None:
+        if self.prefix_gate is not None and self.sequence_parallel:
+            scale = scale * self.sequence_gate(query).unsqueeze(-1)
+        elif self.prefix_gate is not None:
             g = self.prefix_gate.current(query[:, :, 0, :1])  # (s, b, 1), fp32
             if self.tp_size > 1:
                 from megatron.core.tensor_parallel.mappings import (
@@ -297,11 +325,6 @@ def _check(layer: LayerInfo, spec: PolicySpec, layout: ModelLayout) -> list[str]
             f"{where}: prefix reparam={opts.reparam} is not supported with tensor parallelism "
             f"(TP={tp}); use reparam=null (the default) or TP=1."
         )
-    if getattr(config, "sequence_parallel", False) and tp > 1:
-        problems.append(
-            f"{where}: prefix does not support sequence parallelism (the gate and the branch "
-            "would see sequence shards); set sequence_parallel=False or use freeze/full here."
-        )
     if getattr(attn, "checkpoint_core_attention", False):
         problems.append(
             f"{where}: prefix cannot run under selective recomputation of core attention "
@@ -346,6 +369,7 @@ def _install(layer: LayerInfo, spec: PolicySpec, layout: ModelLayout) -> nn.Modu
             gated=opts.gated,
             tp_group=_tp_group(attn),
             reparam=opts.reparam,
+            sequence_parallel=bool(getattr(config, "sequence_parallel", False)),
             where=_where(layer),
             device=w.device,
             dtype=w.dtype,

@@ -17,7 +17,9 @@ one-token slice instead (its output is discarded, so the base attention is not c
 the forward hook then returns this module's attention over ``[prefix ; real]`` as
 ``[sq, b, heads_local * d]``. Each TP rank holds its query groups' prefix (split by group like
 the branch form's) and the replicated gate; the gate's gradient is summed over the TP ranks
-(every rank's heads add to it), so each rank holds the full gradient of the gate.
+(every rank's heads add to it), so each rank holds the full gradient of the gate. Under
+sequence parallelism the gate of this rank's sequence shard is all-gathered first
+(``MegatronPrefix.sequence_gate``; see :mod:`layerfreeze.engines.megatron.prefix`).
 
 Refused with a clear error (in :func:`paper_problems`): attention dropout (megatron draws it from
 its CUDA RNG tracker inside ``core_attention``, which this path replaces), a softmax type other
@@ -58,7 +60,7 @@ class _SumGradOverTP(torch.autograd.Function):
 
 def paper_problems(attn: nn.Module, where: str, gate_at: str) -> list[str]:
     """What stops ``prefix(form=paper)`` on megatron attention ``attn`` (besides the checks the
-    branch form shares: TP split, sequence/context parallelism, selective recomputation)."""
+    branch form shares: TP split, context parallelism, selective recomputation)."""
     config = attn.config
     problems = []
     core = getattr(attn, "core_attention", None)
@@ -181,9 +183,12 @@ def paper_attention(
     real = _real_mask(mask, causal, b, sq, sk, dtype, query.device)
     gate, g = adapter.prefix_gate, None
     if gate is not None:
-        g = gate.current(query[:, :, 0, :1])  # (sq, b, 1) fp32
-        if adapter.tp_size > 1:
-            g = _SumGradOverTP.apply(g, adapter.__dict__["_tp_group"])
+        if getattr(adapter, "sequence_parallel", False):
+            g = adapter.sequence_gate(query)  # (sq, b, 1) fp32 from this rank's sequence shard
+        else:
+            g = gate.current(query[:, :, 0, :1])  # (sq, b, 1) fp32
+            if adapter.tp_size > 1:
+                g = _SumGradOverTP.apply(g, adapter.__dict__["_tp_group"])
         g = g.permute(1, 2, 0).unsqueeze(-1)  # (b, 1, sq, 1)
     if g is not None and getattr(adapter, "gate_at", "logit") == "value":
         bias = real.new_zeros(b, real.shape[1], sq, tokens)

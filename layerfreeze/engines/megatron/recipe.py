@@ -70,14 +70,6 @@ def cuda_problem() -> str | None:
     return None
 
 
-#: why ``megatron.sequence_parallel: true`` is refused before a run starts (one line)
-SEQUENCE_PARALLEL_REFUSED = (
-    "megatron.sequence_parallel: not supported yet, got true. layerfreeze's LoRA and prefix "
-    "adapters on sequence-parallel (sequence-sharded) activations are not implemented, and the "
-    "engine builds megatron-core's local layer spec, whose torch norms megatron-core refuses "
-    "under sequence parallelism (the Transformer Engine spec needs CUDA; there is no TE on CPU). "
-    "Set megatron.sequence_parallel: false; tensor parallelism works without it."
-)
 
 
 def check_run_config(cfg: Any, world_size: int, *, check_device: bool = True) -> list[str]:
@@ -95,7 +87,8 @@ def check_run_config(cfg: Any, world_size: int, *, check_device: bool = True) ->
     Raises:
         ConfigError: every problem at once (layout vs world size, an architecture without a
             Hugging Face <-> Megatron mapping, heads / query groups not divisible by the
-            tensor-parallel size, a pipeline deeper than the model, sequence parallelism).
+            tensor-parallel size, a pipeline deeper than the model, sequence parallelism with
+            a sequence length the tensor-parallel size does not divide).
     """
     from layerfreeze.engines.megatron.convert import megatron_config_kwargs
 
@@ -105,8 +98,12 @@ def check_run_config(cfg: Any, world_size: int, *, check_device: bool = True) ->
     warnings: list[str] = []
     if check_device and (no_cuda := cuda_problem()):
         problems.append(no_cuda)
-    if m.sequence_parallel:
-        problems.append(SEQUENCE_PARALLEL_REFUSED)
+    if m.sequence_parallel and cfg.data.seq_len % tp:
+        problems.append(
+            f"megatron.sequence_parallel: splits each sequence over the {tp} tensor-parallel "
+            f"ranks, but {tp} does not divide data.seq_len={cfg.data.seq_len}. Use a data.seq_len "
+            f"that is a multiple of {tp}, or set megatron.sequence_parallel: false."
+        )
     if cfg.checkpoint.export_adapter:
         problems.append(
             "checkpoint.export_adapter: not available with engine: megatron (the merged Hugging "
