@@ -174,3 +174,19 @@ def test_resume_with_other_resize_init_refused(extended_run):
     assert r.returncode == 2, r.stderr[-2000:]
     line = last_line(r.stderr)
     assert line.count("vocab_resize_init") >= 1 and "subtoken_mean" in line and "'mean'" in line
+
+
+@pytest.mark.slow
+def test_export_loads_through_layerfreeze_loader(extended_run):
+    """The merged export of a new-rows plan is self-contained (rows merged, sidecar empty):
+    ``layerfreeze eval`` / ``trace`` load it (load_causal_lm), not refuse it as missing adapters."""
+    from layerfreeze.export import sidecar_info
+    from layerfreeze.modeling import load_causal_lm
+
+    export = extended_run[0] / "run" / "export"
+    assert sidecar_info(export) == (0, None)
+    from transformers import AutoTokenizer
+
+    model = load_causal_lm(export)
+    n_new = len(AutoTokenizer.from_pretrained(str(export)))
+    assert model.get_input_embeddings().weight.shape[0] == n_new
