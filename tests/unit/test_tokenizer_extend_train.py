@@ -190,3 +190,24 @@ def test_export_loads_through_layerfreeze_loader(extended_run):
     model = load_causal_lm(export)
     n_new = len(AutoTokenizer.from_pretrained(str(export)))
     assert model.get_input_embeddings().weight.shape[0] == n_new
+
+
+@pytest.mark.slow
+def test_zero3_run_keeps_old_rows(tmp_path):
+    """ZeRO-3 partitions the model after the resize: the export still has old rows
+    bit-identical and the extended vocabulary."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    base = make_base(tmp_path)
+    config = run_config(tmp_path, base, checkpoint={"every_steps": 0})
+    r = train(config, "deepspeed.zero_optimization.stage=3", timeout=900)
+    assert r.returncode == 0, r.stderr[-3000:]
+    export = tmp_path / "run" / "export"
+    n_old = len(AutoTokenizer.from_pretrained(str(base)))
+    n_new = len(AutoTokenizer.from_pretrained(str(export)))
+    before = AutoModelForCausalLM.from_pretrained(str(base))
+    after = AutoModelForCausalLM.from_pretrained(str(export))
+    for get in ("get_input_embeddings", "get_output_embeddings"):
+        w0, w1 = getattr(before, get)().weight.detach(), getattr(after, get)().weight.detach()
+        assert w1.shape[0] == n_new > n_old
+        assert torch.equal(w1[:n_old], w0)
