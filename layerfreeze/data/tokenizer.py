@@ -557,7 +557,8 @@ def prepare_tokenizer(
     Training happens once: an existing ``out_dir`` with a trained tokenizer is reused (so a
     resumed run gets the same ids). With ``cfg.extend_from`` the base tokenizer is extended
     with pieces trained on the inputs instead
-    (:func:`~layerfreeze.data.extend_run.prepare_extended`). Under ``torch.distributed`` only local rank 0 trains; the
+    (:func:`~layerfreeze.data.extend_run.prepare_extended`). Under ``torch.distributed`` only
+    local rank 0 trains; the
     other ranks wait and then load the result. A failure on the training rank is raised on
     every rank (nobody hangs in a barrier).
 

@@ -89,7 +89,8 @@ def test_llama2_style_run(page_run):
     assert report["kind"] == "sentencepiece"
     assert report["tokens_per_zh_char_after"] < report["tokens_per_zh_char_before"]
     # the page's printed numbers are the report's
-    assert f"{report['tokens_per_zh_char_before']} -> {report['tokens_per_zh_char_after']}" in r.stdout
+    before, after = report["tokens_per_zh_char_before"], report["tokens_per_zh_char_after"]
+    assert f"{before} -> {after}" in r.stdout
     summary = json.loads((run / "eval" / "summary.json").read_text())
     assert summary["history"]
     assert sorted((run / "eval").glob("step_*.json"))

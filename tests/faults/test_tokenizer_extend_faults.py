@@ -66,9 +66,10 @@ def test_from_id_auto_without_extend_from_is_refused(tmp_path):
     cfg = tiny_config(tmp_path / "run", tmp_path / "cache")
     cfg["plan"] = {"spec": "0:full,embeddings:new_rows(from_id=auto)"}
     config = write_config(tmp_path / "run.yaml", cfg)
-    from layerfreeze.train import build_schedule
-    from layerfreeze.policies.new_rows import check_plans, install_new_rows
     from torch import nn
+
+    from layerfreeze.policies.new_rows import install_new_rows
+    from layerfreeze.train import build_schedule
 
     plan = build_schedule(load_config(config)).plans[0].resolve(2, path="plan.spec")
     assert plan.embeddings.options.from_id == "auto"  # left as written

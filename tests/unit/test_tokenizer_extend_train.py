@@ -41,7 +41,9 @@ def run_config(root: Path, base: Path, **sections) -> Path:
     cfg["model"] = {"path": str(base), "attn_implementation": "eager"}
     cfg["tokenizer"] = {"extend_from": str(base), "vocab_size": 1200}
     cfg["data"]["paths"] = [str(bundled("zh.txt"))]
-    cfg["plan"] = {"spec": "0:full,embeddings:new_rows(from_id=auto),lm_head:new_rows(from_id=auto)"}
+    cfg["plan"] = {
+        "spec": "0:full,embeddings:new_rows(from_id=auto),lm_head:new_rows(from_id=auto)"
+    }
     cfg["checkpoint"].update({"export_final": True, "every_steps": 2})
     cfg["train"]["steps"] = 2
     for section, values in sections.items():
@@ -109,8 +111,9 @@ def test_train_extends_resizes_and_trains_new_rows(extended_run):
         assert moved.max() < 0.1  # ... from the subtoken-mean start (2 steps, lr 3e-3)
     # layer 1 frozen, layer 0 trained
     sd_b, sd_e = base_model.state_dict(), export.state_dict()
-    assert torch.equal(sd_b["model.layers.1.mlp.up_proj.weight"], sd_e["model.layers.1.mlp.up_proj.weight"])
-    assert not torch.equal(sd_b["model.layers.0.mlp.up_proj.weight"], sd_e["model.layers.0.mlp.up_proj.weight"])
+    up = "model.layers.{}.mlp.up_proj.weight"
+    assert torch.equal(sd_b[up.format(1)], sd_e[up.format(1)])
+    assert not torch.equal(sd_b[up.format(0)], sd_e[up.format(0)])
 
 
 @pytest.mark.slow
