@@ -441,6 +441,19 @@ class RunConfig:
     """Per-layer sensitivity hooks during training (logged to the metrics JSONL and wandb)."""
 
     def __post_init__(self) -> None:
+        extend = self.tokenizer.extend_from
+        if extend is not None and self.engine == "megatron":
+            raise ConfigError(
+                f"tokenizer.extend_from: not supported with engine: megatron yet (no "
+                f"vocabulary-parallel resize), got extend_from={extend!r}. Use engine: deepspeed, "
+                "or remove tokenizer.extend_from."
+            )
+        if extend is not None and self.model.path is None:
+            raise ConfigError(
+                f"tokenizer.extend_from: resizes the pretrained model of model.path, got "
+                f"extend_from={extend!r} and model.architecture. Set model.path to the checkpoint "
+                "the base tokenizer belongs to, or remove tokenizer.extend_from."
+            )
         if self.checkpoint.format == "dist" and self.engine != "megatron":
             raise ConfigError(
                 f"checkpoint.format: dist is megatron-core's distributed checkpoint, got engine "

@@ -520,7 +520,12 @@ def sidecar_info(path: str | os.PathLike, key: str = "--model") -> tuple[int, di
     if is_export and n == 0:  # an older (unmarked) export whose plan still names adapters
         plans = [meta.get("plan"), *meta.get("install", [])]
         names = set().union(*(LayerPlan.parse(p).policy_names() for p in plans if p))
-        marked = marked or any(get_policy(name).param_prefix for name in names)
+        # part-only policies (new_rows) are merged into the full matrices by every merged
+        # export: an empty sidecar is all they leave
+        marked = marked or any(
+            get_policy(name).param_prefix and not getattr(get_policy(name), "part_only", None)
+            for name in names
+        )
     if marked and n == 0:
         raise ValueError(
             f"{key} {path}: config.json marks a layerfreeze export whose trained adapters are in "

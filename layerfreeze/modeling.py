@@ -6,6 +6,7 @@ Megatron adapter reads the same config to build and convert its own model.
 
 from __future__ import annotations
 
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -17,6 +18,7 @@ from layerfreeze.errors import ConfigError
 __all__ = [
     "DTYPES",
     "SPECIAL_TOKEN_FIELDS",
+    "VocabResize",
     "build_model",
     "check_weight_files",
     "hf_model_config",
@@ -31,6 +33,31 @@ DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch
 #: The special-token ids of a transformers config that must lie inside the vocabulary (the pad
 #: id becomes the input embedding's ``padding_idx``).
 SPECIAL_TOKEN_FIELDS = ("pad_token_id", "bos_token_id", "eos_token_id")
+
+
+@dataclass(frozen=True)
+class VocabResize:
+    """Grow a loaded model to an extended tokenizer (``tokenizer.extend_from`` of a run).
+
+    Attributes:
+        base: the base tokenizer directory (the one ``model.path`` was trained with).
+        tokenizer: the extended tokenizer directory (new ids appended after the base's).
+        init: ``subtoken_mean`` or ``mean`` (see :mod:`layerfreeze.vocab_resize`).
+    """
+
+    base: str
+    tokenizer: str
+    init: str = "subtoken_mean"
+
+    @classmethod
+    def from_run_config(cls, cfg: Any) -> VocabResize | None:
+        """The resize of a ``RunConfig`` with ``tokenizer.extend_from`` (the extended tokenizer
+        is ``<out_dir>/tokenizer``); None without one."""
+        tok = cfg.tokenizer
+        if not tok.extend_from:
+            return None
+        return cls(str(tok.extend_from), str(Path(cfg.logging.out_dir) / "tokenizer"),
+                   tok.resize_init)
 
 
 def special_token_ids(tokenizer: Any) -> dict[str, int]:
@@ -152,6 +179,7 @@ def build_model(
     vocab_size: int,
     seed: int,
     special_ids: dict[str, int] | None = None,
+    resize: VocabResize | None = None,
 ) -> torch.nn.Module:
     """Load ``model.path`` or build ``model.architecture`` with weights seeded by ``seed``.
 
@@ -161,16 +189,25 @@ def build_model(
         seed: the seed of a built model's initialisation.
         special_ids: the tokenizer's pad / bos / eos ids for a built model (see
             :func:`hf_model_config`).
+        resize: grow the loaded ``model.path`` to an extended tokenizer
+            (:class:`VocabResize.from_run_config`); deterministic, so a resumed run rebuilds
+            the same rows before its checkpoint is loaded.
 
     Raises:
         ConfigError: no checkpoint at the path, an unknown ``model_type``, a tokenizer with
-            more ids than the checkpoint's vocabulary, or a special-token id outside it.
+            more ids than the checkpoint's vocabulary (without ``resize``), a special-token id
+            outside it, or a base tokenizer that does not fit the checkpoint.
     """
     from transformers import AutoModelForCausalLM
 
     dtype = DTYPES[model_cfg.dtype]
     config = hf_model_config(model_cfg, vocab_size=vocab_size, special_ids=special_ids)
-    if config.vocab_size < vocab_size:
+    if resize is not None and model_cfg.path is None:
+        raise ConfigError(
+            "tokenizer.extend_from: resizes the pretrained model of model.path, got "
+            "model.architecture. Set model.path."
+        )
+    if resize is None and config.vocab_size < vocab_size:
         raise ConfigError(
             f"model: the model's vocab_size ({config.vocab_size}) is smaller than the tokenizer's "
             f"({vocab_size}). Use the tokenizer that came with the checkpoint, or raise vocab_size."
@@ -190,8 +227,33 @@ def build_model(
         model = AutoModelForCausalLM.from_config(
             config, dtype=dtype, attn_implementation=model_cfg.attn_implementation
         )
+    if resize is not None:
+        _resize(model, resize)
     model.config.use_cache = False
     return model
+
+
+def _resize(model: torch.nn.Module, resize: VocabResize) -> None:
+    from layerfreeze.data.tokenizer import auto_tokenizer
+    from layerfreeze.utils.logging import get_logger, log_rank0
+    from layerfreeze.vocab_resize import resize_for_new_tokens
+
+    old, new = auto_tokenizer(resize.base), auto_tokenizer(resize.tokenizer)
+    try:
+        report = resize_for_new_tokens(model, old, new, init=resize.init)
+    except ValueError as e:
+        raise ConfigError(
+            f"tokenizer.extend_from: cannot resize model.path to {resize.tokenizer} "
+            f"({' '.join(str(e).split())})"
+        ) from None
+    log_rank0(
+        get_logger(__name__),
+        "resized the embedding%s from %d to %d rows: ids %d-%d initialised (%s; %d by the "
+        "plain mean)",
+        "" if report.tied else " and the output head", report.old_rows, report.new_rows,
+        report.first_new_id, report.first_new_id + report.initialised - 1, report.init,
+        len(report.fallback_to_mean),
+    )
 
 
 def check_weight_files(path: str | Path, key: str = "--model") -> None:

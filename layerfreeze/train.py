@@ -150,15 +150,33 @@ class StopSignals:
 
 
 def build_schedule(cfg: RunConfig) -> PlanSchedule:
-    """The run's plan schedule (a single open-ended phase when ``plan.spec`` is used)."""
-    if cfg.plan.schedule is not None:
+    """The run's plan schedule (a single open-ended phase when ``plan.spec`` is used), with
+    ``new_rows(from_id=auto)`` as the first id ``tokenizer.extend_from`` adds."""
+    spec, schedule = _with_first_new_id(cfg)
+    if schedule is not None:
         from layerfreeze.rotation import RotationConfig, build_rotation_schedule, is_rotation
 
-        if is_rotation(cfg.plan.schedule):  # one phase per interval, up to train.steps
-            rot = RotationConfig.parse(cfg.plan.schedule, path="plan.schedule")
+        if is_rotation(schedule):  # one phase per interval, up to train.steps
+            rot = RotationConfig.parse(schedule, path="plan.schedule")
             return build_rotation_schedule(rot, model_num_layers(cfg.model), cfg.train.steps)
-        return PlanSchedule.parse(cfg.plan.schedule, path="plan.schedule")
-    return PlanSchedule.single(LayerPlan.parse(cfg.plan.spec, path="plan.spec"))
+        return PlanSchedule.parse(schedule, path="plan.schedule")
+    return PlanSchedule.single(LayerPlan.parse(spec, path="plan.spec"))
+
+
+def _with_first_new_id(cfg: RunConfig) -> tuple[Any, Any]:
+    """``plan.spec`` and ``plan.schedule`` with ``from_id=auto`` replaced by the length of
+    ``tokenizer.extend_from`` (unchanged without it: the plan then refuses ``auto``)."""
+    if not cfg.tokenizer.extend_from:
+        return cfg.plan.spec, cfg.plan.schedule
+    from layerfreeze.data.extend_run import base_first_new_id
+    from layerfreeze.policies.new_rows import substitute_auto_from_id
+
+    try:
+        first = base_first_new_id(cfg.tokenizer.extend_from)
+    except ValueError as e:
+        raise ConfigError(str(e)) from None
+    return (substitute_auto_from_id(cfg.plan.spec, first),
+            substitute_auto_from_id(cfg.plan.schedule, first))
 
 
 def check_eval_subjects(cfg: RunConfig) -> None:
@@ -670,10 +688,11 @@ class Recipe:
         from layerfreeze.modeling import hf_model_config
         from layerfreeze.resume import model_fingerprint, tokenizer_fingerprint
 
-        return {
-            "tokenizer": tokenizer_fingerprint(self.tokenizer),
-            "model": model_fingerprint(hf_model_config(self.cfg.model, len(self.tokenizer))),
-        }
+        model = model_fingerprint(hf_model_config(self.cfg.model, len(self.tokenizer)))
+        if self.cfg.tokenizer.extend_from:  # the model the run trains is model.path resized
+            model.update(vocab_size=len(self.tokenizer),
+                         vocab_resize_init=self.cfg.tokenizer.resize_init)
+        return {"tokenizer": tokenizer_fingerprint(self.tokenizer), "model": model}
 
     def _check_resume_compatible(self) -> None:
         """Exit 2 (ConfigError) when the checkpoint was saved by another engine, with another

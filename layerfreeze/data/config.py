@@ -37,6 +37,22 @@ class TokenizerConfig:
     input_sentence_size: int = 0
     """Train on a random sample of this many lines (0: all); e.g. 2000000 for large corpora."""
 
+    extend_from: str | None = None
+    """Base tokenizer directory to extend for continued pre-training on a new language (the
+    tokenizer of ``model.path``: a SentencePiece ``tokenizer.model`` or a byte-level BPE
+    ``tokenizer.json``). The run trains ``vocab_size`` pieces on ``train_inputs`` (default: the
+    data files), appends the new ones after every existing id into ``<out_dir>/tokenizer``
+    (reused on restart when it was extended with the same settings), resizes the model's
+    embedding and head to it (``resize_init``), and ``new_rows(from_id=auto)`` in the plan
+    means its first new id. Needs ``model.path``; exclusive with ``path``."""
+
+    max_new: int | None = None
+    """With ``extend_from``: add at most this many pieces (null: every new trained piece)."""
+
+    resize_init: Literal["subtoken_mean", "mean"] = "subtoken_mean"
+    """With ``extend_from``: a new row starts as the mean of the rows of the old sub-tokens of
+    its string (``subtoken_mean``) or of all old rows (``mean``)."""
+
     def __post_init__(self) -> None:
         problems = []
         if self.path is not None and not str(self.path).strip():
@@ -57,6 +73,30 @@ class TokenizerConfig:
                 f"character_coverage: must be in (0, 1], got {self.character_coverage}. "
                 "Use 0.9995 for Chinese, 1.0 for small alphabets."
             )
+        if self.extend_from is not None:
+            if not str(self.extend_from).strip():
+                problems.append(
+                    "extend_from: must be a tokenizer directory or null, got ''. Remove the key "
+                    "to use the base tokenizer as it is."
+                )
+            elif self.path is not None:
+                problems.append(
+                    f"extend_from: set together with tokenizer.path, got path={self.path!r} and "
+                    f"extend_from={self.extend_from!r}. Remove tokenizer.path: the extended "
+                    "tokenizer is written to <out_dir>/tokenizer."
+                )
+        if self.max_new is not None:
+            if isinstance(self.max_new, bool) or not isinstance(self.max_new, int) \
+                    or self.max_new < 1:
+                problems.append(
+                    f"max_new: must be a positive number of pieces or null (all), got "
+                    f"{self.max_new!r}. Use e.g. 8000."
+                )
+            elif self.extend_from is None:
+                problems.append(
+                    f"max_new: only applies with tokenizer.extend_from, got max_new={self.max_new} "
+                    "and no extend_from. Set extend_from or remove max_new."
+                )
         if problems:
             raise ConfigError([f"tokenizer.{p}" for p in problems])
 

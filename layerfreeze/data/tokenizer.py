@@ -555,7 +555,10 @@ def prepare_tokenizer(
     """Load ``cfg.path``; without one, train a tokenizer on ``train_inputs`` into ``out_dir``.
 
     Training happens once: an existing ``out_dir`` with a trained tokenizer is reused (so a
-    resumed run gets the same ids). Under ``torch.distributed`` only local rank 0 trains; the
+    resumed run gets the same ids). With ``cfg.extend_from`` the base tokenizer is extended
+    with pieces trained on the inputs instead
+    (:func:`~layerfreeze.data.extend_run.prepare_extended`). Under ``torch.distributed`` only
+    local rank 0 trains; the
     other ranks wait and then load the result. A failure on the training rank is raised on
     every rank (nobody hangs in a barrier).
 
@@ -581,6 +584,13 @@ def prepare_tokenizer(
         )
     out_dir = Path(out_dir)
     inputs = list(cfg.train_inputs) or list(train_inputs)
+    if cfg.extend_from:
+        from layerfreeze.data.extend_run import prepare_extended
+
+        run_on_local_rank0(
+            lambda: prepare_extended(cfg, inputs, out_dir, text_key, txt_documents)
+        )
+        return load_tokenizer(out_dir)
 
     def build() -> None:
         if (out_dir / "tokenizer.json").is_file():

@@ -39,7 +39,13 @@ from layerfreeze.utils.logging import get_logger, log_rank0
 
 logger = get_logger(__name__)
 
-__all__ = ["ExtendReport", "detect_kind", "extend_tokenizer", "tokens_per_zh_char", "KINDS"]
+__all__ = [
+    "ExtendReport",
+    "KINDS",
+    "detect_kind",
+    "extend_tokenizer",
+    "tokens_per_zh_char",
+]
 
 KINDS = ("sentencepiece", "byte_level_bpe")
 REPORT_FILE = "layerfreeze_vocab_extend.json"
@@ -77,6 +83,10 @@ class ExtendReport:
     tokens_per_zh_char_before: float
     tokens_per_zh_char_after: float
     sample_new_tokens: list[str] = field(default_factory=list)
+    settings: dict[str, Any] = field(default_factory=dict)
+    """What decides the new pieces besides the corpus: ``vocab_size``, ``max_new``, ``seed`` and
+    ``base_fingerprint`` (:func:`~layerfreeze.data.tokenizer.tokenizer_fingerprint` of the base);
+    a run with ``tokenizer.extend_from`` reuses the tokenizer only when they match."""
 
     def summary(self) -> str:
         """One human line."""
@@ -618,10 +628,22 @@ def extend_tokenizer(
             tokens_per_zh_char_before=round(before, 4),
             tokens_per_zh_char_after=round(after, 4),
             sample_new_tokens=new[:20],
+            settings=_settings(base_tok, vocab_size, max_new, seed),
         )
         atomic_write_json(tmp / REPORT_FILE, report.to_dict())
     log_rank0(logger, "%s", report.summary())
     return report
+
+
+def _settings(base_tok: Any, vocab_size: int, max_new: int | None, seed: int) -> dict[str, Any]:
+    from layerfreeze.data.tokenizer import tokenizer_fingerprint
+
+    return {
+        "vocab_size": vocab_size,
+        "max_new": max_new,
+        "seed": seed,
+        "base_fingerprint": tokenizer_fingerprint(base_tok),
+    }
 
 
 def _check(base_tok: Any, new_tok: Any, where: Path, added: int) -> None:

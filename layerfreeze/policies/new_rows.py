@@ -12,6 +12,7 @@ full weight for a merged export; the hook's output is the same before and after 
 
 from __future__ import annotations
 
+import re
 from dataclasses import dataclass
 from typing import Any
 
@@ -25,6 +26,8 @@ from layerfreeze.policies.base import PolicySpec
 from layerfreeze.registry import register_policy
 
 PARAM = "new_rows_weight"
+AUTO = "auto"
+_AUTO_IN_TEXT = re.compile(r"(\bfrom_id\s*=\s*)auto\b")
 _STATE = "_layerfreeze_new_rows"
 
 
@@ -32,8 +35,10 @@ _STATE = "_layerfreeze_new_rows"
 class NewRowsConfig:
     """Options of ``new_rows``."""
 
-    from_id: int
-    """First token id whose row trains (required; rows below it stay frozen)."""
+    from_id: int | str
+    """First token id whose row trains (required; rows below it stay frozen). ``auto``: the
+    first id ``tokenizer.extend_from`` adds (``layerfreeze train`` replaces it before the plan
+    resolves, see :func:`substitute_auto_from_id`)."""
     lr_scale: float = 1.0
     """Multiplier on the run's learning rate for the new rows."""
     weight_decay: float | None = None
@@ -41,10 +46,14 @@ class NewRowsConfig:
 
     def __post_init__(self):
         problems = []
-        if isinstance(self.from_id, bool) or not isinstance(self.from_id, int) or self.from_id < 0:
+        if self.from_id == AUTO:
+            pass
+        elif isinstance(self.from_id, bool) or not isinstance(self.from_id, int) \
+                or self.from_id < 0:
             problems.append(
                 f"from_id: must be the first new token id (an integer >= 0), got "
-                f"{self.from_id!r}. Write e.g. new_rows(from_id=32000)."
+                f"{self.from_id!r}. Write e.g. new_rows(from_id=32000), or from_id=auto with "
+                "tokenizer.extend_from."
             )
         if not self.lr_scale > 0:
             problems.append(f"lr_scale: must be > 0, got {self.lr_scale}. Use e.g. lr_scale=0.1.")
@@ -116,6 +125,7 @@ def install_new_rows(module: nn.Module, from_id: int, kind: str, path: str,
     Raises:
         ConfigError: ``from_id`` is not below the row count, or differs from an earlier install.
     """
+    _check_not_auto(from_id, path)
     state = module.__dict__.get(_STATE)
     if state is not None:
         if state["from_id"] != from_id:
@@ -142,6 +152,34 @@ def new_rows_from_id(module: nn.Module) -> int | None:
     """The ``from_id`` of the ``new_rows_weight`` installed on ``module`` (None: not installed)."""
     state = module.__dict__.get(_STATE)
     return None if state is None else state["from_id"]
+
+
+def _auto_message(path: str) -> str:
+    return (
+        f"{path}: new_rows(from_id=auto) is the first id tokenizer.extend_from adds, got "
+        "from_id=auto and no tokenizer.extend_from. Set tokenizer.extend_from, or write "
+        "from_id=<len(old tokenizer)>."
+    )
+
+
+def _check_not_auto(from_id: Any, path: str) -> None:
+    if from_id == AUTO:
+        raise ConfigError(_auto_message(path))
+
+
+def substitute_auto_from_id(spec: Any, first_id: int) -> Any:
+    """``spec`` (a plan or schedule: string, mapping or list of them) with every
+    ``from_id=auto`` / ``from_id: auto`` replaced by ``first_id``; other values unchanged."""
+    if isinstance(spec, str):
+        return _AUTO_IN_TEXT.sub(lambda m: f"{m.group(1)}{first_id}", spec)
+    if isinstance(spec, dict):
+        return {
+            k: first_id if k == "from_id" and v == AUTO else substitute_auto_from_id(v, first_id)
+            for k, v in spec.items()
+        }
+    if isinstance(spec, list):
+        return [substitute_auto_from_id(v, first_id) for v in spec]
+    return spec
 
 
 def new_rows_modules(model: nn.Module) -> list[nn.Module]:
@@ -245,6 +283,9 @@ def check_plans(model: nn.Module, layout: ModelLayout, plans: list[tuple[str, An
                 continue
             rows = getattr(model, get)().weight.shape[0]
             start = spec.options.from_id
+            if start == AUTO:
+                problems.append(_auto_message(where))
+                continue
             if start >= rows:
                 problems.append(
                     f"{where}: new_rows from_id={start} is out of range for {rows} rows "

@@ -67,10 +67,13 @@ def runner_from_run_config(
     """
     from layerfreeze.apply import apply_plan, enable_gradient_checkpointing
     from layerfreeze.engines.deepspeed_config import build_deepspeed_config
-    from layerfreeze.modeling import build_model
+    from layerfreeze.modeling import VocabResize, build_model
 
     ds_config, _ = build_deepspeed_config(cfg, get_world_size())
-    model = build_model(cfg.model, vocab_size, cfg.train.seed, special_ids)
+    model = build_model(
+        cfg.model, vocab_size, cfg.train.seed, special_ids,
+        resize=VocabResize.from_run_config(cfg),
+    )
     plans = schedule.plans
     applied = apply_plan(model, plans[0], install=plans[1:])
     if cfg.model.gradient_checkpointing:
