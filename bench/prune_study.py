@@ -252,7 +252,9 @@ def render_markdown(result: dict[str, Any]) -> str:
         f"held-out loss {result['base']['heldout_loss']:.4f}. Healing: LoRA r={cfg['heal_rank']} "
         f"on every linear, {cfg['heal_steps']} steps, lr {cfg['heal_lr']:g}, base "
         f"{' / '.join(qs)}. Wall time {result['machine']['wall_s']:.0f} s "
-        f"({result['machine']['threads']} thread(s), load {result['machine']['load_avg_start']:.1f}).",
+        f"({result['machine']['threads']} thread(s), 1-min load average "
+        f"{result['machine']['load_avg_start']:.1f} at the start and "
+        f"{result['machine']['load_avg_end']:.1f} at the end; the wall time grows with the load).",
         "",
         "| n | fraction | l*(n) | loss-optimal start | angular unhealed | deepest unhealed | "
         + " | ".join(f"angular {q} | deepest {q}" for q in qs) + " |",
