@@ -102,7 +102,7 @@ def _gather_rows(weight: torch.Tensor) -> torch.Tensor:
 
 
 def _megatron_run(hf_config, hf_sd, ids, plan, out_dir: str, resume: bool,
-                  divisible_by: int = 128) -> dict:
+                  divisible_by: int = 128, fmt: str = "safetensors") -> dict:
     """Convert, check the resized rows, train ``STEPS`` steps under ``plan`` (saving after step
     2), export merged; optionally resume from step 2 in a fresh model and redo step 3."""
     from layerfreeze.engines.megatron import convert as C
@@ -141,7 +141,7 @@ def _megatron_run(hf_config, hf_sd, ids, plan, out_dir: str, resume: bool,
 
     def runner_for(m, a):
         return MegatronRunner(m, applied=a, lr=LR, weight_decay=WD, clip_grad=0.0,
-                              hf_config=hf_config)
+                              hf_config=hf_config, checkpoint_format=fmt)
 
     runner = runner_for(model, applied)
     out["trainable"] = sorted(applied.trainable_names())
@@ -283,7 +283,7 @@ def test_tp1_resize_then_new_rows_matches_hf(tp1, tmp_path):
     assert torch.equal(out["resumed_emb_new"], out["emb_new"])
 
 
-def _tp2_body(rank, world, hf_config, hf_sd, ids, plan, out_dir, divisible_by):
+def _tp2_body(rank, world, hf_config, hf_sd, ids, plan, out_dir, divisible_by, fmt):
     from tests.helpers.megatron import (
         destroy_model_parallel,
         init_model_parallel,
@@ -294,18 +294,23 @@ def _tp2_body(rank, world, hf_config, hf_sd, ids, plan, out_dir, divisible_by):
         init_model_parallel(tp=2, pp=1)
         try:
             return _megatron_run(hf_config, hf_sd, ids, plan, out_dir, resume=True,
-                                 divisible_by=divisible_by)
+                                 divisible_by=divisible_by, fmt=fmt)
         finally:
             destroy_model_parallel()
 
 
 # Vocabulary 621 (600 old + 21 new). divisible_by=608 pads to 1216 at TP=2: rank 0 holds rows
 # 0-607, rank 1 rows 608-1215, so the new rows 600-620 straddle the two shards. 128 pads to 768:
-# every new row on rank 1 (rank 0 holds none, its hooks still join the collectives).
+# every new row on rank 1 (rank 0 holds none, its hooks still join the collectives). The
+# untied run saves and resumes with checkpoint.format: dist (megatron-core dist_checkpointing:
+# the embedding's sharded_state_dict carries new_rows_weight), the others with safetensors.
 @pytest.mark.slow
-@pytest.mark.parametrize("tied,divisible_by", [(False, 608), (True, 608), (True, 128)],
-                         ids=["untied-straddling", "tied-straddling", "tied-rank1-only"])
-def test_tp2_resize_then_new_rows_matches_hf(tmp_path, tied, divisible_by):
+@pytest.mark.parametrize(
+    "tied,divisible_by,fmt",
+    [(False, 608, "dist"), (True, 608, "safetensors"), (True, 128, "safetensors")],
+    ids=["untied-straddling-dist", "tied-straddling", "tied-rank1-only"],
+)
+def test_tp2_resize_then_new_rows_matches_hf(tmp_path, tied, divisible_by, fmt):
     old, new = _tokenizers_and_subs(tmp_path)
     before, after, report = _resized(old, new, tied=tied)
     ids = _batch(len(new), len(old))
@@ -313,7 +318,7 @@ def test_tp2_resize_then_new_rows_matches_hf(tmp_path, tied, divisible_by):
     ref = _hf_reference(after, plan, ids)
     res = run_distributed(
         _tp2_body, world_size=2,
-        args=(after.config, after.state_dict(), ids, plan, str(tmp_path), divisible_by),
+        args=(after.config, after.state_dict(), ids, plan, str(tmp_path), divisible_by, fmt),
         timeout=900,
     )
     _check_state(res)
@@ -323,3 +328,72 @@ def test_tp2_resize_then_new_rows_matches_hf(tmp_path, tied, divisible_by):
         _logits_equal(exported, ids, out["trained_logits"])
         assert out["resumed_loss"] == out["losses"][2]
         assert torch.equal(out["resumed_emb_new"], out["emb_new"])
+
+
+def _pp2_body(rank, world, hf_config, hf_sd, ids, plan, out_dir):
+    """PP=2 (TP=1), untied: the embedding's new rows on stage 0, the head's on stage 1."""
+    from megatron.core import parallel_state as ps
+
+    from layerfreeze.engines.megatron import convert as C
+    from layerfreeze.engines.megatron.new_rows import record_vocab_size
+    from layerfreeze.engines.megatron.runner import MegatronRunner
+    from layerfreeze.engines.megatron.vocab import mask_padded_vocab
+    from tests.helpers.megatron import (
+        destroy_model_parallel,
+        init_model_parallel,
+        megatron_cpu_shim,
+    )
+
+    vocab = int(hf_config.vocab_size)
+    with megatron_cpu_shim():
+        init_model_parallel(tp=1, pp=2)
+        try:
+            pre, post = ps.is_pipeline_first_stage(), ps.is_pipeline_last_stage()
+            model = C.build_gpt_from_hf_config(hf_config, pre, post, config_overrides=CPU,
+                                               make_vocab_size_divisible_by=128)
+            C.load_hf_weights(model, hf_sd, hf_config)
+            record_vocab_size(model, vocab)
+            mask_padded_vocab(model, vocab)
+            part = model.embedding.word_embeddings if pre else model.output_layer
+            w0 = part.weight.detach().clone()
+            runner = MegatronRunner(model, plan=plan, lr=LR, weight_decay=WD, clip_grad=0.0,
+                                    hf_config=hf_config)
+            window = [{"input_ids": ids, "labels": ids}]
+            losses = [float(runner.train_step(window).loss) for _ in range(STEPS)]
+            out = {"stage": "emb" if pre else "head", "losses": losses,
+                   "old_same": torch.equal(part.weight, w0),
+                   "new": part.new_rows_weight.detach().clone(),
+                   "trainable": sorted(runner.applied.trainable_names())}
+            runner.export_merged(f"{out_dir}/export")
+            runner.close(destroy_model_parallel=False)
+            return out
+        finally:
+            destroy_model_parallel()
+
+
+@pytest.mark.slow
+def test_pp2_new_rows_matches_hf(tmp_path):
+    from transformers import AutoModelForCausalLM
+
+    old, new = _tokenizers_and_subs(tmp_path)
+    _before, after, report = _resized(old, new, tied=False)
+    ids = _batch(len(new), len(old))
+    plan = _plan(report.first_new_id)
+    ref = _hf_reference(after, plan, ids)
+    res = run_distributed(_pp2_body, world_size=2,
+                          args=(after.config, after.state_dict(), ids, plan, str(tmp_path)),
+                          timeout=900)
+    n_old = report.first_new_id
+    exported = AutoModelForCausalLM.from_pretrained(str(tmp_path / "export")).float()
+    for out in res:
+        assert out["losses"] == pytest.approx(ref["losses"], abs=2e-5)
+        assert out["old_same"]
+        torch.testing.assert_close(out["new"], ref[out["stage"]][n_old:], rtol=0, atol=1e-5)
+        assert [n for n in out["trainable"] if "new_rows" in n] == [
+            "embedding.word_embeddings.new_rows_weight" if out["stage"] == "emb"
+            else "output_layer.new_rows_weight"]
+        hf_w = (exported.get_input_embeddings() if out["stage"] == "emb"
+                else exported.get_output_embeddings()).weight.detach()
+        assert torch.equal(hf_w[:n_old], after.state_dict()[
+            "model.embed_tokens.weight" if out["stage"] == "emb" else "lm_head.weight"][:n_old])
+        assert torch.equal(hf_w[n_old:], out["new"])
