@@ -397,3 +397,72 @@ def test_pp2_new_rows_matches_hf(tmp_path):
         assert torch.equal(hf_w[:n_old], after.state_dict()[
             "model.embed_tokens.weight" if out["stage"] == "emb" else "lm_head.weight"][:n_old])
         assert torch.equal(hf_w[n_old:], out["new"])
+
+
+# ---------------------------------------------------------------------------------------------
+# `layerfreeze train engine=megatron` (the recipe records the real vocabulary): at TP=2 with a
+# 999-token vocabulary (padded to 1000) the new-rows plan logs the DeepSpeed engine's losses.
+
+
+@pytest.mark.slow
+def test_train_cli_tp2_new_rows_losses_equal_deepspeed(tmp_path, eval_data_dir):
+    from tests.e2e.test_train_cli import _config, _losses, _train, _write
+    from tests.e2e.test_train_megatron import _mconfig, _mtrain
+
+    plan = {"spec": "0:full,embeddings:new_rows(from_id=900),lm_head:new_rows(from_id=900)"}
+    common = dict(
+        train={"steps": 3, "grad_accum_steps": 1},
+        checkpoint={"every_steps": 0, "export_final": False},
+    )
+    cache = tmp_path / "cache"
+    dcfg = _config(tmp_path / "d", cache, plan=plan, logging={"wandb_project": None}, **common)
+    dcfg["tokenizer"]["vocab_size"] = 999
+    dcfg["model"]["attn_implementation"] = "sdpa"
+    proc = _train(_write(tmp_path / "d.yaml", dcfg))
+    assert proc.returncode == 0, proc.stderr[-6000:]
+    mcfg = _mconfig(tmp_path / "m", cache, 2, 1, eval_data_dir, plan=plan, **common)
+    mcfg["tokenizer"]["vocab_size"] = 999
+    mcfg["eval"] = {"every_steps": 0, "at_end": False}
+    proc = _mtrain(_write(tmp_path / "m.yaml", mcfg))
+    assert proc.returncode == 0, proc.stderr[-6000:]
+    deepspeed, megatron = _losses(tmp_path / "d"), _losses(tmp_path / "m")
+    assert sorted(megatron) == [1, 2, 3]
+    assert [megatron[s] for s in (1, 2, 3)] == pytest.approx(
+        [deepspeed[s] for s in (1, 2, 3)], rel=1e-5)
+
+
+def test_tp1_schedule_freezes_embedding_rows_in_phase_two(tp1):
+    """A schedule whose second phase freezes the embedding's new rows (the head's keep
+    training): the frozen rows stop, the others move, old rows never change, and the rebuilt
+    optimizer holds state for the head's new rows only."""
+    from layerfreeze.engines.megatron import convert as C
+    from layerfreeze.engines.megatron.new_rows import record_vocab_size
+    from layerfreeze.engines.megatron.runner import MegatronRunner
+    from tests.helpers.tiny_models import build_tiny_model
+
+    vocab, first = 91, 80
+    hf = build_tiny_model("llama", num_layers=2, num_heads=4, num_kv_heads=2, vocab_size=vocab)
+    model = C.build_gpt_from_hf_config(hf.config, config_overrides=CPU,
+                                       make_vocab_size_divisible_by=4)
+    C.load_hf_weights(model, hf.state_dict(), hf.config)
+    record_vocab_size(model, vocab)
+    rows = f"new_rows(from_id={first})"
+    schedule = [{"plan": f"embeddings:{rows},lm_head:{rows}", "until_step": 2},
+                {"plan": f"embeddings:freeze,lm_head:{rows}", "until_step": None}]
+    runner = MegatronRunner(model, schedule=schedule, lr=LR, weight_decay=WD, clip_grad=0.0)
+    emb, head = model.embedding.word_embeddings, model.output_layer
+    w0 = (emb.weight.detach().clone(), head.weight.detach().clone())
+    ids = _batch(vocab, first)
+    window = [{"input_ids": ids, "labels": ids}]
+    snaps = []
+    for _ in range(4):
+        runner.train_step(window)
+        snaps.append((emb.new_rows_weight.detach().clone(), head.new_rows_weight.detach().clone()))
+    assert runner.phase == 1
+    assert not torch.equal(snaps[1][0], emb.weight[first:vocab])   # trained in phase 0
+    assert torch.equal(snaps[3][0], snaps[1][0])                    # frozen in phase 1
+    assert not torch.equal(snaps[3][1], snaps[1][1])                # the head's keep training
+    assert torch.equal(emb.weight, w0[0]) and torch.equal(head.weight, w0[1])
+    state = runner.optimizer_state_numel()
+    assert state["master"] == state["exp_avg"] == head.new_rows_weight.numel()
+    runner.close(destroy_model_parallel=False)

@@ -78,14 +78,15 @@ def test_sequence_parallel_is_refused(gpt):
 
 
 def test_tied_embeddings_on_a_pipeline_are_refused(gpt):
+    from layerfreeze.engines.megatron.layout import megatron_layout
     from layerfreeze.engines.megatron.new_rows import record_vocab_size
     from layerfreeze.models import ModelLayout
+    from layerfreeze.plan import LayerPlan
+    from layerfreeze.policies.new_rows import check_plans
 
     record_vocab_size(gpt, VOCAB)
-    gpt.config.pipeline_model_parallel_size = 2  # a tied model split over two stages
-    from layerfreeze.engines.megatron.layout import megatron_layout
-    from layerfreeze.policies.new_rows import check_plans
-    from layerfreeze.plan import LayerPlan
+    gpt.config.pipeline_model_parallel_size = 2  # a tied model split over two stages (the
+    # layout of a real tied GPTModel on a pipeline marks it tied, as below)
 
     layout = megatron_layout(gpt)
     tied = ModelLayout(**{**layout.__dict__, "tied_embeddings": True})
