@@ -163,13 +163,13 @@ def _embedding_sharded_state_dict(module, prefix="", sharded_offsets=(), metadat
     return out
 
 
-def _install(module: nn.Module, from_id: int, stop: int, shared: nn.Parameter | None,
-             kind: str) -> nn.Parameter:
-    """``new_rows_weight`` (rows ``from_id:stop``) and the embedding hook on ``module``."""
+def _install(module: nn.Module, from_id: int, stop: int, kind: str) -> nn.Parameter:
+    """``new_rows_weight`` (rows ``from_id:stop``, gathered over TP) and the hook on ``module``
+    (``kind``: ``"embedding"`` or ``"head"``)."""
     state = module.__dict__.get(nr._STATE)
     if state is not None:  # installed by an earlier plan of the schedule (same from_id: checked)
         return getattr(module, nr.PARAM)
-    param = shared if shared is not None else nn.Parameter(_gather_rows(module, from_id, stop))
+    param = nn.Parameter(_gather_rows(module, from_id, stop))
     module.register_parameter(nr.PARAM, param)
     _, rank, _ = _tp(module)
     per = module.weight.shape[0]
@@ -248,11 +248,11 @@ class _MegatronNewRows:
             has_head = bool(getattr(gpt, "post_process", False)) and out is not None
             tied = bool(getattr(gpt, "share_embeddings_and_output_weights", False))
             if emb.name == "new_rows" and has_emb:
-                _install(words, emb.options.from_id, stop, None, "embedding")
+                _install(words, emb.options.from_id, stop, "embedding")
                 if tied and has_head:
                     _attach_head(out, words)
             if head.name == "new_rows" and has_head and not tied:
-                _install(out, head.options.from_id, stop, None, "head")
+                _install(out, head.options.from_id, stop, "head")
 
 
 _HANDLER = _MegatronNewRows()
