@@ -102,7 +102,8 @@ def _gather_rows(weight: torch.Tensor) -> torch.Tensor:
 
 
 def _megatron_run(hf_config, hf_sd, ids, plan, out_dir: str, resume: bool,
-                  divisible_by: int = 128, fmt: str = "safetensors") -> dict:
+                  divisible_by: int = 128, fmt: str = "safetensors",
+                  distributed_optimizer: bool = False) -> dict:
     """Convert, check the resized rows, train ``STEPS`` steps under ``plan`` (saving after step
     2), export merged; optionally resume from step 2 in a fresh model and redo step 3."""
     from layerfreeze.engines.megatron import convert as C
@@ -141,7 +142,8 @@ def _megatron_run(hf_config, hf_sd, ids, plan, out_dir: str, resume: bool,
 
     def runner_for(m, a):
         return MegatronRunner(m, applied=a, lr=LR, weight_decay=WD, clip_grad=0.0,
-                              hf_config=hf_config, checkpoint_format=fmt)
+                              hf_config=hf_config, checkpoint_format=fmt,
+                              use_distributed_optimizer=distributed_optimizer)
 
     runner = runner_for(model, applied)
     out["trainable"] = sorted(applied.trainable_names())
@@ -328,6 +330,41 @@ def test_tp2_resize_then_new_rows_matches_hf(tmp_path, tied, divisible_by, fmt):
         _logits_equal(exported, ids, out["trained_logits"])
         assert out["resumed_loss"] == out["losses"][2]
         assert torch.equal(out["resumed_emb_new"], out["emb_new"])
+
+
+def _dp2_body(rank, world, hf_config, hf_sd, ids, plan, out_dir):
+    from tests.helpers.megatron import (
+        destroy_model_parallel,
+        init_model_parallel,
+        megatron_cpu_shim,
+    )
+
+    with megatron_cpu_shim():
+        init_model_parallel(tp=1, pp=1)
+        try:
+            return _megatron_run(hf_config, hf_sd, ids, plan, out_dir, resume=False,
+                                 distributed_optimizer=True)
+        finally:
+            destroy_model_parallel()
+
+
+@pytest.mark.slow
+def test_dp2_distributed_optimizer_new_rows_matches_hf(tmp_path):
+    """Two data-parallel replicas (same batch) with megatron's distributed optimizer: the new
+    rows' state is sharded over the replicas, the run still equals the HF reference."""
+    old, new = _tokenizers_and_subs(tmp_path)
+    before, after, report = _resized(old, new, tied=False)
+    ids = _batch(len(new), len(old))
+    plan = _plan(report.first_new_id)
+    ref = _hf_reference(after, plan, ids)
+    res = run_distributed(_dp2_body, world_size=2,
+                          args=(after.config, after.state_dict(), ids, plan, str(tmp_path)),
+                          timeout=900)
+    total = res[0]["trainable_numel"]  # every parameter once: the state is split over DP
+    assert res[0]["state"]["exp_avg"] == total
+    for out in res:
+        exported = _check(out, ref, before, after, report, 128, tmp_path / "export")
+        _logits_equal(exported, ids, out["trained_logits"])
 
 
 def _pp2_body(rank, world, hf_config, hf_sd, ids, plan, out_dir):
