@@ -29,6 +29,21 @@ PARAM = "new_rows_weight"
 AUTO = "auto"
 _AUTO_IN_TEXT = re.compile(r"(\bfrom_id\s*=\s*)auto\b")
 _STATE = "_layerfreeze_new_rows"
+#: Engine handlers for models without transformers' embedding accessors (e.g. megatron's
+#: vocabulary-parallel ``GPTModel``): objects with ``owns(model) -> bool``,
+#: ``check(model, layout, part, from_id, where) -> list[str]`` and
+#: ``install(model, layout, resolved, path) -> None``. Registered by the engine package.
+_ENGINE_HANDLERS: list[Any] = []
+
+
+def register_new_rows_engine(handler: Any) -> None:
+    """Register an engine's ``new_rows`` handler (idempotent; see ``_ENGINE_HANDLERS``)."""
+    if handler not in _ENGINE_HANDLERS:
+        _ENGINE_HANDLERS.append(handler)
+
+
+def _engine_handler(model: nn.Module) -> Any:
+    return next((h for h in _ENGINE_HANDLERS if h.owns(model)), None)
 
 
 @dataclass(frozen=True)
@@ -144,7 +159,8 @@ def install_new_rows(module: nn.Module, from_id: int, kind: str, path: str,
         shared = nn.Parameter(module.weight.detach()[from_id:].clone())
     module.register_parameter(PARAM, shared)
     hook = module.register_forward_hook(_embedding_hook if kind == "embedding" else _head_hook)
-    module.__dict__[_STATE] = {"from_id": from_id, "hook": hook, "orig": None}
+    module.__dict__[_STATE] = {"from_id": from_id, "hook": hook, "orig": None,
+                               "rows": (slice(from_id, None), slice(None))}
     return shared
 
 
@@ -199,10 +215,12 @@ def merge_new_rows(model: nn.Module) -> list[str]:
             if state is None or id(m.weight) in seen:  # a tied head shares the weight
                 continue
             seen.add(id(m.weight))
-            start = state["from_id"]
+            # (rows of the full weight, rows of new_rows_weight): a vocabulary-parallel shard
+            # holds only the intersection of its rows with the new ones.
+            w_rows, p_rows = state["rows"]
             if state["orig"] is None:
-                state["orig"] = m.weight.detach()[start:].clone()
-            m.weight[start:] = getattr(m, PARAM).detach().to(m.weight.dtype)
+                state["orig"] = m.weight.detach()[w_rows].clone()
+            m.weight[w_rows] = getattr(m, PARAM).detach()[p_rows].to(m.weight.dtype)
             done.append(name)
     return done
 
@@ -216,7 +234,7 @@ def unmerge_new_rows(model: nn.Module) -> list[str]:
             if state is None or state["orig"] is None or id(m.weight) in seen:
                 continue
             seen.add(id(m.weight))
-            m.weight[state["from_id"]:] = state["orig"]
+            m.weight[state["rows"][0]] = state["orig"]
             state["orig"] = None
             done.append(name)
     return done
@@ -234,6 +252,10 @@ def install_for_plan(model: nn.Module, layout: ModelLayout, resolved: Any, path:
     emb_spec, head_spec = resolved.embeddings, resolved.lm_head
     wanted = [p for p, s in (("embeddings", emb_spec), ("lm_head", head_spec)) if s.name == "new_rows"]
     if not wanted:
+        return
+    handler = _engine_handler(model)
+    if handler is not None:
+        handler.install(model, layout, resolved, path)
         return
     if not callable(getattr(model, "get_input_embeddings", None)):
         raise ConfigError(
@@ -274,6 +296,21 @@ def check_plans(model: nn.Module, layout: ModelLayout, plans: list[tuple[str, An
                     f"{full[part]}). Use new_rows or freeze for {part} in every phase."
                 )
             where = f"{path}.{part}"
+            start = spec.options.from_id
+            if start == AUTO:
+                problems.append(_auto_message(where))
+                continue
+            key = "embeddings" if part == "embeddings" or layout.tied_embeddings else part
+            if key in seen and seen[key][0] != start:
+                problems.append(
+                    f"{where}: new_rows(from_id={start}) differs from from_id={seen[key][0]} in "
+                    f"{seen[key][1]}. Use one from_id in every plan of a schedule."
+                )
+            seen.setdefault(key, (start, where))
+            handler = _engine_handler(model)
+            if handler is not None:
+                problems.extend(handler.check(model, layout, part, start, where))
+                continue
             get = "get_input_embeddings" if part == "embeddings" else "get_output_embeddings"
             if not callable(getattr(model, get, None)) or getattr(model, get)() is None:
                 problems.append(
@@ -282,22 +319,11 @@ def check_plans(model: nn.Module, layout: ModelLayout, plans: list[tuple[str, An
                 )
                 continue
             rows = getattr(model, get)().weight.shape[0]
-            start = spec.options.from_id
-            if start == AUTO:
-                problems.append(_auto_message(where))
-                continue
             if start >= rows:
                 problems.append(
                     f"{where}: new_rows from_id={start} is out of range for {rows} rows "
                     f"(valid 0-{rows - 1}). Set from_id to len(old tokenizer) after resizing."
                 )
-            key = "embeddings" if part == "embeddings" or layout.tied_embeddings else part
-            if key in seen and seen[key][0] != start:
-                problems.append(
-                    f"{where}: new_rows(from_id={start}) differs from from_id={seen[key][0]} in "
-                    f"{seen[key][1]}. Use one from_id in every plan of a schedule."
-                )
-            seen.setdefault(key, (start, where))
     return problems
 
 

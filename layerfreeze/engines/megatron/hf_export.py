@@ -513,6 +513,7 @@ def _local_adapters(chunks: Sequence[torch.nn.Module]) -> tuple[list[tuple], lis
     """This rank's adapter tensors: ``(global layer, local index, name in the layer, tensor,
     split, merged)`` entries, and problems (adapters outside the decoder layers)."""
     from layerfreeze.apply import adapter_param_names
+    from layerfreeze.policies.new_rows import merged_param_names
 
     entries, problems = [], []
     for chunk in chunks:
@@ -522,7 +523,10 @@ def _local_adapters(chunks: Sequence[torch.nn.Module]) -> tuple[list[tuple], lis
                 merged.update(f"{name}.{n}" for n, _ in mod.named_parameters())
         params = dict(chunk.named_parameters())
         numbers = [layer.layer_number - 1 for layer in chunk.decoder.layers]
+        rows_in_place = set(merged_param_names(chunk))  # merged new_rows: in the full weight
         for name in adapter_param_names(chunk):
+            if name in rows_in_place:
+                continue
             parts = name.split(".", 3)
             if len(parts) < 4 or parts[:2] != ["decoder", "layers"]:
                 problems.append(
@@ -594,6 +598,7 @@ def _sidecar_for_hf(
 
     from layerfreeze.apply import adapter_param_names, apply_plan
     from layerfreeze.export import fully_merged_policies, sidecar_plan_json
+    from layerfreeze.policies.new_rows import PARAM as NEW_ROWS_PARAM
 
     install = [p for p, _ in applied.installed if p != applied.plan]
     config = copy.deepcopy(hf_config)  # the prefix policy repoints the attention implementation
@@ -607,7 +612,8 @@ def _sidecar_for_hf(
             f"so the trained adapters have no Hugging Face form for the export's sidecar: {e}"
         ) from None
     params = dict(model.named_parameters())
-    expected = set(adapter_param_names(model))
+    # new_rows are merged into the full weights on both engines (no sidecar tensor)
+    expected = {n for n in adapter_param_names(model) if not n.endswith(f".{NEW_ROWS_PARAM}")}
     missing, extra = sorted(expected - set(tensors)), sorted(set(tensors) - expected)
     wrong = [
         f"{n} {tuple(t.shape)} vs {tuple(params[n].shape)}"

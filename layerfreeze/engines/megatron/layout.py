@@ -33,14 +33,15 @@ _MLP = "mlp"
 
 
 def register_megatron_policies() -> None:
-    """Register the tensor-parallel LoRA dispatchers and the megatron prefix installer
-    (idempotent)."""
-    from layerfreeze.engines.megatron import lora, prefix
+    """Register the tensor-parallel LoRA dispatchers, the megatron prefix installer and the
+    vocabulary-parallel ``new_rows`` handler (idempotent)."""
+    from layerfreeze.engines.megatron import lora, new_rows, prefix
     from layerfreeze.engines.megatron.sharded import adapter_sharded_state_dict
     from layerfreeze.policies.gate import register_sharded_state_dict
 
     lora.register()
     prefix.register()
+    new_rows.register()
     register_sharded_state_dict(adapter_sharded_state_dict)  # gates in megatron checkpoints
 
 

@@ -209,6 +209,10 @@ def plan_model_provider(
     def provider(*args: Any, **kwargs: Any) -> nn.Module:
         model = model_provider(*args, **kwargs)
         inner = unwrap_module(model, stop_at="decoder")
+        if vocab_size is not None:  # new_rows trains real rows only, never the padding
+            from layerfreeze.engines.megatron.new_rows import record_vocab_size
+
+            record_vocab_size(inner, vocab_size)
         applied = apply_megatron_plan(inner, first, install=rest)
         inner.__dict__[APPLIED_ATTR] = applied
         if vocab_size is not None:

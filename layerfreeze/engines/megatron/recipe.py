@@ -311,6 +311,9 @@ def runner_from_run_config(
             f"tokenizer's ({vocab_size}). Use the tokenizer that came with the checkpoint."
         )
     chunks = _build_chunks(cfg, hf_config)
+    from layerfreeze.engines.megatron.new_rows import record_vocab_size
+
+    record_vocab_size(chunks, int(hf_config.vocab_size))  # new_rows never trains padded rows
     if cfg.megatron.mask_padded_vocab:
         # the padded rows (vocabulary padded to a multiple of TP) stay out of the softmax:
         # per-token losses and evaluation logits are the Hugging Face model's on every TP size
