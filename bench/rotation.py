@@ -292,6 +292,9 @@ def main(argv: list[str] | None = None) -> int:
         args.steps, args.interval, args.lisa_layers, args.rounds, args.warmup = 6, 2, 1, 1, 1
     from layerfreeze.utils.io import atomic_write_json, atomic_write_text
 
+    if args.out is None:
+        args.out = (tempfile.mkdtemp(prefix="rotation_smoke_") if args.smoke
+                    else str(_HERE / "results"))
     load_start = os.getloadavg()
     runs: dict[str, list[dict]] = {c: [] for c in CONFIGS}
     port = args.port
@@ -312,8 +315,6 @@ def main(argv: list[str] | None = None) -> int:
             "load_start": [round(x, 2) for x in load_start],
             "load_end": [round(x, 2) for x in os.getloadavg()], "args": vars(args)}
     res = {"meta": meta, "configs": configs, "runs": runs}
-    if args.out is None:
-        args.out = tempfile.mkdtemp(prefix="rotation_smoke_") if args.smoke else _HERE / "results"
     out = Path(args.out)
     atomic_write_json(out / "rotation.json", res)
     atomic_write_text(out / "rotation.md", markdown(res))
