@@ -112,22 +112,3 @@ def _meta(path):
     from layerfreeze.commands.plan import build_meta_model
 
     return build_meta_model(path)
-
-
-@pytest.mark.parametrize(
-    ("extra", "plan_text", "needle"),
-    [
-        (["--steps", "10"], None, "--steps: only valid with a rotation schedule"),
-        (["--steps", "0"], "{rotate: lisa, layers: 2, interval: 10}", "--steps: must be"),
-        ([], "{rotate: lisa, layers: 9, interval: 10}", "--plan.layers: 9 is more than"),
-        ([], "{rotate: lisa, layer: 2, interval: 10}", "--plan.layer: unknown key"),
-    ],
-)
-def test_cli_plan_rotation_errors_exit_2(config_path, tmp_path, caplog, extra, plan_text, needle):
-    if plan_text is None:
-        args = ["--preset", "full"]
-    else:
-        (tmp_path / "p.yaml").write_text(plan_text + "\n")
-        args = ["--plan", str(tmp_path / "p.yaml")]
-    assert main(["plan", "--model", str(config_path), *args, *extra]) == 2
-    assert needle in caplog.text
