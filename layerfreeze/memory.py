@@ -55,6 +55,7 @@ __all__ = [
     "head_bytes_per_token",
     "estimate_memory",
     "estimate_schedule_memory",
+    "estimate_rotation_memory",
     "format_bytes",
 ]
 
@@ -598,7 +599,7 @@ def estimate_memory(
 
 
 def estimate_schedule_memory(
-    build_model: Any, plans: Sequence[Any], setup: TrainSetup
+    build_model: Any, plans: Sequence[Any], setup: TrainSetup, carry: bool = True
 ) -> list[MemoryEstimate]:
     """One :class:`MemoryEstimate` per phase of a plan schedule.
 
@@ -606,6 +607,9 @@ def estimate_schedule_memory(
         build_model: callable returning a fresh model (``meta`` device is enough).
         plans: each phase's plan spec, in order.
         setup: the job's shape.
+        carry: the schedule's ``optimizer_state`` is ``carry`` (parameters trainable on both
+            sides of a switch keep their state); False for ``reset`` (nothing is carried, so
+            every phase's ``phase_switch`` is 0).
     """
     from layerfreeze.apply import apply_plan
 
@@ -614,5 +618,48 @@ def estimate_schedule_memory(
     for plan in plans:
         applied.switch_plan(plan)
         out.append(estimate_memory(applied, setup, previous_trainable=previous))
-        previous = applied.trainable_names()
+        previous = applied.trainable_names() if carry else None
     return out
+
+
+def estimate_rotation_memory(
+    build_model: Any, rotation: Any, setup: TrainSetup, total_steps: int
+) -> list[tuple[tuple[int, ...], MemoryEstimate]]:
+    """Per-rank memory of each phase of a rotating-layer (LISA / BAdam) run.
+
+    The run's phases are those of :func:`~layerfreeze.rotation.build_rotation_schedule` (one
+    per interval; consecutive intervals with the same layers are one phase), estimated as the
+    engines run them: a switch rebuilds the engine over the new trainable set, so each phase
+    holds gradients and optimizer state for its own layers and ``always`` parts only. The layers
+    sampled in earlier intervals hold nothing, with ``optimizer_state: carry`` too: ``carry``
+    keeps the state of the parameters trainable on both sides of a switch (the ``always`` parts
+    and layers sampled twice in a row), staged in host memory during the switch
+    (``phase_switch``); ``reset`` carries nothing. The steady per-step memory is therefore the
+    same for ``carry`` and ``reset``; only the switch peak differs. The run's peak is
+    ``max(e.peak for _, e in result)``.
+
+    Args:
+        build_model: callable returning a fresh model (``meta`` device is enough).
+        rotation: a :class:`~layerfreeze.rotation.RotationConfig`.
+        setup: the job's shape.
+        total_steps: optimizer steps of the run (how many intervals are sampled).
+
+    Returns:
+        ``(layers, estimate)`` per phase, in order.
+
+    Raises:
+        ConfigError: ``layers``/``block`` larger than the model.
+    """
+    from layerfreeze.rotation import build_rotation_schedule, interval_layers
+
+    model = build_model()
+    num_layers = ModelDims.from_config(model.config).num_layers
+    schedule = build_rotation_schedule(rotation, num_layers, total_steps)
+    models = iter([model])
+    estimates = estimate_schedule_memory(
+        lambda: next(models, None) or build_model(), schedule.plans, setup,
+        carry=schedule.carry_state,
+    )
+    starts = [0] + [ph.until_step // rotation.interval for ph in schedule.phases[:-1]]
+    layers = [interval_layers(rotation, i, num_layers) for i in starts]
+    return list(zip(layers, estimates, strict=True))

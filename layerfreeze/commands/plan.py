@@ -7,6 +7,7 @@ Run::
     layerfreeze plan --model config.json --plan plan.yaml        # a plan, or a list of phases
     layerfreeze plan --model config.json --preset freeze_deep --memory --world-size 64 \
         --zero-stage 3 --micro-batch 1 --seq-len 4096 --dtype bf16 --gradient-checkpointing
+    layerfreeze plan --model config.json --plan lisa.yaml --memory --steps 400   # {rotate: lisa, ...}
     layerfreeze plan --model llama7b_config.json --preset h2lpt --count   # one line of counts
     layerfreeze plan --list                                              # the presets
 
@@ -44,6 +45,10 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--preset-arg", action="append", default=[], metavar="KEY=VALUE",
                         help="preset option, repeatable (e.g. --preset-arg fraction=0.25)")
     parser.add_argument("--json", action="store_true", help="print JSON instead of a table")
+    parser.add_argument("--steps", type=int,
+                        help="optimizer steps of a rotation schedule (--plan file holding "
+                             "{rotate: lisa|badam, ...}): one phase per interval (default: "
+                             "ceil(layers / k) intervals, k = layers or block)")
     parser.add_argument("--count", action="store_true",
                         help="print one line instead of the table: trainable parameters, total "
                              "parameters and the trainable percentage (per phase for a schedule)")
@@ -220,7 +225,13 @@ def run(args: argparse.Namespace) -> int:
             if args.preset_arg:
                 raise ConfigError("--preset-arg: only valid with --preset, got --plan. Put options in the plan.")
             spec = _load_plan_arg(args.plan)
-        if isinstance(spec, list):
+        if args.steps is not None and not (isinstance(spec, dict) and "rotate" in spec):
+            raise ConfigError(f"--steps: only valid with a rotation schedule (--plan file with "
+                              f"{{rotate: lisa|badam, ...}}), got {args.steps}. Drop --steps.")
+        rotation = isinstance(spec, dict) and "rotate" in spec
+        if rotation:
+            spec = _rotation_schedule(spec, model, args.steps)
+        if isinstance(spec, (list, PlanSchedule)):
             schedule = PlanSchedule.parse(spec, path="--plan")
             phases, previous = [], None
             for phase in schedule.phases:
@@ -228,16 +239,30 @@ def run(args: argparse.Namespace) -> int:
                     build_meta_model(args.model), phase.plan, install=schedule.plans, setup=setup,
                     previous=previous,
                 )
+                previous = previous if schedule.carry_state else None  # reset carries nothing
                 phases.append((phase.until_step, data, text))
+            worst = None
+            if setup is not None and rotation:  # the run's peak: the largest phase peak
+                # per memory kind
+                worst = {k: max(d["memory"]["peak"][k] for _u, d, _t in phases)
+                         for k in ("device", "cpu")}
             if args.count:
                 out.write("".join(_count_line(d) for _u, d, _t in phases))
             elif args.json:
-                out.write(json.dumps({"phases": [dict(until_step=u, **d) for u, d, _ in phases]}, indent=2) + "\n")
+                report = {"phases": [dict(until_step=u, **d) for u, d, _ in phases]}
+                if worst is not None:
+                    report["peak"] = worst
+                out.write(json.dumps(report, indent=2) + "\n")
             else:
                 start = 0
                 for until, _d, text in phases:
                     out.write(f"phase steps {start}-{'end' if until is None else until - 1}\n{text}\n\n")
                     start = until or start
+                if worst is not None:
+                    from layerfreeze.memory import format_bytes
+
+                    out.write(f"peak over {len(phases)} phase(s) per rank: device "
+                              f"{format_bytes(worst['device'])}, cpu {format_bytes(worst['cpu'])}\n")
             return 0
         data, text, _ = _plan_report(model, LayerPlan.parse(spec, path="--plan"), setup=setup)
     except (ConfigError, ValueError, FileNotFoundError) as e:
@@ -248,6 +273,23 @@ def run(args: argparse.Namespace) -> int:
         return 0
     out.write((json.dumps(data, indent=2) if args.json else text) + "\n")
     return 0
+
+
+def _rotation_schedule(spec: dict, model: Any, steps: int | None):
+    """The :class:`~layerfreeze.schedule.PlanSchedule` of a ``{rotate: ...}`` plan file."""
+    import math
+
+    from layerfreeze.memory import ModelDims
+    from layerfreeze.rotation import RotationConfig, build_rotation_schedule
+
+    cfg = RotationConfig.parse(spec, path="--plan")
+    num_layers = ModelDims.from_config(model.config).num_layers
+    if steps is None:
+        steps = cfg.interval * math.ceil(num_layers / (cfg.layers or cfg.block))
+    elif isinstance(steps, bool) or steps < 1:
+        raise ConfigError(f"--steps: must be an integer >= 1, got {steps}.")
+    cfg.check_layers(num_layers, path="--plan")
+    return build_rotation_schedule(cfg, num_layers, steps)
 
 
 def _count_line(data: dict) -> str:

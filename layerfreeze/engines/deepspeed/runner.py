@@ -34,7 +34,7 @@ from layerfreeze.engines.deepspeed import checkpoint as _ckpt
 from layerfreeze.engines.deepspeed.config import _check_config, _zero_stage, load_config
 from layerfreeze.engines.deepspeed.dropin import _apply_plan
 from layerfreeze.engines.deepspeed.engine import _ds_initialize
-from layerfreeze.engines.deepspeed.switch import switch_engine_plan
+from layerfreeze.engines.deepspeed.switch import destroy_engine, switch_engine_plan
 from layerfreeze.engines.deepspeed.zero_state import (
     _full_fp32,
     _full_state,
@@ -271,7 +271,7 @@ class DeepSpeedRunner:
     def close(self) -> None:
         """Destroy the DeepSpeed engine (idempotent)."""
         if self.engine is not None:
-            self.engine.destroy()
+            destroy_engine(self.engine)
             self.engine = None
 
     @property

@@ -140,6 +140,22 @@ class _Carry:
                             opt.state[master][key].copy_(entry[key])
 
 
+def destroy_engine(engine: Any) -> None:
+    """``engine.destroy()``, then remove the forward hooks the engine put on its module.
+
+    DeepSpeed's ``destroy`` leaves the module's forward pre/post hooks in place; they close over
+    the engine, so a module that outlives its engine (every phase switch) would keep each old
+    engine and its optimizer state (fp32 master partitions, Adam moments) alive, and run the old
+    engines' forward prologues, for the rest of the run.
+    """
+    engine.destroy()
+    for attr in ("module_forward_pre_hook", "module_forward_post_hook"):
+        handle = getattr(engine, attr, None)
+        if handle is not None:
+            handle.remove()
+            setattr(engine, attr, None)
+
+
 def switch_engine_plan(
     engine: Any,
     applied: Any,
@@ -176,7 +192,7 @@ def switch_engine_plan(
     new_trainable = set(applied.trainable_names_for(new_plan))
     state = _Carry(engine, applied.model, specs, new_trainable, carry)
     nbytes = state.nbytes
-    engine.destroy()
+    destroy_engine(engine)
     applied = applied.switch_plan(new_plan)
     if new_specs is None:
         new_specs = group_specs(applied, weight_decay, state.steps)
