@@ -155,3 +155,13 @@ def test_report_only_without_json_exits_2(tmp_path):
     assert proc.returncode == 2
     assert f"no {tmp_path / 'cpt_study.json'}" in proc.stderr
     assert list(tmp_path.iterdir()) == []
+
+
+def test_adapter_plans_get_their_own_learning_rate_grid():
+    cfg = cpt.StudyConfig(lrs=[1e-4, 3e-4], adapter_lrs=[1e-3, 3e-3])
+    assert cpt.lr_grid(cfg, "full") == [1e-4, 3e-4]
+    assert cpt.lr_grid(cfg, "freeze_deep+emb/head") == [1e-4, 3e-4]
+    assert cpt.lr_grid(cfg, "hlpt") == [1e-3, 3e-3]
+    assert cpt.lr_grid(cfg, "h2lpt") == [1e-3, 3e-3]
+    # a JSON config (report re-rendering) without adapter_lrs falls back to lrs
+    assert cpt.lr_grid({"lrs": [1e-4]}, "hlpt") == [1e-4]
