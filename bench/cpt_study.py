@@ -1127,7 +1127,7 @@ def render_plots(result: dict[str, Any]) -> dict[str, bytes]:
             yerr=g["std"],
             fmt="s",
             mfc="none",
-            color=f"C{7 + i % 3}",
+            color=("tab:gray", "tab:olive", "tab:cyan", "black")[i % 4],
             capsize=3,
             label=f"hybrid: {k[0]} (non-layer {k[1]})",
         )
@@ -1185,8 +1185,8 @@ def render_plots(result: dict[str, Any]) -> dict[str, bytes]:
         ax.set_xscale("log")
         ax.set_xlabel("% of the new-domain training blocks (same step budget)")
         ax.legend(fontsize=7)
-    axes[0].set_title("gap opened by CPT: (test - train) - base's (test - train), mean ± std")
-    axes[1].set_title("new-domain train (dashed) and test (solid) loss")
+    axes[0].set_title("gap opened by CPT (test - train, minus the base's), mean ± std", fontsize=9)
+    axes[1].set_title("new-domain train (dashed) and test (solid) loss, mean", fontsize=9)
     axes[0].set_ylabel("nats")
     out["cpt_study_overfit.png"] = _png(fig)
     plt.close(fig)
