@@ -1158,7 +1158,9 @@ def render_plots(result: dict[str, Any]) -> dict[str, bytes]:
     ):
         ax.set_xlabel("CPT step")
         ax.set_ylabel("loss (nats)")
-        ax.set_title(title + f" (first {cfg['curve_blocks']} test blocks; mean, band min-max)")
+        ax.set_title(
+            title + f"\n(first {cfg['curve_blocks']} test blocks; mean, band min-max)", fontsize=9
+        )
         ax.legend(fontsize=7)
     out["cpt_study_curves.png"] = _png(fig)
     plt.close(fig)
