@@ -442,12 +442,6 @@ class RunConfig:
 
     def __post_init__(self) -> None:
         extend = self.tokenizer.extend_from
-        if extend is not None and self.engine == "megatron":
-            raise ConfigError(
-                f"tokenizer.extend_from: not supported with engine: megatron yet (no "
-                f"vocabulary-parallel resize), got extend_from={extend!r}. Use engine: deepspeed, "
-                "or remove tokenizer.extend_from."
-            )
         if extend is not None and self.model.path is None:
             raise ConfigError(
                 f"tokenizer.extend_from: resizes the pretrained model of model.path, got "

@@ -12,6 +12,7 @@ for every megatron loss and trained row).
 from __future__ import annotations
 
 import copy
+import json
 
 import pytest
 import torch
@@ -463,6 +464,44 @@ def test_train_cli_tp2_new_rows_losses_equal_deepspeed(tmp_path, eval_data_dir):
     proc = _mtrain(_write(tmp_path / "m.yaml", mcfg))
     assert proc.returncode == 0, proc.stderr[-6000:]
     deepspeed, megatron = _losses(tmp_path / "d"), _losses(tmp_path / "m")
+    assert sorted(megatron) == [1, 2, 3]
+    assert [megatron[s] for s in (1, 2, 3)] == pytest.approx(
+        [deepspeed[s] for s in (1, 2, 3)], rel=1e-5)
+
+
+# `tokenizer.extend_from` on the Megatron engine: the recipe resizes the Hugging Face model to
+# the extended tokenizer (the DeepSpeed engine's rows), converts it at TP=2 (padded past the new
+# size) and trains the new rows; step losses equal the DeepSpeed engine's on the same config.
+
+
+@pytest.mark.slow
+def test_train_cli_tp2_extend_from_losses_equal_deepspeed(tmp_path):
+    import yaml
+
+    from tests.e2e.test_train_cli import _losses
+    from tests.e2e.test_train_megatron import _mtrain
+    from tests.faults._train import train, write_config
+    from tests.unit.test_tokenizer_extend_train import make_base, run_config
+
+    base = make_base(tmp_path)
+    sections = dict(checkpoint={"every_steps": 0, "export_final": False},
+                    train={"steps": 3}, model={"attn_implementation": "sdpa"})
+    (tmp_path / "d").mkdir()
+    dconfig = run_config(tmp_path / "d", base, **sections)
+    proc = train(dconfig, timeout=900)
+    assert proc.returncode == 0, proc.stderr[-6000:]
+    mcfg = yaml.safe_load(dconfig.read_text())
+    mcfg.pop("deepspeed")
+    mcfg["engine"] = "megatron"
+    mcfg["megatron"] = {"tensor_model_parallel_size": 2}
+    mcfg["logging"]["out_dir"] = str(tmp_path / "m" / "run")
+    proc = _mtrain(write_config(tmp_path / "m.yaml", mcfg), timeout=900)
+    assert proc.returncode == 0, proc.stderr[-6000:]
+    assert "resized to" in proc.stderr
+    n_new = json.loads((tmp_path / "d" / "run" / "tokenizer" / "layerfreeze_vocab_extend.json")
+                       .read_text())["new_size"]
+    assert f"resized to {n_new} rows" in proc.stderr
+    deepspeed, megatron = _losses(tmp_path / "d" / "run"), _losses(tmp_path / "m" / "run")
     assert sorted(megatron) == [1, 2, 3]
     assert [megatron[s] for s in (1, 2, 3)] == pytest.approx(
         [deepspeed[s] for s in (1, 2, 3)], rel=1e-5)

@@ -31,14 +31,6 @@ def _one(excinfo) -> str:
     return msg
 
 
-def test_megatron_refuses_extend_from_naming_the_key():
-    with pytest.raises(ConfigError) as e:
-        load_config(None, [*BASE, "engine=megatron", "tokenizer.extend_from=/some/tok"])
-    msg = _one(e)
-    assert msg.startswith("tokenizer.extend_from:") and "engine: megatron" in msg
-    assert "'/some/tok'" in msg
-
-
 def test_extend_from_needs_model_path():
     with pytest.raises(ConfigError) as e:
         load_config(None, ["model.architecture.model_type=llama", "plan.spec=freeze_deep",

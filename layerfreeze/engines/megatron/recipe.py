@@ -301,10 +301,17 @@ def runner_from_run_config(
     from layerfreeze.engines.megatron.convert import load_hf_weights
     from layerfreeze.engines.megatron.provider import apply_megatron_plan
     from layerfreeze.engines.megatron.runner import MegatronRunner
-    from layerfreeze.modeling import build_model
+    from layerfreeze.modeling import VocabResize, build_model
 
     _init_model_parallel(cfg)
     hf_config = _hf_config(cfg, vocab_size=vocab_size, special_ids=special_ids)
+    resized = None
+    resize = VocabResize.from_run_config(cfg)
+    if resize is not None:
+        # tokenizer.extend_from: grow the Hugging Face model to the extended tokenizer (the same
+        # rows as the DeepSpeed engine), then convert it; megatron pads past the new size.
+        resized = build_model(cfg.model, vocab_size, cfg.train.seed, special_ids, resize=resize)
+        hf_config.vocab_size = int(resized.get_input_embeddings().weight.shape[0])
     if hf_config.vocab_size < vocab_size:
         raise ConfigError(
             f"model: the model's vocab_size ({hf_config.vocab_size}) is smaller than the "
@@ -320,7 +327,11 @@ def runner_from_run_config(
         from layerfreeze.engines.megatron.vocab import mask_padded_vocab
 
         mask_padded_vocab(chunks, int(hf_config.vocab_size))
-    if cfg.model.path is not None:
+    if resized is not None:
+        load_hf_weights(chunks, resized.state_dict(), hf_config, backend="layerfreeze")
+        del resized
+        source = f"{cfg.model.path} resized to {hf_config.vocab_size} rows ({resize.init})"
+    elif cfg.model.path is not None:
         load_hf_weights(chunks, cfg.model.path, hf_config, backend="layerfreeze")
         source = cfg.model.path
     else:
