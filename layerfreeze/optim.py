@@ -10,6 +10,7 @@ and Megatron adapters build their optimizers from these.
 
 from __future__ import annotations
 
+import copy
 import math
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
@@ -108,6 +109,15 @@ def build_param_groups(applied: Any, lr: float, weight_decay: float) -> list[dic
     return torch_groups(applied.model, group_specs(applied, weight_decay), lr)
 
 
+@dataclass(frozen=True)
+class SchedulePosition:
+    """A :class:`ScaledLRScheduler`'s position: its wrapped scheduler's state and the unscaled
+    lr (what :meth:`ScaledLRScheduler.carry_from` needs), holding no optimizer."""
+
+    inner_state: dict[str, Any] | None
+    base_lr: float
+
+
 class ScaledLRScheduler:
     """Wraps a learning-rate scheduler so each group's lr is ``scheduled lr * group['lr_scale']``.
 
@@ -170,23 +180,30 @@ class ScaledLRScheduler:
         self._unscaled = unscaled
         self._apply()
 
-    def carry_from(self, other: ScaledLRScheduler) -> None:
+    def position(self) -> SchedulePosition:
+        """Where this schedule is, without a reference to its optimizer (see :meth:`carry_from`)."""
+        inner = None if self.inner is None else copy.deepcopy(self.inner.state_dict())
+        return SchedulePosition(inner, self.base_lr)
+
+    def carry_from(self, other: ScaledLRScheduler | SchedulePosition) -> None:
         """Continue ``other``'s schedule on a rebuilt optimizer (different groups, same base lr).
 
         Every group of both optimizers follows the same unscaled schedule, so the position (the
         wrapped scheduler's counters) and the current unscaled lr are all there is to carry;
         since unscaled values are restored before each wrapped step, this holds for closed-form
-        and recursive schedulers alike.
+        and recursive schedulers alike. ``other`` may be the old scheduler's :meth:`position`,
+        taken before its optimizer was freed (a phase switch frees it before building the new).
         """
-        if self.inner is not None and other.inner is not None:
-            sd = other.inner.state_dict()
+        pos = other.position() if isinstance(other, ScaledLRScheduler) else other
+        if self.inner is not None and pos.inner_state is not None:
+            sd = pos.inner_state
             if "last_batch_iteration" in sd:  # DeepSpeed schedulers
                 self.inner.load_state_dict(sd)
             else:  # torch LRScheduler: per-group lists (base_lrs) stay those of the new optimizer
                 for k in ("last_epoch", "_step_count"):
                     if k in sd:
                         setattr(self.inner, k, sd[k])
-        self._unscaled = [other.base_lr] * len(self.optimizer.param_groups)
+        self._unscaled = [pos.base_lr] * len(self.optimizer.param_groups)
         if self.inner is not None and hasattr(self.inner, "_last_lr"):
             self.inner._last_lr = list(self._unscaled)
         self._apply()

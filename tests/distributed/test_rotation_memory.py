@@ -16,7 +16,9 @@ fp32 master weights and both Adam moments are all alive):
   plan's by the ratio of trainable parameter counts;
 * every engine but the current one is freed at its switch (DeepSpeed's ``destroy`` left the
   engine's forward hooks on the module, which kept every old engine and its optimizer state
-  alive: model states measured by live storages were 1.46x the estimate after one switch);
+  alive: model states measured by live storages were 1.46x the estimate after one switch), and
+  freed before the new engine is built (the runner and the old LR scheduler held it during the
+  build, so a switch briefly held two phases' optimizer states);
 * ``optimizer_state: carry`` and ``reset`` hold exactly the same bytes in every interval (no
   engine keeps state of the layers that left the sample); they differ only at the switch, where
   ``carry`` stages 12 bytes per carried parameter (fp32 master + two moments of the parameters
@@ -92,6 +94,16 @@ def _run(rank: int, world: int, spec) -> dict:
         runner = DeepSpeedRunner(model, _config(), schedule=schedule)
     live, opt_bytes, carried = [], [], []
     engines = [weakref.ref(runner.engine)]
+    optimizers = [weakref.ref(runner.engine.optimizer)]
+    old_alive_at_build = []  # per switch: was the old engine or its optimizer still alive?
+    build_engine = runner._build_engine
+
+    def build(specs):
+        gc.collect()
+        old_alive_at_build.append(engines[-1]() is not None or optimizers[-1]() is not None)
+        build_engine(specs)
+
+    runner._build_engine = build
 
     def hook(_opt, _args, _kwargs):
         # ZeRO-2 steps the torch optimizer once per parameter group: keep the largest call
@@ -112,6 +124,7 @@ def _run(rank: int, world: int, spec) -> dict:
             carried.append(runner.switch_carry_bytes)
             if weakref.ref(runner.engine) not in engines:
                 engines.append(weakref.ref(runner.engine))
+                optimizers.append(weakref.ref(runner.engine.optimizer))
             handle = runner.engine.optimizer.optimizer.register_step_pre_hook(hook)
         else:
             handle.remove()
@@ -119,6 +132,7 @@ def _run(rank: int, world: int, spec) -> dict:
     alive = sum(e() is not None for e in engines)
     runner.close()
     return {"live": live, "opt": opt_bytes, "carried": carried[1:], "engines_alive": alive,
+            "old_alive_at_build": old_alive_at_build,
             "trainable": runner.applied.num_trainable_params()}
 
 
@@ -162,6 +176,10 @@ def test_lisa_memory_is_what_the_planner_says_and_below_full():
             # every engine before the current one was freed at its switch (DeepSpeed's destroy
             # leaves forward hooks on the model that kept each old engine and its state alive)
             assert res[name]["engines_alive"] == 1, (rank, name, res[name]["engines_alive"])
+            # ... and before the new engine is built, so a switch never holds two engines'
+            # optimizer states at once (the peak of a LISA run stays the one phase's)
+            assert res[name]["old_alive_at_build"], (rank, name)
+            assert not any(res[name]["old_alive_at_build"]), (rank, name, res[name])
             for j, (live, opt) in enumerate(zip(res[name]["live"], res[name]["opt"], strict=True)):
                 est = per_interval[name][j][1]
                 expected = sum(est.parts[k].device + est.parts[k].cpu

@@ -152,6 +152,11 @@ class DeepSpeedRunner:
 
     # ---- engine construction ---------------------------------------------------------------
 
+    def _take_engine(self) -> Any:
+        """The engine, leaving ``self.engine`` None (the caller then owns the only reference)."""
+        engine, self.engine = self.engine, None
+        return engine
+
     def _build_engine(self, specs: list[GroupSpec]) -> None:
         assert_requires_grad_final(self.model, specs, "deepspeed.initialize")
         groups = torch_groups(self.model, specs, self.lr)
@@ -361,15 +366,19 @@ class DeepSpeedRunner:
     ) -> None:
         """Rebuild the engine for phase ``target``; carry master weights + Adam state when asked."""
         new_plan = self.schedule.plans[target]
-        old_sched = self.lr_scheduler
+        # Neither the runner nor the old scheduler may hold the old engine while the new one is
+        # built: the old optimizer state would stay alive next to the new (a LISA switch would
+        # peak at two phases' states). switch_engine_plan drops the last reference.
+        position = self.lr_scheduler.position()
+        self.lr_scheduler = None
 
         def build(new_specs: list[GroupSpec]) -> Any:
             self._build_engine(new_specs)
-            self.lr_scheduler.carry_from(old_sched)
+            self.lr_scheduler.carry_from(position)
             return self.engine
 
         self.engine, self.applied, self._specs, self.switch_carry_bytes = switch_engine_plan(
-            self.engine, self.applied, new_plan, self._specs,
+            self._take_engine(), self.applied, new_plan, self._specs,
             weight_decay=self.weight_decay, build=build, carry=carry, new_specs=specs,
         )
         self.phase = target

@@ -176,7 +176,8 @@ def switch_engine_plan(
     The engine's step counters carry over. Collective: every rank calls it.
 
     Args:
-        engine: the current engine, built over ``specs`` (destroyed here).
+        engine: the current engine, built over ``specs`` (destroyed here; pass the only
+            reference to free its optimizer state before the new engine is built).
         applied: the ``AppliedPlan`` the engine trains (``new_plan`` installed in it).
         new_plan: the plan to train next.
         specs: the current engine's optimizer groups, in its order.
@@ -193,6 +194,7 @@ def switch_engine_plan(
     state = _Carry(engine, applied.model, specs, new_trainable, carry)
     nbytes = state.nbytes
     destroy_engine(engine)
+    del engine  # the caller passed its only reference: the old optimizer state is freed here
     applied = applied.switch_plan(new_plan)
     if new_specs is None:
         new_specs = group_specs(applied, weight_decay, state.steps)
