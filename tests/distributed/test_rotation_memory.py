@@ -18,7 +18,8 @@ fp32 master weights and both Adam moments are all alive):
   engine's forward hooks on the module, which kept every old engine and its optimizer state
   alive: model states measured by live storages were 1.46x the estimate after one switch), and
   freed before the new engine is built (the runner and the old LR scheduler held it during the
-  build, so a switch briefly held two phases' optimizer states);
+  build, so a switch briefly held two phases' optimizer states), and no frozen parameter keeps
+  viewing an old engine's flat ZeRO buffer (each kept one buffer per switch alive);
 * ``optimizer_state: carry`` and ``reset`` hold exactly the same bytes in every interval (no
   engine keeps state of the layers that left the sample); they differ only at the switch, where
   ``carry`` stages 12 bytes per carried parameter (fp32 master + two moments of the parameters
@@ -130,9 +131,17 @@ def _run(rank: int, world: int, spec) -> dict:
             handle.remove()
     gc.collect()
     alive = sum(e() is not None for e in engines)
+    # bytes of the distinct storages behind the parameters over the parameters' own bytes: a
+    # frozen parameter still viewing an old engine's flat ZeRO buffer keeps that buffer alive
+    storages = {p.untyped_storage().data_ptr(): p.untyped_storage().nbytes()
+                for p in model.parameters()}
+    param_bytes = sum(p.nbytes for p in model.parameters())
+    storage_excess = sum(storages.values()) - param_bytes
+    trainable_bytes = sum(p.nbytes for p in model.parameters() if p.requires_grad)
     runner.close()
     return {"live": live, "opt": opt_bytes, "carried": carried[1:], "engines_alive": alive,
-            "old_alive_at_build": old_alive_at_build,
+            "old_alive_at_build": old_alive_at_build, "storage_excess": storage_excess,
+            "trainable_bytes": trainable_bytes,
             "trainable": runner.applied.num_trainable_params()}
 
 
@@ -180,6 +189,10 @@ def test_lisa_memory_is_what_the_planner_says_and_below_full():
             # optimizer states at once (the peak of a LISA run stays the one phase's)
             assert res[name]["old_alive_at_build"], (rank, name)
             assert not any(res[name]["old_alive_at_build"]), (rank, name, res[name])
+            # no old flat buffer survives its engine: beyond the parameters' own bytes only the
+            # padding of the current engine's flat buffer may be counted
+            excess = res[name]["storage_excess"]
+            assert excess <= res[name]["trainable_bytes"] * PADDING, (rank, name, excess)
             for j, (live, opt) in enumerate(zip(res[name]["live"], res[name]["opt"], strict=True)):
                 est = per_interval[name][j][1]
                 expected = sum(est.parts[k].device + est.parts[k].cpu

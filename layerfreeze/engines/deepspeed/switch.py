@@ -156,6 +156,25 @@ def destroy_engine(engine: Any) -> None:
             setattr(engine, attr, None)
 
 
+def release_flat_buffers(model: nn.Module) -> int:
+    """Give every parameter that views a larger storage its own copy; return the bytes copied.
+
+    ZeRO-1/2 moves the trainable parameters into one flat buffer per group and points each
+    ``param.data`` at a view of it. When the engine is destroyed, the parameters that stop
+    training keep those views, so every old engine's flat buffer stayed alive for the rest of
+    the run (a LISA run grew by one buffer per switch). ZeRO-3 parameters (partitioned, their
+    data a placeholder) are left alone.
+    """
+    copied = 0
+    for p in model.parameters():
+        if hasattr(p, "ds_id") or p.numel() == 0:
+            continue
+        if p.data.untyped_storage().nbytes() > p.numel() * p.element_size():
+            p.data = p.data.clone()
+            copied += p.numel() * p.element_size()
+    return copied
+
+
 def switch_engine_plan(
     engine: Any,
     applied: Any,
@@ -195,6 +214,7 @@ def switch_engine_plan(
     nbytes = state.nbytes
     destroy_engine(engine)
     del engine  # the caller passed its only reference: the old optimizer state is freed here
+    release_flat_buffers(applied.model)  # ... and the old flat parameter buffers
     applied = applied.switch_plan(new_plan)
     if new_specs is None:
         new_specs = group_specs(applied, weight_decay, state.steps)
