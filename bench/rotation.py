@@ -20,7 +20,9 @@ Measured per configuration:
   gradients + optimizer;
 * peak RSS (``ru_maxrss``) of the worker over its RSS right before the engine is built: model
   states plus activations, allocator slack and whatever DeepSpeed allocates (tracemalloc does not
-  see torch's allocations, so it is not used).
+  see torch's allocations, so it is not used). The workers run with a fixed glibc
+  ``MALLOC_MMAP_THRESHOLD_`` (``--malloc-mmap-threshold``, 0 for glibc's dynamic default, which
+  keeps the buffers a phase switch frees in the heap, so RSS would grow at every switch).
 
 Writes ``bench/results/rotation.{json,md}`` atomically. Run::
 
@@ -41,6 +43,7 @@ import subprocess
 import sys
 import tempfile
 import time
+import weakref
 from pathlib import Path
 from typing import Any
 
@@ -135,8 +138,10 @@ def worker(args: argparse.Namespace) -> dict[str, Any]:
         runner.train_step([{"input_ids": ids, "labels": ids}])
         cpu.append(time.process_time() - t0)
         wall.append(time.perf_counter() - w0)
-        if hooked is None or hooked[0] is not runner.engine:  # new engine after a switch
-            hooked = (runner.engine,
+        # a new engine after a switch; a weak reference, so that this loop never keeps the old
+        # engine (and its optimizer state) alive through the next switch
+        if hooked is None or hooked[0]() is not runner.engine:
+            hooked = (weakref.ref(runner.engine),
                       runner.engine.optimizer.optimizer.register_step_pre_hook(hook))
     peak_kib = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
     runner.close()
@@ -185,6 +190,11 @@ def _spawn(args: argparse.Namespace, name: str, port: int) -> dict[str, Any]:
                 "lisa_layers"):
         cmd += [f"--{key.replace('_', '-')}", str(getattr(args, key))]
     env = {**os.environ, "OMP_NUM_THREADS": "1", "DS_ACCELERATOR": "cpu"}
+    env.pop("MALLOC_MMAP_THRESHOLD_", None)
+    if args.malloc_mmap_threshold:
+        # a fixed threshold: glibc's default raises it whenever a large block is freed, after
+        # which freed engine buffers stay in the heap and RSS keeps what the process let go
+        env["MALLOC_MMAP_THRESHOLD_"] = str(args.malloc_mmap_threshold)
     proc = subprocess.run(cmd, env=env, capture_output=True, text=True)
     if proc.returncode != 0:
         raise RuntimeError(f"worker {name} failed:\n{proc.stderr[-4000:]}")
@@ -259,7 +269,10 @@ def markdown(res: dict) -> str:
         "planner's is weights + gradients + optimizer of `layerfreeze.memory` (its ZeRO-2 "
         "gradient line also counts the reduced 16-bit partition, released by the step). Peak "
         "RSS: `ru_maxrss` over the RSS before the engine was built (model states + activations "
-        "+ allocator slack). Switch: CPU time of a step in which the sampled layers change "
+        "+ allocator slack), with glibc's `MALLOC_MMAP_THRESHOLD_` = "
+        f"{m['args'].get('malloc_mmap_threshold') or 'its dynamic default'} (glibc's dynamic "
+        "default keeps freed engine buffers in the heap, so RSS would also count what earlier "
+        "phases freed; jemalloc / tcmalloc behave like a fixed threshold). Switch: CPU time of a step in which the sampled layers change "
         "(engine rebuilt, `carry` also gathers and restores the kept state) over a normal step.",
         "",
     ]
@@ -281,6 +294,9 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--interval", type=int, default=4)
     p.add_argument("--lisa-layers", type=int, default=2)
     p.add_argument("--rounds", type=int, default=2)
+    p.add_argument("--malloc-mmap-threshold", type=int, default=131072,
+                   help="glibc MALLOC_MMAP_THRESHOLD_ of the workers (bytes; 0: glibc's dynamic "
+                        "default, under which RSS keeps freed engine buffers)")
     p.add_argument("--smoke", action="store_true", help="tiny model, 1 round, few steps")
     p.add_argument("--out", help="results folder (default bench/results; --smoke: a temp dir)")
     args = p.parse_args(argv)
