@@ -287,19 +287,11 @@ def test_tp1_resize_then_new_rows_matches_hf(tp1, tmp_path):
 
 
 def _tp2_body(rank, world, hf_config, hf_sd, ids, plan, out_dir, divisible_by, fmt):
-    from tests.helpers.megatron import (
-        destroy_model_parallel,
-        init_model_parallel,
-        megatron_cpu_shim,
-    )
+    from tests.helpers.megatron import megatron_parallel
 
-    with megatron_cpu_shim():
-        init_model_parallel(tp=2, pp=1)
-        try:
-            return _megatron_run(hf_config, hf_sd, ids, plan, out_dir, resume=True,
-                                 divisible_by=divisible_by, fmt=fmt)
-        finally:
-            destroy_model_parallel()
+    with megatron_parallel(tp=2, pp=1):
+        return _megatron_run(hf_config, hf_sd, ids, plan, out_dir, resume=True,
+                             divisible_by=divisible_by, fmt=fmt)
 
 
 # Vocabulary 621 (600 old + 21 new). divisible_by=608 pads to 1216 at TP=2: rank 0 holds rows
@@ -334,19 +326,11 @@ def test_tp2_resize_then_new_rows_matches_hf(tmp_path, tied, divisible_by, fmt):
 
 
 def _dp2_body(rank, world, hf_config, hf_sd, ids, plan, out_dir):
-    from tests.helpers.megatron import (
-        destroy_model_parallel,
-        init_model_parallel,
-        megatron_cpu_shim,
-    )
+    from tests.helpers.megatron import megatron_parallel
 
-    with megatron_cpu_shim():
-        init_model_parallel(tp=1, pp=1)
-        try:
-            return _megatron_run(hf_config, hf_sd, ids, plan, out_dir, resume=False,
-                                 distributed_optimizer=True)
-        finally:
-            destroy_model_parallel()
+    with megatron_parallel(tp=1, pp=1):
+        return _megatron_run(hf_config, hf_sd, ids, plan, out_dir, resume=False,
+                             distributed_optimizer=True)
 
 
 @pytest.mark.slow
@@ -376,37 +360,29 @@ def _pp2_body(rank, world, hf_config, hf_sd, ids, plan, out_dir):
     from layerfreeze.engines.megatron.new_rows import record_vocab_size
     from layerfreeze.engines.megatron.runner import MegatronRunner
     from layerfreeze.engines.megatron.vocab import mask_padded_vocab
-    from tests.helpers.megatron import (
-        destroy_model_parallel,
-        init_model_parallel,
-        megatron_cpu_shim,
-    )
+    from tests.helpers.megatron import megatron_parallel
 
     vocab = int(hf_config.vocab_size)
-    with megatron_cpu_shim():
-        init_model_parallel(tp=1, pp=2)
-        try:
-            pre, post = ps.is_pipeline_first_stage(), ps.is_pipeline_last_stage()
-            model = C.build_gpt_from_hf_config(hf_config, pre, post, config_overrides=CPU,
-                                               make_vocab_size_divisible_by=128)
-            C.load_hf_weights(model, hf_sd, hf_config)
-            record_vocab_size(model, vocab)
-            mask_padded_vocab(model, vocab)
-            part = model.embedding.word_embeddings if pre else model.output_layer
-            w0 = part.weight.detach().clone()
-            runner = MegatronRunner(model, plan=plan, lr=LR, weight_decay=WD, clip_grad=0.0,
-                                    hf_config=hf_config)
-            window = [{"input_ids": ids, "labels": ids}]
-            losses = [float(runner.train_step(window).loss) for _ in range(STEPS)]
-            out = {"stage": "emb" if pre else "head", "losses": losses,
-                   "old_same": torch.equal(part.weight, w0),
-                   "new": part.new_rows_weight.detach().clone(),
-                   "trainable": sorted(runner.applied.trainable_names())}
-            runner.export_merged(f"{out_dir}/export")
-            runner.close(destroy_model_parallel=False)
-            return out
-        finally:
-            destroy_model_parallel()
+    with megatron_parallel(tp=1, pp=2):
+        pre, post = ps.is_pipeline_first_stage(), ps.is_pipeline_last_stage()
+        model = C.build_gpt_from_hf_config(hf_config, pre, post, config_overrides=CPU,
+                                           make_vocab_size_divisible_by=128)
+        C.load_hf_weights(model, hf_sd, hf_config)
+        record_vocab_size(model, vocab)
+        mask_padded_vocab(model, vocab)
+        part = model.embedding.word_embeddings if pre else model.output_layer
+        w0 = part.weight.detach().clone()
+        runner = MegatronRunner(model, plan=plan, lr=LR, weight_decay=WD, clip_grad=0.0,
+                                hf_config=hf_config)
+        window = [{"input_ids": ids, "labels": ids}]
+        losses = [float(runner.train_step(window).loss) for _ in range(STEPS)]
+        out = {"stage": "emb" if pre else "head", "losses": losses,
+               "old_same": torch.equal(part.weight, w0),
+               "new": part.new_rows_weight.detach().clone(),
+               "trainable": sorted(runner.applied.trainable_names())}
+        runner.export_merged(f"{out_dir}/export")
+        runner.close(destroy_model_parallel=False)
+        return out
 
 
 @pytest.mark.slow

@@ -213,6 +213,17 @@ def destroy_model_parallel() -> None:
 # Tiny GPT
 
 
+@contextlib.contextmanager
+def megatron_parallel(tp: int = 1, pp: int = 1, **kwargs: Any) -> Iterator[None]:
+    """megatron-core on the CPU with this TP / PP in this process (shim, init, torn down after)."""
+    with megatron_cpu_shim():
+        init_model_parallel(tp=tp, pp=pp, **kwargs)
+        try:
+            yield
+        finally:
+            destroy_model_parallel()
+
+
 def tiny_config(
     num_layers: int = 4,
     hidden: int = 64,
