@@ -99,8 +99,7 @@ def _run(rank: int, world: int, spec) -> dict:
     old_alive_at_build = []  # per switch: was the old engine or its optimizer still alive?
     build_engine = runner._build_engine
 
-    def build(specs):
-        gc.collect()
+    def build(specs):  # no gc.collect() here: the switch itself must have freed the old engine
         old_alive_at_build.append(engines[-1]() is not None or optimizers[-1]() is not None)
         build_engine(specs)
 

@@ -7,6 +7,7 @@ across the rebuild (on one owner rank each when the optimizer is partitioned).
 
 from __future__ import annotations
 
+import gc
 from collections.abc import Callable, Mapping, Sequence
 from typing import Any
 
@@ -215,6 +216,7 @@ def switch_engine_plan(
     destroy_engine(engine)
     del engine  # the caller passed its only reference: the old optimizer state is freed here
     release_flat_buffers(applied.model)  # ... and the old flat parameter buffers
+    gc.collect()  # a DeepSpeed engine sits in reference cycles: free it before building the next
     applied = applied.switch_plan(new_plan)
     if new_specs is None:
         new_specs = group_specs(applied, weight_decay, state.steps)
