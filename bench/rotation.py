@@ -329,7 +329,8 @@ def main(argv: list[str] | None = None) -> int:
             "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
             "machine": f"{platform.machine()} {os.cpu_count()} cores, {platform.python_version()}",
             "load_start": [round(x, 2) for x in load_start],
-            "load_end": [round(x, 2) for x in os.getloadavg()], "args": vars(args)}
+            "load_end": [round(x, 2) for x in os.getloadavg()],
+            "args": {k: v for k, v in vars(args).items() if k != "out"}}  # no machine path
     res = {"meta": meta, "configs": configs, "runs": runs}
     out = Path(args.out)
     atomic_write_json(out / "rotation.json", res)
