@@ -61,10 +61,8 @@ class NewRowsConfig:
 
     def __post_init__(self):
         problems = []
-        if self.from_id == AUTO:
-            pass
-        elif isinstance(self.from_id, bool) or not isinstance(self.from_id, int) \
-                or self.from_id < 0:
+        fid = self.from_id
+        if fid != AUTO and (isinstance(fid, bool) or not isinstance(fid, int) or fid < 0):
             problems.append(
                 f"from_id: must be the first new token id (an integer >= 0), got "
                 f"{self.from_id!r}. Write e.g. new_rows(from_id=32000), or from_id=auto with "

@@ -70,8 +70,6 @@ def cuda_problem() -> str | None:
     return None
 
 
-
-
 def check_run_config(cfg: Any, world_size: int, *, check_device: bool = True) -> list[str]:
     """Validate the Megatron side of a run config before anything is written.
 
@@ -299,6 +297,7 @@ def runner_from_run_config(
             divide a LoRA rank or the prefix's heads).
     """
     from layerfreeze.engines.megatron.convert import load_hf_weights
+    from layerfreeze.engines.megatron.new_rows import record_vocab_size
     from layerfreeze.engines.megatron.provider import apply_megatron_plan
     from layerfreeze.engines.megatron.runner import MegatronRunner
     from layerfreeze.modeling import VocabResize, build_model
@@ -318,8 +317,6 @@ def runner_from_run_config(
             f"tokenizer's ({vocab_size}). Use the tokenizer that came with the checkpoint."
         )
     chunks = _build_chunks(cfg, hf_config)
-    from layerfreeze.engines.megatron.new_rows import record_vocab_size
-
     record_vocab_size(chunks, int(hf_config.vocab_size))  # new_rows never trains padded rows
     if cfg.megatron.mask_padded_vocab:
         # the padded rows (vocabulary padded to a multiple of TP) stay out of the softmax:
