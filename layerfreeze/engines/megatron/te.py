@@ -37,9 +37,14 @@ Refused, one line each (:func:`te_lora_problem`): FP8 / FP4 configs (``fp8``, ``
 ``_fp8_workspaces`` that an in-place merge would leave stale, and ``ln_out`` can be quantised),
 ``tp_comm_overlap`` (userbuffers write TE's collectives into preallocated buffers; untested),
 TE linears outside column / row parallel mode (``duplicated``, expert linears with explicit
-communication), and split weight parameters. Without FP8 TE reads ``weight`` itself in every
-forward (``weightmat = weight`` unless ``fp8 or debug``), so merging into ``weight`` needs no
-cache invalidation; :meth:`TENormLoRAAdapter.merge` still drops any ``_fp8_workspaces`` entry.
+communication), split weight parameters, and linears inside ``TEFusedMLP``
+(``use_te_op_fuser``: its fused forward calls submodule hooks with ``(module, None, None)``
+and never the linear; refused at install for gates, at the first forward for LoRA).
+
+Without FP8, TE reads ``weight`` itself in every forward (``weightmat = weight`` unless
+``fp8 or debug``; ``is_first_microbatch`` / ``disable_parameter_transpose_cache`` only select
+the FP8 workspace cache), so merging into ``weight`` needs no cache invalidation;
+:meth:`TENormLoRAAdapter.merge` still drops any ``_fp8_workspaces`` entry.
 
 Honesty note: Transformer Engine needs CUDA and is not installed where this was written. Every
 TE path here was written against the sources named above (TE main at the time, megatron-core
@@ -182,9 +187,26 @@ def _split_output(module: nn.Module, output):
     return out, bias, ln_out
 
 
+def _fused_mlp_problem(module: nn.Module) -> str:
+    return (
+        f"{type(module).__name__} runs inside megatron's TEFusedMLP "
+        "(get_gpt_layer_with_transformer_engine_spec(use_te_op_fuser=True)), whose fused "
+        "forward never calls the linear, so its LoRA / HLPT gate cannot run; build the spec "
+        "with use_te_op_fuser=False"
+    )
+
+
+def _fused_guard_hook(module: nn.Module, args, output) -> None:
+    """Forward hook put first on every TE linear with an adapter: TEFusedMLP calls its
+    submodules' hooks with ``(module, None, None)`` (``_make_fused_impl``); refuse clearly."""
+    if output is None:
+        raise RuntimeError(f"{_fused_mlp_problem(module)}.")
+
+
 def _norm_linear_hook(module: nn.Module, args: tuple, output):
     """Forward hook of a TE norm-linear switched to ``return_layernorm_output``: gates first,
     then the LoRA update from ``ln_out``; returns megatron's ``(out, bias)``."""
+    _fused_guard_hook(module, args, output)
     out, bias, ln_out = _split_output(module, output)
     for gate in module.__dict__.get(_NORM_GATES, ()):
         gate(ln_out)
@@ -224,6 +246,8 @@ def use_norm_output_for_gate(sub_block: nn.Module, gate: TokenGate) -> None:
     )
     if linear is None or te_linear_kind(linear) != "norm_column":
         return
+    if type(sub_block).__name__ == "TEFusedMLP":
+        raise ValueError(f"{gate.where or type(sub_block).__name__}: {_fused_mlp_problem(linear)}.")
     problem = te_config_problem(getattr(linear, "config", None))
     if problem:
         raise ValueError(f"{gate.where or type(sub_block).__name__}: {problem}.")
@@ -291,6 +315,8 @@ def build_te_adapter(base: nn.Module, kind: str, *, r, alpha, dropout=0.0, gate=
         _enable_norm_output(base)
     else:
         adapter = ParallelLoRAAdapter(base, kind, r=r, alpha=alpha, dropout=dropout, gate=gate)
+        if not has_hook(base._forward_hooks, _fused_guard_hook):
+            base.register_forward_hook(_fused_guard_hook, prepend=True)
     from layerfreeze.engines.megatron.sharded import install_linear_sharded_state_dict
 
     install_linear_sharded_state_dict(base)
