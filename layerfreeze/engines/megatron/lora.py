@@ -90,7 +90,9 @@ def _tp(base: nn.Module) -> tuple[object, int, int]:
     (``get_tensor_model_parallel_group_if_none``); TE's own ``tp_group`` is None when the
     process group did not exist at construction. Local linears keep it as ``tp_group``.
     """
-    group = base.__dict__.get("_tp_group") or getattr(base, "tp_group", None)
+    group = base.__dict__.get("_tp_group")
+    if group is None:
+        group = getattr(base, "tp_group", None)
     if group is None:
         from megatron.core import parallel_state
 
