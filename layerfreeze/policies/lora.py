@@ -66,6 +66,7 @@ __all__ = [
     "LORA_DISPATCHERS",
     "LoRADispatcher",
     "register_lora_dispatcher",
+    "register_gate_source",
     "resolve_lora_targets",
     "iter_lora_adapters",
     "merge_lora",
@@ -314,6 +315,18 @@ LORA_DISPATCHERS: list[LoRADispatcher] = [
 ]
 
 
+#: ``fn(sub_block, gate)`` called on every gate a sub-block gets: an engine whose layers fuse the
+#: norm into the sub-block's first linear (megatron's Transformer Engine spec) makes the gate
+#: read that norm's output there (:func:`register_gate_source`).
+_GATE_SOURCES: list[Callable[[nn.Module, TokenGate], None]] = []
+
+
+def register_gate_source(fn: Callable[[nn.Module, TokenGate], None]) -> None:
+    """Call ``fn(sub_block, gate)`` whenever a sub-block gets its gate (idempotent per ``fn``)."""
+    if all(f is not fn for f in _GATE_SOURCES):
+        _GATE_SOURCES.append(fn)
+
+
 def register_lora_dispatcher(dispatcher: LoRADispatcher, *, index: int = 0) -> None:
     """Insert ``dispatcher`` (by default first, before the built-ins) unless its name exists."""
     if all(d.name != dispatcher.name for d in LORA_DISPATCHERS):
@@ -345,6 +358,8 @@ def _lora_forward_hook(module: nn.Module, args: tuple, output: torch.Tensor) -> 
 
 def _gate_pre_hook(module: nn.Module, args: tuple, kwargs: dict) -> None:
     gate = module._modules[_GATE_ATTR]
+    if gate.__dict__.get("_reads_norm_output"):  # computed from a fused norm's output instead
+        return
     gate(block_input(module, args, kwargs, gate.where))
 
 
@@ -651,6 +666,9 @@ class LoRAPolicy:
             entry.register_forward_pre_hook(pre_hook, with_kwargs=True)
         if not has_hook(module._forward_hooks, _gate_post_hook):
             module.register_forward_hook(_gate_post_hook)
+        if sub:
+            for source in _GATE_SOURCES:
+                source(module, gate)
         return gate
 
     def optim_options(self, param_name: str, spec: PolicySpec) -> dict[str, float | None]:

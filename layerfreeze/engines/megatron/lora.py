@@ -55,8 +55,11 @@ column-parallel linear, ``B`` of a row-parallel one, the gate) carry ``sequence_
 as megatron-core marks its layer-norm weights, so ``finalize_model_grads`` sums them over TP.
 
 Refused: column-parallel linears with ``gather_output``, row-parallel linears without
-``input_is_parallel``, expert (MoE) linears and Transformer Engine linears (models built from
-the local spec are supported; TE needs CUDA, untested here).
+``input_is_parallel`` and expert (MoE) linears. Transformer Engine linears of megatron-core's TE
+spec (``TELayerNormColumnParallelLinear`` with its fused norm, ``TEColumnParallelLinear``,
+``TERowParallelLinear``) are dispatched to :mod:`layerfreeze.engines.megatron.te` (same maths,
+the fused norm's output as input; written against TE's source, run only by the GPU tests);
+other TE linears are refused.
 """
 
 from __future__ import annotations
@@ -81,8 +84,15 @@ __all__ = ["ParallelLoRAAdapter", "register", "parallel_lora_problem"]
 
 
 def _tp(base: nn.Module) -> tuple[object, int, int]:
-    """``(group, rank, size)`` of the base linear's tensor-parallel group."""
-    group = getattr(base, "tp_group", None)
+    """``(group, rank, size)`` of the base linear's tensor-parallel group.
+
+    megatron-core's TE wrappers keep megatron's group as ``_tp_group``
+    (``get_tensor_model_parallel_group_if_none``); TE's own ``tp_group`` is None when the
+    process group did not exist at construction. Local linears keep it as ``tp_group``.
+    """
+    group = base.__dict__.get("_tp_group")
+    if group is None:
+        group = getattr(base, "tp_group", None)
     if group is None:
         from megatron.core import parallel_state
 
@@ -342,11 +352,40 @@ def _is_te_linear(base: nn.Module) -> bool:
     )
 
 
+def _te_kind(base: nn.Module) -> str | None:
+    from layerfreeze.engines.megatron.te import te_linear_kind
+
+    return te_linear_kind(base)
+
+
+def _te_check(base: nn.Module) -> str | None:
+    from layerfreeze.engines.megatron.te import te_lora_problem
+
+    return te_lora_problem(base)
+
+
+def _build_te_linear(base: nn.Module, **kwargs) -> nn.Module:
+    from layerfreeze.engines.megatron.te import build_te_adapter
+
+    return build_te_adapter(base, _te_kind(base), **kwargs)
+
+
+#: megatron-core's TE linears of the TE layer spec (see :mod:`layerfreeze.engines.megatron.te`).
+TE_LINEAR = LoRADispatcher(
+    "megatron.TransformerEngine (TELayerNormColumnParallelLinear, TEColumnParallelLinear, "
+    "TERowParallelLinear)",
+    lambda m: _te_kind(m) is not None,
+    _build_te_linear,
+    check=_te_check,
+)
+
+
 def _te_problem(base: nn.Module) -> str:
     return (
-        f"{type(base).__name__} is a Transformer Engine linear, which layerfreeze's "
-        "tensor-parallel LoRA does not wrap (its fused layer norm feeds the un-normed input); "
-        "build the model with get_gpt_layer_local_spec() or use freeze/full on this layer"
+        f"{type(base).__name__} is a Transformer Engine linear that layerfreeze's "
+        "tensor-parallel LoRA does not wrap (grouped / expert / duplicated linears); LoRA wraps "
+        "TELayerNormColumnParallelLinear, TEColumnParallelLinear and TERowParallelLinear, so "
+        "target those or use freeze/full on this layer"
     )
 
 
@@ -354,15 +393,24 @@ def _build_te(base: nn.Module, **kwargs) -> nn.Module:
     raise ValueError(f"{_te_problem(base)}.")
 
 
-#: Matches Transformer Engine linears only to refuse them with a clear reason (not wrapped).
+#: Matches the other Transformer Engine linears only to refuse them with a clear reason.
 TRANSFORMER_ENGINE = LoRADispatcher(
-    "megatron.TransformerEngine (refused)", _is_te_linear, _build_te, check=_te_problem
+    "megatron.TransformerEngine other linears (refused)",
+    lambda m: _is_te_linear(m) and _te_kind(m) is None,
+    _build_te,
+    check=_te_problem,
 )
 
 
 def register() -> None:
-    """Put the column- and row-parallel dispatchers first in the LoRA dispatcher list (and one
-    that refuses Transformer Engine linears with a clear reason)."""
+    """Put the column- and row-parallel dispatchers first in the LoRA dispatcher list (the
+    Transformer Engine ones included, and one that refuses other TE linears with a reason),
+    and make gates of TE sub-blocks read the fused layer norm's output."""
+    from layerfreeze.engines.megatron.te import use_norm_output_for_gate
+    from layerfreeze.policies.lora import register_gate_source
+
+    register_gate_source(use_norm_output_for_gate)
     register_lora_dispatcher(TRANSFORMER_ENGINE)
+    register_lora_dispatcher(TE_LINEAR)
     register_lora_dispatcher(ROW)
     register_lora_dispatcher(COLUMN)

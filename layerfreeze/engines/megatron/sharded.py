@@ -22,6 +22,14 @@ of megatron-core 0.16.1 matter for layerfreeze's adapters:
   lora_adapter.lora_b``) and no stacking offset, whichever way the block stacks its own layers
   (``metadata["non_homogeneous_layers"]`` gives the base weights per-layer keys too; the
   adapter keys are the same in both modes).
+* **Transformer Engine linears.** megatron-core's TE wrappers (``TELayerNormColumnParallelLinear``,
+  ``TEColumnParallelLinear``, ``TERowParallelLinear``) also build their view from
+  ``self.state_dict(keep_vars=True)``, child modules included, with ``{"weight": 0, "bias": 0}``
+  / ``{"weight": 1}`` as the only split tensors: ``lora_a`` / ``lora_b`` would be declared
+  replicated like the layer-norm weight. :func:`linear_sharded_state_dict` (installed by
+  ``layerfreeze.engines.megatron.te.build_te_adapter``) replaces exactly the ``lora_adapter.``
+  entries and keeps the rest, TE's ``_extra_state`` (a ``ShardedObject``) included, as the
+  class writes it.
 * **Gates.** ``MLP.sharded_state_dict`` calls ``sharded_state_dict`` on every child, so the HLPT
   gate (``lora_gate``, a :class:`~layerfreeze.policies.gate.TokenGate`) has one; its tensors are
   replicated over TP.
@@ -205,7 +213,8 @@ def linear_sharded_state_dict(
 
     The linear's own method (its class's) declares its weight/bias; it would also declare the
     adapter's tensors as replicated ones of their local shape, so those entries are replaced by
-    the adapter's own :meth:`sharded_state_dict`.
+    the adapter's own :meth:`sharded_state_dict`. The same holds for megatron-core's Transformer
+    Engine linears; every other entry (TE's ``_extra_state`` too) is the class's own.
     """
     sd = type(base).sharded_state_dict(base, prefix, sharded_offsets, metadata)
     adapter = base._modules.get(_LORA_ATTR)
