@@ -101,16 +101,17 @@ def test_paper_attention_top_left_causal_mask():
     with torch.no_grad():
         adapter.prefix_key.zero_()
         adapter.prefix_value.zero_()
-    sq, sk = 2, 4
-    q, k, v = torch.randn(sq, 1, 2, 4), torch.randn(sk, 1, 2, 4), torch.randn(sk, 1, 2, 4)
-    for top_left, offset in ((True, 0), (False, sk - sq)):
-        got = paper_attention(adapter, q, k, v, None, True, 0.5, top_left).view(sq, 2, 4)
-        for i in range(sq):
-            for h in range(2):
-                s = torch.cat([torch.zeros(1), (k[: i + offset + 1, 0, h] @ q[i, 0, h]) * 0.5])
-                p = torch.softmax(s, 0)
-                want = p[1:] @ v[: i + offset + 1, 0, h]  # prefix value is 0
-                torch.testing.assert_close(got[i, h], want)
+    for sq, sk in ((2, 4), (1, 3)):
+        q, k, v = torch.randn(sq, 1, 2, 4), torch.randn(sk, 1, 2, 4), torch.randn(sk, 1, 2, 4)
+        for top_left, offset in ((True, 0), (False, sk - sq)):
+            got = paper_attention(adapter, q, k, v, None, True, 0.5, top_left).view(sq, 2, 4)
+            for i in range(sq):
+                for h in range(2):
+                    seen = slice(0, i + offset + 1)
+                    s = torch.cat([torch.zeros(1), (k[seen, 0, h] @ q[i, 0, h]) * 0.5])
+                    p = torch.softmax(s, 0)
+                    want = p[1:] @ v[seen, 0, h]  # prefix value is 0
+                    torch.testing.assert_close(got[i, h], want)
 
 
 def test_branch_on_thd_query_equals_the_sbhd_branch(mp):

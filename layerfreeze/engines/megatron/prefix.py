@@ -300,9 +300,12 @@ def _core_attention_hook(module: nn.Module, args: tuple, kwargs: dict, output):
     if getattr(adapter, "form", "branch") == "paper":
         from megatron.core.transformer.enums import AttnMaskType
 
-        from layerfreeze.engines.megatron.prefix_paper import paper_attention, take_inputs
-
-        from layerfreeze.engines.megatron.prefix_paper import is_te_core_attention, te_mask
+        from layerfreeze.engines.megatron.prefix_paper import (
+            is_te_core_attention,
+            paper_attention,
+            take_inputs,
+            te_mask,
+        )
 
         query, key, value, mask, mask_type = take_inputs(module)
         top_left = False
@@ -405,6 +408,23 @@ def _check(layer: LayerInfo, spec: PolicySpec, layout: ModelLayout) -> list[str]
     return problems
 
 
+def _gate_from_norm(attn: nn.Module, adapter: MegatronPrefix) -> None:
+    """TE spec (``linear_qkv`` is ``TELayerNormColumnParallelLinear``, the attention input is not
+    normed): make the gate read ``linear_qkv``'s fused layer-norm output through
+    :func:`layerfreeze.engines.megatron.te.use_norm_output_for_gate` (imported only here) and
+    stop the attention pre-hook from computing it. Nothing on the local spec.
+
+    Raises:
+        ValueError: from ``use_norm_output_for_gate`` (a TE config it cannot serve).
+    """
+    if adapter.prefix_gate is None or not fused_norm_linear(getattr(attn, "linear_qkv", None)):
+        return
+    from layerfreeze.engines.megatron.te import use_norm_output_for_gate
+
+    use_norm_output_for_gate(attn, adapter.prefix_gate)
+    adapter.__dict__[_GATE_FROM_NORM] = True
+
+
 def _install(layer: LayerInfo, spec: PolicySpec, layout: ModelLayout) -> nn.Module:
     opts: PrefixConfig = spec.options if spec.options is not None else PrefixConfig()
     attn = layer.attn
@@ -429,13 +449,9 @@ def _install(layer: LayerInfo, spec: PolicySpec, layout: ModelLayout) -> nn.Modu
         # form, gate_at, the gate's initial bias g = sigmoid(gate_bias); form=paper drops the
         # zero-initialised factor (as on Hugging Face models).
         configure_adapter(adapter, opts.form, opts.gate_bias, opts.gate_at)
+        _gate_from_norm(attn, adapter)  # may refuse (TE config): before the adapter is attached
         attn.add_module(_ADAPTER_ATTR, adapter)
-    if adapter.prefix_gate is not None and fused_norm_linear(getattr(attn, "linear_qkv", None)):
-        # TE spec: the attention input is not normed; the gate reads linear_qkv's fused norm.
-        from layerfreeze.engines.megatron.te import use_norm_output_for_gate
-
-        use_norm_output_for_gate(attn, adapter.prefix_gate)
-        adapter.__dict__[_GATE_FROM_NORM] = True
+    _gate_from_norm(attn, adapter)  # idempotent
     core = attn.core_attention
     core.__dict__[_REF] = attn  # plain reference: the hook reads the attention's adapter
     core.__dict__["_layerfreeze_prefix_scaling"] = (

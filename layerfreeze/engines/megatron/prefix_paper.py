@@ -45,8 +45,9 @@ sequence parallelism the gate of this rank's sequence shard is all-gathered firs
 
 Refused with a clear error (in :func:`paper_problems`): attention dropout (megatron and TE
 draw it from the CUDA RNG tracker inside ``core_attention``, which this path replaces), a softmax
-type other than ``vanilla``, sliding-window attention, FP8 attention (``fp8_dot_product_attention``
-/ ``fp8_multi_head_attention``: this path computes the attention in the model's dtype), QK-clip
+type other than ``vanilla``, sliding-window attention, FP8 attention (``fp8_dot_product_attention``:
+this path computes the attention in the model's dtype; ``fp8_multi_head_attention`` is refused
+for both forms in :mod:`layerfreeze.engines.megatron.prefix`), QK-clip
 and max-logit logging (``qk_clip`` / ``log_max_attention_logit``: TE would record the max logit
 of the one-token call), a ``core_attention`` that is neither ``DotProductAttention`` nor
 ``TEDotProductAttention``, and an adapter already installed with another ``gate_at``.
@@ -119,13 +120,11 @@ def paper_problems(attn: nn.Module, where: str, gate_at: str) -> list[str]:
             f"reproduce megatron's or Transformer Engine's attention dropout ({dropout}); set "
             "attention_dropout=0 or use form=branch."
         )
-    fp8 = [k for k in ("fp8_dot_product_attention", "fp8_multi_head_attention")
-           if getattr(config, k, False)]
-    if fp8:
+    if getattr(config, "fp8_dot_product_attention", False):  # fp8_multi_head_attention: prefix.py
         problems.append(
             f"{where}: prefix(form=paper) computes the attention itself in the model's dtype and "
-            f"cannot run Transformer Engine's FP8 attention ({'=True, '.join(fp8)}=True); turn "
-            "it off or use form=branch."
+            "cannot run Transformer Engine's FP8 attention (fp8_dot_product_attention=True); "
+            "turn it off or use form=branch."
         )
     clip = [k for k in ("qk_clip", "log_max_attention_logit") if getattr(config, k, False)]
     if clip:
@@ -171,9 +170,9 @@ def stash_inputs(
         raise RuntimeError("prefix(form=paper): core_attention called without query/key/value.")
     query, key, value = values[:3]
     mask = values[3] if len(values) > 3 else None
-    rest = dict(zip(("attn_mask_type", "attention_bias", "packed_seq_params"), args[4:]))
-    rest.update({k: kwargs[k] for k in ("attn_mask_type", "attention_bias", "packed_seq_params")
-                 if k in kwargs})
+    later = ("attn_mask_type", "attention_bias", "packed_seq_params")  # after the mask
+    rest = dict(zip(later, args[4:], strict=False))
+    rest.update({k: kwargs[k] for k in later if k in kwargs})
     if rest.get("packed_seq_params") is not None:
         fmt = getattr(rest["packed_seq_params"], "qkv_format", None)
         raise RuntimeError(
@@ -211,7 +210,11 @@ def te_mask(mask_type, where: str = "prefix(form=paper)") -> tuple[bool, bool]:
     """
     name = getattr(mask_type, "name", mask_type)
     name = {"padding,causal": "padding_causal", "causal,padding": "padding_causal"}.get(name, name)
-    table = {"causal": (True, True), "causal_bottom_right": (True, False), "no_mask": (False, False)}
+    table = {
+        "causal": (True, True),
+        "causal_bottom_right": (True, False),
+        "no_mask": (False, False),
+    }
     if name not in table:
         raise RuntimeError(
             f"{where}: prefix(form=paper) on TEDotProductAttention supports attn_mask_type "
@@ -237,7 +240,7 @@ def _real_mask(
             mask = mask.unsqueeze(0)
         mask = mask[..., -sq:, -sk:]
         add = torch.zeros(mask.shape, dtype=dtype, device=device).masked_fill(mask, low)
-    elif causal and sq > 1:
+    elif causal and (sq > 1 or top_left):  # bottom right with one query: nothing masked
         pos_q = torch.arange(sq, device=device).unsqueeze(1) + (0 if top_left else sk - sq)
         allowed = torch.arange(sk, device=device).unsqueeze(0) <= pos_q
         add = torch.zeros(1, 1, sq, sk, dtype=dtype, device=device).masked_fill(~allowed, low)
