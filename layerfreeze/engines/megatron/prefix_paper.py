@@ -21,7 +21,11 @@ pre-hook on ``core_attention`` keeps those inputs and hands the module a one-tok
 contiguous, ``sbhd`` ``[1, 1, heads, d]`` with the same ``attn_mask_type``, which every TE
 backend accepts); the forward hook then returns this module's attention over ``[prefix ; real]``
 as ``[sq, b, heads_local * d]`` (TE's own ``sbhd`` output shape: TE reshapes its context to
-``[sq, b, heads * d]``, ``backends.py`` ``output.view(*output.shape[:-2], -1)``).
+``[sq, b, heads * d]``, ``backends.py`` ``output.view(*output.shape[:-2], -1)``). Cost on TE:
+one tiny kernel per layer, and TE keeps one global backend-selection cache keyed on the call's
+shapes (``_attention_backends["attention_params"]``), so a model that mixes paper-form layers
+(one-token calls) with full-size TE calls re-runs TE's backend selection (host-side work) on
+every switch; results are unaffected.
 
 Masks: the local ``DotProductAttention`` uses the mask it is given and builds a causal one when
 it gets None. ``TEDotProductAttention`` follows TE's ``attn_mask_type`` (the per-call keyword):
