@@ -30,10 +30,31 @@ The prefix keys/values see whole sequences and need nothing more.
 Prefix keys/values are drawn full-size from the default torch generator (in step on every TP
 rank) and sliced, so a TP=T model starts with the TP=1 prefix's shards.
 
+Transformer Engine spec (``get_gpt_layer_with_transformer_engine_spec``): ``core_attention`` is
+``TEDotProductAttention``, called with the same ``[sq, b, heads_local, d]`` query (``sbhd``) and
+returning ``[sq, b, heads_local * d]`` like the local one, so the branch is added the same way.
+With packed sequences (``packed_seq_params.qkv_format == "thd"``) megatron squeezes the batch
+axis: TE gets the query ``[t, heads_local, d]`` and returns ``[t, heads_local * d]``; the branch
+is per token (each token's softmax runs over the prefix only), so it is exact on packed
+sequences and is computed on ``[t, 1, heads_local, d]`` and reshaped to TE's output. On that spec
+the layer's norm is fused into ``linear_qkv`` (``TELayerNormColumnParallelLinear``) and the
+attention's input is the un-normed hidden state, so the gate reads the norm's output instead:
+the installer calls ``use_norm_output_for_gate(attn, gate)`` of
+:mod:`layerfreeze.engines.megatron.te` (imported only on that spec), which makes ``linear_qkv``'s
+forward set the gate from its layer-norm output (this rank's sequence shard under sequence
+parallelism, as the local spec's attention input), and the attention pre-hook then leaves the
+gate alone. ``MegatronPrefix.sequence_gate`` is unchanged under SP: TE's norm-linear gathers the
+sequence inside, as megatron's column-parallel linear does. The TE paths were written against
+megatron-core 0.16.1's ``extensions/transformer_engine.py`` and ``transformer/attention.py``
+(``SelfAttention.forward`` l.1066-1193) and Transformer Engine's source, and have not been
+executed here (no GPU, no TE): ``tests/gpu/test_cuda_megatron_te_prefix.py`` checks them.
+
 Refused with a clear error: TP sizes that do not divide the heads / query groups,
 ``reparam`` with TP > 1, context parallelism, selective recomputation of
 ``core_attn`` (its reentrant checkpoint gives the prefix no gradient when the inputs need none),
-a ``SelfAttention`` without a ``core_attention`` child.
+a ``SelfAttention`` without a ``core_attention`` child, TE's FP8 multi-head attention
+(``fp8_multi_head_attention``: ``core_attention`` would return FP8 tensors the branch cannot be
+added to).
 
 ``form=paper`` (HLPT's prefix inside the layer's own softmax) shares this installer, the adapter
 (without the factor) and the gate hooks; its attention and its own refusals are in
@@ -58,10 +79,22 @@ from layerfreeze.policies.prefix import (
 )
 from layerfreeze.policies.prefix.paper import configure_adapter
 
-__all__ = ["MegatronPrefix", "register", "split_heads"]
+__all__ = ["MegatronPrefix", "fused_norm_linear", "register", "split_heads"]
 
 _ADAPTER_ATTR = "prefix_adapter"
 _REF = "_layerfreeze_prefix_attn"  # plain reference from core_attention to its attention
+# Set on an adapter whose gate reads TE's fused layer-norm output (set by linear_qkv's forward
+# through layerfreeze.engines.megatron.te), so the attention pre-hook does not compute it.
+_GATE_FROM_NORM = "_layerfreeze_gate_from_norm"
+_TE_NORM_LINEAR = ("TELayerNormColumnParallelLinear", "megatron.core.extensions.transformer_engine")
+
+
+def fused_norm_linear(m: nn.Module | None) -> bool:
+    """``m`` is megatron-core's ``TELayerNormColumnParallelLinear`` (the TE spec's ``linear_qkv``
+    with the layer's norm fused in); decided from the class hierarchy, importing nothing."""
+    return m is not None and any(
+        (c.__name__, c.__module__) == _TE_NORM_LINEAR for c in type(m).__mro__
+    )
 
 
 def split_heads(heads: int, groups: int, tp: int, where: str) -> tuple[int, int]:
@@ -224,7 +257,7 @@ def _attn_pre_hook(module: nn.Module, args: tuple, kwargs: dict) -> None:
     if adapter is None:
         return
     adapter.pending = True
-    if adapter.prefix_gate is not None:
+    if adapter.prefix_gate is not None and not adapter.__dict__.get(_GATE_FROM_NORM, False):
         adapter.prefix_gate(block_input(module, args, kwargs, adapter.where))
 
 
@@ -250,11 +283,12 @@ def _paper_adapter(module: nn.Module):
 
 
 def _core_attention_pre_hook(module: nn.Module, args: tuple, kwargs: dict):
-    if _paper_adapter(module) is None:
+    adapter = _paper_adapter(module)
+    if adapter is None:
         return None
     from layerfreeze.engines.megatron.prefix_paper import stash_inputs
 
-    return stash_inputs(module, args, kwargs)
+    return stash_inputs(module, args, kwargs, adapter.where)
 
 
 def _core_attention_hook(module: nn.Module, args: tuple, kwargs: dict, output):
@@ -266,18 +300,33 @@ def _core_attention_hook(module: nn.Module, args: tuple, kwargs: dict, output):
     if getattr(adapter, "form", "branch") == "paper":
         from megatron.core.transformer.enums import AttnMaskType
 
-        from layerfreeze.engines.megatron.prefix_paper import paper_attention, take_inputs
+        from layerfreeze.engines.megatron.prefix_paper import (
+            is_te_core_attention,
+            paper_attention,
+            take_inputs,
+            te_mask,
+        )
 
-        query, key, value, mask = take_inputs(module)
-        causal = getattr(module, "attn_mask_type", None) == AttnMaskType.causal
+        query, key, value, mask, mask_type = take_inputs(module)
+        top_left = False
+        if is_te_core_attention(module):  # TE's mask semantics: the type decides
+            causal, top_left = te_mask(mask_type or module.attn_mask_type, adapter.where)
+            mask = None
+        else:  # the local DotProductAttention uses its own type and the mask it is given
+            causal = getattr(module, "attn_mask_type", None) == AttnMaskType.causal
         scaling = module.__dict__["_layerfreeze_prefix_scaling"]
-        out = paper_attention(adapter, query, key, value, mask, causal, scaling)
+        out = paper_attention(adapter, query, key, value, mask, causal, scaling, top_left)
         return (out, *output[1:]) if isinstance(output, tuple) else out
     query = args[0] if args else kwargs["query"]
-    branch = adapter.branch(query, module.__dict__["_layerfreeze_prefix_scaling"])
-    if isinstance(output, tuple):  # keep any extra outputs as they are
-        return (output[0] + branch.to(output[0].dtype), *output[1:])
-    return output + branch.to(output.dtype)
+    packed = query.dim() == 3  # THD: megatron squeezed the batch axis, [t, heads_local, d]
+    branch = adapter.branch(
+        query.unsqueeze(1) if packed else query, module.__dict__["_layerfreeze_prefix_scaling"]
+    )
+    out = output[0] if isinstance(output, tuple) else output
+    if packed:  # TE's THD output is [t, heads_local * d]
+        branch = branch.reshape(out.shape)
+    out = out + branch.to(out.dtype)
+    return (out, *output[1:]) if isinstance(output, tuple) else out
 
 
 # ---------------------------------------------------------------------------------------------
@@ -339,6 +388,12 @@ def _check(layer: LayerInfo, spec: PolicySpec, layout: ModelLayout) -> list[str]
         problems += paper_problems(attn, where, opts.gate_at)
     if getattr(config, "context_parallel_size", 1) > 1:
         problems.append(f"{where}: prefix does not support context parallelism.")
+    if getattr(config, "fp8_multi_head_attention", False):
+        problems.append(
+            f"{where}: prefix cannot run with fp8_multi_head_attention=True: Transformer "
+            "Engine's core attention then returns FP8 tensors that the prefix cannot add to or "
+            "replace; set fp8_multi_head_attention=False."
+        )
     existing = attn._modules.get(_ADAPTER_ATTR)
     if existing is not None and (existing.tokens, existing.reparam, existing.gated) != (
         opts.tokens,
@@ -351,6 +406,23 @@ def _check(layer: LayerInfo, spec: PolicySpec, layout: ModelLayout) -> list[str]
             "prefix options in every plan that covers this layer."
         )
     return problems
+
+
+def _gate_from_norm(attn: nn.Module, adapter: MegatronPrefix) -> None:
+    """TE spec (``linear_qkv`` is ``TELayerNormColumnParallelLinear``, the attention input is not
+    normed): make the gate read ``linear_qkv``'s fused layer-norm output through
+    :func:`layerfreeze.engines.megatron.te.use_norm_output_for_gate` (imported only here) and
+    stop the attention pre-hook from computing it. Nothing on the local spec.
+
+    Raises:
+        ValueError: from ``use_norm_output_for_gate`` (a TE config it cannot serve).
+    """
+    if adapter.prefix_gate is None or not fused_norm_linear(getattr(attn, "linear_qkv", None)):
+        return
+    from layerfreeze.engines.megatron.te import use_norm_output_for_gate
+
+    use_norm_output_for_gate(attn, adapter.prefix_gate)
+    adapter.__dict__[_GATE_FROM_NORM] = True
 
 
 def _install(layer: LayerInfo, spec: PolicySpec, layout: ModelLayout) -> nn.Module:
@@ -377,7 +449,9 @@ def _install(layer: LayerInfo, spec: PolicySpec, layout: ModelLayout) -> nn.Modu
         # form, gate_at, the gate's initial bias g = sigmoid(gate_bias); form=paper drops the
         # zero-initialised factor (as on Hugging Face models).
         configure_adapter(adapter, opts.form, opts.gate_bias, opts.gate_at)
+        _gate_from_norm(attn, adapter)  # may refuse (TE config): before the adapter is attached
         attn.add_module(_ADAPTER_ATTR, adapter)
+    _gate_from_norm(attn, adapter)  # idempotent
     core = attn.core_attention
     core.__dict__[_REF] = attn  # plain reference: the hook reads the attention's adapter
     core.__dict__["_layerfreeze_prefix_scaling"] = (

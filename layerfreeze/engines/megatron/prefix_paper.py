@@ -1,4 +1,5 @@
-"""``prefix(form=paper)`` on megatron-core's local-spec ``SelfAttention``, per tensor-parallel rank.
+"""``prefix(form=paper)`` on megatron-core's ``SelfAttention`` (local and Transformer Engine
+specs), per tensor-parallel rank.
 
 Same maths as on Hugging Face models (:mod:`layerfreeze.policies.prefix.paper`): the layer's
 prefix keys ``P_k`` / values ``P_v`` are prepended to its own (rotary-embedded) keys/values and
@@ -10,22 +11,50 @@ query sees every prefix token (the model's causal mask covers the real columns o
     gate_at=value:
         out_t = softmax([ q_t P_k^T s | q_t K^T s + M_t ]) @ [ g_t P_v ; V ]
 
-How it runs: megatron's ``SelfAttention`` calls its ``core_attention`` (``DotProductAttention``)
-with query ``[sq, b, heads_local, d]`` and keys/values ``[sk, b, groups_local, d]`` after
-rotary. A forward pre-hook on ``core_attention`` keeps those inputs and hands the module a
-one-token slice instead (its output is discarded, so the base attention is not computed twice);
-the forward hook then returns this module's attention over ``[prefix ; real]`` as
-``[sq, b, heads_local * d]``. Each TP rank holds its query groups' prefix (split by group like
+How it runs: megatron's ``SelfAttention`` calls its ``core_attention`` (local
+``DotProductAttention`` or Transformer Engine's ``TEDotProductAttention``) with query
+``[sq, b, heads_local, d]`` and keys/values ``[sk, b, groups_local, d]`` after rotary, the mask
+positionally and ``attn_mask_type`` / ``attention_bias`` / ``packed_seq_params`` as keywords
+(``SelfAttention.forward``, megatron-core 0.16.1 ``transformer/attention.py``). A forward
+pre-hook on ``core_attention`` keeps those inputs and hands the module a one-token slice instead
+(its output is discarded, so the base attention is not computed twice; for TE the slice is made
+contiguous, ``sbhd`` ``[1, 1, heads, d]`` with the same ``attn_mask_type``, which every TE
+backend accepts); the forward hook then returns this module's attention over ``[prefix ; real]``
+as ``[sq, b, heads_local * d]`` (TE's own ``sbhd`` output shape: TE reshapes its context to
+``[sq, b, heads * d]``, ``backends.py`` ``output.view(*output.shape[:-2], -1)``). Cost on TE:
+one tiny kernel per layer, and TE keeps one global backend-selection cache keyed on the call's
+shapes (``_attention_backends["attention_params"]``), so a model that mixes paper-form layers
+(one-token calls) with full-size TE calls re-runs TE's backend selection (host-side work) on
+every switch; results are unaffected.
+
+Masks: the local ``DotProductAttention`` uses the mask it is given and builds a causal one when
+it gets None. ``TEDotProductAttention`` follows TE's ``attn_mask_type`` (the per-call keyword):
+``causal`` is a top-left aligned causal mask and TE ignores ``attention_mask`` for it (TE's
+``DotProductAttention.forward`` docstring: the mask "should be None for causal masks and
+no_mask"), ``causal_bottom_right`` is bottom-right aligned, ``no_mask`` masks nothing; this
+module does the same. TE's padding / arbitrary mask types are refused at forward time (they come
+with packed sequences or explicit masks this path does not reproduce), as are
+``packed_seq_params`` (THD: a prefix per packed sequence is not implemented; use form=branch,
+which is per token and so exact on packed sequences) and ``attention_bias``.
+
+The TE-spec paths were written against megatron-core 0.16.1's
+``extensions/transformer_engine.py`` (``TEDotProductAttention`` l.1140-1420) and Transformer
+Engine's ``attention/dot_product_attention/dot_product_attention.py`` (mask types l.1731-1790)
+and ``backends.py``, and have not been executed on this CPU-only machine (no TE):
+``tests/gpu/test_cuda_megatron_te_prefix.py`` checks them against the local spec on a GPU. Each TP rank holds its query groups' prefix (split by group like
 the branch form's) and the replicated gate; the gate's gradient is summed over the TP ranks
 (every rank's heads add to it), so each rank holds the full gradient of the gate. Under
 sequence parallelism the gate of this rank's sequence shard is all-gathered first
 (``MegatronPrefix.sequence_gate``; see :mod:`layerfreeze.engines.megatron.prefix`).
 
-Refused with a clear error (in :func:`paper_problems`): attention dropout (megatron draws it from
-its CUDA RNG tracker inside ``core_attention``, which this path replaces), a softmax type other
-than ``vanilla``, sliding-window attention, a ``core_attention`` that is not megatron's local
-``DotProductAttention`` (Transformer Engine's fused attention takes other arguments), and an
-adapter already installed with another ``gate_at``.
+Refused with a clear error (in :func:`paper_problems`): attention dropout (megatron and TE
+draw it from the CUDA RNG tracker inside ``core_attention``, which this path replaces), a softmax
+type other than ``vanilla``, sliding-window attention, FP8 attention (``fp8_dot_product_attention``:
+this path computes the attention in the model's dtype; ``fp8_multi_head_attention`` is refused
+for both forms in :mod:`layerfreeze.engines.megatron.prefix`), QK-clip
+and max-logit logging (``qk_clip`` / ``log_max_attention_logit``: TE would record the max logit
+of the one-token call), a ``core_attention`` that is neither ``DotProductAttention`` nor
+``TEDotProductAttention``, and an adapter already installed with another ``gate_at``.
 """
 
 from __future__ import annotations
@@ -34,9 +63,19 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-__all__ = ["paper_attention", "paper_problems"]
+__all__ = ["is_te_core_attention", "paper_attention", "paper_problems"]
 
 _STASH = "_layerfreeze_paper_inputs"
+_TE_MODULE = "megatron.core.extensions.transformer_engine"
+
+
+def is_te_core_attention(core: nn.Module) -> bool:
+    """``core`` is megatron-core's ``TEDotProductAttention`` (or a subclass); decided from the
+    class hierarchy, so nothing imports Transformer Engine here."""
+    return any(
+        c.__name__ == "TEDotProductAttention" and c.__module__ == _TE_MODULE
+        for c in type(core).__mro__
+    )
 
 
 class _SumGradOverTP(torch.autograd.Function):
@@ -68,18 +107,35 @@ def paper_problems(attn: nn.Module, where: str, gate_at: str) -> list[str]:
         from megatron.core.transformer.dot_product_attention import DotProductAttention
     except ImportError:  # pragma: no cover - megatron-core is there when this runs
         DotProductAttention = ()  # noqa: N806
-    if core is not None and not isinstance(core, DotProductAttention):
+    if core is not None and not (
+        isinstance(core, DotProductAttention) or is_te_core_attention(core)
+    ):
         problems.append(
-            f"{where}: prefix(form=paper) on megatron needs the local-spec DotProductAttention "
-            f"as core_attention, got {type(core).__name__}. Build the model with "
-            "get_gpt_layer_local_spec, or use form=branch (presets hlpt_branch, h2lpt_branch)."
+            f"{where}: prefix(form=paper) on megatron needs DotProductAttention (local spec) or "
+            f"TEDotProductAttention (Transformer Engine spec) as core_attention, got "
+            f"{type(core).__name__}. Build the model with get_gpt_layer_local_spec or "
+            "get_gpt_layer_with_transformer_engine_spec, or use form=branch (presets "
+            "hlpt_branch, h2lpt_branch)."
         )
     dropout = getattr(config, "attention_dropout", 0.0)
     if dropout:
         problems.append(
             f"{where}: prefix(form=paper) on megatron computes the attention itself and cannot "
-            f"reproduce megatron's attention dropout ({dropout}); set attention_dropout=0 or "
-            "use form=branch."
+            f"reproduce megatron's or Transformer Engine's attention dropout ({dropout}); set "
+            "attention_dropout=0 or use form=branch."
+        )
+    if getattr(config, "fp8_dot_product_attention", False):  # fp8_multi_head_attention: prefix.py
+        problems.append(
+            f"{where}: prefix(form=paper) computes the attention itself in the model's dtype and "
+            "cannot run Transformer Engine's FP8 attention (fp8_dot_product_attention=True); "
+            "turn it off or use form=branch."
+        )
+    clip = [k for k in ("qk_clip", "log_max_attention_logit") if getattr(config, k, False)]
+    if clip:
+        problems.append(
+            f"{where}: prefix(form=paper) replaces core_attention's output, so the max "
+            f"attention logit that {'=True, '.join(clip)}=True reads from it would be wrong; "
+            "turn it off or use form=branch."
         )
     softmax_type = getattr(config, "softmax_type", "vanilla")
     if softmax_type != "vanilla":
@@ -102,28 +158,82 @@ def paper_problems(attn: nn.Module, where: str, gate_at: str) -> list[str]:
     return problems
 
 
-def stash_inputs(core: nn.Module, args: tuple, kwargs: dict) -> tuple[tuple, dict]:
-    """Keep ``core_attention``'s query/key/value/mask on ``core`` and return one-token inputs
-    (the base call's output is replaced by :func:`paper_attention`'s)."""
+def stash_inputs(
+    core: nn.Module, args: tuple, kwargs: dict, where: str = "prefix(form=paper)"
+) -> tuple[tuple, dict]:
+    """Keep ``core_attention``'s query/key/value/mask/``attn_mask_type`` on ``core`` and return
+    one-token inputs (the base call's output is replaced by :func:`paper_attention`'s).
+
+    Raises:
+        RuntimeError: the call carries ``packed_seq_params`` (THD / packed sequences) or an
+            ``attention_bias``, which this path does not reproduce.
+    """
     names = ("query", "key", "value", "attention_mask")
     values = list(args[:4]) + [kwargs.pop(n) for n in names[len(args[:4]) :] if n in kwargs]
     if len(values) < 3:
         raise RuntimeError("prefix(form=paper): core_attention called without query/key/value.")
     query, key, value = values[:3]
     mask = values[3] if len(values) > 3 else None
-    core.__dict__[_STASH] = (query, key, value, mask)
-    small = (query[:1, :1], key[:1, :1], value[:1, :1], None)
-    return small + tuple(args[4:]), kwargs
+    later = ("attn_mask_type", "attention_bias", "packed_seq_params")  # after the mask
+    rest = dict(zip(later, args[4:], strict=False))
+    rest.update({k: kwargs[k] for k in later if k in kwargs})
+    if rest.get("packed_seq_params") is not None:
+        fmt = getattr(rest["packed_seq_params"], "qkv_format", None)
+        raise RuntimeError(
+            f"{where}: prefix(form=paper) does not support packed sequences (packed_seq_params "
+            f"with qkv_format={fmt!r}): it would need a prefix per packed sequence. Feed unpacked "
+            "[s, b] batches (packed_seq_params=None) or use form=branch, which is exact on "
+            "packed sequences."
+        )
+    if rest.get("attention_bias") is not None:
+        raise RuntimeError(
+            f"{where}: prefix(form=paper) does not apply core_attention's attention_bias; run "
+            "without attention_bias or use form=branch."
+        )
+    core.__dict__[_STASH] = (query, key, value, mask, rest.get("attn_mask_type"))
+    small = (query[:1, :1], key[:1, :1], value[:1, :1])
+    if is_te_core_attention(core):  # TE reads the layout from strides: hand it dense tensors
+        small = tuple(x.contiguous() for x in small)
+    return small + (None,) + tuple(args[4:]), kwargs
 
 
 def take_inputs(core: nn.Module) -> tuple:
-    """The inputs :func:`stash_inputs` kept (removed from ``core``)."""
+    """The inputs :func:`stash_inputs` kept (removed from ``core``): ``(query, key, value,
+    attention_mask, attn_mask_type)``."""
     return core.__dict__.pop(_STASH)
 
 
-def _real_mask(mask, causal: bool, b: int, sq: int, sk: int, dtype, device) -> torch.Tensor:
-    """Megatron's mask (bool, True = masked; None with a causal type = causal) as an additive
-    float ``(b, 1, sq, sk)``."""
+def te_mask(mask_type, where: str = "prefix(form=paper)") -> tuple[bool, bool]:
+    """``(causal, top_left)`` of Transformer Engine's ``attn_mask_type`` (megatron's
+    ``AttnMaskType`` or TE's string): TE's ``causal`` is top-left aligned, its
+    ``causal_bottom_right`` bottom-right aligned, ``no_mask`` masks nothing; TE ignores
+    ``attention_mask`` for all three. The padding / arbitrary types are refused.
+
+    Raises:
+        RuntimeError: a mask type other than the three.
+    """
+    name = getattr(mask_type, "name", mask_type)
+    name = {"padding,causal": "padding_causal", "causal,padding": "padding_causal"}.get(name, name)
+    table = {
+        "causal": (True, True),
+        "causal_bottom_right": (True, False),
+        "no_mask": (False, False),
+    }
+    if name not in table:
+        raise RuntimeError(
+            f"{where}: prefix(form=paper) on TEDotProductAttention supports attn_mask_type "
+            f"causal, causal_bottom_right or no_mask, got {name!r} (padding and arbitrary masks "
+            "are not reproduced); use a causal mask type or form=branch."
+        )
+    return table[name]
+
+
+def _real_mask(
+    mask, causal: bool, b: int, sq: int, sk: int, dtype, device, top_left: bool = False
+) -> torch.Tensor:
+    """Megatron's mask (bool, True = masked; None with a causal type = causal, aligned to the
+    bottom right, or to the top left with ``top_left`` as TE's ``causal``) as an additive float
+    ``(b, 1, sq, sk)``."""
     low = torch.finfo(dtype).min
     if mask is not None:
         if mask.dtype != torch.bool:
@@ -134,8 +244,8 @@ def _real_mask(mask, causal: bool, b: int, sq: int, sk: int, dtype, device) -> t
             mask = mask.unsqueeze(0)
         mask = mask[..., -sq:, -sk:]
         add = torch.zeros(mask.shape, dtype=dtype, device=device).masked_fill(mask, low)
-    elif causal and sq > 1:
-        pos_q = torch.arange(sq, device=device).unsqueeze(1) + (sk - sq)
+    elif causal and (sq > 1 or top_left):  # bottom right with one query: nothing masked
+        pos_q = torch.arange(sq, device=device).unsqueeze(1) + (0 if top_left else sk - sq)
         allowed = torch.arange(sk, device=device).unsqueeze(0) <= pos_q
         add = torch.zeros(1, 1, sq, sk, dtype=dtype, device=device).masked_fill(~allowed, low)
     else:
@@ -151,6 +261,7 @@ def paper_attention(
     mask: torch.Tensor | None,
     causal: bool,
     scaling: float,
+    top_left: bool = False,
 ) -> torch.Tensor:
     """One TP rank's paper-form attention.
 
@@ -162,6 +273,8 @@ def paper_attention(
         mask: megatron's attention mask (bool, True = masked) or None.
         causal: the module's mask type is causal (used when ``mask`` is None).
         scaling: the softmax scale.
+        top_left: align the causal mask to the top left (TE's ``causal``) instead of the bottom
+            right (the same when ``sq == sk``, as in training).
 
     Returns:
         ``[sq, b, heads_local * d]`` in the query's dtype.
@@ -180,7 +293,7 @@ def paper_attention(
     k = k.repeat_interleave(np_ // ng, dim=1)  # query head i reads group i // (np / ng)
     v = v.repeat_interleave(np_ // ng, dim=1)
     q = query.permute(1, 2, 0, 3)  # [b, np, sq, d]
-    real = _real_mask(mask, causal, b, sq, sk, dtype, query.device)
+    real = _real_mask(mask, causal, b, sq, sk, dtype, query.device, top_left)
     gate, g = adapter.prefix_gate, None
     if gate is not None:
         if getattr(adapter, "sequence_parallel", False):
