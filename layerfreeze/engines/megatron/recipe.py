@@ -35,6 +35,7 @@ __all__ = [
     "describe_run_config",
     "init_distributed",
     "runner_from_run_config",
+    "transformer_engine_problem",
 ]
 
 logger = get_logger(__name__)
@@ -70,6 +71,39 @@ def cuda_problem() -> str | None:
     return None
 
 
+def transformer_engine_problem() -> str | None:
+    """Why ``megatron.transformer_impl: transformer_engine`` cannot run here, or None.
+
+    The Transformer Engine spec needs a CUDA device and megatron-core's own Transformer Engine
+    import to have succeeded (``megatron/core/extensions/transformer_engine.py`` sets
+    ``HAVE_TE`` after importing ``transformer_engine`` and ``transformer_engine.pytorch.fp8``;
+    without it every TE wrapper raises ``ImportError`` inside the model build). Checked on every
+    machine, also by ``layerfreeze validate`` (unlike :func:`cuda_problem`, which the test
+    suite's CPU shim answers): TE kernels cannot be shimmed.
+    """
+    from megatron.core.extensions import transformer_engine as mte
+
+    missing = []
+    if not torch.cuda.is_available():
+        missing.append(f"no CUDA device (torch {torch.__version__})")
+    if not mte.HAVE_TE:
+        try:
+            import transformer_engine.pytorch  # noqa: F401  (only for the reason it fails)
+
+            reason = "megatron-core could not import transformer_engine.pytorch.fp8"
+        except Exception as e:  # ImportError, or OSError / RuntimeError of a broken build
+            reason = f"{type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}".rstrip(": ")
+        missing.append(f"transformer_engine not importable ({reason})")
+    if not missing:
+        return None
+    return (
+        "megatron.transformer_impl: transformer_engine needs CUDA and an importable "
+        f"transformer_engine, got {' and '.join(missing)}. Set megatron.transformer_impl: local "
+        "(megatron-core's own modules, no Transformer Engine), or run on a CUDA machine with "
+        "Transformer Engine installed."
+    )
+
+
 def check_run_config(cfg: Any, world_size: int, *, check_device: bool = True) -> list[str]:
     """Validate the Megatron side of a run config before anything is written.
 
@@ -86,7 +120,8 @@ def check_run_config(cfg: Any, world_size: int, *, check_device: bool = True) ->
         ConfigError: every problem at once (layout vs world size, an architecture without a
             Hugging Face <-> Megatron mapping, heads / query groups not divisible by the
             tensor-parallel size, a pipeline deeper than the model, sequence parallelism with
-            a sequence length the tensor-parallel size does not divide).
+            a sequence length the tensor-parallel size does not divide, the Transformer Engine
+            spec without CUDA or Transformer Engine).
     """
     from layerfreeze.engines.megatron.convert import megatron_config_kwargs
 
@@ -94,7 +129,10 @@ def check_run_config(cfg: Any, world_size: int, *, check_device: bool = True) ->
     tp, pp = m.tensor_model_parallel_size, m.pipeline_model_parallel_size
     problems: list[str] = []
     warnings: list[str] = []
-    if check_device and (no_cuda := cuda_problem()):
+    te_problem = transformer_engine_problem() if m.transformer_impl == "transformer_engine" else None
+    if te_problem:  # also says when CUDA is missing: one line for the one choice to change
+        problems.append(te_problem)
+    elif check_device and (no_cuda := cuda_problem()):
         problems.append(no_cuda)
     if m.sequence_parallel and cfg.data.seq_len % tp:
         problems.append(
