@@ -199,3 +199,40 @@ def test_megatron_te_spec_fuses_the_norms_the_mapping_renames():
     from megatron.core.transformer.transformer_layer import TransformerLayerSubmodules
 
     assert TransformerLayerSubmodules().input_layernorm is IdentityOp
+
+
+def _te_runs_here() -> bool:
+    from megatron.core.extensions import transformer_engine as mte
+
+    return torch.cuda.is_available() and bool(mte.HAVE_TE)
+
+
+@pytest.mark.skipif(_te_runs_here(), reason="CUDA and Transformer Engine present: it would build")
+def test_building_the_te_spec_without_cuda_or_te_is_refused_before_building(tp1):
+    from layerfreeze.engines.megatron import convert as C
+
+    hf = _hf("llama")
+    with pytest.raises(ImportError) as info:
+        C.build_gpt_from_hf_config(
+            hf.config,
+            config_overrides={"use_cpu_initialization": True},
+            backend="layerfreeze",
+            transformer_impl="transformer_engine",
+        )
+    line = str(info.value)
+    assert "\n" not in line
+    assert line.startswith("megatron.transformer_impl: transformer_engine needs CUDA")
+    assert "Set megatron.transformer_impl: local" in line
+
+
+def test_the_build_names_its_layer_spec_and_refuses_unknown_ones(tp1):
+    from layerfreeze.engines.megatron import convert as C
+
+    hf = _hf("llama")
+    with pytest.raises(ValueError, match=r"transformer_impl: must be one of local, transformer_engine, got 'te'"):
+        C.build_gpt_from_hf_config(hf.config, backend="layerfreeze", transformer_impl="te")
+    model = C.build_gpt_from_hf_config(
+        hf.config, config_overrides={"use_cpu_initialization": True}, backend="layerfreeze"
+    )
+    assert getattr(model, C.TRANSFORMER_IMPL_ATTR) == "local"
+    assert W.transformer_impl_of(model.state_dict()) == "local"

@@ -4,7 +4,8 @@ The recipe (:mod:`layerfreeze.train`) calls the same three functions on every en
 
 * :func:`check_run_config` -- before anything is written: the parallel layout fits the world
   size and the model (a Llama-style architecture with a Hugging Face <-> Megatron mapping,
-  heads and query groups divisible by the tensor-parallel size);
+  heads and query groups divisible by the tensor-parallel size), and
+  ``megatron.transformer_impl: transformer_engine`` has CUDA and Transformer Engine;
 * :func:`init_distributed` -- the default process group (gloo on CPU, NCCL on CUDA);
 * :func:`runner_from_run_config` -- Megatron's model-parallel groups, this rank's ``GPTModel``
   chunk(s) shaped like the Hugging Face config, the weights (``model.path``: the checkpoint,
@@ -35,7 +36,6 @@ __all__ = [
     "describe_run_config",
     "init_distributed",
     "runner_from_run_config",
-    "transformer_engine_problem",
 ]
 
 logger = get_logger(__name__)
@@ -71,39 +71,6 @@ def cuda_problem() -> str | None:
     return None
 
 
-def transformer_engine_problem() -> str | None:
-    """Why ``megatron.transformer_impl: transformer_engine`` cannot run here, or None.
-
-    The Transformer Engine spec needs a CUDA device and megatron-core's own Transformer Engine
-    import to have succeeded (``megatron/core/extensions/transformer_engine.py`` sets
-    ``HAVE_TE`` after importing ``transformer_engine`` and ``transformer_engine.pytorch.fp8``;
-    without it every TE wrapper raises ``ImportError`` inside the model build). Checked on every
-    machine, also by ``layerfreeze validate`` (unlike :func:`cuda_problem`, which the test
-    suite's CPU shim answers): TE kernels cannot be shimmed.
-    """
-    from megatron.core.extensions import transformer_engine as mte
-
-    missing = []
-    if not torch.cuda.is_available():
-        missing.append(f"no CUDA device (torch {torch.__version__})")
-    if not mte.HAVE_TE:
-        try:
-            import transformer_engine.pytorch  # noqa: F401  (only for the reason it fails)
-
-            reason = "megatron-core could not import transformer_engine.pytorch.fp8"
-        except Exception as e:  # ImportError, or OSError / RuntimeError of a broken build
-            reason = f"{type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}".rstrip(": ")
-        missing.append(f"transformer_engine not importable ({reason})")
-    if not missing:
-        return None
-    return (
-        "megatron.transformer_impl: transformer_engine needs CUDA and an importable "
-        f"transformer_engine, got {' and '.join(missing)}. Set megatron.transformer_impl: local "
-        "(megatron-core's own modules, no Transformer Engine), or run on a CUDA machine with "
-        "Transformer Engine installed."
-    )
-
-
 def check_run_config(cfg: Any, world_size: int, *, check_device: bool = True) -> list[str]:
     """Validate the Megatron side of a run config before anything is written.
 
@@ -129,7 +96,11 @@ def check_run_config(cfg: Any, world_size: int, *, check_device: bool = True) ->
     tp, pp = m.tensor_model_parallel_size, m.pipeline_model_parallel_size
     problems: list[str] = []
     warnings: list[str] = []
-    te_problem = transformer_engine_problem() if m.transformer_impl == "transformer_engine" else None
+    te_problem = None
+    if m.transformer_impl == "transformer_engine":
+        from layerfreeze.engines.megatron.convert import transformer_engine_problem
+
+        te_problem = transformer_engine_problem()
     if te_problem:  # also says when CUDA is missing: one line for the one choice to change
         problems.append(te_problem)
     elif check_device and (no_cuda := cuda_problem()):
@@ -196,6 +167,7 @@ def describe_layout(cfg: Any, world_size: int) -> list[str]:
         f"{pp} (virtual chunks per stage: {vp}) x data parallel {world_size // (tp * pp)}; "
         f"{layers} layers, {per_chunk} per model chunk"
         + ("; distributed optimizer" if m.use_distributed_optimizer else "")
+        + ("; Transformer Engine layer spec" if m.transformer_impl == "transformer_engine" else "")
         + (
             "; padded vocabulary rows masked out of the softmax"
             if m.mask_padded_vocab
@@ -299,12 +271,13 @@ def _build_chunks(cfg: Any, hf_config: Any) -> list[torch.nn.Module]:
                 # pad the vocabulary only to a multiple of the TP size (the fewest padded
                 # rows; megatron.mask_padded_vocab keeps them out of the softmax)
                 make_vocab_size_divisible_by=1,
-                # the local-spec model: the tensor-parallel LoRA / prefix installers target its
-                # parallel linears and attention (a Megatron-Bridge build uses TE layers)
+                # this module's build (a Megatron-Bridge build chooses its own TE layers), with
+                # the layer spec megatron.transformer_impl names (checked by check_run_config)
                 backend="layerfreeze",
+                transformer_impl=cfg.megatron.transformer_impl,
             )
         )
-    if torch.cuda.is_available():
+    if torch.cuda.is_available():  # TE modules are built on the current CUDA device already
         chunks = [c.cuda() for c in chunks]
     return chunks
 
