@@ -92,7 +92,7 @@ def test_te_spec_loads_hf_weights_with_hf_losses_and_exports_them_back(megatron_
         ).cuda().eval()
         C.load_hf_weights(model, {k: v.cpu() for k, v in hf.state_dict().items()}, hf.config)
         with torch.no_grad():
-            out = model(ids, position_ids(ids), None)
+            out = model(ids, position_ids(ids).to(ids.device), None)
         return model, _token_losses(out, ids, vocab)
 
     te_model, te = megatron_losses("transformer_engine")

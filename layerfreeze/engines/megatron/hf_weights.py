@@ -553,7 +553,7 @@ def load_hf_weights(
     tp_rank, tp_size = _tp()
     for chunk in chunks:
         layers, pre, post = _stage_info(chunk)
-        impl = transformer_impl_of(chunk.state_dict(keep_vars=True))
+        impl = transformer_impl_of(n for n, _ in chunk.named_parameters())
         keys = hf_keys_for(hf_config, layers, pre, post)
         if isinstance(source, Mapping):
             hf_sd = source
