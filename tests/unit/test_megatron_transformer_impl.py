@@ -18,8 +18,8 @@ names a TE-spec model has are written out below from reading the sources (checke
 * TransformerEngine (commit d0067d0, 2.20.0.dev0)
   ``transformer_engine/pytorch/module/layernorm_linear.py`` l.1449-1465 (``layer_norm_weight``;
   ``layer_norm_bias`` only when ``normalization != "RMSNorm"``), l.1491-1492 (``weight`` /
-  ``bias`` names), l.1570-1573 (``bias=False``: a plain attribute, not in the state dict);
-  ``module/base.py`` l.1354-1371 (``get_extra_state``: an empty uint8 tensor without FP8);
+  ``bias`` names), l.1568-1571 (``bias=False``: a plain attribute, not in the state dict);
+  ``module/base.py`` l.1354-1393 (``get_extra_state``: an empty uint8 tensor without FP8);
   ``ops/basic/rmsnorm.py`` l.107 (the final norm's ``weight``).
 
 The tests below fail on the old code (no such mapping: ``to_transformer_impl`` etc. do not

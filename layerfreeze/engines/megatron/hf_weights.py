@@ -81,7 +81,7 @@ logger = get_logger(__name__)
 #: ``layer_norm_weight`` and, for LayerNorm only, ``layer_norm_bias`` (TransformerEngine
 #: ``transformer_engine/pytorch/module/layernorm_linear.py`` l.1449-1465 at d0067d0); its
 #: ``weight`` / ``bias`` keep the local names (l.1491-1492; no ``bias`` entry when ``bias=False``,
-#: l.1570-1573). The final norm is ``TENorm`` (a TE ``RMSNorm`` / ``LayerNorm`` with ``weight``,
+#: l.1568-1571). The final norm is ``TENorm`` (a TE ``RMSNorm`` / ``LayerNorm`` with ``weight``,
 #: ``bias``), the same names as the local spec's ``decoder.final_layernorm``.
 TE_FUSED_NORMS: dict[str, str] = {
     "input_layernorm.weight": "self_attention.linear_qkv.layer_norm_weight",
