@@ -338,6 +338,13 @@ class MegatronConfig:
     spec, no Transformer Engine)."""
     use_distributed_optimizer: bool = False
     """Shard optimizer state over data-parallel ranks (Megatron's distributed optimizer)."""
+    transformer_impl: Literal["local", "transformer_engine"] = "local"
+    """Megatron-core layer spec, as Megatron-LM's ``--transformer-impl``: ``local`` (megatron-core's
+    own torch modules; runs on CPU and CUDA) or ``transformer_engine`` (the Transformer Engine
+    spec: norms fused into ``linear_qkv`` / ``linear_fc1``, TE attention; needs CUDA and an
+    importable ``transformer_engine``, checked by ``layerfreeze validate``). Written against
+    megatron-core 0.16.1 and Transformer Engine's source; never executed on this project's CPU
+    machines (see docs/megatron.md, "Transformer Engine")."""
     mask_padded_vocab: bool = True
     """Keep megatron's padded vocabulary rows (the vocabulary is padded to a multiple of the
     tensor-parallel size) out of the softmax: the loss and the evaluation logits are the

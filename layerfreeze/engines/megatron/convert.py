@@ -30,6 +30,14 @@ CUDA), so it is kept to Bridge's documented calls: ``AutoBridge.from_hf_pretrain
 ``to_megatron_provider(load_weights=False)``, ``provide``, ``load_hf_weights`` and
 ``save_hf_pretrained``.
 
+``transformer_impl="transformer_engine"`` (``megatron.transformer_impl``, Megatron-LM's
+``--transformer-impl``) builds megatron-core's Transformer Engine spec instead
+(``get_gpt_layer_with_transformer_engine_spec``: the norms fused into ``linear_qkv`` /
+``linear_fc1``, TE attention, a ``TENorm`` final norm that handles sequence parallelism itself).
+It needs CUDA and Transformer Engine (:func:`transformer_engine_problem`); it was written against
+megatron-core 0.16.1 and Transformer Engine's source and has never run on this project's CPU
+machines (tests/gpu/test_cuda_megatron_te_engine.py is its check on a GPU).
+
 Vocabulary padding changes the training loss slightly (the zero rows add ``exp(0)`` terms to the
 softmax, as in Megatron-LM); pass ``make_vocab_size_divisible_by=1`` (pads only to a multiple of
 the TP size) when the loss must equal the HF model's exactly.
@@ -76,7 +84,9 @@ _MOVED = {
 
 __all__ = [
     "SUPPORTED_MODEL_TYPES",
+    "TRANSFORMER_IMPLS",
     "bridge_available",
+    "transformer_engine_problem",
     "megatron_config_kwargs",
     "gpt_model_kwargs",
     "padded_vocab_size",
@@ -99,6 +109,46 @@ SUPPORTED_MODEL_TYPES: tuple[str, ...] = ("llama", "mistral", "qwen2")
 Backend = Literal["auto", "bridge", "layerfreeze"]
 _BACKEND_ATTR = "_layerfreeze_hf_backend"
 _HF_PATH_ATTR = "_layerfreeze_hf_path"
+#: attribute of a built model naming its layer spec (``local`` / ``transformer_engine``)
+TRANSFORMER_IMPL_ATTR = "_layerfreeze_transformer_impl"
+#: ``megatron.transformer_impl`` values (Megatron-LM's ``--transformer-impl`` choices we build).
+TRANSFORMER_IMPLS: tuple[str, ...] = ("local", "transformer_engine")
+
+
+def transformer_engine_problem() -> str | None:
+    """Why the Transformer Engine spec (``megatron.transformer_impl: transformer_engine``) cannot
+    be built here, or None.
+
+    It needs a CUDA device and megatron-core's own Transformer Engine import to have succeeded
+    (megatron-core 0.16.1 ``megatron/core/extensions/transformer_engine.py`` l.61-77 sets
+    ``HAVE_TE`` after importing ``transformer_engine`` and ``transformer_engine.pytorch.fp8``;
+    without it every TE wrapper raises ``ImportError`` in ``__init__``, and the final norm falls
+    back to another class, ``transformer/transformer_block.py`` l.53-69). Unlike the generic
+    megatron CUDA check, nothing can stand in for TE's kernels, so the test suite's CPU shim does
+    not answer this one.
+    """
+    from megatron.core.extensions import transformer_engine as mte
+
+    missing = []
+    if not torch.cuda.is_available():
+        missing.append(f"no CUDA device (torch {torch.__version__})")
+    if not mte.HAVE_TE:
+        try:
+            import transformer_engine.pytorch  # noqa: F401  (only for the reason it fails)
+
+            reason = "megatron-core could not import transformer_engine.pytorch.fp8"
+        except Exception as e:  # ImportError, or OSError / RuntimeError of a broken build
+            first = str(e).splitlines()[0] if str(e) else ""
+            reason = f"{type(e).__name__}: {first}" if first else type(e).__name__
+        missing.append(f"transformer_engine not importable ({reason})")
+    if not missing:
+        return None
+    return (
+        "megatron.transformer_impl: transformer_engine needs CUDA and an importable "
+        f"transformer_engine, got {' and '.join(missing)}. Set megatron.transformer_impl: local "
+        "(megatron-core's own modules, no Transformer Engine), or run on a CUDA machine with "
+        "Transformer Engine installed."
+    )
 
 
 # ---------------------------------------------------------------------------------------------
@@ -319,6 +369,7 @@ def build_gpt_from_hf_config(
     pg_collection: Any = None,
     backend: Backend = "auto",
     hf_path: str | os.PathLike | None = None,
+    transformer_impl: str = "local",
 ) -> torch.nn.Module:
     """A megatron-core ``GPTModel`` (this rank's stage / virtual chunk) shaped like ``hf_config``.
 
@@ -347,11 +398,26 @@ def build_gpt_from_hf_config(
             this module), "bridge", or "layerfreeze".
         hf_path: the HF checkpoint directory (the Bridge backend builds from it and exports
             against it; optional for this module's backend).
+        transformer_impl: this module's layer spec: ``local`` (``get_gpt_layer_local_spec``;
+            under sequence parallelism with :class:`SequenceParallelTorchNorm` norms) or
+            ``transformer_engine`` (``get_gpt_layer_with_transformer_engine_spec``; its TE norms
+            handle sequence parallelism; needs CUDA and Transformer Engine; never executed on
+            this project's CPU machines). Megatron-Bridge builds its own (TE) spec.
 
     Returns:
         The ``GPTModel``; it remembers which backend built it, so :func:`load_hf_weights` and
         :func:`export_hf_checkpoint` use the matching converter.
+
+    Raises:
+        ValueError: an unknown ``transformer_impl``.
+        ImportError: ``transformer_engine`` without CUDA or Transformer Engine (the
+            :func:`transformer_engine_problem` line).
     """
+    if transformer_impl not in TRANSFORMER_IMPLS:
+        raise ValueError(
+            f"transformer_impl: must be one of {', '.join(TRANSFORMER_IMPLS)}, got "
+            f"{transformer_impl!r}."
+        )
     resolved = _resolve_backend(backend, hf_path)
     overrides = dict(config_overrides or {})
     if resolved == "bridge":  # pragma: no cover - needs Megatron-Bridge (CUDA machines)
@@ -387,9 +453,25 @@ def build_gpt_from_hf_config(
     extra: dict[str, Any] = {"vp_stage": vp_stage}
     if pg_collection is not None:
         extra["pg_collection"] = pg_collection
-    spec: Any = get_gpt_layer_local_spec(normalization="RMSNorm")
-    if config.sequence_parallel:
-        spec = _sequence_parallel_spec(spec, config, vp_stage)
+    if transformer_impl == "transformer_engine":
+        problem = transformer_engine_problem()
+        if problem:
+            raise ImportError(problem)
+        from megatron.core.models.gpt.gpt_layer_specs import (
+            get_gpt_layer_with_transformer_engine_spec,
+        )
+
+        # gpt_layer_specs.py l.171-184: a dense model (num_experts None) with the config's
+        # qk_layernorm (False for every supported architecture); no MLA, no TE op fuser, so
+        # MLP.linear_fc1 is TELayerNormColumnParallelLinear (l.495-497). The norms are TE's and
+        # mark their parameters sequence_parallel themselves: no SP substitute here.
+        spec: Any = get_gpt_layer_with_transformer_engine_spec(
+            num_experts=None, moe_grouped_gemm=False, qk_layernorm=bool(config.qk_layernorm)
+        )
+    else:
+        spec = get_gpt_layer_local_spec(normalization="RMSNorm")
+        if config.sequence_parallel:
+            spec = _sequence_parallel_spec(spec, config, vp_stage)
     model = GPTModel(
         config=config,
         transformer_layer_spec=spec,
@@ -400,6 +482,7 @@ def build_gpt_from_hf_config(
         **extra,
     )
     setattr(model, _BACKEND_ATTR, "layerfreeze")
+    setattr(model, TRANSFORMER_IMPL_ATTR, transformer_impl)
     return model
 
 

@@ -34,6 +34,7 @@ from layerfreeze.engines.megatron.hf_weights import (
     _tp,
     _vocab_cat,
     megatron_to_hf,
+    to_local_spec,
 )
 from layerfreeze.export import tensors_for_file, write_safetensors_index, write_sidecar
 from layerfreeze.utils.io import atomic_directory
@@ -80,6 +81,7 @@ def gather_hf_state_dict(
         hf_config: the model's HF config.
         state_dict: this rank's megatron state dicts, one per chunk, to use instead of the
             model's (e.g. with LoRA merged into the base weights); default the model's own.
+            Local or Transformer Engine spec names (:func:`~.hf_weights.to_local_spec`).
 
     Returns:
         The HF state dict (CPU tensors) on global rank 0, None elsewhere.
@@ -95,6 +97,9 @@ def gather_hf_state_dict(
         sds = list(state_dict)
     if len(sds) != len(chunks):
         raise ValueError(f"state_dict: {len(sds)} state dicts for {len(chunks)} model chunks.")
+    # a Transformer Engine spec model: its fused-norm names become the local spec's, its
+    # _extra_state entries are dropped (pure renaming; a local-spec dict is unchanged)
+    sds = [to_local_spec(sd) for sd in sds]
     infos = [_stage_info(c) for c in chunks]
 
     if not dist.is_initialized() or dist.get_world_size() == 1:

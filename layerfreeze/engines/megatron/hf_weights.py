@@ -19,12 +19,19 @@ Layouts (megatron-core 0.16.1, ``transformer/attention.py::SelfAttention``):
   is stripped on the way back. A padded row gives a logit of 0 (as in Megatron-LM).
 * Layers are numbered globally in HF (``model.layers.{i}``) and per stage in megatron
   (``decoder.layers.{j}``, with ``layer_number = i + 1`` global).
+* The Transformer Engine spec (``megatron.transformer_impl: transformer_engine``) names the
+  same tensors differently: its layer norms are fused into the following linear
+  (:data:`TE_FUSED_NORMS`), and its TE modules add ``_extra_state`` entries (FP8 metadata, an
+  empty tensor without FP8) that HF has no counterpart for. The mapping above is written for
+  local-spec names; :func:`to_transformer_impl` / :func:`to_local_spec` rename (pure functions of
+  the names), :func:`load_hf_weights` and the export apply them to a TE-spec model.
 """
 
 from __future__ import annotations
 
 import json
 import os
+import re
 from collections.abc import Iterable, Mapping, Sequence
 from pathlib import Path
 from typing import Any
@@ -47,6 +54,10 @@ from layerfreeze.engines.megatron.convert import (
 from layerfreeze.utils.logging import get_logger, log_rank0
 
 __all__ = [
+    "TE_FUSED_NORMS",
+    "to_local_spec",
+    "to_transformer_impl",
+    "transformer_impl_of",
     "hf_keys_for",
     "hf_to_megatron",
     "megatron_to_hf",
@@ -55,6 +66,98 @@ __all__ = [
 ]
 
 logger = get_logger(__name__)
+
+
+# ---------------------------------------------------------------------------------------------
+# Local spec <-> Transformer Engine spec names
+
+#: Local-spec layer norms (names relative to ``decoder.layers.{j}.``) -> where the Transformer
+#: Engine spec keeps them. megatron-core 0.16.1 ``models/gpt/gpt_layer_specs.py``
+#: (``get_gpt_layer_with_transformer_engine_spec``, l.271-291 and ``get_mlp_module_spec_for_backend``
+#: l.495-497): ``linear_qkv`` and the dense MLP's ``linear_fc1`` are
+#: ``TELayerNormColumnParallelLinear``, ``input_layernorm`` is left out (IdentityOp) and
+#: ``pre_mlp_layernorm`` is ``IdentityOp`` without experts. That wrapper subclasses TE's
+#: ``LayerNormLinear`` (``extensions/transformer_engine.py`` l.711), which registers the norm as
+#: ``layer_norm_weight`` and, for LayerNorm only, ``layer_norm_bias`` (TransformerEngine
+#: ``transformer_engine/pytorch/module/layernorm_linear.py`` l.1449-1465 at d0067d0); its
+#: ``weight`` / ``bias`` keep the local names (l.1491-1492; no ``bias`` entry when ``bias=False``,
+#: l.1568-1571). The final norm is ``TENorm`` (a TE ``RMSNorm`` / ``LayerNorm`` with ``weight``,
+#: ``bias``), the same names as the local spec's ``decoder.final_layernorm``.
+TE_FUSED_NORMS: dict[str, str] = {
+    "input_layernorm.weight": "self_attention.linear_qkv.layer_norm_weight",
+    "input_layernorm.bias": "self_attention.linear_qkv.layer_norm_bias",
+    "pre_mlp_layernorm.weight": "mlp.linear_fc1.layer_norm_weight",
+    "pre_mlp_layernorm.bias": "mlp.linear_fc1.layer_norm_bias",
+}
+_TE_TO_LOCAL = {te: local for local, te in TE_FUSED_NORMS.items()}
+_LAYER_NAME = re.compile(r"^(?P<layer>(?:.*?\.)?layers\.\d+\.)(?P<rel>.+)$")
+_EXTRA_STATE = "_extra_state"
+
+
+def _split_layer_name(name: str) -> tuple[str, str] | None:
+    m = _LAYER_NAME.match(name)
+    return (m["layer"], m["rel"]) if m else None
+
+
+def to_transformer_impl(
+    state_dict: Mapping[str, Any], transformer_impl: str
+) -> dict[str, Any]:
+    """Rename a local-spec megatron state dict for ``transformer_impl`` (pure; values kept).
+
+    Args:
+        state_dict: local-spec names (any prefix before ``layers.{j}.``) -> values.
+        transformer_impl: ``local`` (unchanged copy) or ``transformer_engine`` (the fused norms
+            of :data:`TE_FUSED_NORMS`; every other name is the same in both specs).
+
+    Returns:
+        A new dict. TE's ``_extra_state`` entries are not made up: a TE model's own ones stay
+        (``load_state_dict(strict=False)`` or a parameter-only copy, as :func:`load_hf_weights`
+        does).
+
+    Raises:
+        ValueError: an unknown ``transformer_impl``.
+    """
+    if transformer_impl == "local":
+        return dict(state_dict)
+    if transformer_impl != "transformer_engine":
+        raise ValueError(
+            f"transformer_impl: must be 'local' or 'transformer_engine', got {transformer_impl!r}."
+        )
+    out: dict[str, Any] = {}
+    for name, value in state_dict.items():
+        parts = _split_layer_name(name)
+        if parts and parts[1] in TE_FUSED_NORMS:
+            name = parts[0] + TE_FUSED_NORMS[parts[1]]
+        out[name] = value
+    return out
+
+
+def to_local_spec(state_dict: Mapping[str, Any]) -> dict[str, Any]:
+    """Rename a megatron state dict of either spec to local-spec names (pure; values kept).
+
+    Transformer Engine names of fused norms become ``input_layernorm`` / ``pre_mlp_layernorm``
+    names, TE's ``_extra_state`` entries are dropped (no HF counterpart; without FP8 they hold an
+    empty tensor), everything else is unchanged. A local-spec dict comes back equal.
+    """
+    out: dict[str, Any] = {}
+    for name, value in state_dict.items():
+        if name == _EXTRA_STATE or name.endswith("." + _EXTRA_STATE):
+            continue
+        parts = _split_layer_name(name)
+        if parts and parts[1] in _TE_TO_LOCAL:
+            name = parts[0] + _TE_TO_LOCAL[parts[1]]
+        out[name] = value
+    return out
+
+
+def transformer_impl_of(names: Iterable[str]) -> str:
+    """``transformer_engine`` when ``names`` (a megatron state dict's) hold a TE fused-norm
+    name, else ``local`` (pure; works for models built anywhere, e.g. a Megatron-LM script)."""
+    for name in names:
+        parts = _split_layer_name(name)
+        if parts and parts[1] in _TE_TO_LOCAL:
+            return "transformer_engine"
+    return "local"
 
 
 def _qkv_full(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, heads: int, groups: int, hd: int):
@@ -145,8 +248,9 @@ def hf_to_megatron(
     post_process: bool = True,
     padded_vocab: int | None = None,
     make_vocab_size_divisible_by: int = 128,
+    transformer_impl: str = "local",
 ) -> dict[str, torch.Tensor]:
-    """One TP rank's megatron (local spec) state dict of one pipeline stage, from HF tensors.
+    """One TP rank's megatron state dict of one pipeline stage, from HF tensors.
 
     Args:
         hf_state_dict: HF names -> full tensors (at least those of this stage).
@@ -161,6 +265,8 @@ def hf_to_megatron(
         padded_vocab: the model's (padded) vocabulary; default from
             :func:`padded_vocab_size` with ``make_vocab_size_divisible_by``.
         make_vocab_size_divisible_by: vocabulary padding unit.
+        transformer_impl: the layer spec whose names to use: ``local`` or
+            ``transformer_engine`` (:func:`to_transformer_impl`; no ``_extra_state``).
 
     Returns:
         Megatron names (``decoder.layers.{local}...``) -> tensors (views or new tensors; clone
@@ -217,7 +323,7 @@ def hf_to_megatron(
             out["output_layer.weight"] = rows(_pad_rows(g("lm_head.weight"), vocab))
         elif not pre_process:
             out["output_layer.weight"] = rows(_pad_rows(g("model.embed_tokens.weight"), vocab))
-    return out
+    return to_transformer_impl(out, transformer_impl)
 
 
 def _megatron_layer_names(hf_config: Any) -> list[str]:
@@ -301,7 +407,8 @@ def megatron_to_hf(
     embeddings, take ``model.embed_tokens.weight`` from the first stage).
 
     Args:
-        tp_shards: the stage's megatron (local spec) state dicts, in TP-rank order.
+        tp_shards: the stage's megatron state dicts, in TP-rank order (local or Transformer
+            Engine spec names: :func:`to_local_spec` is applied first).
         hf_config: the model's HF config.
         layers: global indices of the stage's local layers, in order; default ``0..n-1`` for the
             ``n`` layers found in the shards.
@@ -314,6 +421,7 @@ def megatron_to_hf(
     megatron_config_kwargs(hf_config)
     if not tp_shards:
         raise ValueError("tp_shards: empty; pass the state dict of every TP rank of the stage.")
+    tp_shards = [to_local_spec(sd) for sd in tp_shards]
     if layers is None:
         n = len({k.split(".")[2] for k in tp_shards[0] if k.startswith("decoder.layers.")})
         layers = list(range(n))
@@ -445,6 +553,7 @@ def load_hf_weights(
     tp_rank, tp_size = _tp()
     for chunk in chunks:
         layers, pre, post = _stage_info(chunk)
+        impl = transformer_impl_of(n for n, _ in chunk.named_parameters())
         keys = hf_keys_for(hf_config, layers, pre, post)
         if isinstance(source, Mapping):
             hf_sd = source
@@ -459,6 +568,7 @@ def load_hf_weights(
             pre_process=pre,
             post_process=post,
             padded_vocab=chunk.vocab_size,
+            transformer_impl=impl,
         )
         _copy_into(chunk, sd)
     log_rank0(logger, "loaded Hugging Face weights into %d megatron chunk(s)", len(chunks))

@@ -4,7 +4,8 @@ The recipe (:mod:`layerfreeze.train`) calls the same three functions on every en
 
 * :func:`check_run_config` -- before anything is written: the parallel layout fits the world
   size and the model (a Llama-style architecture with a Hugging Face <-> Megatron mapping,
-  heads and query groups divisible by the tensor-parallel size);
+  heads and query groups divisible by the tensor-parallel size), and
+  ``megatron.transformer_impl: transformer_engine`` has CUDA and Transformer Engine;
 * :func:`init_distributed` -- the default process group (gloo on CPU, NCCL on CUDA);
 * :func:`runner_from_run_config` -- Megatron's model-parallel groups, this rank's ``GPTModel``
   chunk(s) shaped like the Hugging Face config, the weights (``model.path``: the checkpoint,
@@ -86,7 +87,8 @@ def check_run_config(cfg: Any, world_size: int, *, check_device: bool = True) ->
         ConfigError: every problem at once (layout vs world size, an architecture without a
             Hugging Face <-> Megatron mapping, heads / query groups not divisible by the
             tensor-parallel size, a pipeline deeper than the model, sequence parallelism with
-            a sequence length the tensor-parallel size does not divide).
+            a sequence length the tensor-parallel size does not divide, the Transformer Engine
+            spec without CUDA or Transformer Engine).
     """
     from layerfreeze.engines.megatron.convert import megatron_config_kwargs
 
@@ -94,7 +96,14 @@ def check_run_config(cfg: Any, world_size: int, *, check_device: bool = True) ->
     tp, pp = m.tensor_model_parallel_size, m.pipeline_model_parallel_size
     problems: list[str] = []
     warnings: list[str] = []
-    if check_device and (no_cuda := cuda_problem()):
+    te_problem = None
+    if m.transformer_impl == "transformer_engine":
+        from layerfreeze.engines.megatron.convert import transformer_engine_problem
+
+        te_problem = transformer_engine_problem()
+    if te_problem:  # also says when CUDA is missing: one line for the one choice to change
+        problems.append(te_problem)
+    elif check_device and (no_cuda := cuda_problem()):
         problems.append(no_cuda)
     if m.sequence_parallel and cfg.data.seq_len % tp:
         problems.append(
@@ -158,6 +167,7 @@ def describe_layout(cfg: Any, world_size: int) -> list[str]:
         f"{pp} (virtual chunks per stage: {vp}) x data parallel {world_size // (tp * pp)}; "
         f"{layers} layers, {per_chunk} per model chunk"
         + ("; distributed optimizer" if m.use_distributed_optimizer else "")
+        + ("; Transformer Engine layer spec" if m.transformer_impl == "transformer_engine" else "")
         + (
             "; padded vocabulary rows masked out of the softmax"
             if m.mask_padded_vocab
@@ -261,12 +271,13 @@ def _build_chunks(cfg: Any, hf_config: Any) -> list[torch.nn.Module]:
                 # pad the vocabulary only to a multiple of the TP size (the fewest padded
                 # rows; megatron.mask_padded_vocab keeps them out of the softmax)
                 make_vocab_size_divisible_by=1,
-                # the local-spec model: the tensor-parallel LoRA / prefix installers target its
-                # parallel linears and attention (a Megatron-Bridge build uses TE layers)
+                # this module's build (a Megatron-Bridge build chooses its own TE layers), with
+                # the layer spec megatron.transformer_impl names (checked by check_run_config)
                 backend="layerfreeze",
+                transformer_impl=cfg.megatron.transformer_impl,
             )
         )
-    if torch.cuda.is_available():
+    if torch.cuda.is_available():  # TE modules are built on the current CUDA device already
         chunks = [c.cuda() for c in chunks]
     return chunks
 
