@@ -103,3 +103,29 @@ def tree_snapshot(root: Path) -> dict[str, str]:
         rel = p.relative_to(root).as_posix()
         out[rel] = "dir" if p.is_dir() else hashlib.sha256(p.read_bytes()).hexdigest()
     return out
+
+
+def run_module(module: str, *args: str, timeout: int = 300) -> subprocess.CompletedProcess:
+    """``python -m module *args`` from the repository with the launcher environment and a free
+    ``MASTER_PORT`` (for the CLI paths that bring up a process group)."""
+    env = launcher_env(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(find_free_port()))
+    return subprocess.run(
+        [sys.executable, "-m", module, *args],
+        cwd=REPO,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=timeout,
+    )
+
+
+def assert_refused(proc: subprocess.CompletedProcess, out_dir: Path, *needles: str) -> str:
+    """``proc`` exited 2 with no traceback, its last stderr line holds every needle, and
+    ``out_dir`` was never created; returns that line."""
+    assert proc.returncode == 2, proc.stdout[-2000:] + proc.stderr[-4000:]
+    assert "Traceback" not in proc.stderr, proc.stderr[-4000:]
+    line = last_line(proc.stderr)
+    for needle in needles:
+        assert needle in line, proc.stderr[-4000:]
+    assert not out_dir.exists()
+    return line

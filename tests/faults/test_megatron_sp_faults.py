@@ -8,12 +8,9 @@ sequence scatter fails inside the first forward (a traceback after the run start
 
 from __future__ import annotations
 
-import subprocess
-import sys
-
 import pytest
 
-from tests.faults._train import REPO, last_line, launcher_env, tiny_config, write_config
+from tests.faults._train import assert_refused, run_module, tiny_config, write_config
 
 pytestmark = pytest.mark.slow
 
@@ -27,29 +24,6 @@ def _megatron_config(tmp_path, seq_len: int, **megatron) -> dict:
     return cfg
 
 
-def _cli(module: str, *args: str) -> subprocess.CompletedProcess:
-    from tests.helpers.dist import find_free_port
-
-    env = launcher_env(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(find_free_port()))
-    return subprocess.run(
-        [sys.executable, "-m", module, *args],
-        cwd=REPO,
-        env=env,
-        capture_output=True,
-        text=True,
-        timeout=300,
-    )
-
-
-def _assert_refused(proc: subprocess.CompletedProcess, out_dir, *needles: str) -> None:
-    assert proc.returncode == 2, proc.stdout[-2000:] + proc.stderr[-4000:]
-    assert "Traceback" not in proc.stderr, proc.stderr[-4000:]
-    line = last_line(proc.stderr)
-    for needle in needles:
-        assert needle in line, proc.stderr[-4000:]
-    assert not out_dir.exists()
-
-
 SEQ_LEN_LINE = (
     "megatron.sequence_parallel: splits each sequence over the 2 tensor-parallel ranks, but 2 "
     "does not divide data.seq_len=33."
@@ -58,20 +32,20 @@ SEQ_LEN_LINE = (
 
 def test_validate_refuses_a_seq_len_tp_does_not_divide(tmp_path):
     config = write_config(tmp_path / "run.yaml", _megatron_config(tmp_path, 33))
-    proc = _cli("layerfreeze", "validate", "--config", str(config))
-    _assert_refused(proc, tmp_path / "run", SEQ_LEN_LINE, "multiple of 2")
+    proc = run_module("layerfreeze", "validate", "--config", str(config))
+    assert_refused(proc, tmp_path / "run", SEQ_LEN_LINE, "multiple of 2")
 
 
 def test_train_refuses_a_seq_len_tp_does_not_divide_before_anything_runs(tmp_path):
     # through the CPU shim entry, so the line is not only the "needs CUDA" refusal
     config = write_config(tmp_path / "run.yaml", _megatron_config(tmp_path, 33))
-    proc = _cli("tests.helpers.megatron_train_entry", "train", "--config", str(config))
-    _assert_refused(proc, tmp_path / "run", SEQ_LEN_LINE)
+    proc = run_module("tests.helpers.megatron_train_entry", "train", "--config", str(config))
+    assert_refused(proc, tmp_path / "run", SEQ_LEN_LINE)
 
 
 def test_validate_accepts_sequence_parallel(tmp_path):
     config = write_config(tmp_path / "run.yaml", _megatron_config(tmp_path, 32))
-    proc = _cli("layerfreeze", "validate", "--config", str(config))
+    proc = run_module("layerfreeze", "validate", "--config", str(config))
     assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-4000:]
     assert "sequence_parallel" not in proc.stderr
 
@@ -79,7 +53,7 @@ def test_validate_accepts_sequence_parallel(tmp_path):
 def test_sequence_parallel_without_tensor_parallel_is_refused(tmp_path):
     cfg = _megatron_config(tmp_path, 32, tensor_model_parallel_size=1)
     config = write_config(tmp_path / "run.yaml", cfg)
-    proc = _cli("layerfreeze", "validate", "--config", str(config))
-    _assert_refused(
+    proc = run_module("layerfreeze", "validate", "--config", str(config))
+    assert_refused(
         proc, tmp_path / "run", "megatron.sequence_parallel: needs tensor_model_parallel_size >= 2"
     )

@@ -12,13 +12,10 @@ refusal is what runs here; on a machine with both, the refusal tests skip.
 
 from __future__ import annotations
 
-import subprocess
-import sys
-
 import pytest
 import torch
 
-from tests.faults._train import REPO, last_line, launcher_env, tiny_config, write_config
+from tests.faults._train import assert_refused, run_module, tiny_config, write_config
 
 pytestmark = pytest.mark.slow
 
@@ -44,30 +41,6 @@ def _megatron_config(tmp_path, **megatron) -> dict:
     return cfg
 
 
-def _cli(module: str, *args: str) -> subprocess.CompletedProcess:
-    from tests.helpers.dist import find_free_port
-
-    env = launcher_env(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(find_free_port()))
-    return subprocess.run(
-        [sys.executable, "-m", module, *args],
-        cwd=REPO,
-        env=env,
-        capture_output=True,
-        text=True,
-        timeout=300,
-    )
-
-
-def _assert_refused(proc: subprocess.CompletedProcess, out_dir, *needles: str) -> str:
-    assert proc.returncode == 2, proc.stdout[-2000:] + proc.stderr[-4000:]
-    assert "Traceback" not in proc.stderr, proc.stderr[-4000:]
-    line = last_line(proc.stderr)
-    for needle in needles:
-        assert needle in line, proc.stderr[-4000:]
-    assert not out_dir.exists()
-    return line
-
-
 #: what the refusal must say: the key, what is missing, and what works instead
 TE_NEEDLES = (
     "megatron.transformer_impl: transformer_engine needs CUDA and an importable "
@@ -82,8 +55,8 @@ def test_validate_refuses_transformer_engine_without_cuda_or_te(tmp_path):
     config = write_config(
         tmp_path / "run.yaml", _megatron_config(tmp_path, transformer_impl="transformer_engine")
     )
-    proc = _cli("layerfreeze", "validate", "--config", str(config))
-    line = _assert_refused(proc, tmp_path / "run", *TE_NEEDLES)
+    proc = run_module("layerfreeze", "validate", "--config", str(config))
+    line = assert_refused(proc, tmp_path / "run", *TE_NEEDLES)
     if not torch.cuda.is_available():
         assert "no CUDA device (torch " in line, line
         # one line about the one choice: not also the generic "engine: megatron needs CUDA"
@@ -93,14 +66,14 @@ def test_validate_refuses_transformer_engine_without_cuda_or_te(tmp_path):
 @needs_no_te
 def test_validate_refuses_transformer_engine_given_as_override(tmp_path):
     config = write_config(tmp_path / "run.yaml", _megatron_config(tmp_path))
-    proc = _cli(
+    proc = run_module(
         "layerfreeze",
         "validate",
         "--config",
         str(config),
         "megatron.transformer_impl=transformer_engine",
     )
-    _assert_refused(proc, tmp_path / "run", *TE_NEEDLES)
+    assert_refused(proc, tmp_path / "run", *TE_NEEDLES)
 
 
 @needs_no_te
@@ -110,16 +83,16 @@ def test_train_refuses_transformer_engine_before_anything_runs(tmp_path):
     config = write_config(
         tmp_path / "run.yaml", _megatron_config(tmp_path, transformer_impl="transformer_engine")
     )
-    proc = _cli("tests.helpers.megatron_train_entry", "train", "--config", str(config))
-    _assert_refused(proc, tmp_path / "run", *TE_NEEDLES)
+    proc = run_module("tests.helpers.megatron_train_entry", "train", "--config", str(config))
+    assert_refused(proc, tmp_path / "run", *TE_NEEDLES)
 
 
 def test_unknown_transformer_impl_is_refused(tmp_path):
     config = write_config(tmp_path / "run.yaml", _megatron_config(tmp_path))
-    proc = _cli(
+    proc = run_module(
         "layerfreeze", "validate", "--config", str(config), "megatron.transformer_impl=te"
     )
-    _assert_refused(
+    assert_refused(
         proc,
         tmp_path / "run",
         "megatron.transformer_impl: must be one of 'local', 'transformer_engine', got 'te'.",
@@ -130,7 +103,7 @@ def test_validate_accepts_transformer_impl_local(tmp_path):
     config = write_config(
         tmp_path / "run.yaml", _megatron_config(tmp_path, transformer_impl="local")
     )
-    proc = _cli("layerfreeze", "validate", "--config", str(config))
+    proc = run_module("layerfreeze", "validate", "--config", str(config))
     assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-4000:]
     assert "transformer_impl: local" in proc.stdout
     assert "transformer_engine" not in proc.stderr
