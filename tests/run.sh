@@ -10,4 +10,4 @@ export LAYERFREEZE_WITH_VLLM=${LAYERFREEZE_WITH_VLLM:-1}   # 0 skips those tests
 export LAYERFREEZE_WITH_COMPAT=${LAYERFREEZE_WITH_COMPAT:-1}   # 0 skips that test
 bash launch/setup_env.sh
 export DS_ACCELERATOR=cpu WANDB_MODE=offline TOKENIZERS_PARALLELISM=false OMP_NUM_THREADS=${OMP_NUM_THREADS:-1}
-exec "${PYTHON:-python3}" -m pytest tests -q --timeout 900 -p no:cacheprovider "$@"
+exec "${PYTHON:-python3}" -m pytest tests -q --timeout 900 -p no:cacheprovider --durations=25 "$@"
