@@ -14,20 +14,10 @@ from layerfreeze import apply_plan
 from layerfreeze.errors import ConfigError
 from tests.helpers.megatron import (
     build_tiny_gpt,
-    destroy_model_parallel,
     forward_logits,
-    init_model_parallel,
-    megatron_cpu,  # noqa: F401  (fixture)
     position_ids,
     tiny_tokens,
 )
-
-
-@pytest.fixture
-def mp(megatron_cpu):  # noqa: F811
-    init_model_parallel(tp=1, pp=1)
-    yield
-    destroy_model_parallel()
 
 
 def _apply(model, plan):
@@ -44,7 +34,7 @@ def _apply(model, plan):
         {"log_max_attention_logit": True},
     ],
 )
-def test_paper_form_refuses_fp8_attention_and_max_logit_configs(mp, flag):
+def test_paper_form_refuses_fp8_attention_and_max_logit_configs(megatron_tp1, flag):
     model = build_tiny_gpt(num_layers=2, hidden=64, heads=4, query_groups=2, **flag)
     name = next(iter(flag))
     with pytest.raises(ConfigError, match=f"prefix\\(form=paper\\).*{name}=True"):
@@ -52,7 +42,7 @@ def test_paper_form_refuses_fp8_attention_and_max_logit_configs(mp, flag):
 
 
 @pytest.mark.parametrize("form", ["branch", "paper"])
-def test_both_forms_refuse_fp8_multi_head_attention(mp, form):
+def test_both_forms_refuse_fp8_multi_head_attention(megatron_tp1, form):
     model = build_tiny_gpt(
         num_layers=2, hidden=64, heads=4, query_groups=2, fp8_multi_head_attention=True
     )
@@ -60,7 +50,7 @@ def test_both_forms_refuse_fp8_multi_head_attention(mp, form):
         _apply(model, f"1:prefix(tokens=2,gated,form={form})")
 
 
-def test_paper_form_refuses_packed_sequences_at_forward_time(mp):
+def test_paper_form_refuses_packed_sequences_at_forward_time(megatron_tp1):
     from megatron.core.packed_seq_params import PackedSeqParams
 
     model = build_tiny_gpt(num_layers=2, hidden=64, heads=4, query_groups=2)
@@ -114,7 +104,7 @@ def test_paper_attention_top_left_causal_mask():
                     torch.testing.assert_close(got[i, h], want)
 
 
-def test_branch_on_thd_query_equals_the_sbhd_branch(mp):
+def test_branch_on_thd_query_equals_the_sbhd_branch(megatron_tp1):
     """THD (packed) reaches core_attention as [t, heads, d] and TE returns [t, heads * d]; the
     branch is per token, so it must equal the [t, 1, heads, d] branch (old code refused the 3-D
     query)."""
@@ -142,7 +132,7 @@ def test_branch_on_thd_query_equals_the_sbhd_branch(mp):
     assert not torch.allclose(got, base)
 
 
-def test_local_spec_never_imports_transformer_engine(mp):
+def test_local_spec_never_imports_transformer_engine(megatron_tp1):
     model = build_tiny_gpt(num_layers=2, hidden=64, heads=4, query_groups=2)
     _apply(model, "0:prefix(tokens=2,gated),1:prefix(tokens=2,gated,form=paper)")
     forward_logits(model, tiny_tokens(batch=1, seq=6))

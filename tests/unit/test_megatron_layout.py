@@ -11,22 +11,12 @@ from layerfreeze.errors import ConfigError
 from layerfreeze.policies.lora import resolve_lora_targets
 from tests.helpers.megatron import (
     build_tiny_gpt,
-    destroy_model_parallel,
     forward_logits,
-    init_model_parallel,
-    megatron_cpu,  # noqa: F401  (fixture)
     tiny_tokens,
 )
 
 
-@pytest.fixture
-def mp(megatron_cpu):  # noqa: F811
-    init_model_parallel(tp=1, pp=1)
-    yield
-    destroy_model_parallel()
-
-
-def test_layout_of_untied_model(mp):
+def test_layout_of_untied_model(megatron_tp1):
     from layerfreeze.engines.megatron import megatron_layout
 
     model = build_tiny_gpt(num_layers=4, hidden=64, heads=4, query_groups=2)
@@ -48,7 +38,7 @@ def test_layout_of_untied_model(mp):
     assert layout.num_layers == layout.num_local_layers == 4
 
 
-def test_layout_of_tied_model_with_learned_positions(mp):
+def test_layout_of_tied_model_with_learned_positions(megatron_tp1):
     from layerfreeze.engines.megatron import megatron_layout
 
     model = build_tiny_gpt(num_layers=2, tied=True, query_groups=None)
@@ -76,7 +66,7 @@ def test_layout_of_tied_model_with_learned_positions(mp):
     ]
 
 
-def test_apply_plan_freeze_deep_and_full(mp):
+def test_apply_plan_freeze_deep_and_full(megatron_tp1):
     from layerfreeze.engines.megatron import megatron_layout
 
     model = build_tiny_gpt(num_layers=4)
@@ -91,7 +81,7 @@ def test_apply_plan_freeze_deep_and_full(mp):
     assert all(p.requires_grad for p in model.parameters())
 
 
-def test_chunks_list_and_wrappers(mp):
+def test_chunks_list_and_wrappers(megatron_tp1):
     from layerfreeze.engines.megatron import chunks_module, megatron_layout
 
     model = build_tiny_gpt(num_layers=2)
@@ -118,7 +108,7 @@ def test_chunks_list_and_wrappers(mp):
     assert wrapped.lm_head == "module.output_layer"
 
 
-def test_lora_targets_and_identity_at_init(mp):
+def test_lora_targets_and_identity_at_init(megatron_tp1):
     from layerfreeze.engines.megatron import megatron_layout
 
     model = build_tiny_gpt(num_layers=2)
@@ -143,7 +133,7 @@ def test_lora_targets_and_identity_at_init(mp):
     )
 
 
-def test_not_a_megatron_model_and_bad_plan(mp):
+def test_not_a_megatron_model_and_bad_plan(megatron_tp1):
     from layerfreeze.engines.megatron import megatron_layout
 
     with pytest.raises(ValueError, match="not a megatron-core GPTModel"):
@@ -163,7 +153,7 @@ def _adapter_grads(model, tokens):
 
 
 @pytest.mark.parametrize("plan", ["0:lora(r=2,target=mlp,gated),1:freeze", "0:prefix(tokens=2)"])
-def test_full_recompute_gets_adapter_gradients(mp, plan):
+def test_full_recompute_gets_adapter_gradients(megatron_tp1, plan):
     from layerfreeze.engines.megatron import megatron_layout
     from layerfreeze.engines.megatron.recompute import prepare_recompute
 
@@ -201,7 +191,7 @@ def test_full_recompute_gets_adapter_gradients(mp, plan):
     assert all(g is not None for g in _adapter_grads(model, tokens).values())
 
 
-def test_prefix_refused_under_selective_core_attention_recompute(mp):
+def test_prefix_refused_under_selective_core_attention_recompute(megatron_tp1):
     from layerfreeze.engines.megatron import megatron_layout
 
     model = build_tiny_gpt(num_layers=2, recompute_granularity="selective")
@@ -209,7 +199,7 @@ def test_prefix_refused_under_selective_core_attention_recompute(mp):
         apply_plan(model, "1:prefix(tokens=2)", layout=megatron_layout(model))
 
 
-def test_tp1_adapters_match_the_written_formulas(mp):
+def test_tp1_adapters_match_the_written_formulas(megatron_tp1):
     """TP=1: megatron LoRA = base + g * s * x A^T B^T, megatron prefix branch = the HF
     PrefixAdapter's (an independent implementation) on the same parameters."""
     from layerfreeze.engines.megatron import megatron_layout
@@ -251,7 +241,7 @@ def test_tp1_adapters_match_the_written_formulas(mp):
     torch.testing.assert_close(got, ref.permute(1, 0, 2, 3).reshape(5, 2, 64))
 
 
-def test_prefix_options_on_megatron(mp):
+def test_prefix_options_on_megatron(megatron_tp1):
     from layerfreeze.engines.megatron import megatron_layout
 
     model = build_tiny_gpt(num_layers=2)

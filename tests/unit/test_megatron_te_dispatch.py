@@ -14,20 +14,10 @@ import torch
 from layerfreeze import apply_plan
 from tests.helpers.megatron import (
     build_tiny_gpt,
-    destroy_model_parallel,
     forward_logits,
-    init_model_parallel,
-    megatron_cpu,  # noqa: F401  (fixture)
     tiny_config,
     tiny_tokens,
 )
-
-
-@pytest.fixture
-def mp(megatron_cpu):  # noqa: F811
-    init_model_parallel(tp=1, pp=1)
-    yield
-    destroy_model_parallel()
 
 
 def test_plain_configs_have_no_te_problem():
@@ -58,7 +48,7 @@ def test_te_config_problem_names_the_field(overrides, field):
     assert "\n" not in problem
 
 
-def test_local_linears_are_not_te(mp):
+def test_local_linears_are_not_te(megatron_tp1):
     from layerfreeze.engines.megatron.te import is_te_module, te_linear_kind
 
     model = build_tiny_gpt(num_layers=2)
@@ -75,7 +65,7 @@ def test_local_linears_are_not_te(mp):
         assert not is_te_module(m)
 
 
-def test_local_spec_dispatch_and_gates_unchanged(mp):
+def test_local_spec_dispatch_and_gates_unchanged(megatron_tp1):
     """Gated LoRA on the local spec: the column / row dispatchers wrap the linears, the gates are
     computed by the sub-block pre-hook from the normed input (sigmoid(w . norm(x) + b)), no
     linear is switched to return a layer-norm output and no gate is marked as reading one."""
@@ -123,7 +113,7 @@ def test_local_spec_dispatch_and_gates_unchanged(mp):
         torch.testing.assert_close(seen[f"{sub}_gate"], expected)
 
 
-def test_gate_pre_hook_leaves_a_norm_output_gate_alone(mp):
+def test_gate_pre_hook_leaves_a_norm_output_gate_alone(megatron_tp1):
     """A gate marked as reading a fused norm's output is not computed by the sub-block pre-hook:
     without the norm-linear that computes it, the adapter finds no gate value."""
     from layerfreeze.engines.megatron import megatron_layout
