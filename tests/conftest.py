@@ -60,15 +60,9 @@ def _restore_distributed_env():
 
 @pytest.fixture
 def megatron_tp1():
-    """megatron-core's model-parallel state at TP=1, PP=1 in this process, on the CPU shim of
-    :mod:`tests.helpers.megatron`, torn down afterwards."""
-    from tests.helpers.megatron import (
-        destroy_model_parallel,
-        init_model_parallel,
-        megatron_cpu_shim,
-    )
+    """megatron-core's model-parallel state at TP=1, PP=1 in this process, on the CPU shim
+    (:func:`tests.helpers.megatron.megatron_parallel`), torn down afterwards."""
+    from tests.helpers.megatron import megatron_parallel
 
-    with megatron_cpu_shim():
-        init_model_parallel(tp=1, pp=1)
+    with megatron_parallel(tp=1, pp=1):
         yield
-        destroy_model_parallel()
