@@ -50,6 +50,10 @@ class TokenGate(nn.Module):
         self.bias = nn.Parameter(torch.zeros(1, device=device, dtype=torch.float32))
         self.value: torch.Tensor | None = None
         self.where = ""
+        #: False when an engine computes the gate from another tensor than the sub-block's input
+        #: (megatron's Transformer Engine spec: the fused layer norm's output, inside the first
+        #: linear); the sub-block pre-hooks then leave it alone.
+        self.reads_block_input = True
 
     def forward(self, h: torch.Tensor) -> torch.Tensor:
         """Compute, remember and return ``sigmoid(h . w + b)`` (fp32, trailing dim 1)."""

@@ -358,7 +358,7 @@ def _lora_forward_hook(module: nn.Module, args: tuple, output: torch.Tensor) -> 
 
 def _gate_pre_hook(module: nn.Module, args: tuple, kwargs: dict) -> None:
     gate = module._modules[_GATE_ATTR]
-    if gate.__dict__.get("_reads_norm_output"):  # computed from a fused norm's output instead
+    if not gate.reads_block_input:  # an engine computes it elsewhere (TokenGate)
         return
     gate(block_input(module, args, kwargs, gate.where))
 

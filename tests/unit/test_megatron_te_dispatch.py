@@ -117,11 +117,10 @@ def test_gate_pre_hook_leaves_a_norm_output_gate_alone(megatron_tp1):
     """A gate marked as reading a fused norm's output is not computed by the sub-block pre-hook:
     without the norm-linear that computes it, the adapter finds no gate value."""
     from layerfreeze.engines.megatron import megatron_layout
-    from layerfreeze.engines.megatron.te import READS_NORM_OUTPUT_ATTR
 
     model = build_tiny_gpt(num_layers=2)
     apply_plan(model, "0:lora(r=4,target=mlp,gated)", layout=megatron_layout(model))
     forward_logits(model, tiny_tokens())  # unmarked: the pre-hook computes it
-    model.decoder.layers[0].mlp.lora_gate.__dict__[READS_NORM_OUTPUT_ATTR] = True
+    model.decoder.layers[0].mlp.lora_gate.reads_block_input = False  # as te.py marks it
     with pytest.raises(RuntimeError, match="ran outside its sub-block's forward"):
         forward_logits(model, tiny_tokens())

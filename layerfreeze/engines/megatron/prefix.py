@@ -79,22 +79,10 @@ from layerfreeze.policies.prefix import (
 )
 from layerfreeze.policies.prefix.paper import configure_adapter
 
-__all__ = ["MegatronPrefix", "fused_norm_linear", "register", "split_heads"]
+__all__ = ["MegatronPrefix", "register", "split_heads"]
 
 _ADAPTER_ATTR = "prefix_adapter"
 _REF = "_layerfreeze_prefix_attn"  # plain reference from core_attention to its attention
-# Set on an adapter whose gate reads TE's fused layer-norm output (set by linear_qkv's forward
-# through layerfreeze.engines.megatron.te), so the attention pre-hook does not compute it.
-_GATE_FROM_NORM = "_layerfreeze_gate_from_norm"
-_TE_NORM_LINEAR = ("TELayerNormColumnParallelLinear", "megatron.core.extensions.transformer_engine")
-
-
-def fused_norm_linear(m: nn.Module | None) -> bool:
-    """``m`` is megatron-core's ``TELayerNormColumnParallelLinear`` (the TE spec's ``linear_qkv``
-    with the layer's norm fused in); decided from the class hierarchy, importing nothing."""
-    return m is not None and any(
-        (c.__name__, c.__module__) == _TE_NORM_LINEAR for c in type(m).__mro__
-    )
 
 
 def split_heads(heads: int, groups: int, tp: int, where: str) -> tuple[int, int]:
@@ -257,7 +245,7 @@ def _attn_pre_hook(module: nn.Module, args: tuple, kwargs: dict) -> None:
     if adapter is None:
         return
     adapter.pending = True
-    if adapter.prefix_gate is not None and not adapter.__dict__.get(_GATE_FROM_NORM, False):
+    if adapter.prefix_gate is not None and adapter.prefix_gate.reads_block_input:
         adapter.prefix_gate(block_input(module, args, kwargs, adapter.where))
 
 
@@ -410,19 +398,18 @@ def _check(layer: LayerInfo, spec: PolicySpec, layout: ModelLayout) -> list[str]
 
 def _gate_from_norm(attn: nn.Module, adapter: MegatronPrefix) -> None:
     """TE spec (``linear_qkv`` is ``TELayerNormColumnParallelLinear``, the attention input is not
-    normed): make the gate read ``linear_qkv``'s fused layer-norm output through
-    :func:`layerfreeze.engines.megatron.te.use_norm_output_for_gate` (imported only here) and
-    stop the attention pre-hook from computing it. Nothing on the local spec.
+    normed): make the gate read ``linear_qkv``'s fused layer-norm output
+    (:func:`layerfreeze.engines.megatron.te.use_norm_output_for_gate`, which marks the gate so
+    the attention pre-hook leaves it alone; a no-op on the local spec).
 
     Raises:
         ValueError: from ``use_norm_output_for_gate`` (a TE config it cannot serve).
     """
-    if adapter.prefix_gate is None or not fused_norm_linear(getattr(attn, "linear_qkv", None)):
+    if adapter.prefix_gate is None:
         return
     from layerfreeze.engines.megatron.te import use_norm_output_for_gate
 
     use_norm_output_for_gate(attn, adapter.prefix_gate)
-    adapter.__dict__[_GATE_FROM_NORM] = True
 
 
 def _install(layer: LayerInfo, spec: PolicySpec, layout: ModelLayout) -> nn.Module:

@@ -80,8 +80,6 @@ _KINDS = {
     "TEColumnParallelLinear": "column",
     "TERowParallelLinear": "row",
 }
-#: On a gate whose input is the norm-linear's layer-norm output: the sub-block pre-hooks skip it.
-READS_NORM_OUTPUT_ATTR = "_reads_norm_output"
 _NORM_GATES = "_lf_norm_gates"  # on the norm-linear: the gates computed from its ln_out
 _FIRST_LINEARS = ("linear_qkv", "linear_fc1")
 
@@ -173,7 +171,7 @@ def te_lora_problem(base: nn.Module) -> str | None:
 def reads_norm_output(gate: TokenGate) -> bool:
     """True when ``gate`` is computed from a TE norm-linear's layer-norm output (the sub-block
     pre-hook must then leave it alone)."""
-    return bool(gate.__dict__.get(READS_NORM_OUTPUT_ATTR, False))
+    return not gate.reads_block_input
 
 
 def _split_output(module: nn.Module, output):
@@ -255,7 +253,7 @@ def use_norm_output_for_gate(sub_block: nn.Module, gate: TokenGate) -> None:
     gates = linear.__dict__.setdefault(_NORM_GATES, [])
     if not any(g is gate for g in gates):
         gates.append(gate)
-    gate.__dict__[READS_NORM_OUTPUT_ATTR] = True
+    gate.reads_block_input = False
 
 
 # ---------------------------------------------------------------------------------------------
